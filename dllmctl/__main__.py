@@ -1,0 +1,3 @@
+from dllmctl.cli import main
+
+main()

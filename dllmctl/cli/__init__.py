@@ -1,0 +1,46 @@
+"""``dllmctl``: one typer sub-app per noun."""
+
+from __future__ import annotations
+
+import typer
+
+from dllmd import __version__
+from dllmd.net.identity import Identity
+from dllmctl.cli import bench, cluster, nodes
+from dllmctl.cli.demo import demo
+from dllmctl.cli.common import JsonOpt, out, print_json
+from dllmctl.paths import identity_path
+
+app = typer.Typer(help="dllmctl: drive a dllm cluster (distributed LLM inference and training).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(nodes.app, name="nodes")
+app.add_typer(cluster.app, name="cluster")
+app.add_typer(bench.app, name="bench")
+app.command()(demo)
+
+
+@app.command()
+def init(as_json: JsonOpt = False) -> None:
+    """Create your identity (an Ed25519 key) under the config dir, or show the existing one."""
+    path = identity_path()
+    created = not path.exists()
+    if created:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        Identity.generate().save(path)
+    identity = Identity.load(path)
+    if as_json:
+        print_json({"public_key": identity.public_key, "id": identity.node_id, "path": str(path), "created": created})
+        return
+    out.print(("created" if created else "existing") + f" identity {path}")
+    out.print(f"public key {identity.public_key}")
+    out.print("authorize it on a node with: dllmd authorize <key> --role admin")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def main() -> None:
+    app()

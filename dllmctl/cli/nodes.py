@@ -1,0 +1,96 @@
+"""``dllmctl nodes``: register nodes and see them live."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from dllmctl.cli.common import JsonOpt, fail, human_bytes, load_registry, load_user, out, print_json
+from dllmctl.cluster import RegistryError, make_entry, query_nodes
+
+app = typer.Typer(help="Register nodes and see them live.", no_args_is_help=True)
+
+STATUS_STYLE = {"up": "green", "down": "red", "unauthorized": "yellow", "key-mismatch": "yellow", "error": "red"}
+
+
+def hardware_summary(hw: dict | None) -> str:
+    if not hw:
+        return "-"
+    parts = [f"{hw['cpu_cores']} cores",
+             f"RAM {human_bytes(hw['ram_available'])}/{human_bytes(hw['ram_total'])}"]
+    for gpu in hw.get("gpus", []):
+        parts.append(f"{gpu['name']} {human_bytes(gpu['memory_free'])}/{human_bytes(gpu['memory_total'])}")
+    parts.append(f"{hw['matmul_gflops']:.0f} GFLOP/s")
+    return ", ".join(parts)
+
+
+def serving_summary(serving: list[dict]) -> str:
+    if not serving:
+        return "-"
+    return "; ".join(f"{s.get('model')} [{s.get('start')}-{s.get('end')})" for s in serving)
+
+
+@app.command("add")
+def add(
+    address: Annotated[str, typer.Argument(help="tcp://HOST:PORT the node listens on.")],
+    key: Annotated[str, typer.Option("--key", help="The node's public key ('dllmd id' prints it).")],
+    name: Annotated[Optional[str], typer.Option(help="Name for the node (default: node-<id>).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a node by address and public key."""
+    registry = load_registry()
+    try:
+        entry = make_entry(name or "pending", address, key)
+        if name is None:
+            entry = make_entry(f"node-{entry.node_id}", address, key)
+        registry.add(entry)
+    except RegistryError as exc:
+        fail(str(exc))
+    registry.save()
+    if as_json:
+        print_json({"name": entry.name, "id": entry.node_id, "address": entry.address, "public_key": entry.public_key})
+    else:
+        out.print(f"registered [bold]{entry.name}[/bold] ({entry.node_id}) at {entry.address}")
+
+
+@app.command("remove")
+def remove(name: str, as_json: JsonOpt = False) -> None:
+    """Forget a node (the node itself is not touched)."""
+    registry = load_registry()
+    try:
+        entry = registry.remove(name)
+    except RegistryError as exc:
+        fail(str(exc))
+    registry.save()
+    if as_json:
+        print_json({"removed": entry.name})
+    else:
+        out.print(f"removed {entry.name}")
+
+
+@app.command("list")
+def list_nodes(
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each node.", min=0.1, max=120)] = 3.0,
+) -> None:
+    """Every registered node, asked live: status, latency, hardware, what it serves."""
+    registry = load_registry()
+    user = load_user()
+    rows = asyncio.run(query_nodes(user, registry.select(None), timeout))
+    if as_json:
+        print_json([{k: r[k] for k in ("name", "id", "address", "status", "latency_ms", "hardware", "serving", "error")}
+                    for r in rows])
+        return
+    if not rows:
+        out.print("no nodes registered; add one with 'dllmctl nodes add' or start a local cluster with 'dllmctl cluster up --local 3'")
+        return
+    table = Table("name", "id", "address", "status", "latency ms", "hardware", "serving")
+    for r in rows:
+        style = STATUS_STYLE.get(r["status"], "")
+        table.add_row(r["name"], r["id"], r["address"], f"[{style}]{r['status']}[/{style}]",
+                      "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
+                      hardware_summary(r["hardware"]), serving_summary(r["serving"]))
+    out.print(table)

@@ -1,0 +1,175 @@
+"""``dllmctl cluster up --local N``: N real daemons on 127.0.0.1, for trying dllm on one machine.
+
+Each daemon gets its own home under the cluster directory (kept across ``down``/``up``, so keys and
+deployed models survive), binds a free port, trusts the user as admin and every other daemon of
+the cluster as peer, and is registered in the user's cluster file. ``cluster.json`` records the
+processes we started (pid and start time), so ``down`` stops exactly those and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from dllmd.config import NodeConfig
+from dllmd.net.identity import Identity
+from dllmd.net.keys import AuthorizedKeys, Role
+from dllmd.node import DAEMON_FILE
+from dllmd.storage import atomic_write
+from dllmctl.cluster import NodeEntry, Registry, RegistryError
+
+STATE_FILE = "cluster.json"
+START_TIMEOUT_S = 120.0
+
+
+class LocalClusterError(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalNode:
+    name: str
+    home: str
+    pid: int
+    create_time: float
+    address: str
+    public_key: str
+
+    def process(self) -> psutil.Process | None:
+        """Our daemon process, or None if it is gone (a reused pid does not count)."""
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+                return proc
+        except psutil.Error:
+            pass
+        return None
+
+
+def load_state(directory: Path) -> list[LocalNode]:
+    try:
+        data = json.loads((directory / STATE_FILE).read_text())
+        return [LocalNode(**n) for n in data["nodes"]]
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LocalClusterError(f"{directory / STATE_FILE} is corrupt ({exc}); stop stray dllmd processes by hand") from None
+
+
+def _save_state(directory: Path, nodes: list[LocalNode]) -> None:
+    atomic_write(directory / STATE_FILE, json.dumps({"nodes": [asdict(n) for n in nodes]}, indent=2).encode())
+
+
+def _prepare_home(home: Path, name: str) -> Identity:
+    if not (home / "identity").exists():
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        Identity.generate().save(home / "identity")
+        NodeConfig(name=name, listen="tcp://127.0.0.1:0").save(home)
+    return Identity.load(home / "identity")
+
+
+def _spawn(home: Path) -> subprocess.Popen:
+    log = open(home / "dllmd.log", "ab")
+    try:
+        # A session of its own: Ctrl+C in the user's terminal must not kill the cluster.
+        return subprocess.Popen([sys.executable, "-m", "dllmd", "start", "--home", str(home)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    finally:
+        log.close()
+
+
+def _wait_ready(home: Path, proc: subprocess.Popen, deadline: float) -> str:
+    """Wait for the daemon to publish its bound endpoint; return it."""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (home / "dllmd.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise LocalClusterError(f"daemon in {home} exited with {proc.returncode}:\n" + "\n".join(tail))
+        try:
+            info = json.loads((home / DAEMON_FILE).read_text())
+            if info.get("pid") == proc.pid:
+                return info["endpoint"]
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise LocalClusterError(f"daemon in {home} did not become ready within {START_TIMEOUT_S:.0f}s; see {home / 'dllmd.log'}")
+
+
+def up(count: int, directory: Path, user: Identity, registry: Registry,
+       progress: Callable[[str], None] = lambda _: None) -> list[LocalNode]:
+    """Start ``count`` daemons and register them. Refuses if this directory's cluster is running."""
+    if count < 1 or count > 64:
+        raise LocalClusterError("--local takes a node count between 1 and 64")
+    running = [n for n in load_state(directory) if n.process()]
+    if running:
+        raise LocalClusterError(f"a local cluster is already running in {directory} "
+                                f"({', '.join(n.name for n in running)}); run 'dllmctl cluster down' first")
+    names = [f"local-{i + 1}" for i in range(count)]
+    homes = [directory / name for name in names]
+    identities = [_prepare_home(h, n) for h, n in zip(homes, names)]
+    for home, identity in zip(homes, identities):
+        keys = AuthorizedKeys(home / "authorized_keys.toml")
+        keys.authorize(user.public_key, Role.ADMIN, "dllmctl user")
+        for name, other in zip(names, identities):
+            if other.public_key != identity.public_key:
+                keys.authorize(other.public_key, Role.PEER, name)
+    progress(f"starting {count} daemon(s)")
+    procs = [_spawn(h) for h in homes]
+    nodes: list[LocalNode] = []
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        for name, home, identity, proc in zip(names, homes, identities, procs):
+            address = _wait_ready(home, proc, deadline)
+            nodes.append(LocalNode(name, str(home), proc.pid, psutil.Process(proc.pid).create_time(),
+                                   address, identity.public_key))
+            progress(f"{name} ready on {address}")
+    except BaseException:
+        for proc in procs:
+            _terminate(proc.pid)
+        raise
+    _save_state(directory, nodes)
+    for node in nodes:
+        stale = registry.nodes.get(node.name)
+        if stale is not None and stale.public_key != node.public_key:
+            raise RegistryError(f"a different node is registered as {node.name!r}; remove it with 'dllmctl nodes remove'")
+        registry.add(NodeEntry(node.name, node.address, node.public_key), replace=True)
+    registry.save()
+    return nodes
+
+
+def _terminate(pid: int, timeout: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.TimeoutExpired:
+        os.kill(pid, signal.SIGKILL)
+    except psutil.Error:
+        pass
+
+
+def down(directory: Path, registry: Registry) -> list[str]:
+    """Stop the daemons this directory's cluster started and unregister them; returns their names."""
+    nodes = load_state(directory)
+    stopped = []
+    for node in nodes:
+        proc = node.process()
+        if proc is not None:
+            _terminate(node.pid)
+            stopped.append(node.name)
+        entry = registry.nodes.get(node.name)
+        if entry is not None and entry.public_key == node.public_key:
+            registry.remove(node.name)
+    registry.save()
+    _save_state(directory, [])
+    return stopped

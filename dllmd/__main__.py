@@ -1,0 +1,3 @@
+from dllmd.cli import main
+
+main()

@@ -1,0 +1,170 @@
+"""``dllmd``: set up a node's home and run the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dllmd import __version__
+from dllmd.config import DEFAULT_LISTEN, ConfigError, NodeConfig, resolve_home, validate_endpoint, validate_name
+from dllmd.net.identity import Identity, InvalidKey
+from dllmd.net.keys import AuthorizedKeys, Role
+
+app = typer.Typer(help="dllmd: the dllm node daemon.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Node home (default: $DLLMD_HOME, $STATE_DIRECTORY, ~/.local/state/dllmd).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _emit(data: dict | list, as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        out.print(text, highlight=False)
+
+
+def _load_identity(home: Path) -> Identity:
+    try:
+        return Identity.load(home / "identity")
+    except InvalidKey as exc:
+        raise fail(str(exc))
+
+
+def _id_doc(home: Path, identity: Identity, config: NodeConfig) -> dict:
+    return {"node_id": identity.node_id, "name": config.name, "public_key": identity.public_key,
+            "address": config.listen, "home": str(home)}
+
+
+@app.command()
+def init(
+    home: HomeOpt = None,
+    listen: Annotated[str, typer.Option(help="ZeroMQ endpoint to bind; port 0 picks a free one.")] = DEFAULT_LISTEN,
+    name: Annotated[Optional[str], typer.Option(help="Node name (default: the host name).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the node's home, node.toml and Ed25519 identity. Never overwrites an identity."""
+    import socket
+
+    home = resolve_home(home)
+    if (home / "identity").exists():
+        raise fail(f"{home} already holds an identity; refusing to overwrite it (use another --home)")
+    try:
+        config = NodeConfig(name=validate_name(name or socket.gethostname().split(".")[0]), listen=validate_endpoint(listen))
+    except ConfigError as exc:
+        raise fail(str(exc))
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = Identity.generate()
+    identity.save(home / "identity")
+    config.save(home)
+    _emit(_id_doc(home, identity, config), as_json,
+          f"node [bold]{config.name}[/bold] ({identity.node_id})\npublic key  {identity.public_key}\n"
+          f"address     {config.listen}\nhome        {home}")
+
+
+@app.command()
+def start(home: HomeOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Run the daemon in the foreground (SIGTERM/SIGINT stop it cleanly)."""
+    from dllmd.node import Daemon, StartupError
+
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    home = resolve_home(home)
+    try:
+        daemon = Daemon(home)
+    except (ConfigError, InvalidKey) as exc:
+        raise fail(str(exc))
+
+    async def main() -> None:
+        await daemon.run()
+
+    try:
+        asyncio.run(main())
+    except StartupError as exc:
+        raise fail(str(exc))
+
+
+@app.command()
+def authorize(
+    public_key: Annotated[str, typer.Argument(help="The 64-hex-character public key to allow.")],
+    role: Annotated[Role, typer.Option(help="admin, client or peer.")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Allow a key to talk to this node. A running daemon applies it at once."""
+    keys = AuthorizedKeys(resolve_home(home) / "authorized_keys.toml")
+    try:
+        entry = keys.authorize(public_key, role, name)
+    except InvalidKey as exc:
+        raise fail(str(exc))
+    _emit({"public_key": entry.public_key, "role": entry.role.value, "name": entry.name}, as_json,
+          f"authorized {entry.public_key} as {entry.role.value}")
+
+
+@app.command()
+def revoke(public_key: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Remove a key. A running daemon stops answering it at once."""
+    keys = AuthorizedKeys(resolve_home(home) / "authorized_keys.toml")
+    try:
+        removed = keys.revoke(public_key)
+    except InvalidKey as exc:
+        raise fail(str(exc))
+    if not removed:
+        raise fail(f"{public_key} is not authorized on this node")
+    _emit({"revoked": public_key}, as_json, f"revoked {public_key}")
+
+
+@app.command("keys")
+def list_keys(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List the keys allowed to talk to this node."""
+    keys = AuthorizedKeys(resolve_home(home) / "authorized_keys.toml")
+    try:
+        entries = keys.all()
+    except InvalidKey as exc:
+        raise fail(str(exc))
+    if as_json:
+        print(json.dumps([{"public_key": e.public_key, "role": e.role.value, "name": e.name} for e in entries], indent=2))
+        return
+    table = Table("public key", "role", "name")
+    for e in entries:
+        table.add_row(e.public_key, e.role.value, e.name)
+    out.print(table)
+
+
+@app.command("id")
+def show_id(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Print this node's id, public key and address."""
+    home = resolve_home(home)
+    try:
+        config = NodeConfig.load(home)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    identity = _load_identity(home)
+    doc = _id_doc(home, identity, config)
+    _emit(doc, as_json, "\n".join(f"{k:<11} {v}" for k, v in doc.items()))
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def main() -> None:
+    app()

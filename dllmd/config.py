@@ -1,0 +1,107 @@
+"""The node's home directory and its typed ``node.toml``.
+
+Layout of a home::
+
+    node.toml          NodeConfig (this module)
+    identity           Ed25519 secret key, 0600 (dllmd.net.identity)
+    authorized_keys.toml   who may talk to this node, with roles (dllmd.net.keys)
+    daemon.json        written by a running daemon: pid, bound endpoint, start time
+    hardware.json      cached hardware measurements (dllmd.hardware)
+    dllmd.log          stderr of daemons started by ``dllmctl cluster up``
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import tomli_w
+
+from dllmd.storage import atomic_write
+
+DEFAULT_LISTEN = "tcp://0.0.0.0:7740"
+_ENDPOINT = re.compile(r"^tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5}|\*)$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """node.toml (or a value meant for it) is invalid; the message says which field and why."""
+
+
+def resolve_home(home: str | os.PathLike | None = None) -> Path:
+    """The node's home: ``--home``, else ``$DLLMD_HOME``, else ``$STATE_DIRECTORY`` (systemd), else
+    ``~/.local/state/dllmd``."""
+    if home:
+        return Path(home).expanduser()
+    for var in ("DLLMD_HOME", "STATE_DIRECTORY"):
+        value = os.environ.get(var)
+        if value:
+            # systemd may pass several colon-separated state directories; the first is ours.
+            return Path(value.split(":")[0]).expanduser()
+    return Path("~/.local/state/dllmd").expanduser()
+
+
+def validate_endpoint(endpoint: str) -> str:
+    """A ZeroMQ TCP endpoint ``tcp://HOST:PORT`` (port ``0``/``*`` binds a free port)."""
+    match = _ENDPOINT.match(endpoint or "")
+    if not match or (match.group(2) != "*" and int(match.group(2)) > 65535):
+        raise ConfigError(f"listen address must look like tcp://HOST:PORT, got {endpoint!r}")
+    return endpoint
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise ConfigError(
+            f"a node name is 1-63 letters, digits, '.', '_' or '-' and starts with a letter or digit; got {name!r}"
+        )
+    return name
+
+
+@dataclass
+class NodeConfig:
+    """Everything ``dllmd start`` reads from node.toml. Units are in the field names."""
+
+    name: str
+    listen: str = DEFAULT_LISTEN
+    max_message_bytes: int = 256 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    heartbeat_interval_ms: int = 2000
+    heartbeat_timeout_ms: int = 6000
+    memory_budget_bytes: int = 0  # 0: derive from available RAM/VRAM at start
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        validate_endpoint(self.listen)
+        for f in fields(self):
+            if f.type == "int":
+                value = getattr(self, f.name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ConfigError(f"{f.name} must be a non-negative integer, got {value!r}")
+        if self.max_header_bytes < 1024 or self.max_message_bytes < self.max_header_bytes:
+            raise ConfigError("max_header_bytes must be >= 1024 and <= max_message_bytes")
+
+    @classmethod
+    def load(cls, home: Path) -> "NodeConfig":
+        path = home / "node.toml"
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist; run 'dllmd init --home {home}' first") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "name" not in data:
+            raise ConfigError(f"{path}: 'name' is required")
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def save(self, home: Path) -> None:
+        atomic_write(home / "node.toml", tomli_w.dumps(asdict(self)).encode())

@@ -1,0 +1,194 @@
+"""Calling a node: request/response over one encrypted DEALER, many calls in flight at once.
+
+``RpcClient`` is used by dllmctl and by daemons calling their peers. It tells apart the ways a
+call can fail, because the user needs different advice for each:
+
+* ``NodeUnauthorized``: the node refused our key during the handshake (ZAP said no);
+* ``NodeKeyMismatch``: the handshake failed otherwise, usually because the node's key is not the
+  one we pinned;
+* ``NodeUnreachable``: no connection was ever established before the deadline;
+* ``CallTimeout``: connected, but no reply before the deadline;
+* ``RemoteError``: the node answered with a structured error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any, Sequence
+
+import torch
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from dllmd.net.identity import Identity
+from dllmd.net.reactor import SocketReactor
+from dllmd.net.transport import connect_dealer
+from dllmd.net.wire import Limits, Reply, Request, WireError, decode_reply, encode_request
+
+log = logging.getLogger("dllmd.client")
+
+
+class CallError(Exception):
+    """Base of everything a call can raise."""
+
+
+class NodeUnreachable(CallError):
+    pass
+
+
+class NodeUnauthorized(CallError):
+    pass
+
+
+class NodeKeyMismatch(CallError):
+    pass
+
+
+class CallTimeout(CallError):
+    pass
+
+
+class RemoteError(CallError):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+_AUTH_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
+class RpcClient:
+    """An encrypted connection to one node. Use as ``async with RpcClient(...) as c``; create it
+    inside a running event loop."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        address: str,
+        server_public_key: str,
+        ctx: zmq.Context | None = None,
+        limits: Limits = Limits(),
+    ):
+        self.address = address
+        self.limits = limits
+        self.loop = asyncio.get_running_loop()
+        sock = connect_dealer(ctx or zmq.Context.instance(), identity, address, server_public_key)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | _AUTH_FAILED | _HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED
+        )
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self.connected = asyncio.Event()
+        self.handshake_ok = False
+        self.failure: CallError | None = None
+        self._reactor = SocketReactor(sock, self._on_reply)
+        self._monitor = SocketReactor(monitor, self._on_event)
+
+    async def __aenter__(self) -> "RpcClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(NodeUnreachable(f"connection to {self.address} closed"))
+        self._pending.clear()
+        try:
+            self._reactor.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close()
+        self._reactor.close()
+
+    def _on_event(self, frames: list) -> None:
+        """Follow handshake events so failures are reported fast and precisely."""
+        event = parse_monitor_message([f.bytes for f in frames])["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.handshake_ok, self.failure = True, None
+            self.connected.set()
+        elif event == _AUTH_FAILED:
+            self._fail_all(NodeUnauthorized(f"{self.address} refused our key: it is not authorized on that node"))
+        elif event & _HANDSHAKE_FAILED:
+            self._fail_all(
+                NodeKeyMismatch(f"encrypted handshake with {self.address} failed: is the node's public key right?")
+            )
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.handshake_ok = False
+            self.connected.clear()
+
+    def _fail_all(self, error: CallError) -> None:
+        self.failure = error
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    def _on_reply(self, frames: list) -> None:
+        try:
+            reply = decode_reply(frames, self.limits)
+        except WireError as exc:
+            log.warning("dropping malformed reply from %s: %s", self.address, exc.message)
+            return
+        fut = self._pending.pop(reply.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+
+    async def _send(self, frames: list, deadline: float) -> None:
+        """Send once a connection exists (IMMEDIATE makes zmq refuse before that)."""
+        while True:
+            try:
+                self._reactor.send(frames)
+                return
+            except zmq.Again:
+                if self.failure is not None:
+                    raise self.failure from None
+                remaining = deadline - self.loop.time()
+                if remaining <= 0:
+                    raise TimeoutError from None
+                self.connected.clear()
+                try:
+                    # Woken by a handshake, or re-check every 50 ms (a reconnect may not signal).
+                    await asyncio.wait_for(self.connected.wait(), min(remaining, 0.05))
+                except TimeoutError:
+                    pass
+
+    async def request(
+        self, op: str, args: dict | None = None, tensors: Sequence[torch.Tensor] = (), timeout: float = 10.0
+    ) -> Reply:
+        """Send one request and wait for its reply (success or structured error)."""
+        if self.failure is not None and not self.handshake_ok:
+            raise self.failure
+        request_id = next(self._ids)
+        fut: asyncio.Future[Reply] = self.loop.create_future()
+        self._pending[request_id] = fut
+        frames = encode_request(Request(id=request_id, op=op, args=args or {}, tensors=list(tensors)))
+        deadline = self.loop.time() + timeout
+        expiry = self.loop.call_at(deadline, lambda: fut.done() or fut.set_exception(TimeoutError()))
+        try:
+            await self._send(frames, deadline)
+            return await fut
+        except TimeoutError:
+            if self.failure is not None:
+                raise self.failure from None
+            if not self.handshake_ok:
+                raise NodeUnreachable(f"no connection to {self.address} within {timeout:g}s: is the node up?") from None
+            raise CallTimeout(f"{self.address} did not answer '{op}' within {timeout:g}s") from None
+        finally:
+            expiry.cancel()
+            self._pending.pop(request_id, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # failed while we were still sending: mark the error as seen
+
+    async def call(
+        self, op: str, args: dict | None = None, tensors: Sequence[torch.Tensor] = (), timeout: float = 10.0
+    ) -> tuple[dict, list[torch.Tensor]]:
+        """Like ``request`` but returns ``(result, tensors)`` and raises RemoteError on an error reply."""
+        reply = await self.request(op, args, tensors, timeout)
+        if reply.error is not None:
+            raise RemoteError(reply.error["code"], reply.error["message"])
+        return reply.result or {}, reply.tensors

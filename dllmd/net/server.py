@@ -1,0 +1,191 @@
+"""The node's side of the protocol: receive, authenticate, validate, dispatch, reply.
+
+Each operation is declared once with the roles allowed to call it and the dataclass of its
+arguments. Nothing reaches a handler before the message has been decoded and checked, and
+nothing a handler raises escapes: bad input becomes a structured error, a bug becomes an
+``internal`` error in the log, and the receive loop keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import torch
+import zmq
+
+from dllmd.net.keys import AuthorizedKey, AuthorizedKeys, Role
+from dllmd.net.reactor import SocketReactor
+from dllmd.net.schema import parse_args
+from dllmd.net.wire import ErrorCode, Limits, Reply, Request, WireError, decode_request, encode_reply, error_reply
+
+log = logging.getLogger("dllmd.server")
+
+
+@dataclass
+class Caller:
+    """Who sent the request being handled (as authenticated by CURVE + ZAP)."""
+
+    public_key: str
+    role: Role
+    name: str
+
+
+@dataclass
+class Call:
+    """What a handler receives."""
+
+    caller: Caller
+    args: Any
+    tensors: list[torch.Tensor]
+
+
+HandlerResult = dict | tuple[dict, list[torch.Tensor]]
+# A plain function runs inline (keep it fast, no I/O); a coroutine function gets its own task.
+Handler = Callable[[Call], HandlerResult | Awaitable[HandlerResult]]
+
+
+class HandlerError(Exception):
+    """Raised by a handler to answer with a specific error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Operation:
+    name: str
+    handler: Handler
+    args: type
+    roles: frozenset[Role] = field(default_factory=lambda: frozenset(Role))
+
+
+def allow(*roles: Role) -> frozenset[Role]:
+    return frozenset(roles)
+
+
+class RpcServer:
+    """Serves a table of operations on a bound ROUTER socket.
+
+    A plain-function handler runs inline, in the receive callback: the fast path for cheap
+    operations (ping, echo, forwarding a hidden state to a compute queue). A coroutine handler
+    gets a task of its own, so slow operations never hold up the socket.
+    """
+
+    def __init__(self, sock: zmq.Socket, keys: AuthorizedKeys, limits: Limits, max_in_flight: int = 256):
+        self.sock = sock
+        self.keys = keys
+        self.limits = limits
+        self.max_in_flight = max_in_flight
+        self.operations: dict[str, Operation] = {}
+        self._in_flight: set[asyncio.Task] = set()
+        self._reactor: SocketReactor | None = None
+        self.requests_served = 0
+
+    def register(self, op: Operation) -> None:
+        if op.name in self.operations:
+            raise ValueError(f"operation {op.name!r} registered twice")
+        self.operations[op.name] = op
+
+    def start(self) -> None:
+        self._reactor = SocketReactor(self.sock, self._accept)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting, let requests in progress finish, close the socket."""
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=timeout)
+        if self._reactor is not None:
+            self._reactor.close()
+
+    def _accept(self, frames: list[zmq.Frame]) -> None:
+        try:
+            self._dispatch(frames)
+        except Exception:  # the socket must survive anything a single message does
+            log.exception("unexpected failure while accepting a message")
+
+    def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return
+        route = frames[0].bytes
+        caller = self._caller(frames[1])
+        if caller is None:
+            # A key revoked after its connection was made: treat it like an unknown key, say nothing.
+            return
+        request_id = 0
+        try:
+            request = decode_request(frames[1:], self.limits)
+            request_id = request.id
+            op = self._authorize(request, caller)
+            call = Call(caller, parse_args(op.args, request.args), request.tensors)
+            if not inspect.iscoroutinefunction(op.handler):
+                self._reply(route, self._result(request_id, op.handler(call)))
+                return
+            if len(self._in_flight) >= self.max_in_flight:
+                raise WireError(ErrorCode.BUSY, "node is busy; retry later", request_id)
+        except Exception as exc:
+            self._reply(route, self._failure(request_id, exc))
+            return
+        task = asyncio.ensure_future(self._run(route, request_id, op, call))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    def _caller(self, frame: zmq.Frame) -> Caller | None:
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return None
+        entry: AuthorizedKey | None = self.keys.by_public_key(user) if user else None
+        if entry is None:
+            return None
+        return Caller(entry.public_key, entry.role, entry.name)
+
+    def _authorize(self, request: Request, caller: Caller) -> Operation:
+        op = self.operations.get(request.op)
+        if op is None:
+            raise WireError(ErrorCode.UNKNOWN_OP, f"unknown operation {request.op!r}", request.id)
+        if caller.role not in op.roles:
+            raise WireError(
+                ErrorCode.FORBIDDEN,
+                f"'{op.name}' needs role {' or '.join(sorted(r.value for r in op.roles))}; your key has '{caller.role.value}'",
+                request.id,
+            )
+        return op
+
+    async def _run(self, route: bytes, request_id: int, op: Operation, call: Call) -> None:
+        try:
+            reply = self._result(request_id, await op.handler(call))
+        except Exception as exc:
+            reply = self._failure(request_id, exc)
+        self._reply(route, reply)
+
+    @staticmethod
+    def _result(request_id: int, outcome: HandlerResult) -> Reply:
+        result, tensors = outcome if isinstance(outcome, tuple) else (outcome, [])
+        return Reply(id=request_id, result=result, tensors=tensors)
+
+    @staticmethod
+    def _failure(request_id: int, exc: Exception) -> Reply:
+        if isinstance(exc, WireError):
+            return error_reply(exc.request_id or request_id, exc.code, exc.message)
+        if isinstance(exc, HandlerError):
+            return error_reply(request_id, exc.code, exc.message)
+        log.error("operation failed", exc_info=exc)
+        return error_reply(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _reply(self, route: bytes, reply: Reply) -> None:
+        self.requests_served += 1
+        try:
+            frames = encode_reply(reply)
+        except Exception as exc:  # e.g. a handler returned a tensor dtype the wire cannot carry
+            log.exception("could not encode a reply")
+            frames = encode_reply(self._failure(reply.id, exc))
+        try:
+            self._reactor.send([route, *frames])
+        except zmq.ZMQError as exc:
+            # ROUTER_MANDATORY: the caller went away (or stopped reading); nothing to do but note it.
+            log.info("could not reply to a caller: %s", exc)

@@ -1,0 +1,181 @@
+"""The daemon: lifecycle (lock, bind, ready, stop), and the node's own operations.
+
+Subsystems (inference, training) register their operations on the same ``RpcServer``; this file
+holds only what every node does: ``ping``, ``info``, ``echo`` and remote key management.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from dllmd import __version__, hardware
+from dllmd.config import NodeConfig
+from dllmd.net.identity import Identity, InvalidKey
+from dllmd.net.keys import AuthorizedKeys, Role
+from dllmd.net.schema import bounded
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.transport import KeyTableAuthenticator, bind_router
+from dllmd.net.wire import PROTOCOL_VERSION, ErrorCode, Limits
+from dllmd.sdnotify import notify
+from dllmd.storage import atomic_write
+
+log = logging.getLogger("dllmd")
+
+DAEMON_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"
+ANY_ROLE = allow(Role.ADMIN, Role.CLIENT, Role.PEER)
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@dataclass
+class NoArgs:
+    pass
+
+
+@dataclass
+class KeyArgs:
+    public_key: str = bounded(max_len=64)
+
+
+@dataclass
+class AuthorizeArgs:
+    public_key: str = bounded(max_len=64)
+    role: str = bounded(max_len=16)
+    name: str = bounded("", max_len=64)
+
+
+class Daemon:
+    def __init__(self, home: Path):
+        self.home = home
+        self.config = NodeConfig.load(home)
+        self.identity = Identity.load(home / "identity")
+        self.keys = AuthorizedKeys(home / "authorized_keys.toml")
+        self.keys.refresh()
+        self.limits = Limits(max_header_bytes=self.config.max_header_bytes,
+                             max_tensor_bytes=self.config.max_message_bytes)
+        self.started_at = time.time()
+        self.endpoint = ""
+        self.gflops = 0.0
+        self.serving: list[dict] = []
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another dllmd is already running with home {self.home}") from None
+        self._lock_fd = fd
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        self._take_lock()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        self.gflops = await asyncio.to_thread(hardware.cached_gflops, self.home)
+        ctx = zmq.Context()
+        auth = KeyTableAuthenticator(ctx, self.keys)
+        auth.start()
+        try:
+            sock = bind_router(ctx, self.identity, self.config.listen, self.config.max_message_bytes,
+                               self.config.heartbeat_interval_ms, self.config.heartbeat_timeout_ms)
+        except zmq.ZMQError as exc:
+            auth.stop()
+            ctx.destroy(linger=0)
+            raise StartupError(f"cannot listen on {self.config.listen}: {exc}") from None
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        server = RpcServer(sock, self.keys, self.limits)
+        self._register(server)
+        atomic_write(self.home / DAEMON_FILE, json.dumps({
+            "pid": os.getpid(), "endpoint": self.endpoint, "public_key": self.identity.public_key,
+            "started_at": self.started_at, "version": __version__,
+        }).encode())
+        log.info("node %s (%s) listening on %s, public key %s",
+                 self.config.name, self.identity.node_id, self.endpoint, self.identity.public_key)
+        server.start()
+        notify("READY=1")
+        try:
+            await self._stop.wait()
+        finally:
+            notify("STOPPING=1")
+            log.info("stopping")
+            await server.stop(timeout=5.0)
+            auth.stop()
+            ctx.term()
+            try:
+                (self.home / DAEMON_FILE).unlink()
+            except FileNotFoundError:
+                pass
+            log.info("stopped cleanly after serving %d requests", server.requests_served)
+
+    # --- operations ---------------------------------------------------------------------------
+
+    def _register(self, server: RpcServer) -> None:
+        server.register(Operation("ping", self._ping, NoArgs, ANY_ROLE))
+        server.register(Operation("info", self._info, NoArgs, ANY_ROLE))
+        server.register(Operation("echo", self._echo, NoArgs, ANY_ROLE))
+        server.register(Operation("keys.list", self._keys_list, NoArgs, allow(Role.ADMIN)))
+        server.register(Operation("keys.authorize", self._keys_authorize, AuthorizeArgs, allow(Role.ADMIN)))
+        server.register(Operation("keys.revoke", self._keys_revoke, KeyArgs, allow(Role.ADMIN)))
+
+    def _ping(self, call: Call) -> dict:
+        return {"pong": True, "time": time.time()}
+
+    def _echo(self, call: Call):
+        return {}, call.tensors
+
+    async def _info(self, call: Call) -> dict:
+        return {
+            "node_id": self.identity.node_id,
+            "name": self.config.name,
+            "public_key": self.identity.public_key,
+            "version": __version__,
+            "protocol_version": PROTOCOL_VERSION,
+            "role": call.caller.role.value,
+            "endpoint": self.endpoint,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "hardware": await asyncio.to_thread(hardware.snapshot, self.home, self.gflops),
+            "serving": self.serving,
+        }
+
+    async def _keys_list(self, call: Call) -> dict:
+        return {"keys": [{"public_key": k.public_key, "role": k.role.value, "name": k.name} for k in self.keys.all()]}
+
+    async def _keys_authorize(self, call: Call) -> dict:
+        try:
+            entry = self.keys.authorize(call.args.public_key, call.args.role, call.args.name)
+        except (ValueError, InvalidKey) as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+        log.info("%s authorized %s as %s", call.caller.name or call.caller.public_key[:12], entry.public_key[:12], entry.role.value)
+        return {"public_key": entry.public_key, "role": entry.role.value, "name": entry.name}
+
+    async def _keys_revoke(self, call: Call) -> dict:
+        if call.args.public_key.lower() == call.caller.public_key:
+            raise HandlerError(ErrorCode.CONFLICT, "refusing to revoke the key making this call; use another admin key")
+        try:
+            removed = self.keys.revoke(call.args.public_key)
+        except InvalidKey as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+        if not removed:
+            raise HandlerError(ErrorCode.NOT_FOUND, "that key is not authorized on this node")
+        return {"revoked": True}

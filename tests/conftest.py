@@ -1,0 +1,120 @@
+"""Shared fixtures: real daemons as processes on 127.0.0.1 (random ports, temp homes, killed after)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dllmd.config import NodeConfig
+from dllmd.net.identity import Identity
+from dllmd.net.keys import AuthorizedKeys, Role
+
+START_TIMEOUT_S = 90
+
+
+@dataclass
+class RunningDaemon:
+    home: Path
+    proc: subprocess.Popen
+    address: str
+    public_key: str
+
+    def keys(self) -> AuthorizedKeys:
+        return AuthorizedKeys(self.home / "authorized_keys.toml")
+
+    def log(self) -> str:
+        return (self.home / "dllmd.log").read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def make_home(home: Path, name: str) -> Identity:
+    home.mkdir(parents=True)
+    identity = Identity.generate()
+    identity.save(home / "identity")
+    NodeConfig(name=name, listen="tcp://127.0.0.1:0").save(home)
+    return identity
+
+
+def start_daemon(home: Path, env: dict | None = None) -> RunningDaemon:
+    """Start ``dllmd start`` on an existing home and wait until it has bound its port."""
+    log = open(home / "dllmd.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "dllmd", "start", "--home", str(home)],
+                            stdout=log, stderr=log, env={**os.environ, **(env or {})})
+    log.close()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dllmd exited with {proc.returncode}: {(home / 'dllmd.log').read_text()}")
+        try:
+            info = json.loads((home / "daemon.json").read_text())
+            if info["pid"] == proc.pid:
+                return RunningDaemon(home, proc, info["endpoint"], info["public_key"])
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("dllmd did not start in time")
+
+
+@pytest.fixture
+def user_env(tmp_path, monkeypatch) -> dict:
+    """An isolated user: config and data dirs in tmp, exported so CLI subprocesses see them too."""
+    env = {"DLLM_CONFIG_DIR": str(tmp_path / "config"), "DLLM_DATA_DIR": str(tmp_path / "data"),
+           "DLLM_CACHE_DIR": str(tmp_path / "cache")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def user(user_env) -> Identity:
+    path = Path(user_env["DLLM_CONFIG_DIR"]) / "identity"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity = Identity.generate()
+    identity.save(path)
+    return identity
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    """Start daemons with given authorized keys; all are killed at teardown."""
+    started: list[RunningDaemon] = []
+
+    def factory(name: str = "node", keys: dict[str, Role] | None = None, env: dict | None = None) -> RunningDaemon:
+        home = tmp_path / f"home-{name}-{len(started)}"
+        make_home(home, name)
+        table = AuthorizedKeys(home / "authorized_keys.toml")
+        for public_key, role in (keys or {}).items():
+            table.authorize(public_key, role)
+        daemon = start_daemon(home, env)
+        started.append(daemon)
+        return daemon
+
+    yield factory
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``dllmctl``/``dllmd`` as a user would, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
