@@ -95,7 +95,7 @@ def malformed_messages(draw):
     if kind == "unknown_op":
         return [_header(op=draw(st.text(min_size=1, max_size=64).filter(lambda s: s not in {"ping", "info", "echo"})))]
     if kind == "bad_version":
-        return [_header(v=draw(st.integers().filter(lambda v: v != PROTOCOL_VERSION)))]
+        return [_header(v=draw(st.integers(-(2**63), 2**64 - 1).filter(lambda v: v != PROTOCOL_VERSION)))]
     if kind == "bad_args":
         return [_header(op="ping", args=draw(st.dictionaries(st.text(min_size=1, max_size=8), msgpack_values, min_size=1)))]
     if kind == "bad_dtype":

@@ -82,6 +82,7 @@ class RpcClient:
         )
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._streams: dict[int, asyncio.Queue[Reply | CallError]] = {}
         self.connected = asyncio.Event()
         self.handshake_ok = False
         self.failure: CallError | None = None
@@ -95,6 +96,8 @@ class RpcClient:
         self.close()
 
     def close(self) -> None:
+        for queue in self._streams.values():
+            queue.put_nowait(NodeUnreachable(f"connection to {self.address} closed"))
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(NodeUnreachable(f"connection to {self.address} closed"))
@@ -127,12 +130,18 @@ class RpcClient:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(error)
+        for queue in self._streams.values():
+            queue.put_nowait(error)
 
     def _on_reply(self, frames: list) -> None:
         try:
             reply = decode_reply(frames, self.limits)
         except WireError as exc:
             log.warning("dropping malformed reply from %s: %s", self.address, exc.message)
+            return
+        queue = self._streams.get(reply.id)
+        if queue is not None:
+            queue.put_nowait(reply)
             return
         fut = self._pending.pop(reply.id, None)
         if fut is not None and not fut.done():
@@ -192,3 +201,58 @@ class RpcClient:
         if reply.error is not None:
             raise RemoteError(reply.error["code"], reply.error["message"])
         return reply.result or {}, reply.tensors
+
+    async def send_oneway(self, op: str, args: dict | None = None, tensors: Sequence[torch.Tensor] = (),
+                          timeout: float = 10.0) -> None:
+        """Send a request the node will not answer (it reports failures elsewhere)."""
+        frames = encode_request(Request(id=next(self._ids), op=op, args=args or {}, tensors=list(tensors), oneway=True))
+        try:
+            await self._send(frames, self.loop.time() + timeout)
+        except TimeoutError:
+            raise self.failure or NodeUnreachable(f"no connection to {self.address} within {timeout:g}s") from None
+
+    async def open_stream(self, op: str, args: dict | None = None, tensors: Sequence[torch.Tensor] = (),
+                          timeout: float = 10.0) -> "ReplyStream":
+        """Send a request whose replies arrive as a stream (until one without ``more``)."""
+        request_id = next(self._ids)
+        queue: asyncio.Queue[Reply | CallError] = asyncio.Queue()
+        self._streams[request_id] = queue
+        frames = encode_request(Request(id=request_id, op=op, args=args or {}, tensors=list(tensors)))
+        try:
+            await self._send(frames, self.loop.time() + timeout)
+        except (TimeoutError, CallError) as exc:
+            self._streams.pop(request_id, None)
+            if isinstance(exc, CallError):
+                raise
+            raise self.failure or NodeUnreachable(f"no connection to {self.address} within {timeout:g}s") from None
+        return ReplyStream(self, request_id, queue)
+
+
+class ReplyStream:
+    """Replies to one streaming request, in order. ``next()`` raises RemoteError for an error
+    reply, the connection's CallError if it failed, and CallTimeout when nothing came in time."""
+
+    def __init__(self, client: RpcClient, request_id: int, queue: asyncio.Queue):
+        self.client, self.request_id, self._queue = client, request_id, queue
+        self.finished = False
+
+    async def next(self, timeout: float) -> Reply:
+        if self.finished:
+            raise RemoteError("closed", "the stream has ended")
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            raise CallTimeout(f"{self.client.address} sent nothing for {timeout:g}s") from None
+        if isinstance(item, CallError):
+            self.close()
+            raise item
+        if item.error is not None:
+            self.close()
+            raise RemoteError(item.error["code"], item.error["message"])
+        if not item.more:
+            self.close()
+        return item
+
+    def close(self) -> None:
+        self.finished = True
+        self.client._streams.pop(self.request_id, None)

@@ -34,6 +34,32 @@ class Caller:
     name: str
 
 
+class Responder:
+    """Sends replies to one request, now or later: a final reply, or a stream of them.
+
+    A handler that returns ``DEFERRED`` keeps its responder and answers later (a session's stream
+    of generated tokens). For a one-way request every send is a no-op."""
+
+    def __init__(self, server: "RpcServer", route: bytes, request_id: int, oneway: bool):
+        self._server, self._route, self.request_id = server, route, request_id
+        self.closed = oneway
+
+    def send(self, result: dict, tensors: list[torch.Tensor] | None = None, more: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = not more
+        self._server._reply(self._route, Reply(id=self.request_id, result=result, tensors=tensors or [], more=more))
+
+    def fail(self, code: str, message: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._server._reply(self._route, error_reply(self.request_id, code, message))
+
+
+DEFERRED = object()  # returned by a handler that will answer through its Responder later
+
+
 @dataclass
 class Call:
     """What a handler receives."""
@@ -41,6 +67,7 @@ class Call:
     caller: Caller
     args: Any
     tensors: list[torch.Tensor]
+    responder: Responder
 
 
 HandlerResult = dict | tuple[dict, list[torch.Tensor]]
@@ -116,21 +143,21 @@ class RpcServer:
         if caller is None:
             # A key revoked after its connection was made: treat it like an unknown key, say nothing.
             return
-        request_id = 0
+        responder = Responder(self, route, 0, oneway=False)
         try:
             request = decode_request(frames[1:], self.limits)
-            request_id = request.id
+            responder = Responder(self, route, request.id, request.oneway)
             op = self._authorize(request, caller)
-            call = Call(caller, parse_args(op.args, request.args), request.tensors)
+            call = Call(caller, parse_args(op.args, request.args), request.tensors, responder)
             if not inspect.iscoroutinefunction(op.handler):
-                self._reply(route, self._result(request_id, op.handler(call)))
+                self._finish(responder, op.handler(call))
                 return
             if len(self._in_flight) >= self.max_in_flight:
-                raise WireError(ErrorCode.BUSY, "node is busy; retry later", request_id)
+                raise WireError(ErrorCode.BUSY, "node is busy; retry later", request.id)
         except Exception as exc:
-            self._reply(route, self._failure(request_id, exc))
+            self._fail(responder, exc)
             return
-        task = asyncio.ensure_future(self._run(route, request_id, op, call))
+        task = asyncio.ensure_future(self._run(op, call))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
@@ -156,26 +183,30 @@ class RpcServer:
             )
         return op
 
-    async def _run(self, route: bytes, request_id: int, op: Operation, call: Call) -> None:
+    async def _run(self, op: Operation, call: Call) -> None:
         try:
-            reply = self._result(request_id, await op.handler(call))
+            self._finish(call.responder, await op.handler(call))
         except Exception as exc:
-            reply = self._failure(request_id, exc)
-        self._reply(route, reply)
+            self._fail(call.responder, exc)
 
     @staticmethod
-    def _result(request_id: int, outcome: HandlerResult) -> Reply:
+    def _finish(responder: Responder, outcome: Any) -> None:
+        if outcome is DEFERRED:
+            return
         result, tensors = outcome if isinstance(outcome, tuple) else (outcome, [])
-        return Reply(id=request_id, result=result, tensors=tensors)
+        responder.send(result, tensors, more=False)
 
     @staticmethod
-    def _failure(request_id: int, exc: Exception) -> Reply:
-        if isinstance(exc, WireError):
-            return error_reply(exc.request_id or request_id, exc.code, exc.message)
-        if isinstance(exc, HandlerError):
-            return error_reply(request_id, exc.code, exc.message)
+    def _fail(responder: Responder, exc: Exception) -> None:
+        if isinstance(exc, (WireError, HandlerError)):
+            if isinstance(exc, WireError) and exc.request_id and not responder.request_id:
+                responder.request_id = exc.request_id  # decoding failed after the id was read
+            if responder.closed:
+                log.info("one-way request failed: %s", exc.message)
+            responder.fail(exc.code, exc.message)
+            return
         log.error("operation failed", exc_info=exc)
-        return error_reply(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        responder.fail(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _reply(self, route: bytes, reply: Reply) -> None:
         self.requests_served += 1
@@ -183,7 +214,7 @@ class RpcServer:
             frames = encode_reply(reply)
         except Exception as exc:  # e.g. a handler returned a tensor dtype the wire cannot carry
             log.exception("could not encode a reply")
-            frames = encode_reply(self._failure(reply.id, exc))
+            frames = encode_reply(error_reply(reply.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         try:
             self._reactor.send([route, *frames])
         except zmq.ZMQError as exc:

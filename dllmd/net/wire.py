@@ -4,10 +4,16 @@ Request header::
 
     {"v": PROTOCOL_VERSION, "id": int, "op": str, "args": {...}, "tensors": [{"dtype", "shape"}, ...]}
 
+A request may carry ``"oneway": true``: the node sends no reply (hidden states pushed from stage to
+stage; failures are reported on the session's stream instead).
+
 Reply header::
 
     {"v": PROTOCOL_VERSION, "id": int, "result": {...}, "tensors": [...]}       success
     {"v": PROTOCOL_VERSION, "id": int, "error": {"code": str, "message": str}}  failure
+
+A reply with ``"more": true`` is one item of a stream: more replies with the same id follow, and
+the last one has no ``more`` (generated tokens flow back to the client this way).
 
 Tensor bytes travel as their own frames so large activations are never copied into msgpack. A
 small tensor (up to ``INLINE_MAX`` bytes per message in all, e.g. one decode step's hidden state) rides inside its
@@ -80,6 +86,7 @@ class Request:
     op: str
     args: dict[str, Any] = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
+    oneway: bool = False
 
 
 @dataclass
@@ -88,6 +95,7 @@ class Reply:
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
     tensors: list[torch.Tensor] = field(default_factory=list)
+    more: bool = False
 
     @property
     def ok(self) -> bool:
@@ -131,6 +139,8 @@ def _tensor_frames(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list[me
 def encode_request(req: Request) -> list:
     descs, frames = _tensor_frames(req.tensors)
     header = {"v": PROTOCOL_VERSION, "id": req.id, "op": req.op, "args": req.args, "tensors": descs}
+    if req.oneway:
+        header["oneway"] = True
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
@@ -142,6 +152,8 @@ def encode_reply(reply: Reply) -> list:
     descs, frames = _tensor_frames(reply.tensors)
     header["result"] = reply.result if reply.result is not None else {}
     header["tensors"] = descs
+    if reply.more:
+        header["more"] = True
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
@@ -245,7 +257,7 @@ def decode_request(frames: Sequence[Any], limits: Limits = Limits()) -> Request:
         raise WireError(ErrorCode.BAD_MESSAGE, "empty message")
     header = _unpack_header(frames[0], limits)
     request_id = header["id"]
-    extra = set(header) - {"v", "id", "op", "args", "tensors"}
+    extra = set(header) - {"v", "id", "op", "args", "tensors", "oneway"}
     if extra:
         raise WireError(ErrorCode.BAD_MESSAGE, f"unknown header field(s): {sorted(map(str, extra))}", request_id)
     op = header.get("op")
@@ -254,8 +266,11 @@ def decode_request(frames: Sequence[Any], limits: Limits = Limits()) -> Request:
     args = header.get("args", {})
     if not isinstance(args, dict):
         raise WireError(ErrorCode.BAD_MESSAGE, "'args' must be a map", request_id)
+    oneway = header.get("oneway", False)
+    if not isinstance(oneway, bool):
+        raise WireError(ErrorCode.BAD_MESSAGE, "'oneway' must be a boolean", request_id)
     tensors = _decode_tensors(header, frames[1:], limits, request_id)
-    return Request(id=request_id, op=op, args=args, tensors=tensors)
+    return Request(id=request_id, op=op, args=args, tensors=tensors, oneway=oneway)
 
 
 def decode_reply(frames: Sequence[Any], limits: Limits = Limits()) -> Reply:
@@ -272,5 +287,8 @@ def decode_reply(frames: Sequence[Any], limits: Limits = Limits()) -> Reply:
     result = header.get("result", {})
     if not isinstance(result, dict):
         raise WireError(ErrorCode.BAD_MESSAGE, "reply 'result' must be a map", request_id)
+    more = header.get("more", False)
+    if not isinstance(more, bool):
+        raise WireError(ErrorCode.BAD_MESSAGE, "reply 'more' must be a boolean", request_id)
     tensors = _decode_tensors(header, frames[1:], limits, request_id)
-    return Reply(id=request_id, result=result, tensors=tensors)
+    return Reply(id=request_id, result=result, tensors=tensors, more=more)
