@@ -16,12 +16,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import zmq
 
 from dllmd import __version__, hardware
 from dllmd.config import NodeConfig
+from dllmd.inference.service import InferenceService
+from dllmd.models.ops import ModelOps
 from dllmd.net.identity import Identity, InvalidKey
 from dllmd.net.keys import AuthorizedKeys, Role
+from dllmd.net.peers import PeerPool
 from dllmd.net.schema import bounded
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.transport import KeyTableAuthenticator, bind_router
@@ -69,7 +73,6 @@ class Daemon:
         self.started_at = time.time()
         self.endpoint = ""
         self.gflops = 0.0
-        self.serving: list[dict] = []
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
 
@@ -105,7 +108,12 @@ class Daemon:
             raise StartupError(f"cannot listen on {self.config.listen}: {exc}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         server = RpcServer(sock, self.keys, self.limits)
+        peers = PeerPool(self.identity, ctx)
+        self.inference = InferenceService(peers, self._kv_budget())
         self._register(server)
+        self.inference.register(server)
+        ModelOps(self.home, self.keys, self.inference).register(server)
+        self.inference.start()
         atomic_write(self.home / DAEMON_FILE, json.dumps({
             "pid": os.getpid(), "endpoint": self.endpoint, "public_key": self.identity.public_key,
             "started_at": self.started_at, "version": __version__,
@@ -119,7 +127,9 @@ class Daemon:
         finally:
             notify("STOPPING=1")
             log.info("stopping")
+            self.inference.stop()
             await server.stop(timeout=5.0)
+            peers.close()
             auth.stop()
             ctx.term()
             try:
@@ -127,6 +137,14 @@ class Daemon:
             except FileNotFoundError:
                 pass
             log.info("stopped cleanly after serving %d requests", server.requests_served)
+
+    def _kv_budget(self) -> int:
+        """Memory for KV caches: node.toml's budget, else a quarter of what is free now."""
+        if self.config.memory_budget_bytes:
+            return self.config.memory_budget_bytes
+        gpus = hardware.gpus()
+        free = gpus[0]["memory_free"] if gpus else psutil.virtual_memory().available
+        return free // 4
 
     # --- operations ---------------------------------------------------------------------------
 
@@ -154,8 +172,9 @@ class Daemon:
             "role": call.caller.role.value,
             "endpoint": self.endpoint,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "rss_bytes": psutil.Process().memory_info().rss,
             "hardware": await asyncio.to_thread(hardware.snapshot, self.home, self.gflops),
-            "serving": self.serving,
+            "serving": self.inference.serving(),
         }
 
     async def _keys_list(self, call: Call) -> dict:

@@ -6,7 +6,7 @@ import typer
 
 from dllmd import __version__
 from dllmd.net.identity import Identity
-from dllmctl.cli import bench, cluster, nodes
+from dllmctl.cli import bench, cluster, deploy, infer, nodes
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -17,6 +17,22 @@ app.add_typer(nodes.app, name="nodes")
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(bench.app, name="bench")
 app.command()(demo)
+app.command("deploy")(deploy.deploy_command)
+app.command("undeploy")(deploy.undeploy_command)
+app.command("infer")(infer.infer_command)
+
+
+@app.command("plan")
+def plan(
+    model: str = typer.Argument(..., help="Model name in the local store."),
+    nodes: str = typer.Option(None, help="Comma-separated node names (default: all registered)."),
+    replicas: int = typer.Option(1, min=1, max=16, help="Hold every layer on this many nodes."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Contiguous layer spans per node, sized by free memory and weighted by measured throughput."""
+    from dllmctl.cli.plan import plan_command
+
+    plan_command(model, nodes, replicas, as_json)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from dllmctl import local_cluster
 from dllmctl.bench import ping as ping_bench
-from dllmctl.cli.common import JsonOpt, err, fail, load_registry, load_user, out, print_json
+from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, out, print_json
 from dllmctl.cluster import NodeEntry, Registry, RegistryError
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
@@ -64,3 +64,47 @@ def ping(
     out.print(table)
     verdict = "[green]meets[/green]" if result["meets_target"] else "[red]misses[/red]"
     out.print(f"tensor echo {verdict} the {result['target_tensor_echo_median_us']} us target ({result['node']}, {count} calls)")
+
+
+@app.command("infer")
+def infer(
+    model: Annotated[str, typer.Option("--model", "-m", help="A deployed model.")],
+    new_tokens: Annotated[int, typer.Option(min=2, max=4096)] = 64,
+    compare_local: Annotated[bool, typer.Option("--compare-local", help="Also run transformers' generate here.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decode tokens/s, time to first token, per-token split into stage compute and transfer."""
+    import json as _json
+
+    from dllmctl.bench import infer as infer_bench
+    from dllmctl.cli.deploy import model_dir
+    from dllmctl.inference import RouteError
+
+    user, registry = load_user(), load_registry()
+    directory = model_dir(model)
+    num_layers = _json.loads((directory / "config.json").read_text())["num_hidden_layers"]
+    with err.status("benchmarking..."):
+        try:
+            report = infer_bench.run(user, registry.select(None), directory, model, num_layers, new_tokens, compare_local)
+        except (CallError, RouteError) as exc:
+            fail(str(exc))
+    if as_json:
+        print_json({k: v for k, v in report.items()})
+        return
+    d = report["distributed"]
+    table = Table("figure", "distributed", "local generate", "ratio")
+    local = report.get("local", {})
+    table.add_row("decode tokens/s", f"{d['tokens_per_second']:.2f}", f"{local.get('tokens_per_second', '-')}",
+                  f"{report.get('ratio_tokens_per_second', '-')}")
+    table.add_row("time to first token ms", f"{d['time_to_first_token_ms']:.1f}", f"{local.get('time_to_first_token_ms', '-')}", "")
+    table.add_row("per-token ms (median)", f"{d['per_token_ms']:.2f}", "", "")
+    table.add_row("compute ms per stage", ", ".join(f"{c:.2f}" for c in d["compute_ms_per_stage"]), "", "")
+    table.add_row("transfer + overhead ms", f"{d['transfer_and_overhead_ms']:.2f} ({d['overhead_ms_per_hop']:.3f}/message)", "", "")
+    table.add_row("bytes per token per hop", ", ".join(map(str, d["bytes_per_token_per_hop"])), "", "")
+    for name, rss in d["node_rss_bytes"].items():
+        share = report.get("node_rss_share_of_local_model", {}).get(name)
+        table.add_row(f"RSS {name}", human_bytes(rss), human_bytes(local.get("process_rss_bytes")) if local else "",
+                      f"{share}" if share is not None else "")
+    out.print(table)
+    if "tokens_identical" in report:
+        out.print("tokens identical to local generate: " + ("[green]yes[/green]" if report["tokens_identical"] else "[red]no[/red]"))

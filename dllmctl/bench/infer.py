@@ -1,0 +1,127 @@
+"""Distributed decoding against transformers' ``generate`` on the whole model, in the same run.
+
+Per token: wall time, split into each stage's compute (measured on the node) and the rest
+(transfer, serialization, scheduling); bytes per hop; each node's resident memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dllmctl.cluster import NodeEntry
+from dllmctl.inference import DistributedSession, Stage, choose_route
+from dllmctl.routing import live_stages
+from dllmctl.tokens import encode_prompt, load_tokenizer
+from dllmd.inference.sampling import SamplingParams
+from dllmd.net.client import RpcClient
+from dllmd.net.identity import Identity
+
+BENCH_PROMPT = "Generate a story about a robot"
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3) if values else 0.0
+
+
+def load_full_model(model_dir: Path) -> torch.nn.Module:
+    """The whole model in this process, from the store's per-layer files, for the baseline."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key).float()
+    if getattr(config, "tie_word_embeddings", False):
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def full_model_rss(model_dir: Path) -> int:
+    """Resident memory of a fresh process holding the whole model (and the same libraries a node
+    imports), after one forward pass: the fair baseline for a node's resident memory."""
+    code = ("import sys, psutil, torch; from pathlib import Path; from dllmctl.bench.infer import load_full_model; "
+            "m = load_full_model(Path(sys.argv[1])); import dllmd.node; "
+            "m(torch.tensor([[1, 2, 3]])); print(psutil.Process().memory_info().rss)")
+    done = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def local_generate(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> dict:
+    model = load_full_model(model_dir)
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        seconds = time.perf_counter() - started
+    return {"tokens_per_second": round(new_tokens / seconds, 3), "time_to_first_token_ms": round(first * 1000, 2),
+            "token_ids": out[0, len(prompt_ids):].tolist(),
+            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "process_rss_bytes": full_model_rss(model_dir)}
+
+
+async def _node_rss(user: Identity, nodes: list[NodeEntry]) -> dict[str, int]:
+    async def one(node: NodeEntry) -> tuple[str, int]:
+        async with RpcClient(user, node.address, node.public_key) as client:
+            info, _ = await client.call("info")
+            return node.name, int(info.get("rss_bytes", 0))
+
+    return dict(await asyncio.gather(*(one(n) for n in nodes)))
+
+
+async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int,
+                               prompt_ids: list[int], new_tokens: int) -> dict:
+    route = choose_route(await live_stages(user, nodes, model), num_layers, model)
+    async with DistributedSession(user, route, model, SamplingParams()) as warm:
+        await warm.generate(prompt_ids, 2, set())
+    async with DistributedSession(user, route, model, SamplingParams()) as session:
+        result = await session.generate(prompt_ids, new_tokens, set())
+    decode = result.step_seconds[1:]
+    compute = [sum(ms) for ms in result.stage_compute_ms[1:]]
+    overhead = [s * 1000 - c for s, c in zip(decode, compute)]
+    hops = len(route) - 1
+    return {
+        "route": [{"node": s.node.name, "start": s.start, "end": s.end} for s in route],
+        "tokens_per_second": round(len(decode) / sum(decode), 3),
+        "time_to_first_token_ms": round(result.first_token_s * 1000, 2),
+        "per_token_ms": _median([s * 1000 for s in decode]),
+        "compute_ms_per_stage": [_median([ms[i] for ms in result.stage_compute_ms[1:]]) for i in range(len(route))],
+        "transfer_and_overhead_ms": _median(overhead),
+        "overhead_ms_per_hop": round(_median(overhead) / (hops + 1), 3),  # N stages: N+1 messages per token
+        "bytes_per_token_per_hop": result.hop_bytes[-1] if result.hop_bytes else [],
+        "token_ids": result.token_ids,
+        "node_rss_bytes": await _node_rss(user, [s.node for s in route]),
+    }
+
+
+def run(user: Identity, nodes: list[NodeEntry], model_dir: Path, model: str, num_layers: int, new_tokens: int,
+        compare_local: bool) -> dict:
+    tokenizer = load_tokenizer(model_dir)
+    prompt_ids = encode_prompt(tokenizer, BENCH_PROMPT)
+    report = {"model": model, "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens,
+              "distributed": asyncio.run(distributed_generate(user, nodes, model, num_layers, prompt_ids, new_tokens))}
+    if compare_local:
+        local = local_generate(model_dir, prompt_ids, new_tokens)
+        dist = report["distributed"]
+        report["local"] = local
+        report["ratio_tokens_per_second"] = round(dist["tokens_per_second"] / local["tokens_per_second"], 3)
+        report["tokens_identical"] = dist["token_ids"] == local["token_ids"]
+        report["node_rss_share_of_local_model"] = {
+            name: round(rss / local["process_rss_bytes"], 3) for name, rss in dist["node_rss_bytes"].items()}
+    return report

@@ -1,0 +1,98 @@
+"""Sending each node the files of its span, then telling it to load them.
+
+Files travel in chunks over the node's encrypted channel; the node verifies each file's sha256
+against the signed manifest before accepting it. Files a node already holds are skipped, and a
+file cut off half-way resumes from where the node says it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dllmd.models.received import span_files
+from dllmd.net.client import RpcClient
+from dllmd.net.identity import Identity
+from dllmctl.cluster import NodeEntry
+
+CHUNK_BYTES = 4 * 1024 * 1024
+LOAD_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class SpanAssignment:
+    node: str
+    start: int
+    end: int
+    embed: bool
+    head: bool
+
+
+Progress = Callable[[str, int], None]  # (node name, bytes just sent or skipped)
+
+
+def bytes_to_send(manifest: dict, span: SpanAssignment) -> int:
+    files = span_files(manifest, span.start, span.end, span.embed, span.head)
+    return sum(manifest["files"][f]["bytes"] for f in files)
+
+
+async def deploy_span(user: Identity, node: NodeEntry, model_dir: Path, span: SpanAssignment,
+                      progress: Progress = lambda *_: None, dtype: str = "") -> dict:
+    """Ship one node its files (skipping what it has) and load its span; returns the node's report."""
+    blob = (model_dir / "manifest.json").read_bytes()
+    manifest = json.loads(blob)
+    signature = bytes.fromhex((model_dir / "manifest.sig").read_text().strip())
+    name = manifest["name"]
+    async with RpcClient(user, node.address, node.public_key) as client:
+        offer, _ = await client.call("model.offer", {"model": name, "manifest": blob, "signature": signature}, timeout=60)
+        sent = 0
+        for rel in span_files(manifest, span.start, span.end, span.embed, span.head):
+            size = manifest["files"][rel]["bytes"]
+            if offer["have"].get(rel) == manifest["files"][rel]["sha256"]:
+                progress(node.name, size)
+                continue
+            offset = int(offer["partial"].get(rel, 0))
+            progress(node.name, offset)
+            with open(model_dir / rel, "rb") as f:
+                f.seek(offset)
+                while offset < size:
+                    chunk = f.read(CHUNK_BYTES)
+                    if not chunk:
+                        raise OSError(f"{model_dir / rel} is shorter than its manifest says; re-import the model")
+                    data = torch.frombuffer(bytearray(chunk), dtype=torch.int8)
+                    await client.call("model.put", {"model": name, "path": rel, "offset": offset}, [data], timeout=120)
+                    offset += len(chunk)
+                    sent += len(chunk)
+                    progress(node.name, len(chunk))
+        report, _ = await client.call("span.load", {"model": name, "start": span.start, "end": span.end,
+                                                    "embed": span.embed, "head": span.head, "dtype": dtype},
+                                      timeout=LOAD_TIMEOUT_S)
+    return {**report, "node": node.name, "bytes_sent": sent}
+
+
+async def deploy(user: Identity, nodes: dict[str, NodeEntry], model_dir: Path, spans: list[SpanAssignment],
+                 progress: Progress = lambda *_: None, dtype: str = "") -> list[dict]:
+    """Deploy every span concurrently (one connection per node)."""
+    return list(await asyncio.gather(*(deploy_span(user, nodes[s.node], model_dir, s, progress, dtype) for s in spans)))
+
+
+async def undeploy(user: Identity, nodes: list[NodeEntry], model: str, remove_files: bool = False) -> dict[str, str]:
+    """Unload ``model`` everywhere it is served (and optionally delete its files); per-node outcome."""
+
+    async def one(node: NodeEntry) -> tuple[str, str]:
+        async with RpcClient(user, node.address, node.public_key) as client:
+            try:
+                if remove_files:
+                    await client.call("model.remove", {"model": model}, timeout=60)
+                    return node.name, "removed"
+                await client.call("span.unload", {"model": model}, timeout=60)
+                return node.name, "unloaded"
+            except Exception as exc:  # one node's failure must not hide the others' outcome
+                return node.name, f"error: {exc}"
+
+    return dict(await asyncio.gather(*(one(n) for n in nodes)))

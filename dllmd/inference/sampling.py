@@ -1,0 +1,41 @@
+"""Choosing the next token from the last position's logits.
+
+Seeded sampling draws from a generator seeded by ``(seed, step)``, not by a stream that advances
+with every draw: the token at step k depends only on the logits and on k, so a session rebuilt on
+another node (or split differently across nodes) samples exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dllmd.net.schema import bounded
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = bounded(0.0, lo=0.0, hi=100.0)  # 0: greedy
+    top_p: float = bounded(1.0, lo=0.0, hi=1.0)
+    top_k: int = bounded(0, lo=0, hi=1_000_000)  # 0: no limit
+    seed: int = bounded(0, lo=0, hi=2**63 - 1)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
+    """One token id from float logits ``[vocab]`` for generation step ``step``."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if params.top_k and params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    generator = torch.Generator().manual_seed((params.seed * 1_000_003 + step) % 2**63)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,293 @@
+"""A contiguous span of a causal LM's decoder layers, loaded on its own and run exactly like the full model.
+
+A node holding layers ``[start, end)`` builds only those modules (plus the embeddings when it is the first
+span, the final norm and head when it is the last), reads only their tensors, keeps a :class:`SpanCache` per
+session, and turns positions into rotary cos/sin and attention masks by itself: nothing is inferred from
+layer 0, which this node may not have.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from dllmd.models.families import SLIDING_ATTENTION, FamilyAdapter, adapter_for
+
+TensorSource = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
+"""Given checkpoint tensor names, returns those tensors (e.g. read lazily from mmapped safetensors)."""
+
+EMBED_TENSOR = "model.embed_tokens.weight"
+HEAD_TENSOR = "lm_head.weight"
+
+
+class SpanLoadError(ValueError):
+    """A span's tensors are missing from the checkpoint or have an unexpected shape."""
+
+
+def _check_span(config, start: int, end: int, embed: bool, head: bool) -> None:
+    n_layers = config.num_hidden_layers
+    if not 0 <= start <= end <= n_layers:
+        raise ValueError(f"layer span [{start}, {end}) is not inside the model's {n_layers} layers")
+    if embed and start != 0:
+        raise ValueError(f"only a span starting at layer 0 can hold the embeddings (got start={start})")
+    if head and end != n_layers:
+        raise ValueError(f"only a span ending at layer {n_layers} can hold the head (got end={end})")
+    if start == end and not (embed or head):
+        raise ValueError("an empty layer span without embeddings or head has nothing to run")
+
+
+def _head_source_tensor(config) -> str:
+    """Tied models keep a single matrix: the head reads the embedding weights."""
+    return EMBED_TENSOR if getattr(config, "tie_word_embeddings", False) else HEAD_TENSOR
+
+
+class _SpanModules(nn.Module):
+    """The span's modules, named so that ``model.`` + state-dict key is the checkpoint name (head aside)."""
+
+    def __init__(self, config, adapter: FamilyAdapter, start: int, end: int, embed: bool, head: bool):
+        super().__init__()
+        self.embed_tokens = adapter.embedding(config) if embed else None
+        # Keyed by absolute index: the layer's own layer_idx addresses cache slots and layer types.
+        self.layers = nn.ModuleDict({str(i): adapter.decoder_layer(config, i) for i in range(start, end)})
+        self.norm = adapter.final_norm(config) if head else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if head else None
+
+    def checkpoint_names(self, config) -> dict[str, str]:
+        """Module state-dict key -> checkpoint tensor name, in load order."""
+        names = {}
+        for key in self.state_dict():
+            names[key] = _head_source_tensor(config) if key == "lm_head.weight" else f"model.{key}"
+        return names
+
+
+def _skeleton(config, adapter: FamilyAdapter, start: int, end: int, embed: bool, head: bool) -> _SpanModules:
+    # Meta tensors have shapes but no storage: nothing the size of the model is ever allocated.
+    with torch.device("meta"):
+        return _SpanModules(config, adapter, start, end, embed, head)
+
+
+def span_tensor_names(config, start: int, end: int, embed: bool, head: bool) -> list[str]:
+    """The HF checkpoint tensor names a span ``[start, end)`` needs, each once, in a stable order.
+
+    Names come from transformers' own module classes (built on the meta device), so family differences such
+    as Phi3's fused ``qkv_proj`` or Gemma2's extra norms need no table here.
+    """
+    _check_span(config, start, end, embed, head)
+    modules = _skeleton(config, adapter_for(config), start, end, embed, head)
+    return list(dict.fromkeys(modules.checkpoint_names(config).values()))
+
+
+class SpanCache:
+    """One session's KV cache for one span's layers, addressed by absolute layer index.
+
+    It speaks the small part of transformers' ``Cache`` protocol that attention layers and mask helpers use
+    (``update``, ``get_seq_length``, ``get_query_offset``, ``get_mask_sizes``), and reuses transformers' own
+    per-layer storage, so sliding-window layers keep only their window exactly as the full model does.
+    """
+
+    # Read by transformers' mask helpers: a growing cache is never compiled, so masks may be skipped.
+    is_compileable = False
+
+    def __init__(self, layers: Mapping[int, DynamicLayer]):
+        self._layers = dict(layers)
+        self._length = 0
+        self._broken = False
+
+    @property
+    def length(self) -> int:
+        """Tokens this session has run through the span; also the absolute position of the next token."""
+        return self._length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the cached keys and values hold (whole storages, including views' bases)."""
+        total = 0
+        for layer in self._layers.values():
+            if layer.is_initialized and layer.keys is not None:
+                total += layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+        return total
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append one layer's new keys/values; returns the keys/values its attention should see."""
+        return self._layers[layer_idx].update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int | None = None) -> int:
+        return self._length
+
+    def get_query_offset(self, layer_idx: int | None = None) -> int:
+        return self._length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self._layers[layer_idx].get_mask_sizes(query_length)
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise RuntimeError("this cache was left half-updated by a failed step; replay the session into a new one")
+
+
+class LayerSpan(nn.Module):
+    """Layers ``[start, end)`` of a causal LM, optionally with embeddings (first span) and norm + head (last).
+
+    ``tensors`` is asked exactly once, for exactly :func:`span_tensor_names`. Run steps with :meth:`forward`
+    and one :meth:`new_cache` per session.
+    """
+
+    def __init__(self, config, start: int, end: int, *, embed: bool, head: bool, tensors: TensorSource,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        _check_span(config, start, end, embed, head)
+        self.adapter = adapter_for(config)
+        # A private copy: the attention kernel choice must not leak into the caller's config.
+        self.config = copy.deepcopy(config)
+        self.config._attn_implementation = self.adapter.attention_implementation()
+        self.start, self.end, self.embed, self.head = start, end, embed, head
+        self.dtype, self.device = dtype, torch.device(device)
+
+        self.parts = _skeleton(self.config, self.adapter, start, end, embed, head)
+        self._load(tensors)
+        if embed:
+            self.adapter.restore_embedding_buffers(self.parts.embed_tokens)
+        # Rotary tables depend only on the config, so they are computed, never loaded.
+        self.rotary_emb = self.adapter.rotary_embedding(self.config).to(self.device)
+        self._check_materialized()
+
+        self.layer_types = {i: self.adapter.layer_type(self.config, i) for i in range(start, end)}
+        self._first_layer_of_type: dict[str, int] = {}
+        for index, layer_type in self.layer_types.items():
+            self._first_layer_of_type.setdefault(layer_type, index)
+        self.softcap = self.adapter.final_logit_softcap(self.config) if head else None
+
+    def _load(self, tensors: TensorSource) -> None:
+        names = self.parts.checkpoint_names(self.config)
+        wanted = list(dict.fromkeys(names.values()))
+        provided = tensors(wanted)
+        expected = self.parts.state_dict()
+        state, converted = {}, {}
+        for key, name in names.items():
+            if name not in provided:
+                raise SpanLoadError(f"tensor {name!r} needed by layers [{self.start}, {self.end}) is missing "
+                                    f"from the checkpoint")
+            tensor = provided[name]
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise SpanLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                                    f"{tuple(expected[key].shape)} for this {self.config.model_type} config")
+            if name not in converted:
+                # Once per name: a tied head and embedding in one span share one converted matrix.
+                converted[name] = tensor.to(device=self.device, dtype=self.dtype)
+            state[key] = converted[name]
+        # assign=True adopts the tensors instead of copying them into the (storage-less) meta parameters.
+        self.parts.load_state_dict(state, strict=True, assign=True)
+
+    def _check_materialized(self) -> None:
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.is_meta:
+                raise SpanLoadError(f"{name} was never materialized; the {self.adapter.family} adapter misses it")
+
+    @property
+    def layer_indices(self) -> range:
+        return range(self.start, self.end)
+
+    def new_cache(self) -> SpanCache:
+        """An empty KV cache for one session of this span."""
+        window = self.adapter.sliding_window(self.config)
+        return SpanCache({
+            i: DynamicSlidingWindowLayer(sliding_window=window) if layer_type == SLIDING_ATTENTION else DynamicLayer()
+            for i, layer_type in self.layer_types.items()
+        })
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Run one step (a prefill chunk or a decode token) of one session through the span.
+
+        ``inputs`` are token ids ``[batch, seq]`` (int64) for the embedding span, else hidden states
+        ``[batch, seq, hidden]`` in the span's dtype. ``position_ids`` ``[batch, seq]`` are absolute and must
+        continue the cache (the first equals ``cache.length``); pass them on the CPU, as they come off the wire,
+        so checking them never waits for an accelerator. Inputs on another device are moved to the span's.
+        Returns hidden states, or float32 logits ``[batch, seq, vocab]`` for the head span (only the last
+        ``logits_to_keep`` positions when it is > 0).
+        """
+        cache._check_usable()
+        hidden = self._input_hidden(inputs.to(self.device, non_blocking=True))
+        self._check_positions(hidden, position_ids, cache)
+        position_ids = position_ids.to(self.device, non_blocking=True)
+        try:
+            hidden = self._run_layers(hidden, position_ids, cache)
+        except BaseException:
+            cache._broken = True
+            raise
+        cache._length += hidden.shape[1]
+        if not self.head:
+            return hidden
+        return self._logits(hidden, logits_to_keep)
+
+    def _input_hidden(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.embed:
+            if inputs.dtype != torch.long or inputs.dim() != 2:
+                raise ValueError(f"the first span takes int64 token ids [batch, seq], got {inputs.dtype} "
+                                 f"{tuple(inputs.shape)}")
+            return self.parts.embed_tokens(inputs)
+        if inputs.dim() != 3 or inputs.shape[-1] != self.config.hidden_size or inputs.dtype != self.dtype:
+            raise ValueError(f"span [{self.start}, {self.end}) takes hidden states [batch, seq, "
+                             f"{self.config.hidden_size}] in {self.dtype}, got {inputs.dtype} {tuple(inputs.shape)}")
+        return inputs
+
+    @staticmethod
+    def _check_positions(hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache) -> None:
+        batch, seq = hidden.shape[:2]
+        well_formed = position_ids.dim() == 2 and position_ids.shape[0] in (1, batch) and position_ids.shape[1] == seq
+        if position_ids.is_floating_point() or not well_formed:
+            raise ValueError(f"position_ids must be integers [batch, seq] = {tuple(hidden.shape[:2])}, "
+                             f"got {tuple(position_ids.shape)}")
+        # The cache stores keys in arrival order; a step that does not continue it would attend wrongly.
+        if bool((position_ids[:, 0] != cache.length).any()):
+            raise ValueError(f"position_ids start at {position_ids[:, 0].tolist()} but this session's cache "
+                             f"holds {cache.length} tokens")
+
+    def _run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache) -> torch.Tensor:
+        if not self.layer_types:
+            return hidden
+        masks = self._masks(hidden, position_ids, cache)
+        rotary = self._rotary(hidden, position_ids)
+        for index, layer in zip(self.layer_indices, self.parts.layers.values()):
+            layer_type = self.layer_types[index]
+            hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
+                           position_embeddings=rotary[layer_type], past_key_values=cache)
+        return hidden
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if not self.adapter.rotary_per_layer_type:
+            # One table serves every layer: compute it once per step, not once per layer type.
+            any_type = next(iter(self._first_layer_of_type))
+            shared = self.adapter.rotary_cos_sin(self.rotary_emb, hidden, position_ids, any_type)
+            return dict.fromkeys(self._first_layer_of_type, shared)
+        return {layer_type: self.adapter.rotary_cos_sin(self.rotary_emb, hidden, position_ids, layer_type)
+                for layer_type in self._first_layer_of_type}
+
+    def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+               cache: SpanCache) -> dict[str, torch.Tensor | None]:
+        if hidden.shape[1] == 1:
+            # One query token sees every cached key: full layers keep all of them and sliding layers keep only
+            # the last window - 1, so the mask would be all-true. No mask lets SDPA/eager skip building it.
+            return dict.fromkeys(self._first_layer_of_type)
+        masks = {}
+        for layer_type, first_index in self._first_layer_of_type.items():
+            make_mask = create_sliding_window_causal_mask if layer_type == SLIDING_ATTENTION else create_causal_mask
+            # layer_idx points the helper at this span's own layers; by default it would look at layer 0.
+            masks[layer_type] = make_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                          past_key_values=cache, position_ids=position_ids, layer_idx=first_index)
+        return masks
+
+    def _logits(self, hidden: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        hidden = self.parts.norm(hidden)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:, :]
+        logits = self.parts.lm_head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
