@@ -79,9 +79,12 @@ def _prepare_home(home: Path, name: str) -> Identity:
 
 def _spawn(home: Path) -> subprocess.Popen:
     log = open(home / "dllmd.log", "ab")
+    # Daemons of a local cluster share the cores: OpenMP threads that spin after each op would
+    # steal them from the next stage (measured: ~9% slower decode on SmolLM2 with 3 nodes, 2 cores).
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     try:
         # A session of its own: Ctrl+C in the user's terminal must not kill the cluster.
-        return subprocess.Popen([sys.executable, "-m", "dllmd", "start", "--home", str(home)],
+        return subprocess.Popen([sys.executable, "-m", "dllmd", "start", "--home", str(home)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     finally:
         log.close()

@@ -6,7 +6,7 @@ import typer
 
 from dllmd import __version__
 from dllmd.net.identity import Identity
-from dllmctl.cli import bench, cluster, deploy, infer, nodes
+from dllmctl.cli import bench, cluster, deploy, infer, model, nodes
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -16,6 +16,7 @@ app = typer.Typer(help="dllmctl: drive a dllm cluster (distributed LLM inference
 app.add_typer(nodes.app, name="nodes")
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(bench.app, name="bench")
+app.add_typer(model.app, name="model")
 app.command()(demo)
 app.command("deploy")(deploy.deploy_command)
 app.command("undeploy")(deploy.undeploy_command)

@@ -197,7 +197,13 @@ class InferenceService:
             return result, (time.perf_counter() - started) * 1000
 
         try:
-            out, compute_ms = await asyncio.get_running_loop().run_in_executor(self.compute, run)
+            if inputs.shape[1] == 1:
+                # A decode step is short: running it right here saves two thread hand-offs per hop
+                # (measured ~0.2 ms per message). Prefill chunks go to the compute thread so a long
+                # prompt never stalls the socket.
+                out, compute_ms = run()
+            else:
+                out, compute_ms = await asyncio.get_running_loop().run_in_executor(self.compute, run)
         except (ValueError, RuntimeError) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, f"layers [{span.start}, {span.end}) failed: {exc}") from None
         session.steps += 1

@@ -1,0 +1,205 @@
+"""Distributed generation through real daemons equals the full model run locally.
+
+Three daemons on 127.0.0.1 serve tiny random models of every family split unevenly; greedy token ids
+must be identical to transformers' ``generate`` and per-step logits within 1e-4 (fp32).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dllmctl import local_cluster
+from dllmctl.cluster import Registry
+from dllmctl.deploy import SpanAssignment, deploy
+from dllmctl.inference import DistributedSession, RouteError, Stage, choose_route
+from dllmd.inference.sampling import SamplingParams
+from dllmd.net.client import RemoteError, RpcClient
+from dllmd.net.identity import Identity
+from tests.tiny_models import make_tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"]
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three real daemons, a user who administers them, and a client-side model store."""
+    from dllmd.models.store import ModelStore
+
+    root = tmp_path_factory.mktemp("inference")
+    user = Identity.generate()
+    registry = Registry(root / "cluster.toml")
+    nodes = local_cluster.up(3, root / "daemons", user, registry)
+    store = ModelStore(root / "models")
+    yield {"user": user, "registry": registry, "store": store, "root": root, "nodes": nodes}
+    local_cluster.down(root / "daemons", registry)
+
+
+def _import(cluster, family: str) -> tuple[str, object]:
+    from dllmctl.model_import import import_model
+
+    name = f"tiny-{family}"
+    source = make_tiny_model(family, cluster["root"] / f"src-{family}")
+    if not (cluster["store"].root / name).exists():
+        import_model(source, cluster["store"], cluster["user"], name=name)
+    return name, source
+
+
+def _splits(num_layers: int) -> list[list[tuple[int, int]]]:
+    """One node; two uneven; three uneven (first stage one layer)."""
+    return [[(0, num_layers)], [(0, 2), (2, num_layers)], [(0, 1), (1, num_layers - 1), (num_layers - 1, num_layers)]]
+
+
+def _deploy(cluster, name: str, cuts: list[tuple[int, int]]) -> list[Stage]:
+    names = sorted(cluster["registry"].nodes)
+    n = cuts[-1][1]
+    spans = [SpanAssignment(names[i], a, b, a == 0, b == n) for i, (a, b) in enumerate(cuts)]
+    asyncio.run(deploy(cluster["user"], cluster["registry"].nodes, cluster["store"].root / name, spans))
+    nodes = cluster["registry"].nodes
+    return choose_route([Stage(nodes[s.node], s.start, s.end, s.embed, s.head) for s in spans], n, name)
+
+
+def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_tokens=NEW_TOKENS, logits="last"):
+    async def run():
+        async with DistributedSession(cluster["user"], route, name, sampling, logits=logits) as session:
+            return await session.generate(prompt, new_tokens, set())
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_and_logits_match_the_local_model(cluster, family):
+    name, source = _import(cluster, family)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    num_layers = model.config.num_hidden_layers
+    prompts = {"one-token": [7], "long": [(i * 37 + 11) % 300 + 5 for i in range(23)]}  # longer than the windows
+    for cuts in _splits(num_layers):
+        route = _deploy(cluster, name, cuts)
+        for label, prompt in prompts.items():
+            got = _generate(cluster, route, name, prompt)
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                  do_sample=False)[0, len(prompt):].tolist()
+            assert got.token_ids == want, f"{family} {cuts} {label}"
+            with torch.no_grad():
+                full = model(torch.tensor([prompt + got.token_ids[:-1]])).logits[0]
+            for k, step_logits in enumerate(got.logits):
+                diff = (step_logits[-1] - full[len(prompt) - 1 + k]).abs().max().item()
+                assert diff < 1e-4, f"{family} {cuts} {label} step {k}: logits differ by {diff}"
+
+
+def test_multi_turn_continues_the_same_session(cluster):
+    name, source = _import(cluster, "qwen2")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    route = _deploy(cluster, name, _splits(model.config.num_hidden_layers)[2])
+    turn1, turn2 = [3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46]
+
+    async def run():
+        async with DistributedSession(cluster["user"], route, name, SamplingParams()) as session:
+            first = await session.generate(turn1, 6, set())
+            # Turn 2 appends to the same caches: the last generated token, then the new user text.
+            second = await session.generate([first.token_ids[-1], *turn2], 6, set())
+            return first.token_ids, second.token_ids
+
+    first, second = asyncio.run(run())
+    history = turn1 + first
+    want1 = model.generate(torch.tensor([turn1]), max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 5:].tolist()
+    full = history + turn2
+    want2 = model.generate(torch.tensor([full]), max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(full):]
+    assert first == want1 and second == want2.tolist()
+
+
+def test_seeded_sampling_is_reproducible_across_runs_and_layouts(cluster):
+    name, source = _import(cluster, "llama")
+    layers = 5
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    prompt = [5, 6, 7, 8]
+    runs = []
+    for cuts in (_splits(layers)[1], _splits(layers)[2], _splits(layers)[2]):
+        runs.append(_generate(cluster, _deploy(cluster, name, cuts), name, prompt, sampling, 16).token_ids)
+    assert runs[0] == runs[1] == runs[2]
+    other = _generate(cluster, _deploy(cluster, name, _splits(layers)[2]), name, prompt,
+                      SamplingParams(temperature=0.9, seed=99), 16).token_ids
+    assert other != runs[0]
+
+
+def test_nodes_report_what_they_serve(cluster):
+    from dllmctl.cluster import query_nodes
+
+    name, _ = _import(cluster, "llama")
+    _deploy(cluster, name, _splits(5)[2])
+    rows = asyncio.run(query_nodes(cluster["user"], cluster["registry"].select(None)))
+    served = sorted((s["start"], s["end"]) for r in rows for s in r["serving"] if s["model"] == name)
+    assert served == [(0, 1), (1, 4), (4, 5)]
+
+
+def test_bad_input_gets_clear_errors_and_nodes_keep_serving(cluster):
+    name, _ = _import(cluster, "llama")
+    route = _deploy(cluster, name, _splits(5)[1])
+    user = cluster["user"]
+    first, second = route[0].node, route[1].node
+
+    async def scenario():
+        async with RpcClient(user, second.address, second.public_key) as client:
+            # The wrong layers for this node, an unknown model, a malformed session id.
+            for args, code in (({"start": 0, "end": 2}, "conflict"), ({"model": "nope"}, "not_found"),
+                               ({"session": "../x"}, "bad_args")):
+                request = {"session": "abcdefgh12", "model": name, "start": 2, "end": 5, **args}
+                with pytest.raises(RemoteError) as exc:
+                    await client.call("session.open", request)
+                assert exc.value.code == code
+            # A wrong dtype on the wire ends the session with a message naming what was expected.
+            stream = await client.open_stream("session.open", {"session": "wrongdtype1", "model": name,
+                                                               "start": 2, "end": 5})
+            await stream.next(timeout=10)
+            await client.send_oneway("session.forward", {"session": "wrongdtype1", "step": 0, "start": 0},
+                                     [torch.zeros(1, 3, 64, dtype=torch.bfloat16)])
+            with pytest.raises(RemoteError) as exc:
+                await stream.next(timeout=10)
+            assert exc.value.code == "bad_args" and "float32 hidden states [1, seq, 64]" in exc.value.message
+            # Out-of-range token ids at the first stage.
+        async with RpcClient(user, first.address, first.public_key) as client:
+            stream = await client.open_stream("session.open", {"session": "badtokens1", "model": name, "start": 0,
+                                                               "end": 2, "next_address": second.address,
+                                                               "next_public_key": second.public_key})
+            await stream.next(timeout=10)
+            await client.send_oneway("session.forward", {"session": "badtokens1", "step": 0, "start": 0},
+                                     [torch.tensor([[10**6]])])
+            with pytest.raises(RemoteError, match="token ids must be in"):
+                await stream.next(timeout=10)
+
+    asyncio.run(scenario())
+    assert _generate(cluster, route, name, [1, 2, 3], new_tokens=3).token_ids  # still serving
+
+
+def test_tampered_file_is_refused_on_deploy(cluster):
+    name, source = _import(cluster, "phi3")
+    tampered = cluster["store"].root / "tampered-phi3"
+    shutil.copytree(cluster["store"].root / name, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    layer_file = tampered / manifest["layers"][0]["file"]
+    blob = bytearray(layer_file.read_bytes())
+    blob[-1] ^= 0xFF
+    layer_file.write_bytes(bytes(blob))
+    nodes = cluster["registry"].nodes
+    target = sorted(nodes)[0]
+
+    async def forget():  # make the node receive every file again
+        async with RpcClient(cluster["user"], nodes[target].address, nodes[target].public_key) as client:
+            await client.call("model.remove", {"model": name})
+
+    asyncio.run(forget())
+    with pytest.raises(RemoteError, match="does not match its signed sha256"):
+        asyncio.run(deploy(cluster["user"], nodes, tampered, [SpanAssignment(target, 0, 5, True, True)]))
+
+
+def test_no_route_names_the_missing_layer(cluster):
+    registry = cluster["registry"]
+    node = registry.nodes[sorted(registry.nodes)[0]]
+    with pytest.raises(RouteError, match="layer 2 of m"):
+        choose_route([Stage(node, 0, 2, True, False)], 5, "m")
