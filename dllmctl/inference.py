@@ -21,7 +21,8 @@ from dllmd.net.identity import Identity
 from dllmd.net.schema import to_wire
 from dllmctl.cluster import NodeEntry
 
-STEP_TIMEOUT_S = 60.0
+STEP_TIMEOUT_S = 60.0  # plus PREFILL_S_PER_TOKEN for each token of the step (long prompts on slow CPUs)
+PREFILL_S_PER_TOKEN = 0.05
 
 
 class RouteError(RuntimeError):
@@ -39,19 +40,24 @@ class Stage:
 
 
 def choose_route(candidates: list[Stage], num_layers: int, model: str) -> list[Stage]:
-    """A chain of stages covering layers [0, num_layers): from layer 0, take the span that starts
-    where the previous ended, preferring longer spans (fewer hops), then lower latency."""
-    route, position = [], 0
-    while position < num_layers or not route:
-        options = [c for c in candidates if c.start == position and c.end > position
-                   and (position > 0 or c.embed) and (c.end < num_layers or c.head)]
-        if not options:
-            raise RouteError(f"no reachable node serves layer {position} of {model}; deploy it "
-                             f"('dllmctl deploy {model}') or bring its nodes back")
-        best = min(options, key=lambda c: (-(c.end - c.start), c.latency_ms, c.node.name))
-        route.append(best)
-        position = best.end
-    return route
+    """The chain of stages covering layers [0, num_layers) with the fewest hops (ties: lower total
+    latency, then names). Stages must meet exactly: each starts where the previous one ended."""
+    usable = [c for c in candidates if c.end > c.start and (c.start > 0 or c.embed) and (c.end < num_layers or c.head)]
+    best: dict[int, tuple[int, float, list[Stage]]] = {0: (0, 0.0, [])}
+    for position in range(num_layers):  # spans only move forward, so positions in order suffice
+        if position not in best:
+            continue
+        hops, latency, route = best[position]
+        for stage in sorted((c for c in usable if c.start == position), key=lambda c: c.node.name):
+            option = (hops + 1, latency + stage.latency_ms, route + [stage])
+            current = best.get(stage.end)
+            if current is None or option[:2] < current[:2]:
+                best[stage.end] = option
+    if num_layers not in best:
+        reached = max(best)
+        raise RouteError(f"no reachable node serves layer {reached} of {model}; deploy it "
+                         f"('dllmctl deploy {model}') or bring its nodes back")
+    return best[num_layers][2]
 
 
 @dataclass
@@ -100,12 +106,14 @@ class DistributedSession:
         await self.close()
 
     async def close(self) -> None:
-        for client, stream in zip(self.clients, self.streams):
+        async def close_one(client: RpcClient, stream: ReplyStream) -> None:
             if not stream.finished:
                 try:
-                    await client.call("session.close", {"session": self.id}, timeout=5)
+                    await client.call("session.close", {"session": self.id}, timeout=3)
                 except CallError:
                     pass  # the node is gone or already dropped the session; its TTL frees it anyway
+
+        await asyncio.gather(*(close_one(c, s) for c, s in zip(self.clients, self.streams)))
         for client in self.clients:
             client.close()
 
@@ -116,9 +124,10 @@ class DistributedSession:
         await self.clients[0].send_oneway("session.forward", {"session": self.id, "step": step, "start": self.position},
                                           [ids])
         self.position += len(token_ids)
-        last = asyncio.ensure_future(self.streams[-1].next(timeout=STEP_TIMEOUT_S))
+        timeout = STEP_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(token_ids)
+        last = asyncio.ensure_future(self.streams[-1].next(timeout=timeout))
         # Any other stage may report a failure on its own stream while the last one waits.
-        watchers = [asyncio.ensure_future(s.next(timeout=STEP_TIMEOUT_S + 1)) for s in self.streams[:-1]]
+        watchers = [asyncio.ensure_future(s.next(timeout=timeout + 1)) for s in self.streams[:-1]]
         try:
             done, _ = await asyncio.wait([last, *watchers], return_when=asyncio.FIRST_COMPLETED)
             for task in done:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,20 @@ def _prepare_home(home: Path, name: str) -> Identity:
     return Identity.load(home / "identity")
 
 
+def _share_hardware_measurement(homes: list[Path], progress: Callable[[str], None]) -> None:
+    """Daemons on one machine share its hardware: measure its matmul rate once, here, and give every
+    home the same figure. Measured by each daemon at once they would contend for the cores and
+    report different rates, and the planner would split the layers unevenly for no reason."""
+    from dllmd import hardware
+
+    if all((home / hardware.CACHE_FILE).exists() for home in homes):
+        return
+    progress("measuring this machine")
+    hardware.cached_gflops(homes[0])
+    for home in homes[1:]:
+        shutil.copyfile(homes[0] / hardware.CACHE_FILE, home / hardware.CACHE_FILE)
+
+
 def _spawn(home: Path) -> subprocess.Popen:
     log = open(home / "dllmd.log", "ab")
     # Daemons of a local cluster share the cores: OpenMP threads that spin after each op would
@@ -118,6 +133,7 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
     names = [f"local-{i + 1}" for i in range(count)]
     homes = [directory / name for name in names]
     identities = [_prepare_home(h, n) for h, n in zip(homes, names)]
+    _share_hardware_measurement(homes, progress)
     for home, identity in zip(homes, identities):
         keys = AuthorizedKeys(home / "authorized_keys.toml")
         keys.authorize(user.public_key, Role.ADMIN, "dllmctl user")

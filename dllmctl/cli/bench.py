@@ -99,7 +99,7 @@ def infer(
     table.add_row("time to first token ms", f"{d['time_to_first_token_ms']:.1f}", f"{local.get('time_to_first_token_ms', '-')}", "")
     table.add_row("per-token ms (median)", f"{d['per_token_ms']:.2f}", "", "")
     table.add_row("compute ms per stage", ", ".join(f"{c:.2f}" for c in d["compute_ms_per_stage"]), "", "")
-    table.add_row("transfer + overhead ms", f"{d['transfer_and_overhead_ms']:.2f} ({d['overhead_ms_per_hop']:.3f}/message)", "", "")
+    table.add_row("transfer + overhead ms", f"{d['transfer_and_overhead_ms']:.2f} ({d['overhead_ms_per_message']:.3f}/message)", "", "")
     table.add_row("bytes per token per hop", ", ".join(map(str, d["bytes_per_token_per_hop"])), "", "")
     for name, rss in d["node_rss_bytes"].items():
         share = report.get("node_rss_share_of_local_model", {}).get(name)

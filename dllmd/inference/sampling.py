@@ -17,16 +17,21 @@ from dllmd.net.schema import bounded
 @dataclass
 class SamplingParams:
     temperature: float = bounded(0.0, lo=0.0, hi=100.0)  # 0: greedy
-    top_p: float = bounded(1.0, lo=0.0, hi=1.0)
+    top_p: float = bounded(1.0, lo=1e-6, hi=1.0)
     top_k: int = bounded(0, lo=0, hi=1_000_000)  # 0: no limit
     seed: int = bounded(0, lo=0, hi=2**63 - 1)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
     """One token id from float logits ``[vocab]`` for generation step ``step``."""
+    # Always on the CPU with a CPU generator: a GPU generator would draw other numbers, and the same
+    # session must sample the same tokens whichever node (CPU or GPU) holds the head.
+    logits = logits.detach().float().cpu()
+    if not torch.isfinite(logits).any():
+        raise ValueError("the model produced no finite logits (overflow in this dtype?)")
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    scores = logits / params.temperature
     if params.top_k and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -35,6 +40,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        drop[0] = False
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     generator = torch.Generator().manual_seed((params.seed * 1_000_003 + step) % 2**63)

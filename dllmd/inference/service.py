@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import zmq
 
 from dllmd.inference.sampling import SamplingParams, sample_next
 from dllmd.inference.sessions import NextHop, Session, SessionTable
 from dllmd.models.span import LayerSpan
 from dllmd.net.client import CallError
-from dllmd.net.keys import Role
+from dllmd.config import validate_endpoint
+from dllmd.net.identity import parse_public_key
+from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.peers import PeerPool
 from dllmd.net.schema import bounded
 from dllmd.net.server import DEFERRED, Call, HandlerError, Operation, RpcServer, allow
@@ -32,6 +35,8 @@ log = logging.getLogger("dllmd.inference")
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 SWEEP_INTERVAL_S = 2.0
+MAX_STEP_TOKENS = 4096  # a longer prompt is sent in chunks
+MAX_ALL_LOGITS_TOKENS = 512  # "all" logits are [seq, vocab] fp32: keep replies small
 
 
 @dataclass
@@ -44,7 +49,7 @@ class OpenArgs:
     next_public_key: str = bounded("", max_len=64)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     logits: str = bounded("none", max_len=8)
-    ttl_s: float = bounded(600.0, lo=1.0, hi=86_400.0)
+    ttl_s: float = bounded(600.0, lo=1.0, hi=3600.0)
 
 
 @dataclass
@@ -76,8 +81,9 @@ class ServedSpan:
 
 
 class InferenceService:
-    def __init__(self, peers: PeerPool, memory_budget_bytes: int):
+    def __init__(self, peers: PeerPool, keys: AuthorizedKeys, memory_budget_bytes: int):
         self.peers = peers
+        self.keys = keys
         self.spans: dict[str, ServedSpan] = {}
         self.sessions = SessionTable(memory_budget_bytes)
         # One compute thread: torch already parallelizes inside an op, and one queue keeps every
@@ -127,7 +133,8 @@ class InferenceService:
                 self._end(session, "expired", f"session {session.id} expired after {session.ttl_s:g}s idle")
 
     def _end(self, session: Session, code: str, message: str) -> None:
-        self.sessions.pop(session.id)
+        if self.sessions.get(session.id) is session:  # not a newer session that reused the id
+            self.sessions.pop(session.id)
         session.stream.fail(code, message)
 
     # --- operations -----------------------------------------------------------------------------
@@ -151,11 +158,25 @@ class InferenceService:
             raise HandlerError(ErrorCode.BUSY, "this node's KV-cache budget is full; retry later or add nodes")
         if span.head == bool(a.next_address):
             raise HandlerError(ErrorCode.BAD_ARGS, "the last stage takes no next hop; every other stage needs one")
+        if a.next_address:
+            self._check_next_hop(a.next_address, a.next_public_key)
         next_hop = NextHop(a.next_address, a.next_public_key) if a.next_address else None
         session = Session(a.session, a.model, span.new_cache(), call.responder, next_hop, a.sampling, a.logits, a.ttl_s)
         self.sessions.add(session)
         call.responder.send({"opened": True, "start": span.start, "end": span.end})
         return DEFERRED
+
+    def _check_next_hop(self, address: str, public_key: str) -> None:
+        """A stage only pushes to a TCP endpoint whose key this node trusts as a peer: a client
+        cannot make the daemon connect anywhere it likes."""
+        try:
+            validate_endpoint(address)
+            key = parse_public_key(public_key).hex()
+        except ValueError as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"next hop: {exc}") from None
+        entry = self.keys.by_public_key(key)
+        if entry is None or entry.role != Role.PEER:
+            raise HandlerError(ErrorCode.FORBIDDEN, "the next stage's key is not authorized as a peer on this node")
 
     def _close(self, call: Call) -> dict:
         session = self.sessions.pop(call.args.session)
@@ -174,6 +195,10 @@ class InferenceService:
         except HandlerError as exc:
             self._end(session, exc.code, exc.message)
             raise
+        except Exception as exc:  # one-way: the session's stream is the only place the client hears of it
+            log.exception("step of session %s failed", session.id)
+            self._end(session, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            raise HandlerError(ErrorCode.INTERNAL, str(exc)) from None
 
     async def _step(self, session: Session, a: ForwardArgs, tensors: list[torch.Tensor]) -> dict:
         span = self.spans[session.model].span
@@ -181,6 +206,17 @@ class InferenceService:
             raise HandlerError(ErrorCode.BAD_ARGS, "session.forward carries exactly one tensor")
         inputs = tensors[0]
         self._check_input(span, inputs)
+        if inputs.shape[1] > MAX_STEP_TOKENS:
+            raise HandlerError(ErrorCode.TOO_LARGE, f"at most {MAX_STEP_TOKENS} tokens per step; send long prompts "
+                                                    f"in chunks")
+        if session.logits == "all" and inputs.shape[1] > MAX_ALL_LOGITS_TOKENS:
+            raise HandlerError(ErrorCode.TOO_LARGE, f"logits='all' is limited to {MAX_ALL_LOGITS_TOKENS} tokens per step")
+        context = getattr(span.config, "max_position_embeddings", None)
+        if context and a.start + inputs.shape[1] > context:
+            raise HandlerError(ErrorCode.TOO_LARGE, f"position {a.start + inputs.shape[1]} exceeds the model's context "
+                                                    f"of {context} tokens")
+        if self.sessions.cache_bytes() > self.sessions.memory_budget_bytes:
+            raise HandlerError(ErrorCode.BUSY, "this node's KV-cache budget is exhausted; the session was ended")
         if a.start != session.cache.length:
             raise HandlerError(ErrorCode.CONFLICT, f"step starts at position {a.start} but the session is at "
                                f"{session.cache.length}; replay the session")
@@ -197,21 +233,21 @@ class InferenceService:
             return result, (time.perf_counter() - started) * 1000
 
         try:
-            if inputs.shape[1] == 1:
-                # A decode step is short: running it right here saves two thread hand-offs per hop
-                # (measured ~0.2 ms per message). Prefill chunks go to the compute thread so a long
-                # prompt never stalls the socket.
-                out, compute_ms = run()
-            else:
-                out, compute_ms = await asyncio.get_running_loop().run_in_executor(self.compute, run)
-        except (ValueError, RuntimeError) as exc:
+            # Every step on the one compute thread, decode included: running decode on the loop saved
+            # ~0.2 ms per hop but let it race a prefill on the same span (models whose rotary tables
+            # update in place) and, on CUDA, block the socket behind queued GPU work.
+            out, compute_ms = await asyncio.get_running_loop().run_in_executor(self.compute, run)
+        except (ValueError, RuntimeError, IndexError) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, f"layers [{span.start}, {span.end}) failed: {exc}") from None
         session.steps += 1
         trace = {"compute_ms": [*a.compute_ms, round(compute_ms, 4)], "hop_bytes": list(a.hop_bytes)}
         if session.next_hop is not None:
             await self._push(session, a, out, trace)
             return {}
-        token = sample_next(out[0, -1], session.sampling, a.step)
+        try:
+            token = sample_next(out[0, -1], session.sampling, a.step)
+        except (ValueError, RuntimeError) as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"sampling failed: {exc}") from None
         logits = [] if session.logits == "none" else [out[0].cpu()]
         session.stream.send({"step": a.step, "token": token, **trace}, logits)
         return {"step": a.step, "token": token}
@@ -226,7 +262,8 @@ class InferenceService:
                 raise HandlerError(ErrorCode.BAD_ARGS, f"token ids must be in [0, {span.config.vocab_size})")
             return
         hidden = span.config.hidden_size
-        if inputs.dtype != span.dtype or inputs.dim() != 3 or inputs.shape[0] != 1 or inputs.shape[2] != hidden:
+        if (inputs.dtype != span.dtype or inputs.dim() != 3 or inputs.shape[0] != 1 or inputs.shape[1] == 0
+                or inputs.shape[2] != hidden):
             raise HandlerError(ErrorCode.BAD_ARGS, f"stage [{span.start}, {span.end}) takes "
                                f"{str(span.dtype).removeprefix('torch.')} hidden states [1, seq, {hidden}]; got "
                                f"{str(inputs.dtype).removeprefix('torch.')} {list(inputs.shape)}")
@@ -239,6 +276,6 @@ class InferenceService:
             await self.peers.get(hop.address, hop.public_key).send_oneway(
                 "session.forward", {"session": session.id, "step": a.step, "start": a.start, **trace}, [hidden],
                 timeout=5.0)
-        except CallError as exc:
-            self.peers.drop(hop.address, hop.public_key)
+        except (CallError, zmq.ZMQError) as exc:
+            # The connection stays in the pool: other sessions may be using it, and zmq reconnects.
             raise HandlerError(ErrorCode.UNAVAILABLE, f"could not reach the next stage {hop.address}: {exc}") from None

@@ -34,7 +34,8 @@ class ModelFileError(ValueError):
 def safe_relative(path: str) -> str:
     """A manifest path that stays inside the model directory (no '..', no absolute paths)."""
     parts = path.split("/")
-    if not path or len(path) > 200 or any(p in ("", ".", "..") or not SAFE_PART.match(p) for p in parts):
+    if (not path or len(path) > 200 or path in (MANIFEST, SIGNATURE)
+            or any(p in ("", ".", "..") or p.startswith(".") or not SAFE_PART.match(p) for p in parts)):
         raise ModelFileError(f"unsafe file name in manifest: {path!r}")
     return path
 
@@ -84,11 +85,28 @@ class ReceivedModels:
         atomic_write(directory / SIGNATURE, signature.hex().encode())
         have, partial = {}, {}
         for rel, meta in manifest["files"].items():
+            part = directory / INCOMING / (rel.replace("/", "__") + ".part")
+            if part.exists() and part.stat().st_size == meta["bytes"]:
+                self._publish(directory, rel, part, meta)  # complete but never published (a crash)
             if (directory / rel).exists() and (directory / rel).stat().st_size == meta["bytes"]:
+                # Size only: hashing every file on every offer would be slow; span.load hashes, and
+                # deletes a file that fails, so the next deploy sends it again.
                 have[rel] = meta["sha256"]
-            elif (directory / INCOMING / (rel.replace("/", "__") + ".part")).exists():
-                partial[rel] = (directory / INCOMING / (rel.replace("/", "__") + ".part")).stat().st_size
+            elif part.exists():
+                partial[rel] = part.stat().st_size
         return {"have": have, "partial": partial}
+
+    @staticmethod
+    def _publish(directory: Path, rel: str, part: Path, meta: dict) -> None:
+        digest = _sha256(part)
+        if digest != meta["sha256"]:
+            part.unlink()
+            raise ModelFileError(f"{rel} does not match its signed sha256 (got {digest[:12]}..., expected "
+                                 f"{meta['sha256'][:12]}...): refused; the file was tampered with or corrupted")
+        target = directory / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, target)
+        fsync_dir(target.parent)
 
     def put(self, name: str, rel: str, offset: int, chunk: bytes) -> dict:
         """Append a chunk at ``offset``; when the file is complete, verify and publish it."""
@@ -111,15 +129,7 @@ class ReceivedModels:
                 os.fsync(f.fileno())
         if size + len(chunk) < meta["bytes"]:
             return {"complete": False, "received": size + len(chunk)}
-        digest = _sha256(part)
-        if digest != meta["sha256"]:
-            part.unlink()
-            raise ModelFileError(f"{rel} does not match its signed sha256 (got {digest[:12]}..., expected "
-                                 f"{meta['sha256'][:12]}...): refused; the file was tampered with or corrupted")
-        target = directory / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, target)
-        fsync_dir(target.parent)
+        self._publish(directory, rel, part, meta)
         return {"complete": True, "received": meta["bytes"]}
 
     # --- reading --------------------------------------------------------------------------------
@@ -146,7 +156,9 @@ class ReceivedModels:
             if not path.exists():
                 raise ModelFileError(f"{rel} of {name} is missing on this node; deploy again")
             if _sha256(path) != manifest["files"][rel]["sha256"]:
-                raise ModelFileError(f"{rel} of {name} does not match its signed sha256: refusing to load it")
+                path.unlink()  # so the next deploy sends it again
+                raise ModelFileError(f"{rel} of {name} does not match its signed sha256: refused and removed; "
+                                     f"deploy again")
             paths.append(path)
         return manifest, paths
 

@@ -124,6 +124,14 @@ class RpcClient:
         elif event == zmq.EVENT_DISCONNECTED:
             self.handshake_ok = False
             self.connected.clear()
+            # The node's ROUTER will know a reconnected socket by a new routing id: replies and
+            # streams addressed to the old one are lost. Fail them now rather than at their deadline.
+            lost = NodeUnreachable(f"connection to {self.address} was lost")
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(lost)
+            for queue in self._streams.values():
+                queue.put_nowait(lost)
 
     def _fail_all(self, error: CallError) -> None:
         self.failure = error

@@ -22,11 +22,6 @@ class PeerPool:
             client = self._clients[key] = RpcClient(self.identity, address, public_key, ctx=self.ctx)
         return client
 
-    def drop(self, address: str, public_key: str) -> None:
-        client = self._clients.pop((address, public_key), None)
-        if client is not None:
-            client.close()
-
     def close(self) -> None:
         for client in self._clients.values():
             client.close()

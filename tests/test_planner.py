@@ -1,0 +1,84 @@
+"""The planner as a table: inputs -> layout, or a refusal that says what is missing."""
+
+from __future__ import annotations
+
+import pytest
+
+from dllmctl.planner import ModelShape, NodeCapacity, PlanError, plan_layout, span_bytes
+
+MB = 2**20
+SMOL = ModelShape("smol", (13 * MB,) * 30, 113 * MB, 1, True)  # SmolLM2-like: tied, 30 layers
+
+
+def node(name, mem_mb, gflops=100.0):
+    return NodeCapacity(name, int(mem_mb * MB), gflops)
+
+
+def spans(layout):
+    return [(s.node, s.start, s.end) for s in layout.spans]
+
+
+@pytest.mark.parametrize("nodes, replicas, expected", [
+    # equal nodes: an even split, in the caller's order
+    ([node("a", 4000), node("b", 4000), node("c", 4000)], 1, [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]),
+    # one node holds everything
+    ([node("solo", 4000)], 1, [("solo", 0, 30)]),
+    # throughput weighting: twice the GFLOP/s, twice the layers
+    ([node("fast", 4000, 200), node("slow", 4000, 100)], 1, [("fast", 0, 20), ("slow", 20, 30)]),
+    # uneven memory: the small node takes what fits (0.8 x 200 MB = 160 MB: embed 113 + 3 layers 39)
+    ([node("small", 200), node("big", 4000)], 1, [("small", 0, 3), ("big", 3, 30)]),
+    # two replicas: two disjoint chains each covering every layer
+    ([node(n, 4000) for n in "abcd"], 2, [("a", 0, 15), ("c", 15, 30), ("b", 0, 15), ("d", 15, 30)]),
+])
+def test_layouts(nodes, replicas, expected):
+    assert spans(plan_layout(SMOL, nodes, replicas)) == expected
+
+
+def test_more_nodes_than_layers_leaves_some_idle():
+    tiny = ModelShape("tiny", (MB,) * 3, MB, MB, False)
+    layout = plan_layout(tiny, [node(f"n{i}", 1000) for i in range(5)])
+    assert [s.end - s.start for s in layout.spans] == [1, 1, 1]
+    assert all(s.end > s.start for s in layout.spans)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_every_layer_is_covered_exactly_replicas_times(replicas):
+    nodes = [node(f"n{i}", 300 + 200 * i, 50 + 30 * i) for i in range(7)]
+    layout = plan_layout(SMOL, nodes, replicas)
+    coverage = [0] * SMOL.num_layers
+    for s in layout.spans:
+        for layer in range(s.start, s.end):
+            coverage[layer] += 1
+        assert s.embed == (s.start == 0) and s.head == (s.end == SMOL.num_layers)
+        assert s.bytes == span_bytes(SMOL, s.start, s.end)
+    assert coverage == [replicas] * SMOL.num_layers
+    assert len({s.node for s in layout.spans}) == len(layout.spans)  # a node serves one span
+
+
+def test_json_shape():
+    doc = plan_layout(SMOL, [node("a", 4000)]).to_json()
+    assert doc == {"model": "smol", "replicas": 1,
+                   "spans": [{"node": "a", "start": 0, "end": 30, "embed": True, "head": True,
+                              "bytes": span_bytes(SMOL, 0, 30)}]}
+
+
+def test_tied_head_stage_counts_the_embeddings_again():
+    assert span_bytes(SMOL, 20, 30) == 10 * 13 * MB + 113 * MB + 1
+    assert span_bytes(SMOL, 0, 30) == 30 * 13 * MB + 113 * MB + 1
+
+
+@pytest.mark.parametrize("nodes, replicas, message", [
+    ([node("a", 100), node("b", 100)], 1, "do not fit on a, b"),
+    ([node("a", 4000)], 2, "2 replicas need at least 2 nodes"),
+    ([], 1, "no nodes"),
+    ([node("a", 4000), node("a", 4000)], 1, "unique"),
+    ([node("a", 4000), node("b", 400), node("c", 400)], 2, "lower --replicas"),
+])
+def test_impossible_requests_say_what_is_missing(nodes, replicas, message):
+    with pytest.raises(PlanError, match=message):
+        plan_layout(SMOL, nodes, replicas)
+
+
+def test_deterministic():
+    nodes = [node(f"n{i}", 500 + i * 37, 40 + i) for i in range(6)]
+    assert spans(plan_layout(SMOL, nodes, 2)) == spans(plan_layout(SMOL, list(nodes), 2))
