@@ -68,11 +68,12 @@ def test_tied_head_stage_counts_the_embeddings_again():
 
 
 @pytest.mark.parametrize("nodes, replicas, message", [
-    ([node("a", 100), node("b", 100)], 1, "do not fit on a, b"),
+    ([node("a", 100), node("b", 100)], 1, "more than any node offers"),
+    ([node("a", 200), node("b", 200)], 1, "do not fit: a, b can hold"),
     ([node("a", 4000)], 2, "2 replicas need at least 2 nodes"),
     ([], 1, "no nodes"),
     ([node("a", 4000), node("a", 4000)], 1, "unique"),
-    ([node("a", 4000), node("b", 400), node("c", 400)], 2, "lower --replicas"),
+    ([node("a", 4000), node("b", 300), node("c", 300)], 2, "lower --replicas"),
 ])
 def test_impossible_requests_say_what_is_missing(nodes, replicas, message):
     with pytest.raises(PlanError, match=message):
