@@ -1,8 +1,12 @@
-"""The distributed session, as the client runs it: find a chain of stages, open the session on
-each, then per token send one message to the first stage and receive one token id from the last.
+"""The distributed session, as the client runs it: open the session on each stage of a route, then
+per token send one message to the first stage and receive one token id from the last.
 
-The client holds only the tokenizer and the token ids so far (enough to replay the session on
-other nodes when a stage dies).
+A long prompt goes out as chunks, all at once: while the second stage works on chunk k the first
+is already on chunk k + 1 (with ``parallelism="pipeline"``). With ``parallelism="model"`` the
+prompt crosses in one piece and the stages never batch this session with others.
+
+The client holds only the tokenizer and the token ids so far: enough to replay the session on
+other nodes when a stage dies (see :mod:`dllmctl.failover`).
 """
 
 from __future__ import annotations
@@ -16,48 +20,63 @@ from typing import Callable
 import torch
 
 from dllmd.inference.sampling import SamplingParams
-from dllmd.net.client import CallError, ReplyStream, RpcClient
+from dllmd.inference.service import MAX_STEP_TOKENS
+from dllmd.net.client import CallError, CallTimeout, NodeUnreachable, RemoteError, ReplyStream, RpcClient
 from dllmd.net.identity import Identity
 from dllmd.net.schema import to_wire
+from dllmd.net.wire import ErrorCode
 from dllmctl.cluster import NodeEntry
+from dllmctl.routing import RouteError, Stage, choose_route  # noqa: F401  (re-exported for callers)
 
+PARALLELISMS = ("pipeline", "model")
+PREFILL_CHUNK = 128  # tokens per prefill chunk: small enough that stages overlap, big enough to batch well
 STEP_TIMEOUT_S = 60.0  # plus PREFILL_S_PER_TOKEN for each token of the step (long prompts on slow CPUs)
 PREFILL_S_PER_TOKEN = 0.05
+OPEN_TIMEOUT_S = 30.0
+# Errors that say a node (or the way to it) failed, not that the request was bad: worth a replica.
+NODE_FAILURE_CODES = {ErrorCode.UNAVAILABLE, ErrorCode.BUSY, ErrorCode.INTERNAL, "expired", ErrorCode.NOT_FOUND,
+                      ErrorCode.CONFLICT}
 
 
-class RouteError(RuntimeError):
-    """No chain of nodes covers the model's layers."""
+class StageFailure(RuntimeError):
+    """A stage of the route failed or stopped answering; ``suspects`` are the nodes to blame (all
+    stages of the route when nothing says which one)."""
+
+    def __init__(self, message: str, suspects: list[str]):
+        super().__init__(message)
+        self.suspects = suspects
 
 
-@dataclass(frozen=True)
-class Stage:
-    node: NodeEntry
-    start: int
-    end: int
-    embed: bool
-    head: bool
-    latency_ms: float = 0.0
+class ClientPool:
+    """One encrypted connection per node, shared by every session this client runs."""
 
+    def __init__(self, user: Identity):
+        self.user = user
+        self._clients: dict[tuple[str, str], RpcClient] = {}
 
-def choose_route(candidates: list[Stage], num_layers: int, model: str) -> list[Stage]:
-    """The chain of stages covering layers [0, num_layers) with the fewest hops (ties: lower total
-    latency, then names). Stages must meet exactly: each starts where the previous one ended."""
-    usable = [c for c in candidates if c.end > c.start and (c.start > 0 or c.embed) and (c.end < num_layers or c.head)]
-    best: dict[int, tuple[int, float, list[Stage]]] = {0: (0, 0.0, [])}
-    for position in range(num_layers):  # spans only move forward, so positions in order suffice
-        if position not in best:
-            continue
-        hops, latency, route = best[position]
-        for stage in sorted((c for c in usable if c.start == position), key=lambda c: c.node.name):
-            option = (hops + 1, latency + stage.latency_ms, route + [stage])
-            current = best.get(stage.end)
-            if current is None or option[:2] < current[:2]:
-                best[stage.end] = option
-    if num_layers not in best:
-        reached = max(best)
-        raise RouteError(f"no reachable node serves layer {reached} of {model}; deploy it "
-                         f"('dllmctl deploy {model}') or bring its nodes back")
-    return best[num_layers][2]
+    def get(self, node: NodeEntry) -> RpcClient:
+        key = (node.address, node.public_key)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = RpcClient(self.user, node.address, node.public_key)
+        return client
+
+    def drop(self, node: NodeEntry) -> None:
+        """Forget a failed node's connection (a later session reconnects from scratch)."""
+        client = self._clients.pop((node.address, node.public_key), None)
+        if client is not None:
+            client.close()
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    async def __aenter__(self) -> "ClientPool":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -69,94 +88,146 @@ class Generation:
     step_seconds: list[float] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     stage_compute_ms: list[list[float]] = field(default_factory=list)  # per step, per stage
+    stage_batch: list[list[int]] = field(default_factory=list)  # per step, per stage: sessions in the pass
     hop_bytes: list[list[int]] = field(default_factory=list)  # per step, per stage boundary
+    routes: list[list[dict]] = field(default_factory=list)  # [{node, start, end}]; one more per failover
+    failovers: list[dict] = field(default_factory=list)  # {"step", "suspects", "error", "stall_s"}
+
+
+def prompt_chunks(token_ids: list[int], parallelism: str, chunk: int = PREFILL_CHUNK) -> list[list[int]]:
+    size = chunk if parallelism == "pipeline" else MAX_STEP_TOKENS
+    return [token_ids[i:i + size] for i in range(0, len(token_ids), size)] or [[]]
 
 
 class DistributedSession:
     """One generation session across a route of stages."""
 
-    def __init__(self, user: Identity, route: list[Stage], model: str, sampling: SamplingParams,
-                 logits: str = "none", ttl_s: float = 600.0):
-        self.user, self.route, self.model = user, route, model
-        self.sampling, self.logits, self.ttl_s = sampling, logits, ttl_s
+    def __init__(self, pool: ClientPool, route: list[Stage], model: str, sampling: SamplingParams,
+                 logits: str = "none", ttl_s: float = 600.0, parallelism: str = "pipeline"):
+        if parallelism not in PARALLELISMS:
+            raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
+        self.pool, self.route, self.model = pool, route, model
+        self.sampling, self.logits, self.ttl_s, self.parallelism = sampling, logits, ttl_s, parallelism
         self.id = secrets.token_hex(16)
-        self.clients: list[RpcClient] = []
-        self.streams: list[ReplyStream] = []
+        self.clients = [pool.get(stage.node) for stage in route]
+        self.streams: list[ReplyStream | None] = [None] * len(route)
         self.position = 0  # tokens the stages hold in their caches
 
     async def __aenter__(self) -> "DistributedSession":
         try:
-            for i, stage in enumerate(self.route):
-                nxt = self.route[i + 1].node if i + 1 < len(self.route) else None
-                client = RpcClient(self.user, stage.node.address, stage.node.public_key)
-                self.clients.append(client)
-                stream = await client.open_stream("session.open", {
-                    "session": self.id, "model": self.model, "start": stage.start, "end": stage.end,
-                    "next_address": nxt.address if nxt else "", "next_public_key": nxt.public_key if nxt else "",
-                    "sampling": to_wire(self.sampling), "logits": self.logits, "ttl_s": self.ttl_s})
-                self.streams.append(stream)
-            for stream in self.streams:
-                await stream.next(timeout=30)
+            await asyncio.gather(*(self._open(i) for i in range(len(self.route))))
         except BaseException:
             await self.close()
             raise
         return self
 
+    async def _open(self, index: int) -> None:
+        stage = self.route[index]
+        nxt = self.route[index + 1].node if index + 1 < len(self.route) else None
+        try:
+            stream = await self.clients[index].open_stream("session.open", {
+                "session": self.id, "model": self.model, "start": stage.start, "end": stage.end,
+                "next_address": nxt.address if nxt else "", "next_public_key": nxt.public_key if nxt else "",
+                "sampling": to_wire(self.sampling), "logits": self.logits, "ttl_s": self.ttl_s,
+                "batching": self.parallelism == "pipeline"}, timeout=OPEN_TIMEOUT_S)
+            self.streams[index] = stream
+            await stream.next(timeout=OPEN_TIMEOUT_S)
+        except CallError as exc:
+            raise self._failure(index, exc) from exc
+
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
     async def close(self) -> None:
-        async def close_one(client: RpcClient, stream: ReplyStream) -> None:
-            if not stream.finished:
+        """Close the session on every stage still holding it (frees its KV caches now, not at TTL)."""
+        async def close_one(client: RpcClient, stream: ReplyStream | None) -> None:
+            if stream is not None and not stream.finished:
+                stream.close()
                 try:
                     await client.call("session.close", {"session": self.id}, timeout=3)
                 except CallError:
                     pass  # the node is gone or already dropped the session; its TTL frees it anyway
 
         await asyncio.gather(*(close_one(c, s) for c, s in zip(self.clients, self.streams)))
-        for client in self.clients:
-            client.close()
 
-    async def step(self, token_ids: list[int], step: int) -> tuple[dict, torch.Tensor | None]:
+    def _failure(self, index: int, exc: CallError) -> Exception:
+        """Turn a stage's error into a StageFailure naming whom to blame, or keep a request error."""
+        node = self.route[index].node.name
+        if isinstance(exc, RemoteError):
+            if exc.code not in NODE_FAILURE_CODES:
+                return exc  # the request itself is wrong (prompt too long, bad input): no replica helps
+            if "could not reach the next stage" in exc.message and index + 1 < len(self.route):
+                return StageFailure(f"{node}: {exc.message}", [self.route[index + 1].node.name])
+            return StageFailure(f"{node}: {exc.message}", [node])
+        if isinstance(exc, CallTimeout):
+            return StageFailure(f"{node}: {exc}", [s.node.name for s in self.route])
+        return StageFailure(f"{node}: {exc}", [node])
+
+    async def step(self, token_ids: list[int], step: int) -> tuple[dict, list[torch.Tensor]]:
         """Run ``token_ids`` through every stage; return the last stage's report (``token``, per-stage
-        ``compute_ms`` and ``hop_bytes``) and the logits if they were asked for."""
-        ids = torch.tensor([token_ids], dtype=torch.int64)
-        await self.clients[0].send_oneway("session.forward", {"session": self.id, "step": step, "start": self.position},
-                                          [ids])
-        self.position += len(token_ids)
+        ``compute_ms``, ``batch`` and ``hop_bytes``) and the logits it sent (one tensor per chunk)."""
+        chunks = prompt_chunks(token_ids, self.parallelism)
+        first = self.clients[0]
+        for n, chunk in enumerate(chunks):
+            item = {"session": self.id, "step": step, "start": self.position, "final": n == len(chunks) - 1}
+            try:
+                await first.send_oneway("session.forward", {"items": [item]}, [torch.tensor([chunk], dtype=torch.int64)])
+            except CallError as exc:
+                raise self._failure(0, exc) from exc
+            self.position += len(chunk)
         timeout = STEP_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(token_ids)
+        logits: list[torch.Tensor] = []
+        while True:
+            reply = await self._next_from_last(timeout)
+            logits.extend(reply.tensors)
+            if not reply.result.get("chunk"):
+                return reply.result, logits
+
+    async def _next_from_last(self, timeout: float):
+        """The last stage's next reply, while any other stage may report a failure on its own stream."""
         last = asyncio.ensure_future(self.streams[-1].next(timeout=timeout))
-        # Any other stage may report a failure on its own stream while the last one waits.
         watchers = [asyncio.ensure_future(s.next(timeout=timeout + 1)) for s in self.streams[:-1]]
         try:
             done, _ = await asyncio.wait([last, *watchers], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not last:
-                    task.result()  # raises the stage's RemoteError
-            reply = last.result()
+            for index, task in enumerate([*watchers, last]):
+                if task in done and task.exception() is not None:
+                    exc = task.exception()
+                    stage = index if task is not last else len(self.route) - 1
+                    if isinstance(exc, CallError):
+                        raise self._failure(stage, exc) from exc
+                    raise exc
+            if last not in done:
+                # Another stage's stream sent something other than an error: none ever does.
+                raise StageFailure("a stage sent an unexpected reply", [s.node.name for s in self.route])
+            return last.result()
         finally:
-            for task in watchers:
-                task.cancel()
-        return reply.result, (reply.tensors[0] if reply.tensors else None)
+            for task in [last, *watchers]:
+                if not task.done():
+                    task.cancel()
 
     async def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int],
-                       on_token: Callable[[int], None] = lambda _: None) -> Generation:
-        result = Generation(prompt_tokens=len(prompt_ids))
-        started = time.perf_counter()
-        feed = list(prompt_ids)
-        for step in range(max_new_tokens):
+                       on_token: Callable[[int], None] = lambda _: None, result: Generation | None = None) -> Generation:
+        """Prefill then decode. With ``result`` holding tokens from an earlier (failed) session, the
+        prompt and those tokens are replayed as one prefill and generation goes on where it stopped:
+        step numbers (and so seeded sampling) continue, so the output is what one session gives."""
+        result = result or Generation(prompt_tokens=len(prompt_ids))
+        result.routes.append([{"node": s.node.name, "start": s.start, "end": s.end} for s in self.route])
+        started = time.perf_counter() - result.seconds
+        feed = list(prompt_ids) + result.token_ids
+        for step in range(len(result.token_ids), max_new_tokens):
             t0 = time.perf_counter()
             report, logits = await self.step(feed, step)
             token = int(report["token"])
             result.step_seconds.append(time.perf_counter() - t0)
             result.stage_compute_ms.append(list(report.get("compute_ms", [])))
+            result.stage_batch.append(list(report.get("batch", [])))
             result.hop_bytes.append(list(report.get("hop_bytes", [])))
             if step == 0:
                 result.first_token_s = result.step_seconds[0]
-            if logits is not None:
-                result.logits.append(logits)
+            result.logits.extend(logits)
             result.token_ids.append(token)
             on_token(token)
+            result.seconds = time.perf_counter() - started
             if token in stop_ids:
                 break
             feed = [token]

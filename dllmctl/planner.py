@@ -103,8 +103,8 @@ def plan_layout(model: ModelShape, nodes: list[NodeCapacity], replicas: int = 1,
 
     Raises :class:`PlanError` naming what is missing when the nodes cannot hold it.
     """
-    _check_request(model, nodes, replicas, reserve_fraction)
-    budgets = {node.name: int(node.free_memory_bytes * (1 - reserve_fraction)) for node in nodes}
+    check_request(model, nodes, replicas, reserve_fraction)
+    budgets = usable_budgets(nodes, reserve_fraction)
     layout = Layout(model.name, replicas)
     chains = _deal_into_chains(nodes, budgets, replicas)
     for number, chain in enumerate(chains, start=1):
@@ -118,7 +118,13 @@ def plan_layout(model: ModelShape, nodes: list[NodeCapacity], replicas: int = 1,
     return layout
 
 
-def _check_request(model: ModelShape, nodes: list[NodeCapacity], replicas: int, reserve_fraction: float) -> None:
+def usable_budgets(nodes: list[NodeCapacity], reserve_fraction: float) -> dict[str, int]:
+    """Bytes of weights each node may hold: its free memory less the reserve."""
+    return {node.name: int(node.free_memory_bytes * (1 - reserve_fraction)) for node in nodes}
+
+
+def check_request(model: ModelShape, nodes: list[NodeCapacity], replicas: int, reserve_fraction: float) -> None:
+    """Refuse requests no layout could meet (bad numbers, too few nodes), naming what is wrong."""
     if model.num_layers < 1:
         raise PlanError(f"{model.name} has no layers")
     if not 0 <= reserve_fraction < 1:

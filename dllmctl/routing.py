@@ -1,21 +1,110 @@
-"""Which live nodes serve which layers of a model, as stage candidates for a route."""
+"""Which chain of stages a session runs through.
+
+Every live node reports the spans it serves with its load (open sessions, queued steps) and the
+measured compute time of one decode pass. A route is the cheapest chain of spans that meet end
+to start and cover every layer, where a stage costs its network latency plus its expected compute
+time scaled by the load already on it: sessions spread over replicas, and a fast idle node wins
+over a slow busy one. Pure functions: ``choose_route`` is tested as a table.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
 from dllmctl.cluster import NodeEntry, query_nodes
-from dllmctl.inference import Stage
 from dllmd.net.identity import Identity
+
+HOP_MS = 1.0  # fixed cost of one more stage (a message, a wake-up): fewer hops win a tie
+UNMEASURED_MS_PER_LAYER = 2.0  # a span that has not run yet: guess from its size and the node's speed
+REFERENCE_GFLOPS = 50.0
+
+
+class RouteError(RuntimeError):
+    """No chain of live, unbanned nodes covers the model's layers."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    node: NodeEntry
+    start: int
+    end: int
+    embed: bool
+    head: bool
+    latency_ms: float = 0.0
+    step_ms: float = 0.0  # measured compute of one decode pass (0: not measured yet)
+    sessions: int = 0  # sessions open on this span now
+    queued: int = 0  # steps waiting at this node
+    gflops: float = 0.0
+
+    @property
+    def expected_step_ms(self) -> float:
+        if self.step_ms > 0:
+            return self.step_ms
+        speed = self.gflops / REFERENCE_GFLOPS if self.gflops > 0 else 1.0
+        return UNMEASURED_MS_PER_LAYER * max(self.end - self.start, 1) / speed
+
+
+def stage_cost(stage: Stage, extra_sessions: int = 0) -> float:
+    """Expected milliseconds one token spends at this stage: the hop, and a share of a pass that
+    grows with the sessions already there (batching makes it sub-linear; linear is the safe guess)."""
+    load = stage.sessions + stage.queued + extra_sessions
+    return HOP_MS + stage.latency_ms + stage.expected_step_ms * (1 + load)
+
+
+def choose_route(candidates: list[Stage], num_layers: int, model: str, banned: Collection[str] = (),
+                 assigned: Mapping[str, int] | None = None) -> list[Stage]:
+    """The cheapest chain covering layers [0, num_layers). ``banned`` node names are skipped;
+    ``assigned`` counts sessions this client has just placed on each node (not yet in the nodes'
+    reports), so consecutive sessions spread over replicas. Ties go to node names, for determinism."""
+    assigned = assigned or {}
+    usable = [c for c in candidates if c.node.name not in banned and c.end > c.start
+              and (c.start > 0 or c.embed) and (c.end < num_layers or c.head)]
+    best: dict[int, tuple[float, list[str], list[Stage]]] = {0: (0.0, [], [])}
+    for position in range(num_layers):  # spans only move forward, so positions in order suffice
+        if position not in best:
+            continue
+        cost, names, route = best[position]
+        for stage in (c for c in usable if c.start == position):
+            option = (cost + stage_cost(stage, assigned.get(stage.node.name, 0)), names + [stage.node.name],
+                      route + [stage])
+            current = best.get(stage.end)
+            if current is None or option[:2] < current[:2]:
+                best[stage.end] = option
+    if num_layers not in best:
+        raise RouteError(_uncovered(usable, best, num_layers, model, banned))
+    return best[num_layers][2]
+
+
+def _uncovered(usable: list[Stage], reached: Mapping[int, object], num_layers: int, model: str,
+               banned: Collection[str]) -> str:
+    gap_start = max(reached)
+    later = [c.start for c in usable if c.start > gap_start]
+    gap_end = min(later) - 1 if later else num_layers - 1
+    layers = f"layer {gap_start}" if gap_end == gap_start else f"layers {gap_start}-{gap_end}"
+    why = f" (banned after failures: {', '.join(sorted(banned))})" if banned else ""
+    return (f"no live replica serves {layers} of {model}{why}; deploy it ('dllmctl deploy {model}') "
+            f"or bring its nodes back")
+
+
+def route_counts(routes: list[list[Stage]]) -> Counter:
+    """Sessions per node over a set of routes (what ``assigned`` expects)."""
+    return Counter(stage.node.name for route in routes for stage in route)
 
 
 async def live_stages(user: Identity, nodes: list[NodeEntry], model: str, timeout: float = 3.0) -> list[Stage]:
-    """Ask every node what it serves now; the spans of ``model`` on nodes that are up."""
+    """Ask every node what it serves now; the spans of ``model`` on nodes that are up, with their load."""
     by_name = {n.name: n for n in nodes}
     stages = []
     for row in await query_nodes(user, nodes, timeout):
         if row["status"] != "up":
             continue
+        gflops = float((row.get("hardware") or {}).get("matmul_gflops") or 0.0)
         for span in row["serving"]:
             if span.get("model") == model:
                 stages.append(Stage(by_name[row["name"]], span["start"], span["end"], span["embed"], span["head"],
-                                    row["latency_ms"] or 0.0))
+                                    latency_ms=row["latency_ms"] or 0.0, step_ms=float(span.get("step_ms", 0.0)),
+                                    sessions=int(span.get("sessions", 0)), queued=int(span.get("queued", 0)),
+                                    gflops=gflops))
     return stages

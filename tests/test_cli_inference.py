@@ -55,7 +55,9 @@ def test_tiny_model_through_the_cli(cluster3, tmp_path):
     assert result["token_ids"] == want
     assert result["prompt_tokens"] == ids.shape[1] and result["new_tokens"] == len(want)
     assert [r["node"] for r in result["route"]] == ["local-1", "local-2", "local-3"]
-    assert set(result) == {"text", "token_ids", "prompt_tokens", "new_tokens", "seconds", "tokens_per_second", "route"}
+    assert set(result) == {"text", "token_ids", "prompt_tokens", "new_tokens", "seconds", "tokens_per_second", "route",
+                           "failovers"}
+    assert result["failovers"] == []
 
     chat = run_cli("dllmctl", "infer", "Hello!", "-m", "tiny", "--max-new-tokens", "5")
     assert chat.returncode == 0, chat.stderr

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from dllmctl import local_cluster
 from dllmctl.cluster import Registry
 from dllmctl.deploy import SpanAssignment, deploy
-from dllmctl.inference import DistributedSession, RouteError, Stage, choose_route
+from dllmctl.inference import ClientPool, DistributedSession, RouteError, Stage, choose_route
 from dllmd.inference.sampling import SamplingParams
 from dllmd.net.client import RemoteError, RpcClient
 from dllmd.net.identity import Identity
@@ -67,7 +67,8 @@ def _deploy(cluster, name: str, cuts: list[tuple[int, int]]) -> list[Stage]:
 
 def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_tokens=NEW_TOKENS, logits="last"):
     async def run():
-        async with DistributedSession(cluster["user"], route, name, sampling, logits=logits) as session:
+        async with ClientPool(cluster["user"]) as pool, \
+                DistributedSession(pool, route, name, sampling, logits=logits) as session:
             return await session.generate(prompt, new_tokens, set())
 
     return asyncio.run(run())
@@ -100,7 +101,8 @@ def test_multi_turn_continues_the_same_session(cluster):
     turn1, turn2 = [3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46]
 
     async def run():
-        async with DistributedSession(cluster["user"], route, name, SamplingParams()) as session:
+        async with ClientPool(cluster["user"]) as pool, \
+                DistributedSession(pool, route, name, SamplingParams()) as session:
             first = await session.generate(turn1, 6, set())
             # Turn 2 appends to the same caches: the last generated token, then the new user text.
             second = await session.generate([first.token_ids[-1], *turn2], 6, set())
@@ -157,7 +159,7 @@ def test_bad_input_gets_clear_errors_and_nodes_keep_serving(cluster):
             stream = await client.open_stream("session.open", {"session": "wrongdtype1", "model": name,
                                                                "start": 2, "end": 5})
             await stream.next(timeout=10)
-            await client.send_oneway("session.forward", {"session": "wrongdtype1", "step": 0, "start": 0},
+            await client.send_oneway("session.forward", {"items": [{"session": "wrongdtype1", "step": 0, "start": 0}]},
                                      [torch.zeros(1, 3, 64, dtype=torch.bfloat16)])
             with pytest.raises(RemoteError) as exc:
                 await stream.next(timeout=10)
@@ -168,7 +170,7 @@ def test_bad_input_gets_clear_errors_and_nodes_keep_serving(cluster):
                                                                "end": 2, "next_address": second.address,
                                                                "next_public_key": second.public_key})
             await stream.next(timeout=10)
-            await client.send_oneway("session.forward", {"session": "badtokens1", "step": 0, "start": 0},
+            await client.send_oneway("session.forward", {"items": [{"session": "badtokens1", "step": 0, "start": 0}]},
                                      [torch.tensor([[10**6]])])
             with pytest.raises(RemoteError, match="token ids must be in"):
                 await stream.next(timeout=10)
@@ -201,5 +203,5 @@ def test_tampered_file_is_refused_on_deploy(cluster):
 def test_no_route_names_the_missing_layer(cluster):
     registry = cluster["registry"]
     node = registry.nodes[sorted(registry.nodes)[0]]
-    with pytest.raises(RouteError, match="layer 2 of m"):
+    with pytest.raises(RouteError, match="no live replica serves layers 2-4 of m"):
         choose_route([Stage(node, 0, 2, True, False)], 5, "m")

@@ -323,3 +323,41 @@ def test_smollm2_split_in_three_generates_like_the_full_model(smollm2_dir):
     fed = tokens + generated[:-1]
     worst = (chain.all_logits() - reference_logits(model, fed)).abs().max().item()
     assert worst <= LOGITS_TOLERANCE, f"logits differ by {worst:.3g}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_decode_of_sessions_at_different_lengths_matches_each_alone(tiny_models, family):
+    """Continuous batching: sessions with caches of different lengths (some past the sliding window)
+    decode as one batch, and each follows exactly the tokens and logits it produces alone."""
+    model_dir, model = tiny_models[family]
+    config = model.config
+    chain = build_chain(config, model_dir, uneven_bounds(config.num_hidden_layers, 3))
+    prompts = [prompt(model, length, seed=length) for length in (1, 4, LONG_PROMPT, 9)]
+    alone = [Chain(chain).generate(p, NEW_TOKENS) for p in prompts]
+    alone_logits = []
+    for p in prompts:
+        chain_alone = Chain(chain)
+        chain_alone.generate(p, NEW_TOKENS)
+        alone_logits.append(chain_alone.logits[1:])  # decode steps only
+    sessions = [Chain(chain) for _ in prompts]
+    tokens = [[s.step(p)] for s, p in zip(sessions, prompts)]  # prefill each alone
+    batched_logits: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for _ in range(NEW_TOKENS - 1):
+        tensor = torch.tensor([[t[-1]] for t in tokens])
+        for index, span in enumerate(chain):
+            tensor = span.forward_batch(tensor, [s.caches[index] for s in sessions])
+        for row, session in enumerate(sessions):
+            batched_logits[row].append(tensor[row:row + 1])
+            tokens[row].append(int(tensor[row, -1].argmax()))
+    assert tokens == alone
+    for got, expected in zip(batched_logits, alone_logits):
+        for g, e in zip(got, expected):
+            assert (g[0, -1] - e[0, -1]).abs().max().item() <= LOGITS_TOLERANCE
+
+
+def test_a_batch_refuses_one_session_twice(tiny_models):
+    model_dir, model = tiny_models["llama"]
+    span = build_chain(model.config, model_dir, [0, model.config.num_hidden_layers])[0]
+    cache = span.new_cache()
+    with pytest.raises(ValueError, match="only one step per batch"):
+        span.forward_batch(torch.tensor([[1], [2]]), [cache, cache])

@@ -36,6 +36,21 @@ def plan(
     plan_command(model, nodes, replicas, as_json)
 
 
+@app.command("rebalance")
+def rebalance(
+    model: str = typer.Argument(..., help="Model name in the local store."),
+    replicas: int = typer.Option(None, min=1, max=16,
+                                 help="Hold every layer on this many nodes (default: as many as hold its layers now)."),
+    apply: bool = typer.Option(False, "--apply", help="Deploy the new spans and unload the dropped ones."),
+    dtype: str = typer.Option("", help="Load new spans as float32, bfloat16 or float16 (default: as served now)."),
+    as_json: JsonOpt = False,
+) -> None:
+    """After nodes joined or left: a layout that moves as few layers as possible (--apply makes it so)."""
+    from dllmctl.cli.rebalance import rebalance_command
+
+    rebalance_command(model, replicas, apply, dtype, as_json)
+
+
 @app.command()
 def init(as_json: JsonOpt = False) -> None:
     """Create your identity (an Ed25519 key) under the config dir, or show the existing one."""

@@ -11,8 +11,9 @@ import typer
 
 from dllmctl.cli.common import JsonOpt, err, fail, load_registry, load_user, print_json
 from dllmctl.cli.deploy import model_dir
-from dllmctl.inference import DistributedSession, RouteError, choose_route
-from dllmctl.routing import live_stages
+from dllmctl.failover import generate_with_failover
+from dllmctl.inference import PARALLELISMS, ClientPool
+from dllmctl.routing import RouteError, live_stages
 from dllmctl.tokens import PromptError, encode_prompt, load_tokenizer, stop_ids
 from dllmd.inference.sampling import SamplingParams
 from dllmd.net.client import CallError
@@ -28,9 +29,14 @@ def infer_command(
     seed: Annotated[int, typer.Option(min=0)] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Tokenize the prompt as is, without the chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="A system message (chat models).")] = None,
+    parallelism: Annotated[str, typer.Option(
+        help="pipeline: prompt in chunks that overlap across stages, decode batched with other sessions; "
+             "model: one piece, never batched.")] = "pipeline",
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
+    if parallelism not in PARALLELISMS:
+        fail(f"--parallelism must be one of {', '.join(PARALLELISMS)}")
     user, registry = load_user(), load_registry()
     directory = model_dir(model)
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -55,26 +61,29 @@ def infer_command(
         printed[0] = text
 
     async def run():
-        stages = await live_stages(user, registry.select(None), model)
-        route = choose_route(stages, manifest["num_layers"], model)
+        nodes = registry.select(None)
         generated: list[int] = []
-        async with DistributedSession(user, route, model, sampling) as session:
-            result = await session.generate(prompt_ids, max_new_tokens, stop_ids(tokenizer, directory),
-                                            lambda t: (generated.append(t), show(t, generated)))
-        return route, result
+        async with ClientPool(user) as pool:
+            return await generate_with_failover(
+                pool, lambda: live_stages(user, nodes, model), model, manifest["num_layers"], prompt_ids,
+                max_new_tokens, stop_ids(tokenizer, directory), sampling, parallelism=parallelism,
+                on_token=lambda t: (generated.append(t), show(t, generated)))
 
     try:
-        route, result = asyncio.run(run())
+        result = asyncio.run(run())
     except (RouteError, CallError) as exc:
         fail(str(exc))
+    route = result.routes[-1]
     text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
     if as_json:
         print_json({"text": text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
                     "new_tokens": len(result.token_ids), "seconds": round(result.seconds, 4),
                     "tokens_per_second": round(len(result.token_ids) / result.seconds, 3) if result.seconds else None,
-                    "route": [{"node": s.node.name, "start": s.start, "end": s.end} for s in route]})
+                    "route": route, "failovers": result.failovers})
         return
     sys.stdout.write("\n")
     rate = len(result.token_ids) / result.seconds if result.seconds else 0
     err.print(f"[dim]{len(result.token_ids)} tokens in {result.seconds:.2f}s ({rate:.1f} tok/s) via "
-              + " -> ".join(f"{s.node.name}[{s.start}-{s.end})" for s in route) + "[/dim]")
+              + " -> ".join(f"{s['node']}[{s['start']}-{s['end']})" for s in route) + "[/dim]")
+    for failover in result.failovers:
+        err.print(f"[yellow]failover at token {failover['step']}: {failover['error']}[/yellow]")

@@ -10,6 +10,9 @@ from rich.table import Table
 
 from dllmctl.cli.common import JsonOpt, fail, human_bytes, load_registry, load_user, out, print_json
 from dllmctl.cluster import RegistryError, make_entry, query_nodes
+from dllmctl.coverage import CoverageRun, describe_coverage, layer_coverage, uncovered
+from dllmctl.paths import model_store_root
+from dllmd.models.store import ModelStore, ModelStoreError
 
 app = typer.Typer(help="Register nodes and see them live.", no_args_is_help=True)
 
@@ -31,6 +34,33 @@ def serving_summary(serving: list[dict]) -> str:
     if not serving:
         return "-"
     return "; ".join(f"{s.get('model')} [{s.get('start')}-{s.get('end')})" for s in serving)
+
+
+def coverage_by_model(rows: list[dict]) -> dict[str, list[CoverageRun]]:
+    """How many nodes that are up hold each layer, per model they serve."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for row in rows:
+        if row["status"] == "up":
+            for s in row["serving"]:
+                ranges.setdefault(s["model"], []).append((s["start"], s["end"]))
+    return {model: layer_coverage(_num_layers(model, spans), spans) for model, spans in sorted(ranges.items())}
+
+
+def _num_layers(model: str, spans: list[tuple[int, int]]) -> int:
+    """From the local store; a model not imported here is taken to end where its furthest span does."""
+    try:
+        return ModelStore(model_store_root()).get(model).num_layers
+    except ModelStoreError:
+        return max(end for _, end in spans)
+
+
+def show_coverage(coverage: dict[str, list[CoverageRun]]) -> None:
+    for model, runs in coverage.items():
+        out.print(f"{model}: {describe_coverage(runs)}", highlight=False)
+        if uncovered(runs):
+            gaps = ", ".join(f"{r.start}-{r.end - 1}" for r in uncovered(runs))
+            out.print(f"[yellow]warning:[/yellow] no node that is up serves layers {gaps} of {model}; "
+                      f"'dllmctl rebalance {model} --apply' fills them", highlight=False)
 
 
 @app.command("add")
@@ -94,3 +124,21 @@ def list_nodes(
                       "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
                       hardware_summary(r["hardware"]), serving_summary(r["serving"]))
     out.print(table)
+    show_coverage(coverage_by_model(rows))
+
+
+@app.command("coverage")
+def coverage(
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each node.", min=0.1, max=120)] = 3.0,
+) -> None:
+    """How many live nodes hold each layer of every model they serve."""
+    rows = asyncio.run(query_nodes(load_user(), load_registry().select(None), timeout))
+    by_model = coverage_by_model(rows)
+    if as_json:
+        print_json([{"model": model, "num_layers": runs[-1].end, "runs": [r.to_json() for r in runs],
+                     "complete": not uncovered(runs)} for model, runs in by_model.items()])
+        return
+    if not by_model:
+        out.print("no node that is up serves a model; deploy one with 'dllmctl deploy'")
+    show_coverage(by_model)

@@ -28,8 +28,10 @@ class Session:
     sampling: SamplingParams
     logits: str  # "none" | "last" | "all": which logits the last stage returns with each token
     ttl_s: float
+    batching: bool = True  # False: every step runs alone, never in a batch with other sessions
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0
+    queued_position: int = 0  # the position the next arriving step must start at (steps may be queued)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()

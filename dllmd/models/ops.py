@@ -112,7 +112,7 @@ class ModelOps:
             served = await self.inference.load(a.model, build)
         except (ValueError, UnsupportedFamily) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, f"cannot load layers [{a.start}, {a.end}) of {a.model}: {exc}") from None
-        return {**served.describe(0), "device": str(device), "rss_bytes": psutil.Process().memory_info().rss}
+        return {**served.describe(0, 0), "device": str(device), "rss_bytes": psutil.Process().memory_info().rss}
 
     async def _unload(self, call: Call) -> dict:
         if not self.inference.unload(call.args.model):

@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from dllmd.models.families import SLIDING_ATTENTION, FamilyAdapter, adapter_for
+from dllmd.models.ragged import BatchCache, ragged_attention_on
 
 TensorSource = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
 """Given checkpoint tensor names, returns those tensors (e.g. read lazily from mmapped safetensors)."""
@@ -225,6 +226,40 @@ class LayerSpan(nn.Module):
         if not self.head:
             return hidden
         return self._logits(hidden, logits_to_keep)
+
+    @torch.inference_mode()
+    def forward_batch(self, inputs: torch.Tensor, caches: Sequence[SpanCache]) -> torch.Tensor:
+        """One decode step for several sessions at once: row ``b`` of ``inputs`` (``[batch, 1]`` token ids
+        or ``[batch, 1, hidden]`` states) continues ``caches[b]``. Returns ``[batch, 1, hidden]`` states, or
+        float32 logits ``[batch, 1, vocab]`` for the head span. Each row equals a lone :meth:`forward` of
+        that session up to matmul rounding (weights are read once for the whole batch)."""
+        if inputs.shape[0] != len(caches) or inputs.dim() < 2 or inputs.shape[1] != 1:
+            raise ValueError(f"a batched step takes one token per session: inputs {tuple(inputs.shape)} for "
+                             f"{len(caches)} caches")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a session can take only one step per batch")
+        for cache in caches:
+            cache._check_usable()
+        hidden = self._input_hidden(inputs.to(self.device, non_blocking=True))
+        position_ids = torch.tensor([[c.length] for c in caches], dtype=torch.long).to(self.device, non_blocking=True)
+        try:
+            if self.layer_types:
+                batch_cache = BatchCache(caches)
+                rotary = self._rotary(hidden, position_ids)
+                with ragged_attention_on(self.config):
+                    for index, layer in zip(self.layer_indices, self.parts.layers.values()):
+                        # No masks: one new token sees every key its session's cache keeps.
+                        hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
+                                       position_embeddings=rotary[self.layer_types[index]], past_key_values=batch_cache)
+        except BaseException:
+            for cache in caches:
+                cache._broken = True
+            raise
+        for cache in caches:
+            cache._length += 1
+        if not self.head:
+            return hidden
+        return self._logits(hidden, 1)
 
     def _input_hidden(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.embed:

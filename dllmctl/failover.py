@@ -1,0 +1,135 @@
+"""Generation that survives nodes dying: ban the failed node, rebuild the session on a replica,
+replay the tokens so far, go on.
+
+A dead stage is noticed within a bounded time: its connection drops (the socket reports the
+disconnect at once on a crash, ZeroMQ heartbeats catch a hung or unplugged machine within a few
+seconds) and every step has a deadline. The replacement session gets the prompt plus the tokens
+generated so far as one prefill, and continues at the same step number; sampling is seeded per
+step, so the output is the one a fault-free run gives. The failed session is closed on the stages
+that survived, freeing their KV caches at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from dllmd.inference.sampling import SamplingParams
+from dllmctl.inference import ClientPool, DistributedSession, Generation, StageFailure
+from dllmctl.routing import RouteError, Stage, choose_route
+
+log = logging.getLogger("dllmctl.failover")
+
+BAN_BASE_S = 5.0  # first ban; doubles with each further failure of the same node
+BAN_MAX_S = 300.0
+MAX_FAILOVERS = 8
+
+
+@dataclass
+class Bans:
+    """Nodes to avoid for a while, with exponential backoff per node. ``clock`` is injectable for tests."""
+
+    clock: Callable[[], float] = time.monotonic
+    base_s: float = BAN_BASE_S
+    max_s: float = BAN_MAX_S
+    _until: dict[str, float] = field(default_factory=dict)
+    _strikes: dict[str, int] = field(default_factory=dict)
+
+    def ban(self, node: str) -> float:
+        """Ban ``node``; returns for how many seconds."""
+        strikes = self._strikes[node] = self._strikes.get(node, 0) + 1
+        seconds = min(self.base_s * 2 ** (strikes - 1), self.max_s)
+        self._until[node] = self.clock() + seconds
+        return seconds
+
+    def active(self) -> set[str]:
+        now = self.clock()
+        return {node for node, until in self._until.items() if until > now}
+
+    def forgive(self, node: str) -> None:
+        """A node that served a whole session well starts from a clean slate."""
+        self._strikes.pop(node, None)
+        self._until.pop(node, None)
+
+
+StageFinder = Callable[[], Awaitable[list[Stage]]]  # the live spans of the model, asked anew after a failure
+
+
+async def generate_with_failover(pool: ClientPool, find_stages: StageFinder, model: str, num_layers: int,
+                                 prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int],
+                                 sampling: SamplingParams, *, parallelism: str = "pipeline", logits: str = "none",
+                                 on_token: Callable[[int], None] = lambda _: None, bans: Bans | None = None,
+                                 assigned: dict[str, int] | None = None, stages: list[Stage] | None = None,
+                                 max_failovers: int = MAX_FAILOVERS) -> Generation:
+    """Generate ``max_new_tokens`` after ``prompt_ids`` on the best route, failing over to replicas.
+
+    ``assigned`` (node -> sessions this client runs there) is updated while the session runs, so
+    concurrent calls spread over replicas; ``stages`` skips the first live query when the caller
+    just made it. Raises RouteError when no replica is left for some span."""
+    bans = bans if bans is not None else Bans()
+    assigned = assigned if assigned is not None else {}
+    result = Generation(prompt_tokens=len(prompt_ids))
+    failed_at: float | None = None
+    candidates = stages
+    while True:
+        if candidates is None:
+            candidates = await find_stages()
+        route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned)
+        for stage in route:
+            assigned[stage.node.name] = assigned.get(stage.node.name, 0) + 1
+        try:
+            async with DistributedSession(pool, route, model, sampling, logits=logits,
+                                          parallelism=parallelism) as session:
+                tokens_before = len(result.token_ids)
+
+                def token_arrived(token: int) -> None:
+                    nonlocal failed_at
+                    if failed_at is not None:  # the first token after a failover ends the stall
+                        result.failovers[-1]["stall_s"] = time.perf_counter() - failed_at
+                        failed_at = None
+                    on_token(token)
+
+                await session.generate(prompt_ids, max_new_tokens, stop_ids, token_arrived, result)
+                if len(result.token_ids) > tokens_before:
+                    for stage in route:
+                        bans.forgive(stage.node.name)
+                return result
+        except StageFailure as failure:
+            if failed_at is None:
+                failed_at = time.perf_counter()
+            result.failovers.append({"step": len(result.token_ids), "suspects": failure.suspects,
+                                     "error": str(failure), "stall_s": None})
+            if len(result.failovers) > max_failovers:
+                raise RouteError(f"gave up after {max_failovers} failovers; last: {failure}") from failure
+            suspects = await _confirm_suspects(pool, route, failure.suspects)
+            for name in suspects:
+                seconds = bans.ban(name)
+                log.warning("stage %s failed (%s); banned for %.0fs, rebuilding the session on a replica",
+                            name, failure, seconds)
+                pool.drop(next(s.node for s in route if s.node.name == name))
+            candidates = None  # ask the nodes again: the layout or the load may have changed
+        finally:
+            for stage in route:
+                assigned[stage.node.name] -= 1
+
+
+async def _confirm_suspects(pool: ClientPool, route: list[Stage], suspects: list[str]) -> list[str]:
+    """When a failure could be any stage's (a step timed out), ban only the ones that do not answer
+    a ping now; if all answer, blame them all (a slow or wedged node looks alive to a ping)."""
+    if len(suspects) <= 1:
+        return suspects
+    by_name = {s.node.name: s.node for s in route}
+
+    async def alive(name: str) -> bool:
+        try:
+            await pool.get(by_name[name]).call("ping", timeout=2.0)
+            return True
+        except Exception:
+            return False
+
+    answers = await asyncio.gather(*(alive(name) for name in suspects))
+    dead = [name for name, ok in zip(suspects, answers) if not ok]
+    return dead or suspects
