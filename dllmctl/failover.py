@@ -63,21 +63,26 @@ async def generate_with_failover(pool: ClientPool, find_stages: StageFinder, mod
                                  sampling: SamplingParams, *, parallelism: str = "pipeline", logits: str = "none",
                                  on_token: Callable[[int], None] = lambda _: None, bans: Bans | None = None,
                                  assigned: dict[str, int] | None = None, stages: list[Stage] | None = None,
-                                 max_failovers: int = MAX_FAILOVERS) -> Generation:
+                                 max_failovers: int = MAX_FAILOVERS, result: Generation | None = None) -> Generation:
     """Generate ``max_new_tokens`` after ``prompt_ids`` on the best route, failing over to replicas.
 
     ``assigned`` (node -> sessions this client runs there) is updated while the session runs, so
     concurrent calls spread over replicas; ``stages`` skips the first live query when the caller
-    just made it. Raises RouteError when no replica is left for some span."""
+    just made it; ``result`` lets the caller watch the routes and tokens while it runs. After a failure the route is chosen again from what is known, minus the banned
+    nodes; the nodes are asked anew only when that is not enough. Raises RouteError when no replica is left for some span."""
     bans = bans if bans is not None else Bans()
     assigned = assigned if assigned is not None else {}
-    result = Generation(prompt_tokens=len(prompt_ids))
+    result = result or Generation(prompt_tokens=len(prompt_ids))
     failed_at: float | None = None
-    candidates = stages
+    candidates = stages if stages is not None else await find_stages()
     while True:
-        if candidates is None:
+        try:
+            route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned)
+        except RouteError:
+            # Perhaps a replica came back or the layout changed: ask the nodes (slow when some are
+            # down, so only when what we knew is not enough).
             candidates = await find_stages()
-        route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned)
+            route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned)
         for stage in route:
             assigned[stage.node.name] = assigned.get(stage.node.name, 0) + 1
         try:
@@ -110,7 +115,6 @@ async def generate_with_failover(pool: ClientPool, find_stages: StageFinder, mod
                 log.warning("stage %s failed (%s); banned for %.0fs, rebuilding the session on a replica",
                             name, failure, seconds)
                 pool.drop(next(s.node for s in route if s.node.name == name))
-            candidates = None  # ask the nodes again: the layout or the load may have changed
         finally:
             for stage in route:
                 assigned[stage.node.name] -= 1

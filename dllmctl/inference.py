@@ -33,6 +33,9 @@ PREFILL_CHUNK = 128  # tokens per prefill chunk: small enough that stages overla
 STEP_TIMEOUT_S = 60.0  # plus PREFILL_S_PER_TOKEN for each token of the step (long prompts on slow CPUs)
 PREFILL_S_PER_TOKEN = 0.05
 OPEN_TIMEOUT_S = 30.0
+# The session's connection to the first stage is up (it was opened on it): a send that cannot go out
+# this quickly means the node is gone, and failing over beats waiting.
+SEND_TIMEOUT_S = 2.0
 # Errors that say a node (or the way to it) failed, not that the request was bad: worth a replica.
 NODE_FAILURE_CODES = {ErrorCode.UNAVAILABLE, ErrorCode.BUSY, ErrorCode.INTERNAL, "expired", ErrorCode.NOT_FOUND,
                       ErrorCode.CONFLICT}
@@ -171,7 +174,8 @@ class DistributedSession:
         for n, chunk in enumerate(chunks):
             item = {"session": self.id, "step": step, "start": self.position, "final": n == len(chunks) - 1}
             try:
-                await first.send_oneway("session.forward", {"items": [item]}, [torch.tensor([chunk], dtype=torch.int64)])
+                await first.send_oneway("session.forward", {"items": [item]}, [torch.tensor([chunk], dtype=torch.int64)],
+                                        timeout=SEND_TIMEOUT_S)
             except CallError as exc:
                 raise self._failure(0, exc) from exc
             self.position += len(chunk)

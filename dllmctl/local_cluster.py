@@ -192,3 +192,37 @@ def down(directory: Path, registry: Registry) -> list[str]:
     registry.save()
     _save_state(directory, [])
     return stopped
+
+
+def restart(directory: Path, name: str, registry: Registry) -> LocalNode:
+    """Start one node of this directory's cluster again (after a crash, or after ``kill`` in a
+    failover test or benchmark); it binds a new port, so its registry entry is updated."""
+    nodes = load_state(directory)
+    index = next((i for i, n in enumerate(nodes) if n.name == name), None)
+    if index is None:
+        raise LocalClusterError(f"{name} is not part of the local cluster in {directory}")
+    old = nodes[index]
+    if old.process() is not None:
+        raise LocalClusterError(f"{name} is still running (pid {old.pid})")
+    home = Path(old.home)
+    proc = _spawn(home)
+    try:
+        address = _wait_ready(home, proc, time.monotonic() + START_TIMEOUT_S)
+    except BaseException:
+        _terminate(proc.pid)
+        raise
+    nodes[index] = LocalNode(name, old.home, proc.pid, psutil.Process(proc.pid).create_time(), address, old.public_key)
+    _save_state(directory, nodes)
+    registry.add(NodeEntry(name, address, old.public_key), replace=True)
+    registry.save()
+    return nodes[index]
+
+
+def kill(directory: Path, name: str) -> None:
+    """SIGKILL one node of this directory's cluster, as a crash or a power cut would stop it."""
+    node = next((n for n in load_state(directory) if n.name == name), None)
+    proc = node.process() if node else None
+    if proc is None:
+        raise LocalClusterError(f"{name} is not running in the local cluster in {directory}")
+    proc.kill()
+    proc.wait(10)

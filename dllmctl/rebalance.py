@@ -239,11 +239,12 @@ def _fill_gap(model: ModelShape, chain: Chain, gap: Range, idle: list[str], budg
         raise PlanError(f"layers {start}-{end - 1} fit neither the spans next to them nor the idle nodes")
     position = start
     for name, count in zip(takers, counts):
-        if count:
-            held_start, held_end = chain.get(name, (position, position))
-            # The left neighbour keeps its start, the right one its end, an idle node holds just these.
-            chain[name] = (held_start, position + count) if name == left else \
-                (position, held_end) if name == right else (position, position + count)
+        if count and name == left:
+            chain[name] = (chain[name][0], position + count)
+        elif count and name == right:
+            chain[name] = (position, chain[name][1])
+        elif count:
+            chain[name] = (position, position + count)
         position += count
 
 

@@ -140,10 +140,14 @@ def _show(result: Rebalance, applied: bool) -> None:
     if not result.changed:
         out.print("nothing to change: every layer is held as asked")
     elif applied:
-        out.print(f"moved {result.moved_layers} layers; {len(result.moves)} nodes changed their span")
+        out.print(f"moved {result.moved_layers} layers; changed the span of {_nodes(len(result.moves))}")
     else:
-        out.print(f"{result.moved_layers} layers to move; {len(result.moves)} nodes change their span "
-                  f"(run again with --apply to make it so)")
+        out.print(f"{result.moved_layers} layers to move; the span of {_nodes(len(result.moves))} changes "
+                  f"(--apply makes it so)")
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
 
 
 def _layers(r: tuple[int, int] | None) -> str:

@@ -96,11 +96,11 @@ class ServedSpan:
     passes: int = 0
     tokens: int = 0
 
-    def describe(self, sessions: int, queued: int) -> dict:
+    def describe(self, sessions: int, queued: int, kv_bytes: int = 0) -> dict:
         s = self.span
         return {"model": self.model, "start": s.start, "end": s.end, "embed": s.embed, "head": s.head,
                 "dtype": str(s.dtype).removeprefix("torch."), "param_bytes": self.param_bytes, "sessions": sessions,
-                "queued": queued, "step_ms": round(self.step_ms, 3), "busy_s": round(self.busy_s, 4),
+                "kv_bytes": kv_bytes, "queued": queued, "step_ms": round(self.step_ms, 3), "busy_s": round(self.busy_s, 4),
                 "passes": self.passes, "tokens": self.tokens}
 
 
@@ -174,6 +174,7 @@ class InferenceService:
         # session's steps in arrival order.
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._tasks: list[asyncio.Task] = []
+        self._pushes: dict[tuple[str, str], asyncio.Task] = {}  # the latest push to each next stage
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -194,8 +195,12 @@ class InferenceService:
         self.compute.shutdown(wait=False, cancel_futures=True)
 
     def serving(self) -> list[dict]:
-        return [s.describe(len(self.sessions.for_model(name)), self.scheduler.queued_for(name))
-                for name, s in self.spans.items()]
+        described = []
+        for name, served in self.spans.items():
+            sessions = self.sessions.for_model(name)
+            described.append(served.describe(len(sessions), self.scheduler.queued_for(name),
+                                             sum(s.cache.nbytes for s in sessions)))
+        return described
 
     async def load(self, model: str, build: Callable[[], LayerSpan]) -> ServedSpan:
         """Build a span on the compute thread and serve it (replacing this model's previous span)."""
@@ -364,7 +369,7 @@ class InferenceService:
                           f"layers [{served.span.start}, {served.span.end}) failed: {exc}")
             return
         self._account(served, batch, compute_ms)
-        await self._deliver(batch, outputs, compute_ms)
+        self._deliver(batch, outputs, compute_ms)
 
     @staticmethod
     def _compute(served: ServedSpan, batch: list[PendingStep]) -> tuple[list[torch.Tensor], float]:
@@ -395,7 +400,7 @@ class InferenceService:
             served.step_ms = compute_ms if served.step_ms == 0 else (
                 (1 - STEP_MS_SMOOTHING) * served.step_ms + STEP_MS_SMOOTHING * compute_ms)
 
-    async def _deliver(self, batch: list[PendingStep], outputs: list[torch.Tensor], compute_ms: float) -> None:
+    def _deliver(self, batch: list[PendingStep], outputs: list[torch.Tensor], compute_ms: float) -> None:
         """Hidden states go on to the next stage (one message per next hop for the whole batch);
         the last stage samples and streams each session its token."""
         onward: dict[tuple[str, str], list[tuple[PendingStep, dict, torch.Tensor]]] = {}
@@ -409,7 +414,21 @@ class InferenceService:
                 onward.setdefault((hop.address, hop.public_key), []).append((pending, trace, out.cpu()))
             elif self._live(session):
                 self._reply(session, item, out, trace)
-        await asyncio.gather(*(self._push(hop, steps) for hop, steps in onward.items()))
+        for hop, steps in onward.items():
+            self._push_in_order(hop, steps)
+
+    def _push_in_order(self, hop: tuple[str, str], steps: list) -> None:
+        """Send without holding up the next pass (a dead next stage would stall every session here for
+        the send timeout), yet in order: each push to a hop waits for the one before it."""
+        previous = self._pushes.get(hop)
+
+        async def push() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await self._push(hop, steps)
+
+        task = self._pushes[hop] = asyncio.ensure_future(push())
+        task.add_done_callback(lambda done: self._pushes.get(hop) is done and self._pushes.pop(hop))
 
     def _reply(self, session: Session, item: StepItem, out: torch.Tensor, trace: dict) -> None:
         logits = [] if session.logits == "none" else [out[0].cpu()]
