@@ -21,12 +21,12 @@ import torch
 
 from dllmd.inference.sampling import SamplingParams
 from dllmd.inference.service import MAX_STEP_TOKENS
-from dllmd.net.client import CallError, CallTimeout, NodeUnreachable, RemoteError, ReplyStream, RpcClient
+from dllmd.net.client import CallError, CallTimeout, RemoteError, ReplyStream, RpcClient
 from dllmd.net.identity import Identity
 from dllmd.net.schema import to_wire
 from dllmd.net.wire import ErrorCode
 from dllmctl.cluster import NodeEntry
-from dllmctl.routing import RouteError, Stage, choose_route  # noqa: F401  (re-exported for callers)
+from dllmctl.routing import Stage
 
 PARALLELISMS = ("pipeline", "model")
 PREFILL_CHUNK = 128  # tokens per prefill chunk: small enough that stages overlap, big enough to batch well

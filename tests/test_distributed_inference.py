@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 from dllmctl import local_cluster
 from dllmctl.cluster import Registry
 from dllmctl.deploy import SpanAssignment, deploy
-from dllmctl.inference import ClientPool, DistributedSession, RouteError, Stage, choose_route
+from dllmctl.inference import ClientPool, DistributedSession
+from dllmctl.routing import RouteError, Stage, choose_route
 from dllmd.inference.sampling import SamplingParams
 from dllmd.net.client import RemoteError, RpcClient
 from dllmd.net.identity import Identity

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllmctl.cluster import NodeEntry
-from dllmctl.inference import DistributedSession, choose_route
-from dllmctl.routing import live_stages
+from dllmctl.inference import ClientPool, DistributedSession
+from dllmctl.routing import choose_route, live_stages
 from dllmctl.tokens import encode_prompt, load_tokenizer
 from dllmd.inference.sampling import SamplingParams
 from dllmd.net.client import RpcClient
@@ -92,10 +92,11 @@ async def _node_rss(user: Identity, nodes: list[NodeEntry]) -> dict[str, int]:
 async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int,
                                prompt_ids: list[int], new_tokens: int) -> dict:
     route = choose_route(await live_stages(user, nodes, model), num_layers, model)
-    async with DistributedSession(user, route, model, SamplingParams()) as warm:
-        await warm.generate(prompt_ids, 2, set())
-    async with DistributedSession(user, route, model, SamplingParams()) as session:
-        result = await session.generate(prompt_ids, new_tokens, set())
+    async with ClientPool(user) as pool:
+        async with DistributedSession(pool, route, model, SamplingParams()) as warm:
+            await warm.generate(prompt_ids, 2, set())
+        async with DistributedSession(pool, route, model, SamplingParams()) as session:
+            result = await session.generate(prompt_ids, new_tokens, set())
     decode = result.step_seconds[1:]
     compute = [sum(ms) for ms in result.stage_compute_ms[1:]]
     overhead = [s * 1000 - c for s, c in zip(decode, compute)]

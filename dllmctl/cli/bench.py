@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from dllmctl import local_cluster
+from dllmctl.local_cluster import LocalClusterError
 from dllmctl.bench import ping as ping_bench
 from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, out, print_json
 from dllmctl.cluster import NodeEntry, Registry, RegistryError
@@ -71,26 +72,92 @@ def infer(
     model: Annotated[str, typer.Option("--model", "-m", help="A deployed model.")],
     new_tokens: Annotated[int, typer.Option(min=2, max=4096)] = 64,
     compare_local: Annotated[bool, typer.Option("--compare-local", help="Also run transformers' generate here.")] = False,
+    sessions: Annotated[Optional[str], typer.Option(
+        help="Concurrent sessions to compare, e.g. '1,4,16': aggregate tokens/s and stage utilization.")] = None,
+    parallelism: Annotated[str, typer.Option(help="pipeline or model (for --sessions).")] = "pipeline",
+    wan_delay_ms: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1000.0, help="Run one session with every link behind a delay proxy (one way, ms).")] = None,
+    failover_runs: Annotated[int, typer.Option(
+        min=0, max=100, help="Kill a stage of the local cluster mid-generation this many times (needs replicas).")] = 0,
+    cluster: Annotated[Optional[Path], typer.Option(
+        "--dir", help="The local cluster's directory (for --failover-runs).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Decode tokens/s, time to first token, per-token split into stage compute and transfer."""
+    """Decode tokens/s, time to first token, per-token split into stage compute and transfer; with
+    --sessions, --wan-delay-ms or --failover-runs: concurrency, WAN latency or failover stall."""
     import json as _json
 
     from dllmctl.bench import infer as infer_bench
+    from dllmctl.bench import pipeline as pipeline_bench
+    from dllmctl.cli.cluster import _dir as resolve_dir
     from dllmctl.cli.deploy import model_dir
-    from dllmctl.inference import RouteError
+    from dllmctl.inference import PARALLELISMS
+    from dllmctl.routing import RouteError
+    from dllmctl.tokens import encode_prompt, load_tokenizer
 
+    if parallelism not in PARALLELISMS:
+        fail(f"--parallelism must be one of {', '.join(PARALLELISMS)}")
+    counts = _session_counts(sessions) if sessions else []
     user, registry = load_user(), load_registry()
     directory = model_dir(model)
     num_layers = _json.loads((directory / "config.json").read_text())["num_hidden_layers"]
-    with err.status("benchmarking..."):
-        try:
-            report = infer_bench.run(user, registry.select(None), directory, model, num_layers, new_tokens, compare_local)
-        except (CallError, RouteError) as exc:
-            fail(str(exc))
+    nodes = registry.select(None)
+    report: dict = {"model": model}
+    try:
+        with err.status("benchmarking..."):
+            if not (counts or wan_delay_ms is not None or failover_runs):
+                report.update(infer_bench.run(user, nodes, directory, model, num_layers, new_tokens, compare_local))
+            tokenizer = load_tokenizer(directory)
+            prompt = encode_prompt(tokenizer, infer_bench.BENCH_PROMPT)
+            if counts:
+                report["sessions"] = pipeline_bench.sessions_sweep(user, nodes, model, num_layers, tokenizer, counts,
+                                                                   new_tokens, parallelism)
+            if wan_delay_ms is not None:
+                report["wan"] = pipeline_bench.wan(user, nodes, model, num_layers, prompt, new_tokens, wan_delay_ms)
+            if failover_runs:
+                report["failover"] = pipeline_bench.failover(user, registry, resolve_dir(cluster), directory, model,
+                                                              num_layers, prompt, failover_runs)
+    except (CallError, RouteError, LocalClusterError) as exc:
+        fail(str(exc))
     if as_json:
-        print_json({k: v for k, v in report.items()})
+        print_json(report)
         return
+    if "distributed" in report:
+        _print_single(report)
+    if "sessions" in report:
+        _print_sessions(report["sessions"])
+    if "wan" in report:
+        w = report["wan"]
+        verdict = "[green]meets[/green]" if w["meets_target"] else "[red]misses[/red]"
+        out.print(f"WAN {w['delay_ms_one_way']:g} ms/link, {w['stages']} stages: {w['per_token_ms']:.1f} ms/token "
+                  f"(compute {w['compute_ms']:.1f}); bound {w['bound_ms']:.1f} ms: {verdict}")
+    if "failover" in report:
+        f = report["failover"]
+        out.print(f"failover: {f['identical_runs']}/{f['runs']} runs identical to the fault-free output; stall "
+                  f"(kill to next token) median {f['stall_ms_median']:.0f} ms, max {f['stall_ms_max']:.0f} ms")
+
+
+def _session_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        fail(f"--sessions takes counts like '1,4,16', not {text!r}")
+    if not counts or any(c < 1 or c > 256 for c in counts):
+        fail("--sessions counts must be between 1 and 256")
+    return counts
+
+
+def _print_sessions(sweep: dict) -> None:
+    table = Table("sessions", "aggregate tok/s", "vs first", "TTFT ms", "utilization per stage", "mean batch")
+    for run in sweep["runs"]:
+        table.add_row(str(run["sessions"]), f"{run['aggregate_tokens_per_second']:.2f}", f"{run['ratio_to_first']}x",
+                      f"{run['time_to_first_token_ms']:.0f}",
+                      ", ".join(f"{n} {u:.0%}" for n, u in run["utilization"].items()),
+                      ", ".join(f"{n} {b:g}" for n, b in run["mean_batch"].items()))
+    out.print(table)
+
+
+def _print_single(report: dict) -> None:
     d = report["distributed"]
     table = Table("figure", "distributed", "local generate", "ratio")
     local = report.get("local", {})
