@@ -185,3 +185,4 @@ class DelayProxy:
         finally:
             deliverer.cancel()
             await asyncio.gather(deliverer, return_exceptions=True)
+

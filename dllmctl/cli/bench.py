@@ -148,12 +148,15 @@ def _session_counts(text: str) -> list[int]:
 
 
 def _print_sessions(sweep: dict) -> None:
-    table = Table("sessions", "aggregate tok/s", "vs first", "TTFT ms", "utilization per stage", "mean batch")
+    table = Table("sessions", "aggregate tok/s", "vs first", "decode tok/s", "vs first", "TTFT ms",
+                  "busy per node", "mean batch per node")
     for run in sweep["runs"]:
-        table.add_row(str(run["sessions"]), f"{run['aggregate_tokens_per_second']:.2f}", f"{run['ratio_to_first']}x",
+        table.add_row(str(run["sessions"]), f"{run['aggregate_tokens_per_second']:.2f}",
+                      f"{run['aggregate_ratio_to_first']}x", f"{run['decode_tokens_per_second']:.2f}",
+                      f"{run['decode_ratio_to_first']}x",
                       f"{run['time_to_first_token_ms']:.0f}",
-                      ", ".join(f"{n} {u:.0%}" for n, u in run["utilization"].items()),
-                      ", ".join(f"{n} {b:g}" for n, b in run["mean_batch"].items()))
+                      " ".join(f"{u:.0%}" for u in run["utilization"].values()),
+                      " ".join(f"{b:g}" for b in run["mean_batch"].values()))
     out.print(table)
 
 
