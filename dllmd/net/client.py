@@ -85,6 +85,7 @@ class RpcClient:
         self._streams: dict[int, asyncio.Queue[Reply | CallError]] = {}
         self.connected = asyncio.Event()
         self.handshake_ok = False
+        self.lost = False  # the connection was up and dropped, and has not come back yet
         self.failure: CallError | None = None
         self._reactor = SocketReactor(sock, self._on_reply)
         self._monitor = SocketReactor(monitor, self._on_event)
@@ -113,7 +114,7 @@ class RpcClient:
         """Follow handshake events so failures are reported fast and precisely."""
         event = parse_monitor_message([f.bytes for f in frames])["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.handshake_ok, self.failure = True, None
+            self.handshake_ok, self.failure, self.lost = True, None, False
             self.connected.set()
         elif event == _AUTH_FAILED:
             self._fail_all(NodeUnauthorized(f"{self.address} refused our key: it is not authorized on that node"))
@@ -122,7 +123,7 @@ class RpcClient:
                 NodeKeyMismatch(f"encrypted handshake with {self.address} failed: is the node's public key right?")
             )
         elif event == zmq.EVENT_DISCONNECTED:
-            self.handshake_ok = False
+            self.handshake_ok, self.lost = False, True
             self.connected.clear()
             # The node's ROUTER will know a reconnected socket by a new routing id: replies and
             # streams addressed to the old one are lost. Fail them now rather than at their deadline.
@@ -164,6 +165,8 @@ class RpcClient:
             except zmq.Again:
                 if self.failure is not None:
                     raise self.failure from None
+                if self.lost:  # the node went away: say so now, the caller may have a replica
+                    raise NodeUnreachable(f"connection to {self.address} was lost")
                 remaining = deadline - self.loop.time()
                 if remaining <= 0:
                     raise TimeoutError from None
