@@ -87,6 +87,7 @@ async def undeploy(user: Identity, nodes: list[NodeEntry], model: str, remove_fi
     async def one(node: NodeEntry) -> tuple[str, str]:
         async with RpcClient(user, node.address, node.public_key) as client:
             try:
+                await client.call("ping", timeout=5)  # a node that is down answers nothing: do not wait a minute
                 if remove_files:
                     await client.call("model.remove", {"model": model}, timeout=60)
                     return node.name, "removed"

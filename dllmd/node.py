@@ -22,6 +22,7 @@ import zmq
 from dllmd import __version__, hardware
 from dllmd.config import NodeConfig
 from dllmd.inference.service import InferenceService
+from dllmd.data.ops import DataOps
 from dllmd.models.ops import ModelOps
 from dllmd.net.identity import Identity, InvalidKey
 from dllmd.net.keys import AuthorizedKeys, Role
@@ -113,6 +114,7 @@ class Daemon:
         self._register(server)
         self.inference.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)
+        DataOps(self.home).register(server)
         self.inference.start()
         atomic_write(self.home / DAEMON_FILE, json.dumps({
             "pid": os.getpid(), "endpoint": self.endpoint, "public_key": self.identity.public_key,

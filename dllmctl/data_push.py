@@ -1,0 +1,104 @@
+"""Putting dataset shards on their nodes, all or nothing.
+
+Phase 1 stages every node's shard concurrently (chunks over the node's encrypted channel; the node
+checks the sha256 when the last byte arrives). Only when every node holds a verified staged shard
+does phase 2 commit them. If any node is unreachable or refuses, every stage is aborted and no node
+changes what it serves: nothing is half-written anywhere. (A node that dies between two commits is
+the one window left; its peers' new shards are then removed again.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dllmctl.cluster import NodeEntry
+from dllmd.net.client import CallError, RpcClient
+from dllmd.net.identity import Identity
+
+CHUNK_BYTES = 4 * 1024 * 1024
+
+Progress = Callable[[str, int], None]  # (node name, bytes just sent or found already there)
+
+
+class PushError(RuntimeError):
+    """A shard could not be placed; no node's data changed."""
+
+
+@dataclass
+class ShardUpload:
+    node: NodeEntry
+    blob: bytes
+    meta: dict
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.blob).hexdigest()
+
+
+async def _stage(client: RpcClient, dataset: str, upload: ShardUpload, progress: Progress) -> None:
+    state, _ = await client.call("data.stage", {"dataset": dataset, "meta": json.dumps(upload.meta).encode(),
+                                                "bytes": len(upload.blob), "sha256": upload.sha256}, timeout=60)
+    offset = int(state["received"])
+    progress(upload.node.name, offset)
+    while offset < len(upload.blob):
+        chunk = upload.blob[offset:offset + CHUNK_BYTES]
+        await client.call("data.put", {"dataset": dataset, "offset": offset},
+                          [torch.frombuffer(bytearray(chunk), dtype=torch.int8)], timeout=120)
+        offset += len(chunk)
+        progress(upload.node.name, len(chunk))
+
+
+async def push_shards(user: Identity, dataset: str, uploads: list[ShardUpload],
+                      progress: Progress = lambda *_: None) -> list[dict]:
+    """Stage every shard, then commit them all; returns each node's commit report."""
+    clients = {u.node.name: RpcClient(user, u.node.address, u.node.public_key) for u in uploads}
+    try:
+        staged = await asyncio.gather(*(_stage(clients[u.node.name], dataset, u, progress) for u in uploads),
+                                      return_exceptions=True)
+        failures = [f"{u.node.name}: {r}" for u, r in zip(uploads, staged) if isinstance(r, BaseException)]
+        if failures:
+            await _each(clients, "data.abort", dataset)
+            raise PushError(f"could not place {dataset}: {'; '.join(failures)}; no node's data was changed")
+        commits = await asyncio.gather(*(clients[u.node.name].call("data.commit", {"dataset": dataset}, timeout=60)
+                                         for u in uploads), return_exceptions=True)
+        failures = [f"{u.node.name}: {r}" for u, r in zip(uploads, commits) if isinstance(r, BaseException)]
+        if failures:
+            committed = {u.node.name: clients[u.node.name] for u, r in zip(uploads, commits)
+                         if not isinstance(r, BaseException)}
+            await _each(committed, "data.remove", dataset)
+            await _each(clients, "data.abort", dataset)
+            raise PushError(f"commit of {dataset} failed on {'; '.join(failures)}; the shards committed "
+                            f"elsewhere were removed again")
+        return [{"node": u.node.name, **result} for u, (result, _) in zip(uploads, commits)]
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+async def _each(clients: dict[str, RpcClient], op: str, dataset: str) -> None:
+    async def one(client: RpcClient) -> None:
+        try:
+            await client.call(op, {"dataset": dataset}, timeout=10)
+        except CallError:
+            pass  # unreachable: its stage is swept after a day, and it never committed
+
+    await asyncio.gather(*(one(c) for c in clients.values()))
+
+
+async def remove_everywhere(user: Identity, nodes: list[NodeEntry], dataset: str) -> dict[str, str]:
+    async def one(node: NodeEntry) -> tuple[str, str]:
+        async with RpcClient(user, node.address, node.public_key) as client:
+            try:
+                await client.call("ping", timeout=5)
+                await client.call("data.remove", {"dataset": dataset}, timeout=30)
+                return node.name, "removed"
+            except CallError as exc:
+                return node.name, f"error: {exc}"
+
+    return dict(await asyncio.gather(*(one(n) for n in nodes)))

@@ -1,0 +1,165 @@
+"""A node's dataset shards: ``<home>/datasets/<name>/`` holds ``shard.safetensors`` (packed token
+sequences) and ``shard.json`` (what they are: samples, tokens, strategy, sha256).
+
+Pushing a dataset is two-phase, so an interrupted or partly failed push leaves nothing half-written
+anywhere: every node first *stages* its shard under ``.incoming/<name>/`` (chunked, resumable, the
+sha256 checked when the last byte arrives), and only when every node holds a verified staged
+shard does the client *commit* on each, which renames the staged directory into place. A client
+that gives up sends *abort*; a stage nobody commits is swept away after a day.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from dllmd.storage import atomic_write, fsync_dir
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SHARD, META, PART, INCOMING = "shard.safetensors", "shard.json", "shard.safetensors.part", ".incoming"
+STALE_STAGE_S = 24 * 3600
+
+
+class ShardError(ValueError):
+    """A shard operation that cannot be done; the message says why and what to do."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _name(self, name: str) -> str:
+        if not NAME.match(name):
+            raise ShardError(f"invalid dataset name {name!r}: letters, digits, '.', '_' and '-' (max 128)")
+        return name
+
+    def _staged(self, name: str) -> Path:
+        return self.root / INCOMING / self._name(name)
+
+    # --- staging --------------------------------------------------------------------------------
+
+    def stage(self, name: str, meta: dict, size: int, sha256: str) -> dict:
+        """Begin (or resume) receiving a shard; returns how many bytes are already here."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ShardError("sha256 must be 64 lowercase hex digits")
+        self._sweep_stale()
+        staged = self._staged(name)
+        meta = {**meta, "bytes": size, "sha256": sha256}
+        current = self._read_meta(staged)
+        if current is None or current.get("sha256") != sha256 or current.get("bytes") != size:
+            shutil.rmtree(staged, ignore_errors=True)  # another shard under this name: start over
+            staged.mkdir(parents=True)
+            atomic_write(staged / META, json.dumps(meta).encode())
+        elif current != meta:
+            atomic_write(staged / META, json.dumps(meta).encode())
+        if (staged / SHARD).exists():
+            return {"received": size, "complete": True}
+        part = staged / PART
+        return {"received": part.stat().st_size if part.exists() else 0, "complete": False}
+
+    def put(self, name: str, offset: int, chunk: bytes) -> dict:
+        staged = self._staged(name)
+        meta = self._read_meta(staged)
+        if meta is None:
+            raise ShardError(f"no staged shard {name!r} here; stage it first (data.stage)")
+        part = staged / PART
+        have = part.stat().st_size if part.exists() else 0
+        if offset != have:
+            raise ShardError(f"chunk at offset {offset} but {have} bytes are here; resume from {have}")
+        if have + len(chunk) > meta["bytes"]:
+            raise ShardError(f"more bytes than the announced {meta['bytes']}")
+        with open(part, "ab") as f:
+            f.write(chunk)
+            if have + len(chunk) == meta["bytes"]:
+                f.flush()
+                os.fsync(f.fileno())
+        if have + len(chunk) < meta["bytes"]:
+            return {"received": have + len(chunk), "complete": False}
+        digest = _sha256(part)
+        if digest != meta["sha256"]:
+            part.unlink()
+            raise ShardError(f"shard {name!r} does not match its sha256 (got {digest[:12]}..., expected "
+                             f"{meta['sha256'][:12]}...): refused, send it again")
+        os.replace(part, staged / SHARD)
+        fsync_dir(staged)
+        return {"received": meta["bytes"], "complete": True}
+
+    def commit(self, name: str) -> dict:
+        """Publish a complete staged shard, replacing any earlier shard of this dataset at once."""
+        staged = self._staged(name)
+        meta = self._read_meta(staged)
+        if meta is None or not (staged / SHARD).exists():
+            raise ShardError(f"shard {name!r} is not completely staged here; push it again")
+        target = self.root / name
+        trash = self.root / INCOMING / f".old-{name}-{time.monotonic_ns()}"
+        if target.exists():
+            os.replace(target, trash)
+        os.replace(staged, target)
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+        return {"committed": name, **self._public(meta)}
+
+    def abort(self, name: str) -> bool:
+        staged = self._staged(name)
+        existed = staged.exists()
+        shutil.rmtree(staged, ignore_errors=True)
+        return existed
+
+    def _sweep_stale(self) -> None:
+        incoming = self.root / INCOMING
+        if not incoming.exists():
+            return
+        cutoff = time.time() - STALE_STAGE_S
+        for entry in incoming.iterdir():
+            if entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # --- reading --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_meta(directory: Path) -> dict | None:
+        try:
+            return json.loads((directory / META).read_bytes())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+
+    @staticmethod
+    def _public(meta: dict) -> dict:
+        """What listings show: everything but the per-sample table."""
+        return {k: v for k, v in meta.items() if k != "samples"}
+
+    def list(self) -> list[dict]:
+        if not self.root.exists():
+            return []
+        shards = []
+        for entry in sorted(self.root.iterdir()):
+            meta = self._read_meta(entry) if NAME.match(entry.name) else None
+            if meta is not None and (entry / SHARD).exists():
+                shards.append({"dataset": entry.name, **self._public(meta)})
+        return shards
+
+    def shard_path(self, name: str) -> Path:
+        path = self.root / self._name(name) / SHARD
+        if not path.exists():
+            raise ShardError(f"dataset {name!r} has no shard on this node; run 'dllmctl shard-data'")
+        return path
+
+    def remove(self, name: str) -> bool:
+        target = self.root / self._name(name)
+        existed = target.exists()
+        shutil.rmtree(target, ignore_errors=True)
+        self.abort(name)
+        return existed

@@ -1,0 +1,85 @@
+"""A node's shard store: staged, resumable, verified, published only on commit."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from dllmd.data.shards import SHARD, ShardError, ShardStore
+
+BLOB = bytes(range(256)) * 40
+SHA = hashlib.sha256(BLOB).hexdigest()
+
+
+def staged(tmp_path, name="ds") -> ShardStore:
+    store = ShardStore(tmp_path / "datasets")
+    assert store.stage(name, {"tokens": 5}, len(BLOB), SHA) == {"received": 0, "complete": False}
+    return store
+
+
+def test_a_shard_is_invisible_until_committed(tmp_path):
+    store = staged(tmp_path)
+    assert store.put("ds", 0, BLOB[:1000]) == {"received": 1000, "complete": False}
+    assert store.put("ds", 1000, BLOB[1000:]) == {"received": len(BLOB), "complete": True}
+    assert store.list() == []
+    assert store.commit("ds")["tokens"] == 5
+    [listed] = store.list()
+    assert listed["dataset"] == "ds" and listed["sha256"] == SHA and listed["bytes"] == len(BLOB)
+    assert store.shard_path("ds").read_bytes() == BLOB
+
+
+def test_an_interrupted_push_resumes_where_it_stopped(tmp_path):
+    store = staged(tmp_path)
+    store.put("ds", 0, BLOB[:700])
+    again = ShardStore(tmp_path / "datasets")  # e.g. after a daemon restart
+    assert again.stage("ds", {"tokens": 5}, len(BLOB), SHA) == {"received": 700, "complete": False}
+    with pytest.raises(ShardError, match="resume from 700"):
+        again.put("ds", 0, BLOB)
+    assert again.put("ds", 700, BLOB[700:])["complete"]
+
+
+def test_a_corrupted_shard_is_refused(tmp_path):
+    store = staged(tmp_path)
+    bad = bytearray(BLOB)
+    bad[10] ^= 1
+    with pytest.raises(ShardError, match="does not match its sha256"):
+        store.put("ds", 0, bytes(bad))
+    with pytest.raises(ShardError, match="not completely staged"):
+        store.commit("ds")
+    assert store.stage("ds", {}, len(BLOB), SHA)["received"] == 0  # the bad bytes are gone
+
+
+def test_abort_leaves_the_committed_shard_alone(tmp_path):
+    store = staged(tmp_path)
+    store.put("ds", 0, BLOB)
+    store.commit("ds")
+    other = b"x" * 100
+    store.stage("ds", {}, len(other), hashlib.sha256(other).hexdigest())
+    store.put("ds", 0, other)
+    assert store.abort("ds")
+    assert store.shard_path("ds").read_bytes() == BLOB
+    # A new version replaces the old one only at commit.
+    store.stage("ds", {}, len(other), hashlib.sha256(other).hexdigest())
+    store.put("ds", 0, other)
+    store.commit("ds")
+    assert store.shard_path("ds").read_bytes() == other
+    assert store.remove("ds") and store.list() == []
+
+
+@pytest.mark.parametrize("name", ["../x", ".incoming", "", "a/b", "x" * 200])
+def test_hostile_names_are_refused(tmp_path, name):
+    with pytest.raises(ShardError, match="invalid dataset name"):
+        ShardStore(tmp_path).stage(name, {}, 10, SHA)
+
+
+def test_bad_sizes_and_hashes(tmp_path):
+    store = ShardStore(tmp_path)
+    with pytest.raises(ShardError, match="sha256"):
+        store.stage("ds", {}, 10, "nothex")
+    store.stage("ds", {}, 4, hashlib.sha256(b"abcd").hexdigest())
+    with pytest.raises(ShardError, match="more bytes"):
+        store.put("ds", 0, b"abcdef")
+    with pytest.raises(ShardError, match="no staged shard"):
+        store.put("other", 0, b"a")
+    assert not (tmp_path / "ds" / SHARD).exists()
