@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dllmctl.data import (
+from dllmd.data import (
     DataError,
     Sample,
     TokenizedSample,

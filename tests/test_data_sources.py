@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from dllmctl.data import DataError, read_samples
-from dllmctl.data.ignore import PathPatterns
+from dllmd.data import DataError, read_samples
+from dllmd.data.ignore import PathPatterns
 
 LIMIT = 4096
 
@@ -39,6 +39,7 @@ def repo(tmp_path):
     write(root / "latin1.txt", "caf\u00e9 cr\u00e8me\n".encode("latin-1"))
     write(root / "huge.txt", "x" * (LIMIT + 1))
     os.symlink(root / "README.md", root / "link.md")
+    os.symlink(root / "src", root / "linked-dir")
     return root
 
 
@@ -50,7 +51,7 @@ def test_a_repository_gives_one_sample_per_text_file_and_reports_the_rest(repo):
     assert result.samples[5].text == "def main():\n    return 42\n"
     assert {(s.where, s.kind) for s in result.skipped} == {
         ("huge.txt", "too-large"), ("latin1.txt", "not-utf8"), ("link.md", "not-regular"),
-        ("logo.png", "binary"), ("src/empty.py", "empty")}
+        ("linked-dir", "not-regular"), ("logo.png", "binary"), ("src/empty.py", "empty")}
     assert "convert it to UTF-8" in next(s.reason for s in result.skipped if s.kind == "not-utf8")
     assert "4.0 KiB sample limit" in next(s.reason for s in result.skipped if s.kind == "too-large")
 

@@ -1,0 +1,52 @@
+"""``dllmctl shard-data``, the part without a network: from a DATA_URI to one packed shard per node.
+
+The pipeline, one module a step::
+
+    result = read_samples(uri, field="text", include=["*.py"], strict=False)    # sources.py
+    tokenizer = load_data_tokenizer(model_dir)                                   # packing.py
+    samples = tokenize_samples(tokenizer, result.samples)
+    assignment = assign(samples, node_ids, "dht", seed=0, replicas=2)             # strategies.py
+    shards = pack_shards(samples, assignment, seq_len=2048, eos_id=eos_id(tokenizer))
+
+* **read** (:mod:`.sources`): a directory (a code repository: ``.gitignore`` honoured, ``.git`` and
+  binaries skipped), a JSONL file or a plain text file becomes :class:`Sample` s, each with a stable
+  id (a relative path, a record id, ``NAME:LINE``). What cannot be used is listed in
+  ``result.skipped`` with a reason, for the CLI to show as warnings; nothing here prints.
+* **tokenize** (:mod:`.packing`): the model's own tokenizer, in batches, no special tokens.
+* **assign** (:mod:`.strategies`): node id -> sample indices. Why each strategy exists:
+
+  - ``round_robin``: the simplest even split, when nothing else matters;
+  - ``hash``: a sample's node depends only on its id, so the split is the same across runs and
+    independent of reading order, and new samples do not move old ones;
+  - ``random``: a seeded IID split, balanced by tokens (the usual data-parallel assumption);
+  - ``semantic``: similar samples together (TF-IDF + balanced bisecting k-means), for locality or
+    deliberately non-IID shards as in federated learning;
+  - ``dht``: rendezvous hashing with ``replicas`` copies; when a node joins or leaves, only about
+    1/n of the placements move, and only to or from that node, so little data is re-sent.
+
+* **pack** (:mod:`.packing`): per node, its samples' ids with an EOS after each, cut into rows of
+  ``seq_len``; the last row is EOS-padded and ``valid_tokens`` marks where the real stream ends.
+
+Every step is deterministic: the same input, nodes, strategy and seed give the same shards.
+Problems a user can fix raise :class:`DataError` with a message saying what to do.
+"""
+
+from dllmd.data.errors import DataError
+from dllmd.data.packing import (
+    Packed,
+    SampleSpan,
+    TokenizedSample,
+    eos_id,
+    load_data_tokenizer,
+    pack,
+    pack_shards,
+    tokenize_samples,
+)
+from dllmd.data.sources import Sample, Skipped, SourceResult, read_samples
+from dllmd.data.strategies import STRATEGIES, assign, node_tokens, skew, stable_hash
+
+__all__ = [
+    "STRATEGIES", "DataError", "Packed", "Sample", "SampleSpan", "Skipped", "SourceResult", "TokenizedSample",
+    "assign", "eos_id", "load_data_tokenizer", "node_tokens", "pack", "pack_shards", "read_samples", "skew",
+    "stable_hash", "tokenize_samples",
+]

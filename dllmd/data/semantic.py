@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dllmctl.data.packing import TokenizedSample
+from dllmd.data.packing import TokenizedSample
 
 VECTOR_DIM = 1024
 KMEANS_ITERATIONS = 25

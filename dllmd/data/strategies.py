@@ -6,7 +6,7 @@
 * ``random``: samples in a seeded random order, each to the node with the fewest tokens so far:
   an IID split, balanced by tokens. Same seed, same split.
 * ``semantic``: similar samples on the same node, groups balanced by tokens (see
-  :mod:`dllmctl.data.semantic`): locality, or deliberately non-IID shards for federated runs.
+  :mod:`dllmd.data.semantic`): locality, or deliberately non-IID shards for federated runs.
 * ``dht``: rendezvous (highest random weight) hashing, each sample on the ``replicas`` nodes with the
   highest ``stable_hash(node id NUL sample id)``. Adding or removing one of n nodes moves only
   about 1/n of the placements, and only to or from that node; the node order does not matter.
@@ -23,9 +23,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from dllmctl.data.errors import DataError
-from dllmctl.data.packing import TokenizedSample
-from dllmctl.data.semantic import balanced_groups, sample_vectors
+from dllmd.data.errors import DataError
+from dllmd.data.packing import TokenizedSample
+from dllmd.data.semantic import balanced_groups, sample_vectors
 
 STRATEGIES = ("round_robin", "hash", "random", "semantic", "dht")
 

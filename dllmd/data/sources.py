@@ -9,11 +9,11 @@
 * Any other file: one sample per paragraph (lines separated by blank lines), id ``NAME:#LINE`` with
   the paragraph's first line.
 
-Every item either becomes a sample or is listed in ``SourceResult.skipped`` with why: nothing is
-printed, and nothing is dropped silently. ``strict`` makes a malformed record or paragraph (invalid
-JSON, a missing or non-string field, a duplicate id, an oversized or undecodable line) an error
-instead; files a directory walk passes over (binaries, oversized files) are never errors, since a
-repository is expected to hold some.
+Every file the patterns select, record and paragraph either becomes a sample or is listed in
+``SourceResult.skipped`` with why: nothing is printed, and nothing is dropped silently. ``strict``
+makes a malformed record or paragraph (invalid JSON, a missing or non-string field, a duplicate id,
+an oversized or undecodable line) an error instead; files a directory walk passes over (binaries,
+oversized files) are never errors, since a repository is expected to hold some.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
-from dllmctl.data.errors import DataError
-from dllmctl.data.ignore import PathPatterns
+from dllmd.data.errors import DataError
+from dllmd.data.ignore import PathPatterns
 
 DEFAULT_MAX_SAMPLE_BYTES = 10 * 2**20
 BINARY_SNIFF_BYTES = 8192  # git's own heuristic: a NUL byte early in the file means binary
@@ -148,8 +148,16 @@ def _read_directory(root: Path, include: Sequence[str] | None, exclude: Sequence
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         rel_dir = _relative(root, dirpath)
         gitignores[rel_dir] = _load_gitignore(Path(dirpath))
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in VCS_DIRS and not ignored(_join(rel_dir, d), is_dir=True))
+        kept = []
+        for name in sorted(dirnames):
+            rel = _join(rel_dir, name)
+            if name in VCS_DIRS or ignored(rel, is_dir=True):
+                continue
+            if os.path.islink(os.path.join(dirpath, name)):  # os.walk lists them but does not enter them
+                report.skip(rel, "not-regular", "a symbolic link (not followed, so the walk stays inside the root)")
+            else:
+                kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             rel = _join(rel_dir, name)
             if ignored(rel, is_dir=False) or (included is not None and included.match(rel, False) is not True):
@@ -267,7 +275,7 @@ def _record_text(record: object, field: str, where: str, lineno: int, report: _R
 
 def _record_id(record: dict, where: str) -> str:
     record_id = record.get("id")
-    if isinstance(record_id, str) and record_id or isinstance(record_id, int) and not isinstance(record_id, bool):
+    if (isinstance(record_id, str) and record_id) or (isinstance(record_id, int) and not isinstance(record_id, bool)):
         return str(record_id)
     return where
 

@@ -15,16 +15,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from dllmctl.data.errors import DataError
-from dllmctl.data.sources import Sample
-from dllmctl.tokens import PromptError, load_tokenizer
+from dllmd.data.errors import DataError
+from dllmd.data.sources import Sample
 
 TOKENIZE_BATCH = 256  # samples per call: enough for the Rust tokenizer to use every core
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # ids is an array: compare ``ids.tolist()`` instead
 class TokenizedSample:
     id: str
     ids: np.ndarray
@@ -45,7 +44,7 @@ class SampleSpan:
     """Its token count; the EOS at ``start + length`` is not counted."""
 
 
-@dataclass
+@dataclass(eq=False)  # holds a tensor: compare with ``torch.equal``
 class Packed:
     tokens: torch.Tensor
     """int32 ``[rows, seq_len]``; read row after row, it is the flat stream of samples and EOS tokens."""
@@ -66,10 +65,11 @@ class Packed:
 def load_data_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of the model in ``model_dir``; samples must be tokenized exactly as the model was trained."""
     try:
-        tokenizer = load_tokenizer(model_dir)
-    except PromptError as exc:
-        raise DataError(f"{exc}; shard-data needs the model's own tokenizer: import the model together "
-                        "with its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"the model in {model_dir} has no usable tokenizer ({exc}); shard-data needs the model's "
+                        "own tokenizer: import the model together with its tokenizer files (tokenizer.json, "
+                        "tokenizer_config.json)") from None
     eos_id(tokenizer)
     return tokenizer
 
@@ -122,5 +122,5 @@ def pack(samples: Sequence[TokenizedSample], seq_len: int, eos_id: int) -> Packe
 
 def pack_shards(samples: Sequence[TokenizedSample], assignment: Mapping[str, Sequence[int]], seq_len: int,
                 eos_id: int) -> dict[str, Packed]:
-    """One :class:`Packed` per node from :func:`~dllmctl.data.strategies.assign`'s node -> sample indices."""
+    """One :class:`Packed` per node from :func:`~dllmd.data.strategies.assign`'s node -> sample indices."""
     return {node: pack([samples[i] for i in indices], seq_len, eos_id) for node, indices in assignment.items()}
