@@ -6,7 +6,7 @@ import typer
 
 from dllmd import __version__
 from dllmd.net.identity import Identity
-from dllmctl.cli import bench, cluster, deploy, infer, model, nodes
+from dllmctl.cli import bench, cluster, data, deploy, infer, model, nodes
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -17,10 +17,12 @@ app.add_typer(nodes.app, name="nodes")
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(bench.app, name="bench")
 app.add_typer(model.app, name="model")
+app.add_typer(data.app, name="data")
 app.command()(demo)
 app.command("deploy")(deploy.deploy_command)
 app.command("undeploy")(deploy.undeploy_command)
 app.command("infer")(infer.infer_command)
+app.command("shard-data")(data.shard_data_command)
 
 
 @app.command("plan")

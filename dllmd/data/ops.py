@@ -4,13 +4,18 @@ and remove shards. Admin only: pushing data is as privileged as deploying a mode
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dllmd.data.shards import ShardError, ShardStore
+from dllmd.data import DataError, eos_id, load_data_tokenizer, pack, read_samples, tokenize_samples
+from dllmd.data.shards import ShardError, ShardStore, shard_payload
 from dllmd.net.keys import Role
 from dllmd.net.schema import bounded
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
@@ -18,6 +23,8 @@ from dllmd.net.wire import ErrorCode
 
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_META_BYTES = 32 * 1024 * 1024  # the per-sample table of a big shard
+TOKENIZER_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a plain name: no '..', no '/'
+
 
 
 @dataclass
@@ -44,6 +51,19 @@ class NoArgs:
     pass
 
 
+@dataclass
+class LocalArgs:
+    dataset: str = bounded(max_len=128)
+    uri: str = bounded(max_len=4096)  # a path on this node's own disk
+    field: str = bounded("text", max_len=128)
+    include: list[str] = bounded([], max_len=256)
+    exclude: list[str] = bounded([], max_len=256)
+    strict: bool = False
+    seq_len: int = bounded(2048, lo=8, hi=1_048_576)
+    tokenizer_files: list[str] = bounded([], max_len=16)  # names of the tensors (int8 file bytes) carried
+    info: bytes = bounded(b"{}", max_len=64 * 1024)  # JSON: what the shard description records
+
+
 class DataOps:
     def __init__(self, home: Path):
         self.shards = ShardStore(home / "datasets")
@@ -56,6 +76,7 @@ class DataOps:
         server.register(Operation("data.abort", self._abort, DatasetArgs, admin))
         server.register(Operation("data.list", self._list, NoArgs, admin))
         server.register(Operation("data.remove", self._remove, DatasetArgs, admin))
+        server.register(Operation("data.local", self._local, LocalArgs, admin))
 
     @staticmethod
     async def _run(fn, *args):
@@ -96,3 +117,41 @@ class DataOps:
         if not removed:
             raise HandlerError(ErrorCode.NOT_FOUND, f"no dataset {call.args.dataset!r} on this node")
         return {"removed": True}
+
+    async def _local(self, call: Call) -> dict:
+        """Shard a path on this node's disk into a staged shard (``data.commit`` publishes it):
+        the data never leaves the machine, only counts and the sha256 go back."""
+        a: LocalArgs = call.args
+        try:
+            info = json.loads(a.info)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise HandlerError(ErrorCode.BAD_ARGS, "info must be a JSON object")
+        if any(not TOKENIZER_FILE.match(name) for name in a.tokenizer_files):
+            raise HandlerError(ErrorCode.BAD_ARGS, "tokenizer file names must be plain file names")
+        if len(call.tensors) != len(a.tokenizer_files) or any(t.dtype != torch.int8 or t.dim() != 1
+                                                              for t in call.tensors):
+            raise HandlerError(ErrorCode.BAD_ARGS, "data.local carries one int8 [n] tensor per tokenizer file")
+        files = {name: t.numpy().tobytes() for name, t in zip(a.tokenizer_files, call.tensors)}
+        try:
+            return await asyncio.to_thread(self._shard_locally, a, info, files)
+        except (DataError, ShardError) as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+
+    def _shard_locally(self, a: LocalArgs, info: dict, files: dict[str, bytes]) -> dict:
+        source = read_samples(a.uri, field=a.field, include=a.include or None, exclude=a.exclude, strict=a.strict)
+        with tempfile.TemporaryDirectory() as directory:
+            for name, blob in files.items():
+                (Path(directory) / name).write_bytes(blob)
+            tokenizer = load_data_tokenizer(Path(directory))
+        samples = tokenize_samples(tokenizer, source.samples)
+        packed = pack(samples, a.seq_len, eos_id(tokenizer))
+        blob, meta = shard_payload(packed, **info)
+        sha256 = hashlib.sha256(blob).hexdigest()
+        state = self.shards.stage(a.dataset, meta, len(blob), sha256)
+        if not state["complete"]:
+            self.shards.put(a.dataset, state["received"], blob[state["received"]:])
+        return {"samples": meta["sample_count"], "tokens": meta["tokens"], "sequences": meta["sequences"],
+                "bytes": len(blob), "sha256": sha256, "sample_count": meta["sample_count"],
+                "skipped": [dataclasses.asdict(s) for s in source.skipped]}

@@ -18,11 +18,14 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from dllmd.storage import atomic_write, fsync_dir
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHARD, META, PART, INCOMING = "shard.safetensors", "shard.json", "shard.safetensors.part", ".incoming"
 STALE_STAGE_S = 24 * 3600
+SHARD_FORMAT = "dllm-shard-1"
 
 
 class ShardError(ValueError):
@@ -163,3 +166,26 @@ class ShardStore:
         shutil.rmtree(target, ignore_errors=True)
         self.abort(name)
         return existed
+
+
+def shard_payload(packed, **info) -> tuple[bytes, dict]:
+    """A packed shard as the bytes of ``shard.safetensors`` (``tokens``: int32 [sequences, seq_len])
+    and its ``shard.json`` description (``info`` plus counts and the per-sample table)."""
+    from safetensors.torch import save
+
+    tokens = packed.tokens.to(torch.int32).contiguous()
+    blob = save({"tokens": tokens}, metadata={"format": SHARD_FORMAT, "valid_tokens": str(packed.valid_tokens)})
+    meta = {**info, "format": SHARD_FORMAT, "seq_len": int(tokens.shape[1]) if tokens.dim() == 2 else 0,
+            "samples": [[s.sample_id, s.start, s.length] for s in packed.spans], "sample_count": len(packed.spans),
+            "tokens": int(packed.valid_tokens), "sequences": int(packed.rows)}
+    return blob, meta
+
+
+def read_shard(path: Path) -> tuple[torch.Tensor, dict]:
+    """The token rows of a committed shard and its description (what training reads)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tokens = f.get_tensor("tokens")
+    meta = json.loads((path.parent / META).read_bytes())
+    return tokens, meta

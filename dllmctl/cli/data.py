@@ -1,0 +1,163 @@
+"""``dllmctl shard-data`` and ``dllmctl data list|show|rm``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, out, print_json
+from dllmctl.cluster import RegistryError
+from dllmctl.data_push import PushError, remove_everywhere
+from dllmctl.datasets import DatasetRecords, ShardRequest, dataset_name, shard_and_push
+from dllmctl.paths import data_dir
+from dllmd.data import STRATEGIES, DataError
+from dllmd.net.client import CallError
+
+app = typer.Typer(help="Datasets sharded onto the nodes: list, show, remove.", no_args_is_help=True)
+
+
+def records() -> DatasetRecords:
+    return DatasetRecords(data_dir() / "datasets")
+
+
+def _split(text: Optional[str]) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def shard_data_command(
+    data_uri: Annotated[str, typer.Argument(help="A directory (code repository), a .jsonl or a text file; "
+                                                 "file:// URIs too. With --local-only: a path on every node.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The model whose tokenizer to use.")],
+    strategy: Annotated[str, typer.Option(help=f"Placement: {', '.join(STRATEGIES)}.")] = "round_robin",
+    nodes: Annotated[Optional[str], typer.Option(help="Comma-separated node names (default: all registered).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Dataset name (default: from the path).")] = None,
+    seq_len: Annotated[int, typer.Option(min=8, max=1_048_576, help="Tokens per packed sequence.")] = 2048,
+    replicas: Annotated[int, typer.Option(min=1, max=16, help="Copies of each sample (dht only).")] = 1,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    field: Annotated[str, typer.Option(help="The text field of JSONL records.")] = "text",
+    include: Annotated[Optional[str], typer.Option(help="Comma-separated globs of files to read (directories).")] = None,
+    exclude: Annotated[Optional[str], typer.Option(help="Comma-separated gitignore-style patterns to skip.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed record.")] = False,
+    local_only: Annotated[bool, typer.Option("--local-only", help="Each node shards DATA_URI on its own disk; "
+                                                                  "the data never leaves it.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tokenize, pack and place training data on the nodes (all or nothing)."""
+    from dllmctl.cli.deploy import model_dir
+
+    user, registry = load_user(), load_registry()
+    directory = model_dir(model)
+    try:
+        targets = registry.select(_split(nodes) or None)
+        request = ShardRequest(uri=data_uri, model=model, model_dir=directory, strategy=strategy,
+                               name=dataset_name(data_uri, name), seq_len=seq_len, replicas=replicas, seed=seed,
+                               field=field, include=_split(include) or None, exclude=_split(exclude), strict=strict,
+                               local_only=local_only)
+    except (RegistryError, DataError) as exc:
+        fail(str(exc))
+    progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                        console=err, transient=as_json)
+    tasks: dict[str, int] = {}
+
+    def stage(what: str) -> None:
+        if not tasks:
+            progress.start()
+        for task in tasks.values():
+            progress.update(task, completed=progress.tasks[task].total or 0)
+        tasks[what] = progress.add_task(what, total=None)
+
+    def pushed(node: str, count: int) -> None:
+        key = f"push {node}"
+        if key not in tasks:
+            tasks[key] = progress.add_task(key, total=None)
+        progress.advance(tasks[key], count)
+
+    try:
+        report = shard_and_push(user, targets, request, stage, pushed)
+    except (DataError, PushError, CallError, OSError) as exc:
+        error = str(exc)
+    else:
+        error = None
+    finally:
+        if tasks:
+            progress.stop()
+    if error:
+        fail(error)
+    records().save(report)
+    if as_json:
+        print_json(report)
+        return
+    _print_report(report)
+
+
+def _print_report(report: dict) -> None:
+    table = Table("node", "samples", "tokens", "sequences", "bytes", "sha256")
+    for row in report["nodes"]:
+        table.add_row(row["node"], str(row["samples"]), str(row["tokens"]), str(row["sequences"]),
+                      human_bytes(row["bytes"]), row["sha256"][:16] + "...")
+    out.print(table)
+    out.print(f"{report['dataset']}: {report['strategy']}, seq_len {report['seq_len']}, skew {report['skew']:.3f}"
+              + (f", {report['tokens_per_second']:.0f} tokens/s" if report.get("tokens_per_second") else ""))
+    if report["skipped"]:
+        kinds: dict[str, int] = {}
+        for item in report["skipped"]:
+            kinds[item["kind"]] = kinds.get(item["kind"], 0) + 1
+        first = report["skipped"][0]
+        err.print(f"[yellow]skipped {len(report['skipped'])} item(s): "
+                  + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+                  + f" (e.g. {first['where']}: {first['reason']})[/yellow]")
+
+
+@app.command("list")
+def list_datasets(as_json: JsonOpt = False) -> None:
+    """Datasets this client sharded onto the nodes."""
+    rows = records().list()
+    if as_json:
+        print_json([{k: v for k, v in r.items() if k != "skipped"} for r in rows])
+        return
+    if not rows:
+        out.print("no datasets; try 'dllmctl shard-data DIR --model M'")
+        return
+    table = Table("dataset", "strategy", "model", "nodes", "samples", "tokens", "skew", "source")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["dataset"], "[red]" + r["error"] + "[/red]", "", "", "", "", "", "")
+            continue
+        table.add_row(r["dataset"], r["strategy"], r["model"], str(len(r["nodes"])), str(r["samples"]),
+                      str(sum(n["tokens"] for n in r["nodes"])), f"{r['skew']:.3f}", r["source"])
+    out.print(table)
+
+
+@app.command("show")
+def show(name: str, as_json: JsonOpt = False) -> None:
+    """One dataset: which node holds which shard."""
+    try:
+        report = records().load(name)
+    except DataError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+    else:
+        _print_report(report)
+
+
+@app.command("rm")
+def rm(name: str, as_json: JsonOpt = False) -> None:
+    """Remove a dataset's shards from its nodes and forget it."""
+    try:
+        report = records().load(name)
+    except DataError as exc:
+        fail(str(exc))
+    registry = load_registry()
+    holders = [registry.nodes[row["node"]] for row in report["nodes"] if row["node"] in registry.nodes]
+    outcome = asyncio.run(remove_everywhere(load_user(), holders, name))
+    records().remove(name)
+    if as_json:
+        print_json({"removed": name, "nodes": outcome})
+    else:
+        for node, what in outcome.items():
+            out.print(f"{node}: {what}")

@@ -1,0 +1,220 @@
+"""``dllmctl shard-data`` and the client's dataset records.
+
+Read, tokenize (the model's own tokenizer), assign samples to nodes by a strategy, pack each node's
+samples into rows of ``seq_len`` tokens, and place the shards with a two-phase push
+(:mod:`dllmctl.data_push`). With ``local_only`` every node reads a path on its own disk instead and
+keeps all of it (federated learning: private data never leaves its machine); nothing but counts and
+hashes comes back.
+
+The dataset record (``<data dir>/datasets/<name>.json``, written atomically after every node
+committed) is what ``dllmctl train`` consumes: which node holds which shard, with its sha256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dllmctl.cluster import NodeEntry
+from dllmctl.data_push import PushError, ShardUpload, push_shards
+from dllmd.data import (STRATEGIES, DataError, assign, eos_id, load_data_tokenizer, node_tokens, pack_shards,
+                        read_samples, skew, tokenize_samples)
+from dllmd.data.shards import NAME, shard_payload
+from dllmd.net.client import CallError, RpcClient
+from dllmd.net.identity import Identity
+from dllmd.storage import atomic_write
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+LOCAL_TIMEOUT_S = 600.0
+
+Stage = Callable[[str], None]  # "reading", "tokenizing", ... for a progress display
+
+
+@dataclass
+class ShardRequest:
+    uri: str
+    model: str
+    model_dir: Path
+    strategy: str
+    name: str
+    seq_len: int = 2048
+    replicas: int = 1
+    seed: int = 0
+    field: str = "text"
+    include: list[str] | None = None
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    strict: bool = False
+    local_only: bool = False
+
+
+def dataset_name(uri: str, name: str | None) -> str:
+    chosen = name or Path(uri.removeprefix("file://").rstrip("/")).stem or "dataset"
+    if not NAME.match(chosen):
+        raise DataError(f"invalid dataset name {chosen!r}: use letters, digits, '.', '_' and '-' (--name)")
+    return chosen
+
+
+def _check(request: ShardRequest, nodes: list[NodeEntry]) -> None:
+    if request.strategy not in STRATEGIES:
+        raise DataError(f"unknown strategy {request.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not nodes:
+        raise DataError("no nodes to shard onto; add some with 'dllmctl nodes add' or 'dllmctl cluster up'")
+    if not 8 <= request.seq_len <= 1_048_576:
+        raise DataError("--seq-len must be between 8 and 1048576 tokens")
+    if request.replicas > len(nodes):
+        raise DataError(f"--replicas {request.replicas} needs at least as many nodes (there are {len(nodes)})")
+
+
+def shard_and_push(user: Identity, nodes: list[NodeEntry], request: ShardRequest, stage: Stage = lambda _: None,
+                   push_progress: Callable[[str, int], None] = lambda *_: None) -> dict:
+    """Shard ``request.uri`` onto ``nodes``; returns the report (and records the dataset)."""
+    _check(request, nodes)
+    started = time.perf_counter()
+    if request.local_only:
+        report = asyncio.run(_local_only(user, nodes, request))
+    else:
+        report = _central(user, nodes, request, stage, push_progress)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    # Source tokens read, tokenized and placed per second (replicas are not counted twice).
+    report["tokens_per_second"] = round(report["tokens"] / report["seconds"], 1) if report["seconds"] else None
+    return report
+
+
+def _central(user: Identity, nodes: list[NodeEntry], request: ShardRequest, stage: Stage,
+             push_progress: Callable[[str, int], None]) -> dict:
+    stage("reading")
+    source = read_samples(request.uri, field=request.field, include=request.include, exclude=request.exclude,
+                          strict=request.strict)
+    stage("tokenizing")
+    tokenizer = load_data_tokenizer(request.model_dir)
+    samples = tokenize_samples(tokenizer, source.samples)
+    stage("assigning")
+    ids = [n.public_key for n in nodes]  # stable node ids: names can be changed, keys cannot
+    by_id = assign(samples, ids, request.strategy, seed=request.seed, replicas=request.replicas)
+    stage("packing")
+    packed = pack_shards(samples, by_id, request.seq_len, eos_id(tokenizer))
+    uploads = []
+    for node in nodes:
+        blob, meta = shard_payload(packed[node.public_key], **_info(request, node))
+        uploads.append(ShardUpload(node, blob, meta))
+    stage("pushing")
+    asyncio.run(push_shards(user, request.name, uploads, push_progress))
+    rows = [_row(u.node.name, u.meta, len(u.blob), u.sha256) for u in uploads]
+    per_node = node_tokens(samples, by_id)
+    return _report(request, rows, skipped=[dataclasses.asdict(s) for s in source.skipped],
+                   skew_value=skew(list(per_node.values())), samples=len(samples),
+                   tokens=sum(s.packed_tokens for s in samples))
+
+
+def _info(request: ShardRequest, node: NodeEntry) -> dict:
+    return {"dataset": request.name, "node": node.name, "node_key": node.public_key, "model": request.model,
+            "strategy": "local" if request.local_only else request.strategy, "seed": request.seed,
+            "replicas": request.replicas, "source": request.uri, "created": time.time()}
+
+
+def _row(node: str, meta: dict, size: int, sha256: str) -> dict:
+    return {"node": node, "samples": meta["sample_count"], "tokens": meta["tokens"], "sequences": meta["sequences"],
+            "bytes": size, "sha256": sha256}
+
+
+def _report(request: ShardRequest, rows: list[dict], skipped: list[dict], skew_value: float, samples: int,
+            tokens: int) -> dict:
+    return {"dataset": request.name, "strategy": "local" if request.local_only else request.strategy,
+            "seq_len": request.seq_len, "model": request.model, "source": request.uri, "replicas": request.replicas,
+            "seed": request.seed, "samples": samples, "tokens": tokens, "nodes": rows, "skew": round(skew_value, 4),
+            "skipped": skipped}
+
+
+async def _local_only(user: Identity, nodes: list[NodeEntry], request: ShardRequest) -> dict:
+    """Every node shards its own copy of ``request.uri`` (a path on that node), then all commit."""
+    files = {name: (request.model_dir / name).read_bytes() for name in TOKENIZER_FILES
+             if (request.model_dir / name).exists()}
+    if "tokenizer.json" not in files and "tokenizer.model" not in files:
+        raise DataError(f"model {request.model} has no tokenizer files to send to the nodes; re-import it with "
+                        f"its tokenizer")
+    clients = {n.name: RpcClient(user, n.address, n.public_key) for n in nodes}
+
+    async def one(node: NodeEntry) -> dict:
+        args = {"dataset": request.name, "uri": request.uri, "field": request.field,
+                "include": request.include or [], "exclude": request.exclude, "strict": request.strict,
+                "seq_len": request.seq_len, "tokenizer_files": list(files),
+                "info": json.dumps(_info(request, node)).encode()}
+        # Files ride as tensor frames: a header (where args live) is limited to a few KiB.
+        tensors = [torch.frombuffer(bytearray(blob), dtype=torch.int8) for blob in files.values()]
+        result, _ = await clients[node.name].call("data.local", args, tensors, timeout=LOCAL_TIMEOUT_S)
+        return result
+
+    try:
+        results = await asyncio.gather(*(one(n) for n in nodes), return_exceptions=True)
+        failures = [f"{n.name}: {r}" for n, r in zip(nodes, results) if isinstance(r, BaseException)]
+        if failures:
+            await asyncio.gather(*(_quietly(c, "data.abort", request.name) for c in clients.values()))
+            raise PushError(f"could not shard {request.uri} locally: {'; '.join(failures)}; no node's data was "
+                            f"changed")
+        commits = await asyncio.gather(*(c.call("data.commit", {"dataset": request.name}, timeout=60)
+                                         for c in clients.values()), return_exceptions=True)
+        failures = [f"{name}: {r}" for name, r in zip(clients, commits) if isinstance(r, BaseException)]
+        if failures:
+            await asyncio.gather(*(_quietly(c, "data.remove", request.name) for c in clients.values()))
+            raise PushError(f"commit of {request.name} failed on {'; '.join(failures)}; removed it everywhere")
+    finally:
+        for client in clients.values():
+            client.close()
+    rows = [_row(n.name, r, r["bytes"], r["sha256"]) for n, r in zip(nodes, results)]
+    skipped = [s for r in results for s in r.get("skipped", [])]
+    return _report(request, rows, skipped, skew([row["tokens"] for row in rows]), sum(r["samples"] for r in rows),
+                   sum(row["tokens"] for row in rows))
+
+
+async def _quietly(client: RpcClient, op: str, dataset: str) -> None:
+    try:
+        await client.call(op, {"dataset": dataset}, timeout=10)
+    except CallError:
+        pass
+
+
+# --- the client's records ---------------------------------------------------------------------
+
+class DatasetRecords:
+    """``<data dir>/datasets/<name>.json``: one report per dataset, as pushed."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def save(self, report: dict) -> None:
+        atomic_write(self.root / f"{report['dataset']}.json", json.dumps(report, indent=1).encode())
+
+    def load(self, name: str) -> dict:
+        if not NAME.match(name):
+            raise DataError(f"invalid dataset name {name!r}")
+        try:
+            return json.loads((self.root / f"{name}.json").read_bytes())
+        except FileNotFoundError:
+            raise DataError(f"no dataset {name!r}; see 'dllmctl data list'") from None
+        except ValueError as exc:
+            raise DataError(f"the record of {name!r} is corrupt ({exc}); remove it with 'dllmctl data rm {name}'") from None
+
+    def list(self) -> list[dict]:
+        if not self.root.exists():
+            return []
+        records = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                records.append(json.loads(path.read_bytes()))
+            except ValueError:
+                records.append({"dataset": path.stem, "error": "corrupt record"})
+        return records
+
+    def remove(self, name: str) -> bool:
+        path = self.root / f"{name}.json"
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        return existed

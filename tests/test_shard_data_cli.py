@@ -1,0 +1,67 @@
+"""`dllmctl shard-data` through real daemons: shards land on their nodes (verified, all or nothing),
+local-only shards never travel, and `data list|show|rm` manage them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+
+from tests.conftest import run_cli
+from tests.test_cli_inference import _ok, cluster3  # noqa: F401  (fixture)
+from tests.tiny_models import make_tiny_model
+
+
+def _corpus(root):
+    root.mkdir()
+    for i in range(12):
+        (root / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * (i + 1))
+    (root / "blob.bin").write_bytes(b"\x00\x01" * 100)
+    (root / ".gitignore").write_text("ignored.py\n")
+    (root / "ignored.py").write_text("secret = 1\n")
+    return root
+
+
+def test_shard_data_places_verifies_and_removes(cluster3, tmp_path):  # noqa: F811
+    _ok(run_cli("dllmctl", "model", "import", str(make_tiny_model("llama", tmp_path / "src")), "--name", "tiny",
+                "--json"))
+    corpus = _corpus(tmp_path / "repo")
+    report = _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--strategy", "round_robin",
+                         "--seq-len", "64", "--json"))
+    assert report["dataset"] == "repo" and report["samples"] == 13 and report["skew"] >= 1.0
+    assert [n["samples"] for n in report["nodes"]] == [5, 4, 4]  # 12 .py files and the .gitignore
+    assert sum(n["tokens"] for n in report["nodes"]) == report["tokens"]
+    assert any(s["kind"] == "binary" for s in report["skipped"])
+    # Each node holds exactly the shard the report names.
+    for row in report["nodes"]:
+        shard = tmp_path / "c" / row["node"] / "datasets" / "repo" / "shard.safetensors"
+        assert hashlib.sha256(shard.read_bytes()).hexdigest() == row["sha256"]
+    listed = _ok(run_cli("dllmctl", "data", "list", "--json"))
+    assert [d["dataset"] for d in listed] == ["repo"]
+    assert _ok(run_cli("dllmctl", "data", "show", "repo", "--json"))["nodes"] == report["nodes"]
+
+    # Local-only: every node reads its own path; same data here, so the same counts on each.
+    local = _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--local-only", "--name", "priv",
+                        "--seq-len", "64", "--json"))
+    assert local["strategy"] == "local" and [n["samples"] for n in local["nodes"]] == [13, 13, 13]
+
+    # Bad input: a clear message, no traceback.
+    for args, needle in ((["shard-data", str(tmp_path / "none"), "-m", "tiny"], "does not exist"),
+                         (["shard-data", str(corpus), "-m", "tiny", "--strategy", "nope"], "unknown strategy"),
+                         (["shard-data", str(corpus), "-m", "tiny", "--strategy", "hash", "--replicas", "2"], "dht"),
+                         (["data", "show", "ghost"], "no dataset")):
+        done = run_cli("dllmctl", *args)
+        assert done.returncode != 0 and needle in " ".join(done.stderr.split()) and "Traceback" not in done.stderr, (args, done.stderr)
+
+    # An unreachable node: refused, and no node got a new dataset.
+    state = json.loads((tmp_path / "c" / "cluster.json").read_text())["nodes"]
+    os.kill(state[2]["pid"], signal.SIGKILL)
+    done = run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--name", "partial", "--seq-len", "64")
+    assert done.returncode != 0 and "no node's data was changed" in " ".join(done.stderr.split())
+    for node in ("local-1", "local-2"):
+        assert not (tmp_path / "c" / node / "datasets" / "partial").exists()
+
+    removed = _ok(run_cli("dllmctl", "data", "rm", "repo", "--json"))
+    assert removed["nodes"]["local-1"] == "removed"
+    assert not (tmp_path / "c" / "local-1" / "datasets" / "repo").exists()
