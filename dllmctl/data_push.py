@@ -42,6 +42,7 @@ class ShardUpload:
 
 
 async def _stage(client: RpcClient, dataset: str, upload: ShardUpload, progress: Progress) -> None:
+    await client.call("ping", timeout=5)  # a node that is down answers nothing: fail in seconds, not a minute
     state, _ = await client.call("data.stage", {"dataset": dataset, "meta": json.dumps(upload.meta).encode(),
                                                 "bytes": len(upload.blob), "sha256": upload.sha256}, timeout=60)
     offset = int(state["received"])
