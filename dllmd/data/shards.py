@@ -10,7 +10,6 @@ that gives up sends *abort*; a stage nobody commits is swept away after a day.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dllmd.models.store import sha256_file
 from dllmd.storage import atomic_write, fsync_dir
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -32,12 +32,6 @@ class ShardError(ValueError):
     """A shard operation that cannot be done; the message says why and what to do."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardStore:
@@ -91,7 +85,7 @@ class ShardStore:
                 os.fsync(f.fileno())
         if have + len(chunk) < meta["bytes"]:
             return {"received": have + len(chunk), "complete": False}
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != meta["sha256"]:
             part.unlink()
             raise ShardError(f"shard {name!r} does not match its sha256 (got {digest[:12]}..., expected "

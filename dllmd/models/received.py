@@ -9,7 +9,6 @@ against the node's admin keys and every file the span reads is hashed again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from dllmd.net.identity import verify_signature
+from dllmd.models.store import sha256_file
 from dllmd.storage import atomic_write, fsync_dir
 
 SAFE_PART = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -40,12 +40,6 @@ def safe_relative(path: str) -> str:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def span_files(manifest: Mapping, start: int, end: int, embed: bool, head: bool) -> list[str]:
@@ -98,7 +92,7 @@ class ReceivedModels:
 
     @staticmethod
     def _publish(directory: Path, rel: str, part: Path, meta: dict) -> None:
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != meta["sha256"]:
             part.unlink()
             raise ModelFileError(f"{rel} does not match its signed sha256 (got {digest[:12]}..., expected "
@@ -155,7 +149,7 @@ class ReceivedModels:
             path = directory / safe_relative(rel)
             if not path.exists():
                 raise ModelFileError(f"{rel} of {name} is missing on this node; deploy again")
-            if _sha256(path) != manifest["files"][rel]["sha256"]:
+            if sha256_file(path) != manifest["files"][rel]["sha256"]:
                 path.unlink()  # so the next deploy sends it again
                 raise ModelFileError(f"{rel} of {name} does not match its signed sha256: refused and removed; "
                                      f"deploy again")
