@@ -43,8 +43,9 @@ class ShardUpload:
 
 async def _stage(client: RpcClient, dataset: str, upload: ShardUpload, progress: Progress) -> None:
     await client.call("ping", timeout=5)  # a node that is down answers nothing: fail in seconds, not a minute
-    state, _ = await client.call("data.stage", {"dataset": dataset, "meta": json.dumps(upload.meta).encode(),
-                                                "bytes": len(upload.blob), "sha256": upload.sha256}, timeout=60)
+    meta = torch.frombuffer(bytearray(json.dumps(upload.meta).encode()), dtype=torch.int8)
+    state, _ = await client.call("data.stage", {"dataset": dataset, "bytes": len(upload.blob),
+                                                "sha256": upload.sha256}, [meta], timeout=60)
     offset = int(state["received"])
     progress(upload.node.name, offset)
     while offset < len(upload.blob):

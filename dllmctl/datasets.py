@@ -24,8 +24,8 @@ import torch
 
 from dllmctl.cluster import NodeEntry
 from dllmctl.data_push import PushError, ShardUpload, push_shards
-from dllmd.data import (STRATEGIES, DataError, assign, eos_id, load_data_tokenizer, node_tokens, pack_shards,
-                        read_samples, skew, tokenize_samples)
+from dllmd.data import (STRATEGIES, DataError, SourceResult, TokenizedSample, assign, eos_id, load_data_tokenizer,
+                        node_tokens, pack, read_samples, skew, tokenize_samples)
 from dllmd.data.shards import NAME, shard_payload
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
@@ -35,7 +35,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 LOCAL_TIMEOUT_S = 600.0
 
-Stage = Callable[[str], None]  # "reading", "tokenizing", ... for a progress display
+
+
+class ShardProgress:
+    """What a progress display hears: stages ("reading", "tokenizing", "push NODE") and amounts done.
+
+    ``unit`` is "items" (files, samples) or "bytes"; ``total`` is None when not known up front.
+    The base class shows nothing (scripts, the MCP server, benchmarks).
+    """
+
+    def stage(self, what: str, total: int | None = None, unit: str = "items") -> None:
+        pass
+
+    def advance(self, what: str, amount: int) -> None:
+        pass
 
 
 @dataclass
@@ -73,43 +86,63 @@ def _check(request: ShardRequest, nodes: list[NodeEntry]) -> None:
         raise DataError(f"--replicas {request.replicas} needs at least as many nodes (there are {len(nodes)})")
 
 
-def shard_and_push(user: Identity, nodes: list[NodeEntry], request: ShardRequest, stage: Stage = lambda _: None,
-                   push_progress: Callable[[str, int], None] = lambda *_: None) -> dict:
+def shard_and_push(user: Identity, nodes: list[NodeEntry], request: ShardRequest,
+                   progress: ShardProgress | None = None) -> dict:
     """Shard ``request.uri`` onto ``nodes``; returns the report (and records the dataset)."""
     _check(request, nodes)
+    progress = progress or ShardProgress()
     started = time.perf_counter()
     if request.local_only:
-        report = asyncio.run(_local_only(user, nodes, request))
+        progress.stage("nodes sharding", total=len(nodes))
+        report = asyncio.run(_local_only(user, nodes, request, lambda: progress.advance("nodes sharding", 1)))
     else:
-        report = _central(user, nodes, request, stage, push_progress)
+        report = place(user, nodes, request, prepare(request, progress), progress)
     report["seconds"] = round(time.perf_counter() - started, 3)
     # Source tokens read, tokenized and placed per second (replicas are not counted twice).
     report["tokens_per_second"] = round(report["tokens"] / report["seconds"], 1) if report["seconds"] else None
     return report
 
 
-def _central(user: Identity, nodes: list[NodeEntry], request: ShardRequest, stage: Stage,
-             push_progress: Callable[[str, int], None]) -> dict:
-    stage("reading")
+@dataclass
+class Prepared:
+    """Read and tokenized samples, ready to be assigned (the slow part, done once per source)."""
+    source: SourceResult
+    samples: list[TokenizedSample]
+    eos_id: int
+
+
+def prepare(request: ShardRequest, progress: ShardProgress) -> Prepared:
+    progress.stage("reading")
     source = read_samples(request.uri, field=request.field, include=request.include, exclude=request.exclude,
                           strict=request.strict)
-    stage("tokenizing")
+    progress.advance("reading", len(source.samples))
+    progress.stage("tokenizing", total=len(source.samples))
     tokenizer = load_data_tokenizer(request.model_dir)
-    samples = tokenize_samples(tokenizer, source.samples)
-    stage("assigning")
+    samples = tokenize_samples(tokenizer, source.samples, lambda done: progress.advance("tokenizing", done))
+    return Prepared(source, samples, eos_id(tokenizer))
+
+
+def place(user: Identity, nodes: list[NodeEntry], request: ShardRequest, prepared: Prepared,
+          progress: ShardProgress) -> dict:
+    """Assign, pack and push prepared samples by ``request.strategy``; the dataset's report."""
+    progress.stage("assigning")
+    samples = prepared.samples
     ids = [n.public_key for n in nodes]  # stable node ids: names can be changed, keys cannot
     by_id = assign(samples, ids, request.strategy, seed=request.seed, replicas=request.replicas)
-    stage("packing")
-    packed = pack_shards(samples, by_id, request.seq_len, eos_id(tokenizer))
+    progress.stage("packing", total=len(nodes))
     uploads = []
     for node in nodes:
-        blob, meta = shard_payload(packed[node.public_key], **_info(request, node))
+        # One node at a time: only one packed shard is held in memory besides its serialized blob.
+        packed = pack([samples[i] for i in by_id[node.public_key]], request.seq_len, prepared.eos_id)
+        blob, meta = shard_payload(packed, **_info(request, node))
         uploads.append(ShardUpload(node, blob, meta))
-    stage("pushing")
-    asyncio.run(push_shards(user, request.name, uploads, push_progress))
+        progress.advance("packing", 1)
+    for upload in uploads:
+        progress.stage(f"push {upload.node.name}", total=len(upload.blob), unit="bytes")
+    asyncio.run(push_shards(user, request.name, uploads, lambda node, count: progress.advance(f"push {node}", count)))
     rows = [_row(u.node.name, u.meta, len(u.blob), u.sha256) for u in uploads]
     per_node = node_tokens(samples, by_id)
-    return _report(request, rows, skipped=[dataclasses.asdict(s) for s in source.skipped],
+    return _report(request, rows, skipped=[dataclasses.asdict(s) for s in prepared.source.skipped],
                    skew_value=skew(list(per_node.values())), samples=len(samples),
                    tokens=sum(s.packed_tokens for s in samples))
 
@@ -133,7 +166,8 @@ def _report(request: ShardRequest, rows: list[dict], skipped: list[dict], skew_v
             "skipped": skipped}
 
 
-async def _local_only(user: Identity, nodes: list[NodeEntry], request: ShardRequest) -> dict:
+async def _local_only(user: Identity, nodes: list[NodeEntry], request: ShardRequest,
+                      one_done: Callable[[], None]) -> dict:
     """Every node shards its own copy of ``request.uri`` (a path on that node), then all commit."""
     files = {name: (request.model_dir / name).read_bytes() for name in TOKENIZER_FILES
              if (request.model_dir / name).exists()}
@@ -150,6 +184,7 @@ async def _local_only(user: Identity, nodes: list[NodeEntry], request: ShardRequ
         # Files ride as tensor frames: a header (where args live) is limited to a few KiB.
         tensors = [torch.frombuffer(bytearray(blob), dtype=torch.int8) for blob in files.values()]
         result, _ = await clients[node.name].call("data.local", args, tensors, timeout=LOCAL_TIMEOUT_S)
+        one_done()
         return result
 
     try:

@@ -141,3 +141,13 @@ def test_specific_errors_are_precise(raw_peer):
     reply = _exchange(sock, encode_request(Request(id=9, op="echo", tensors=[tensor, torch.arange(5)])))
     assert reply.ok and torch.equal(reply.tensors[0], tensor) and torch.equal(reply.tensors[1], torch.arange(5))
     _assert_still_serving(daemon, sock)
+
+
+def test_an_oversized_header_is_answered_to_its_caller(raw_peer):
+    """Args too big for a header (bulk data belongs in tensor frames) get 'too_large' with the
+    request's own id, so the caller learns at once instead of waiting out its timeout."""
+    daemon, sock = raw_peer
+    reply = _exchange(sock, encode_request(Request(id=31337, op="echo", args={"blob": b"x" * (80 * 1024)})))
+    assert reply.id == 31337 and reply.error["code"] == "too_large"
+    assert "tensor frames" in reply.error["message"]
+    _assert_still_serving(daemon, sock)

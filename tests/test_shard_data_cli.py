@@ -46,6 +46,22 @@ def test_shard_data_places_verifies_and_removes(cluster3, tmp_path):  # noqa: F8
                         "--seq-len", "64", "--json"))
     assert local["strategy"] == "local" and [n["samples"] for n in local["nodes"]] == [13, 13, 13]
 
+    # A shard whose description (the per-sample table) is far over a message header's 64 KiB.
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({"id": f"record-with-a-long-stable-identifier-{i:06d}" + "x" * 40,
+                                           "text": f"sample {i}"}) + "\n" for i in range(3000)))
+    big = _ok(run_cli("dllmctl", "shard-data", str(records), "-m", "tiny", "--strategy", "hash", "--seq-len", "256",
+                      "--json"))
+    assert big["samples"] == 3000 and sum(n["samples"] for n in big["nodes"]) == 3000
+
+    # The benchmark: every strategy asked for, on its own temporary nodes, figures per strategy.
+    bench = _ok(run_cli("dllmctl", "bench", "shard-data", "-m", "tiny", "--source", str(corpus), "--nodes", "2",
+                        "--strategies", "round_robin,dht", "--seq-len", "64", "--json"))
+    assert bench["files"] == 12 and [r["strategy"] for r in bench["strategies"]] == ["round_robin", "dht"]
+    assert bench["strategies"][0]["tokens_per_node"] and sum(bench["strategies"][0]["tokens_per_node"]) == bench["tokens"]
+    assert sum(bench["strategies"][1]["tokens_per_node"]) == 2 * bench["tokens"]  # dht keeps 2 copies
+    assert all(r["tokens_per_second"] > 0 and r["skew"] >= 1.0 for r in bench["strategies"])
+
     # Bad input: a clear message, no traceback.
     for args, needle in ((["shard-data", str(tmp_path / "none"), "-m", "tiny"], "does not exist"),
                          (["shard-data", str(corpus), "-m", "tiny", "--strategy", "nope"], "unknown strategy"),

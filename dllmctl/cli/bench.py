@@ -178,3 +178,52 @@ def _print_single(report: dict) -> None:
     out.print(table)
     if "tokens_identical" in report:
         out.print("tokens identical to local generate: " + ("[green]yes[/green]" if report["tokens_identical"] else "[red]no[/red]"))
+
+
+@app.command("shard-data")
+def shard_data(
+    model: Annotated[str, typer.Option("--model", "-m", help="The model whose tokenizer to use.")],
+    source: Annotated[Optional[str], typer.Option(
+        help="A directory of code to shard (default: this Python's standard library).")] = None,
+    nodes: Annotated[int, typer.Option(min=1, max=16, help="Temporary local nodes to shard onto.")] = 4,
+    strategies: Annotated[Optional[str], typer.Option(help="Comma-separated strategies (default: all).")] = None,
+    seq_len: Annotated[int, typer.Option(min=8, max=1_048_576)] = 2048,
+    replicas: Annotated[int, typer.Option(min=1, max=16, help="Copies per sample for dht.")] = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Shard real code (*.py) with each strategy onto temporary local nodes: tokens/s and skew."""
+    from dllmctl.bench import shard as shard_bench
+    from dllmctl.cli.data import RichShardProgress
+    from dllmctl.cli.deploy import model_dir
+    from dllmctl.data_push import PushError
+    from dllmd.data import DataError
+
+    try:
+        chosen = shard_bench.parse_strategies(strategies)
+    except ValueError as exc:
+        fail(str(exc))
+    if replicas > nodes:
+        fail(f"--replicas {replicas} needs at least as many --nodes")
+    directory = model_dir(model)
+    progress = RichShardProgress(transient=True)
+    try:
+        report = shard_bench.run(load_user(), model, directory, source or shard_bench.stdlib_source(), nodes, chosen,
+                                 seq_len=seq_len, replicas=replicas, progress=progress)
+    except (DataError, PushError, CallError, LocalClusterError, OSError) as exc:
+        progress.stop()
+        fail(str(exc))
+    progress.stop()
+    if as_json:
+        print_json(report)
+        return
+    out.print(f"{report['source']}: {report['files']} files, {report['tokens']:,} tokens ({report['model']}); "
+              f"read + tokenize {report['read_tokenize_s']:.2f} s = "
+              f"{report['baseline_tokenize_tokens_per_second']:,.0f} tokens/s (baseline)")
+    table = Table("strategy", "tokens/s end to end", "vs tokenize only", "place s", "pushed",
+                  "tokens per node (min - max)", "skew")
+    for row in report["strategies"]:
+        name = row["strategy"] + (f" (R={row['replicas']})" if row["replicas"] > 1 else "")
+        table.add_row(name, f"{row['tokens_per_second']:,.0f}", f"{row['ratio_to_tokenize_only']:.2f}x",
+                      f"{row['place_s']:.2f}", human_bytes(row["bytes_pushed"]),
+                      f"{min(row['tokens_per_node']):,} - {max(row['tokens_per_node']):,}", f"{row['skew']:.3f}")
+    out.print(table)

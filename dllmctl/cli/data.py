@@ -6,13 +6,15 @@ import asyncio
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID,
+                           TextColumn, TimeElapsedColumn)
 from rich.table import Table
+from rich.text import Text
 
 from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, out, print_json
 from dllmctl.cluster import RegistryError
 from dllmctl.data_push import PushError, remove_everywhere
-from dllmctl.datasets import DatasetRecords, ShardRequest, dataset_name, shard_and_push
+from dllmctl.datasets import DatasetRecords, ShardProgress, ShardRequest, dataset_name, shard_and_push
 from dllmctl.paths import data_dir
 from dllmd.data import STRATEGIES, DataError
 from dllmd.net.client import CallError
@@ -59,32 +61,15 @@ def shard_data_command(
                                local_only=local_only)
     except (RegistryError, DataError) as exc:
         fail(str(exc))
-    progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                        console=err, transient=as_json)
-    tasks: dict[str, int] = {}
-
-    def stage(what: str) -> None:
-        if not tasks:
-            progress.start()
-        for task in tasks.values():
-            progress.update(task, completed=progress.tasks[task].total or 0)
-        tasks[what] = progress.add_task(what, total=None)
-
-    def pushed(node: str, count: int) -> None:
-        key = f"push {node}"
-        if key not in tasks:
-            tasks[key] = progress.add_task(key, total=None)
-        progress.advance(tasks[key], count)
-
+    progress = RichShardProgress(transient=as_json)
     try:
-        report = shard_and_push(user, targets, request, stage, pushed)
+        report = shard_and_push(user, targets, request, progress)
     except (DataError, PushError, CallError, OSError) as exc:
         error = str(exc)
     else:
         error = None
     finally:
-        if tasks:
-            progress.stop()
+        progress.stop()
     if error:
         fail(error)
     records().save(report)
@@ -92,6 +77,48 @@ def shard_data_command(
         print_json(report)
         return
     _print_report(report)
+
+
+class _Amount(ProgressColumn):
+    """Counts for items (files, samples, shards), sizes for bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.size = MofNCompleteColumn(), DownloadColumn()
+
+    def render(self, task: Task) -> Text:
+        return (self.size if task.fields.get("unit") == "bytes" else self.count).render(task)
+
+
+class RichShardProgress(ShardProgress):
+    """One line per stage on stderr; a stage is marked complete when the next one starts."""
+
+    def __init__(self, transient: bool) -> None:
+        self.bar = Progress(TextColumn("{task.description:<16}"), BarColumn(), _Amount(), TimeElapsedColumn(),
+                            console=err, transient=transient)
+        self.tasks: dict[str, TaskID] = {}
+        self.current: TaskID | None = None
+        self.started = False
+
+    def stage(self, what: str, total: int | None = None, unit: str = "items") -> None:
+        if not self.started:
+            self.bar.start()
+            self.started = True
+        if self.current is not None and not what.startswith("push "):
+            task = self.bar.tasks[self.current]  # stages run one after another (pushes concurrently)
+            self.bar.update(self.current, total=task.completed if task.total is None else task.total,
+                            completed=task.completed if task.total is None else task.total)
+        self.tasks[what] = self.bar.add_task(what, total=total, unit=unit)
+        if not what.startswith("push "):
+            self.current = self.tasks[what]
+
+    def advance(self, what: str, amount: int) -> None:
+        if what in self.tasks:
+            self.bar.advance(self.tasks[what], amount)
+
+    def stop(self) -> None:
+        if self.started:
+            self.bar.stop()
 
 
 def _print_report(report: dict) -> None:

@@ -23,6 +23,7 @@ from dllmd.net.wire import ErrorCode
 
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_META_BYTES = 32 * 1024 * 1024  # the per-sample table of a big shard
+MAX_SKIPPED_REPORTED = 200  # the reply is a header (64 KiB); the count says how many there were
 TOKENIZER_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a plain name: no '..', no '/'
 
 
@@ -30,7 +31,6 @@ TOKENIZER_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a plain na
 @dataclass
 class StageArgs:
     dataset: str = bounded(max_len=128)
-    meta: bytes = bounded(max_len=MAX_META_BYTES)  # JSON object describing the shard
     bytes: int = bounded(lo=1, hi=2**44)
     sha256: str = bounded(max_len=64)
 
@@ -87,8 +87,15 @@ class DataOps:
 
     async def _stage(self, call: Call) -> dict:
         a: StageArgs = call.args
+        # The description (with its per-sample table, megabytes for a big shard) rides as a tensor
+        # frame: headers are limited to 64 KiB.
+        if len(call.tensors) != 1 or call.tensors[0].dtype != torch.int8 or call.tensors[0].dim() != 1:
+            raise HandlerError(ErrorCode.BAD_ARGS, "data.stage carries the shard's JSON description as one int8 "
+                                                   "[n] tensor")
+        if call.tensors[0].numel() > MAX_META_BYTES:
+            raise HandlerError(ErrorCode.TOO_LARGE, f"a shard description is at most {MAX_META_BYTES} bytes")
         try:
-            meta = json.loads(a.meta)
+            meta = json.loads(call.tensors[0].numpy().tobytes())
         except ValueError:
             meta = None
         if not isinstance(meta, dict):
@@ -154,4 +161,5 @@ class DataOps:
             self.shards.put(a.dataset, state["received"], blob[state["received"]:])
         return {"samples": meta["sample_count"], "tokens": meta["tokens"], "sequences": meta["sequences"],
                 "bytes": len(blob), "sha256": sha256, "sample_count": meta["sample_count"],
-                "skipped": [dataclasses.asdict(s) for s in source.skipped]}
+                "skipped": [dataclasses.asdict(s) for s in source.skipped[:MAX_SKIPPED_REPORTED]],
+                "skipped_count": len(source.skipped)}

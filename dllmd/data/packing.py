@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,13 +82,16 @@ def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def tokenize_samples(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample]) -> list[TokenizedSample]:
-    """Each sample's token ids (no special tokens), in the same order, tokenized in batches."""
+def tokenize_samples(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample],
+                     progress: Callable[[int], None] = lambda done: None) -> list[TokenizedSample]:
+    """Each sample's token ids (no special tokens), in the same order, tokenized in batches;
+    ``progress`` hears how many samples each batch finished."""
     tokenized = []
     for start in range(0, len(samples), TOKENIZE_BATCH):
         batch = samples[start:start + TOKENIZE_BATCH]
         for sample, ids in zip(batch, _encode_batch(tokenizer, [sample.text for sample in batch])):
             tokenized.append(TokenizedSample(sample.id, np.asarray(ids, dtype=np.int32)))
+        progress(len(batch))
     return tokenized
 
 

@@ -170,10 +170,26 @@ def _buffer(frame: Any) -> memoryview:
     return buf if buf is not None else memoryview(frame)
 
 
+def _leading_id(buf: memoryview) -> int | None:
+    """The request id of an over-long header, read from its first bytes only (encoders put ``v`` and
+    ``id`` first), so the refusal reaches the waiting caller instead of leaving it to time out."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64)
+    unpacker.feed(bytes(buf[:64]))
+    try:
+        for _ in range(min(unpacker.read_map_header(), 2)):
+            key, value = unpacker.unpack(), unpacker.unpack()
+            if key == "id" and type(value) is int and 0 <= value < 2**63:
+                return value
+    except Exception:  # truncated or not a map: there is no id to answer to
+        pass
+    return None
+
+
 def _unpack_header(frame: Any, limits: Limits) -> dict:
     buf = _buffer(frame)
     if len(buf) > limits.max_header_bytes:
-        raise WireError(ErrorCode.TOO_LARGE, f"header is {len(buf)} bytes; the limit is {limits.max_header_bytes}")
+        raise WireError(ErrorCode.TOO_LARGE, f"header is {len(buf)} bytes; the limit is {limits.max_header_bytes} "
+                        "(send bulk data as tensor frames)", _leading_id(buf) or 0)
     try:
         header = msgpack.unpackb(buf, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for malformed input
