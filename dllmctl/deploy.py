@@ -44,35 +44,46 @@ def bytes_to_send(manifest: dict, span: SpanAssignment) -> int:
 async def deploy_span(user: Identity, node: NodeEntry, model_dir: Path, span: SpanAssignment,
                       progress: Progress = lambda *_: None, dtype: str = "") -> dict:
     """Ship one node its files (skipping what it has) and load its span; returns the node's report."""
-    blob = (model_dir / "manifest.json").read_bytes()
-    manifest = json.loads(blob)
-    signature = bytes.fromhex((model_dir / "manifest.sig").read_text().strip())
+    manifest = json.loads((model_dir / "manifest.json").read_bytes())
     name = manifest["name"]
     async with RpcClient(user, node.address, node.public_key) as client:
-        offer, _ = await client.call("model.offer", {"model": name, "manifest": blob, "signature": signature}, timeout=60)
-        sent = 0
-        for rel in span_files(manifest, span.start, span.end, span.embed, span.head):
-            size = manifest["files"][rel]["bytes"]
-            if offer["have"].get(rel) == manifest["files"][rel]["sha256"]:
-                progress(node.name, size)
-                continue
-            offset = int(offer["partial"].get(rel, 0))
-            progress(node.name, offset)
-            with open(model_dir / rel, "rb") as f:
-                f.seek(offset)
-                while offset < size:
-                    chunk = f.read(CHUNK_BYTES)
-                    if not chunk:
-                        raise OSError(f"{model_dir / rel} is shorter than its manifest says; re-import the model")
-                    data = torch.frombuffer(bytearray(chunk), dtype=torch.int8)
-                    await client.call("model.put", {"model": name, "path": rel, "offset": offset}, [data], timeout=120)
-                    offset += len(chunk)
-                    sent += len(chunk)
-                    progress(node.name, len(chunk))
+        sent = await ship_files(client, node.name, model_dir, span_files(manifest, span.start, span.end, span.embed,
+                                                                         span.head), progress)
         report, _ = await client.call("span.load", {"model": name, "start": span.start, "end": span.end,
                                                     "embed": span.embed, "head": span.head, "dtype": dtype},
                                       timeout=LOAD_TIMEOUT_S)
     return {**report, "node": node.name, "bytes_sent": sent}
+
+
+async def ship_files(client: RpcClient, node_name: str, model_dir: Path, files: list[str],
+                     progress: Progress = lambda *_: None) -> int:
+    """Offer the signed manifest, then send the listed files the node lacks (resuming partial
+    ones); returns the bytes sent."""
+    blob = (model_dir / "manifest.json").read_bytes()
+    manifest = json.loads(blob)
+    signature = bytes.fromhex((model_dir / "manifest.sig").read_text().strip())
+    name = manifest["name"]
+    offer, _ = await client.call("model.offer", {"model": name, "manifest": blob, "signature": signature}, timeout=60)
+    sent = 0
+    for rel in files:
+        size = manifest["files"][rel]["bytes"]
+        if offer["have"].get(rel) == manifest["files"][rel]["sha256"]:
+            progress(node_name, size)
+            continue
+        offset = int(offer["partial"].get(rel, 0))
+        progress(node_name, offset)
+        with open(model_dir / rel, "rb") as f:
+            f.seek(offset)
+            while offset < size:
+                chunk = f.read(CHUNK_BYTES)
+                if not chunk:
+                    raise OSError(f"{model_dir / rel} is shorter than its manifest says; re-import the model")
+                data = torch.frombuffer(bytearray(chunk), dtype=torch.int8)
+                await client.call("model.put", {"model": name, "path": rel, "offset": offset}, [data], timeout=120)
+                offset += len(chunk)
+                sent += len(chunk)
+                progress(node_name, len(chunk))
+    return sent
 
 
 async def deploy(user: Identity, nodes: dict[str, NodeEntry], model_dir: Path, spans: list[SpanAssignment],

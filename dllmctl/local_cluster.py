@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -70,11 +70,15 @@ def _save_state(directory: Path, nodes: list[LocalNode]) -> None:
     atomic_write(directory / STATE_FILE, json.dumps({"nodes": [asdict(n) for n in nodes]}, indent=2).encode())
 
 
-def _prepare_home(home: Path, name: str) -> Identity:
+def _prepare_home(home: Path, name: str, allow_plaintext_ring: bool = False) -> Identity:
     if not (home / "identity").exists():
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         Identity.generate().save(home / "identity")
-        NodeConfig(name=name, listen="tcp://127.0.0.1:0").save(home)
+        NodeConfig(name=name, listen="tcp://127.0.0.1:0", allow_plaintext_ring=allow_plaintext_ring).save(home)
+    elif allow_plaintext_ring:  # a kept home: allow it now (never taken back here: that is node.toml's to say)
+        config = NodeConfig.load(home)
+        if not config.allow_plaintext_ring:
+            replace(config, allow_plaintext_ring=True).save(home)
     return Identity.load(home / "identity")
 
 
@@ -130,8 +134,9 @@ def _wait_ready(home: Path, proc: subprocess.Popen, deadline: float) -> str:
 
 
 def up(count: int, directory: Path, user: Identity, registry: Registry,
-       progress: Callable[[str], None] = lambda _: None) -> list[LocalNode]:
-    """Start ``count`` daemons and register them. Refuses if this directory's cluster is running."""
+       progress: Callable[[str], None] = lambda _: None, allow_plaintext_ring: bool = False) -> list[LocalNode]:
+    """Start ``count`` daemons and register them. Refuses if this directory's cluster is running.
+    ``allow_plaintext_ring``: the nodes may run a training ring unencrypted (loopback is trusted)."""
     if count < 1 or count > 64:
         raise LocalClusterError("--local takes a node count between 1 and 64")
     running = [n for n in load_state(directory) if n.process()]
@@ -140,7 +145,7 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
                                 f"({', '.join(n.name for n in running)}); run 'dllmctl cluster down' first")
     names = [f"local-{i + 1}" for i in range(count)]
     homes = [directory / name for name in names]
-    identities = [_prepare_home(h, n) for h, n in zip(homes, names)]
+    identities = [_prepare_home(h, n, allow_plaintext_ring) for h, n in zip(homes, names)]
     _share_hardware_measurement(homes, progress)
     for home, identity in zip(homes, identities):
         keys = AuthorizedKeys(home / "authorized_keys.toml")

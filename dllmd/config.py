@@ -71,6 +71,8 @@ class NodeConfig:
     heartbeat_interval_ms: int = 2000
     heartbeat_timeout_ms: int = 6000
     memory_budget_bytes: int = 0  # 0: derive from available RAM/VRAM at start
+    ring_port: int = 0  # the training ring's socket, on the listen host; 0: a free port per job
+    allow_plaintext_ring: bool = False  # trusted links only: lets a job ask for an unencrypted ring
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -80,6 +82,10 @@ class NodeConfig:
                 value = getattr(self, f.name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ConfigError(f"{f.name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.allow_plaintext_ring, bool):
+            raise ConfigError(f"allow_plaintext_ring must be true or false, got {self.allow_plaintext_ring!r}")
+        if self.ring_port > 65535:
+            raise ConfigError(f"ring_port must be a TCP port (0-65535), got {self.ring_port}")
         if self.max_header_bytes < 1024 or self.max_message_bytes < self.max_header_bytes:
             raise ConfigError("max_header_bytes must be >= 1024 and <= max_message_bytes")
 

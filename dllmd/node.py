@@ -32,6 +32,8 @@ from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.transport import KeyTableAuthenticator, bind_router
 from dllmd.net.wire import PROTOCOL_VERSION, ErrorCode, Limits
 from dllmd.sdnotify import notify
+from dllmd.train.ringbench import RingBenchOps
+from dllmd.train.service import TrainingService
 from dllmd.storage import atomic_write
 
 log = logging.getLogger("dllmd")
@@ -113,9 +115,13 @@ class Daemon:
         self.inference = InferenceService(peers, self.keys, self._kv_budget())
         self._register(server)
         self.inference.register(server)
+        self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
+        self.training.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)
         DataOps(self.home).register(server)
+        RingBenchOps(ctx, self.identity, self.config).register(server)
         self.inference.start()
+        self.training.start()
         atomic_write(self.home / DAEMON_FILE, json.dumps({
             "pid": os.getpid(), "endpoint": self.endpoint, "public_key": self.identity.public_key,
             "started_at": self.started_at, "version": __version__,
@@ -130,6 +136,7 @@ class Daemon:
             notify("STOPPING=1")
             log.info("stopping")
             self.inference.stop()
+            await self.training.stop()
             await server.stop(timeout=5.0)
             peers.close()
             auth.stop()

@@ -6,7 +6,7 @@ import typer
 
 from dllmd import __version__
 from dllmd.net.identity import Identity
-from dllmctl.cli import bench, cluster, data, deploy, infer, model, nodes
+from dllmctl.cli import api, bench, cluster, data, deploy, infer, model, nodes, train
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -23,6 +23,12 @@ app.command("deploy")(deploy.deploy_command)
 app.command("undeploy")(deploy.undeploy_command)
 app.command("infer")(infer.infer_command)
 app.command("shard-data")(data.shard_data_command)
+app.command("train")(train.train_command)
+app.command("metrics")(train.metrics_command)
+app.add_typer(train.jobs_app, name="jobs")
+app.add_typer(train.checkpoints_app, name="checkpoints")
+app.command("serve")(api.serve_command)
+app.command("mcp")(api.mcp_command)
 
 
 @app.command("plan")

@@ -227,3 +227,93 @@ def shard_data(
                       f"{row['place_s']:.2f}", human_bytes(row["bytes_pushed"]),
                       f"{min(row['tokens_per_node']):,} - {max(row['tokens_per_node']):,}", f"{row['skew']:.3f}")
     out.print(table)
+
+
+@app.command("allreduce")
+def allreduce(
+    size: Annotated[str, typer.Option(
+        help="Buffer to sum: 64MB (10^6), 512KiB (2^10), 1GB; float32, at most 2 GiB.")] = "64MB",
+    nodes: Annotated[int, typer.Option(min=2, max=16, help="Temporary local nodes (ring members, gloo ranks).")] = 4,
+    iterations: Annotated[int, typer.Option(
+        min=1, max=100, help="Timed all-reduces per mode and round, after one warm-up.")] = 10,
+    rounds: Annotated[int, typer.Option(
+        min=1, max=20, help="Rounds in which the modes take turns (evens out load from elsewhere).")] = 2,
+    bucket: Annotated[Optional[str], typer.Option(
+        help="The ring's bucket size (default: the ring's own, as training uses: 4MiB encrypted, 16MiB plaintext).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Our ring all-reduce, CURVE-encrypted and plaintext, against torch.distributed gloo on temporary
+    local nodes: median time, bus bandwidth and the ratio to gloo (targets 0.5x and 0.9x)."""
+    from dllmctl.bench import allreduce as allreduce_bench
+
+    try:
+        nbytes = allreduce_bench.parse_size(size)
+        bucket_bytes = allreduce_bench.parse_size(bucket, "--bucket", lo=4096, hi=256 * 2**20) if bucket else 0
+    except ValueError as exc:
+        fail(str(exc))
+    user = load_user()
+    try:
+        with err.status("benchmarking...") as status:
+            report = allreduce_bench.run(user, nodes, nbytes, iterations, rounds, bucket_bytes,
+                                         progress=lambda text: status.update(text))
+    except (allreduce_bench.BenchError, CallError, LocalClusterError, RegistryError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+        return
+    out.print(f"all-reduce of {human_bytes(report['bytes'])} ({report['elements']:,} float32) over {report['nodes']} "
+              f"local nodes, {report['rounds']} x {report['iterations']} iterations, {report['cpu_count']} cores, "
+              f"{report['omp_threads_per_process']} OpenMP thread(s) per process")
+    table = Table("mode", "bucket", "median ms", "bus GB/s", "vs gloo", "target", "met")
+    for key, label in (("gloo", "gloo (baseline)"), ("encrypted", "ring encrypted (CURVE)"),
+                       ("plaintext", "ring plaintext")):
+        row = report[key]
+        target = f">= {row['target_ratio']}x" if "target_ratio" in row else ""
+        met = ("[green]yes[/green]" if row["meets_target"] else "[red]no[/red]") if "meets_target" in row else ""
+        bucket_text = human_bytes(row["bucket_bytes"]) if "bucket_bytes" in row else ""
+        table.add_row(label, bucket_text, f"{row['median_ms']:.1f}", f"{row['bus_gb_per_s']:.3f}", f"{row['ratio_to_gloo']:.2f}x",
+                      target, met)
+    out.print(table)
+    out.print("bus bandwidth = 2(n-1)/n x bytes / time; an iteration's time is its slowest rank's")
+
+
+@app.command("train")
+def train(
+    model: Annotated[str, typer.Option("--model", "-m", help="A model in the local store.")],
+    nodes: Annotated[int, typer.Option(min=1, max=16, help="Temporary local nodes.")] = 2,
+    steps: Annotated[int, typer.Option(min=2, max=10_000)] = 6,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 8,
+    micro_batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 2,
+    seq_len: Annotated[int, typer.Option(min=16, max=65536)] = 256,
+    source: Annotated[Optional[str], typer.Option(help="Code to train on (default: parts of the stdlib).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Data-parallel fine-tuning on temporary local nodes vs the same steps in one process."""
+    from dllmctl.bench import train as train_bench
+    from dllmctl.cli.deploy import model_dir
+    from dllmctl.data_push import PushError
+    from dllmctl.training import TrainError
+    from dllmd.data import DataError
+
+    if batch_size % micro_batch_size:
+        fail("--batch-size must be divisible by --micro-batch-size")
+    directory = model_dir(model)
+    try:
+        with err.status(f"training {steps} steps on {nodes} temporary node(s), then in one process..."):
+            report = train_bench.run(load_user(), model, directory, nodes, steps, batch_size, micro_batch_size,
+                                     seq_len, source=source)
+    except (DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+        return
+    d, local = report["distributed"], report["local"]
+    table = Table("", f"{nodes} nodes", "one process")
+    table.add_row("tokens/s", f"{d['tokens_per_second']:,.0f}", f"{local['tokens_per_second']:,.0f}")
+    table.add_row("step s", f"{d['step_s']:.2f}", f"{local['step_s']:.2f}")
+    table.add_row("compute / comm s", f"{d['compute_s']:.2f} / {d['comm_s']:.2f}", "")
+    table.add_row("share communicating", f"{d['comm_share']:.1%}", "")
+    table.add_row("final loss", f"{d['loss'][-1]:.4f}", f"{local['loss'][-1]:.4f}")
+    out.print(table)
+    out.print(f"{report['model']}: {report['tokens_per_step']} tokens per step (batch {report['batch_size']} x "
+              f"{report['seq_len']}); ratio {report['ratio_tokens_per_second']}x")

@@ -85,3 +85,17 @@ def down(directory: DirOpt = None, as_json: JsonOpt = False) -> None:
         print_json({"stopped": stopped})
     else:
         out.print(f"stopped {len(stopped)} daemon(s)" + (f": {', '.join(stopped)}" if stopped else ""))
+
+
+@app.command("restart")
+def restart(name: str, directory: DirOpt = None, as_json: JsonOpt = False) -> None:
+    """Start one stopped (or crashed) daemon of the local cluster again."""
+    registry = load_registry()
+    try:
+        node = local_cluster.restart(_dir(directory), name, registry)
+    except (local_cluster.LocalClusterError, RegistryError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"name": node.name, "pid": node.pid, "address": node.address})
+    else:
+        out.print(f"restarted {node.name} pid {node.pid} {node.address}")

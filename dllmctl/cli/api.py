@@ -1,0 +1,82 @@
+"""``dllmctl serve`` (the OpenAI-compatible HTTP API) and ``dllmctl mcp`` (the MCP server on stdio).
+
+Both need the ``api`` extra (``pip install 'dllm[api]'``); it is imported only when they run, so
+every other command works without it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Annotated, Optional
+
+import typer
+
+from dllmctl.cli.common import err, fail, load_registry, load_user
+
+MISSING_EXTRA = "this command needs the 'api' extra: pip install 'dllm[api]' (mcp, starlette, uvicorn)"
+
+
+def serve_command(
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port, printed).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="DLLM_API_KEY", help="Require 'Authorization: Bearer KEY' (or set DLLM_API_KEY, which keeps the key "
+                                    "out of the process list).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level (access lines at info).")] = "info",
+) -> None:
+    """Serve the cluster as an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
+    try:
+        import uvicorn
+
+        from dllmctl.openai_api import make_app
+    except ImportError:
+        fail(MISSING_EXTRA)
+    user = load_user()
+    load_registry()  # refuse a broken cluster.toml now rather than on the first request
+    if api_key is not None and not api_key.strip():
+        fail("--api-key is empty")
+    if not api_key and not _is_loopback(host):
+        err.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port "
+                  f"can use your cluster as you")
+    sock = _listen(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    # One line a script can read (tests do): the real port, also when --port 0 picked it.
+    err.print(f"dllmctl serve: listening on http://{shown}:{sock.getsockname()[1]}/v1", highlight=False)
+    config = uvicorn.Config(make_app(user, api_key), log_level=log_level, loop="asyncio", lifespan="on",
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here, not in uvicorn, so that --port 0 works and a taken port is one clear line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.set_inheritable(True)
+        return sock
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc}")
+
+
+def mcp_command() -> None:
+    """Serve the cluster to agents as MCP tools and resources over stdio (stdout carries only the protocol)."""
+    try:
+        from dllmctl.mcp_server import serve_stdio
+    except ImportError:
+        fail(MISSING_EXTRA)
+    user = load_user()
+    load_registry()
+    serve_stdio(user)

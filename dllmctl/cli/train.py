@@ -1,0 +1,328 @@
+"""``dllmctl train``, ``dllmctl jobs``, ``dllmctl metrics`` and ``dllmctl checkpoints``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, out, print_json
+from dllmctl.cluster import NodeEntry, RegistryError
+from dllmctl.training import (TrainError, check_parallelism, export_checkpoint, find_coordinator, job_call,
+                              job_spec, list_jobs, submit)
+from dllmd.data import DataError
+from dllmd.net.client import CallError
+
+jobs_app = typer.Typer(help="Training jobs: list, show, stop, resume.", no_args_is_help=True)
+checkpoints_app = typer.Typer(help="Checkpoints of a job: list, show, export.", no_args_is_help=True)
+
+FOLLOW_POLL_S = 1.0
+
+
+def _nodes(names: Optional[str]) -> list[NodeEntry]:
+    try:
+        return load_registry().select([p.strip() for p in names.split(",") if p.strip()] if names else None)
+    except RegistryError as exc:
+        fail(str(exc))
+
+
+def train_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="A model in the local store.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="A dataset placed with 'dllmctl shard-data'.")],
+    parallelism: Annotated[str, typer.Option(help="data (model, federated, hybrid: not built yet).")] = "data",
+    nodes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated node names; the first coordinates (default: the nodes holding the dataset).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, max=100_000)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, max=100_000_000, help="Stop after this many steps.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=1_000_000, help="Sequences per global step.")] = 8,
+    micro_batch_size: Annotated[int, typer.Option(min=1, max=65536,
+                                                  help="Sequences per forward/backward pass.")] = 1,
+    lr: Annotated[float, typer.Option(min=0.0, max=10.0)] = 1e-4,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 0,
+    grad_clip: Annotated[float, typer.Option(min=0.0, help="Global gradient norm clip (0: none).")] = 1.0,
+    weight_decay: Annotated[float, typer.Option(min=0.0, max=10.0)] = 0.0,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Steps between checkpoints (0: on stop and at the end).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (autocast; fp32 master weights).")] = "float32",
+    backend: Annotated[str, typer.Option(help="zmq (encrypted ring) or torch (torch.distributed).")] = "zmq",
+    plaintext: Annotated[bool, typer.Option("--plaintext", help="Unencrypted ring: trusted links only (the nodes "
+                                                                 "must allow it in node.toml).")] = False,
+    follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
+                                                                   "(Ctrl+C detaches; the job goes on).")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a model on a sharded dataset with data parallelism over an encrypted ring all-reduce."""
+    from dllmctl.cli.data import records
+    from dllmctl.cli.deploy import model_dir
+
+    try:
+        check_parallelism(parallelism)
+        dataset = records().load(data)
+    except (TrainError, DataError) as exc:
+        fail(str(exc))
+    directory = model_dir(model)
+    targets = _nodes(nodes or ",".join(row["node"] for row in dataset["nodes"]))
+    if epochs is not None and max_steps is not None:
+        fail("give --epochs or --max-steps, not both")
+    try:
+        spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                        epochs=epochs or (0 if max_steps else 1), max_steps=max_steps or 0, lr=lr,
+                        warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay,
+                        checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, plaintext=plaintext, backend=backend)
+    except TrainError as exc:
+        fail(str(exc))
+    user = load_user()
+    try:
+        with err.status("starting...") as status:
+            result = asyncio.run(submit(user, targets, directory, spec, stage=lambda s: status.update(s + "...")))
+    except (TrainError, CallError, OSError) as exc:
+        fail(str(exc))
+    if not follow:
+        if as_json:
+            print_json(result)
+        else:
+            out.print(f"job {result['job']} started: {result['total_steps']} steps, coordinated by "
+                      f"{result['coordinator']}; follow it with 'dllmctl metrics {result['job']} --follow'")
+        return
+    err.print(f"job {result['job']} started ({result['total_steps']} steps); Ctrl+C detaches, the job goes on")
+    final = _follow(user, targets[0], result["job"], as_json)
+    if as_json:
+        print_json(final)
+
+
+def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
+    """A progress bar with loss and tokens/s until the job ends; Ctrl+C only stops watching."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+                   TimeElapsedColumn(), console=err, transient=as_json)
+    task = bar.add_task(job, total=None, loss="-", speed="-")
+    after = -1
+    try:
+        with bar:
+            while True:
+                status = asyncio.run(job_call(user, coordinator, "jobs.metrics", {"job": job, "after_step": after}))
+                for row in status["metrics"]:
+                    after = row["step"]
+                    bar.update(task, loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_s']:.0f}")
+                bar.update(task, total=status["total_steps"], completed=status["step"])
+                if status["state"] in ("done", "stopped", "failed", "interrupted"):
+                    break
+                time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        err.print(f"detached; job {job} goes on ('dllmctl jobs show {job}')")
+        raise typer.Exit(0)
+    except CallError as exc:
+        fail(f"lost contact with the coordinator: {exc}")
+    shown = asyncio.run(job_call(user, coordinator, "jobs.show", {"job": job}))
+    if not as_json:
+        _print_job(shown)
+    if shown["state"] == "failed":
+        if as_json:
+            print_json(shown)
+        raise typer.Exit(1)
+    return shown
+
+
+def _locate(job: str) -> tuple:
+    user = load_user()
+    try:
+        return user, asyncio.run(find_coordinator(user, _nodes(None), job))
+    except TrainError as exc:
+        fail(str(exc))
+
+
+@jobs_app.command("list")
+def jobs_list(as_json: JsonOpt = False) -> None:
+    """Jobs on every registered node's coordinator."""
+    jobs, unreachable = asyncio.run(list_jobs(load_user(), _nodes(None)))
+    for line in unreachable:
+        err.print(f"[yellow]not asked: {line}[/yellow]")
+    if as_json:
+        print_json(jobs)
+        return
+    if not jobs:
+        out.print("no jobs; start one with 'dllmctl train --model M --data D'")
+        return
+    table = Table("job", "state", "model", "dataset", "nodes", "step", "coordinator")
+    for j in jobs:
+        table.add_row(j["job"], j["state"], j["model"], j["dataset"], ",".join(j["nodes"]),
+                      f"{j['step']}/{j['total_steps']}", j["coordinator"])
+    out.print(table)
+
+
+def _print_job(shown: dict) -> None:
+    out.print(f"{shown['job']}: [bold]{shown['state']}[/bold], step {shown['step']}/{shown['total_steps']}, "
+              f"{shown['model']} on {shown['dataset']} ({', '.join(shown['nodes'])})")
+    if shown.get("error"):
+        out.print(f"[red]{shown['error']}[/red]")
+    last = shown.get("last_metrics")
+    if last:
+        out.print(f"last step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
+                  f"compute {last['compute_s']:.2f} s, communication {last['comm_s']:.2f} s")
+    for event in shown.get("events", []):
+        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['kind']}: {event['message']}")
+
+
+@jobs_app.command("show")
+def jobs_show(job: str, as_json: JsonOpt = False) -> None:
+    """A job's state, last metrics, events and checkpoints."""
+    user, node = _locate(job)
+    shown = asyncio.run(job_call(user, node, "jobs.show", {"job": job}))
+    if as_json:
+        print_json({**shown, "coordinator": node.name})
+        return
+    _print_job(shown)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job: str, as_json: JsonOpt = False) -> None:
+    """Stop after the current step, with a checkpoint (resume later)."""
+    user, node = _locate(job)
+    result = asyncio.run(job_call(user, node, "jobs.stop", {"job": job}))
+    print_json(result) if as_json else out.print(f"{job}: {result['state']}")
+
+
+@jobs_app.command("resume")
+def jobs_resume(job: str, follow: Annotated[bool, typer.Option("--follow/--detach")] = False,
+                as_json: JsonOpt = False) -> None:
+    """Continue a stopped, interrupted or failed job from its latest checkpoint."""
+    user, node = _locate(job)
+    try:
+        current = [{"name": n.name, "address": n.address, "public_key": n.public_key} for n in _nodes(None)]
+        result = asyncio.run(job_call(user, node, "jobs.resume", {"job": job, "nodes": current}, timeout=900))
+    except CallError as exc:
+        fail(str(exc))
+    if follow:
+        final = _follow(user, node, job, as_json)
+        if as_json:
+            print_json(final)
+        return
+    print_json(result) if as_json else out.print(f"{job}: resumed from step {result['from_step']}")
+
+
+def metrics_command(
+    job: str,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep printing new steps (NDJSON with --json).")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Write the loss curve to this PNG file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-step loss, learning rate, gradient norm, tokens/s and compute/communication time."""
+    user, node = _locate(job)
+    rows, after = [], -1
+    try:
+        while True:
+            status = asyncio.run(job_call(user, node, "jobs.metrics", {"job": job, "after_step": after}))
+            fresh = status["metrics"]
+            rows += fresh
+            if fresh:
+                after = fresh[-1]["step"]
+            if follow:
+                for row in fresh:
+                    print(json.dumps(row), flush=True) if as_json else _print_metric(row)
+                if status["state"] not in ("running", "stopping", "queued"):
+                    break
+                time.sleep(FOLLOW_POLL_S)
+            elif len(fresh) < 1000:
+                break
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+    except CallError as exc:
+        fail(str(exc))
+    if plot is not None:
+        from dllmctl.plot import loss_plot
+
+        try:
+            loss_plot(rows, plot, title=job)
+        except OSError as exc:
+            fail(f"cannot write {plot}: {exc}")
+        err.print(f"wrote {plot}")
+    if follow:
+        return
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s")
+    for row in rows:
+        table.add_row(str(row["step"]), f"{row['loss']:.4f}", f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
+                      f"{row['tokens_per_s']:.0f}", f"{row['step_s']:.3f}", f"{row['compute_s']:.3f}",
+                      f"{row['comm_s']:.3f}")
+    out.print(table)
+
+
+def _print_metric(row: dict) -> None:
+    out.print(f"step {row['step']}: loss {row['loss']:.4f} lr {row['lr']:.2e} grad norm {row['grad_norm']:.3f} "
+              f"{row['tokens_per_s']:.0f} tok/s (compute {row['compute_s']:.2f} s, comm {row['comm_s']:.2f} s)")
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(job: str, as_json: JsonOpt = False) -> None:
+    """A job's checkpoints."""
+    user, node = _locate(job)
+    result = asyncio.run(job_call(user, node, "checkpoints.list", {"job": job}))
+    if as_json:
+        print_json(result["checkpoints"])
+        return
+    table = Table("step", "loss", "size", "path")
+    for c in result["checkpoints"]:
+        table.add_row(str(c["step"]), f"{c['loss']:.4f}" if c.get("loss") is not None else "-", human_bytes(c["bytes"]),
+                      c["path"])
+    out.print(table)
+
+
+@checkpoints_app.command("show")
+def checkpoints_show(job: str, step: Annotated[Optional[int], typer.Option(help="Default: the latest.")] = None,
+                     as_json: JsonOpt = False) -> None:
+    """One checkpoint: its step, loss, files and where it lives."""
+    user, node = _locate(job)
+    result = asyncio.run(job_call(user, node, "checkpoints.list", {"job": job}))
+    chosen = [c for c in result["checkpoints"] if step is None or c["step"] == step]
+    if not chosen:
+        fail(f"job {job} has no checkpoint" + (f" at step {step}" if step is not None else ""))
+    checkpoint = {**chosen[-1], "coordinator": node.name}
+    if as_json:
+        print_json(checkpoint)
+        return
+    for key, value in checkpoint.items():
+        out.print(f"{key}: {value}")
+
+
+@checkpoints_app.command("export")
+def checkpoints_export(
+    job: str,
+    name: Annotated[str, typer.Option(help="Name of the fine-tuned model in the local store.")],
+    step: Annotated[Optional[int], typer.Option(help="Default: the latest checkpoint.")] = None,
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Also keep the transformers directory here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a checkpoint as a transformers model directory and import it into the model store."""
+    import tempfile
+
+    from dllmctl.cli.deploy import model_dir
+    from dllmctl.model_import import ModelImportError, import_model
+    from dllmctl.paths import model_store_root
+    from dllmd.models.store import ModelStore
+
+    user, node = _locate(job)
+    shown = asyncio.run(job_call(user, node, "jobs.show", {"job": job}))
+    base = model_dir(shown["spec"]["model"])
+    with tempfile.TemporaryDirectory(prefix="dllm-export-") as tmp:
+        target = directory or Path(tmp) / "model"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            exported = asyncio.run(export_checkpoint(user, node, job, step, base, target))
+            manifest = import_model(target, ModelStore(model_store_root()), user, name, force=True)
+        except (TrainError, CallError, ModelImportError, OSError) as exc:
+            fail(str(exc))
+    report = {**exported, "model": manifest.name, "params": manifest.params,
+              "directory": str(directory) if directory else None}
+    if as_json:
+        print_json(report)
+        return
+    out.print(f"exported step {exported['step']} of {job} as model {manifest.name} "
+              f"({manifest.params / 1e6:.1f}M params); deploy it with 'dllmctl deploy {manifest.name}'")

@@ -1,0 +1,289 @@
+"""One generation, as every front end runs it: ``dllmctl infer``, the OpenAI-compatible server
+(:mod:`dllmctl.openai_api`) and the MCP tool (:mod:`dllmctl.mcp_server`).
+
+All three call :func:`prepare` then :func:`run`, so the same request gives the same text by
+construction: the same tokenization (the chat template unless ``raw``), the same route choice and
+failover, the same seeded sampling and the same decoding. :func:`prepare` checks everything that
+can be checked without the cluster (model, parallelism, prompt, context), so a front end can refuse
+a bad request before any node is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from transformers import PreTrainedTokenizerBase
+
+from dllmd.inference.sampling import SamplingParams
+from dllmd.models.store import ModelNotFound, ModelStore, ModelStoreError
+from dllmd.net.client import CallError
+from dllmd.net.identity import Identity
+from dllmctl.cluster import NodeEntry
+from dllmctl.failover import generate_with_failover
+from dllmctl.inference import PARALLELISMS, ClientPool, Generation
+from dllmctl.paths import model_store_root
+from dllmctl.routing import RouteError, live_stages
+from dllmctl.tokens import PromptError, encode_prompt, load_tokenizer, stop_ids
+
+log = logging.getLogger("dllmctl.generation")
+_running: set[asyncio.Task] = set()  # generations in flight, kept referenced until they finish
+
+# What front ends let a caller name. Only PARALLELISMS (both layer sharding) are built; the others
+# are refused with a message saying so, never served by something else behind the caller's back.
+NOT_BUILT = ("tensor", "hybrid")
+ALL_PARALLELISMS = (*PARALLELISMS, *NOT_BUILT)
+MAX_NEW_TOKENS = 100_000  # dllmctl infer's own bound
+# Errors that mean the cluster could not serve the request now (nodes down, no route), not that the
+# request was wrong.
+CLUSTER_ERRORS = (RouteError, CallError)
+
+
+class GenerationError(ValueError):
+    """The request cannot run as asked (unknown model, unbuilt parallelism, prompt too long): the
+    caller's mistake, with a message saying what to change. ``param`` names the field at fault and
+    ``code`` the kind of fault, for front ends that report them (the OpenAI API does)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class ModelNotInStore(GenerationError):
+    pass
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """What the client needs of a model to generate with it: the tokenizer and the layer count.
+    The weights are on the nodes; the tokenizer lives only here, in the local store."""
+
+    name: str
+    directory: Path
+    num_layers: int
+    tokenizer: PreTrainedTokenizerBase
+    stop_ids: frozenset[int]
+    context: int | None  # max_position_embeddings; None when the config does not say
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+# Servers load a model's tokenizer once, not per request; a re-import (new manifest) reloads it.
+_loaded: dict[str, tuple[int, LocalModel]] = {}
+
+
+def load_model(name: str) -> LocalModel:
+    """The model ``name`` from the local store (cached until its manifest changes)."""
+    store = ModelStore(model_store_root())
+    try:
+        directory = store.path(name)
+        manifest_file = directory / "manifest.json"
+        stamp = manifest_file.stat().st_mtime_ns
+    except ModelStoreError as exc:
+        raise GenerationError(str(exc), "model") from None
+    except FileNotFoundError:
+        raise ModelNotInStore(f"no model {name!r} in the local store; import it with 'dllmctl model import' or "
+                              f"'dllmctl model pull'", "model", "model_not_found") from None
+    cached = _loaded.get(name)
+    if cached and cached[0] == stamp:
+        return cached[1]
+    try:
+        manifest = store.get(name)
+        config = json.loads((directory / "config.json").read_text())
+        tokenizer = load_tokenizer(directory)
+    except ModelNotFound as exc:
+        raise ModelNotInStore(str(exc), "model", "model_not_found") from None
+    except (ModelStoreError, PromptError, OSError, ValueError) as exc:
+        raise GenerationError(f"model {name!r} cannot be used: {exc}", "model") from None
+    model = LocalModel(name, directory, manifest.num_layers, tokenizer, frozenset(stop_ids(tokenizer, directory)),
+                       config.get("max_position_embeddings"))
+    _loaded[name] = (stamp, model)
+    return model
+
+
+def check_parallelism(parallelism: str) -> None:
+    if parallelism in PARALLELISMS:
+        return
+    if parallelism in NOT_BUILT:
+        raise GenerationError(
+            f"parallelism {parallelism!r} is not built yet: dllm splits a model by layers across nodes; use "
+            f"'pipeline' (prompt chunks overlap across stages, decode batched with other sessions) or 'model' "
+            f"(one piece, never batched)", "parallelism", "not_built")
+    raise GenerationError(f"unknown parallelism {parallelism!r}; choose one of {', '.join(ALL_PARALLELISMS)} "
+                          f"({', '.join(NOT_BUILT)}: not built yet)", "parallelism")
+
+
+@dataclass
+class GenerationRequest:
+    """A prompt (a user message, or plain text with ``raw``) or a list of chat ``messages``."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[dict] | None = None  # [{"role", "content": str}], through the chat template
+    raw: bool = False
+    system: str | None = None
+    max_new_tokens: int | None = 128  # None: as many as the model's context leaves
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    parallelism: str = "pipeline"
+
+
+@dataclass
+class Prepared:
+    model: LocalModel
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    parallelism: str
+
+
+def prepare(request: GenerationRequest) -> Prepared:
+    """Everything that can be refused before the cluster is asked; raises GenerationError."""
+    check_parallelism(request.parallelism)
+    if request.max_new_tokens is not None and not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
+        raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}", "max_new_tokens")
+    sampling = SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                              seed=request.seed)
+    _check_sampling(sampling)
+    model = load_model(request.model)
+    try:
+        if request.messages is not None:
+            if request.raw:
+                raise PromptError("messages go through the chat template; raw applies to a plain prompt")
+            ids = encode_prompt(model.tokenizer, "", system=request.system, history=request.messages)
+        else:
+            ids = encode_prompt(model.tokenizer, request.prompt or "", raw=request.raw, system=request.system)
+    except PromptError as exc:
+        raise GenerationError(str(exc), "messages" if request.messages is not None else "prompt") from None
+    except Exception as exc:  # a chat template that chokes on the messages (jinja raises its own errors)
+        raise GenerationError(f"the chat template of {model.name} refused these messages: {exc}",
+                              "messages") from None
+    room = model.context - len(ids) if model.context else MAX_NEW_TOKENS
+    wanted = request.max_new_tokens if request.max_new_tokens is not None else min(room, MAX_NEW_TOKENS)
+    if wanted > room or wanted < 1:
+        raise GenerationError(f"prompt ({len(ids)} tokens) + max_new_tokens {max(wanted, 1)} exceeds the model's "
+                              f"context of {model.context} tokens; shorten the prompt or lower max_new_tokens",
+                              "max_new_tokens", "context_length_exceeded")
+    return Prepared(model, ids, wanted, sampling, request.parallelism)
+
+
+def _check_sampling(s: SamplingParams) -> None:
+    """The daemon checks these too, but only once the session opens; say it before."""
+    for ok, param, message in ((0.0 <= s.temperature <= 100.0, "temperature", "between 0 and 100 (0: greedy)"),
+                               (0.0 < s.top_p <= 1.0, "top_p", "greater than 0 and at most 1"),
+                               (0 <= s.top_k <= 1_000_000, "top_k", "between 0 (no limit) and 1000000"),
+                               (0 <= s.seed < 2**63, "seed", "between 0 and 2**63 - 1")):
+        if not ok:
+            raise GenerationError(f"{param} must be {message}", param)
+
+
+class TextStream:
+    """Text deltas as tokens arrive: the decoded text so far minus what was already handed out.
+
+    Decoding token by token would be wrong: byte-level BPE splits a character such as an emoji over
+    several tokens, and one token alone decodes to U+FFFD. So the whole sequence is decoded each
+    time, and text is handed out only when it does not end in U+FFFD (a character still incomplete)
+    and extends what was handed out. For tokenizers whose decoding of a prefix is a prefix of the
+    decoding (byte-level BPE, SentencePiece), the deltas joined equal the final text.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self._text()
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def finish(self) -> str:
+        """What is left once generation ended (an incomplete character at the very end included)."""
+        text = self._text()
+        if not text.startswith(self.sent):
+            log.warning("this tokenizer's decoding changed text already streamed; the final text differs")
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, the stop id included when the model ended
+    prompt_tokens: int
+    finish_reason: str  # "stop": the model emitted a stop id; "length": max_new_tokens reached
+    generation: Generation  # timings, routes, failovers
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
+              on_text: Callable[[str], None] | None = None, pool: ClientPool | None = None,
+              assigned: dict[str, int] | None = None,
+              on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Generate through the live spans of ``nodes``. ``on_text`` hears text deltas as they decode,
+    ``on_token`` every token id; ``pool`` and ``assigned`` let a server share connections and spread
+    concurrent requests over replicas. Raises RouteError / CallError (CLUSTER_ERRORS) when the
+    cluster cannot serve it."""
+    model = prepared.model
+    stream = TextStream(model.tokenizer)
+
+    def arrived(token: int) -> None:
+        if on_token is not None:
+            on_token(token)
+        if on_text is not None:
+            delta = stream.push(token)
+            if delta:
+                on_text(delta)
+
+    own_pool = pool is None
+    pool = pool or ClientPool(user)
+    task = asyncio.ensure_future(generate_with_failover(
+        pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, prepared.prompt_ids,
+        prepared.max_new_tokens, set(model.stop_ids), prepared.sampling, parallelism=prepared.parallelism,
+        on_token=arrived, assigned=assigned))
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    if own_pool:
+        task.add_done_callback(lambda _: pool.close())
+    try:
+        generation = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # The caller went away (an HTTP client disconnected, an MCP call was cancelled). Under anyio
+        # (Starlette, the MCP SDK) cancellation is delivered again at every await, which would also
+        # cancel the session's own cleanup and leave its KV caches on the nodes until their TTL; so
+        # the generation runs in a task of its own, cancelled here once, and closes its sessions.
+        task.cancel()
+        raise
+    if on_text is not None:
+        tail = stream.finish()
+        if tail:
+            on_text(tail)
+    ids = generation.token_ids
+    return GenerationResult(text=model.tokenizer.decode(ids, skip_special_tokens=True), token_ids=list(ids),
+                            prompt_tokens=len(prepared.prompt_ids),
+                            finish_reason="stop" if ids and ids[-1] in model.stop_ids else "length",
+                            generation=generation)
+
+
+async def generate(user: Identity, nodes: list[NodeEntry], request: GenerationRequest,
+                   on_text: Callable[[str], None] | None = None, pool: ClientPool | None = None) -> GenerationResult:
+    """:func:`prepare` then :func:`run`."""
+    return await run(user, nodes, prepare(request), on_text=on_text, pool=pool)

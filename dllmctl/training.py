@@ -1,0 +1,158 @@
+"""``dllmctl train`` and friends, the client's side: build a job from a model and a sharded dataset,
+ship the model to every node, submit the job to its coordinator (the first node), and find jobs
+again later by asking the nodes (job state lives with the coordinators, not here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from dllmctl.cluster import NodeEntry
+from dllmctl.deploy import Progress, ship_files
+from dllmd.models.received import span_files
+from dllmd.net.client import CallError, RpcClient
+from dllmd.net.identity import Identity
+from dllmd.train import spec as S
+
+PARALLELISMS = ("data", "model", "federated", "hybrid")
+SUBMIT_TIMEOUT_S = 900.0  # the coordinator loads a replica on every node before it accepts
+FIND_TIMEOUT_S = 5.0
+CONFIG_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+class TrainError(RuntimeError):
+    """A job that cannot be submitted or found; the message says why."""
+
+
+def check_parallelism(parallelism: str) -> None:
+    if parallelism not in PARALLELISMS:
+        raise TrainError(f"--parallelism must be one of {', '.join(PARALLELISMS)}")
+    if parallelism != "data":
+        raise TrainError(f"--parallelism {parallelism} is not built yet; data parallelism (--parallelism data) is")
+
+
+def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
+    """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards."""
+    by_name = {n.name: n for n in nodes}
+    shards = []
+    for row in dataset["nodes"]:
+        node = by_name.get(row["node"])
+        if node is None and row["sequences"]:
+            raise TrainError(f"dataset {dataset['dataset']} has a shard on {row['node']}, which is not among the "
+                             f"job's nodes ({', '.join(by_name)}): add it with --nodes")
+        if node is not None:
+            shards.append(S.ShardRef(id=node.public_key, node=node.name, rows=row["sequences"], sha256=row["sha256"]))
+    if dataset.get("model") and dataset["model"] != model:
+        raise TrainError(f"dataset {dataset['dataset']} was tokenized for {dataset['model']}, not {model}: "
+                         f"re-shard it with --model {model}")
+    return S.JobSpec(model=model, dataset=dataset["dataset"],
+                     nodes=[S.NodeRef(n.name, n.address, n.public_key) for n in nodes], shards=shards, **options)
+
+
+async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: S.JobSpec,
+                 progress: Progress = lambda *_: None, stage: Callable[[str], None] = lambda _: None) -> dict:
+    """Ship the whole model to every node (skipping what they have), then submit to the first node."""
+    manifest = json.loads((model_dir / "manifest.json").read_bytes())
+    layers = len(manifest["layers"])
+    files = span_files(manifest, 0, layers, True, True)
+    clients = [RpcClient(user, n.address, n.public_key) for n in nodes]
+    try:
+        stage("checking nodes")
+        pings = await asyncio.gather(*(c.call("ping", timeout=FIND_TIMEOUT_S) for c in clients), return_exceptions=True)
+        down = [n.name for n, r in zip(nodes, pings) if isinstance(r, BaseException)]
+        if down:
+            raise TrainError(f"node(s) {', '.join(down)} did not answer: nothing was started")
+        stage("sending the model")
+        await asyncio.gather(*(ship_files(c, n.name, model_dir, files, progress) for c, n in zip(clients, nodes)))
+        stage("loading replicas")
+        result, _ = await clients[0].call("jobs.submit", asdict(spec), timeout=SUBMIT_TIMEOUT_S)
+        return result
+    finally:
+        for client in clients:
+            client.close()
+
+
+async def ask_all(user: Identity, nodes: list[NodeEntry], op: str, args: dict) -> list[tuple[NodeEntry, dict | Exception]]:
+    async def one(node: NodeEntry):
+        async with RpcClient(user, node.address, node.public_key) as client:
+            try:
+                await client.call("ping", timeout=FIND_TIMEOUT_S)
+                result, _ = await client.call(op, args, timeout=60)
+                return node, result
+            except CallError as exc:
+                return node, exc
+
+    return list(await asyncio.gather(*(one(n) for n in nodes)))
+
+
+async def list_jobs(user: Identity, nodes: list[NodeEntry]) -> tuple[list[dict], list[str]]:
+    """Every job on every reachable node, and the nodes that could not be asked."""
+    jobs, unreachable = [], []
+    for node, result in await ask_all(user, nodes, "jobs.list", {}):
+        if isinstance(result, Exception):
+            unreachable.append(f"{node.name}: {result}")
+            continue
+        jobs += [{**job, "coordinator": node.name} for job in result["jobs"]]
+    return sorted(jobs, key=lambda j: j["created"]), unreachable
+
+
+async def find_coordinator(user: Identity, nodes: list[NodeEntry], job: str) -> NodeEntry:
+    for node, result in await ask_all(user, nodes, "jobs.show", {"job": job}):
+        if not isinstance(result, Exception):
+            return node
+    raise TrainError(f"no reachable node coordinates job {job!r}; see 'dllmctl jobs list'")
+
+
+async def job_call(user: Identity, node: NodeEntry, op: str, args: dict, timeout: float = 60.0) -> dict:
+    async with RpcClient(user, node.address, node.public_key) as client:
+        result, _ = await client.call(op, args, timeout=timeout)
+        return result
+
+
+async def export_checkpoint(user: Identity, node: NodeEntry, job: str, step: int | None, base_model_dir: Path,
+                            target: Path) -> dict:
+    """Download a checkpoint's model and config (sha256 checked against its signed manifest) into a
+    transformers directory, with the base model's tokenizer and generation config."""
+    async with RpcClient(user, node.address, node.public_key) as client:
+        listing, _ = await client.call("checkpoints.list", {"job": job}, timeout=30)
+        steps = [c["step"] for c in listing["checkpoints"]]
+        if not steps:
+            raise TrainError(f"job {job} has no checkpoint yet")
+        chosen = steps[-1] if step is None else step
+        if chosen not in steps:
+            raise TrainError(f"job {job} has no checkpoint at step {chosen}; it has {steps}")
+        work = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
+        try:
+            for name in ("model.safetensors", "config.json"):
+                digest, offset = hashlib.sha256(), 0
+                with open(work / name, "wb") as f:
+                    while True:
+                        result, tensors = await client.call("checkpoints.read", {"job": job, "step": chosen,
+                                                                                 "file": name, "offset": offset},
+                                                            timeout=120)
+                        chunk = tensors[0].numpy().tobytes()
+                        f.write(chunk)
+                        digest.update(chunk)
+                        offset += len(chunk)
+                        if not chunk or offset >= result["size"]:
+                            break
+                if digest.hexdigest() != result["manifest"]["files"][name]["sha256"]:
+                    raise TrainError(f"{name} of checkpoint {chosen} arrived corrupted (sha256 mismatch)")
+            for name in CONFIG_FILES:
+                if (base_model_dir / name).exists():
+                    shutil.copy2(base_model_dir / name, work / name)
+            if target.exists():
+                shutil.rmtree(target)
+            work.rename(target)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return {"job": job, "step": chosen, "directory": str(target)}

@@ -1,0 +1,131 @@
+"""Durable job state of a coordinator: ``<home>/jobs.sqlite``.
+
+SQLite gives atomic, crash-safe updates for free (WAL journal): a job's state, the events of its
+life (nodes lost, shards moved, checkpoints), and one metrics row per node and step. A daemon that
+restarts finds jobs it was running marked ``interrupted``; ``jobs resume`` continues them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,            -- queued, running, stopping, stopped, interrupted, failed, done
+    spec TEXT NOT NULL,             -- the job definition (JSON)
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0, -- steps completed
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL REFERENCES jobs(id),
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    job TEXT NOT NULL REFERENCES jobs(id),
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    data TEXT NOT NULL,             -- {"loss", "lr", "grad_norm", "tokens_per_s", "step_s", "nodes": {...}}
+    PRIMARY KEY (job, step)
+);
+"""
+
+FINISHED = ("stopped", "interrupted", "failed", "done")
+
+
+class JobError(ValueError):
+    """A request about a job that cannot be honoured; the message says why."""
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def create(self, job: str, spec: dict, total_steps: int) -> None:
+        now = time.time()
+        self._run("INSERT INTO jobs (id, state, spec, created, updated, total_steps) VALUES (?, 'queued', ?, ?, ?, ?)",
+                  (job, json.dumps(spec), now, now, total_steps))
+        self.event(job, "submitted", f"{total_steps} steps on {len(spec['nodes'])} node(s)")
+
+    def get(self, job: str) -> dict:
+        rows = self._run("SELECT id, state, spec, created, updated, step, total_steps, error FROM jobs WHERE id = ?",
+                         (job,))
+        if not rows:
+            raise JobError(f"no job {job!r} on this coordinator; see 'dllmctl jobs list'")
+        return _job(rows[0])
+
+    def list(self) -> list[dict]:
+        rows = self._run("SELECT id, state, spec, created, updated, step, total_steps, error FROM jobs "
+                         "ORDER BY created")
+        return [_job(r) for r in rows]
+
+    def set_state(self, job: str, state: str, error: str | None = None) -> None:
+        self._run("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?", (state, error, time.time(), job))
+
+    def record_step(self, job: str, step: int, metrics: dict) -> None:
+        """Step ``step`` (0-based) completed: its metrics and the progress, in one transaction."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO metrics (job, step, time, data) VALUES (?, ?, ?, ?)",
+                             (job, step, now, json.dumps(metrics)))
+            self._db.execute("UPDATE jobs SET step = ?, updated = ? WHERE id = ?", (step + 1, now, job))
+            self._db.execute("COMMIT")
+
+    def rewind(self, job: str, step: int) -> None:
+        """Back to ``step`` completed steps (resuming from a checkpoint): later metrics are dropped."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM metrics WHERE job = ? AND step >= ?", (job, step))
+            self._db.execute("UPDATE jobs SET step = ?, updated = ? WHERE id = ?", (step, time.time(), job))
+            self._db.execute("COMMIT")
+
+    def metrics(self, job: str, after_step: int = -1, limit: int = 1000) -> list[dict]:
+        rows = self._run("SELECT step, time, data FROM metrics WHERE job = ? AND step > ? ORDER BY step LIMIT ?",
+                         (job, after_step, limit))
+        return [{"step": step, "time": t, **json.loads(data)} for step, t, data in rows]
+
+    def event(self, job: str, kind: str, message: str) -> None:
+        self._run("INSERT INTO events (job, time, kind, message) VALUES (?, ?, ?, ?)", (job, time.time(), kind, message))
+
+    def events(self, job: str) -> list[dict]:
+        rows = self._run("SELECT time, kind, message FROM events WHERE job = ? ORDER BY seq", (job,))
+        return [{"time": t, "kind": kind, "message": message} for t, kind, message in rows]
+
+    def mark_interrupted(self) -> list[str]:
+        """At daemon start: jobs that were running when it stopped can only be resumed now."""
+        rows = self._run("SELECT id FROM jobs WHERE state IN ('queued', 'running', 'stopping')")
+        for (job,) in rows:
+            self.set_state(job, "interrupted", "the coordinator daemon stopped while the job ran; "
+                                               "'dllmctl jobs resume' continues from the last checkpoint")
+            self.event(job, "interrupted", "coordinator restarted")
+        return [job for (job,) in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _job(row: tuple) -> dict:
+    job, state, spec, created, updated, step, total, error = row
+    return {"job": job, "state": state, "spec": json.loads(spec), "created": created, "updated": updated,
+            "step": step, "total_steps": total, "error": error}

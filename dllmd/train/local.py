@@ -1,0 +1,46 @@
+"""Data-parallel training's yardstick: the same job in one process, no network.
+
+The same global batches in the same order, the same summed loss, the same AdamW update; only the
+all-reduce is missing (one replica sums every row itself). Tests compare distributed weights with
+it, and ``dllmctl bench train`` measures its throughput as the baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dllmd.train import schedule
+from dllmd.train.model import load_causal_lm, loss_sum, parameters
+from dllmd.train.optim import OptimConfig, apply_update, flatten_grads, make_optimizer
+from dllmd.train.worker import ShardRows
+
+
+def train_locally(model_dir: Path, shards: dict[str, ShardRows], steps: int, batch_size: int, micro_batch_size: int,
+                  optim: OptimConfig, seed: int = 0, warmup_steps: int = 0, dtype: str = "float32",
+                  on_step: Callable[[int, dict], None] = lambda step, metrics: None) -> dict[str, torch.Tensor]:
+    """Train ``steps`` steps; returns the final weights by parameter name."""
+    model = load_causal_lm(model_dir, sorted(model_dir.rglob("*.safetensors")))
+    optimizer = make_optimizer(model, optim)
+    rows = {key: shard.tokens.shape[0] for key, shard in shards.items()}
+    for step in range(steps):
+        started = time.perf_counter()
+        batch = schedule.batch(rows, batch_size, seed, step)
+        model.zero_grad(set_to_none=True)
+        total, count = 0.0, 0
+        for start in range(0, batch_size, micro_batch_size):
+            micro = batch[start:start + micro_batch_size]
+            for shard in dict.fromkeys(r.shard for r in micro):
+                tokens, labels = shards[shard].batch([r.index for r in micro if r.shard == shard])
+                loss, n = loss_sum(model, tokens, labels, dtype)
+                loss.backward()
+                total, count = total + float(loss.detach()), count + n
+        lr = schedule.learning_rate(step, optim.lr, warmup_steps, steps)
+        result = apply_update(model, optimizer, flatten_grads(model, total, count), lr, optim.grad_clip)
+        seconds = time.perf_counter() - started
+        on_step(step, {"loss": result.loss, "tokens": result.tokens, "step_s": seconds,
+                       "tokens_per_s": result.tokens / seconds})
+    return {name: p.detach().cpu() for name, p in parameters(model)}

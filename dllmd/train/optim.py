@@ -1,0 +1,68 @@
+"""The update every replica applies after the all-reduce, shared with the single-process reference.
+
+Gradients travel as one flat fp32 buffer: every parameter's summed gradient, then the summed loss
+and the number of target tokens. After the all-reduce every worker divides by the global token
+count, so the gradient is that of the mean loss over the whole global batch (workers holding more
+tokens weigh more), clips by the global norm, and takes the same AdamW step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dllmd.train.model import parameters
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: no clipping
+
+
+def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    # foreach=False: the same per-parameter kernels on every machine, so replicas stay bitwise equal.
+    return torch.optim.AdamW([p for _, p in parameters(model)], lr=config.lr, betas=(config.beta1, config.beta2),
+                             eps=config.eps, weight_decay=config.weight_decay, foreach=False)
+
+
+def flatten_grads(model: torch.nn.Module, loss_sum: float, tokens: int) -> torch.Tensor:
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+             for _, p in parameters(model)]
+    extra = torch.tensor([loss_sum, float(tokens)], dtype=torch.float32, device=grads[0].device)
+    return torch.cat([*(g.float() for g in grads), extra]).cpu().contiguous()
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    grad_norm: float
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat: torch.Tensor, lr: float,
+                 grad_clip: float) -> StepResult:
+    """Turn the summed buffer into mean gradients, clip, and step. ``flat`` is consumed."""
+    tokens = float(flat[-1])
+    if tokens <= 0:
+        raise ValueError("the global batch has no target tokens")
+    loss = float(flat[-2]) / tokens
+    grads = flat[:-2].div_(tokens)
+    norm = float(torch.linalg.vector_norm(grads.double()))
+    if grad_clip and norm > grad_clip:
+        grads.mul_(grad_clip / (norm + 1e-6))
+    offset = 0
+    for _, param in parameters(model):
+        count = param.numel()
+        param.grad = grads[offset:offset + count].view_as(param).to(param.device, param.dtype)
+        offset += count
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, int(tokens), norm)

@@ -1,0 +1,244 @@
+"""Admin-only operations that measure this node's training ring: ``dllmctl bench allreduce``.
+
+``ring.open`` binds a ring socket (CURVE, or plaintext where node.toml allows it) and says where;
+``ring.form`` joins the ring the caller describes; ``ring.run`` times all-reduces of a float32
+buffer, every rank filled with ``rank + 1`` so that the sum, n(n+1)/2, is checked on every element;
+``ring.close`` lets the socket go. The same ``RingSocket`` and ``ring_allreduce`` as a training job,
+so the figures are the ones training gets.
+
+A rank drops ring data of a generation it has not joined, so a caller forms the ring on every
+member before it runs on any (as a training coordinator does). ``ring.run`` forms it too when
+``ring.form`` did not form exactly that ring already: enough for a caller that knows every member
+has joined by other means.
+
+A socket left open (a client that died between open and close) closes itself after
+``IDLE_CLOSE_S`` without a run: an open socket would otherwise hold the daemon's zmq context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import psutil
+import torch
+import zmq
+
+from dllmd.config import NodeConfig
+from dllmd.net.identity import Identity, InvalidKey, parse_public_key
+from dllmd.net.keys import Role
+from dllmd.net.schema import bounded
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.wire import ErrorCode
+from dllmd.train.ring import RingError, RingMember, RingSocket, bucket_size, ring_allreduce
+
+log = logging.getLogger("dllmd.ringbench")
+
+MAX_ELEMENTS = 512 * 1024 * 1024  # 2 GiB of float32
+MAX_MEMBERS = 64
+MIN_BUCKET_BYTES = 4096
+IDLE_CLOSE_S = 120.0
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "")
+
+
+@dataclass
+class OpenArgs:
+    plaintext: bool = False
+
+
+@dataclass
+class MemberArgs:
+    public_key: str = bounded(max_len=64)
+    endpoint: str = bounded(max_len=256)
+
+
+@dataclass
+class FormArgs:
+    members: list[MemberArgs] = bounded(max_len=MAX_MEMBERS)
+    rank: int = bounded(lo=0, hi=MAX_MEMBERS - 1)
+    generation: int = bounded(1, lo=1, hi=2**62)  # the same on every rank; a new one for each formation
+
+
+@dataclass
+class RunArgs:
+    members: list[MemberArgs] = bounded(max_len=MAX_MEMBERS)
+    rank: int = bounded(lo=0, hi=MAX_MEMBERS - 1)
+    elements: int = bounded(lo=1, hi=MAX_ELEMENTS)
+    iterations: int = bounded(lo=1, hi=100)
+    bucket_bytes: int = bounded(0, lo=0, hi=256 * 1024 * 1024)  # 0: the ring's default (as training uses)
+    generation: int = bounded(1, lo=1, hi=2**62)  # the same on every rank of one run
+    timeout_s: float = bounded(60.0, lo=1.0, hi=600.0)  # for each piece of ring data
+
+
+@dataclass
+class NoArgs:
+    pass
+
+
+def listen_host(listen: str) -> str:
+    """The host part of a ``tcp://HOST:PORT`` listen address (IPv6 without its brackets)."""
+    host = urlparse(listen.replace("tcp://", "http://", 1)).hostname
+    return host if host not in (None, "") else "0.0.0.0"
+
+
+class RingBenchOps:
+    def __init__(self, ctx: zmq.Context, identity: Identity, config: NodeConfig):
+        self.ctx, self.identity, self.config = ctx, identity, config
+        self._ring: RingSocket | None = None
+        self._running = False
+        self._idle: asyncio.TimerHandle | None = None
+        self._formed: tuple | None = None  # (generation, rank, members) of the ring formed on this socket
+        self._spent = 0  # the generation of the last run on this socket: its stray data may still arrive
+
+    def register(self, server: RpcServer) -> None:
+        admin = allow(Role.ADMIN)
+        server.register(Operation("ring.open", self._open, OpenArgs, admin))
+        server.register(Operation("ring.form", self._form, FormArgs, admin))
+        server.register(Operation("ring.run", self._run, RunArgs, admin))
+        server.register(Operation("ring.close", self._close, NoArgs, admin))
+
+    def stop(self) -> None:
+        """Close the ring socket, if one is open (call before terminating the zmq context)."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._formed = None
+        self._spent = 0
+
+    def _arm_idle_close(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._idle = None
+        if self._ring is not None and not self._running:
+            log.info("closing the benchmark ring socket: unused for %.0f s", IDLE_CLOSE_S)
+            self.stop()
+
+    # --- operations ---------------------------------------------------------------------------
+
+    async def _open(self, call: Call) -> dict:
+        plaintext = call.args.plaintext
+        if plaintext and not self.config.allow_plaintext_ring:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"node {self.config.name} does not allow a plaintext ring: set "
+                                                   f"allow_plaintext_ring = true in its node.toml (trusted links only)")
+        if self._running:
+            raise HandlerError(ErrorCode.CONFLICT, "a ring benchmark is running on this node")
+        self.stop()
+        host = listen_host(self.config.listen)
+        try:
+            self._ring = RingSocket(self.ctx, self.identity, "0.0.0.0" if host in WILDCARD_HOSTS else host,
+                                    port=self.config.ring_port, plaintext=plaintext,
+                                    max_message_bytes=self.config.max_message_bytes)
+        except zmq.ZMQError as exc:
+            raise HandlerError(ErrorCode.UNAVAILABLE, f"cannot bind the ring socket on {host}:"
+                                                      f"{self.config.ring_port or '*'}: {exc}") from None
+        self._arm_idle_close()
+        endpoint = self._ring.endpoint
+        log.info("%s ring socket open on %s for %s", "plaintext" if plaintext else "encrypted", endpoint,
+                 call.caller.name or call.caller.public_key[:12])
+        # Bound on every interface, the endpoint names 0.0.0.0: callers put the node's own host there.
+        return {"endpoint": endpoint, "port": int(endpoint.rsplit(":", 1)[1]), "plaintext": plaintext,
+                "wildcard": host in WILDCARD_HOSTS}
+
+    async def _close(self, call: Call) -> dict:
+        was_open = self._ring is not None
+        self.stop()
+        return {"closed": was_open}
+
+    async def _form(self, call: Call) -> dict:
+        a: FormArgs = call.args
+        ring = self._open_ring()
+        members = self._members(a)
+        self._join(ring, a.generation, a.rank, members)
+        self._arm_idle_close()
+        return {"generation": a.generation, "rank": a.rank, "size": len(members)}
+
+    def _open_ring(self) -> RingSocket:
+        if self._ring is None:
+            raise HandlerError(ErrorCode.CONFLICT, "no ring socket is open on this node: call ring.open first")
+        if self._running:
+            raise HandlerError(ErrorCode.CONFLICT, "a ring benchmark is already running on this node")
+        return self._ring
+
+    def _join(self, ring: RingSocket, generation: int, rank: int, members: list[RingMember]) -> None:
+        if generation <= self._spent:
+            raise HandlerError(ErrorCode.CONFLICT, f"generation {generation} is spent on this socket (the last run "
+                                                   f"was generation {self._spent}): use a higher one")
+        formed = (generation, rank, tuple(members))
+        if self._formed != formed:
+            size = len(members)
+            ring.form(generation, members[(rank - 1) % size], members[(rank + 1) % size])
+            self._formed = formed
+
+    def _members(self, a: FormArgs | RunArgs) -> list[RingMember]:
+        if len(a.members) < 2:
+            raise HandlerError(ErrorCode.BAD_ARGS, "a ring needs at least 2 members")
+        if a.rank >= len(a.members):
+            raise HandlerError(ErrorCode.BAD_ARGS, f"rank {a.rank} is not below the member count {len(a.members)}")
+        members = []
+        for i, m in enumerate(a.members):
+            try:
+                key = parse_public_key(m.public_key).hex()
+            except InvalidKey as exc:
+                raise HandlerError(ErrorCode.BAD_ARGS, f"members[{i}].public_key: {exc}") from None
+            if not m.endpoint.startswith("tcp://"):
+                raise HandlerError(ErrorCode.BAD_ARGS, f"members[{i}].endpoint must be tcp://HOST:PORT")
+            members.append(RingMember(key, m.endpoint))
+        if len({m.public_key for m in members}) != len(members):
+            raise HandlerError(ErrorCode.BAD_ARGS, "every member of a ring is a different node")
+        if members[a.rank].public_key != self.identity.public_key:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"members[{a.rank}] is not this node (its public key differs)")
+        return members
+
+    async def _run(self, call: Call) -> dict:
+        a: RunArgs = call.args
+        ring = self._open_ring()
+        members = self._members(a)
+        size, rank = len(members), a.rank
+        if 0 < a.bucket_bytes < MIN_BUCKET_BYTES:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"bucket_bytes must be 0 (the ring's default) or at least "
+                                                   f"{MIN_BUCKET_BYTES}")
+        bucket_bytes = bucket_size(ring, a.bucket_bytes)
+        nbytes = a.elements * 4
+        available = psutil.virtual_memory().available
+        if nbytes > available // 2:
+            raise HandlerError(ErrorCode.TOO_LARGE, f"a buffer of {nbytes} bytes is more than half of this node's "
+                                                    f"free memory ({available} bytes)")
+        self._join(ring, a.generation, rank, members)
+        self._running, self._spent = True, a.generation
+        if self._idle is not None:
+            self._idle.cancel()
+        try:
+            buffer = await asyncio.to_thread(torch.empty, a.elements, dtype=torch.float32)
+            expected = float(size * (size + 1) // 2)  # exact in float32 for any ring of <= 64 members
+            seconds, bytes_sent = [], 0
+            started = time.perf_counter()
+            for i in range(1 + a.iterations):  # the first is a warm-up: connections, allocator
+                await asyncio.to_thread(buffer.fill_, rank + 1)
+                try:
+                    stats = await ring_allreduce(ring, buffer, rank, size, step=i, bucket_bytes=bucket_bytes,
+                                                 timeout=a.timeout_s)
+                except (RingError, zmq.ZMQError) as exc:  # a peer gone, or ring.close meanwhile
+                    raise HandlerError(ErrorCode.UNAVAILABLE, f"all-reduce {i} failed on rank {rank}: {exc}") from None
+                if not await asyncio.to_thread(lambda: bool(torch.all(buffer == expected))):
+                    wrong = int((buffer != expected).sum())
+                    raise HandlerError(ErrorCode.INTERNAL, f"all-reduce {i} gave a wrong sum on rank {rank}: "
+                                                           f"{wrong} of {a.elements} elements differ from {expected:g}")
+                if i:
+                    seconds.append(stats.seconds)
+                    bytes_sent += stats.bytes_sent
+            return {"rank": rank, "size": size, "elements": a.elements, "bytes": nbytes,
+                    "plaintext": ring.plaintext, "bucket_bytes": bucket_bytes, "seconds": seconds, "bytes_sent": bytes_sent,
+                    "wall_s": round(time.perf_counter() - started, 6)}
+        finally:
+            self._running = False
+            if self._ring is ring:
+                self._arm_idle_close()

@@ -1,0 +1,282 @@
+"""Training on a node: the worker operations a coordinator drives (``train.*``), and the
+coordinator's own (``jobs.*``, ``checkpoints.*``) for the client.
+
+Every worker operation is a method taking its parsed args and tensors, so the coordinator calls its
+own node's worker directly (no loopback connection, no key of its own to authorize) and every
+other worker over its encrypted channel, through :meth:`TrainingService.call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlparse
+
+import psutil
+import torch
+import zmq
+
+from dllmd import hardware
+from dllmd.config import NodeConfig
+from dllmd.data.shards import ShardError, ShardStore, read_shard
+from dllmd.models.received import ModelFileError, ReceivedModels
+from dllmd.net.client import CallError
+from dllmd.net.identity import Identity
+from dllmd.net.keys import AuthorizedKeys, Role
+from dllmd.net.peers import PeerPool
+from dllmd.net.schema import parse_args
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.wire import ErrorCode
+from dllmd.train import spec as S
+from dllmd.train.model import TrainModelError
+from dllmd.train.optim import OptimConfig
+from dllmd.train.collective import RingCollective, TorchCollective
+from dllmd.train.ring import RingError, RingMember, RingSocket
+from dllmd.train.worker import ShardRows, TrainWorker, WorkerSpec
+
+log = logging.getLogger("dllmd.train")
+
+ROWS_MESSAGE_BYTES = 32 * 1024 * 1024
+IDLE_REPLICA_TTL_S = 15 * 60  # a running job calls every worker at least once per step
+SWEEP_INTERVAL_S = 60
+Handler = Callable[[Any, list[torch.Tensor]], Awaitable[Any]]
+
+
+def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int) -> int:
+    """A rough peak for one AdamW replica: fp32 weights, gradients, two moments, the flat all-reduce
+    buffer and its copy, plus activations of one micro-batch (and its logits)."""
+    activations = micro_batch * seq_len * (hidden * layers * 24 + vocab * 8)
+    return params * 4 * 6 + activations
+
+
+class TrainingService:
+    def __init__(self, home: Path, config: NodeConfig, identity: Identity, keys: AuthorizedKeys, ctx: zmq.Context,
+                 peers: PeerPool):
+        self.home, self.config, self.identity, self.keys = home, config, identity, keys
+        self.ctx, self.peers = ctx, peers
+        self.models = ReceivedModels(home / "models")
+        self.shards = ShardStore(home / "datasets")
+        self.workers: dict[str, TrainWorker] = {}
+        self._sweeper: asyncio.Task | None = None
+        self.handlers: dict[str, tuple[type, Handler]] = {
+            "train.prepare": (S.WorkerPrepareArgs, self.prepare),
+            "train.ring": (S.RingArgs, self.form_ring),
+            "train.backup": (S.BackupArgs, self.backup),
+            "train.rows": (S.RowsArgs, self.rows),
+            "train.step": (S.StepArgs, self.step),
+            "train.apply": (S.ApplyArgs, self.apply),
+            "train.reset": (S.JobArgs, self.reset),
+            "train.state": (S.StateArgs, self.state),
+            "train.load_state": (S.LoadStateArgs, self.load_state),
+            "train.release": (S.JobArgs, self.release),
+        }
+        from dllmd.train.coordinator import Coordinator  # it calls back into this service
+        self.coordinator = Coordinator(self)
+
+    def register(self, server: RpcServer) -> None:
+        # Workers obey other daemons (the coordinator, ring peers) and admins.
+        peers = allow(Role.ADMIN, Role.PEER)
+        for name, (args, handler) in self.handlers.items():
+            server.register(Operation(name, self._rpc(handler), args, peers))
+        self.coordinator.register(server)
+
+    @staticmethod
+    def _rpc(handler: Handler):
+        async def run(call: Call):
+            try:
+                return await handler(call.args, call.tensors)
+            except (TrainModelError, ModelFileError, ShardError, RingError, ValueError, KeyError) as exc:
+                raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+        return run
+
+    async def call(self, node: S.NodeRef, op: str, args: dict, tensors: list[torch.Tensor] | None = None,
+                   timeout: float = 60.0) -> tuple[dict, list[torch.Tensor]]:
+        """A worker operation on ``node``: in-process when it is this node, else over its channel."""
+        if node.public_key == self.identity.public_key:
+            cls, handler = self.handlers[op]
+            try:
+                outcome = await handler(parse_args(cls, args), list(tensors or []))
+            except (TrainModelError, ModelFileError, ShardError, ValueError, KeyError) as exc:
+                raise CallError(str(exc)) from None
+            return outcome if isinstance(outcome, tuple) else (outcome, [])
+        client = self.peers.get(node.address, node.public_key)
+        return await client.call(op, args, tensors or [], timeout=timeout)
+
+    def _worker(self, job: str) -> TrainWorker:
+        worker = self.workers.get(job)
+        if worker is None:
+            raise ValueError(f"job {job} has no replica on this node (it was released or never prepared)")
+        worker.last_used = time.monotonic()
+        return worker
+
+    def start(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Free replicas nobody drives any more (their coordinator died and the job was not resumed)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            for job, worker in list(self.workers.items()):
+                if now - worker.last_used > IDLE_REPLICA_TTL_S and not worker.lock.locked():
+                    log.warning("releasing the replica of job %s: no coordinator call for %d s", job,
+                                IDLE_REPLICA_TTL_S)
+                    self.workers.pop(job).close()
+
+    # --- worker operations -----------------------------------------------------------------------
+
+    async def prepare(self, a: S.WorkerPrepareArgs, _tensors) -> dict:
+        """Load a replica of the model and this node's shard of the dataset; bind a ring socket."""
+        if a.job in self.workers:
+            self.workers.pop(a.job).close()
+        if a.plaintext and not self.config.allow_plaintext_ring:
+            raise ValueError(f"node {self.config.name} does not allow a plaintext ring (allow_plaintext_ring = "
+                             f"false in its node.toml)")
+        if a.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, not {a.dtype!r}")
+        config_path = self.models.config_path(a.model)
+        try:
+            config = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"model {a.model!r} has not been sent to node {self.config.name}") from None
+        layers = int(config["num_hidden_layers"])
+        admins = [k.public_key for k in self.keys.all() if k.role == Role.ADMIN]
+        manifest, files = await asyncio.to_thread(self.models.verified_span, a.model, 0, layers, True, True, admins)
+        shard = await asyncio.to_thread(self._own_shard, a.dataset)
+        seq_len = shard.tokens.shape[1] if shard else 2048
+        need = replica_bytes(int(manifest.get("params") or sum(f["bytes"] for f in manifest["files"].values()) // 4),
+                             a.micro_batch_size, seq_len, int(config.get("hidden_size", 0)), layers,
+                             int(config.get("vocab_size", 0)))
+        device = hardware.best_device()
+        free = hardware.gpus()[0]["memory_free"] if device.type == "cuda" else psutil.virtual_memory().available
+        if need > free:
+            raise ValueError(f"node {self.config.name} has {free / 2**30:.1f} GiB free but a replica of {a.model} "
+                             f"with AdamW needs about {need / 2**30:.1f} GiB: use fewer or smaller nodes, a "
+                             f"smaller --micro-batch-size or a smaller model")
+        host = urlparse(self.config.listen.replace("tcp://", "http://")).hostname or "127.0.0.1"
+        host = host if host not in ("0.0.0.0", "*") else "0.0.0.0"
+        if a.backend == "torch":
+            collective = TorchCollective(host)
+        else:
+            collective = RingCollective(RingSocket(self.ctx, self.identity, host, self.config.ring_port,
+                                                   plaintext=a.plaintext,
+                                                   max_message_bytes=self.config.max_message_bytes))
+        spec = WorkerSpec(job=a.job, model=a.model, dataset=a.dataset, dtype=a.dtype,
+                          micro_batch_size=a.micro_batch_size,
+                          optim=OptimConfig(lr=a.lr, grad_clip=a.grad_clip, weight_decay=a.weight_decay),
+                          plaintext=a.plaintext, backend=a.backend)
+        try:
+            worker = await asyncio.to_thread(TrainWorker.build, spec, config_path.parent, files, device, collective)
+        except Exception:
+            collective.close()
+            raise
+        if shard is not None:
+            worker.shards[self.identity.public_key] = shard
+        self.workers[a.job] = worker
+        # Only the port: peers reach the ring at the host they already know this node by.
+        return {"ring_port": collective.port,
+                "rows": int(shard.tokens.shape[0]) if shard else 0, "seq_len": seq_len, "device": str(device),
+                "params": sum(p.numel() for p in worker.model.parameters()), "memory_needed": need}
+
+    def _own_shard(self, dataset: str) -> ShardRows | None:
+        try:
+            path = self.shards.shard_path(dataset)
+        except ShardError:
+            return None
+        tokens, meta = read_shard(path)
+        return ShardRows(tokens, int(meta["tokens"]))
+
+    async def form_ring(self, a: S.RingArgs, _tensors) -> dict:
+        members = [RingMember(m.public_key, m.address) for m in a.members]
+        await self._worker(a.job).form_ring(a.generation, a.rank, members)
+        return {"rank": a.rank, "size": len(members)}
+
+    async def backup(self, a: S.BackupArgs, _tensors) -> dict:
+        """Copy a shard's rows from the node holding them, so this node can take the shard over."""
+        worker = self._worker(a.job)
+        if a.shard in worker.shards:
+            return {"rows": int(worker.shards[a.shard].tokens.shape[0])}
+        first, _ = await self.call(a.holder, "train.rows", {"job": a.job, "shard": a.shard, "start": 0, "count": 1})
+        total, seq_len, valid = int(first["total"]), int(first["seq_len"]), int(first["valid_tokens"])
+        per_message = max(1, ROWS_MESSAGE_BYTES // (4 * seq_len))
+        parts = []
+        for start in range(0, total, per_message):
+            result, tensors = await self.call(a.holder, "train.rows", {"job": a.job, "shard": a.shard, "start": start,
+                                                                       "count": min(per_message, total - start)})
+            if len(tensors) != 1 or tensors[0].dtype != torch.int32 or tensors[0].shape[1:] != (seq_len,):
+                raise ValueError(f"{a.holder.name} sent malformed rows of shard {a.shard[:12]}")
+            parts.append(tensors[0])
+        rows = torch.cat(parts) if parts else torch.zeros(0, seq_len, dtype=torch.int32)
+        if rows.shape[0] != total:
+            raise ValueError(f"got {rows.shape[0]} rows of shard {a.shard[:12]} from {a.holder.name}, expected {total}")
+        worker.shards[a.shard] = ShardRows(rows, valid)
+        return {"rows": total}
+
+    async def rows(self, a: S.RowsArgs, _tensors) -> tuple[dict, list[torch.Tensor]]:
+        shard = self._worker(a.job).shards.get(a.shard)
+        if shard is None:
+            raise ValueError(f"this node does not hold shard {a.shard[:12]} of job {a.job}")
+        tokens = shard.tokens[a.start:a.start + a.count].contiguous()
+        return ({"total": int(shard.tokens.shape[0]), "seq_len": int(shard.tokens.shape[1]),
+                 "valid_tokens": shard.valid_tokens}, [tokens])
+
+    async def step(self, a: S.StepArgs, tensors: list[torch.Tensor]) -> dict:
+        if len(tensors) != 1 or tensors[0].dtype != torch.int64 or tensors[0].dim() != 2 or tensors[0].shape[1] != 2:
+            raise ValueError("train.step carries one int64 [rows, 2] tensor of (shard number, row index)")
+        worker = self._worker(a.job)
+        rows = []
+        for shard_number, index in tensors[0].tolist():
+            if not 0 <= shard_number < len(a.shards) or a.shards[shard_number] not in worker.shards:
+                raise ValueError(f"step {a.step} names a shard this node does not hold")
+            shard = worker.shards[a.shards[shard_number]]
+            if not 0 <= index < shard.tokens.shape[0]:
+                raise ValueError(f"row {index} is outside shard {a.shards[shard_number][:12]}")
+            rows.append((a.shards[shard_number], index))
+        return await worker.step(a.step, rows)
+
+    async def apply(self, a: S.ApplyArgs, _tensors) -> dict:
+        return await self._worker(a.job).apply(a.step, a.lr)
+
+    async def reset(self, a: S.JobArgs, _tensors) -> dict:
+        worker = self.workers.get(a.job)
+        if worker is not None:
+            worker.reset("the coordinator reset the ring: a peer was lost")
+        return {"reset": worker is not None}
+
+    async def state(self, a: S.StateArgs, _tensors) -> tuple[dict, list[torch.Tensor]]:
+        """Without names: the names of every state tensor. With names: those tensors."""
+        worker = self._worker(a.job)
+        known = worker.state_names()
+        if any(n not in known for n in a.names):
+            raise ValueError("train.state names a tensor this model does not have")
+        return ({"names": known if not a.names else a.names, "optimizer_step": worker.optimizer_step()},
+                [worker.state_tensor(n) for n in a.names])
+
+    async def load_state(self, a: S.LoadStateArgs, tensors: list[torch.Tensor]) -> dict:
+        if len(tensors) != len(a.names):
+            raise ValueError("train.load_state carries one tensor per name")
+        worker = self._worker(a.job)
+        known = set(worker.state_names())
+        if any(n not in known for n in a.names):
+            raise ValueError("train.load_state names a tensor this model does not have")
+        await asyncio.to_thread(worker.load_state, dict(zip(a.names, tensors)), a.optimizer_step)
+        return {"loaded": len(a.names)}
+
+    async def release(self, a: S.JobArgs, _tensors) -> dict:
+        worker = self.workers.pop(a.job, None)
+        if worker is not None:
+            worker.close()
+        return {"released": worker is not None}
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.coordinator.stop()
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
+

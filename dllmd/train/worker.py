@@ -1,0 +1,154 @@
+"""One node's part of a data-parallel job: a full replica, the shards it computes, and its ring.
+
+The coordinator drives it step by step. ``step`` computes the summed gradient of this worker's rows
+of the global batch (micro-batch by micro-batch) and all-reduces it; the result is kept, not
+applied. Only when every worker has reported its step does the coordinator send ``apply``, so a
+node dying mid-step leaves all survivors at the last completed step, with identical weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dllmd.train.model import load_causal_lm, loss_sum, parameters, row_targets
+from dllmd.train.optim import OptimConfig, apply_update, flatten_grads, make_optimizer
+from dllmd.train.ring import RingMember
+
+
+@dataclass
+class ShardRows:
+    """A shard's packed rows in memory: int32 ``[rows, seq_len]`` and where its real stream ends."""
+    tokens: torch.Tensor
+    valid_tokens: int
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(indices, dtype=torch.long)
+        tokens = self.tokens[index]
+        offsets = index * self.tokens.shape[1]
+        return tokens, row_targets(tokens, offsets, torch.full_like(offsets, self.valid_tokens))
+
+
+@dataclass
+class WorkerSpec:
+    job: str
+    model: str
+    dataset: str
+    dtype: str = "float32"
+    micro_batch_size: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    plaintext: bool = False
+    backend: str = "zmq"
+
+
+class TrainWorker:
+    def __init__(self, spec: WorkerSpec, model: torch.nn.Module, collective):
+        self.spec = spec
+        self.model = model
+        self.optimizer = make_optimizer(model, spec.optim)
+        self.collective = collective  # RingCollective or TorchCollective
+        self.shards: dict[str, ShardRows] = {}
+        self._pending: tuple[int, torch.Tensor] | None = None  # (step, summed buffer) awaiting apply
+        self.lock = asyncio.Lock()  # one step or apply at a time
+        self.last_used = time.monotonic()
+
+    @classmethod
+    def build(cls, spec: WorkerSpec, config_dir, files, device, collective) -> "TrainWorker":
+        return cls(spec, load_causal_lm(config_dir, files, device), collective)
+
+    async def form_ring(self, generation: int, rank: int, members: list[RingMember]) -> None:
+        self._pending = None
+        await self.collective.form(generation, rank, members)
+
+    async def step(self, step: int, rows: list[tuple[str, int]]) -> dict:
+        async with self.lock:
+            self._pending = None
+            started = time.perf_counter()
+            flat = await asyncio.to_thread(self._gradients, rows)
+            computed = time.perf_counter()
+            await self.collective.allreduce(flat, step)
+            self._pending = (step, flat)
+            tokens = float(flat[-1])
+            return {"step": step, "rows": len(rows), "loss": float(flat[-2]) / tokens if tokens else None,
+                    "tokens": int(tokens), "grad_norm": float(torch.linalg.vector_norm(flat[:-2].double())) / tokens
+                    if tokens else None, "compute_s": computed - started,
+                    "comm_s": time.perf_counter() - computed}
+
+    def _gradients(self, rows: list[tuple[str, int]]) -> torch.Tensor:
+        """The summed loss gradient over this worker's rows (zero if it has none this step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, count = 0.0, 0
+        b = self.spec.micro_batch_size
+        for start in range(0, len(rows), b):
+            micro = rows[start:start + b]
+            by_shard: dict[str, list[int]] = {}
+            for shard, index in micro:
+                by_shard.setdefault(shard, []).append(index)
+            for shard, indices in by_shard.items():
+                tokens, labels = self.shards[shard].batch(indices)
+                loss, n = loss_sum(self.model, tokens, labels, self.spec.dtype)
+                loss.backward()
+                total += float(loss.detach())
+                count += n
+        return flatten_grads(self.model, total, count)
+
+    async def apply(self, step: int, lr: float) -> dict:
+        async with self.lock:
+            if self._pending is None or self._pending[0] != step:
+                raise ValueError(f"step {step} was not computed here (or was reset); nothing to apply")
+            _, flat = self._pending
+            self._pending = None
+            result = await asyncio.to_thread(apply_update, self.model, self.optimizer, flat, lr, self.spec.optim.grad_clip)
+            return {"step": step, "loss": result.loss, "grad_norm": result.grad_norm}
+
+    def reset(self, reason: str) -> None:
+        """Drop a half-done step (a peer died): the replica stays at the last applied step."""
+        self.collective.abort(reason)
+        self._pending = None
+
+    # --- state for checkpoints -----------------------------------------------------------------
+
+    def state_names(self) -> list[str]:
+        names = [f"model.{name}" for name, _ in parameters(self.model)]
+        for name, _ in parameters(self.model):
+            names += [f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"]
+        return names
+
+    def state_tensor(self, name: str) -> torch.Tensor:
+        kind, rest = name.split(".", 1)
+        params = dict(parameters(self.model))
+        if kind == "model":
+            return params[rest].detach().cpu()
+        param_name, slot = rest.rsplit(".", 1)
+        state = self.optimizer.state.get(params[param_name])
+        if not state:
+            return torch.zeros_like(params[param_name], device="cpu")
+        return state[slot].detach().cpu()
+
+    def optimizer_step(self) -> int:
+        states = [s for s in self.optimizer.state.values() if "step" in s]
+        return int(states[0]["step"]) if states else 0
+
+    def load_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
+        params = dict(parameters(self.model))
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                kind, rest = name.split(".", 1)
+                if kind == "model":
+                    params[rest].copy_(tensor)
+                    continue
+                param_name, slot = rest.rsplit(".", 1)
+                param = params[param_name]
+                state = self.optimizer.state[param]
+                if not state:
+                    state["step"] = torch.tensor(float(optimizer_step))
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state[slot].copy_(tensor)
+                state["step"] = torch.tensor(float(optimizer_step))
+
+    def close(self) -> None:
+        self.collective.close()

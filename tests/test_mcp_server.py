@@ -1,0 +1,185 @@
+"""``dllmctl mcp`` spawned by the official MCP SDK's stdio client, against three real local daemons:
+every tool and every resource. Inference equals ``dllmctl infer``; a data shard places a dataset;
+a training job on the tiny model runs to the end; unbuilt parallelisms are tool errors; long tools
+send rising progress notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.api_cluster import MODEL, infer, start_user_cluster, stop_user_cluster
+
+pytest.importorskip("mcp")
+from mcp import ClientSession, StdioServerParameters  # noqa: E402
+from mcp.client.stdio import stdio_client  # noqa: E402
+from mcp.shared.exceptions import MCPError  # noqa: E402
+
+TOOLS = {"llm_inference_distributed", "llm_train_distributed", "llm_data_shard"}
+RESOURCES = {"llm://models", "llm://nodes", "llm://performance", "training://jobs", "training://data_shards",
+             "training://checkpoints", "training://metrics"}
+TEMPLATES = {"training://jobs/{job_id}", "training://data_shards/{dataset}", "training://checkpoints/{job_id}",
+             "training://metrics/{job_id}"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mcp")
+    env = start_user_cluster(root)
+    yield root, env
+    stop_user_cluster(root, env)
+
+
+def _corpus(root: Path) -> Path:
+    root.mkdir()
+    for i in range(30):
+        (root / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 5))
+    return root
+
+
+class Session:
+    """A ClientSession with helpers: tool results as dicts, resources as parsed JSON, progress kept."""
+
+    def __init__(self, session: ClientSession):
+        self.session = session
+
+    async def call(self, tool: str, **arguments) -> tuple[dict | str, bool, list[tuple]]:
+        progress: list[tuple] = []
+
+        async def heard(value, total, message):
+            progress.append((value, total, message))
+
+        result = await self.session.call_tool(tool, arguments, progress_callback=heard, read_timeout_seconds=300)
+        if result.is_error:
+            return result.content[0].text, True, progress
+        return result.structured_content, False, progress
+
+    async def read(self, uri: str):
+        result = await self.session.read_resource(uri)
+        return json.loads(result.contents[0].text)
+
+
+def _rising(progress: list[tuple]) -> bool:
+    values = [p[0] for p in progress]
+    return bool(values) and all(b > a for a, b in zip(values, values[1:]))
+
+
+def test_every_tool_and_resource(cluster):
+    root, env = cluster
+    want = infer(env, "Hello there", "--max-new-tokens", "10")
+    corpus = _corpus(root / "repo")
+    params = StdioServerParameters(command=sys.executable, args=["-m", "dllmctl", "mcp"],
+                                   env={**os.environ, **env}, cwd=str(root))
+
+    async def scenario():
+        with open(root / "mcp.log", "w") as errlog:  # the server's stderr: its logs
+            async with stdio_client(params, errlog=errlog) as (read, write):
+                async with ClientSession(read, write) as raw:
+                    await raw.initialize()
+                    await _check(Session(raw), want, corpus)
+
+    asyncio.run(asyncio.wait_for(scenario(), 240))
+    assert "Traceback" not in (root / "mcp.log").read_text()
+
+
+async def _check(s: Session, want: dict, corpus: Path) -> None:
+    listed = await s.session.list_tools()
+    assert {t.name for t in listed.tools} == TOOLS
+    schema = next(t for t in listed.tools if t.name == "llm_train_distributed").input_schema
+    assert {"model_config", "training_data", "parallelism", "nodes", "epochs", "batch_size"} <= set(schema["properties"])
+    assert {r.uri for r in (await s.session.list_resources()).resources} == RESOURCES
+    assert {t.uri_template for t in (await s.session.list_resource_templates()).resource_templates} == TEMPLATES
+
+    # --- inference: the text of dllmctl infer, progress per token ---------------------------------
+    out, error, progress = await s.call("llm_inference_distributed", prompt="Hello there", model_name=MODEL,
+                                        max_new_tokens=10)
+    assert not error, out
+    assert out["text"] == want["text"] and out["token_ids"] == want["token_ids"]
+    assert out["prompt_tokens"] == want["prompt_tokens"] and out["completion_tokens"] == want["new_tokens"]
+    assert [r["node"] for r in out["route"]] == ["local-1", "local-2", "local-3"]
+    assert _rising(progress) and progress[-1][0] == out["completion_tokens"] and progress[-1][1] == 10
+    for parallelism in ("tensor", "hybrid"):
+        text, error, _ = await s.call("llm_inference_distributed", prompt="hi", model_name=MODEL,
+                                      parallelism=parallelism)
+        assert error and f"parallelism '{parallelism}' is not built yet" in text
+    for arguments, needle in (({"model_name": "ghost"}, "no model 'ghost'"),
+                              ({"model_name": MODEL, "nodes": ["local-1"]}, "could not serve"),
+                              ({"model_name": MODEL, "nodes": ["nobody"]}, "unknown node"),
+                              ({"model_name": MODEL, "parallelism": "bogus"}, "parallelism"),
+                              ({"model_name": MODEL, "max_new_tokens": 0}, "max_new_tokens")):
+        text, error, _ = await s.call("llm_inference_distributed", prompt="hi", **arguments)
+        assert error and needle in text, (arguments, text)
+
+    models = {m["name"]: m for m in await s.read("llm://models")}
+    assert models[MODEL]["can_generate"] and models[MODEL]["layers"] == 5
+    assert sorted((sp["node"], sp["start"], sp["end"]) for sp in models[MODEL]["spans"])[0][1] == 0
+    assert models[MODEL]["coverage"] == [{"start": 0, "end": 5, "count": 1}]
+    nodes = await s.read("llm://nodes")
+    assert [n["name"] for n in nodes] == ["local-1", "local-2", "local-3"] and {n["status"] for n in nodes} == {"up"}
+    performance = await s.read("llm://performance")
+    assert all(n["matmul_gflops"] > 0 and n["latency_ms"] > 0 for n in performance["nodes"])
+    assert all(sp["passes"] > 0 and sp["step_ms"] > 0 for n in performance["nodes"] for sp in n["spans"])
+    assert performance["inference"]["count"] == 1 and performance["inference"]["median_tokens_per_second"] > 0
+
+    # --- data: shard a code directory onto two nodes ----------------------------------------------
+    out, error, progress = await s.call("llm_data_shard", data_uri=str(corpus), model_name=MODEL,
+                                        shard_strategy="random", nodes=["local-1", "local-2"], name="code", seq_len=32)
+    assert not error, out
+    assert out["dataset"] == "code" and [r["node"] for r in out["nodes"]] == ["local-1", "local-2"]
+    assert out["samples"] == 30 and all(r["sequences"] > 0 for r in out["nodes"])
+    assert _rising(progress) and progress[-1][0] == progress[-1][1] == 6  # 4 stages + a push per node
+    shards = await s.read("training://data_shards")
+    assert [d["dataset"] for d in shards["datasets"]] == ["code"]
+    one = await s.read("training://data_shards/code")
+    assert all(row["present"] for row in one["nodes"])
+    for arguments, needle in (({"data_uri": str(corpus / "missing")}, "missing"),
+                              ({"data_uri": str(corpus), "shard_strategy": "alphabetical"}, "shard_strategy"),
+                              ({"data_uri": str(corpus), "model_name": "ghost"}, "no model 'ghost'")):
+        text, error, _ = await s.call("llm_data_shard", **{"model_name": MODEL, **arguments})
+        assert error and needle in text, (arguments, text)
+
+    # --- training: unbuilt parallelisms refused, then a real job to the end -----------------------
+    for parallelism in ("model", "federated", "hybrid"):
+        text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="code",
+                                      parallelism=parallelism)
+        assert error and f"parallelism '{parallelism}' is not built yet" in text
+    for config, needle in (({"name": MODEL, "learning_rate": 1}, "learning_rate"),
+                           ({"lr": 1e-4}, "must name a model"),
+                           ({"name": MODEL, "seq_len": 64}, "packed into sequences of 32")):
+        text, error, _ = await s.call("llm_train_distributed", model_config=config, training_data="code")
+        assert error and needle in text, (config, text)
+    text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="nothing")
+    assert error and "no dataset 'nothing'" in text
+
+    out, error, progress = await s.call("llm_train_distributed", training_data="code", batch_size=4,
+                                        model_config={"name": MODEL, "max_steps": 3, "checkpoint_every": 2,
+                                                      "micro_batch_size": 2, "seq_len": 32})
+    assert not error, out
+    job = out["job"]
+    assert out["total_steps"] == 3 and out["coordinator"] == "local-1" and out["nodes"] == ["local-1", "local-2"]
+    assert _rising(progress) and progress[-1][0] == progress[-1][1] == 3
+    assert progress[0] == (0, 3, "checking nodes")  # then the model shipped (bytes), replicas loading
+    deadline = time.monotonic() + 120
+    while (shown := await s.read(f"training://jobs/{job}"))["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, shown
+        await asyncio.sleep(0.5)
+    assert shown["state"] == "done" and shown["step"] == 3 and shown["coordinator"] == "local-1", shown
+    assert job in {j["job"] for j in (await s.read("training://jobs"))["jobs"]}
+    metrics = await s.read(f"training://metrics/{job}")
+    assert [m["step"] for m in metrics["metrics"]] == [0, 1, 2]
+    assert all(math.isfinite(m["loss"]) and m["loss"] > 0 and m["tokens_per_s"] > 0 for m in metrics["metrics"])
+    latest = {j["job"]: j for j in (await s.read("training://metrics"))["jobs"]}
+    assert latest[job]["last"]["step"] == 2
+    assert [c["step"] for c in (await s.read(f"training://checkpoints/{job}"))["checkpoints"]] == [2, 3]
+    assert [c["step"] for c in (await s.read("training://checkpoints"))["checkpoints"][job]] == [2, 3]
+    assert (await s.read("llm://performance"))["training"][-1]["tokens_per_s"] > 0
+
+    with pytest.raises(MCPError, match="no reachable node coordinates job"):
+        await s.read("training://jobs/job-that-never-was")

@@ -1,0 +1,188 @@
+"""``dllmctl serve``, the OpenAI-compatible API, driven by the official ``openai`` client against three
+real local daemons serving a tiny model: the text equals what ``dllmctl infer`` prints for the same
+request (chat and raw, greedy and seeded, streamed or not), usage counts are the tokenizer's, and bad
+requests get OpenAI-shaped errors while the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.api_cluster import MODEL, infer, start_user_cluster, stop_user_cluster
+from tests.tiny_models import make_tokenizer
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The cluster, and ``dllmctl serve --port 0 --api-key KEY`` on it; yields (base URL, env)."""
+    root = tmp_path_factory.mktemp("openai")
+    env = start_user_cluster(root)
+    log = open(root / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "dllmctl", "serve", "--port", "0", "--log-level", "warning"],
+                            stdout=log, stderr=log, env={**os.environ, **env, "DLLM_API_KEY": KEY})
+    try:
+        base = _wait_for_url(proc, root / "serve.log")
+        yield base, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        stop_user_cluster(root, env)
+
+
+def _wait_for_url(proc: subprocess.Popen, log: Path) -> str:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if "listening on http://" in line:
+                return line.split("listening on ", 1)[1].strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"dllmctl serve exited: {log.read_text()}")
+        time.sleep(0.1)
+    raise RuntimeError(f"dllmctl serve did not start: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0], api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_text_equals_dllmctl_infer(served, client):
+    base, env = served
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+    # Chat: the prompt goes through the chat template, as 'dllmctl infer' does without --raw.
+    want = infer(env, "Hello there", "--max-new-tokens", "12")
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello there"}],
+                                          max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == want["text"] and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == want["prompt_tokens"] and chat.usage.completion_tokens == want["new_tokens"]
+    assert chat.usage.total_tokens == want["prompt_tokens"] + want["new_tokens"]
+    ended = want["token_ids"][-1] == make_tokenizer().eos_token_id
+    assert chat.choices[0].finish_reason == ("stop" if ended else "length")
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want["text"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want["new_tokens"]
+    assert len({c.id for c in chunks}) == 1
+    with ThreadPoolExecutor(3) as threads:  # concurrent requests share the server's connections and batch
+        texts = list(threads.map(lambda _: client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=12,
+            temperature=0).choices[0].message.content, range(3)))
+    assert texts == [want["text"]] * 3
+
+    # Completions: the prompt as is, like --raw; seeded sampling repeats exactly too.
+    want = infer(env, "The quick brown fox", "--raw", "--max-new-tokens", "10", "--temperature", "0.9",
+                 "--seed", "7")
+    done = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=10, temperature=0.9,
+                                     seed=7)
+    assert done.choices[0].text == want["text"] and done.usage.prompt_tokens == want["prompt_tokens"]
+    streamed = list(client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=10,
+                                              temperature=0.9, seed=7, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == want["text"]
+    assert streamed[-1].choices[0].finish_reason == done.choices[0].finish_reason
+
+
+def test_errors_are_openai_shaped(served, client):
+    base, _env = served
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).models.list()
+    assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+    assert _post(base, "/models", None, key=None, method="GET")[0] == 401  # no key at all
+
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="ghost", messages=messages)
+    assert caught.value.code == "model_not_found" and caught.value.param == "model"
+    for kwargs, param, needle in (
+            ({"n": 2}, "n", "only n=1"),
+            ({"stop": ["\n"]}, "stop", "stop sequences are not supported"),
+            ({"temperature": 3}, "temperature", "between 0 and 2"),
+            ({"max_tokens": 0}, "max_tokens", "at least 1"),
+            ({"max_tokens": 1000}, "max_tokens", "exceeds the model's context"),
+            ({"extra_body": {"parallelism": "tensor"}}, "parallelism", "not built yet"),
+            ({"extra_body": {"bogus": 1}}, "bogus", "Unrecognized request argument"),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
+             "tool calls are not supported")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=MODEL, messages=messages, **kwargs)
+        assert caught.value.status_code == 400 and caught.value.param == param and needle in caught.value.message, \
+            (kwargs, caught.value.body)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1000, stream=True)
+    assert caught.value.code == "context_length_exceeded"  # refused before the stream starts
+
+    # Hostile bodies, straight over HTTP: every answer is a JSON error with the right status.
+    for path, body, status, needle in (
+            ("/chat/completions", b"{not json", 400, "could not parse the JSON"),
+            ("/chat/completions", b"[1, 2]", 400, "must be a JSON object"),
+            ("/chat/completions", b"[" * 100_000, 400, "could not parse the JSON"),
+            ("/chat/completions", json.dumps({"messages": messages}).encode(), 400, "model parameter"),
+            ("/chat/completions", json.dumps({"model": MODEL}).encode(), 400, "'messages'"),
+            ("/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}).encode(),
+             400, "not supported"),
+            ("/chat/completions", json.dumps({"model": MODEL, "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(),
+             400, "only text content"),
+            ("/chat/completions", json.dumps({"model": MODEL, "messages": "hi"}).encode(), 400, "expected an array"),
+            ("/chat/completions", json.dumps({"model": MODEL, "messages": messages, "max_tokens": "5"}).encode(),
+             400, "expected an integer"),
+            ("/completions", json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "one text prompt"),
+            ("/completions", json.dumps({"model": MODEL, "prompt": [1, 2, 3]}).encode(), 400, "one text prompt"),
+            ("/completions", json.dumps({"model": 5, "prompt": "x"}).encode(), 400, "expected a string"),
+            ("/completions", b"x" * (9 * 1024 * 1024), 413, "larger than"),
+            ("/nowhere", b"{}", 404, "Invalid URL")):
+        got, error = _post(base, path, body)
+        assert got == status and needle in error["message"], (path, body[:80], got, error)
+        assert set(error) == {"message", "type", "param", "code"}
+    assert _post(base, "/chat/completions", None, method="GET")[0] == 405
+
+    # Still serving after all that.
+    again = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0)
+    assert again.usage.completion_tokens >= 1
+
+
+def _post(base: str, path: str, body: bytes | None, key: str | None = KEY, method: str = "POST") -> tuple[int, dict]:
+    request = urllib.request.Request(base + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["error"]
+
+
+def test_stream_deltas_join_to_the_final_text():
+    """Byte-level BPE splits an emoji over several tokens: no delta may carry a half character."""
+    from dllmctl.generation import TextStream
+
+    tokenizer = make_tokenizer()
+    text = "Robots 🤖 dream of électricité — 電気羊? Hello!"
+    ids = tokenizer(text)["input_ids"]
+    stream = TextStream(tokenizer)
+    deltas = [stream.push(token) for token in ids] + [stream.finish()]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert len(ids) > len([d for d in deltas if d])  # some tokens were held back until their character completed

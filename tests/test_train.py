@@ -1,0 +1,188 @@
+"""`dllmctl train` through real daemons: data-parallel weights equal single-process training on 2 and
+3 nodes, a checkpoint exports into the model store and serves `dllmctl infer`, a resumed job ends where
+an uninterrupted one ends, a node killed mid-job is survived, and bad jobs are refused up front."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dllmd.data.shards import read_shard
+from dllmd.train.local import train_locally
+from dllmd.train.optim import OptimConfig
+from dllmd.train.worker import ShardRows
+from tests.conftest import run_cli
+from tests.test_cli_inference import _ok, cluster3  # noqa: F401  (fixture)
+from tests.tiny_models import make_tiny_model
+
+STEPS, BATCH, MICRO, LR = 4, 6, 2, 1e-4  # a usual fine-tuning rate
+
+
+def _corpus(root: Path) -> Path:
+    root.mkdir()
+    for i in range(40):
+        (root / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 5))
+    return root
+
+
+def _setup(cluster: Path, tmp_path: Path) -> dict[str, str]:
+    """Import a tiny model, shard the corpus onto 2 and onto 3 nodes; node name -> public key."""
+    _ok(run_cli("dllmctl", "model", "import", str(make_tiny_model("llama", tmp_path / "src")), "--name", "tiny",
+                "--json"))
+    corpus = _corpus(tmp_path / "repo")
+    for name, nodes in (("two", "local-1,local-2"), ("three", "local-1,local-2,local-3")):
+        _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--strategy", "random", "--seq-len", "32",
+                    "--nodes", nodes, "--name", name, "--json"))
+    state = json.loads((cluster / "cluster.json").read_text())["nodes"]
+    return {n["name"]: n["public_key"] for n in state}
+
+
+def _shards(cluster: Path, keys: dict[str, str], dataset: str) -> dict[str, ShardRows]:
+    shards = {}
+    for name, key in keys.items():
+        path = cluster / name / "datasets" / dataset / "shard.safetensors"
+        if path.exists():
+            tokens, meta = read_shard(path)
+            shards[key] = ShardRows(tokens, int(meta["tokens"]))
+    return shards
+
+
+def _reference(model_dir: Path, shards: dict[str, ShardRows], steps: int) -> dict:
+    """The same training in one process: same global batches, same loss, same AdamW."""
+    return train_locally(model_dir, shards, steps, BATCH, MICRO, OptimConfig(lr=LR))
+
+
+def _max_diff(exported: dict, reference: dict) -> float:
+    assert set(exported) == set(reference)
+    worst = max(reference, key=lambda k: float((exported[k] - reference[k]).abs().max()))
+    diff = float((exported[worst] - reference[worst]).abs().max())
+    print(f"max abs difference {diff:.3g} in {worst}")
+    return diff
+
+
+def _train(dataset: str, nodes: str, *extra: str) -> dict:
+    return _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", dataset, "--nodes", nodes, "--max-steps", str(STEPS),
+                       "--batch-size", str(BATCH), "--micro-batch-size", str(MICRO), "--lr", str(LR), "--json", *extra,
+                       timeout=300))
+
+
+def _export(job: str, name: str, directory: Path) -> dict:
+    _ok(run_cli("dllmctl", "checkpoints", "export", job, "--name", name, "--dir", str(directory), "--json"))
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_data_parallel_equals_single_process_and_exports(cluster3, tmp_path):  # noqa: F811
+    keys = _setup(cluster3, tmp_path)
+    store_dir = Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny"
+    for dataset, nodes, backend in (("two", "local-1,local-2", "torch"), ("two", "local-1,local-2", "zmq"),
+                                    ("three", "local-1,local-2,local-3", "zmq")):
+        job = _train(dataset, nodes, "--backend", backend)
+        assert job["state"] == "done" and job["step"] == STEPS
+        assert len(job["last_metrics"]["nodes"]) == len(nodes.split(","))
+        weights = _export(job["job"], f"tuned-{dataset}", tmp_path / f"export-{dataset}")
+        reference = _reference(store_dir, _shards(cluster3, keys, dataset), STEPS)
+        assert _max_diff(weights, reference) <= 1e-5, (dataset, backend)
+
+    metrics = _ok(run_cli("dllmctl", "metrics", job["job"], "--json", "--plot", str(tmp_path / "loss.png")))
+    assert [m["step"] for m in metrics] == list(range(STEPS))
+    assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 and m["comm_s"] >= 0 for m in metrics)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    listed = _ok(run_cli("dllmctl", "jobs", "list", "--json"))
+    assert {j["job"] for j in listed} >= {job["job"]} and all(j["coordinator"] == "local-1" for j in listed)
+    assert _ok(run_cli("dllmctl", "checkpoints", "list", job["job"], "--json"))[-1]["step"] == STEPS
+
+    # The fine-tuned model is a model like any other: deploy it and generate with it.
+    _ok(run_cli("dllmctl", "deploy", "tuned-three", "--json"))
+    answer = _ok(run_cli("dllmctl", "infer", "def f(x):", "-m", "tuned-three", "--raw", "--max-new-tokens", "4",
+                         "--json"))
+    exported = tmp_path / "export-three"  # a transformers directory: the same greedy tokens locally
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = tokenizer("def f(x):", return_tensors="pt")["input_ids"]
+    want = AutoModelForCausalLM.from_pretrained(exported).eval().generate(
+        ids, max_new_tokens=4, do_sample=False, eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert answer["token_ids"] == want
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(cluster3, tmp_path):  # noqa: F811
+    _setup(cluster3, tmp_path)
+    steps = 300  # long enough to be killed mid-way
+    common = ("--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "2", "--lr", str(LR),
+              "--checkpoint-every", "50", "--json")
+    straight = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "two", "--nodes", "local-1,local-2", *common,
+                           timeout=300))
+    started = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "two", "--nodes", "local-1,local-2", "--detach",
+                          *common))
+    job = started["job"]
+    # Kill the coordinator mid-job, as a power cut would; its restart marks the job interrupted.
+    state = json.loads((cluster3 / "cluster.json").read_text())["nodes"]
+    _wait_for_step(job, 60)
+    os.kill(state[0]["pid"], signal.SIGKILL)
+    _ok(run_cli("dllmctl", "cluster", "restart", "local-1", "--dir", str(cluster3), "--json"))
+    shown = _ok(run_cli("dllmctl", "jobs", "show", job, "--json"))
+    assert shown["state"] == "interrupted"
+    resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--follow", "--json", timeout=300))
+    assert resumed["state"] == "done" and resumed["step"] == steps
+    assert any(e["kind"] == "resumed" for e in resumed["events"])
+    a = _export(straight["job"], "straight", tmp_path / "a")
+    b = _export(job, "resumed", tmp_path / "b")
+    assert _max_diff(a, b) <= 1e-6
+
+
+def _wait_for_step(job: str, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        shown = _ok(run_cli("dllmctl", "jobs", "show", job, "--json"))
+        if shown["step"] >= step:
+            return
+        assert shown["state"] == "running", shown
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} never reached step {step}")
+
+
+def test_a_node_killed_mid_job_is_survived(cluster3, tmp_path):  # noqa: F811
+    keys = _setup(cluster3, tmp_path)
+    steps = 200
+    started = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "three", "--nodes", "local-1,local-2,local-3",
+                          "--max-steps", str(steps), "--batch-size", str(BATCH), "--micro-batch-size", str(MICRO),
+                          "--lr", str(LR), "--detach", "--json"))
+    job = started["job"]
+    _wait_for_step(job, 5)
+    state = json.loads((cluster3 / "cluster.json").read_text())["nodes"]
+    os.kill(state[2]["pid"], signal.SIGKILL)
+    deadline = time.time() + 300
+    while (shown := _ok(run_cli("dllmctl", "jobs", "show", job, "--json")))["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert shown["state"] == "done" and shown["step"] == steps, shown
+    kinds = [e["kind"] for e in shown["events"]]
+    assert "node_lost" in kinds and "shard_moved" in kinds
+    assert sorted(shown["last_metrics"]["nodes"]) == ["local-1", "local-2"]
+    # The lost node's rows were still trained on, in the same order: same weights as one process.
+    weights = _export(job, "survivor", tmp_path / "export")
+    store_dir = Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny"
+    assert _max_diff(weights, _reference(store_dir, _shards(cluster3, keys, "three"), steps)) <= 1e-5
+
+
+def test_bad_jobs_are_refused_before_anything_starts(cluster3, tmp_path):  # noqa: F811
+    _setup(cluster3, tmp_path)
+    for args, needle in (
+            (["-d", "ghost"], "no dataset"),
+            (["-d", "two", "--parallelism", "model"], "not built yet"),
+            (["-d", "two", "--parallelism", "pipeline"], "must be one of"),
+            (["-d", "two", "--batch-size", "5", "--micro-batch-size", "2"], "not divisible"),
+            (["-d", "two", "--backend", "torch", "--plaintext"], "never encrypts"),
+            (["-d", "two", "--backend", "mpi"], "backend must be one of"),
+            (["-d", "three", "--nodes", "local-1,local-2"], "not among the job's nodes"),
+            (["-d", "two", "--plaintext"], "does not allow a plaintext ring"),
+            (["-d", "two", "--batch-size", "100000"], "fewer than one global batch"),
+            (["-d", "two", "--dtype", "float16"], "dtype")):
+        done = run_cli("dllmctl", "train", "-m", "tiny", "--max-steps", "2", *args)
+        message = " ".join(done.stderr.split())
+        assert done.returncode != 0 and needle in message and "Traceback" not in done.stderr, (args, message)
+    assert _ok(run_cli("dllmctl", "jobs", "list", "--json")) == []
