@@ -119,7 +119,8 @@ class Daemon:
         self.training.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)
         DataOps(self.home).register(server)
-        RingBenchOps(ctx, self.identity, self.config).register(server)
+        self.ring_bench = RingBenchOps(ctx, self.identity, self.config)
+        self.ring_bench.register(server)
         self.inference.start()
         self.training.start()
         atomic_write(self.home / DAEMON_FILE, json.dumps({
@@ -137,6 +138,7 @@ class Daemon:
             log.info("stopping")
             self.inference.stop()
             await self.training.stop()
+            self.ring_bench.stop()
             await server.stop(timeout=5.0)
             peers.close()
             auth.stop()

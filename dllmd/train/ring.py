@@ -111,6 +111,7 @@ class RingSocket:
         self._successor: RingMember | None = None
         self._predecessor_key: str | None = None
         self.generation = 0
+        self.aborts = 0  # how many times fail_pending was called: ends waits that no message would end
         self._mailbox: dict[bytes, memoryview | zmq.Frame] = {}
         self._waiting: dict[bytes, asyncio.Future] = {}
 
@@ -143,6 +144,7 @@ class RingSocket:
 
     def fail_pending(self, error: Exception) -> None:
         """Wake everything waiting on this ring with ``error`` (a reset, or a dead peer)."""
+        self.aborts += 1
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(error)
@@ -246,6 +248,7 @@ async def ring_allreduce(ring: RingSocket, flat: torch.Tensor, rank: int, size: 
     bounds = [(lo, min(lo + per_bucket, array.size)) for lo in range(0, array.size, per_bucket)]
     limit = asyncio.Semaphore(in_flight_buckets(bucket_bytes))
     generation = ring.generation  # a reset mid-way makes every later send and receive fail
+    aborts = ring.aborts
 
     unacknowledged: list[zmq.MessageTracker] = []
 
@@ -278,7 +281,7 @@ async def ring_allreduce(ring: RingSocket, flat: torch.Tensor, rank: int, size: 
     tasks = [asyncio.ensure_future(one(i, lo, hi)) for i, (lo, hi) in enumerate(bounds)]
     try:
         await asyncio.gather(*tasks)
-        await _released(ring, unacknowledged, generation, timeout)
+        await _released(ring, unacknowledged, generation, aborts, timeout)
     finally:
         for task in tasks:
             task.cancel()
@@ -286,13 +289,16 @@ async def ring_allreduce(ring: RingSocket, flat: torch.Tensor, rank: int, size: 
     return stats
 
 
-async def _released(ring: RingSocket, trackers: list[zmq.MessageTracker], generation: int, timeout: float) -> None:
+async def _released(ring: RingSocket, trackers: list[zmq.MessageTracker], generation: int, aborts: int,
+                    timeout: float) -> None:
     """Wait until zmq has read every message sent from the caller's buffer (written it to the
-    socket, or encrypted it into a buffer of its own)."""
+    socket, or encrypted it into a buffer of its own). Every chunk has arrived by now, so the sum is
+    complete: a reset or re-formed ring (whose successor may be gone, its messages never taken) ends
+    the wait without an error, since the new generation drops whatever the old one still sends."""
     deadline = time.monotonic() + timeout
     while not all(t.done for t in trackers):
-        if ring.generation != generation:
-            raise RingError("the ring was re-formed")
+        if ring.generation != generation or ring.aborts != aborts:
+            return
         if time.monotonic() > deadline:
             raise RingError(f"the successor did not take the last ring data within {timeout:g}s")
         await asyncio.sleep(RELEASE_POLL_S)

@@ -12,7 +12,8 @@ member before it runs on any (as a training coordinator does). ``ring.run`` form
 has joined by other means.
 
 A socket left open (a client that died between open and close) closes itself after
-``IDLE_CLOSE_S`` without a run: an open socket would otherwise hold the daemon's zmq context.
+``IDLE_CLOSE_S`` without a run, and in any case when the daemon stops: an open socket would hold
+up the daemon's zmq context.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class RingBenchOps:
         server.register(Operation("ring.close", self._close, NoArgs, admin))
 
     def stop(self) -> None:
-        """Close the ring socket, if one is open (call before terminating the zmq context)."""
+        """Close the ring socket, if one is open. The daemon calls this before ``ctx.term()``, which
+        would otherwise wait forever for the open socket."""
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
@@ -235,8 +237,8 @@ class RingBenchOps:
                 if i:
                     seconds.append(stats.seconds)
                     bytes_sent += stats.bytes_sent
-            return {"rank": rank, "size": size, "elements": a.elements, "bytes": nbytes,
-                    "plaintext": ring.plaintext, "bucket_bytes": bucket_bytes, "seconds": seconds, "bytes_sent": bytes_sent,
+            return {"rank": rank, "size": size, "elements": a.elements, "bytes": nbytes, "plaintext": ring.plaintext,
+                    "bucket_bytes": bucket_bytes, "seconds": seconds, "bytes_sent": bytes_sent,
                     "wall_s": round(time.perf_counter() - started, 6)}
         finally:
             self._running = False
