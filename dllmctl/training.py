@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from dllmctl.cluster import NodeEntry
+from dllmctl.datasets import TOKENIZER_FILES
 from dllmctl.deploy import Progress, ship_files
 from dllmd.models.received import span_files
 from dllmd.net.client import CallError, RpcClient
@@ -24,8 +25,7 @@ from dllmd.train import spec as S
 PARALLELISMS = ("data", "model", "federated", "hybrid")
 SUBMIT_TIMEOUT_S = 900.0  # the coordinator loads a replica on every node before it accepts
 FIND_TIMEOUT_S = 5.0
-CONFIG_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+CONFIG_FILES = ("generation_config.json", *TOKENIZER_FILES)  # copied next to an exported checkpoint
 
 
 class TrainError(RuntimeError):

@@ -12,6 +12,7 @@ trains on exactly the same batches, and a resumed job ends where an uninterrupte
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -26,15 +27,19 @@ class Row:
 
 
 def global_order(shard_rows: Mapping[str, int], epoch: int, seed: int) -> list[Row]:
+    return list(_order(tuple(sorted(shard_rows.items())), epoch, seed))
+
+
+@functools.lru_cache(maxsize=4)  # every step of an epoch reads the same order: shuffle it once
+def _order(shard_rows: tuple[tuple[str, int], ...], epoch: int, seed: int) -> tuple[Row, ...]:
     rng = np.random.default_rng([seed, epoch])
     rows, due = [], []
-    for shard in sorted(shard_rows):
-        count = shard_rows[shard]
+    for shard, count in shard_rows:
         rows += [Row(shard, int(i)) for i in rng.permutation(count)]
         # The k-th row drawn from this shard is due at (k + offset) / count of the epoch.
         due.append((np.arange(count) + rng.random()) / max(count, 1))
     order = np.argsort(np.concatenate(due) if due else np.zeros(0), kind="stable")
-    return [rows[i] for i in order]
+    return tuple(rows[i] for i in order)
 
 
 def steps_per_epoch(shard_rows: Mapping[str, int], batch_size: int) -> int:
@@ -52,7 +57,7 @@ def batch(shard_rows: Mapping[str, int], batch_size: int, seed: int, step: int) 
     """The global batch of ``step`` (0-based, counted over the whole job)."""
     per_epoch = steps_per_epoch(shard_rows, batch_size)
     epoch, within = divmod(step, per_epoch)
-    return global_order(shard_rows, epoch, seed)[within * batch_size:(within + 1) * batch_size]
+    return list(_order(tuple(sorted(shard_rows.items())), epoch, seed)[within * batch_size:(within + 1) * batch_size])
 
 
 def learning_rate(step: int, base: float, warmup_steps: int, total: int, final_fraction: float = 0.1) -> float:

@@ -44,6 +44,8 @@ ROWS_MESSAGE_BYTES = 32 * 1024 * 1024
 IDLE_REPLICA_TTL_S = 15 * 60  # a running job calls every worker at least once per step
 SWEEP_INTERVAL_S = 60
 Handler = Callable[[Any, list[torch.Tensor]], Awaitable[Any]]
+# What a worker operation raises when the request cannot be honoured (not a bug): answered as bad_args.
+REFUSALS = (TrainModelError, ModelFileError, ShardError, RingError, ValueError, KeyError)
 
 
 def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int) -> int:
@@ -89,7 +91,7 @@ class TrainingService:
         async def run(call: Call):
             try:
                 return await handler(call.args, call.tensors)
-            except (TrainModelError, ModelFileError, ShardError, RingError, ValueError, KeyError) as exc:
+            except REFUSALS as exc:
                 raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         return run
 
@@ -100,7 +102,7 @@ class TrainingService:
             cls, handler = self.handlers[op]
             try:
                 outcome = await handler(parse_args(cls, args), list(tensors or []))
-            except (TrainModelError, ModelFileError, ShardError, ValueError, KeyError) as exc:
+            except REFUSALS as exc:
                 raise CallError(str(exc)) from None
             return outcome if isinstance(outcome, tuple) else (outcome, [])
         client = self.peers.get(node.address, node.public_key)

@@ -48,6 +48,7 @@ class TrainWorker:
     def __init__(self, spec: WorkerSpec, model: torch.nn.Module, collective):
         self.spec = spec
         self.model = model
+        self.params = dict(parameters(model))  # name -> parameter, in the fixed order
         self.optimizer = make_optimizer(model, spec.optim)
         self.collective = collective  # RingCollective or TorchCollective
         self.shards: dict[str, ShardRows] = {}
@@ -112,14 +113,14 @@ class TrainWorker:
     # --- state for checkpoints -----------------------------------------------------------------
 
     def state_names(self) -> list[str]:
-        names = [f"model.{name}" for name, _ in parameters(self.model)]
-        for name, _ in parameters(self.model):
+        names = [f"model.{name}" for name in self.params]
+        for name in self.params:
             names += [f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"]
         return names
 
     def state_tensor(self, name: str) -> torch.Tensor:
         kind, rest = name.split(".", 1)
-        params = dict(parameters(self.model))
+        params = self.params
         if kind == "model":
             return params[rest].detach().cpu()
         param_name, slot = rest.rsplit(".", 1)
@@ -133,7 +134,7 @@ class TrainWorker:
         return int(states[0]["step"]) if states else 0
 
     def load_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
-        params = dict(parameters(self.model))
+        params = self.params
         with torch.no_grad():
             for name, tensor in tensors.items():
                 kind, rest = name.split(".", 1)
