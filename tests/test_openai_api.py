@@ -176,7 +176,7 @@ def _post(base: str, path: str, body: bytes | None, key: str | None = KEY, metho
 
 def test_stream_deltas_join_to_the_final_text():
     """Byte-level BPE splits an emoji over several tokens: no delta may carry a half character."""
-    from dllmctl.generation import TextStream
+    from dllmctl.inference.generation import TextStream
 
     tokenizer = make_tokenizer()
     text = "Robots 🤖 dream of électricité — 電気羊? Hello!"

@@ -15,12 +15,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dllmctl import local_cluster
-from dllmctl.cluster import Registry, query_nodes
-from dllmctl.deploy import SpanAssignment, deploy
-from dllmctl.failover import generate_with_failover
-from dllmctl.inference import PREFILL_CHUNK, ClientPool, DistributedSession, Generation
-from dllmctl.routing import live_stages
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cluster.registry import Registry
+from dllmctl.cluster.live import query_nodes
+from dllmctl.models.deploy import deploy
+from dllmctl.placement.layout import Span
+from dllmctl.inference.failover import generate_with_failover
+from dllmctl.inference.session import PREFILL_CHUNK, ClientPool, DistributedSession, Generation
+from dllmctl.inference.stages import live_stages
 from dllmd.inference.sampling import SamplingParams
 from dllmd.net.identity import Identity
 from tests.tiny_models import make_tiny_model
@@ -32,7 +34,7 @@ SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=99)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from dllmctl.model_import import import_model
+    from dllmctl.models.importer import import_model
     from dllmd.models.store import ModelStore
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -51,7 +53,7 @@ def cluster(tmp_path_factory):
 
 def _deploy(cluster, spans: list[tuple[str, int, int]]) -> None:
     n = cluster["model"].config.num_hidden_layers
-    assignments = [SpanAssignment(node, a, b, a == 0, b == n) for node, a, b in spans]
+    assignments = [Span(node, a, b, a == 0, b == n) for node, a, b in spans]
     asyncio.run(deploy(cluster["user"], cluster["registry"].nodes, cluster["store"].root / "pipe", assignments))
 
 

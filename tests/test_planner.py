@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dllmctl.planner import ModelShape, NodeCapacity, PlanError, plan_layout, span_bytes
+from dllmctl.placement.layout import ModelShape, NodeCapacity, PlanError, span_bytes
+from dllmctl.placement.planner import plan_layout
 
 MB = 2**20
 SMOL = ModelShape("smol", (13 * MB,) * 30, 113 * MB, 1, True)  # SmolLM2-like: tied, 30 layers

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dllmctl.coverage import CoverageRun, describe_coverage, layer_coverage, uncovered
-from dllmctl.planner import ModelShape, NodeCapacity, PlanError, Span, plan_layout, span_bytes
-from dllmctl.rebalance import Move, plan_rebalance
+from dllmctl.placement.coverage import CoverageRun, describe_coverage, layer_coverage, uncovered
+from dllmctl.placement.layout import ModelShape, NodeCapacity, PlanError, Span, span_bytes
+from dllmctl.placement.planner import plan_layout
+from dllmctl.placement.rebalance import Move, plan_rebalance
 
 MB = 2**20
 SMOL = ModelShape("smol", (13 * MB,) * 30, 113 * MB, 1, True)  # SmolLM2-like: tied, 30 layers

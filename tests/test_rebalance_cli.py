@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from dllmctl.cli.rebalance import capacities_for, current_replicas, live_spans, served_dtype, unload_first
-from dllmctl.planner import Layout, ModelShape, Span
-from dllmctl.rebalance import Move, Rebalance
+from dllmctl.placement.capacity import capacities_for, current_replicas, live_spans, served_dtype, unload_first
+from dllmctl.placement.layout import Layout, ModelShape, Span
+from dllmctl.placement.rebalance import Move, Rebalance
 from tests.conftest import run_cli
 from tests.test_cli_inference import cluster3  # noqa: F401 (a fixture)
 from tests.tiny_models import make_tiny_model

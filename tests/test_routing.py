@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dllmctl.cluster import NodeEntry
-from dllmctl.failover import Bans
-from dllmctl.routing import RouteError, Stage, choose_route, route_counts, stage_cost
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.inference.failover import Bans
+from dllmctl.placement.layout import Span
+from dllmctl.placement.routing import RouteError, Stage, choose_route, route_counts, stage_cost
 from dllmd.inference.sampling import SamplingParams
 from dllmd.inference.service import MAX_BATCH, PendingStep, StepItem, StepScheduler
 from dllmd.inference.sessions import Session
@@ -15,7 +16,7 @@ from dllmd.inference.sessions import Session
 
 def stage(name, start, end, n=10, **load) -> Stage:
     node = NodeEntry(name, f"tcp://127.0.0.1:{1000 + sum(map(ord, name))}", "00" * 32)
-    return Stage(node, start, end, start == 0, end == n, **load)
+    return Stage(node, Span(name, start, end, start == 0, end == n), **load)
 
 
 def names(route) -> list[str]:

@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dllmctl import local_cluster
-from dllmctl.cluster import Registry
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cluster.registry import Registry
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
 

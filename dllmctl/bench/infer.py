@@ -17,10 +17,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dllmctl.cluster import NodeEntry
-from dllmctl.inference import ClientPool, DistributedSession
-from dllmctl.routing import choose_route, live_stages
-from dllmctl.tokens import encode_prompt, load_tokenizer
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.inference.session import ClientPool, DistributedSession
+from dllmctl.placement.routing import choose_route
+from dllmctl.inference.stages import live_stages
+from dllmctl.inference.tokens import encode_prompt, load_tokenizer
 from dllmd.inference.sampling import SamplingParams
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
@@ -102,7 +103,7 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
     overhead = [s * 1000 - c for s, c in zip(decode, compute)]
     messages = len(route) + 1  # N stages: N + 1 messages per token
     return {
-        "route": [{"node": s.node.name, "start": s.start, "end": s.end} for s in route],
+        "route": [{"node": s.node.name, "start": s.span.start, "end": s.span.end} for s in route],
         "tokens_per_second": round(len(decode) / sum(decode), 3),
         "time_to_first_token_ms": round(result.first_token_s * 1000, 2),
         "per_token_ms": _median([s * 1000 for s in decode]),

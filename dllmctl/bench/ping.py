@@ -17,7 +17,7 @@ import zmq
 
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
-from dllmctl.cluster import NodeEntry
+from dllmctl.cluster.registry import NodeEntry
 
 HIDDEN_STATE_SHAPE = (1, 1, 576)  # one decode step of SmolLM2-135M
 

@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dllmctl import local_cluster
+from dllmctl.cluster import local as local_cluster
 from dllmctl.bench.wan import DelayProxy
-from dllmctl.cluster import NodeEntry, Registry, query_nodes
-from dllmctl.deploy import SpanAssignment, deploy
-from dllmctl.failover import generate_with_failover
-from dllmctl.inference import ClientPool, Generation
-from dllmctl.routing import live_stages
+from dllmctl.cluster.registry import NodeEntry, Registry
+from dllmctl.cluster.live import query_nodes
+from dllmctl.models.deploy import deploy
+from dllmctl.placement.layout import Span
+from dllmctl.inference.failover import generate_with_failover
+from dllmctl.inference.session import ClientPool, Generation
+from dllmctl.inference.stages import live_stages
 from dllmd.inference.sampling import SamplingParams
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
@@ -35,7 +37,7 @@ WAN_SLACK_MS = 5.0
 
 
 def bench_prompts(tokenizer, count: int) -> list[list[int]]:
-    from dllmctl.tokens import encode_prompt
+    from dllmctl.inference.tokens import encode_prompt
 
     return [encode_prompt(tokenizer, f"Write a story about {TOPICS[i % len(TOPICS)]}" + " please" * (i // 4))
             for i in range(count)]
@@ -183,7 +185,7 @@ def failover(user: Identity, registry: Registry, cluster_dir: Path, model_dir: P
         stalls.append((killed["next"] - killed["at"]) * 1000)
         detect.append(result.failovers[0]["stall_s"] * 1000 if result.failovers else None)
         local_cluster.restart(cluster_dir, killed["node"], registry)
-        span = SpanAssignment(killed["node"], killed["start"], killed["end"], killed["start"] == 0,
+        span = Span(killed["node"], killed["start"], killed["end"], killed["start"] == 0,
                               killed["end"] == num_layers)
         asyncio.run(deploy(user, registry.nodes, model_dir, [span]))
     return {"runs": runs, "identical_runs": identical, "stall_ms_median": _median(stalls),

@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from dllmctl import local_cluster
-from dllmctl.cluster import NodeEntry, Registry
-from dllmctl.datasets import ShardProgress, ShardRequest, place, prepare
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cluster.registry import NodeEntry, Registry
+from dllmctl.data.sharding import ShardProgress, ShardRequest, place, prepare
 from dllmd.data import STRATEGIES
 from dllmd.net.identity import Identity
 

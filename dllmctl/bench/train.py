@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from dllmctl import local_cluster
+from dllmctl.cluster import local as local_cluster
 from dllmctl.bench.shard import stdlib_source
-from dllmctl.cluster import NodeEntry, Registry
-from dllmctl.datasets import ShardRequest, shard_and_push
-from dllmctl.training import job_call, job_spec, submit
+from dllmctl.cluster.registry import NodeEntry, Registry
+from dllmctl.data.sharding import ShardRequest, shard_and_push
+from dllmctl.training.jobs import job_call, job_spec, submit
 from dllmd.data.shards import read_shard
 from dllmd.net.identity import Identity
 from dllmd.train.local import train_locally

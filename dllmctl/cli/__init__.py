@@ -6,7 +6,7 @@ import typer
 
 from dllmd import __version__
 from dllmd.net.identity import Identity
-from dllmctl.cli import api, bench, cluster, data, deploy, infer, model, nodes, train
+from dllmctl.cli import api, bench, cluster, data, deploy, infer, model, nodes, plan, train
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -27,36 +27,10 @@ app.command("train")(train.train_command)
 app.command("metrics")(train.metrics_command)
 app.add_typer(train.jobs_app, name="jobs")
 app.add_typer(train.checkpoints_app, name="checkpoints")
+app.command("plan")(plan.plan_command)
+app.command("rebalance")(plan.rebalance_command)
 app.command("serve")(api.serve_command)
 app.command("mcp")(api.mcp_command)
-
-
-@app.command("plan")
-def plan(
-    model: str = typer.Argument(..., help="Model name in the local store."),
-    nodes: str = typer.Option(None, help="Comma-separated node names (default: all registered)."),
-    replicas: int = typer.Option(1, min=1, max=16, help="Hold every layer on this many nodes."),
-    as_json: JsonOpt = False,
-) -> None:
-    """Contiguous layer spans per node, sized by free memory and weighted by measured throughput."""
-    from dllmctl.cli.plan import plan_command
-
-    plan_command(model, nodes, replicas, as_json)
-
-
-@app.command("rebalance")
-def rebalance(
-    model: str = typer.Argument(..., help="Model name in the local store."),
-    replicas: int = typer.Option(None, min=1, max=16,
-                                 help="Hold every layer on this many nodes (default: as many as hold its layers now)."),
-    apply: bool = typer.Option(False, "--apply", help="Deploy the new spans and unload the dropped ones."),
-    dtype: str = typer.Option("", help="Load new spans as float32, bfloat16 or float16 (default: as served now)."),
-    as_json: JsonOpt = False,
-) -> None:
-    """After nodes joined or left: a layout that moves as few layers as possible (--apply makes it so)."""
-    from dllmctl.cli.rebalance import rebalance_command
-
-    rebalance_command(model, replicas, apply, dtype, as_json)
 
 
 @app.command()

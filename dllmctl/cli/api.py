@@ -29,7 +29,7 @@ def serve_command(
     try:
         import uvicorn
 
-        from dllmctl.openai_api import make_app
+        from dllmctl.frontends.openai_api import make_app
     except ImportError:
         fail(MISSING_EXTRA)
     user = load_user()
@@ -74,7 +74,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def mcp_command() -> None:
     """Serve the cluster to agents as MCP tools and resources over stdio (stdout carries only the protocol)."""
     try:
-        from dllmctl.mcp_server import serve_stdio
+        from dllmctl.frontends.mcp_server import serve_stdio
     except ImportError:
         fail(MISSING_EXTRA)
     user = load_user()

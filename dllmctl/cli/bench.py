@@ -10,11 +10,11 @@ from typing import Annotated, Iterator, Optional
 import typer
 from rich.table import Table
 
-from dllmctl import local_cluster
-from dllmctl.local_cluster import LocalClusterError
-from dllmctl.bench import ping as ping_bench
-from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, out, print_json
-from dllmctl.cluster import NodeEntry, Registry, RegistryError
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cluster.local import LocalClusterError
+from dllmctl.cli.common import (JsonOpt, RichShardProgress, err, fail, human_bytes, load_registry, load_user,
+                                local_model, out, print_json)
+from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
 
@@ -48,6 +48,8 @@ def ping(
     as_json: JsonOpt = False,
 ) -> None:
     """Median round trip of a small message and of a [1, 1, 576] fp32 tensor echo, encrypted."""
+    from dllmctl.bench import ping as ping_bench
+
     user = load_user()
     with target_node(user, node) as entry:
         try:
@@ -89,17 +91,15 @@ def infer(
 
     from dllmctl.bench import infer as infer_bench
     from dllmctl.bench import pipeline as pipeline_bench
-    from dllmctl.cli.cluster import _dir as resolve_dir
-    from dllmctl.cli.deploy import model_dir
-    from dllmctl.inference import PARALLELISMS
-    from dllmctl.routing import RouteError
-    from dllmctl.tokens import encode_prompt, load_tokenizer
+    from dllmctl.inference.session import PARALLELISMS
+    from dllmctl.placement.routing import RouteError
+    from dllmctl.inference.tokens import encode_prompt, load_tokenizer
 
     if parallelism not in PARALLELISMS:
         fail(f"--parallelism must be one of {', '.join(PARALLELISMS)}")
     counts = _session_counts(sessions) if sessions else []
     user, registry = load_user(), load_registry()
-    directory = model_dir(model)
+    directory, _ = local_model(model)
     num_layers = _json.loads((directory / "config.json").read_text())["num_hidden_layers"]
     nodes = registry.select(None)
     report: dict = {"model": model}
@@ -115,7 +115,7 @@ def infer(
             if wan_delay_ms is not None:
                 report["wan"] = pipeline_bench.wan(user, nodes, model, num_layers, prompt, new_tokens, wan_delay_ms)
             if failover_runs:
-                report["failover"] = pipeline_bench.failover(user, registry, resolve_dir(cluster), directory, model,
+                report["failover"] = pipeline_bench.failover(user, registry, local_cluster.resolve_dir(cluster), directory, model,
                                                               num_layers, prompt, failover_runs)
     except (CallError, RouteError, LocalClusterError) as exc:
         fail(str(exc))
@@ -193,9 +193,7 @@ def shard_data(
 ) -> None:
     """Shard real code (*.py) with each strategy onto temporary local nodes: tokens/s and skew."""
     from dllmctl.bench import shard as shard_bench
-    from dllmctl.cli.data import RichShardProgress
-    from dllmctl.cli.deploy import model_dir
-    from dllmctl.data_push import PushError
+    from dllmctl.data.push import PushError
     from dllmd.data import DataError
 
     try:
@@ -204,7 +202,7 @@ def shard_data(
         fail(str(exc))
     if replicas > nodes:
         fail(f"--replicas {replicas} needs at least as many --nodes")
-    directory = model_dir(model)
+    directory, _ = local_model(model)
     progress = RichShardProgress(transient=True)
     try:
         report = shard_bench.run(load_user(), model, directory, source or shard_bench.stdlib_source(), nodes, chosen,
@@ -290,14 +288,13 @@ def train(
 ) -> None:
     """Data-parallel fine-tuning on temporary local nodes vs the same steps in one process."""
     from dllmctl.bench import train as train_bench
-    from dllmctl.cli.deploy import model_dir
-    from dllmctl.data_push import PushError
-    from dllmctl.training import TrainError
+    from dllmctl.data.push import PushError
+    from dllmctl.training.jobs import TrainError
     from dllmd.data import DataError
 
     if batch_size % micro_batch_size:
         fail("--batch-size must be divisible by --micro-batch-size")
-    directory = model_dir(model)
+    directory, _ = local_model(model)
     try:
         with err.status(f"training {steps} steps on {nodes} temporary node(s), then in one process..."):
             report = train_bench.run(load_user(), model, directory, nodes, steps, batch_size, micro_batch_size,

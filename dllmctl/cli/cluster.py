@@ -9,19 +9,15 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from dllmctl import local_cluster
-from dllmctl.cli.common import JsonOpt, err, fail, load_registry, load_user, out, print_json
-from dllmctl.cli.nodes import STATUS_STYLE
-from dllmctl.cluster import NodeEntry, RegistryError, query_nodes
-from dllmctl.paths import local_clusters_dir
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cli.common import STATUS_STYLE, JsonOpt, err, fail, load_registry, load_user, out, print_json
+from dllmctl.cluster.live import query_nodes
+from dllmctl.cluster.registry import NodeEntry, RegistryError
 
 app = typer.Typer(help="Start, inspect and stop a local cluster of daemons.", no_args_is_help=True)
 
-DirOpt = Annotated[Optional[Path], typer.Option("--dir", help="Where the daemons' homes live (default: the dllm data dir).")]
-
-
-def _dir(directory: Path | None) -> Path:
-    return (directory or local_clusters_dir() / "local").expanduser().resolve()
+DirOpt = Annotated[Optional[Path], typer.Option(
+    "--dir", help="Where the daemons' homes live (default: the last 'cluster up' used, else the dllm data dir).")]
 
 
 @app.command("up")
@@ -35,7 +31,9 @@ def up(
     registry = load_registry()
     try:
         with err.status("starting daemons...") as status:
-            nodes = local_cluster.up(local, _dir(directory), user, registry, progress=lambda m: status.update(m))
+            target = (directory or local_cluster.default_dir()).expanduser().resolve()
+            nodes = local_cluster.up(local, target, user, registry, progress=lambda m: status.update(m),
+                                     remember=True)
     except (local_cluster.LocalClusterError, RegistryError) as exc:
         fail(str(exc))
     if as_json:
@@ -53,7 +51,7 @@ def status(directory: DirOpt = None, as_json: JsonOpt = False,
     """The local cluster's daemons: pid, whether the process runs, and whether it answers."""
     user = load_user()
     try:
-        nodes = local_cluster.load_state(_dir(directory))
+        nodes = local_cluster.load_state(local_cluster.resolve_dir(directory))
     except local_cluster.LocalClusterError as exc:
         fail(str(exc))
     rows = asyncio.run(query_nodes(user, [NodeEntry(n.name, n.address, n.public_key) for n in nodes], timeout))
@@ -78,7 +76,7 @@ def down(directory: DirOpt = None, as_json: JsonOpt = False) -> None:
     """Stop exactly the daemons 'cluster up' started, and unregister them."""
     registry = load_registry()
     try:
-        stopped = local_cluster.down(_dir(directory), registry)
+        stopped = local_cluster.down(local_cluster.resolve_dir(directory), registry)
     except local_cluster.LocalClusterError as exc:
         fail(str(exc))
     if as_json:
@@ -92,7 +90,7 @@ def restart(name: str, directory: DirOpt = None, as_json: JsonOpt = False) -> No
     """Start one stopped (or crashed) daemon of the local cluster again."""
     registry = load_registry()
     try:
-        node = local_cluster.restart(_dir(directory), name, registry)
+        node = local_cluster.restart(local_cluster.resolve_dir(directory), name, registry)
     except (local_cluster.LocalClusterError, RegistryError) as exc:
         fail(str(exc))
     if as_json:

@@ -1,21 +1,34 @@
-"""What every dllmctl command shares: consoles, errors, JSON output, the user's identity."""
+"""What every dllmctl command shares: consoles, errors, JSON output, the user's identity, and the
+tables and progress bars that more than one command shows. Only light imports here: every command
+(``dllmctl --help`` too) loads this module."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, NoReturn
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID,
+                           TextColumn, TimeElapsedColumn, TransferSpeedColumn)
+from rich.table import Table
+from rich.text import Text
 
 from dllmd.net.identity import Identity, InvalidKey
-from dllmctl.cluster import Registry, RegistryError
+from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
+from dllmctl.data.progress import ShardProgress
 from dllmctl.paths import cluster_file, identity_path
 
 out = Console()
 err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+NodesOpt = Annotated[Optional[str], typer.Option("--nodes", help="Comma-separated node names (default: all registered).")]
+ReplicasOpt = Annotated[int, typer.Option(min=1, max=16, help="Hold every layer on this many nodes.")]
+DtypeOpt = Annotated[str, typer.Option(help="Load spans as float32, bfloat16 or float16 (default: as imported).")]
+
+STATUS_STYLE = {"up": "green", "down": "red", "unauthorized": "yellow", "key-mismatch": "yellow", "error": "red"}
 
 
 def fail(message: str) -> NoReturn:
@@ -42,6 +55,29 @@ def load_registry() -> Registry:
         fail(str(exc))
 
 
+def split_names(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def select_nodes(names: str | None, registry: Registry | None = None) -> list[NodeEntry]:
+    """The registered nodes named in a comma-separated list (all when it is empty)."""
+    try:
+        return (registry or load_registry()).select(split_names(names) or None)
+    except RegistryError as exc:
+        fail(str(exc))
+
+
+def local_model(name: str) -> tuple[Path, Any]:
+    """The directory and manifest of a model in the local store, or a one-line error."""
+    from dllmd.models.store import ModelStoreError
+    from dllmctl.models import local_model as find
+
+    try:
+        return find(name)
+    except ModelStoreError as exc:
+        fail(str(exc))
+
+
 def human_bytes(n: int | float | None) -> str:
     if n is None:
         return "-"
@@ -50,3 +86,136 @@ def human_bytes(n: int | float | None) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def layers_text(start: int, end: int) -> str:
+    """Layers ``[start, end)`` as tables show them: inclusive."""
+    return f"{start}-{end - 1}"
+
+
+# --- tables more than one command shows ------------------------------------------------------------
+
+def hardware_summary(hw: dict | None) -> str:
+    if not hw:
+        return "-"
+    parts = [f"{hw['cpu_cores']} cores",
+             f"RAM {human_bytes(hw['ram_available'])}/{human_bytes(hw['ram_total'])}"]
+    for gpu in hw.get("gpus", []):
+        parts.append(f"{gpu['name']} {human_bytes(gpu['memory_free'])}/{human_bytes(gpu['memory_total'])}")
+    parts.append(f"{hw['matmul_gflops']:.0f} GFLOP/s")
+    return ", ".join(parts)
+
+
+def serving_summary(serving: list[dict]) -> str:
+    if not serving:
+        return "-"
+    return "; ".join(f"{s.get('model')} [{s.get('start')}-{s.get('end')})" for s in serving)
+
+
+def print_nodes(rows: list[dict]) -> None:
+    table = Table("name", "id", "address", "status", "latency ms", "hardware", "serving")
+    for r in rows:
+        style = STATUS_STYLE.get(r["status"], "")
+        table.add_row(r["name"], r["id"], r["address"], f"[{style}]{r['status']}[/{style}]",
+                      "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
+                      hardware_summary(r["hardware"]), serving_summary(r["serving"]))
+    out.print(table)
+
+
+def print_layout(doc: dict) -> None:
+    table = Table("node", "layers", "embed", "head", "weights")
+    for s in doc["spans"]:
+        table.add_row(s["node"], layers_text(s["start"], s["end"]), "yes" if s["embed"] else "",
+                      "yes" if s["head"] else "", human_bytes(s["bytes"]))
+    out.print(table)
+
+
+def print_deployed(reports: list[dict]) -> None:
+    table = Table("node", "layers", "embed", "head", "sent", "params", "node RSS", "device")
+    for r in reports:
+        table.add_row(r["node"], layers_text(r["start"], r["end"]), "yes" if r["embed"] else "",
+                      "yes" if r["head"] else "", human_bytes(r["bytes_sent"]), human_bytes(r["param_bytes"]),
+                      human_bytes(r["rss_bytes"]), r["device"])
+    out.print(table)
+
+
+def print_generation_footer(result) -> None:
+    """After streamed text: tokens, time and route, then any failovers (on stderr)."""
+    generation = result.generation
+    route = generation.routes[-1]
+    rate = result.completion_tokens / generation.seconds if generation.seconds else 0
+    err.print(f"[dim]{result.completion_tokens} tokens in {generation.seconds:.2f}s ({rate:.1f} tok/s) via "
+              + " -> ".join(f"{s['node']}[{s['start']}-{s['end']})" for s in route) + "[/dim]")
+    for failover in generation.failovers:
+        err.print(f"[yellow]failover at token {failover['step']}: {failover['error']}[/yellow]")
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+def transfer_progress(transient: bool) -> Progress:
+    """Bytes per node, as deploys and rebalances show them."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=err, transient=transient)
+
+
+class StageProgress:
+    """A bar per named stage (``progress(stage, done, total)``), shown once the first report comes,
+    so that an early error prints alone. ``stop()`` when the work ends."""
+
+    def __init__(self, transient: bool):
+        self.bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err, transient=transient)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.tasks:
+            self.bar.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+    def stop(self) -> None:
+        if self.tasks:  # stopping a display that never started prints a blank line
+            self.bar.stop()
+
+
+class _Amount(ProgressColumn):
+    """Counts for items (files, samples, shards), sizes for bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.size = MofNCompleteColumn(), DownloadColumn()
+
+    def render(self, task: Task) -> Text:
+        return (self.size if task.fields.get("unit") == "bytes" else self.count).render(task)
+
+
+class RichShardProgress(ShardProgress):
+    """One line per stage on stderr; a stage is marked complete when the next one starts."""
+
+    def __init__(self, transient: bool) -> None:
+        self.bar = Progress(TextColumn("{task.description:<16}"), BarColumn(), _Amount(), TimeElapsedColumn(),
+                            console=err, transient=transient)
+        self.tasks: dict[str, TaskID] = {}
+        self.current: TaskID | None = None
+        self.started = False
+
+    def stage(self, what: str, total: int | None = None, unit: str = "items") -> None:
+        if not self.started:
+            self.bar.start()
+            self.started = True
+        if self.current is not None and not what.startswith("push "):
+            task = self.bar.tasks[self.current]  # stages run one after another (pushes concurrently)
+            self.bar.update(self.current, total=task.completed if task.total is None else task.total,
+                            completed=task.completed if task.total is None else task.total)
+        self.tasks[what] = self.bar.add_task(what, total=total, unit=unit)
+        if not what.startswith("push "):
+            self.current = self.tasks[what]
+
+    def advance(self, what: str, amount: int) -> None:
+        if what in self.tasks:
+            self.bar.advance(self.tasks[what], amount)
+
+    def stop(self) -> None:
+        if self.started:
+            self.bar.stop()

@@ -6,28 +6,15 @@ import asyncio
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID,
-                           TextColumn, TimeElapsedColumn)
 from rich.table import Table
-from rich.text import Text
 
-from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, out, print_json
-from dllmctl.cluster import RegistryError
-from dllmctl.data_push import PushError, remove_everywhere
-from dllmctl.datasets import DatasetRecords, ShardProgress, ShardRequest, dataset_name, shard_and_push
-from dllmctl.paths import data_dir
-from dllmd.data import STRATEGIES, DataError
-from dllmd.net.client import CallError
+from dllmctl.cli.common import (JsonOpt, RichShardProgress, err, fail, human_bytes, load_registry, load_user, local_model, out,
+                                print_json, split_names)
+from dllmctl.cluster.registry import RegistryError
+from dllmctl.data.records import dataset_records as records
+from dllmd.data.strategies import STRATEGIES
 
 app = typer.Typer(help="Datasets sharded onto the nodes: list, show, remove.", no_args_is_help=True)
-
-
-def records() -> DatasetRecords:
-    return DatasetRecords(data_dir() / "datasets")
-
-
-def _split(text: Optional[str]) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def shard_data_command(
@@ -49,15 +36,18 @@ def shard_data_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Tokenize, pack and place training data on the nodes (all or nothing)."""
-    from dllmctl.cli.deploy import model_dir
+    from dllmd.data import DataError
+    from dllmd.net.client import CallError
+    from dllmctl.data.push import PushError
+    from dllmctl.data.sharding import ShardRequest, dataset_name, shard_and_push
 
     user, registry = load_user(), load_registry()
-    directory = model_dir(model)
+    directory, _ = local_model(model)
     try:
-        targets = registry.select(_split(nodes) or None)
+        targets = registry.select(split_names(nodes) or None)
         request = ShardRequest(uri=data_uri, model=model, model_dir=directory, strategy=strategy,
                                name=dataset_name(data_uri, name), seq_len=seq_len, replicas=replicas, seed=seed,
-                               field=field, include=_split(include) or None, exclude=_split(exclude), strict=strict,
+                               field=field, include=split_names(include) or None, exclude=split_names(exclude), strict=strict,
                                local_only=local_only)
     except (RegistryError, DataError) as exc:
         fail(str(exc))
@@ -77,48 +67,6 @@ def shard_data_command(
         print_json(report)
         return
     _print_report(report)
-
-
-class _Amount(ProgressColumn):
-    """Counts for items (files, samples, shards), sizes for bytes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count, self.size = MofNCompleteColumn(), DownloadColumn()
-
-    def render(self, task: Task) -> Text:
-        return (self.size if task.fields.get("unit") == "bytes" else self.count).render(task)
-
-
-class RichShardProgress(ShardProgress):
-    """One line per stage on stderr; a stage is marked complete when the next one starts."""
-
-    def __init__(self, transient: bool) -> None:
-        self.bar = Progress(TextColumn("{task.description:<16}"), BarColumn(), _Amount(), TimeElapsedColumn(),
-                            console=err, transient=transient)
-        self.tasks: dict[str, TaskID] = {}
-        self.current: TaskID | None = None
-        self.started = False
-
-    def stage(self, what: str, total: int | None = None, unit: str = "items") -> None:
-        if not self.started:
-            self.bar.start()
-            self.started = True
-        if self.current is not None and not what.startswith("push "):
-            task = self.bar.tasks[self.current]  # stages run one after another (pushes concurrently)
-            self.bar.update(self.current, total=task.completed if task.total is None else task.total,
-                            completed=task.completed if task.total is None else task.total)
-        self.tasks[what] = self.bar.add_task(what, total=total, unit=unit)
-        if not what.startswith("push "):
-            self.current = self.tasks[what]
-
-    def advance(self, what: str, amount: int) -> None:
-        if what in self.tasks:
-            self.bar.advance(self.tasks[what], amount)
-
-    def stop(self) -> None:
-        if self.started:
-            self.bar.stop()
 
 
 def _print_report(report: dict) -> None:
@@ -162,10 +110,7 @@ def list_datasets(as_json: JsonOpt = False) -> None:
 @app.command("show")
 def show(name: str, as_json: JsonOpt = False) -> None:
     """One dataset: which node holds which shard."""
-    try:
-        report = records().load(name)
-    except DataError as exc:
-        fail(str(exc))
+    report = _record(name)
     if as_json:
         print_json(report)
     else:
@@ -175,10 +120,9 @@ def show(name: str, as_json: JsonOpt = False) -> None:
 @app.command("rm")
 def rm(name: str, as_json: JsonOpt = False) -> None:
     """Remove a dataset's shards from its nodes and forget it."""
-    try:
-        report = records().load(name)
-    except DataError as exc:
-        fail(str(exc))
+    from dllmctl.data.push import remove_everywhere
+
+    report = _record(name)
     registry = load_registry()
     holders = [registry.nodes[row["node"]] for row in report["nodes"] if row["node"] in registry.nodes]
     outcome = asyncio.run(remove_everywhere(load_user(), holders, name))
@@ -188,3 +132,12 @@ def rm(name: str, as_json: JsonOpt = False) -> None:
     else:
         for node, what in outcome.items():
             out.print(f"{node}: {what}")
+
+
+def _record(name: str) -> dict:
+    from dllmd.data import DataError
+
+    try:
+        return records().load(name)
+    except DataError as exc:
+        fail(str(exc))

@@ -6,15 +6,16 @@ shows the layout, deploys it and streams the answer to a prompt through the thre
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from typing import Annotated
 
 import typer
 
-from dllmctl import local_cluster
-from dllmctl.cli.common import fail, load_registry, load_user, out
-from dllmctl.cli.nodes import list_nodes
-from dllmctl.cluster import RegistryError
-from dllmctl.paths import local_clusters_dir, model_store_root
+from dllmctl.cli.common import (StageProgress, fail, load_registry, load_user, out, print_deployed,
+                                print_generation_footer, print_layout, print_nodes, transfer_progress)
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cluster.registry import RegistryError
 
 DEMO_NODES = 3
 DEMO_MODEL = "smollm2-135m-instruct"
@@ -23,7 +24,7 @@ DEMO_PROMPT = "Generate a story about a robot"
 
 def _ensure_cluster() -> None:
     user = load_user()
-    directory = local_clusters_dir() / "local"
+    directory = local_cluster.default_dir()
     running = [n for n in local_cluster.load_state(directory) if n.process()]
     if len(running) >= DEMO_NODES:
         return
@@ -32,7 +33,7 @@ def _ensure_cluster() -> None:
         local_cluster.down(directory, registry)
     try:
         with out.status(f"starting {DEMO_NODES} local daemons..."):
-            local_cluster.up(DEMO_NODES, directory, user, registry)
+            local_cluster.up(DEMO_NODES, directory, user, registry, remember=True)
     except (local_cluster.LocalClusterError, RegistryError) as exc:
         fail(str(exc))
 
@@ -43,19 +44,55 @@ def demo(
 ) -> None:
     """Start a local 3-node cluster, pull SmolLM2-135M-Instruct, deploy it across the nodes and
     stream an answer through them."""
-    from dllmctl.cli.deploy import deploy_command
-    from dllmctl.cli.infer import infer_command
-    from dllmctl.cli.model import pull
-    from dllmctl.cli.plan import plan_command
+    from dllmd.models.store import ModelStoreError
+    from dllmd.net.client import CallError
+    from dllmctl.cluster.live import query_nodes
+    from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
+    from dllmctl.models import local_store
+    from dllmctl.models.deploy import bytes_to_send, deploy
+    from dllmctl.models.importer import ModelImportError, pull_model
+    from dllmctl.models.layouts import plan_on_live_nodes
+    from dllmctl.paths import cache_dir
+    from dllmctl.placement.layout import PlanError
 
     _ensure_cluster()
-    list_nodes(as_json=False, timeout=5.0)
-    if not (model_store_root() / DEMO_MODEL / "manifest.json").exists():
-        pull(DEMO_MODEL)
+    user, registry = load_user(), load_registry()
+    entries = registry.select(None)
+    print_nodes(asyncio.run(query_nodes(user, entries, 5.0)))
+    store = local_store()
+    if not store.exists(DEMO_MODEL):
+        progress = StageProgress(transient=False)
+        try:
+            pull_model(DEMO_MODEL, store, user, cache_dir(), progress)
+        except (ModelImportError, ModelStoreError, OSError) as exc:
+            fail(str(exc))
+        finally:
+            progress.stop()
+    directory, manifest = store.path(DEMO_MODEL), store.get(DEMO_MODEL)
     out.rule("layout")
-    plan_command(DEMO_MODEL, None, 1, False)
+    try:
+        layout = asyncio.run(plan_on_live_nodes(user, entries, manifest, 1))
+    except PlanError as exc:
+        fail(str(exc))
+    print_layout(layout.to_json())
     out.rule("deploy")
-    deploy_command(DEMO_MODEL, None, "", False)
+    with transfer_progress(False) as bar:
+        tasks = {s.node: bar.add_task(f"{s.node} [{s.start}-{s.end})", total=bytes_to_send(manifest, s))
+                 for s in layout.spans}
+        try:
+            reports = asyncio.run(deploy(user, {e.name: e for e in entries}, directory, layout.spans,
+                                         lambda node, n: bar.advance(tasks[node], n)))
+        except CallError as exc:
+            fail(f"deploy failed: {exc}")
+    print_deployed(reports)
     out.rule(f"prompt: {prompt}")
-    infer_command(prompt, DEMO_MODEL, max_new_tokens=max_new_tokens)
+    try:
+        prepared = prepare(GenerationRequest(model=DEMO_MODEL, prompt=prompt, max_new_tokens=max_new_tokens))
+        result = asyncio.run(run(user, entries, prepared, on_text=lambda d: (sys.stdout.write(d), sys.stdout.flush())))
+    except GenerationError as exc:
+        fail(str(exc))
+    except CLUSTER_ERRORS as exc:
+        fail(str(exc))
+    sys.stdout.write("\n")
+    print_generation_footer(result)
     out.print("stop the cluster with 'dllmctl cluster down'")

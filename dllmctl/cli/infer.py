@@ -12,8 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dllmctl.cli.common import JsonOpt, err, fail, load_registry, load_user, print_json
-from dllmctl.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
+from dllmctl.cli.common import JsonOpt, fail, load_registry, load_user, print_generation_footer, print_json
 
 
 def infer_command(
@@ -32,6 +31,8 @@ def infer_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
+    from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
+
     request = GenerationRequest(model=model, prompt=prompt, raw=raw, system=system, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, parallelism=parallelism)
     try:
@@ -59,8 +60,4 @@ def infer_command(
                     "route": route, "failovers": generation.failovers})
         return
     sys.stdout.write("\n")
-    rate = result.completion_tokens / generation.seconds if generation.seconds else 0
-    err.print(f"[dim]{result.completion_tokens} tokens in {generation.seconds:.2f}s ({rate:.1f} tok/s) via "
-              + " -> ".join(f"{s['node']}[{s['start']}-{s['end']})" for s in route) + "[/dim]")
-    for failover in generation.failovers:
-        err.print(f"[yellow]failover at token {failover['step']}: {failover['error']}[/yellow]")
+    print_generation_footer(result)

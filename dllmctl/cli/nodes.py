@@ -6,34 +6,15 @@ import asyncio
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from dllmctl.cli.common import JsonOpt, fail, human_bytes, load_registry, load_user, out, print_json
-from dllmctl.cluster import RegistryError, make_entry, query_nodes
-from dllmctl.coverage import CoverageRun, describe_coverage, layer_coverage, uncovered
-from dllmctl.paths import model_store_root
-from dllmd.models.store import ModelStore, ModelStoreError
+from dllmctl.cli.common import JsonOpt, fail, load_registry, load_user, out, print_json, print_nodes
+from dllmctl.cluster.live import query_nodes
+from dllmctl.cluster.registry import RegistryError, make_entry
+from dllmctl.models import local_store
+from dllmctl.placement.coverage import CoverageRun, describe_coverage, layer_coverage, uncovered
+from dllmd.models.store import ModelStoreError
 
 app = typer.Typer(help="Register nodes and see them live.", no_args_is_help=True)
-
-STATUS_STYLE = {"up": "green", "down": "red", "unauthorized": "yellow", "key-mismatch": "yellow", "error": "red"}
-
-
-def hardware_summary(hw: dict | None) -> str:
-    if not hw:
-        return "-"
-    parts = [f"{hw['cpu_cores']} cores",
-             f"RAM {human_bytes(hw['ram_available'])}/{human_bytes(hw['ram_total'])}"]
-    for gpu in hw.get("gpus", []):
-        parts.append(f"{gpu['name']} {human_bytes(gpu['memory_free'])}/{human_bytes(gpu['memory_total'])}")
-    parts.append(f"{hw['matmul_gflops']:.0f} GFLOP/s")
-    return ", ".join(parts)
-
-
-def serving_summary(serving: list[dict]) -> str:
-    if not serving:
-        return "-"
-    return "; ".join(f"{s.get('model')} [{s.get('start')}-{s.get('end')})" for s in serving)
 
 
 def coverage_by_model(rows: list[dict]) -> dict[str, list[CoverageRun]]:
@@ -49,7 +30,7 @@ def coverage_by_model(rows: list[dict]) -> dict[str, list[CoverageRun]]:
 def _num_layers(model: str, spans: list[tuple[int, int]]) -> int:
     """From the local store; a model not imported here is taken to end where its furthest span does."""
     try:
-        return ModelStore(model_store_root()).get(model).num_layers
+        return local_store().get(model).num_layers
     except ModelStoreError:
         return max(end for _, end in spans)
 
@@ -117,13 +98,7 @@ def list_nodes(
     if not rows:
         out.print("no nodes registered; add one with 'dllmctl nodes add' or start a local cluster with 'dllmctl cluster up --local 3'")
         return
-    table = Table("name", "id", "address", "status", "latency ms", "hardware", "serving")
-    for r in rows:
-        style = STATUS_STYLE.get(r["status"], "")
-        table.add_row(r["name"], r["id"], r["address"], f"[{style}]{r['status']}[/{style}]",
-                      "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
-                      hardware_summary(r["hardware"]), serving_summary(r["serving"]))
-    out.print(table)
+    print_nodes(rows)
     show_coverage(coverage_by_model(rows))
 
 

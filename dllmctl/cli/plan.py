@@ -1,75 +1,102 @@
-"""``dllmctl plan``: a layer layout for a model over the live nodes."""
+"""``dllmctl plan`` and ``dllmctl rebalance``: layouts of a model over the live nodes."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from dllmctl.cli.common import JsonOpt, fail, human_bytes, load_registry, load_user, out, print_json
-from dllmctl.cluster import Registry, RegistryError, query_nodes
-from dllmctl.deploy import SpanAssignment
-from dllmctl.planner import Layout, ModelShape, NodeCapacity, PlanError, plan_layout
-from dllmd.net.identity import Identity
+from dllmctl.cli.common import (DtypeOpt, JsonOpt, NodesOpt, ReplicasOpt, fail, human_bytes, layers_text, load_user,
+                                local_model, out, print_json, print_layout, select_nodes, transfer_progress)
+
+ModelArg = Annotated[str, typer.Argument(help="Model name in the local store.")]
 
 
-def node_capacities(rows: list[dict]) -> list[NodeCapacity]:
-    """What each live node can offer: free VRAM if it computes on a GPU, else available RAM."""
-    capacities = []
-    for row in rows:
-        if row["status"] != "up":
-            continue
-        hw = row["hardware"]
-        free = hw["gpus"][0]["memory_free"] if hw.get("gpus") else hw["ram_available"]
-        capacities.append(NodeCapacity(name=row["name"], free_memory_bytes=int(free), gflops=float(hw["matmul_gflops"])))
-    return capacities
+def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt = 1, as_json: JsonOpt = False) -> None:
+    """Contiguous layer spans per node, sized by free memory and weighted by measured throughput."""
+    from dllmctl.models.layouts import plan_on_live_nodes
+    from dllmctl.placement.layout import PlanError
 
-
-def compute_layout(user: Identity, registry: Registry, model: str, manifest: dict, names: list[str] | None,
-                   replicas: int) -> Layout:
+    _, manifest = local_model(model)
     try:
-        entries = registry.select(names)
-    except RegistryError as exc:
-        fail(str(exc))
-    rows = asyncio.run(query_nodes(user, entries))
-    down = [r["name"] for r in rows if r["status"] != "up"]
-    capacities = node_capacities(rows)
-    if not capacities:
-        fail("no node is up; start some with 'dllmctl cluster up --local 3' or check 'dllmctl nodes list'")
-    try:
-        return plan_layout(ModelShape.from_manifest(manifest), capacities, replicas=replicas)
+        layout = asyncio.run(plan_on_live_nodes(load_user(), select_nodes(nodes), manifest, replicas))
     except PlanError as exc:
-        fail(str(exc) + (f" (down: {', '.join(down)})" if down else ""))
+        fail(str(exc))
+    if as_json:
+        print_json(layout.to_json())
+    else:
+        print_layout(layout.to_json())
 
 
-def make_plan(user: Identity, registry: Registry, model: str, manifest: dict, names: list[str] | None,
-              replicas: int) -> list[SpanAssignment]:
-    layout = compute_layout(user, registry, model, manifest, names, replicas)
-    return [SpanAssignment(s.node, s.start, s.end, s.embed, s.head) for s in layout.spans]
-
-
-def plan_command(
-    model: Annotated[str, typer.Argument(help="Model name in the local store.")],
-    nodes: Annotated[Optional[str], typer.Option(help="Comma-separated node names (default: all registered).")] = None,
-    replicas: Annotated[int, typer.Option(min=1, max=16, help="Hold every layer on this many nodes.")] = 1,
+def rebalance_command(
+    model: ModelArg,
+    replicas: Annotated[Optional[int], typer.Option(
+        min=1, max=16, help="Hold every layer on this many nodes (default: as many as hold its layers now).")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Deploy the new spans and unload the dropped ones.")] = False,
+    dtype: DtypeOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
-    """Contiguous layer spans per node, sized by free memory and weighted by measured throughput."""
-    from dllmctl.cli.deploy import model_dir
+    """After nodes joined or left: a layout that moves as few layers as possible (--apply makes it so)."""
+    from dllmd.net.client import CallError
+    from dllmctl.models.deploy import bytes_to_send
+    from dllmctl.models.layouts import apply_rebalance, changed_spans, rebalance_on_live_nodes
+    from dllmctl.placement.capacity import served_dtype
+    from dllmctl.placement.layout import PlanError
 
-    user, registry = load_user(), load_registry()
-    manifest = json.loads((model_dir(model) / "manifest.json").read_text())
-    names = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else None
-    layout = compute_layout(user, registry, model, manifest, names, replicas)
-    doc = layout.to_json()
+    user, entries = load_user(), select_nodes(None)
+    directory, manifest = local_model(model)
+    try:
+        live = asyncio.run(rebalance_on_live_nodes(user, entries, manifest, replicas))
+    except PlanError as exc:
+        fail(str(exc))
+    result = live.result
+    doc = result.to_json()
+    if apply:
+        deployed, unloaded = [], {}
+        if result.changed:
+            changed = changed_spans(result)
+            with transfer_progress(as_json) as progress:
+                tasks = {s.node: progress.add_task(f"{s.node} [{s.start}-{s.end})", total=bytes_to_send(manifest, s))
+                         for s in changed}
+                try:
+                    deployed, unloaded = asyncio.run(apply_rebalance(
+                        user, {e.name: e for e in entries}, directory, live, dtype or served_dtype(live.rows, model),
+                        lambda node, n: progress.advance(tasks[node], n)))
+                except CallError as exc:
+                    fail(f"rebalance stopped half-way: {exc}; run 'dllmctl rebalance {model} --apply' again")
+        doc.update(deployed=deployed, unloaded=unloaded)
     if as_json:
         print_json(doc)
         return
-    table = Table("node", "layers", "embed", "head", "weights")
-    for s in doc["spans"]:
-        table.add_row(s["node"], f"{s['start']}-{s['end'] - 1}", "yes" if s["embed"] else "", "yes" if s["head"] else "",
-                      human_bytes(s["bytes"]))
+    _show(result, apply)
+
+
+def _show(result, applied: bool) -> None:
+    moves = {m.node: m for m in result.moves}
+    table = Table("node", "layers", "was", "new layers", "embed", "head", "weights")
+    for s in result.layout.spans:
+        move = moves.get(s.node)
+        table.add_row(s.node, layers_text(s.start, s.end), _layers(move.before) if move else "same",
+                      str(move.new_layers) if move and move.new_layers else "",
+                      "yes" if s.embed else "", "yes" if s.head else "", human_bytes(s.bytes))
+    for m in result.moves:
+        if m.after is None:
+            table.add_row(m.node, "-", _layers(m.before), "", "", "", "")
     out.print(table)
+    if not result.changed:
+        out.print("nothing to change: every layer is held as asked")
+    elif applied:
+        out.print(f"moved {result.moved_layers} layers; changed the span of {_nodes(len(result.moves))}")
+    else:
+        out.print(f"{result.moved_layers} layers to move; the span of {_nodes(len(result.moves))} changes "
+                  f"(--apply makes it so)")
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
+
+
+def _layers(r: tuple[int, int] | None) -> str:
+    return layers_text(*r) if r else "-"

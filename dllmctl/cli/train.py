@@ -12,11 +12,9 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, out, print_json
-from dllmctl.cluster import NodeEntry, RegistryError
-from dllmctl.training import (TrainError, check_parallelism, export_checkpoint, find_coordinator, job_call,
-                              job_spec, list_jobs, submit)
-from dllmd.data import DataError
+from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_user, local_model, out, print_json, select_nodes
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.training.jobs import TrainError, check_parallelism, find_coordinator, job_call, job_spec, list_jobs, submit
 from dllmd.net.client import CallError
 
 jobs_app = typer.Typer(help="Training jobs: list, show, stop, resume.", no_args_is_help=True)
@@ -26,10 +24,7 @@ FOLLOW_POLL_S = 1.0
 
 
 def _nodes(names: Optional[str]) -> list[NodeEntry]:
-    try:
-        return load_registry().select([p.strip() for p in names.split(",") if p.strip()] if names else None)
-    except RegistryError as exc:
-        fail(str(exc))
+    return select_nodes(names)
 
 
 def train_command(
@@ -58,15 +53,15 @@ def train_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a model on a sharded dataset with data parallelism over an encrypted ring all-reduce."""
-    from dllmctl.cli.data import records
-    from dllmctl.cli.deploy import model_dir
+    from dllmd.data import DataError
+    from dllmctl.data.records import dataset_records
 
     try:
         check_parallelism(parallelism)
-        dataset = records().load(data)
+        dataset = dataset_records().load(data)
     except (TrainError, DataError) as exc:
         fail(str(exc))
-    directory = model_dir(model)
+    directory, _ = local_model(model)
     targets = _nodes(nodes or ",".join(row["node"] for row in dataset["nodes"]))
     if epochs is not None and max_steps is not None:
         fail("give --epochs or --max-steps, not both")
@@ -235,7 +230,7 @@ def metrics_command(
     except CallError as exc:
         fail(str(exc))
     if plot is not None:
-        from dllmctl.plot import loss_plot
+        from dllmctl.training.plot import loss_plot
 
         try:
             loss_plot(rows, plot, title=job)
@@ -303,20 +298,19 @@ def checkpoints_export(
     """Write a checkpoint as a transformers model directory and import it into the model store."""
     import tempfile
 
-    from dllmctl.cli.deploy import model_dir
-    from dllmctl.model_import import ModelImportError, import_model
-    from dllmctl.paths import model_store_root
-    from dllmd.models.store import ModelStore
+    from dllmctl.models import local_store
+    from dllmctl.models.importer import ModelImportError, import_model
+    from dllmctl.training.export import export_checkpoint
 
     user, node = _locate(job)
     shown = asyncio.run(job_call(user, node, "jobs.show", {"job": job}))
-    base = model_dir(shown["spec"]["model"])
+    base, _ = local_model(shown["spec"]["model"])
     with tempfile.TemporaryDirectory(prefix="dllm-export-") as tmp:
         target = directory or Path(tmp) / "model"
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             exported = asyncio.run(export_checkpoint(user, node, job, step, base, target))
-            manifest = import_model(target, ModelStore(model_store_root()), user, name, force=True)
+            manifest = import_model(target, local_store(), user, name, force=True)
         except (TrainError, CallError, ModelImportError, OSError) as exc:
             fail(str(exc))
     report = {**exported, "model": manifest.name, "params": manifest.params,

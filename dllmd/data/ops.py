@@ -9,7 +9,6 @@ import hashlib
 import json
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from dllmd.data import DataError, eos_id, load_data_tokenizer, pack, read_samples, tokenize_samples
 from dllmd.data.shards import ShardError, ShardStore, shard_payload
 from dllmd.net.keys import Role
-from dllmd.net.schema import bounded
+from dllmd.net.messages import data as M
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
 
@@ -28,55 +27,16 @@ TOKENIZER_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a plain na
 
 
 
-@dataclass
-class StageArgs:
-    dataset: str = bounded(max_len=128)
-    bytes: int = bounded(lo=1, hi=2**44)
-    sha256: str = bounded(max_len=64)
-
-
-@dataclass
-class PutArgs:
-    dataset: str = bounded(max_len=128)
-    offset: int = bounded(lo=0, hi=2**44)
-
-
-@dataclass
-class DatasetArgs:
-    dataset: str = bounded(max_len=128)
-
-
-@dataclass
-class NoArgs:
-    pass
-
-
-@dataclass
-class LocalArgs:
-    dataset: str = bounded(max_len=128)
-    uri: str = bounded(max_len=4096)  # a path on this node's own disk
-    field: str = bounded("text", max_len=128)
-    include: list[str] = bounded([], max_len=256)
-    exclude: list[str] = bounded([], max_len=256)
-    strict: bool = False
-    seq_len: int = bounded(2048, lo=8, hi=1_048_576)
-    tokenizer_files: list[str] = bounded([], max_len=16)  # names of the tensors (int8 file bytes) carried
-    info: bytes = bounded(b"{}", max_len=64 * 1024)  # JSON: what the shard description records
-
-
 class DataOps:
     def __init__(self, home: Path):
         self.shards = ShardStore(home / "datasets")
 
     def register(self, server: RpcServer) -> None:
         admin = allow(Role.ADMIN)
-        server.register(Operation("data.stage", self._stage, StageArgs, admin))
-        server.register(Operation("data.put", self._put, PutArgs, admin))
-        server.register(Operation("data.commit", self._commit, DatasetArgs, admin))
-        server.register(Operation("data.abort", self._abort, DatasetArgs, admin))
-        server.register(Operation("data.list", self._list, NoArgs, admin))
-        server.register(Operation("data.remove", self._remove, DatasetArgs, admin))
-        server.register(Operation("data.local", self._local, LocalArgs, admin))
+        for op, handler in ((M.DATA_STAGE, self._stage), (M.DATA_PUT, self._put), (M.DATA_COMMIT, self._commit),
+                            (M.DATA_ABORT, self._abort), (M.DATA_LIST, self._list), (M.DATA_REMOVE, self._remove),
+                            (M.DATA_LOCAL, self._local)):
+            server.register(Operation(op, handler, admin))
 
     @staticmethod
     async def _run(fn, *args):
@@ -86,7 +46,7 @@ class DataOps:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
 
     async def _stage(self, call: Call) -> dict:
-        a: StageArgs = call.args
+        a: M.StageArgs = call.args
         # The description (with its per-sample table, megabytes for a big shard) rides as a tensor
         # frame: headers are limited to 64 KiB.
         if len(call.tensors) != 1 or call.tensors[0].dtype != torch.int8 or call.tensors[0].dim() != 1:
@@ -103,7 +63,7 @@ class DataOps:
         return await self._run(self.shards.stage, a.dataset, meta, a.bytes, a.sha256)
 
     async def _put(self, call: Call) -> dict:
-        a: PutArgs = call.args
+        a: M.PutArgs = call.args
         if len(call.tensors) != 1 or call.tensors[0].dtype != torch.int8 or call.tensors[0].dim() != 1:
             raise HandlerError(ErrorCode.BAD_ARGS, "data.put carries one int8 [n] tensor of shard bytes")
         if call.tensors[0].numel() > MAX_CHUNK_BYTES:
@@ -128,7 +88,7 @@ class DataOps:
     async def _local(self, call: Call) -> dict:
         """Shard a path on this node's disk into a staged shard (``data.commit`` publishes it):
         the data never leaves the machine, only counts and the sha256 go back."""
-        a: LocalArgs = call.args
+        a: M.LocalArgs = call.args
         try:
             info = json.loads(a.info)
         except ValueError:
@@ -146,7 +106,7 @@ class DataOps:
         except (DataError, ShardError) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
 
-    def _shard_locally(self, a: LocalArgs, info: dict, files: dict[str, bytes]) -> dict:
+    def _shard_locally(self, a: M.LocalArgs, info: dict, files: dict[str, bytes]) -> dict:
         source = read_samples(a.uri, field=a.field, include=a.include or None, exclude=a.exclude, strict=a.strict)
         with tempfile.TemporaryDirectory() as directory:
             for name, blob in files.items():

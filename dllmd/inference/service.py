@@ -34,7 +34,7 @@ from dllmd.config import validate_endpoint
 from dllmd.net.identity import parse_public_key
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.peers import PeerPool
-from dllmd.net.schema import bounded
+from dllmd.net.schema import Op, bounded
 from dllmd.net.server import DEFERRED, Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
 
@@ -180,9 +180,9 @@ class InferenceService:
 
     def register(self, server: RpcServer) -> None:
         anyone = allow(Role.ADMIN, Role.CLIENT, Role.PEER)
-        server.register(Operation("session.open", self._open, OpenArgs, anyone))
-        server.register(Operation("session.forward", self._forward, ForwardArgs, anyone))
-        server.register(Operation("session.close", self._close, SessionArgs, anyone))
+        server.register(Operation(Op("session.open", OpenArgs, dict), self._open, anyone))
+        server.register(Operation(Op("session.forward", ForwardArgs, dict), self._forward, anyone))
+        server.register(Operation(Op("session.close", SessionArgs, dict), self._close, anyone))
 
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(self._sweep()), asyncio.ensure_future(self._run_passes())]

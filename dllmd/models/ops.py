@@ -11,17 +11,17 @@ import torch
 from transformers import AutoConfig
 
 from dllmd.hardware import best_device
+from dllmd.models.dtypes import WEIGHT_DTYPES, torch_dtype
 from dllmd.inference.service import InferenceService
 from dllmd.models.received import ModelFileError, ReceivedModels, tensor_source
 from dllmd.models.span import LayerSpan
 from dllmd.models.families import UnsupportedFamily
 from dllmd.net.keys import AuthorizedKeys, Role
-from dllmd.net.schema import bounded
+from dllmd.net.schema import Op, bounded
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
 
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -61,11 +61,10 @@ class ModelOps:
 
     def register(self, server: RpcServer) -> None:
         admin = allow(Role.ADMIN)
-        server.register(Operation("model.offer", self._offer, OfferArgs, admin))
-        server.register(Operation("model.put", self._put, PutArgs, admin))
-        server.register(Operation("model.remove", self._remove, ModelArgs, admin))
-        server.register(Operation("span.load", self._load, LoadArgs, admin))
-        server.register(Operation("span.unload", self._unload, ModelArgs, admin))
+        for op, handler in ((Op("model.offer", OfferArgs, dict), self._offer), (Op("model.put", PutArgs, dict), self._put),
+                            (Op("model.remove", ModelArgs, dict), self._remove),
+                            (Op("span.load", LoadArgs, dict), self._load), (Op("span.unload", ModelArgs, dict), self._unload)):
+            server.register(Operation(op, handler, admin))
 
     def _admins(self) -> list[str]:
         return [k.public_key for k in self.keys.all() if k.role == Role.ADMIN]
@@ -91,8 +90,8 @@ class ModelOps:
 
     async def _load(self, call: Call) -> dict:
         a: LoadArgs = call.args
-        if a.dtype and a.dtype not in DTYPES:
-            raise HandlerError(ErrorCode.BAD_ARGS, f"dtype must be one of {sorted(DTYPES)}")
+        if a.dtype and a.dtype not in WEIGHT_DTYPES:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"dtype must be one of {', '.join(WEIGHT_DTYPES)}")
         try:
             manifest, paths = await asyncio.to_thread(
                 self.models.verified_span, a.model, a.start, a.end, a.embed, a.head, self._admins())
@@ -101,7 +100,7 @@ class ModelOps:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         except (OSError, ValueError) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, f"config of {a.model} cannot be read: {exc}") from None
-        dtype = DTYPES[a.dtype or manifest.get("dtype", "float32")]
+        dtype = torch_dtype(a.dtype or manifest.get("dtype", "float32"))
         device = best_device()
 
         def build() -> LayerSpan:

@@ -8,7 +8,8 @@ call can fail, because the user needs different advice for each:
   one we pinned;
 * ``NodeUnreachable``: no connection was ever established before the deadline;
 * ``CallTimeout``: connected, but no reply before the deadline;
-* ``RemoteError``: the node answered with a structured error.
+* ``RemoteError``: the node answered with a structured error (branch on its ``code``);
+* ``BadReply``: the node answered, but not in the shape the operation declares.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from zmq.utils.monitor import parse_monitor_message
 from dllmd.net.identity import Identity
 from dllmd.net.reactor import SocketReactor
 from dllmd.net.transport import connect_dealer
+from dllmd.net.schema import A, Op, R, parse_reply, to_wire
 from dllmd.net.wire import Limits, Reply, Request, WireError, decode_reply, encode_request
 
 log = logging.getLogger("dllmd.client")
@@ -48,6 +50,10 @@ class NodeKeyMismatch(CallError):
 
 class CallTimeout(CallError):
     pass
+
+
+class BadReply(CallError):
+    """The node answered, but not in the shape its operation declares (a bug or a hostile node)."""
 
 
 class RemoteError(CallError):
@@ -212,6 +218,16 @@ class RpcClient:
         if reply.error is not None:
             raise RemoteError(reply.error["code"], reply.error["message"])
         return reply.result or {}, reply.tensors
+
+    async def invoke(self, op: Op[A, R], args: A | None = None, tensors: Sequence[torch.Tensor] = (),
+                     timeout: float = 10.0) -> tuple[R, list[torch.Tensor]]:
+        """Call a declared operation: typed arguments in, its typed reply (checked) out. Raises
+        RemoteError for an error reply, and BadReply when the node's answer does not fit the reply type."""
+        result, out = await self.call(op.name, to_wire(args) if args is not None else {}, tensors, timeout)
+        try:
+            return parse_reply(op.reply, result), out
+        except WireError as exc:
+            raise BadReply(f"{self.address} answered '{op.name}' with a {exc.message}") from None
 
     async def send_oneway(self, op: str, args: dict | None = None, tensors: Sequence[torch.Tensor] = (),
                           timeout: float = 10.0) -> None:

@@ -1,8 +1,13 @@
-"""Typed wire payloads: each operation's arguments are a dataclass, checked field by field.
+"""Typed wire payloads: each operation's arguments *and* its reply are dataclasses, checked field by field.
 
 ``parse_args(SomeArgs, header["args"])`` rejects unknown fields, missing required fields, wrong
 types (a bool is not an int; an int is accepted where a float is expected) and values outside the
-bounds a field declares with ``bounded(lo, hi)`` (numbers) or ``max_len`` (strings and lists).
+bounds a field declares with ``bounded(lo, hi)`` (numbers) or ``max_len`` (strings and lists). A
+node parses what a caller sends with it, and a caller parses the reply with it (``parse_reply``):
+a client trusts a node no more than a node trusts a client.
+
+An :class:`Op` declares an operation once, for both ends: its name, its arguments and its reply.
+The daemon registers a handler for it, the client calls it (``RpcClient.invoke``).
 """
 
 from __future__ import annotations
@@ -11,11 +16,28 @@ import dataclasses
 import functools
 import types
 import typing
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from dllmd.net.wire import ErrorCode, WireError
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
+
+
+@dataclass
+class NoArgs:
+    """The arguments (or the reply) of an operation that takes (or says) nothing."""
+
+
+@dataclass(frozen=True)
+class Op(Generic[A, R]):
+    """One operation of the protocol, declared once: what it is called, takes and answers."""
+
+    name: str
+    args: type[A]
+    reply: type[R]
 
 
 def bounded(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
@@ -122,6 +144,19 @@ def _parse(cls: type[T], data: dict, prefix: str) -> T:
 def parse_args(cls: type[T], data: dict) -> T:
     """Build ``cls`` from a wire map, or raise WireError(BAD_ARGS) saying which field is wrong."""
     return _parse(cls, data, "")
+
+
+def parse_reply(cls: type[T], data: dict) -> T:
+    """Build a reply ``cls`` from a node's result map, or raise WireError(BAD_MESSAGE) saying which field is wrong.
+    ``dict`` takes the map as it is (operations whose replies are not typed yet)."""
+    if cls is dict:
+        if not isinstance(data, dict):
+            raise WireError(ErrorCode.BAD_MESSAGE, "malformed reply: not a map")
+        return data
+    try:
+        return _parse(cls, data, "")
+    except WireError as exc:
+        raise WireError(ErrorCode.BAD_MESSAGE, f"malformed reply: {exc.message}") from None
 
 
 def to_wire(obj: Any) -> dict:

@@ -19,7 +19,7 @@ import zmq
 
 from dllmd.net.keys import AuthorizedKey, AuthorizedKeys, Role
 from dllmd.net.reactor import SocketReactor
-from dllmd.net.schema import parse_args
+from dllmd.net.schema import Op, parse_args, to_wire
 from dllmd.net.wire import ErrorCode, Limits, Reply, Request, WireError, decode_request, encode_reply, error_reply
 
 log = logging.getLogger("dllmd.server")
@@ -44,10 +44,13 @@ class Responder:
         self._server, self._route, self.request_id = server, route, request_id
         self.closed = oneway
 
-    def send(self, result: dict, tensors: list[torch.Tensor] | None = None, more: bool = True) -> None:
+    def send(self, result, tensors: list[torch.Tensor] | None = None, more: bool = True) -> None:
+        """``result`` is a reply dataclass or a plain map."""
         if self.closed:
             return
         self.closed = not more
+        if not isinstance(result, dict):
+            result = to_wire(result)
         self._server._reply(self._route, Reply(id=self.request_id, result=result, tensors=tensors or [], more=more))
 
     def fail(self, code: str, message: str) -> None:
@@ -86,10 +89,21 @@ class HandlerError(Exception):
 
 @dataclass
 class Operation:
-    name: str
+    """A handler for one declared operation, and the roles allowed to call it. The handler returns the
+    op's reply dataclass (or ``(reply, tensors)``, or DEFERRED); a plain map is taken as it is, for the
+    operations whose replies are not typed yet."""
+
+    op: Op
     handler: Handler
-    args: type
     roles: frozenset[Role] = field(default_factory=lambda: frozenset(Role))
+
+    @property
+    def name(self) -> str:
+        return self.op.name
+
+    @property
+    def args(self) -> type:
+        return self.op.args
 
 
 def allow(*roles: Role) -> frozenset[Role]:
@@ -194,7 +208,7 @@ class RpcServer:
         if outcome is DEFERRED:
             return
         result, tensors = outcome if isinstance(outcome, tuple) else (outcome, [])
-        responder.send(result, tensors, more=False)
+        responder.send(result if isinstance(result, dict) else to_wire(result), tensors, more=False)
 
     @staticmethod
     def _fail(responder: Responder, exc: Exception) -> None:

@@ -21,13 +21,14 @@ import time
 
 import torch
 
+from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.keys import Role
 from dllmd.net.schema import to_wire
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
-from dllmd.train import spec as S
+from dllmd.net.messages import training as S
 from dllmd.train.checkpoint import CheckpointError, Checkpoints
 from dllmd.train.jobs import JobError, JobStore
 
@@ -63,16 +64,12 @@ class Coordinator:
 
     def register(self, server: RpcServer) -> None:
         admin, readers = allow(Role.ADMIN), allow(Role.ADMIN, Role.CLIENT)
-        for name, handler, args, roles in (
-                ("jobs.submit", self._submit, S.JobSpec, admin),
-                ("jobs.list", self._list, S.NoArgs, readers),
-                ("jobs.show", self._show, S.JobArgs, readers),
-                ("jobs.stop", self._stop, S.JobArgs, admin),
-                ("jobs.resume", self._resume, S.ResumeArgs, admin),
-                ("jobs.metrics", self._metrics, S.MetricsArgs, readers),
-                ("checkpoints.list", self._checkpoints, S.JobArgs, readers),
-                ("checkpoints.read", self._read_checkpoint, S.CheckpointReadArgs, admin)):
-            server.register(Operation(name, self._guard(handler), args, roles))
+        for op, handler, roles in (
+                (S.JOBS_SUBMIT, self._submit, admin), (S.JOBS_LIST, self._list, readers),
+                (S.JOBS_SHOW, self._show, readers), (S.JOBS_STOP, self._stop, admin),
+                (S.JOBS_RESUME, self._resume, admin), (S.JOBS_METRICS, self._metrics, readers),
+                (S.CHECKPOINTS_LIST, self._checkpoints, readers), (S.CHECKPOINTS_READ, self._read_checkpoint, admin)):
+            server.register(Operation(op, self._guard(handler), roles))
 
     @staticmethod
     def _guard(handler):
@@ -91,8 +88,8 @@ class Coordinator:
             raise JobError(f"backend must be one of {', '.join(S.BACKENDS)}, not {spec.backend!r}")
         if spec.backend == "torch" and spec.plaintext:
             raise JobError("--plaintext is a setting of the zmq ring; torch.distributed never encrypts")
-        if spec.dtype not in ("float32", "bfloat16"):
-            raise JobError(f"dtype must be float32 or bfloat16, not {spec.dtype!r}")
+        if spec.dtype not in TRAIN_DTYPES:
+            raise JobError(f"dtype must be {' or '.join(TRAIN_DTYPES)}, not {spec.dtype!r}")
         if not spec.nodes:
             raise JobError("a job needs at least one node")
         if spec.nodes[0].public_key != self.service.identity.public_key:
@@ -121,27 +118,29 @@ class Coordinator:
         await self._prepare(job, spec, spec.nodes)  # refuses (and cleans up) before the job exists
         self.store.create(job, to_wire(spec), total)
         self._start(job, spec, resume_from=None)
-        return {"job": job, "total_steps": total, "coordinator": self.service.config.name}
+        return S.Submitted(job=job, total_steps=total, coordinator=self.service.config.name)
 
-    async def _list(self, _a, _tensors) -> dict:
-        return {"jobs": [_summary(j) for j in self.store.list()]}
+    async def _list(self, _a, _tensors) -> S.JobList:
+        return S.JobList([S.JobSummary(**_summary(j)) for j in self.store.list()])
 
-    async def _show(self, a: S.JobArgs, _tensors) -> dict:
+    async def _show(self, a: S.JobArgs, _tensors) -> S.JobDetail:
         job = self.store.get(a.job)
         last = self.store.metrics(a.job, after_step=job["step"] - 2)
-        checkpoints = [self.checkpoints(a.job).describe(s) for s in self.checkpoints(a.job).steps()]
-        return {**_summary(job), "spec": job["spec"], "events": self.store.events(a.job),
-                "last_metrics": last[-1] if last else None, "checkpoints": checkpoints}
+        store = self.checkpoints(a.job)
+        return S.JobDetail(**_summary(job), spec=job["spec"],
+                           events=[S.Event(**e) for e in self.store.events(a.job)],
+                           last_metrics=last[-1] if last else None,
+                           checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()])
 
-    async def _stop(self, a: S.JobArgs, _tensors) -> dict:
+    async def _stop(self, a: S.JobArgs, _tensors) -> S.JobState:
         job = self.store.get(a.job)
         if a.job not in self.tasks:
-            return {"job": a.job, "state": job["state"]}
+            return S.JobState(a.job, job["state"])
         self.stopping.add(a.job)
         self.store.set_state(a.job, "stopping")
-        return {"job": a.job, "state": "stopping"}
+        return S.JobState(a.job, "stopping")
 
-    async def _resume(self, a: S.ResumeArgs, _tensors) -> dict:
+    async def _resume(self, a: S.ResumeArgs, _tensors) -> S.Resumed:
         job = self.store.get(a.job)
         if a.job in self.tasks:
             raise JobError(f"job {a.job} is already running")
@@ -156,17 +155,17 @@ class Coordinator:
         self.store.rewind(a.job, latest or 0)
         self.store.event(a.job, "resumed", f"from step {latest or 0}")
         self._start(a.job, spec, resume_from=latest)
-        return {"job": a.job, "state": "running", "from_step": latest or 0}
+        return S.Resumed(a.job, "running", latest or 0)
 
-    async def _metrics(self, a: S.MetricsArgs, _tensors) -> dict:
+    async def _metrics(self, a: S.MetricsArgs, _tensors) -> S.Metrics:
         job = self.store.get(a.job)
-        return {"job": a.job, "state": job["state"], "step": job["step"], "total_steps": job["total_steps"],
-                "metrics": self.store.metrics(a.job, a.after_step, a.limit)}
+        return S.Metrics(job=a.job, state=job["state"], step=job["step"], total_steps=job["total_steps"],
+                         metrics=self.store.metrics(a.job, a.after_step, a.limit))
 
-    async def _checkpoints(self, a: S.JobArgs, _tensors) -> dict:
+    async def _checkpoints(self, a: S.JobArgs, _tensors) -> S.CheckpointList:
         self.store.get(a.job)
         store = self.checkpoints(a.job)
-        return {"job": a.job, "checkpoints": [store.describe(s) for s in store.steps()]}
+        return S.CheckpointList(a.job, [S.CheckpointInfo(**store.describe(s)) for s in store.steps()])
 
     async def _read_checkpoint(self, a: S.CheckpointReadArgs, _tensors) -> tuple[dict, list[torch.Tensor]]:
         """A chunk of one checkpoint file (export), with the signed manifest to check it against."""

@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 class TrainModelError(ValueError):
     """The model cannot be trained as asked; the message says why."""

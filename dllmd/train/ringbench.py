@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import psutil
@@ -31,52 +30,16 @@ import zmq
 from dllmd.config import NodeConfig
 from dllmd.net.identity import Identity, InvalidKey, parse_public_key
 from dllmd.net.keys import Role
-from dllmd.net.schema import bounded
+from dllmd.net.messages.ringbench import RING_CLOSE, RING_FORM, RING_OPEN, RING_RUN, FormArgs, RunArgs
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
 from dllmd.train.ring import RingError, RingMember, RingSocket, bucket_size, ring_allreduce
 
 log = logging.getLogger("dllmd.ringbench")
 
-MAX_ELEMENTS = 512 * 1024 * 1024  # 2 GiB of float32
-MAX_MEMBERS = 64
 MIN_BUCKET_BYTES = 4096
 IDLE_CLOSE_S = 120.0
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "")
-
-
-@dataclass
-class OpenArgs:
-    plaintext: bool = False
-
-
-@dataclass
-class MemberArgs:
-    public_key: str = bounded(max_len=64)
-    endpoint: str = bounded(max_len=256)
-
-
-@dataclass
-class FormArgs:
-    members: list[MemberArgs] = bounded(max_len=MAX_MEMBERS)
-    rank: int = bounded(lo=0, hi=MAX_MEMBERS - 1)
-    generation: int = bounded(1, lo=1, hi=2**62)  # the same on every rank; a new one for each formation
-
-
-@dataclass
-class RunArgs:
-    members: list[MemberArgs] = bounded(max_len=MAX_MEMBERS)
-    rank: int = bounded(lo=0, hi=MAX_MEMBERS - 1)
-    elements: int = bounded(lo=1, hi=MAX_ELEMENTS)
-    iterations: int = bounded(lo=1, hi=100)
-    bucket_bytes: int = bounded(0, lo=0, hi=256 * 1024 * 1024)  # 0: the ring's default (as training uses)
-    generation: int = bounded(1, lo=1, hi=2**62)  # the same on every rank of one run
-    timeout_s: float = bounded(60.0, lo=1.0, hi=600.0)  # for each piece of ring data
-
-
-@dataclass
-class NoArgs:
-    pass
 
 
 def listen_host(listen: str) -> str:
@@ -96,10 +59,9 @@ class RingBenchOps:
 
     def register(self, server: RpcServer) -> None:
         admin = allow(Role.ADMIN)
-        server.register(Operation("ring.open", self._open, OpenArgs, admin))
-        server.register(Operation("ring.form", self._form, FormArgs, admin))
-        server.register(Operation("ring.run", self._run, RunArgs, admin))
-        server.register(Operation("ring.close", self._close, NoArgs, admin))
+        for op, handler in ((RING_OPEN, self._open), (RING_FORM, self._form), (RING_RUN, self._run),
+                            (RING_CLOSE, self._close)):
+            server.register(Operation(op, handler, admin))
 
     def stop(self) -> None:
         """Close the ring socket, if one is open. The daemon calls this before ``ctx.term()``, which

@@ -24,14 +24,15 @@ from dllmd import hardware
 from dllmd.config import NodeConfig
 from dllmd.data.shards import ShardError, ShardStore, read_shard
 from dllmd.models.received import ModelFileError, ReceivedModels
+from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.peers import PeerPool
-from dllmd.net.schema import parse_args
+from dllmd.net.schema import Op, parse_args
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
-from dllmd.train import spec as S
+from dllmd.net.messages import training as S
 from dllmd.train.model import TrainModelError
 from dllmd.train.optim import OptimConfig
 from dllmd.train.collective import RingCollective, TorchCollective
@@ -64,26 +65,19 @@ class TrainingService:
         self.shards = ShardStore(home / "datasets")
         self.workers: dict[str, TrainWorker] = {}
         self._sweeper: asyncio.Task | None = None
-        self.handlers: dict[str, tuple[type, Handler]] = {
-            "train.prepare": (S.WorkerPrepareArgs, self.prepare),
-            "train.ring": (S.RingArgs, self.form_ring),
-            "train.backup": (S.BackupArgs, self.backup),
-            "train.rows": (S.RowsArgs, self.rows),
-            "train.step": (S.StepArgs, self.step),
-            "train.apply": (S.ApplyArgs, self.apply),
-            "train.reset": (S.JobArgs, self.reset),
-            "train.state": (S.StateArgs, self.state),
-            "train.load_state": (S.LoadStateArgs, self.load_state),
-            "train.release": (S.JobArgs, self.release),
-        }
+        self.handlers: dict[str, tuple[Op, Handler]] = {op.name: (op, handler) for op, handler in (
+            (S.TRAIN_PREPARE, self.prepare), (S.TRAIN_RING, self.form_ring), (S.TRAIN_BACKUP, self.backup),
+            (S.TRAIN_ROWS, self.rows), (S.TRAIN_STEP, self.step), (S.TRAIN_APPLY, self.apply),
+            (S.TRAIN_RESET, self.reset), (S.TRAIN_STATE, self.state), (S.TRAIN_LOAD_STATE, self.load_state),
+            (S.TRAIN_RELEASE, self.release))}
         from dllmd.train.coordinator import Coordinator  # it calls back into this service
         self.coordinator = Coordinator(self)
 
     def register(self, server: RpcServer) -> None:
         # Workers obey other daemons (the coordinator, ring peers) and admins.
         peers = allow(Role.ADMIN, Role.PEER)
-        for name, (args, handler) in self.handlers.items():
-            server.register(Operation(name, self._rpc(handler), args, peers))
+        for op, handler in self.handlers.values():
+            server.register(Operation(op, self._rpc(handler), peers))
         self.coordinator.register(server)
 
     @staticmethod
@@ -99,9 +93,9 @@ class TrainingService:
                    timeout: float = 60.0) -> tuple[dict, list[torch.Tensor]]:
         """A worker operation on ``node``: in-process when it is this node, else over its channel."""
         if node.public_key == self.identity.public_key:
-            cls, handler = self.handlers[op]
+            declared, handler = self.handlers[op]
             try:
-                outcome = await handler(parse_args(cls, args), list(tensors or []))
+                outcome = await handler(parse_args(declared.args, args), list(tensors or []))
             except REFUSALS as exc:
                 raise CallError(str(exc)) from None
             return outcome if isinstance(outcome, tuple) else (outcome, [])
@@ -138,8 +132,8 @@ class TrainingService:
         if a.plaintext and not self.config.allow_plaintext_ring:
             raise ValueError(f"node {self.config.name} does not allow a plaintext ring (allow_plaintext_ring = "
                              f"false in its node.toml)")
-        if a.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, not {a.dtype!r}")
+        if a.dtype not in TRAIN_DTYPES:
+            raise ValueError(f"dtype must be {' or '.join(TRAIN_DTYPES)}, not {a.dtype!r}")
         config_path = self.models.config_path(a.model)
         try:
             config = json.loads(config_path.read_text())

@@ -25,8 +25,8 @@ from dllmd.net.client import CallError, CallTimeout, RemoteError, ReplyStream, R
 from dllmd.net.identity import Identity
 from dllmd.net.schema import to_wire
 from dllmd.net.wire import ErrorCode
-from dllmctl.cluster import NodeEntry
-from dllmctl.routing import Stage
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.placement.routing import Stage
 
 PARALLELISMS = ("pipeline", "model")
 PREFILL_CHUNK = 128  # tokens per prefill chunk: small enough that stages overlap, big enough to batch well
@@ -129,7 +129,7 @@ class DistributedSession:
         nxt = self.route[index + 1].node if index + 1 < len(self.route) else None
         try:
             stream = await self.clients[index].open_stream("session.open", {
-                "session": self.id, "model": self.model, "start": stage.start, "end": stage.end,
+                "session": self.id, "model": self.model, "start": stage.span.start, "end": stage.span.end,
                 "next_address": nxt.address if nxt else "", "next_public_key": nxt.public_key if nxt else "",
                 "sampling": to_wire(self.sampling), "logits": self.logits, "ttl_s": self.ttl_s,
                 "batching": self.parallelism == "pipeline"}, timeout=OPEN_TIMEOUT_S)
@@ -215,7 +215,7 @@ class DistributedSession:
         prompt and those tokens are replayed as one prefill and generation goes on where it stopped:
         step numbers (and so seeded sampling) continue, so the output is what one session gives."""
         result = result or Generation(prompt_tokens=len(prompt_ids))
-        result.routes.append([{"node": s.node.name, "start": s.start, "end": s.end} for s in self.route])
+        result.routes.append([{"node": s.node.name, "start": s.span.start, "end": s.span.end} for s in self.route])
         started = time.perf_counter() - result.seconds
         feed = list(prompt_ids) + result.token_ids
         for step in range(len(result.token_ids), max_new_tokens):

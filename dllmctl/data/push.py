@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from dllmctl.cluster import NodeEntry
+from dllmctl.cluster.registry import NodeEntry
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
 

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from dllmd.inference.sampling import SamplingParams
-from dllmctl.inference import ClientPool, DistributedSession, Generation, StageFailure
-from dllmctl.routing import RouteError, Stage, choose_route
+from dllmctl.inference.session import ClientPool, DistributedSession, Generation, StageFailure
+from dllmctl.placement.routing import RouteError, Stage, choose_route
 
 log = logging.getLogger("dllmctl.failover")
 

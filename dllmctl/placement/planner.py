@@ -13,88 +13,11 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
 from itertools import accumulate
 
+from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span, span_bytes
+
 DEFAULT_RESERVE_FRACTION = 0.2  # of a node's free memory, kept for KV caches and activations
-
-
-class PlanError(ValueError):
-    """The request cannot be met; the message says what is missing."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the planner needs to know of a model: bytes per decoder layer, of the embeddings, of the head."""
-
-    name: str
-    layer_bytes: tuple[int, ...]
-    embed_bytes: int
-    head_bytes: int
-    tied: bool
-    """The head reuses the embedding matrix, so the last span holds the embeddings too."""
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_bytes)
-
-    @classmethod
-    def uniform(cls, name: str, num_layers: int, layer_bytes: int, embed_bytes: int, head_bytes: int,
-                tied: bool = False) -> "ModelShape":
-        """A model whose layers all weigh the same (every supported family; handy in simulations)."""
-        return cls(name, (layer_bytes,) * num_layers, embed_bytes, head_bytes, tied)
-
-    @classmethod
-    def from_manifest(cls, manifest) -> "ModelShape":
-        """From a store :class:`~dllmd.models.store.Manifest` (or its JSON form, as ``plan`` reads it)."""
-        from dllmd.models.store import Manifest
-
-        if not isinstance(manifest, Manifest):
-            manifest = Manifest.from_dict(manifest)
-        return cls(manifest.name, tuple(layer.bytes for layer in manifest.layers), manifest.embed.bytes,
-                   manifest.head.bytes, manifest.tied_embeddings)
-
-
-@dataclass(frozen=True)
-class NodeCapacity:
-    """A node as the planner sees it: free memory (VRAM where it computes on a GPU, else RAM) and speed."""
-
-    name: str
-    free_memory_bytes: int
-    gflops: float
-
-
-@dataclass(frozen=True)
-class Span:
-    """Layers ``[start, end)`` on ``node``; ``bytes`` is the weight memory it holds."""
-
-    node: str
-    start: int
-    end: int
-    embed: bool
-    head: bool
-    bytes: int
-
-
-@dataclass
-class Layout:
-    model: str
-    replicas: int
-    spans: list[Span] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        """``{"model", "replicas", "spans": [{"node", "start", "end", "embed", "head", "bytes"}]}``, end exclusive."""
-        return {"model": self.model, "replicas": self.replicas, "spans": [asdict(s) for s in self.spans]}
-
-
-def span_bytes(model: ModelShape, start: int, end: int) -> int:
-    """Weight bytes a node holding layers ``[start, end)`` keeps: + embeddings if first, + head if last."""
-    total = sum(model.layer_bytes[start:end])
-    if start == 0:
-        total += model.embed_bytes
-    if end == model.num_layers:
-        total += model.head_bytes + (model.embed_bytes if model.tied and start != 0 else 0)
-    return total
 
 
 def plan_layout(model: ModelShape, nodes: list[NodeCapacity], replicas: int = 1,

@@ -28,17 +28,20 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
 from dllmd import __version__
 from dllmd.data import STRATEGIES, DataError
-from dllmd.models.store import ModelStore, ModelStoreError
+from dllmd.models.dtypes import TRAIN_DTYPES
+from dllmd.models.store import ModelStoreError
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
-from dllmctl import views
-from dllmctl.cluster import NodeEntry, Registry, RegistryError
-from dllmctl.data_push import PushError
-from dllmctl.datasets import ShardProgress, ShardRequest, dataset_name, shard_and_push
-from dllmctl.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
-from dllmctl.inference import ClientPool
-from dllmctl.paths import cluster_file, model_store_root
-from dllmctl.training import PARALLELISMS as TRAIN_PARALLELISMS, TrainError, job_spec, submit
+from dllmctl.frontends import views
+from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
+from dllmctl.data.push import PushError
+from dllmctl.data.sharding import ShardProgress, ShardRequest, dataset_name, shard_and_push
+from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
+from dllmctl.inference.session import ClientPool
+from dllmctl.data.records import dataset_records
+from dllmctl.models import local_model
+from dllmctl.paths import cluster_file
+from dllmctl.training.jobs import PARALLELISMS as TRAIN_PARALLELISMS, TrainError, job_spec, submit
 
 log = logging.getLogger("dllmctl.mcp")
 
@@ -139,7 +142,7 @@ class TrainOptions(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     checkpoint_every: int = Field(0, ge=0, le=100_000_000)
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal[TRAIN_DTYPES] = "float32"  # type: ignore[valid-type]
     backend: Literal["zmq", "torch"] = "zmq"
     seq_len: Optional[int] = Field(None, ge=8, le=1_048_576)  # fixed when sharding; checked, not changed
 
@@ -223,8 +226,6 @@ class ClusterTools:
     async def shard(self, data_uri: str, model_name: str, shard_strategy: str, nodes: list[str] | None,
                     name: str | None, seq_len: int, replicas: int, seed: int, field: str, local_only: bool,
                     ctx: Context) -> dict[str, Any]:
-        from dllmctl.cli.data import records  # the one place that says where dataset records live
-
         targets = self.nodes(nodes)
         try:
             directory = _model_dir(model_name)
@@ -241,14 +242,12 @@ class ClusterTools:
                 report = await asyncio.to_thread(shard_and_push, self.user, targets, request, tracker)
             except (DataError, PushError, CallError, OSError) as exc:
                 raise ToolError(str(exc)) from None
-        records().save(report)
+        dataset_records().save(report)
         skipped = report.pop("skipped")
         return {**report, "skipped_count": len(skipped), "skipped": skipped[:20]}
 
     async def train(self, model_config: str | dict, training_data: str, parallelism: str, nodes: list[str] | None,
                     epochs: int | None, batch_size: int, ctx: Context) -> dict[str, Any]:
-        from dllmctl.cli.data import records
-
         if parallelism != "data":
             raise ToolError(f"parallelism {parallelism!r} is not built yet: dllm trains with data parallelism "
                             f"only (parallelism 'data': every node holds a full replica and trains on its shard)")
@@ -256,7 +255,7 @@ class ClusterTools:
         if epochs is not None and options.max_steps is not None:
             raise ToolError("give epochs or model_config.max_steps, not both")
         try:
-            dataset = records().load(training_data)
+            dataset = dataset_records().load(training_data)
         except DataError as exc:
             raise ToolError(str(exc)) from None
         if options.seq_len is not None and options.seq_len != dataset["seq_len"]:
@@ -296,9 +295,7 @@ class ClusterTools:
 
 def _model_dir(name: str):
     try:
-        store = ModelStore(model_store_root())
-        store.get(name)
-        return store.path(name)
+        return local_model(name)[0]
     except ModelStoreError as exc:
         raise ToolError(str(exc)) from None
 
@@ -407,9 +404,7 @@ def _add_resources(server: MCPServer, tools: ClusterTools) -> None:
         except CLUSTER_ERRORS as exc:
             raise ResourceError(f"the cluster could not answer: {exc}") from None
 
-    def records():
-        from dllmctl.cli.data import records
-        return records()
+    records = dataset_records
 
     def add(uri: str, description: str, fn) -> None:
         server.resource(uri, mime_type=JSON, description=description)(fn)

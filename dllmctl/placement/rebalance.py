@@ -23,18 +23,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Callable
 
-from dllmctl.planner import (
-    DEFAULT_RESERVE_FRACTION,
-    Layout,
-    ModelShape,
-    NodeCapacity,
-    PlanError,
-    Span,
-    check_request,
-    plan_layout,
-    span_bytes,
-    usable_budgets,
-)
+from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span, span_bytes
+from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION, check_request, plan_layout, usable_budgets
 
 Range = tuple[int, int]  # layers [start, end)
 Chain = dict[str, Range]  # node -> its layers; the ranges of one chain never overlap

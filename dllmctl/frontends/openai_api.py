@@ -30,14 +30,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dllmd.models.store import ModelStore, ModelStoreError
+from dllmd.models.store import ModelStoreError
 from dllmd.net.identity import Identity
-from dllmctl.cluster import Registry, RegistryError, query_nodes
-from dllmctl.coverage import layer_coverage, uncovered
-from dllmctl.generation import (CLUSTER_ERRORS, GenerationError, GenerationRequest, GenerationResult,
-                                ModelNotInStore, Prepared, load_model, prepare, run)
-from dllmctl.inference import ClientPool
-from dllmctl.paths import cluster_file, model_store_root
+from dllmctl.cluster.registry import Registry, RegistryError
+from dllmctl.cluster.live import query_nodes
+from dllmctl.placement.coverage import layer_coverage, uncovered
+from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, GenerationResult, ModelNotInStore, Prepared, load_model, prepare, run
+from dllmctl.inference.session import ClientPool
+from dllmctl.models import local_store
+from dllmctl.paths import cluster_file
 
 log = logging.getLogger("dllmctl.serve")
 
@@ -286,7 +287,7 @@ class Api:
             if row["status"] == "up":
                 for span in row["serving"]:
                     spans.setdefault(span["model"], []).append((span["start"], span["end"]))
-        store, models = ModelStore(model_store_root()), []
+        store, models = local_store(), []
         for name, ranges in sorted(spans.items()):
             try:
                 manifest = store.get(name)

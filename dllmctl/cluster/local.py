@@ -26,9 +26,11 @@ from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.node import DAEMON_FILE
 from dllmd.storage import atomic_write
-from dllmctl.cluster import NodeEntry, Registry, RegistryError
+from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
+from dllmctl.paths import local_clusters_dir
 
 STATE_FILE = "cluster.json"
+CURRENT_FILE = "current"  # in local_clusters_dir(): the directory of the cluster 'up' started last
 START_TIMEOUT_S = 120.0
 
 
@@ -54,6 +56,27 @@ class LocalNode:
         except psutil.Error:
             pass
         return None
+
+
+def default_dir() -> Path:
+    return local_clusters_dir() / "local"
+
+
+def resolve_dir(directory: Path | None) -> Path:
+    """``directory`` if given, else the one the last ``up`` used, else the default."""
+    if directory is not None:
+        return directory.expanduser().resolve()
+    try:
+        remembered = Path((local_clusters_dir() / CURRENT_FILE).read_text().strip())
+        if remembered.is_absolute() and (remembered / STATE_FILE).is_file():
+            return remembered
+    except (FileNotFoundError, UnicodeDecodeError, OSError):
+        pass
+    return default_dir().expanduser().resolve()
+
+
+def _remember(directory: Path) -> None:
+    atomic_write(local_clusters_dir() / CURRENT_FILE, str(directory.resolve()).encode())
 
 
 def load_state(directory: Path) -> list[LocalNode]:
@@ -134,9 +157,12 @@ def _wait_ready(home: Path, proc: subprocess.Popen, deadline: float) -> str:
 
 
 def up(count: int, directory: Path, user: Identity, registry: Registry,
-       progress: Callable[[str], None] = lambda _: None, allow_plaintext_ring: bool = False) -> list[LocalNode]:
+       progress: Callable[[str], None] = lambda _: None, allow_plaintext_ring: bool = False,
+       remember: bool = False) -> list[LocalNode]:
     """Start ``count`` daemons and register them. Refuses if this directory's cluster is running.
-    ``allow_plaintext_ring``: the nodes may run a training ring unencrypted (loopback is trusted)."""
+    ``allow_plaintext_ring``: the nodes may run a training ring unencrypted (loopback is trusted);
+    ``remember``: later commands without ``--dir`` find this cluster (the user's own, not a benchmark's
+    temporary one)."""
     if count < 1 or count > 64:
         raise LocalClusterError("--local takes a node count between 1 and 64")
     running = [n for n in load_state(directory) if n.process()]
@@ -168,6 +194,8 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
             _terminate(proc.pid)
         raise
     _save_state(directory, nodes)
+    if remember:
+        _remember(directory)
     for node in nodes:
         stale = registry.nodes.get(node.name)
         if stale is not None and stale.public_key != node.public_key:

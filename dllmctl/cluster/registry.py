@@ -1,32 +1,19 @@
-"""The cluster as the user sees it: the registered nodes (``cluster.toml``) and their live state.
+"""The registered nodes (``cluster.toml``): the cluster as the user defined it.
 
 Membership is static and key-pinned, like WireGuard peers: a node is an address plus the public
-key we expect to find there. Every listing asks every node, concurrently, right now.
+key we expect to find there. What the nodes are doing now is :mod:`dllmctl.cluster.live`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import tomli_w
-import zmq
 
 from dllmd.config import ConfigError, validate_endpoint, validate_name
-from dllmd.net.client import (
-    CallError,
-    CallTimeout,
-    NodeKeyMismatch,
-    NodeUnauthorized,
-    NodeUnreachable,
-    RemoteError,
-    RpcClient,
-)
-from dllmd.net.identity import Identity, node_id_of, parse_public_key
+from dllmd.net.identity import node_id_of, parse_public_key
 from dllmd.storage import atomic_write
 
 
@@ -107,50 +94,3 @@ def make_entry(name: str, address: str, public_key: str) -> NodeEntry:
     except ValueError as exc:
         raise RegistryError(str(exc)) from None
     return NodeEntry(name, address, key)
-
-
-# --- live state ----------------------------------------------------------------------------------
-
-STATUS_UP, STATUS_DOWN, STATUS_UNAUTHORIZED, STATUS_KEY_MISMATCH, STATUS_ERROR = (
-    "up", "down", "unauthorized", "key-mismatch", "error")
-
-
-def status_of(error: CallError) -> str:
-    if isinstance(error, NodeUnauthorized):
-        return STATUS_UNAUTHORIZED
-    if isinstance(error, NodeKeyMismatch):
-        return STATUS_KEY_MISMATCH
-    if isinstance(error, (NodeUnreachable, CallTimeout)):
-        return STATUS_DOWN
-    return STATUS_ERROR
-
-
-async def query_node(identity: Identity, entry: NodeEntry, timeout: float, ctx: zmq.Context) -> dict[str, Any]:
-    """One node's row for ``nodes list``: always returns, whatever the node does."""
-    row: dict[str, Any] = {"name": entry.name, "id": entry.node_id, "address": entry.address, "status": STATUS_DOWN,
-                           "latency_ms": None, "hardware": None, "serving": [], "error": None}
-    async with RpcClient(identity, entry.address, entry.public_key, ctx=ctx) as client:
-        try:
-            # Connect and authenticate first so latency measures one round trip, not the handshake.
-            await client.call("ping", timeout=timeout)
-            start = time.perf_counter()
-            await client.call("ping", timeout=timeout)
-            row["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
-            info, _ = await client.call("info", timeout=timeout)
-        except RemoteError as exc:
-            row.update(status=STATUS_ERROR, error=str(exc))
-            return row
-        except CallError as exc:
-            row.update(status=status_of(exc), error=str(exc))
-            return row
-    row.update(status=STATUS_UP, hardware=info.get("hardware"), serving=info.get("serving", []),
-               version=info.get("version"), role=info.get("role"))
-    return row
-
-
-async def query_nodes(identity: Identity, entries: list[NodeEntry], timeout: float = 3.0) -> list[dict[str, Any]]:
-    ctx = zmq.Context()
-    try:
-        return list(await asyncio.gather(*(query_node(identity, e, timeout, ctx) for e in entries)))
-    finally:
-        ctx.destroy(linger=0)

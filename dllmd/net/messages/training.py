@@ -1,10 +1,11 @@
-"""The wire shapes of training: a job as submitted, and what a coordinator asks of its workers."""
+"""Training's operations: what a coordinator asks of its workers (``train.*``, peers and admins) and what
+a client asks of a coordinator (``jobs.*``, ``checkpoints.*``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dllmd.net.schema import bounded
+from dllmd.net.schema import NoArgs, Op, bounded
 
 PARALLELISMS_BUILT = ("data",)
 BACKENDS = ("zmq", "torch")
@@ -136,6 +137,121 @@ class CheckpointReadArgs:
     offset: int = bounded(0, lo=0, hi=2**44)
 
 
+# --- replies of the coordinator -------------------------------------------------------------------
+
 @dataclass
-class NoArgs:
-    pass
+class Submitted:
+    job: str
+    total_steps: int
+    coordinator: str
+
+
+@dataclass
+class JobSummary:
+    job: str
+    state: str  # queued, running, stopping, stopped, interrupted, failed, done
+    model: str
+    dataset: str
+    nodes: list[str]
+    step: int  # steps completed
+    total_steps: int
+    created: float
+    updated: float
+    error: str | None
+
+
+@dataclass
+class JobList:
+    jobs: list[JobSummary]
+
+
+@dataclass
+class Event:
+    time: float
+    kind: str  # submitted, checkpoint, node_lost, shard_moved, step_failed, resumed, stopped, failed, done ...
+    message: str
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: str
+    bytes: int
+    created: float
+    loss: float | None = None
+
+
+@dataclass
+class JobDetail:
+    job: str
+    state: str
+    model: str
+    dataset: str
+    nodes: list[str]
+    step: int
+    total_steps: int
+    created: float
+    updated: float
+    error: str | None
+    spec: dict  # the JobSpec as submitted
+    events: list[Event]
+    last_metrics: dict | None  # the latest step's metrics row
+    checkpoints: list[CheckpointInfo]
+
+
+@dataclass
+class JobState:
+    job: str
+    state: str
+
+
+@dataclass
+class Resumed:
+    job: str
+    state: str
+    from_step: int
+
+
+@dataclass
+class Metrics:
+    job: str
+    state: str
+    step: int
+    total_steps: int
+    metrics: list[dict]  # one row per step: loss, lr, grad_norm, tokens_per_s, step_s, compute_s, comm_s, nodes
+
+
+@dataclass
+class CheckpointList:
+    job: str
+    checkpoints: list[CheckpointInfo]
+
+
+@dataclass
+class CheckpointChunk:
+    """A chunk of one checkpoint file (one int8 tensor), with the signed manifest to check it against."""
+
+    manifest: bytes  # the manifest's exact signed bytes
+    signature: bytes  # by the coordinator's node key
+    size: int  # of the whole file
+
+
+TRAIN_PREPARE = Op("train.prepare", WorkerPrepareArgs, dict)
+TRAIN_RING = Op("train.ring", RingArgs, dict)
+TRAIN_BACKUP = Op("train.backup", BackupArgs, dict)
+TRAIN_ROWS = Op("train.rows", RowsArgs, dict)
+TRAIN_STEP = Op("train.step", StepArgs, dict)
+TRAIN_APPLY = Op("train.apply", ApplyArgs, dict)
+TRAIN_RESET = Op("train.reset", JobArgs, dict)
+TRAIN_STATE = Op("train.state", StateArgs, dict)
+TRAIN_LOAD_STATE = Op("train.load_state", LoadStateArgs, dict)
+TRAIN_RELEASE = Op("train.release", JobArgs, dict)
+
+JOBS_SUBMIT = Op("jobs.submit", JobSpec, Submitted)
+JOBS_LIST = Op("jobs.list", NoArgs, JobList)
+JOBS_SHOW = Op("jobs.show", JobArgs, JobDetail)
+JOBS_STOP = Op("jobs.stop", JobArgs, JobState)
+JOBS_RESUME = Op("jobs.resume", ResumeArgs, Resumed)
+JOBS_METRICS = Op("jobs.metrics", MetricsArgs, Metrics)
+CHECKPOINTS_LIST = Op("checkpoints.list", JobArgs, CheckpointList)
+CHECKPOINTS_READ = Op("checkpoints.read", CheckpointReadArgs, CheckpointChunk)

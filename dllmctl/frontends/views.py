@@ -10,14 +10,14 @@ import statistics
 import time
 from typing import Any
 
-from dllmd.models.store import ModelStore
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
-from dllmctl.cluster import NodeEntry, query_nodes
-from dllmctl.coverage import layer_coverage, uncovered
-from dllmctl.datasets import DatasetRecords
-from dllmctl.paths import model_store_root
-from dllmctl.training import find_coordinator, job_call, list_jobs
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.cluster.live import query_nodes
+from dllmctl.placement.coverage import layer_coverage, uncovered
+from dllmctl.data.records import DatasetRecords
+from dllmctl.models import local_store
+from dllmctl.training.jobs import find_coordinator, job_call, list_jobs
 
 RECENT_JOBS = 20  # collections over jobs (checkpoints, metrics, training figures) look at the newest ones
 NODE_TIMEOUT_S = 3.0
@@ -41,7 +41,7 @@ async def models_view(user: Identity, nodes: list[NodeEntry]) -> list[dict]:
             for span in row["serving"]:
                 served.setdefault(span["model"], []).append(
                     {"node": row["name"], "start": span["start"], "end": span["end"], "dtype": span.get("dtype")})
-    stored = {m.name: m for m in ModelStore(model_store_root()).list()}
+    stored = {m.name: m for m in local_store().list()}
     models = []
     for name in sorted(set(stored) | set(served)):
         spans = served.get(name, [])

@@ -8,48 +8,36 @@ file cut off half-way resumes from where the node says it stopped.
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from dllmd.models.received import span_files
+from dllmd.models.store import MANIFEST, SIGNATURE, Manifest
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
-from dllmctl.cluster import NodeEntry
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.placement.layout import Span
 
 CHUNK_BYTES = 4 * 1024 * 1024
 LOAD_TIMEOUT_S = 600.0
 
-
-@dataclass(frozen=True)
-class SpanAssignment:
-    node: str
-    start: int
-    end: int
-    embed: bool
-    head: bool
-
-
 Progress = Callable[[str, int], None]  # (node name, bytes just sent or skipped)
 
 
-def bytes_to_send(manifest: dict, span: SpanAssignment) -> int:
-    files = span_files(manifest, span.start, span.end, span.embed, span.head)
-    return sum(manifest["files"][f]["bytes"] for f in files)
+def span_files(manifest: Manifest, span: Span) -> list[str]:
+    return manifest.span_files(span.start, span.end, span.embed, span.head)
 
 
-async def deploy_span(user: Identity, node: NodeEntry, model_dir: Path, span: SpanAssignment,
+def bytes_to_send(manifest: Manifest, span: Span) -> int:
+    return sum(manifest.files[f].bytes for f in span_files(manifest, span))
+
+
+async def deploy_span(user: Identity, node: NodeEntry, model_dir: Path, span: Span,
                       progress: Progress = lambda *_: None, dtype: str = "") -> dict:
     """Ship one node its files (skipping what it has) and load its span; returns the node's report."""
-    manifest = json.loads((model_dir / "manifest.json").read_bytes())
-    name = manifest["name"]
+    manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
     async with RpcClient(user, node.address, node.public_key) as client:
-        sent = await ship_files(client, node.name, model_dir, span_files(manifest, span.start, span.end, span.embed,
-                                                                         span.head), progress)
-        report, _ = await client.call("span.load", {"model": name, "start": span.start, "end": span.end,
+        sent = await ship_files(client, node.name, model_dir, span_files(manifest, span), progress)
+        report, _ = await client.call("span.load", {"model": manifest.name, "start": span.start, "end": span.end,
                                                     "embed": span.embed, "head": span.head, "dtype": dtype},
                                       timeout=LOAD_TIMEOUT_S)
     return {**report, "node": node.name, "bytes_sent": sent}
@@ -59,34 +47,37 @@ async def ship_files(client: RpcClient, node_name: str, model_dir: Path, files: 
                      progress: Progress = lambda *_: None) -> int:
     """Offer the signed manifest, then send the listed files the node lacks (resuming partial
     ones); returns the bytes sent."""
-    blob = (model_dir / "manifest.json").read_bytes()
-    manifest = json.loads(blob)
-    signature = bytes.fromhex((model_dir / "manifest.sig").read_text().strip())
-    name = manifest["name"]
-    offer, _ = await client.call("model.offer", {"model": name, "manifest": blob, "signature": signature}, timeout=60)
+    import torch
+
+    blob = (model_dir / MANIFEST).read_bytes()
+    manifest = Manifest.from_bytes(blob)
+    signature = bytes.fromhex((model_dir / SIGNATURE).read_text().strip())
+    offer, _ = await client.call("model.offer", {"model": manifest.name, "manifest": blob, "signature": signature},
+                                 timeout=60)
     sent = 0
     for rel in files:
-        size = manifest["files"][rel]["bytes"]
-        if offer["have"].get(rel) == manifest["files"][rel]["sha256"]:
-            progress(node_name, size)
+        entry = manifest.files[rel]
+        if offer["have"].get(rel) == entry.sha256:
+            progress(node_name, entry.bytes)
             continue
         offset = int(offer["partial"].get(rel, 0))
         progress(node_name, offset)
         with open(model_dir / rel, "rb") as f:
             f.seek(offset)
-            while offset < size:
+            while offset < entry.bytes:
                 chunk = f.read(CHUNK_BYTES)
                 if not chunk:
                     raise OSError(f"{model_dir / rel} is shorter than its manifest says; re-import the model")
                 data = torch.frombuffer(bytearray(chunk), dtype=torch.int8)
-                await client.call("model.put", {"model": name, "path": rel, "offset": offset}, [data], timeout=120)
+                await client.call("model.put", {"model": manifest.name, "path": rel, "offset": offset}, [data],
+                                  timeout=120)
                 offset += len(chunk)
                 sent += len(chunk)
                 progress(node_name, len(chunk))
     return sent
 
 
-async def deploy(user: Identity, nodes: dict[str, NodeEntry], model_dir: Path, spans: list[SpanAssignment],
+async def deploy(user: Identity, nodes: dict[str, NodeEntry], model_dir: Path, spans: list[Span],
                  progress: Progress = lambda *_: None, dtype: str = "") -> list[dict]:
     """Deploy every span concurrently (one connection per node)."""
     return list(await asyncio.gather(*(deploy_span(user, nodes[s.node], model_dir, s, progress, dtype) for s in spans)))

@@ -20,15 +20,16 @@ from typing import Callable
 from transformers import PreTrainedTokenizerBase
 
 from dllmd.inference.sampling import SamplingParams
-from dllmd.models.store import ModelNotFound, ModelStore, ModelStoreError
+from dllmd.models.store import ModelNotFound, ModelStoreError
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
-from dllmctl.cluster import NodeEntry
-from dllmctl.failover import generate_with_failover
-from dllmctl.inference import PARALLELISMS, ClientPool, Generation
-from dllmctl.paths import model_store_root
-from dllmctl.routing import RouteError, live_stages
-from dllmctl.tokens import PromptError, encode_prompt, load_tokenizer, stop_ids
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.inference.failover import generate_with_failover
+from dllmctl.inference.session import PARALLELISMS, ClientPool, Generation
+from dllmctl.models import local_store
+from dllmctl.placement.routing import RouteError
+from dllmctl.inference.stages import live_stages
+from dllmctl.inference.tokens import PromptError, encode_prompt, load_tokenizer, stop_ids
 
 log = logging.getLogger("dllmctl.generation")
 _running: set[asyncio.Task] = set()  # generations in flight, kept referenced until they finish
@@ -80,7 +81,7 @@ _loaded: dict[str, tuple[int, LocalModel]] = {}
 
 def load_model(name: str) -> LocalModel:
     """The model ``name`` from the local store (cached until its manifest changes)."""
-    store = ModelStore(model_store_root())
+    store = local_store()
     try:
         directory = store.path(name)
         manifest_file = directory / "manifest.json"

@@ -22,8 +22,9 @@ from typing import Callable
 
 import torch
 
-from dllmctl.cluster import NodeEntry
-from dllmctl.data_push import PushError, ShardUpload, push_shards
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.data.progress import ShardProgress
+from dllmctl.data.push import PushError, ShardUpload, push_shards
 from dllmd.data import (STRATEGIES, DataError, SourceResult, TokenizedSample, assign, eos_id, load_data_tokenizer,
                         node_tokens, pack, read_samples, skew, tokenize_samples)
 from dllmd.data.shards import NAME, shard_payload
@@ -35,20 +36,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 LOCAL_TIMEOUT_S = 600.0
 
-
-
-class ShardProgress:
-    """What a progress display hears: stages ("reading", "tokenizing", "push NODE") and amounts done.
-
-    ``unit`` is "items" (files, samples) or "bytes"; ``total`` is None when not known up front.
-    The base class shows nothing (scripts, the MCP server, benchmarks).
-    """
-
-    def stage(self, what: str, total: int | None = None, unit: str = "items") -> None:
-        pass
-
-    def advance(self, what: str, amount: int) -> None:
-        pass
 
 
 @dataclass
@@ -214,42 +201,3 @@ async def _quietly(client: RpcClient, op: str, dataset: str) -> None:
         await client.call(op, {"dataset": dataset}, timeout=10)
     except CallError:
         pass
-
-
-# --- the client's records ---------------------------------------------------------------------
-
-class DatasetRecords:
-    """``<data dir>/datasets/<name>.json``: one report per dataset, as pushed."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def save(self, report: dict) -> None:
-        atomic_write(self.root / f"{report['dataset']}.json", json.dumps(report, indent=1).encode())
-
-    def load(self, name: str) -> dict:
-        if not NAME.match(name):
-            raise DataError(f"invalid dataset name {name!r}")
-        try:
-            return json.loads((self.root / f"{name}.json").read_bytes())
-        except FileNotFoundError:
-            raise DataError(f"no dataset {name!r}; see 'dllmctl data list'") from None
-        except ValueError as exc:
-            raise DataError(f"the record of {name!r} is corrupt ({exc}); remove it with 'dllmctl data rm {name}'") from None
-
-    def list(self) -> list[dict]:
-        if not self.root.exists():
-            return []
-        records = []
-        for path in sorted(self.root.glob("*.json")):
-            try:
-                records.append(json.loads(path.read_bytes()))
-            except ValueError:
-                records.append({"dataset": path.stem, "error": "corrupt record"})
-        return records
-
-    def remove(self, name: str) -> bool:
-        path = self.root / f"{name}.json"
-        existed = path.exists()
-        path.unlink(missing_ok=True)
-        return existed

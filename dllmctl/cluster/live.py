@@ -1,0 +1,57 @@
+"""What the registered nodes are doing now: every listing asks every node, concurrently, right now."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import zmq
+
+from dllmd.net.client import CallError, CallTimeout, NodeKeyMismatch, NodeUnauthorized, NodeUnreachable, RemoteError, RpcClient
+from dllmd.net.identity import Identity
+from dllmctl.cluster.registry import NodeEntry
+
+STATUS_UP, STATUS_DOWN, STATUS_UNAUTHORIZED, STATUS_KEY_MISMATCH, STATUS_ERROR = (
+    "up", "down", "unauthorized", "key-mismatch", "error")
+
+
+def status_of(error: CallError) -> str:
+    if isinstance(error, NodeUnauthorized):
+        return STATUS_UNAUTHORIZED
+    if isinstance(error, NodeKeyMismatch):
+        return STATUS_KEY_MISMATCH
+    if isinstance(error, (NodeUnreachable, CallTimeout)):
+        return STATUS_DOWN
+    return STATUS_ERROR
+
+
+async def query_node(identity: Identity, entry: NodeEntry, timeout: float, ctx: zmq.Context) -> dict[str, Any]:
+    """One node's row for ``nodes list``: always returns, whatever the node does."""
+    row: dict[str, Any] = {"name": entry.name, "id": entry.node_id, "address": entry.address, "status": STATUS_DOWN,
+                           "latency_ms": None, "hardware": None, "serving": [], "error": None}
+    async with RpcClient(identity, entry.address, entry.public_key, ctx=ctx) as client:
+        try:
+            # Connect and authenticate first so latency measures one round trip, not the handshake.
+            await client.call("ping", timeout=timeout)
+            start = time.perf_counter()
+            await client.call("ping", timeout=timeout)
+            row["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
+            info, _ = await client.call("info", timeout=timeout)
+        except RemoteError as exc:
+            row.update(status=STATUS_ERROR, error=str(exc))
+            return row
+        except CallError as exc:
+            row.update(status=status_of(exc), error=str(exc))
+            return row
+    row.update(status=STATUS_UP, hardware=info.get("hardware"), serving=info.get("serving", []),
+               version=info.get("version"), role=info.get("role"))
+    return row
+
+
+async def query_nodes(identity: Identity, entries: list[NodeEntry], timeout: float = 3.0) -> list[dict[str, Any]]:
+    ctx = zmq.Context()
+    try:
+        return list(await asyncio.gather(*(query_node(identity, e, timeout, ctx) for e in entries)))
+    finally:
+        ctx.destroy(linger=0)

@@ -1,0 +1,27 @@
+"""The live spans of a model, asked of the nodes now: the candidates routing chooses from (I/O)."""
+
+from __future__ import annotations
+
+from dllmd.net.identity import Identity
+from dllmctl.cluster.live import query_nodes
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.placement.layout import Span
+from dllmctl.placement.routing import Stage
+
+
+async def live_stages(user: Identity, nodes: list[NodeEntry], model: str, timeout: float = 3.0) -> list[Stage]:
+    """Ask every node what it serves now; the spans of ``model`` on nodes that are up, with their load."""
+    by_name = {n.name: n for n in nodes}
+    stages = []
+    for row in await query_nodes(user, nodes, timeout):
+        if row["status"] != "up":
+            continue
+        gflops = float((row.get("hardware") or {}).get("matmul_gflops") or 0.0)
+        for span in row["serving"]:
+            if span.get("model") == model:
+                held = Span(row["name"], span["start"], span["end"], span["embed"], span["head"],
+                            int(span.get("param_bytes", 0)))
+                stages.append(Stage(by_name[row["name"]], held, latency_ms=row["latency_ms"] or 0.0,
+                                    step_ms=float(span.get("step_ms", 0.0)), sessions=int(span.get("sessions", 0)),
+                                    queued=int(span.get("queued", 0)), gflops=gflops))
+    return stages

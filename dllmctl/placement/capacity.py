@@ -1,0 +1,61 @@
+"""What the live nodes can offer a model, and what they hold of it now, from ``nodes list`` rows. Pure.
+
+The rows are those of :func:`dllmctl.cluster.live.query_nodes`; nodes that are not up offer nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+from dllmctl.placement.coverage import layer_coverage
+from dllmctl.placement.layout import ModelShape, NodeCapacity, Span, span_bytes
+from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION
+from dllmctl.placement.rebalance import Rebalance
+
+
+def node_capacities(rows: list[dict]) -> list[NodeCapacity]:
+    """What each live node can offer: free VRAM if it computes on a GPU, else available RAM."""
+    capacities = []
+    for row in rows:
+        if row["status"] != "up":
+            continue
+        hw = row["hardware"]
+        free = hw["gpus"][0]["memory_free"] if hw.get("gpus") else hw["ram_available"]
+        capacities.append(NodeCapacity(name=row["name"], free_memory_bytes=int(free), gflops=float(hw["matmul_gflops"])))
+    return capacities
+
+
+def capacities_for(rows: list[dict], model: str) -> list[NodeCapacity]:
+    """What each live node can give ``model``: as for 'dllmctl plan', plus the memory of the span of it
+    the node holds now, which the new span replaces."""
+    held = {r["name"]: sum(s.get("param_bytes", 0) for s in r["serving"] if s.get("model") == model) for r in rows}
+    return [replace(c, free_memory_bytes=c.free_memory_bytes + held[c.name]) for c in node_capacities(rows)]
+
+
+def live_spans(shape: ModelShape, rows: list[dict], model: str) -> list[Span]:
+    """The spans of ``model`` that nodes serve now; nodes that are not up count as gone."""
+    return [Span(r["name"], s["start"], s["end"], s["embed"], s["head"], span_bytes(shape, s["start"], s["end"]))
+            for r in rows if r["status"] == "up" for s in r["serving"] if s.get("model") == model]
+
+
+def current_replicas(shape: ModelShape, current: list[Span]) -> int:
+    """How many nodes hold the most-held layer now: a node that left must not cost the model a replica."""
+    runs = layer_coverage(shape.num_layers, [(s.start, s.end) for s in current])
+    return max([run.count for run in runs] + [1])
+
+
+def served_dtype(rows: list[dict], model: str) -> str:
+    """The dtype most of the model's live spans run in, so new spans match their neighbours ('' if none)."""
+    dtypes = Counter(s.get("dtype", "") for r in rows if r["status"] == "up" for s in r["serving"]
+                     if s.get("model") == model)
+    return min(dtypes, key=lambda d: (-dtypes[d], d)) if dtypes else ""
+
+
+def unload_first(result: Rebalance, rows: list[dict]) -> set[str]:
+    """Nodes whose new span does not fit next to their old one: a node builds the new span before it
+    drops the old, so these must drop it first."""
+    free = {c.name: c.free_memory_bytes for c in node_capacities(rows)}  # as reported, old span still loaded
+    new_bytes = {s.node: s.bytes for s in result.layout.spans}
+    return {m.node for m in result.moves
+            if m.before and m.after and new_bytes[m.node] > free[m.node] * (1 - DEFAULT_RESERVE_FRACTION)}

@@ -1,0 +1,130 @@
+"""The shapes placement works with: a model's weight sizes, what a node offers, and the one span
+record (a node's contiguous layers) that plans, deploys, rebalances and routes all speak. Pure.
+
+A layout travels as JSON (``dllmctl plan --json > plan.json``, ``dllmctl deploy --plan plan.json``);
+:meth:`Layout.from_json` is the one reader of that file, and checks it like any other input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class PlanError(ValueError):
+    """The request cannot be met (or a plan file is malformed); the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know of a model: bytes per decoder layer, of the embeddings, of the head."""
+
+    name: str
+    layer_bytes: tuple[int, ...]
+    embed_bytes: int
+    head_bytes: int
+    tied: bool
+    """The head reuses the embedding matrix, so the last span holds the embeddings too."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+    @classmethod
+    def uniform(cls, name: str, num_layers: int, layer_bytes: int, embed_bytes: int, head_bytes: int,
+                tied: bool = False) -> "ModelShape":
+        """A model whose layers all weigh the same (every supported family; handy in simulations)."""
+        return cls(name, (layer_bytes,) * num_layers, embed_bytes, head_bytes, tied)
+
+    @classmethod
+    def from_manifest(cls, manifest) -> "ModelShape":
+        """From a store :class:`~dllmd.models.store.Manifest`."""
+        return cls(manifest.name, tuple(layer.bytes for layer in manifest.layers), manifest.embed.bytes,
+                   manifest.head.bytes, manifest.tied_embeddings)
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """A node as the planner sees it: free memory (VRAM where it computes on a GPU, else RAM) and speed."""
+
+    name: str
+    free_memory_bytes: int
+    gflops: float
+
+
+@dataclass(frozen=True)
+class Span:
+    """Layers ``[start, end)`` on ``node`` (+ the embeddings when ``embed``, the final norm and head when
+    ``head``); ``bytes`` is the weight memory it holds (0 where nobody counted it)."""
+
+    node: str
+    start: int
+    end: int
+    embed: bool
+    head: bool
+    bytes: int = 0
+
+    @property
+    def layers(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Layout:
+    model: str
+    replicas: int
+    spans: list[Span] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """``{"model", "replicas", "spans": [{"node", "start", "end", "embed", "head", "bytes"}]}``, end exclusive."""
+        return {"model": self.model, "replicas": self.replicas, "spans": [asdict(s) for s in self.spans]}
+
+    @classmethod
+    def from_json(cls, doc: Any, model: str, num_layers: int) -> "Layout":
+        """A plan file's layout for ``model`` (of ``num_layers`` layers); PlanError naming what is wrong."""
+        if not isinstance(doc, Mapping) or not isinstance(doc.get("spans"), list) or not doc["spans"]:
+            raise PlanError("a plan is a JSON object with a non-empty 'spans' list (see 'dllmctl plan --json')")
+        if doc.get("model") not in (None, model):
+            raise PlanError(f"this is a plan for {doc['model']!r}, not {model!r}")
+        replicas = doc.get("replicas", 1)
+        if type(replicas) is not int or replicas < 1:
+            raise PlanError(f"'replicas' must be a positive integer, got {replicas!r}")
+        spans = [_span(i, raw, num_layers) for i, raw in enumerate(doc["spans"])]
+        nodes = [s.node for s in spans]
+        if len(set(nodes)) != len(nodes):
+            raise PlanError(f"a node holds one span of a model; {sorted({n for n in nodes if nodes.count(n) > 1})} "
+                            f"appear more than once")
+        return cls(model, replicas, spans)
+
+
+def _span(index: int, raw: Any, num_layers: int) -> Span:
+    where = f"spans[{index}]"
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"{where} must be an object with node, start, end, embed, head")
+    node = raw.get("node")
+    start, end = raw.get("start"), raw.get("end")
+    if not isinstance(node, str) or not node:
+        raise PlanError(f"{where}.node must be a node name")
+    if type(start) is not int or type(end) is not int or not 0 <= start < end <= num_layers:
+        raise PlanError(f"{where}: layers [{start!r}, {end!r}) are not a non-empty range inside the model's "
+                        f"{num_layers} layers")
+    # The ends of the model are implied by the layers: a plan cannot ask a middle span to hold the head.
+    embed, head = raw.get("embed", start == 0), raw.get("head", end == num_layers)
+    if embed is not (start == 0) or head is not (end == num_layers):
+        raise PlanError(f"{where}: embed must be true exactly when start is 0, head exactly when end is "
+                        f"{num_layers}")
+    size = raw.get("bytes", 0)
+    if type(size) is not int or size < 0:
+        raise PlanError(f"{where}.bytes must be a non-negative integer")
+    return Span(node, start, end, embed, head, size)
+
+
+def span_bytes(model: ModelShape, start: int, end: int) -> int:
+    """Weight bytes a node holding layers ``[start, end)`` keeps: + embeddings if first, + head if last."""
+    total = sum(model.layer_bytes[start:end])
+    if start == 0:
+        total += model.embed_bytes
+    if end == model.num_layers:
+        total += model.head_bytes + (model.embed_bytes if model.tied and start != 0 else 0)
+    return total

@@ -1,0 +1,48 @@
+"""Dataset shards on a node: ``data.stage`` / ``data.put`` / ``data.commit`` / ``data.abort`` (a two-phase
+push), ``data.local`` (shard a path on the node's own disk), ``data.list``, ``data.remove``. Admin only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dllmd.net.schema import NoArgs, Op, bounded
+
+
+@dataclass
+class StageArgs:
+    dataset: str = bounded(max_len=128)
+    bytes: int = bounded(lo=1, hi=2**44)
+    sha256: str = bounded(max_len=64)
+
+
+@dataclass
+class PutArgs:
+    dataset: str = bounded(max_len=128)
+    offset: int = bounded(lo=0, hi=2**44)
+
+
+@dataclass
+class DatasetArgs:
+    dataset: str = bounded(max_len=128)
+
+
+@dataclass
+class LocalArgs:
+    dataset: str = bounded(max_len=128)
+    uri: str = bounded(max_len=4096)  # a path on this node's own disk
+    field: str = bounded("text", max_len=128)
+    include: list[str] = bounded([], max_len=256)
+    exclude: list[str] = bounded([], max_len=256)
+    strict: bool = False
+    seq_len: int = bounded(2048, lo=8, hi=1_048_576)
+    tokenizer_files: list[str] = bounded([], max_len=16)  # names of the tensors (int8 file bytes) carried
+    info: bytes = bounded(b"{}", max_len=64 * 1024)  # JSON: what the shard description records
+
+
+DATA_STAGE = Op("data.stage", StageArgs, dict)
+DATA_PUT = Op("data.put", PutArgs, dict)
+DATA_COMMIT = Op("data.commit", DatasetArgs, dict)
+DATA_ABORT = Op("data.abort", DatasetArgs, dict)
+DATA_LIST = Op("data.list", NoArgs, dict)
+DATA_REMOVE = Op("data.remove", DatasetArgs, dict)
+DATA_LOCAL = Op("data.local", LocalArgs, dict)

@@ -1,0 +1,87 @@
+"""Sessions at a stage: ``session.open`` (a stream: opened, then tokens), ``session.forward`` (one-way:
+steps pushed from the client or the previous stage), ``session.close``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dllmd.net.schema import Op, bounded
+
+MAX_BATCH = 64  # sessions per batched decode pass (and steps per session.forward message)
+MAX_POSITIONS = 1_048_576  # prompt + generated tokens one session may reserve
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = bounded(0.0, lo=0.0, hi=100.0)  # 0: greedy
+    top_p: float = bounded(1.0, lo=1e-6, hi=1.0)
+    top_k: int = bounded(0, lo=0, hi=1_000_000)  # 0: no limit
+    seed: int = bounded(0, lo=0, hi=2**63 - 1)
+
+
+@dataclass
+class OpenArgs:
+    session: str = bounded(max_len=64)
+    model: str = bounded(max_len=128)
+    start: int = bounded(lo=0, hi=100_000)
+    end: int = bounded(lo=0, hi=100_000)
+    # What the session will hold at most: the stage reserves its KV cache for this many positions
+    # up front (prompt_tokens + max_new_tokens), and refuses the open when that does not fit.
+    prompt_tokens: int = bounded(lo=1, hi=MAX_POSITIONS)
+    max_new_tokens: int = bounded(lo=0, hi=MAX_POSITIONS)
+    next_address: str = bounded("", max_len=256)
+    next_public_key: str = bounded("", max_len=64)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    logits: str = bounded("none", max_len=8)
+    ttl_s: float = bounded(600.0, lo=1.0, hi=3600.0)
+    batching: bool = True  # False: this session's steps always run alone ("model" parallelism)
+
+
+@dataclass
+class Opened:
+    """The first reply on a session's stream; tokens follow on the same stream (last stage)."""
+
+    opened: bool
+    start: int
+    end: int
+    reserved_bytes: int  # KV-cache memory this stage set aside for the session
+
+
+@dataclass
+class StepItem:
+    session: str = bounded(max_len=64)
+    step: int = bounded(lo=0, hi=2**31)
+    start: int = bounded(lo=0, hi=2**31)
+    # False for every chunk of a long prompt but the last: the last stage samples only after the last.
+    final: bool = True
+    # Filled in along the chain, returned with the token: each stage's compute time, the batch it
+    # ran in, and the bytes it pushed to the next stage (what `dllmctl bench infer` reports).
+    compute_ms: list[float] = bounded([], max_len=256)
+    batch: list[int] = bounded([], max_len=256)
+    hop_bytes: list[int] = bounded([], max_len=256)
+
+
+@dataclass
+class ForwardArgs:
+    items: list[StepItem] = bounded(max_len=MAX_BATCH)
+
+
+@dataclass
+class Queued:
+    queued: int
+
+
+@dataclass
+class SessionArgs:
+    session: str = bounded(max_len=64)
+
+
+@dataclass
+class Closed:
+    closed: bool
+    steps: int
+
+
+SESSION_OPEN = Op("session.open", OpenArgs, Opened)
+SESSION_FORWARD = Op("session.forward", ForwardArgs, Queued)
+SESSION_CLOSE = Op("session.close", SessionArgs, Closed)

@@ -1,0 +1,110 @@
+"""What every node answers: ``ping``, ``echo``, ``info`` (hardware and what it serves), ``keys.*``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dllmd.net.schema import NoArgs, Op, bounded
+
+
+@dataclass
+class Pong:
+    pong: bool
+    time: float
+
+
+@dataclass
+class Gpu:
+    index: int
+    name: str
+    memory_total: int
+    memory_free: int
+
+
+@dataclass
+class Hardware:
+    """What the machine has; memory and disk are read at each ``info``."""
+
+    platform: str
+    cpu_cores: int
+    ram_total: int
+    ram_available: int
+    device: str  # where it computes: cuda, mps or cpu
+    disk_free: int
+    matmul_gflops: float  # measured once per machine (dllmd.hardware)
+    torch: str
+    gpus: list[Gpu] = field(default_factory=list)
+
+
+@dataclass
+class ServedSpan:
+    """One span a node serves, with its load and its measured speed (what routing weighs)."""
+
+    model: str
+    start: int
+    end: int
+    embed: bool
+    head: bool
+    dtype: str
+    param_bytes: int
+    sessions: int = 0
+    kv_bytes: int = 0  # held by the sessions' caches now
+    kv_reserved_bytes: int = 0  # reserved by the open sessions (what admission counts)
+    queued: int = 0
+    step_ms: float = 0.0  # recent decode pass time (a moving average)
+    busy_s: float = 0.0
+    passes: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Info:
+    node_id: str
+    name: str
+    public_key: str
+    version: str
+    protocol_version: int
+    role: str  # the caller's role on this node
+    endpoint: str
+    uptime_s: float
+    rss_bytes: int
+    hardware: Hardware
+    serving: list[ServedSpan] = field(default_factory=list)
+    kv_budget_bytes: int = 0  # what this node lets sessions' KV caches reserve in all
+
+
+@dataclass
+class KeyArgs:
+    public_key: str = bounded(max_len=64)
+
+
+@dataclass
+class AuthorizeArgs:
+    public_key: str = bounded(max_len=64)
+    role: str = bounded(max_len=16)
+    name: str = bounded("", max_len=64)
+
+
+@dataclass
+class KeyEntry:
+    public_key: str
+    role: str
+    name: str
+
+
+@dataclass
+class KeyList:
+    keys: list[KeyEntry]
+
+
+@dataclass
+class Revoked:
+    revoked: bool
+
+
+PING = Op("ping", NoArgs, Pong)
+ECHO = Op("echo", NoArgs, NoArgs)  # the tensors come back as they went
+INFO = Op("info", NoArgs, Info)
+KEYS_LIST = Op("keys.list", NoArgs, KeyList)
+KEYS_AUTHORIZE = Op("keys.authorize", AuthorizeArgs, KeyEntry)
+KEYS_REVOKE = Op("keys.revoke", KeyArgs, Revoked)
