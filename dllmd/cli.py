@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -27,9 +27,10 @@ HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Node home (defa
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def fail(message: str) -> typer.Exit:
+def fail(message: str) -> NoReturn:
+    """Print a one-line error (no traceback) and exit 1, as dllmctl's commands do."""
     err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(1)
+    raise typer.Exit(1)
 
 
 def _emit(data: dict | list, as_json: bool, text: str) -> None:
@@ -43,7 +44,7 @@ def _load_identity(home: Path) -> Identity:
     try:
         return Identity.load(home / "identity")
     except InvalidKey as exc:
-        raise fail(str(exc))
+        fail(str(exc))
 
 
 def _id_doc(home: Path, identity: Identity, config: NodeConfig) -> dict:
@@ -63,11 +64,11 @@ def init(
 
     home = resolve_home(home)
     if (home / "identity").exists():
-        raise fail(f"{home} already holds an identity; refusing to overwrite it (use another --home)")
+        fail(f"{home} already holds an identity; refusing to overwrite it (use another --home)")
     try:
         config = NodeConfig(name=validate_name(name or socket.gethostname().split(".")[0]), listen=validate_endpoint(listen))
     except ConfigError as exc:
-        raise fail(str(exc))
+        fail(str(exc))
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = Identity.generate()
     identity.save(home / "identity")
@@ -88,7 +89,7 @@ def start(home: HomeOpt = None, verbose: Annotated[bool, typer.Option("--verbose
     try:
         daemon = Daemon(home)
     except (ConfigError, InvalidKey) as exc:
-        raise fail(str(exc))
+        fail(str(exc))
 
     async def main() -> None:
         await daemon.run()
@@ -96,7 +97,7 @@ def start(home: HomeOpt = None, verbose: Annotated[bool, typer.Option("--verbose
     try:
         asyncio.run(main())
     except StartupError as exc:
-        raise fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -112,7 +113,7 @@ def authorize(
     try:
         entry = keys.authorize(public_key, role, name)
     except InvalidKey as exc:
-        raise fail(str(exc))
+        fail(str(exc))
     _emit({"public_key": entry.public_key, "role": entry.role.value, "name": entry.name}, as_json,
           f"authorized {entry.public_key} as {entry.role.value}")
 
@@ -124,9 +125,9 @@ def revoke(public_key: str, home: HomeOpt = None, as_json: JsonOpt = False) -> N
     try:
         removed = keys.revoke(public_key)
     except InvalidKey as exc:
-        raise fail(str(exc))
+        fail(str(exc))
     if not removed:
-        raise fail(f"{public_key} is not authorized on this node")
+        fail(f"{public_key} is not authorized on this node")
     _emit({"revoked": public_key}, as_json, f"revoked {public_key}")
 
 
@@ -137,7 +138,7 @@ def list_keys(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     try:
         entries = keys.all()
     except InvalidKey as exc:
-        raise fail(str(exc))
+        fail(str(exc))
     if as_json:
         print(json.dumps([{"public_key": e.public_key, "role": e.role.value, "name": e.name} for e in entries], indent=2))
         return
@@ -154,7 +155,7 @@ def show_id(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     try:
         config = NodeConfig.load(home)
     except ConfigError as exc:
-        raise fail(str(exc))
+        fail(str(exc))
     identity = _load_identity(home)
     doc = _id_doc(home, identity, config)
     _emit(doc, as_json, "\n".join(f"{k:<11} {v}" for k, v in doc.items()))

@@ -23,6 +23,8 @@ import tomli_w
 from dllmd.storage import atomic_write
 
 DEFAULT_LISTEN = "tcp://0.0.0.0:7740"
+DAEMON_FILE = "daemon.json"  # written by a running daemon: pid, bound endpoint, start time
+LOCK_FILE = "daemon.lock"  # held (flock) by the running daemon: one per home
 _ENDPOINT = re.compile(r"^tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5}|\*)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -73,6 +75,7 @@ class NodeConfig:
     memory_budget_bytes: int = 0  # 0: derive from available RAM/VRAM at start
     ring_port: int = 0  # the training ring's socket, on the listen host; 0: a free port per job
     allow_plaintext_ring: bool = False  # trusted links only: lets a job ask for an unencrypted ring
+    bench_operations: bool = False  # serve the benchmark-only operations (ring.*, dllmctl bench allreduce)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -82,8 +85,9 @@ class NodeConfig:
                 value = getattr(self, f.name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ConfigError(f"{f.name} must be a non-negative integer, got {value!r}")
-        if not isinstance(self.allow_plaintext_ring, bool):
-            raise ConfigError(f"allow_plaintext_ring must be true or false, got {self.allow_plaintext_ring!r}")
+        for flag in ("allow_plaintext_ring", "bench_operations"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.ring_port > 65535:
             raise ConfigError(f"ring_port must be a TCP port (0-65535), got {self.ring_port}")
         if self.max_header_bytes < 1024 or self.max_message_bytes < self.max_header_bytes:

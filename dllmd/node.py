@@ -19,13 +19,13 @@ import psutil
 import zmq
 
 from dllmd import __version__, hardware
-from dllmd.config import NodeConfig
-from dllmd.inference.service import InferenceService
+from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig
+from dllmd.inference.ops import InferenceService
 from dllmd.data.ops import DataOps
 from dllmd.models.ops import ModelOps
 from dllmd.net.identity import Identity, InvalidKey
 from dllmd.net.keys import AuthorizedKeys, Role
-from dllmd.net.peers import PeerPool
+from dllmd.net.pool import ConnectionPool
 from dllmd.net.messages import node as M
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.transport import KeyTableAuthenticator, bind_router
@@ -37,8 +37,6 @@ from dllmd.storage import atomic_write
 
 log = logging.getLogger("dllmd")
 
-DAEMON_FILE = "daemon.json"
-LOCK_FILE = "daemon.lock"
 ANY_ROLE = allow(Role.ADMIN, Role.CLIENT, Role.PEER)
 
 
@@ -93,7 +91,7 @@ class Daemon:
             raise StartupError(f"cannot listen on {self.config.listen}: {exc}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         server = RpcServer(sock, self.keys, self.limits)
-        peers = PeerPool(self.identity, ctx)
+        peers = ConnectionPool(self.identity, ctx)
         self.inference = InferenceService(peers, self.keys, self._kv_budget())
         self._register(server)
         self.inference.register(server)
@@ -101,8 +99,9 @@ class Daemon:
         self.training.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)
         DataOps(self.home).register(server)
-        self.ring_bench = RingBenchOps(ctx, self.identity, self.config)
-        self.ring_bench.register(server)
+        self.ring_bench = RingBenchOps(ctx, self.identity, self.config) if self.config.bench_operations else None
+        if self.ring_bench is not None:  # benchmark-only: not part of what a production node answers
+            self.ring_bench.register(server)
         self.inference.start()
         self.training.start()
         atomic_write(self.home / DAEMON_FILE, json.dumps({
@@ -120,7 +119,8 @@ class Daemon:
             log.info("stopping")
             self.inference.stop()
             await self.training.stop()
-            self.ring_bench.stop()
+            if self.ring_bench is not None:
+                self.ring_bench.stop()
             await server.stop(timeout=5.0)
             peers.close()
             auth.stop()

@@ -44,11 +44,12 @@ class RunningDaemon:
         return self.proc.returncode
 
 
-def make_home(home: Path, name: str) -> Identity:
+def make_home(home: Path, name: str, **config) -> Identity:
+    """A node home with a fresh identity; ``config``: node.toml settings beyond name and listen."""
     home.mkdir(parents=True)
     identity = Identity.generate()
     identity.save(home / "identity")
-    NodeConfig(name=name, listen="tcp://127.0.0.1:0").save(home)
+    NodeConfig(name=name, listen="tcp://127.0.0.1:0", **config).save(home)
     return identity
 
 
@@ -97,9 +98,10 @@ def daemon_factory(tmp_path):
     """Start daemons with given authorized keys; all are killed at teardown."""
     started: list[RunningDaemon] = []
 
-    def factory(name: str = "node", keys: dict[str, Role] | None = None, env: dict | None = None) -> RunningDaemon:
+    def factory(name: str = "node", keys: dict[str, Role] | None = None, env: dict | None = None,
+                config: dict | None = None) -> RunningDaemon:
         home = tmp_path / f"home-{name}-{len(started)}"
-        make_home(home, name)
+        make_home(home, name, **(config or {}))
         table = AuthorizedKeys(home / "authorized_keys.toml")
         for public_key, role in (keys or {}).items():
             table.authorize(public_key, role)

@@ -44,7 +44,8 @@ def test_bench_allreduce_reports_gloo_and_both_rings(user_env, user):
 
 def test_ring_ops_refuse_plaintext_unless_allowed_and_check_their_arguments(daemon_factory):
     admin, client_key = Identity.generate(), Identity.generate()
-    node = daemon_factory("ring", keys={admin.public_key: Role.ADMIN, client_key.public_key: Role.CLIENT})
+    node = daemon_factory("ring", keys={admin.public_key: Role.ADMIN, client_key.public_key: Role.CLIENT},
+                          config={"bench_operations": True})
 
     async def main():
         async with RpcClient(admin, node.address, node.public_key) as c:
@@ -83,3 +84,16 @@ def test_ring_ops_refuse_plaintext_unless_allowed_and_check_their_arguments(daem
 
     asyncio.run(main())
     assert node.stop(timeout=15) == 0  # the open ring socket is closed with the server, not left to hang
+
+
+def test_a_production_node_does_not_serve_the_benchmark_operations(daemon_factory):
+    admin = Identity.generate()
+    node = daemon_factory("plain", keys={admin.public_key: Role.ADMIN})
+
+    async def main():
+        async with RpcClient(admin, node.address, node.public_key) as c:
+            with pytest.raises(RemoteError) as unknown:
+                await c.call("ring.open", {"plaintext": False}, timeout=10)
+            assert unknown.value.code == "unknown_op"
+
+    asyncio.run(main())

@@ -18,14 +18,16 @@ from dllmctl.cluster import local as local_cluster
 from dllmctl.cluster.registry import Registry
 from dllmctl.models.deploy import deploy
 from dllmctl.placement.layout import Span
-from dllmctl.inference.session import ClientPool, DistributedSession
+from dllmctl.inference.session import DistributedSession
+from dllmd.net.pool import ConnectionPool
 from dllmctl.placement.routing import RouteError, Stage, choose_route
-from dllmd.inference.sampling import SamplingParams
+from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.client import RemoteError, RpcClient
 from dllmd.net.identity import Identity
 from tests.tiny_models import make_tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"]
+RESERVE = {"prompt_tokens": 16, "max_new_tokens": 16}  # what a session.open reserves
 NEW_TOKENS = 10
 
 
@@ -69,8 +71,9 @@ def _deploy(cluster, name: str, cuts: list[tuple[int, int]]) -> list[Stage]:
 
 def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_tokens=NEW_TOKENS, logits="last"):
     async def run():
-        async with ClientPool(cluster["user"]) as pool, \
-                DistributedSession(pool, route, name, sampling, logits=logits) as session:
+        async with ConnectionPool(cluster["user"]) as pool, \
+                DistributedSession(pool, route, name, sampling, prompt_tokens=len(prompt), max_new_tokens=new_tokens,
+                                   logits=logits) as session:
             return await session.generate(prompt, new_tokens, set())
 
     return asyncio.run(run())
@@ -103,8 +106,9 @@ def test_multi_turn_continues_the_same_session(cluster):
     turn1, turn2 = [3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46]
 
     async def run():
-        async with ClientPool(cluster["user"]) as pool, \
-                DistributedSession(pool, route, name, SamplingParams()) as session:
+        async with ConnectionPool(cluster["user"]) as pool, \
+                DistributedSession(pool, route, name, SamplingParams(),  # both turns' positions
+                                   prompt_tokens=len(turn1) + 6 + len(turn2), max_new_tokens=6) as session:
             first = await session.generate(turn1, 6, set())
             # Turn 2 appends to the same caches: the last generated token, then the new user text.
             second = await session.generate([first.token_ids[-1], *turn2], 6, set())
@@ -153,13 +157,13 @@ def test_bad_input_gets_clear_errors_and_nodes_keep_serving(cluster):
             # The wrong layers for this node, an unknown model, a malformed session id.
             for args, code in (({"start": 0, "end": 2}, "conflict"), ({"model": "nope"}, "not_found"),
                                ({"session": "../x"}, "bad_args")):
-                request = {"session": "abcdefgh12", "model": name, "start": 2, "end": 5, **args}
+                request = {"session": "abcdefgh12", "model": name, "start": 2, "end": 5, **RESERVE, **args}
                 with pytest.raises(RemoteError) as exc:
                     await client.call("session.open", request)
                 assert exc.value.code == code
             # A wrong dtype on the wire ends the session with a message naming what was expected.
             stream = await client.open_stream("session.open", {"session": "wrongdtype1", "model": name,
-                                                               "start": 2, "end": 5})
+                                                               "start": 2, "end": 5, **RESERVE})
             await stream.next(timeout=10)
             await client.send_oneway("session.forward", {"items": [{"session": "wrongdtype1", "step": 0, "start": 0}]},
                                      [torch.zeros(1, 3, 64, dtype=torch.bfloat16)])
@@ -169,7 +173,7 @@ def test_bad_input_gets_clear_errors_and_nodes_keep_serving(cluster):
             # Out-of-range token ids at the first stage.
         async with RpcClient(user, first.address, first.public_key) as client:
             stream = await client.open_stream("session.open", {"session": "badtokens1", "model": name, "start": 0,
-                                                               "end": 2, "next_address": second.address,
+                                                               **RESERVE, "end": 2, "next_address": second.address,
                                                                "next_public_key": second.public_key})
             await stream.next(timeout=10)
             await client.send_oneway("session.forward", {"items": [{"session": "badtokens1", "step": 0, "start": 0}]},

@@ -21,9 +21,10 @@ from dllmctl.cluster.live import query_nodes
 from dllmctl.models.deploy import deploy
 from dllmctl.placement.layout import Span
 from dllmctl.inference.failover import generate_with_failover
-from dllmctl.inference.session import PREFILL_CHUNK, ClientPool, DistributedSession, Generation
+from dllmctl.inference.session import PREFILL_CHUNK, DistributedSession, Generation
+from dllmd.net.pool import ConnectionPool
 from dllmctl.inference.stages import live_stages
-from dllmd.inference.sampling import SamplingParams
+from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.identity import Identity
 from tests.tiny_models import make_tiny_model
 
@@ -83,7 +84,7 @@ def test_sixteen_concurrent_sessions_each_match_their_single_session_reference(c
     user, nodes = cluster["user"], [cluster["registry"].nodes[f"local-{i}"] for i in (1, 2, 3)]
 
     async def run_all(parallelism: str, concurrent: bool):
-        async with ClientPool(user) as pool:
+        async with ConnectionPool(user) as pool:
             stages = await live_stages(user, nodes, "pipe")
 
             async def one(prompt, sampling):
@@ -119,11 +120,11 @@ def test_abandoned_sessions_expire_and_free_their_caches(cluster):
     user, nodes = cluster["user"], [cluster["registry"].nodes[f"local-{i}"] for i in (1, 2)]
 
     async def abandon():
-        pool = ClientPool(user)
+        pool = ConnectionPool(user)
         route = (await live_stages(user, nodes, "pipe"))
-        route.sort(key=lambda s: s.start)
+        route.sort(key=lambda s: s.span.start)
         for _ in range(3):
-            session = DistributedSession(pool, route, "pipe", GREEDY, ttl_s=1.0)
+            session = DistributedSession(pool, route, "pipe", GREEDY, prompt_tokens=3, max_new_tokens=3, ttl_s=1.0)
             await session.__aenter__()
             await session.generate([5, 6, 7], 3, set())
         pool.close()  # the client vanishes without closing its sessions
@@ -164,7 +165,7 @@ def test_kill_a_serving_stage_mid_generation_twenty_times(cluster):
                 local_cluster.kill(daemons, victim)
                 killed.append(victim)
 
-        async with ClientPool(user) as pool:
+        async with ConnectionPool(user) as pool:
             await generate_with_failover(pool, lambda: live_stages(user, list(registry.nodes.values()), "pipe"),
                                          "pipe", n, prompt, 12, set(), sampling, on_token=on_token, result=result)
         return result, killed

@@ -9,8 +9,8 @@ from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.failover import Bans
 from dllmctl.placement.layout import Span
 from dllmctl.placement.routing import RouteError, Stage, choose_route, route_counts, stage_cost
-from dllmd.inference.sampling import SamplingParams
-from dllmd.inference.service import MAX_BATCH, PendingStep, StepItem, StepScheduler
+from dllmd.inference.scheduler import PendingStep, StepScheduler
+from dllmd.net.messages.inference import MAX_BATCH, SamplingParams, StepItem
 from dllmd.inference.sessions import Session
 
 
@@ -94,7 +94,7 @@ def test_bans_back_off_exponentially_and_expire():
 
 def session(sid: str, model: str = "m", batching: bool = True) -> Session:
     return Session(sid, model, cache=None, stream=None, next_hop=None, sampling=SamplingParams(), logits="none",
-                   ttl_s=60, batching=batching)
+                   ttl_s=60, positions=100, reserved_bytes=0, batching=batching)
 
 
 def pending(s: Session, tokens: int = 1) -> PendingStep:

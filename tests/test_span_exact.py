@@ -361,3 +361,21 @@ def test_a_batch_refuses_one_session_twice(tiny_models):
     cache = span.new_cache()
     with pytest.raises(ValueError, match="only one step per batch"):
         span.forward_batch(torch.tensor([[1], [2]]), [cache, cache])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_kv_reservation_bounds_what_a_cache_holds(tiny_models, family):
+    """What a stage reserves when a session opens (prompt + new tokens) is never exceeded, with long
+    prefill chunks through sliding windows too, and it is not a loose guess: full-attention layers
+    hold exactly their positions."""
+    model_dir, model = tiny_models[family]
+    config = AutoConfig.from_pretrained(model_dir)
+    n = config.num_hidden_layers
+    span = LayerSpan(config, 0, n, embed=True, head=True, tensors=safetensors_source(model_dir))
+    prompt, new_tokens = [(i * 13 + 5) % 300 + 5 for i in range(LONG_PROMPT)], NEW_TOKENS
+    chain = Chain([span])
+    chain.generate(prompt, new_tokens)
+    positions = len(prompt) + new_tokens
+    assert chain.caches[0].nbytes <= span.kv_cache_bytes(positions)
+    if not span.adapter.sliding_window(config):
+        assert chain.caches[0].nbytes == span.kv_cache_bytes(chain.position)

@@ -216,7 +216,7 @@ def run(user: Identity, nodes: int, nbytes: int, iterations: int, rounds: int = 
     buckets: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="dllm-bench-allreduce-") as tmp:
         registry = Registry(Path(tmp) / "cluster.toml")
-        started = local_cluster.up(nodes, Path(tmp), user, registry, progress, allow_plaintext_ring=True)
+        started = local_cluster.up(nodes, Path(tmp), user, registry, progress, bench=True)
         try:
             gloo = GlooGroup(nodes, elements, iterations, rounds, timeout, Path(tmp))
             try:

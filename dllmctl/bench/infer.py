@@ -18,11 +18,12 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllmctl.cluster.registry import NodeEntry
-from dllmctl.inference.session import ClientPool, DistributedSession
+from dllmctl.inference.session import DistributedSession
+from dllmd.net.pool import ConnectionPool
 from dllmctl.placement.routing import choose_route
 from dllmctl.inference.stages import live_stages
 from dllmctl.inference.tokens import encode_prompt, load_tokenizer
-from dllmd.inference.sampling import SamplingParams
+from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
 
@@ -93,10 +94,12 @@ async def _node_rss(user: Identity, nodes: list[NodeEntry]) -> dict[str, int]:
 async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int,
                                prompt_ids: list[int], new_tokens: int) -> dict:
     route = choose_route(await live_stages(user, nodes, model), num_layers, model)
-    async with ClientPool(user) as pool:
-        async with DistributedSession(pool, route, model, SamplingParams()) as warm:
+    async with ConnectionPool(user) as pool:
+        async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
+                                      max_new_tokens=2) as warm:
             await warm.generate(prompt_ids, 2, set())
-        async with DistributedSession(pool, route, model, SamplingParams()) as session:
+        async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
+                                      max_new_tokens=new_tokens) as session:
             result = await session.generate(prompt_ids, new_tokens, set())
     decode = result.step_seconds[1:]
     compute = [sum(ms) for ms in result.stage_compute_ms[1:]]

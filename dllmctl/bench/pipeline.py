@@ -24,9 +24,10 @@ from dllmctl.cluster.live import query_nodes
 from dllmctl.models.deploy import deploy
 from dllmctl.placement.layout import Span
 from dllmctl.inference.failover import generate_with_failover
-from dllmctl.inference.session import ClientPool, Generation
+from dllmctl.inference.session import Generation
+from dllmd.net.pool import ConnectionPool
 from dllmctl.inference.stages import live_stages
-from dllmd.inference.sampling import SamplingParams
+from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
 
@@ -55,7 +56,7 @@ async def _busy(user: Identity, nodes: list[NodeEntry], model: str) -> dict[str,
 
 async def concurrent_sessions(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int,
                               prompts: list[list[int]], new_tokens: int, parallelism: str = "pipeline") -> dict:
-    async with ClientPool(user) as pool:
+    async with ConnectionPool(user) as pool:
         stages = await live_stages(user, nodes, model)
         assigned: dict[str, int] = {}
         busy_before = await _busy(user, nodes, model)
@@ -132,7 +133,7 @@ def wan(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int, pro
         proxied = [NodeEntry(n.name, proxies[n.name].address, n.public_key) for n in nodes]
 
         async def run() -> Generation:
-            async with ClientPool(user) as pool:
+            async with ConnectionPool(user) as pool:
                 find = lambda: live_stages(user, proxied, model)  # noqa: E731
                 await generate_with_failover(pool, find, model, num_layers, prompt, 2, set(), SamplingParams())
                 return await generate_with_failover(pool, find, model, num_layers, prompt, new_tokens, set(),
@@ -172,7 +173,7 @@ def failover(user: Identity, registry: Registry, cluster_dir: Path, model_dir: P
                 killed["next"] = time.perf_counter()
 
         async def go() -> None:
-            async with ClientPool(user) as pool:
+            async with ConnectionPool(user) as pool:
                 await generate_with_failover(pool, lambda: live_stages(user, list(registry.nodes.values()), model),
                                              model, num_layers, prompt, new_tokens, set(), SamplingParams(),
                                              on_token=on_token, result=result)

@@ -24,6 +24,7 @@ from dllmd.net.identity import Identity
 from dllmd.train.local import train_locally
 from dllmd.train.optim import OptimConfig
 from dllmd.train.worker import ShardRows
+from dllmd.net.messages import training as S
 
 POLL_S = 0.5
 
@@ -72,9 +73,9 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int, steps: int, bat
 
 def _wait(user: Identity, coordinator: NodeEntry, job: str) -> list[dict]:
     while True:
-        status = asyncio.run(job_call(user, coordinator, "jobs.metrics", {"job": job}))
+        status = asyncio.run(job_call(user, coordinator, S.JOBS_METRICS, {"job": job}))
         if status["state"] == "failed":
-            shown = asyncio.run(job_call(user, coordinator, "jobs.show", {"job": job}))
+            shown = asyncio.run(job_call(user, coordinator, S.JOBS_SHOW, {"job": job}))
             raise RuntimeError(f"the benchmark job failed: {shown['error']}")
         if status["state"] == "done":
             return status["metrics"]

@@ -314,3 +314,29 @@ def train(
     out.print(table)
     out.print(f"{report['model']}: {report['tokens_per_step']} tokens per step (batch {report['batch_size']} x "
               f"{report['seq_len']}); ratio {report['ratio_tokens_per_second']}x")
+
+
+@app.command("cli")
+def cli(
+    nodes: Annotated[int, typer.Option(min=1, max=16, help="Temporary local nodes the listings ask.")] = 3,
+    runs: Annotated[int, typer.Option(min=1, max=20, help="Runs per command; the best counts.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Wall time of 'dllmctl --help', 'nodes list' and 'jobs list' as fresh processes (targets 0.5 s, 1 s, 1 s)."""
+    from dllmctl.bench import cli as cli_bench
+
+    try:
+        with err.status(f"timing commands against {nodes} temporary local nodes..."):
+            report = cli_bench.run(nodes, runs)
+    except (LocalClusterError, RuntimeError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+        return
+    table = Table("command", "best s", "target s", "met", "over interpreter start s")
+    for label, row in report["commands"].items():
+        table.add_row(f"dllmctl {label}", f"{row['best_s']:.3f}", f"{row['target_s']:.1f}",
+                      "[green]yes[/green]" if row["meets_target"] else "[red]no[/red]",
+                      f"{row['over_interpreter_start_s']:.3f}")
+    out.print(table)
+    out.print(f"best of {report['runs']} runs; the interpreter alone starts in {report['interpreter_start_s']:.3f} s")

@@ -12,7 +12,7 @@ from dllmctl.cli.common import (JsonOpt, RichShardProgress, err, fail, human_byt
                                 print_json, split_names)
 from dllmctl.cluster.registry import RegistryError
 from dllmctl.data.records import dataset_records as records
-from dllmd.data.strategies import STRATEGIES
+from dllmd.data.errors import STRATEGIES
 
 app = typer.Typer(help="Datasets sharded onto the nodes: list, show, remove.", no_args_is_help=True)
 

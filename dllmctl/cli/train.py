@@ -16,6 +16,7 @@ from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_user, local
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.training.jobs import TrainError, check_parallelism, find_coordinator, job_call, job_spec, list_jobs, submit
 from dllmd.net.client import CallError
+from dllmd.net.messages import training as S
 
 jobs_app = typer.Typer(help="Training jobs: list, show, stop, resume.", no_args_is_help=True)
 checkpoints_app = typer.Typer(help="Checkpoints of a job: list, show, export.", no_args_is_help=True)
@@ -101,7 +102,7 @@ def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
     try:
         with bar:
             while True:
-                status = asyncio.run(job_call(user, coordinator, "jobs.metrics", {"job": job, "after_step": after}))
+                status = asyncio.run(job_call(user, coordinator, S.JOBS_METRICS, {"job": job, "after_step": after}))
                 for row in status["metrics"]:
                     after = row["step"]
                     bar.update(task, loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_s']:.0f}")
@@ -114,7 +115,7 @@ def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
         raise typer.Exit(0)
     except CallError as exc:
         fail(f"lost contact with the coordinator: {exc}")
-    shown = asyncio.run(job_call(user, coordinator, "jobs.show", {"job": job}))
+    shown = asyncio.run(job_call(user, coordinator, S.JOBS_SHOW, {"job": job}))
     if not as_json:
         _print_job(shown)
     if shown["state"] == "failed":
@@ -168,7 +169,7 @@ def _print_job(shown: dict) -> None:
 def jobs_show(job: str, as_json: JsonOpt = False) -> None:
     """A job's state, last metrics, events and checkpoints."""
     user, node = _locate(job)
-    shown = asyncio.run(job_call(user, node, "jobs.show", {"job": job}))
+    shown = asyncio.run(job_call(user, node, S.JOBS_SHOW, {"job": job}))
     if as_json:
         print_json({**shown, "coordinator": node.name})
         return
@@ -179,7 +180,7 @@ def jobs_show(job: str, as_json: JsonOpt = False) -> None:
 def jobs_stop(job: str, as_json: JsonOpt = False) -> None:
     """Stop after the current step, with a checkpoint (resume later)."""
     user, node = _locate(job)
-    result = asyncio.run(job_call(user, node, "jobs.stop", {"job": job}))
+    result = asyncio.run(job_call(user, node, S.JOBS_STOP, {"job": job}))
     print_json(result) if as_json else out.print(f"{job}: {result['state']}")
 
 
@@ -190,7 +191,7 @@ def jobs_resume(job: str, follow: Annotated[bool, typer.Option("--follow/--detac
     user, node = _locate(job)
     try:
         current = [{"name": n.name, "address": n.address, "public_key": n.public_key} for n in _nodes(None)]
-        result = asyncio.run(job_call(user, node, "jobs.resume", {"job": job, "nodes": current}, timeout=900))
+        result = asyncio.run(job_call(user, node, S.JOBS_RESUME, {"job": job, "nodes": current}, timeout=900))
     except CallError as exc:
         fail(str(exc))
     if follow:
@@ -212,7 +213,7 @@ def metrics_command(
     rows, after = [], -1
     try:
         while True:
-            status = asyncio.run(job_call(user, node, "jobs.metrics", {"job": job, "after_step": after}))
+            status = asyncio.run(job_call(user, node, S.JOBS_METRICS, {"job": job, "after_step": after}))
             fresh = status["metrics"]
             rows += fresh
             if fresh:
@@ -259,7 +260,7 @@ def _print_metric(row: dict) -> None:
 def checkpoints_list(job: str, as_json: JsonOpt = False) -> None:
     """A job's checkpoints."""
     user, node = _locate(job)
-    result = asyncio.run(job_call(user, node, "checkpoints.list", {"job": job}))
+    result = asyncio.run(job_call(user, node, S.CHECKPOINTS_LIST, {"job": job}))
     if as_json:
         print_json(result["checkpoints"])
         return
@@ -275,7 +276,7 @@ def checkpoints_show(job: str, step: Annotated[Optional[int], typer.Option(help=
                      as_json: JsonOpt = False) -> None:
     """One checkpoint: its step, loss, files and where it lives."""
     user, node = _locate(job)
-    result = asyncio.run(job_call(user, node, "checkpoints.list", {"job": job}))
+    result = asyncio.run(job_call(user, node, S.CHECKPOINTS_LIST, {"job": job}))
     chosen = [c for c in result["checkpoints"] if step is None or c["step"] == step]
     if not chosen:
         fail(f"job {job} has no checkpoint" + (f" at step {step}" if step is not None else ""))
@@ -303,7 +304,7 @@ def checkpoints_export(
     from dllmctl.training.export import export_checkpoint
 
     user, node = _locate(job)
-    shown = asyncio.run(job_call(user, node, "jobs.show", {"job": job}))
+    shown = asyncio.run(job_call(user, node, S.JOBS_SHOW, {"job": job}))
     base, _ = local_model(shown["spec"]["model"])
     with tempfile.TemporaryDirectory(prefix="dllm-export-") as tmp:
         target = directory or Path(tmp) / "model"

@@ -10,6 +10,8 @@ import zmq
 
 from dllmd.net.client import CallError, CallTimeout, NodeKeyMismatch, NodeUnauthorized, NodeUnreachable, RemoteError, RpcClient
 from dllmd.net.identity import Identity
+from dllmd.net.messages.node import INFO, PING
+from dllmd.net.schema import to_wire
 from dllmctl.cluster.registry import NodeEntry
 
 STATUS_UP, STATUS_DOWN, STATUS_UNAUTHORIZED, STATUS_KEY_MISMATCH, STATUS_ERROR = (
@@ -33,19 +35,20 @@ async def query_node(identity: Identity, entry: NodeEntry, timeout: float, ctx: 
     async with RpcClient(identity, entry.address, entry.public_key, ctx=ctx) as client:
         try:
             # Connect and authenticate first so latency measures one round trip, not the handshake.
-            await client.call("ping", timeout=timeout)
+            await client.invoke(PING, timeout=timeout)
             start = time.perf_counter()
-            await client.call("ping", timeout=timeout)
+            await client.invoke(PING, timeout=timeout)
             row["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
-            info, _ = await client.call("info", timeout=timeout)
+            info, _ = await client.invoke(INFO, timeout=timeout)
         except RemoteError as exc:
             row.update(status=STATUS_ERROR, error=str(exc))
             return row
         except CallError as exc:
             row.update(status=status_of(exc), error=str(exc))
             return row
-    row.update(status=STATUS_UP, hardware=info.get("hardware"), serving=info.get("serving", []),
-               version=info.get("version"), role=info.get("role"))
+    # Rows stay plain maps (they are what 'nodes list --json' prints), built from the checked reply.
+    row.update(status=STATUS_UP, hardware=to_wire(info.hardware), serving=[to_wire(s) for s in info.serving],
+               version=info.version, role=info.role, rss_bytes=info.rss_bytes, kv_budget_bytes=info.kv_budget_bytes)
     return row
 
 

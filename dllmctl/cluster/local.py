@@ -21,10 +21,9 @@ from typing import Callable
 
 import psutil
 
-from dllmd.config import NodeConfig
+from dllmd.config import DAEMON_FILE, NodeConfig
 from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys, Role
-from dllmd.node import DAEMON_FILE
 from dllmd.storage import atomic_write
 from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
 from dllmctl.paths import local_clusters_dir
@@ -93,15 +92,17 @@ def _save_state(directory: Path, nodes: list[LocalNode]) -> None:
     atomic_write(directory / STATE_FILE, json.dumps({"nodes": [asdict(n) for n in nodes]}, indent=2).encode())
 
 
-def _prepare_home(home: Path, name: str, allow_plaintext_ring: bool = False) -> Identity:
+def _prepare_home(home: Path, name: str, bench: bool = False) -> Identity:
+    """A daemon's home; ``bench``: it serves the benchmark operations and allows a plaintext ring
+    (a temporary benchmark cluster on loopback, which is trusted)."""
     if not (home / "identity").exists():
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         Identity.generate().save(home / "identity")
-        NodeConfig(name=name, listen="tcp://127.0.0.1:0", allow_plaintext_ring=allow_plaintext_ring).save(home)
-    elif allow_plaintext_ring:  # a kept home: allow it now (never taken back here: that is node.toml's to say)
+        NodeConfig(name=name, listen="tcp://127.0.0.1:0", allow_plaintext_ring=bench, bench_operations=bench).save(home)
+    elif bench:  # a kept home: allow it now (never taken back here: that is node.toml's to say)
         config = NodeConfig.load(home)
-        if not config.allow_plaintext_ring:
-            replace(config, allow_plaintext_ring=True).save(home)
+        if not (config.allow_plaintext_ring and config.bench_operations):
+            replace(config, allow_plaintext_ring=True, bench_operations=True).save(home)
     return Identity.load(home / "identity")
 
 
@@ -157,10 +158,10 @@ def _wait_ready(home: Path, proc: subprocess.Popen, deadline: float) -> str:
 
 
 def up(count: int, directory: Path, user: Identity, registry: Registry,
-       progress: Callable[[str], None] = lambda _: None, allow_plaintext_ring: bool = False,
+       progress: Callable[[str], None] = lambda _: None, bench: bool = False,
        remember: bool = False) -> list[LocalNode]:
     """Start ``count`` daemons and register them. Refuses if this directory's cluster is running.
-    ``allow_plaintext_ring``: the nodes may run a training ring unencrypted (loopback is trusted);
+    ``bench``: the nodes serve the benchmark operations and may run a training ring unencrypted;
     ``remember``: later commands without ``--dir`` find this cluster (the user's own, not a benchmark's
     temporary one)."""
     if count < 1 or count > 64:
@@ -171,7 +172,7 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
                                 f"({', '.join(n.name for n in running)}); run 'dllmctl cluster down' first")
     names = [f"local-{i + 1}" for i in range(count)]
     homes = [directory / name for name in names]
-    identities = [_prepare_home(h, n, allow_plaintext_ring) for h, n in zip(homes, names)]
+    identities = [_prepare_home(h, n, bench) for h, n in zip(homes, names)]
     _share_hardware_measurement(homes, progress)
     for home, identity in zip(homes, identities):
         keys = AuthorizedKeys(home / "authorized_keys.toml")

@@ -31,9 +31,8 @@ from dllmd.data.shards import NAME, shard_payload
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
 from dllmd.storage import atomic_write
+from dllmd.models.store import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 LOCAL_TIMEOUT_S = 600.0
 
 

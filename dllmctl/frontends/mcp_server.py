@@ -37,7 +37,7 @@ from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
 from dllmctl.data.push import PushError
 from dllmctl.data.sharding import ShardProgress, ShardRequest, dataset_name, shard_and_push
 from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
-from dllmctl.inference.session import ClientPool
+from dllmd.net.pool import ConnectionPool
 from dllmctl.data.records import dataset_records
 from dllmctl.models import local_model
 from dllmctl.paths import cluster_file
@@ -170,14 +170,14 @@ class ClusterTools:
 
     def __init__(self, user: Identity):
         self.user = user
-        self._pool: ClientPool | None = None
+        self._pool: ConnectionPool | None = None
         self.assigned: dict[str, int] = {}
         self.recent: deque[dict] = deque(maxlen=RECENT_GENERATIONS)
 
     @property
-    def pool(self) -> ClientPool:
+    def pool(self) -> ConnectionPool:
         if self._pool is None:  # created inside the running loop its connections belong to
-            self._pool = ClientPool(self.user)
+            self._pool = ConnectionPool(self.user)
         return self._pool
 
     @staticmethod

@@ -36,7 +36,7 @@ from dllmctl.cluster.registry import Registry, RegistryError
 from dllmctl.cluster.live import query_nodes
 from dllmctl.placement.coverage import layer_coverage, uncovered
 from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, GenerationResult, ModelNotInStore, Prepared, load_model, prepare, run
-from dllmctl.inference.session import ClientPool
+from dllmd.net.pool import ConnectionPool
 from dllmctl.models import local_store
 from dllmctl.paths import cluster_file
 
@@ -249,14 +249,14 @@ class Api:
     def __init__(self, user: Identity, api_key: str | None):
         self.user = user
         self.api_key = api_key.encode() if api_key else None
-        self._pool: ClientPool | None = None
+        self._pool: ConnectionPool | None = None
         self.assigned: dict[str, int] = {}  # node -> sessions running there, so requests spread over replicas
         self.background: set[asyncio.Task] = set()  # streaming generations, referenced until they end
 
     @property
-    def pool(self) -> ClientPool:
+    def pool(self) -> ConnectionPool:
         if self._pool is None:  # created inside the running loop: its connections are bound to it
-            self._pool = ClientPool(self.user)
+            self._pool = ConnectionPool(self.user)
         return self._pool
 
     def close(self) -> None:

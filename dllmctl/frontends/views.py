@@ -18,6 +18,7 @@ from dllmctl.placement.coverage import layer_coverage, uncovered
 from dllmctl.data.records import DatasetRecords
 from dllmctl.models import local_store
 from dllmctl.training.jobs import find_coordinator, job_call, list_jobs
+from dllmd.net.messages import training as S
 
 RECENT_JOBS = 20  # collections over jobs (checkpoints, metrics, training figures) look at the newest ones
 NODE_TIMEOUT_S = 3.0
@@ -93,7 +94,7 @@ async def _show(user: Identity, nodes: list[NodeEntry], job: dict) -> dict | Non
     if node is None:
         return None
     try:
-        return await job_call(user, node, "jobs.show", {"job": job["job"]})
+        return await job_call(user, node, S.JOBS_SHOW, {"job": job["job"]})
     except CallError:
         return None
 
@@ -110,21 +111,21 @@ async def locate_job(user: Identity, nodes: list[NodeEntry], job: str) -> NodeEn
 
 async def job_view(user: Identity, nodes: list[NodeEntry], job: str) -> dict:
     node = await locate_job(user, nodes, job)
-    return {**await job_call(user, node, "jobs.show", {"job": job}), "coordinator": node.name}
+    return {**await job_call(user, node, S.JOBS_SHOW, {"job": job}), "coordinator": node.name}
 
 
 async def checkpoints_view(user: Identity, nodes: list[NodeEntry], job: str | None = None) -> dict:
     """One job's checkpoints, or those of the newest jobs (job -> list)."""
     if job is not None:
         node = await locate_job(user, nodes, job)
-        listing = await job_call(user, node, "checkpoints.list", {"job": job})
+        listing = await job_call(user, node, S.CHECKPOINTS_LIST, {"job": job})
         return {"job": job, "coordinator": node.name, "checkpoints": listing["checkpoints"]}
     by_name = {n.name: n for n in nodes}
     jobs, unreachable = await list_jobs(user, nodes)
     result: dict[str, Any] = {}
     for entry in jobs[-RECENT_JOBS:]:
         try:
-            listing = await job_call(user, by_name[entry["coordinator"]], "checkpoints.list", {"job": entry["job"]})
+            listing = await job_call(user, by_name[entry["coordinator"]], S.CHECKPOINTS_LIST, {"job": entry["job"]})
             result[entry["job"]] = listing["checkpoints"]
         except (CallError, KeyError) as exc:
             unreachable.append(f"{entry['job']}: {exc}")
@@ -137,7 +138,7 @@ async def metrics_view(user: Identity, nodes: list[NodeEntry], job: str | None =
         node = await locate_job(user, nodes, job)
         rows, after = [], -1
         while True:
-            page = await job_call(user, node, "jobs.metrics", {"job": job, "after_step": after, "limit": 10000})
+            page = await job_call(user, node, S.JOBS_METRICS, {"job": job, "after_step": after, "limit": 10000})
             rows += page["metrics"]
             if len(page["metrics"]) < 10000:
                 return {"job": job, "state": page["state"], "step": page["step"], "total_steps": page["total_steps"],

@@ -17,8 +17,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from dllmd.inference.sampling import SamplingParams
-from dllmctl.inference.session import ClientPool, DistributedSession, Generation, StageFailure
+from dllmd.net.messages.inference import SamplingParams
+from dllmctl.inference.session import DistributedSession, Generation, StageFailure
+from dllmd.net.pool import ConnectionPool
 from dllmctl.placement.routing import RouteError, Stage, choose_route
 
 log = logging.getLogger("dllmctl.failover")
@@ -58,7 +59,7 @@ class Bans:
 StageFinder = Callable[[], Awaitable[list[Stage]]]  # the live spans of the model, asked anew after a failure
 
 
-async def generate_with_failover(pool: ClientPool, find_stages: StageFinder, model: str, num_layers: int,
+async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder, model: str, num_layers: int,
                                  prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int],
                                  sampling: SamplingParams, *, parallelism: str = "pipeline", logits: str = "none",
                                  on_token: Callable[[int], None] = lambda _: None, bans: Bans | None = None,
@@ -86,7 +87,9 @@ async def generate_with_failover(pool: ClientPool, find_stages: StageFinder, mod
         for stage in route:
             assigned[stage.node.name] = assigned.get(stage.node.name, 0) + 1
         try:
-            async with DistributedSession(pool, route, model, sampling, logits=logits,
+            done = len(result.token_ids)  # a replay prefills the prompt and these, then generates the rest
+            async with DistributedSession(pool, route, model, sampling, prompt_tokens=len(prompt_ids) + done,
+                                          max_new_tokens=max_new_tokens - done, logits=logits,
                                           parallelism=parallelism) as session:
                 tokens_before = len(result.token_ids)
 
@@ -114,13 +117,14 @@ async def generate_with_failover(pool: ClientPool, find_stages: StageFinder, mod
                 seconds = bans.ban(name)
                 log.warning("stage %s failed (%s); banned for %.0fs, rebuilding the session on a replica",
                             name, failure, seconds)
-                pool.drop(next(s.node for s in route if s.node.name == name))
+                node = next(s.node for s in route if s.node.name == name)
+                pool.drop(node.address, node.public_key)
         finally:
             for stage in route:
                 assigned[stage.node.name] -= 1
 
 
-async def _confirm_suspects(pool: ClientPool, route: list[Stage], suspects: list[str]) -> list[str]:
+async def _confirm_suspects(pool: ConnectionPool, route: list[Stage], suspects: list[str]) -> list[str]:
     """When a failure could be any stage's (a step timed out), ban only the ones that do not answer
     a ping now; if all answer, blame them all (a slow or wedged node looks alive to a ping)."""
     if len(suspects) <= 1:
@@ -129,7 +133,7 @@ async def _confirm_suspects(pool: ClientPool, route: list[Stage], suspects: list
 
     async def alive(name: str) -> bool:
         try:
-            await pool.get(by_name[name]).call("ping", timeout=2.0)
+            await pool.get(by_name[name].address, by_name[name].public_key).call("ping", timeout=2.0)
             return True
         except Exception:
             return False

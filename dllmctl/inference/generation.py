@@ -19,13 +19,14 @@ from typing import Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from dllmd.inference.sampling import SamplingParams
+from dllmd.net.messages.inference import SamplingParams
 from dllmd.models.store import ModelNotFound, ModelStoreError
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.failover import generate_with_failover
-from dllmctl.inference.session import PARALLELISMS, ClientPool, Generation
+from dllmctl.inference.session import PARALLELISMS, Generation
+from dllmd.net.pool import ConnectionPool
 from dllmctl.models import local_store
 from dllmctl.placement.routing import RouteError
 from dllmctl.inference.stages import live_stages
@@ -236,7 +237,7 @@ class GenerationResult:
 
 
 async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
-              on_text: Callable[[str], None] | None = None, pool: ClientPool | None = None,
+              on_text: Callable[[str], None] | None = None, pool: ConnectionPool | None = None,
               assigned: dict[str, int] | None = None,
               on_token: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate through the live spans of ``nodes``. ``on_text`` hears text deltas as they decode,
@@ -255,7 +256,7 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
                 on_text(delta)
 
     own_pool = pool is None
-    pool = pool or ClientPool(user)
+    pool = pool or ConnectionPool(user)
     task = asyncio.ensure_future(generate_with_failover(
         pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, prepared.prompt_ids,
         prepared.max_new_tokens, set(model.stop_ids), prepared.sampling, parallelism=prepared.parallelism,
@@ -285,6 +286,6 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
 
 
 async def generate(user: Identity, nodes: list[NodeEntry], request: GenerationRequest,
-                   on_text: Callable[[str], None] | None = None, pool: ClientPool | None = None) -> GenerationResult:
+                   on_text: Callable[[str], None] | None = None, pool: ConnectionPool | None = None) -> GenerationResult:
     """:func:`prepare` then :func:`run`."""
     return await run(user, nodes, prepare(request), on_text=on_text, pool=pool)

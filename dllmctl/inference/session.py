@@ -19,13 +19,12 @@ from typing import Callable
 
 import torch
 
-from dllmd.inference.sampling import SamplingParams
-from dllmd.inference.service import MAX_STEP_TOKENS
-from dllmd.net.client import CallError, CallTimeout, RemoteError, ReplyStream, RpcClient
-from dllmd.net.identity import Identity
-from dllmd.net.schema import to_wire
-from dllmd.net.wire import ErrorCode
-from dllmctl.cluster.registry import NodeEntry
+from dllmd.net.client import BadReply, CallError, CallTimeout, RemoteError, ReplyStream, RpcClient
+from dllmd.net.messages.inference import (MAX_STEP_TOKENS, SESSION_CLOSE, SESSION_FORWARD, SESSION_OPEN, Opened,
+                                          OpenArgs, SamplingParams, SessionArgs)
+from dllmd.net.pool import ConnectionPool
+from dllmd.net.schema import parse_reply, to_wire
+from dllmd.net.wire import ErrorCode, WireError
 from dllmctl.placement.routing import Stage
 
 PARALLELISMS = ("pipeline", "model")
@@ -37,8 +36,8 @@ OPEN_TIMEOUT_S = 30.0
 # this quickly means the node is gone, and failing over beats waiting.
 SEND_TIMEOUT_S = 2.0
 # Errors that say a node (or the way to it) failed, not that the request was bad: worth a replica.
-NODE_FAILURE_CODES = {ErrorCode.UNAVAILABLE, ErrorCode.BUSY, ErrorCode.INTERNAL, "expired", ErrorCode.NOT_FOUND,
-                      ErrorCode.CONFLICT}
+NODE_FAILURE_CODES = {ErrorCode.UNAVAILABLE, ErrorCode.BUSY, ErrorCode.INTERNAL, ErrorCode.SESSION_EXPIRED,
+                      ErrorCode.NOT_FOUND, ErrorCode.CONFLICT, ErrorCode.NO_MEMORY}
 
 
 class StageFailure(RuntimeError):
@@ -48,38 +47,6 @@ class StageFailure(RuntimeError):
     def __init__(self, message: str, suspects: list[str]):
         super().__init__(message)
         self.suspects = suspects
-
-
-class ClientPool:
-    """One encrypted connection per node, shared by every session this client runs."""
-
-    def __init__(self, user: Identity):
-        self.user = user
-        self._clients: dict[tuple[str, str], RpcClient] = {}
-
-    def get(self, node: NodeEntry) -> RpcClient:
-        key = (node.address, node.public_key)
-        client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = RpcClient(self.user, node.address, node.public_key)
-        return client
-
-    def drop(self, node: NodeEntry) -> None:
-        """Forget a failed node's connection (a later session reconnects from scratch)."""
-        client = self._clients.pop((node.address, node.public_key), None)
-        if client is not None:
-            client.close()
-
-    def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
-        self._clients.clear()
-
-    async def __aenter__(self) -> "ClientPool":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass
@@ -105,14 +72,18 @@ def prompt_chunks(token_ids: list[int], parallelism: str, chunk: int = PREFILL_C
 class DistributedSession:
     """One generation session across a route of stages."""
 
-    def __init__(self, pool: ClientPool, route: list[Stage], model: str, sampling: SamplingParams,
-                 logits: str = "none", ttl_s: float = 600.0, parallelism: str = "pipeline"):
+    def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
+                 prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = 600.0,
+                 parallelism: str = "pipeline"):
+        """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
+        stage reserves its KV cache for them when the session opens (and refuses it if they do not fit)."""
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         self.pool, self.route, self.model = pool, route, model
+        self.prompt_tokens, self.max_new_tokens = prompt_tokens, max_new_tokens
         self.sampling, self.logits, self.ttl_s, self.parallelism = sampling, logits, ttl_s, parallelism
         self.id = secrets.token_hex(16)
-        self.clients = [pool.get(stage.node) for stage in route]
+        self.clients = [pool.get(stage.node.address, stage.node.public_key) for stage in route]
         self.streams: list[ReplyStream | None] = [None] * len(route)
         self.position = 0  # tokens the stages hold in their caches
 
@@ -127,16 +98,20 @@ class DistributedSession:
     async def _open(self, index: int) -> None:
         stage = self.route[index]
         nxt = self.route[index + 1].node if index + 1 < len(self.route) else None
+        args = OpenArgs(session=self.id, model=self.model, start=stage.span.start, end=stage.span.end,
+                        prompt_tokens=self.prompt_tokens, max_new_tokens=self.max_new_tokens,
+                        next_address=nxt.address if nxt else "", next_public_key=nxt.public_key if nxt else "",
+                        sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
+                        batching=self.parallelism == "pipeline")
         try:
-            stream = await self.clients[index].open_stream("session.open", {
-                "session": self.id, "model": self.model, "start": stage.span.start, "end": stage.span.end,
-                "next_address": nxt.address if nxt else "", "next_public_key": nxt.public_key if nxt else "",
-                "sampling": to_wire(self.sampling), "logits": self.logits, "ttl_s": self.ttl_s,
-                "batching": self.parallelism == "pipeline"}, timeout=OPEN_TIMEOUT_S)
+            stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), timeout=OPEN_TIMEOUT_S)
             self.streams[index] = stream
-            await stream.next(timeout=OPEN_TIMEOUT_S)
+            opened = await stream.next(timeout=OPEN_TIMEOUT_S)
+            parse_reply(Opened, opened.result)
         except CallError as exc:
             raise self._failure(index, exc) from exc
+        except WireError as exc:
+            raise self._failure(index, BadReply(f"{stage.node.name} opened the session with a {exc.message}")) from exc
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
@@ -147,7 +122,7 @@ class DistributedSession:
             if stream is not None and not stream.finished:
                 stream.close()
                 try:
-                    await client.call("session.close", {"session": self.id}, timeout=3)
+                    await client.invoke(SESSION_CLOSE, SessionArgs(self.id), timeout=3)
                 except CallError:
                     pass  # the node is gone or already dropped the session; its TTL frees it anyway
 
@@ -159,7 +134,7 @@ class DistributedSession:
         if isinstance(exc, RemoteError):
             if exc.code not in NODE_FAILURE_CODES:
                 return exc  # the request itself is wrong (prompt too long, bad input): no replica helps
-            if "could not reach the next stage" in exc.message and index + 1 < len(self.route):
+            if exc.code == ErrorCode.NEXT_HOP_UNREACHABLE and index + 1 < len(self.route):
                 return StageFailure(f"{node}: {exc.message}", [self.route[index + 1].node.name])
             return StageFailure(f"{node}: {exc.message}", [node])
         if isinstance(exc, CallTimeout):
@@ -174,7 +149,7 @@ class DistributedSession:
         for n, chunk in enumerate(chunks):
             item = {"session": self.id, "step": step, "start": self.position, "final": n == len(chunks) - 1}
             try:
-                await first.send_oneway("session.forward", {"items": [item]}, [torch.tensor([chunk], dtype=torch.int64)],
+                await first.send_oneway(SESSION_FORWARD.name, {"items": [item]}, [torch.tensor([chunk], dtype=torch.int64)],
                                         timeout=SEND_TIMEOUT_S)
             except CallError as exc:
                 raise self._failure(0, exc) from exc

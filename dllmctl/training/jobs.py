@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 from dllmctl.cluster.registry import NodeEntry
-from dllmctl.data.sharding import TOKENIZER_FILES
+from dllmd.models.store import MANIFEST, TOKENIZER_FILES, Manifest
 from dllmctl.models.deploy import Progress, ship_files
-from dllmd.models.received import span_files
-from dllmd.net.client import CallError, RpcClient
+from dllmd.net.client import BadReply, CallError, RpcClient
+from dllmd.net.messages.node import PING
+from dllmd.net.schema import Op, parse_args, parse_reply, to_wire
+from dllmd.net.wire import WireError
 from dllmd.net.identity import Identity
 from dllmd.net.messages import training as S
 
@@ -60,9 +60,8 @@ def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.
 async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: S.JobSpec,
                  progress: Progress = lambda *_: None, stage: Callable[[str], None] = lambda _: None) -> dict:
     """Ship the whole model to every node (skipping what they have), then submit to the first node."""
-    manifest = json.loads((model_dir / "manifest.json").read_bytes())
-    layers = len(manifest["layers"])
-    files = span_files(manifest, 0, layers, True, True)
+    manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
+    files = manifest.span_files(0, manifest.num_layers, True, True)
     clients = [RpcClient(user, n.address, n.public_key) for n in nodes]
     try:
         stage("checking nodes")
@@ -73,20 +72,21 @@ async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: 
         stage("sending the model")
         await asyncio.gather(*(ship_files(c, n.name, model_dir, files, progress) for c, n in zip(clients, nodes)))
         stage("loading replicas")
-        result, _ = await clients[0].call("jobs.submit", asdict(spec), timeout=SUBMIT_TIMEOUT_S)
-        return result
+        submitted, _ = await clients[0].invoke(S.JOBS_SUBMIT, spec, timeout=SUBMIT_TIMEOUT_S)
+        return to_wire(submitted)
     finally:
         for client in clients:
             client.close()
 
 
-async def ask_all(user: Identity, nodes: list[NodeEntry], op: str, args: dict) -> list[tuple[NodeEntry, dict | Exception]]:
+async def ask_all(user: Identity, nodes: list[NodeEntry], op: Op, args: dict) -> list[tuple[NodeEntry, dict | Exception]]:
+    """``op`` on every node at once (a node that is down is given up on after a ping); the checked
+    replies as maps, or the error each node gave."""
     async def one(node: NodeEntry):
         async with RpcClient(user, node.address, node.public_key) as client:
             try:
-                await client.call("ping", timeout=FIND_TIMEOUT_S)
-                result, _ = await client.call(op, args, timeout=60)
-                return node, result
+                await client.invoke(PING, timeout=FIND_TIMEOUT_S)
+                return node, await _typed_call(client, op, args, 60.0)
             except CallError as exc:
                 return node, exc
 
@@ -96,7 +96,7 @@ async def ask_all(user: Identity, nodes: list[NodeEntry], op: str, args: dict) -
 async def list_jobs(user: Identity, nodes: list[NodeEntry]) -> tuple[list[dict], list[str]]:
     """Every job on every reachable node, and the nodes that could not be asked."""
     jobs, unreachable = [], []
-    for node, result in await ask_all(user, nodes, "jobs.list", {}):
+    for node, result in await ask_all(user, nodes, S.JOBS_LIST, {}):
         if isinstance(result, Exception):
             unreachable.append(f"{node.name}: {result}")
             continue
@@ -105,13 +105,22 @@ async def list_jobs(user: Identity, nodes: list[NodeEntry]) -> tuple[list[dict],
 
 
 async def find_coordinator(user: Identity, nodes: list[NodeEntry], job: str) -> NodeEntry:
-    for node, result in await ask_all(user, nodes, "jobs.show", {"job": job}):
+    for node, result in await ask_all(user, nodes, S.JOBS_SHOW, {"job": job}):
         if not isinstance(result, Exception):
             return node
     raise TrainError(f"no reachable node coordinates job {job!r}; see 'dllmctl jobs list'")
 
 
-async def job_call(user: Identity, node: NodeEntry, op: str, args: dict, timeout: float = 60.0) -> dict:
+async def job_call(user: Identity, node: NodeEntry, op: Op, args: dict, timeout: float = 60.0) -> dict:
+    """One of the coordinator's operations (``jobs.*``, ``checkpoints.list``) on ``node``: its reply,
+    checked against the op's reply type, as the map the CLI prints and the MCP views show."""
     async with RpcClient(user, node.address, node.public_key) as client:
-        result, _ = await client.call(op, args, timeout=timeout)
-        return result
+        return await _typed_call(client, op, args, timeout)
+
+
+async def _typed_call(client: RpcClient, op: Op, args: dict, timeout: float) -> dict:
+    result, _ = await client.call(op.name, to_wire(parse_args(op.args, args)), timeout=timeout)
+    try:
+        return to_wire(parse_reply(op.reply, result))
+    except WireError as exc:
+        raise BadReply(f"{client.address} answered '{op.name}' with a {exc.message}") from None

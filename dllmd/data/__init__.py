@@ -31,22 +31,23 @@ Every step is deterministic: the same input, nodes, strategy and seed give the s
 Problems a user can fix raise :class:`DataError` with a message saying what to do.
 """
 
-from dllmd.data.errors import DataError
-from dllmd.data.packing import (
-    Packed,
-    SampleSpan,
-    TokenizedSample,
-    eos_id,
-    load_data_tokenizer,
-    pack,
-    pack_shards,
-    tokenize_samples,
-)
-from dllmd.data.sources import Sample, Skipped, SourceResult, read_samples
-from dllmd.data.strategies import STRATEGIES, assign, node_tokens, skew, stable_hash
+import importlib
 
-__all__ = [
-    "STRATEGIES", "DataError", "Packed", "Sample", "SampleSpan", "Skipped", "SourceResult", "TokenizedSample",
-    "assign", "eos_id", "load_data_tokenizer", "node_tokens", "pack", "pack_shards", "read_samples", "skew",
-    "stable_hash", "tokenize_samples",
-]
+# Where each public name lives. Resolved on first use: packing pulls in torch and transformers (seconds),
+# which code that only needs DataError or STRATEGIES (the CLI's help) must not pay for.
+_HOME = {
+    "DataError": "errors",
+    "STRATEGIES": "errors",
+    **dict.fromkeys(("Packed", "SampleSpan", "TokenizedSample", "eos_id", "load_data_tokenizer", "pack", "pack_shards",
+                     "tokenize_samples"), "packing"),
+    **dict.fromkeys(("Sample", "Skipped", "SourceResult", "read_samples"), "sources"),
+    **dict.fromkeys(("assign", "node_tokens", "skew", "stable_hash"), "strategies"),
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"dllmd.data.{_HOME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

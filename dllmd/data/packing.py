@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # torch and transformers load only where tokenizing or packing happens
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 from dllmd.data.errors import DataError
 from dllmd.data.sources import Sample
@@ -65,6 +67,8 @@ class Packed:
 def load_data_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of the model in ``model_dir``; samples must be tokenized exactly as the model was trained."""
     try:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise DataError(f"the model in {model_dir} has no usable tokenizer ({exc}); shard-data needs the model's "
@@ -120,6 +124,8 @@ def pack(samples: Sequence[TokenizedSample], seq_len: int, eos_id: int) -> Packe
     flat = np.full(rows * seq_len, eos_id, dtype=np.int32)
     if parts:
         flat[:offset] = np.concatenate(parts)
+    import torch
+
     return Packed(torch.from_numpy(flat.reshape(rows, seq_len)), spans, offset)
 
 

@@ -17,8 +17,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from dllmd.models.store import sha256_file
 from dllmd.storage import atomic_write, fsync_dir
 
@@ -165,6 +163,7 @@ class ShardStore:
 def shard_payload(packed, **info) -> tuple[bytes, dict]:
     """A packed shard as the bytes of ``shard.safetensors`` (``tokens``: int32 [sequences, seq_len])
     and its ``shard.json`` description (``info`` plus counts and the per-sample table)."""
+    import torch
     from safetensors.torch import save
 
     tokens = packed.tokens.to(torch.int32).contiguous()
@@ -175,7 +174,7 @@ def shard_payload(packed, **info) -> tuple[bytes, dict]:
     return blob, meta
 
 
-def read_shard(path: Path) -> tuple[torch.Tensor, dict]:
+def read_shard(path: Path) -> tuple["torch.Tensor", dict]:
     """The token rows of a committed shard and its description (what training reads)."""
     from safetensors import safe_open
 

@@ -23,11 +23,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from dllmd.data.errors import DataError
+from dllmd.data.errors import STRATEGIES, DataError
 from dllmd.data.packing import TokenizedSample
 from dllmd.data.semantic import balanced_groups, sample_vectors
 
-STRATEGIES = ("round_robin", "hash", "random", "semantic", "dht")
 
 
 def assign(samples: Sequence[TokenizedSample], nodes: Sequence[str], strategy: str, *, seed: int = 0,

@@ -7,19 +7,9 @@ another node (or split differently across nodes) samples exactly the same tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from dllmd.net.schema import bounded
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = bounded(0.0, lo=0.0, hi=100.0)  # 0: greedy
-    top_p: float = bounded(1.0, lo=1e-6, hi=1.0)
-    top_k: int = bounded(0, lo=0, hi=1_000_000)  # 0: no limit
-    seed: int = bounded(0, lo=0, hi=2**63 - 1)
+from dllmd.net.messages.inference import SamplingParams
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, step: int) -> int:

@@ -1,14 +1,19 @@
-"""Per-session state at one stage: its KV cache, where its hidden states go next, and the stream
-back to the client. Sessions expire after a TTL without use, and the table refuses new work
-beyond its memory budget, so abandoned sessions can never pin a node's memory."""
+"""Per-session state at one stage: its KV cache, where its hidden states go next, the stream back
+to the client, and the cache memory reserved for it.
+
+Memory is reserved when a session opens, never discovered mid-generation: the client says how many
+positions the session will hold at most (prompt + new tokens), the stage reserves that many
+positions times its layers' KV bytes, and an open that does not fit the budget is refused with the
+numbers. Sessions expire after a TTL without use, so abandoned ones can never pin a node's memory.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from dllmd.inference.sampling import SamplingParams
 from dllmd.models.span import SpanCache
+from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.server import Responder
 
 
@@ -28,6 +33,8 @@ class Session:
     sampling: SamplingParams
     logits: str  # "none" | "last" | "all": which logits the last stage returns with each token
     ttl_s: float
+    positions: int  # the most positions this session may hold (prompt + new tokens), as reserved
+    reserved_bytes: int  # KV-cache memory set aside for those positions at this stage
     batching: bool = True  # False: every step runs alone, never in a batch with other sessions
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0
@@ -38,6 +45,10 @@ class Session:
 
     def expired(self, now: float) -> bool:
         return now - self.last_used > self.ttl_s
+
+
+class NoRoom(Exception):
+    """A session cannot be opened: the sessions or the memory it would reserve exceed the budget."""
 
 
 class SessionTable:
@@ -52,17 +63,32 @@ class SessionTable:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
+    def reserved_bytes(self) -> int:
+        return sum(s.reserved_bytes for s in self._sessions.values())
+
+    def cache_bytes(self) -> int:
+        """Memory the caches hold now (at most what is reserved)."""
+        return sum(s.cache.nbytes for s in self._sessions.values())
+
+    def check_room(self, reserve_bytes: int) -> None:
+        """Raise NoRoom saying what is missing, unless one more session reserving ``reserve_bytes`` fits."""
+        if len(self._sessions) >= self.max_sessions:
+            raise NoRoom(f"this node already holds {len(self._sessions)} sessions, its maximum")
+        reserved = self.reserved_bytes()
+        if reserved + reserve_bytes > self.memory_budget_bytes:
+            raise NoRoom(f"the session's KV cache needs {reserve_bytes / 2**20:.1f} MiB, but only "
+                         f"{max(self.memory_budget_bytes - reserved, 0) / 2**20:.1f} MiB of this node's "
+                         f"{self.memory_budget_bytes / 2**20:.1f} MiB budget is unreserved")
+
     def add(self, session: Session) -> None:
+        self.check_room(session.reserved_bytes)
         self._sessions[session.id] = session
 
     def pop(self, session_id: str) -> Session | None:
         return self._sessions.pop(session_id, None)
 
-    def cache_bytes(self) -> int:
-        return sum(s.cache.nbytes for s in self._sessions.values())
-
-    def has_room(self) -> bool:
-        return len(self._sessions) < self.max_sessions and self.cache_bytes() < self.memory_budget_bytes
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
 
     def expired(self) -> list[Session]:
         now = time.monotonic()

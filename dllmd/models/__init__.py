@@ -1,16 +1,18 @@
 """Model side of a node: one adapter per architecture family, and the layer span a node loads and runs."""
 
-from dllmd.models.families import SUPPORTED_FAMILIES, FamilyAdapter, UnsupportedFamily, adapter_for
+import importlib
 
-_SPAN_NAMES = ("LayerSpan", "SpanCache", "SpanLoadError", "TensorSource", "span_tensor_names")
+# Resolved on first use: families and spans pull in torch and transformers (seconds), which callers
+# that only read manifests (the model store, the CLI) should not pay for.
+_HOME = {
+    **dict.fromkeys(("SUPPORTED_FAMILIES", "FamilyAdapter", "UnsupportedFamily", "adapter_for"), "families"),
+    **dict.fromkeys(("LayerSpan", "SpanCache", "SpanLoadError", "TensorSource", "span_tensor_names"), "span"),
+}
 
-__all__ = ["SUPPORTED_FAMILIES", "FamilyAdapter", "UnsupportedFamily", "adapter_for", *_SPAN_NAMES]
+__all__ = sorted(_HOME)
 
 
 def __getattr__(name: str):
-    # Lazy: span.py pulls in transformers' cache and mask code (about a second), which callers that only
-    # need adapter_for (the model importer, the CLI) should not pay for.
-    if name in _SPAN_NAMES:
-        from dllmd.models import span
-        return getattr(span, name)
+    if name in _HOME:
+        return getattr(importlib.import_module(f"dllmd.models.{_HOME[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,12 +12,12 @@ from transformers import AutoConfig
 
 from dllmd.hardware import best_device
 from dllmd.models.dtypes import WEIGHT_DTYPES, torch_dtype
-from dllmd.inference.service import InferenceService
+from dllmd.inference.ops import InferenceService
 from dllmd.models.received import ModelFileError, ReceivedModels, tensor_source
 from dllmd.models.span import LayerSpan
 from dllmd.models.families import UnsupportedFamily
 from dllmd.net.keys import AuthorizedKeys, Role
-from dllmd.net.schema import Op, bounded
+from dllmd.net.schema import Op, bounded, to_wire
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
 
@@ -111,7 +111,7 @@ class ModelOps:
             served = await self.inference.load(a.model, build)
         except (ValueError, UnsupportedFamily) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, f"cannot load layers [{a.start}, {a.end}) of {a.model}: {exc}") from None
-        return {**served.describe(0, 0), "device": str(device), "rss_bytes": psutil.Process().memory_info().rss}
+        return {**to_wire(served.describe()), "device": str(device), "rss_bytes": psutil.Process().memory_info().rss}
 
     async def _unload(self, call: Call) -> dict:
         if not self.inference.unload(call.args.model):

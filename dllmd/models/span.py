@@ -126,6 +126,15 @@ class SpanCache:
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self._layers[layer_idx].get_mask_sizes(query_length)
 
+    def compact(self) -> None:
+        """Let sliding-window layers hold only their window. After a step of several tokens they keep
+        a view of the window into everything the step saw; copying it frees the rest, so a cache never
+        holds more than the positions it was reserved for (:meth:`LayerSpan.kv_cache_bytes`)."""
+        for layer in self._layers.values():
+            if isinstance(layer, DynamicSlidingWindowLayer) and layer.is_initialized and layer.keys is not None:
+                if layer.keys.untyped_storage().nbytes() > layer.keys.nbytes:
+                    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+
     def _check_usable(self) -> None:
         if self._broken:
             raise RuntimeError("this cache was left half-updated by a failed step; replay the session into a new one")
@@ -193,6 +202,18 @@ class LayerSpan(nn.Module):
     def layer_indices(self) -> range:
         return range(self.start, self.end)
 
+    def kv_cache_bytes(self, positions: int) -> int:
+        """The most memory one session's cache of this span holds for ``positions`` tokens: keys and
+        values of every layer, a sliding-window layer's capped at its window (plus the one new token a
+        decode step adds before the window is trimmed)."""
+        config = self.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_position = 2 * heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
+        window = self.adapter.sliding_window(config)
+        return sum(per_position * (min(positions, window) if kind == SLIDING_ATTENTION and window else positions)
+                   for kind in self.layer_types.values())
+
     def new_cache(self) -> SpanCache:
         """An empty KV cache for one session of this span."""
         window = self.adapter.sliding_window(self.config)
@@ -223,6 +244,8 @@ class LayerSpan(nn.Module):
             cache._broken = True
             raise
         cache._length += hidden.shape[1]
+        if hidden.shape[1] > 1:
+            cache.compact()
         if not self.head:
             return hidden
         return self._logits(hidden, logits_to_keep)

@@ -29,14 +29,20 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from dllmd.net.identity import verify_signature
 from dllmd.storage import fsync_dir
 
+if TYPE_CHECKING:
+    import torch
+
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+# A model's tokenizer, as transformers saves it (what the client keeps, and sends nodes that tokenize data).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 PARTIAL_PREFIX = ".partial-"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
@@ -305,7 +311,7 @@ class ModelStore:
         self._check_hashes(name, manifest, manifest.span_files(start, end, embed, head))
         return manifest
 
-    def read_tensors(self, name: str, tensor_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    def read_tensors(self, name: str, tensor_names: Sequence[str]) -> dict[str, "torch.Tensor"]:
         """The named tensors of model ``name``, read from the files the manifest assigns them (mmapped).
 
         Only those files are opened, so a span's tensors are read without touching the rest. A name that

@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -28,6 +27,9 @@ from dllmd.net.reactor import SocketReactor
 from dllmd.net.transport import connect_dealer
 from dllmd.net.schema import A, Op, R, parse_reply, to_wire
 from dllmd.net.wire import Limits, Reply, Request, WireError, decode_reply, encode_request
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("dllmd.client")
 

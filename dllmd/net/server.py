@@ -12,15 +12,17 @@ import asyncio
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import torch
 import zmq
 
 from dllmd.net.keys import AuthorizedKey, AuthorizedKeys, Role
 from dllmd.net.reactor import SocketReactor
 from dllmd.net.schema import Op, parse_args, to_wire
 from dllmd.net.wire import ErrorCode, Limits, Reply, Request, WireError, decode_request, encode_reply, error_reply
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("dllmd.server")
 
@@ -73,7 +75,7 @@ class Call:
     responder: Responder
 
 
-HandlerResult = dict | tuple[dict, list[torch.Tensor]]
+HandlerResult = Any  # a reply dataclass or map, or (that, list of tensors)
 # A plain function runs inline (keep it fast, no I/O); a coroutine function gets its own task.
 Handler = Callable[[Call], HandlerResult | Awaitable[HandlerResult]]
 

@@ -2,8 +2,9 @@
 
 A node binds one ROUTER. Clients (dllmctl, or another daemon acting as a peer) connect a DEALER
 with their own CURVE keypair and the node's public key. Every connection is encrypted; a key that
-is not in the node's authorized keys is refused during the handshake by ZAP (zmq.auth), so an
-unknown key gets no reply at all.
+is not in the node's authorized keys is refused during the handshake by ZAP (zmq.auth): the peer
+gets ZMTP's handshake ERROR (which the client reports as ``NodeUnauthorized``), no connection is made,
+and no request of it ever reaches a handler.
 """
 
 from __future__ import annotations

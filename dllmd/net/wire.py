@@ -21,17 +21,20 @@ descriptor as ``"data"`` instead: every extra frame costs a measurable share of 
 trip, while copying 2 KiB costs nothing. bf16
 has no numpy dtype, so every tensor is rebuilt from raw bytes with ``torch.frombuffer``. Decoding
 checks everything a peer could lie about (types, sizes, declared shapes against actual bytes)
-before anything is allocated.
+before anything is allocated. torch is imported only when a message carries tensors: a client
+that lists nodes or jobs never pays for it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import msgpack
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PROTOCOL_VERSION = 1
 MAX_TENSORS = 64
@@ -39,16 +42,9 @@ MAX_NDIM = 8
 MAX_OP_LEN = 64
 INLINE_MAX = 16 * 1024
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+# What a tensor may be on the wire, by name (torch's own names), with its bytes per element.
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int32": 4, "int64": 8}
+DTYPES = tuple(ITEMSIZE)
 
 
 class ErrorCode:
@@ -65,6 +61,10 @@ class ErrorCode:
     CONFLICT = "conflict"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    # Inference: conditions a client fails over on (another replica may serve the session).
+    SESSION_EXPIRED = "expired"  # the stage dropped the session after its TTL without use
+    NEXT_HOP_UNREACHABLE = "next_hop_unreachable"  # this stage is fine; the next one did not take the push
+    NO_MEMORY = "no_memory"  # the session's KV cache does not fit what this node may still reserve
 
 
 class WireError(Exception):
@@ -85,7 +85,7 @@ class Request:
     id: int
     op: str
     args: dict[str, Any] = field(default_factory=dict)
-    tensors: list[torch.Tensor] = field(default_factory=list)
+    tensors: list["torch.Tensor"] = field(default_factory=list)
     oneway: bool = False
 
 
@@ -94,7 +94,7 @@ class Reply:
     id: int
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
-    tensors: list[torch.Tensor] = field(default_factory=list)
+    tensors: list["torch.Tensor"] = field(default_factory=list)
     more: bool = False
 
     @property
@@ -114,17 +114,22 @@ class Limits:
 # --- encoding ------------------------------------------------------------------------------------
 
 
-def _tensor_frames(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list[memoryview]]:
+def _tensor_frames(tensors: Sequence["torch.Tensor"]) -> tuple[list[dict], list[memoryview]]:
     descs, frames = [], []
+    if not tensors:
+        return descs, frames
+    import torch
+
     inline_budget = INLINE_MAX  # cumulative, so headers stay far below the receiver's header limit
     for t in tensors:
-        if t.dtype not in DTYPE_NAMES:
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in ITEMSIZE:
             raise ValueError(f"dtype {t.dtype} cannot travel on the wire; use one of {sorted(DTYPES)}")
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
-        desc = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
+        desc = {"dtype": name, "shape": list(t.shape)}
         # Reinterpret as bytes: works for bf16 too (numpy has no bf16) and keeps zero-copy.
         raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         if raw.nbytes <= inline_budget:
@@ -209,7 +214,7 @@ def _unpack_header(frame: Any, limits: Limits) -> dict:
     return header
 
 
-def _decode_tensors(header: dict, frames: Sequence[Any], limits: Limits, request_id: int) -> list[torch.Tensor]:
+def _decode_tensors(header: dict, frames: Sequence[Any], limits: Limits, request_id: int) -> list["torch.Tensor"]:
     descs = header.get("tensors", [])
     if not isinstance(descs, list):
         raise WireError(ErrorCode.BAD_MESSAGE, "'tensors' must be a list", request_id)
@@ -226,8 +231,7 @@ def _decode_tensors(header: dict, frames: Sequence[Any], limits: Limits, request
     tensors = []
     total = 0
     for i, desc in enumerate(descs):
-        dtype = DTYPES.get(desc["dtype"]) if isinstance(desc["dtype"], str) else None
-        if dtype is None:
+        if not isinstance(desc["dtype"], str) or desc["dtype"] not in ITEMSIZE:
             raise WireError(
                 ErrorCode.BAD_MESSAGE, f"tensor {i}: dtype {desc['dtype']!r} is not one of {sorted(DTYPES)}", request_id
             )
@@ -258,6 +262,9 @@ def _decode_tensors(header: dict, frames: Sequence[Any], limits: Limits, request
                 f"tensor {i}: shape {shape} of {desc['dtype']} is {declared} bytes but the frame has {len(buf)}",
                 request_id,
             )
+        import torch  # only messages with tensors need it
+
+        dtype = getattr(torch, desc["dtype"])
         if declared == 0:
             tensors.append(torch.empty(shape, dtype=dtype))
             continue

@@ -28,7 +28,7 @@ from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys, Role
-from dllmd.net.peers import PeerPool
+from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import Op, parse_args
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
@@ -58,7 +58,7 @@ def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, laye
 
 class TrainingService:
     def __init__(self, home: Path, config: NodeConfig, identity: Identity, keys: AuthorizedKeys, ctx: zmq.Context,
-                 peers: PeerPool):
+                 peers: ConnectionPool):
         self.home, self.config, self.identity, self.keys = home, config, identity, keys
         self.ctx, self.peers = ctx, peers
         self.models = ReceivedModels(home / "models")

@@ -9,6 +9,7 @@ from dllmd.net.schema import Op, bounded
 
 MAX_BATCH = 64  # sessions per batched decode pass (and steps per session.forward message)
 MAX_POSITIONS = 1_048_576  # prompt + generated tokens one session may reserve
+MAX_STEP_TOKENS = 4096  # tokens per step: a longer prompt is sent in chunks
 
 
 @dataclass
