@@ -81,10 +81,15 @@ def init(
 @app.command()
 def start(home: HomeOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it cleanly)."""
+    from dllmd import failpoints
     from dllmd.node import Daemon, StartupError
 
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        failpoints.load()
+    except failpoints.FailpointError as exc:
+        raise fail(str(exc))
     home = resolve_home(home)
     try:
         daemon = Daemon(home)

@@ -1,8 +1,10 @@
-"""A newcomer's path: init, start a local cluster, list it live, benchmark, stop exactly what started."""
+"""A newcomer's path: init, start a local cluster, list it live, benchmark, stop exactly what started
+(also without repeating the --dir that started it)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import psutil
 
@@ -83,3 +85,25 @@ def test_nodes_registry_rejects_bad_input_and_reports_down_nodes(user_env):
 def test_commands_without_identity_say_what_to_do(user_env):
     done = run_cli("dllmctl", "nodes", "list", env=user_env)
     assert done.returncode == 1 and "dllmctl init" in done.stderr
+
+
+def test_status_and_down_without_dir_find_the_cluster_up_started_with_dir(user_env, user, tmp_path):
+    env = user_env
+    cluster_dir = tmp_path / "somewhere-else"
+    started = _json(run_cli("dllmctl", "cluster", "up", "--local", "2", "--dir", str(cluster_dir), "--json", env=env))
+    pids = [n["pid"] for n in started]
+    try:
+        status = _json(run_cli("dllmctl", "cluster", "status", "--json", env=env))
+        assert [s["pid"] for s in status] == pids
+        assert all(s["running"] and s["status"] == "up" for s in status)
+        assert {str(Path(s["home"]).parent) for s in status} == {str(cluster_dir.resolve())}
+        down = _json(run_cli("dllmctl", "cluster", "down", "--json", env=env))
+    except BaseException:
+        run_cli("dllmctl", "cluster", "down", "--dir", str(cluster_dir), env=env)
+        raise
+    assert sorted(down["stopped"]) == ["local-1", "local-2"]
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert _json(run_cli("dllmctl", "cluster", "status", "--json", env=env)) == []
+    assert _json(run_cli("dllmctl", "cluster", "down", "--json", env=env)) == {"stopped": []}
+    assert _json(run_cli("dllmctl", "nodes", "list", "--json", env=env)) == []

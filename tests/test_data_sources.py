@@ -93,6 +93,13 @@ def test_ignore_patterns_follow_git(pattern, path, is_dir, expected):
     assert PathPatterns([pattern]).match(path, is_dir) is expected
 
 
+def test_a_directory_is_judged_as_itself_not_by_its_contents():
+    patterns = PathPatterns(["docs/**", "!docs/keep.md"])  # docs stays walked, so keep.md comes back
+    assert patterns.match("docs", True) is None and patterns.match("docs/sub", True) is True
+    assert patterns.match("docs/keep.md", False) is False and patterns.match("docs/other.md", False) is True
+    assert not PathPatterns(["# only a comment", ""]) and PathPatterns(["*.py"])
+
+
 def test_the_last_matching_ignore_pattern_wins():
     patterns = PathPatterns(["*.log", "!keep.log", "keep.log"])
     assert patterns.match("keep.log", False) is True

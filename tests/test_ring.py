@@ -64,13 +64,22 @@ def test_reset_wakes_a_waiting_rank_with_an_error(tmp_path):
             # Rank 2 never joins: the others wait until the ring is reset under them.
             pending = [asyncio.ensure_future(ring_allreduce(sockets[r], torch.ones(100), r, 3, step=1))
                        for r in range(2)]
-            await asyncio.sleep(0.2)
+            await _until(lambda: all(s._waiting for s in sockets[:2]))  # both are blocked on a receive
             for sock in sockets[:2]:
                 sock.fail_pending(RingError("peer died"))
             for task in pending:
-                with pytest.raises(RingError):
-                    await task
+                # The reset's own error, at once: not the ring's receive timeout.
+                with pytest.raises(RingError, match="peer died"):
+                    await asyncio.wait_for(task, 10)
         finally:
             close()
 
     asyncio.run(main())
+
+
+async def _until(condition, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -1,15 +1,18 @@
 """`dllmctl train` through real daemons: data-parallel weights equal single-process training on 2 and
 3 nodes, a checkpoint exports into the model store and serves `dllmctl infer`, a resumed job ends where
-an uninterrupted one ends, a node killed mid-job is survived, and bad jobs are refused up front."""
+an uninterrupted one ends, a node killed mid-job is survived (both deaths are failpoints, at an exact
+step, not kills racing the job), and bad jobs are refused up front."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
 from pathlib import Path
 
+import psutil
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,58 +114,87 @@ def test_data_parallel_equals_single_process_and_exports(cluster3, tmp_path):  #
 
 def test_resume_ends_where_an_uninterrupted_run_ends(cluster3, tmp_path):  # noqa: F811
     _setup(cluster3, tmp_path)
-    steps = 300  # long enough to be killed mid-way
+    steps = 300
     common = ("--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "2", "--lr", str(LR),
               "--checkpoint-every", "50", "--json")
     straight = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "two", "--nodes", "local-1,local-2", *common,
                            timeout=300))
+    # The coordinator dies as it starts step 60, as a power cut would stop it: armed, not raced.
+    coordinator = _restart(cluster3, "local-1", failpoints="jobs.step@60=exit")
     started = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "two", "--nodes", "local-1,local-2", "--detach",
                           *common))
     job = started["job"]
-    # Kill the coordinator mid-job, as a power cut would; its restart marks the job interrupted.
-    state = json.loads((cluster3 / "cluster.json").read_text())["nodes"]
-    _wait_for_step(job, 60)
-    os.kill(state[0]["pid"], signal.SIGKILL)
-    _ok(run_cli("dllmctl", "cluster", "restart", "local-1", "--dir", str(cluster3), "--json"))
+    _wait_exited(coordinator)
+    assert "failpoint jobs.step@60" in (cluster3 / "local-1" / "dllmd.log").read_text()
+    _restart(cluster3, "local-1")  # disarmed; the restart marks the job interrupted
     shown = _ok(run_cli("dllmctl", "jobs", "show", job, "--json"))
-    assert shown["state"] == "interrupted"
+    assert shown["state"] == "interrupted" and shown["step"] == 60, shown
     resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--follow", "--json", timeout=300))
     assert resumed["state"] == "done" and resumed["step"] == steps
-    assert any(e["kind"] == "resumed" for e in resumed["events"])
+    assert any(e["kind"] == "resumed" and e["message"] == "from step 50" for e in resumed["events"])
     a = _export(straight["job"], "straight", tmp_path / "a")
     b = _export(job, "resumed", tmp_path / "b")
     assert _max_diff(a, b) <= 1e-6
 
 
-def _wait_for_step(job: str, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        shown = _ok(run_cli("dllmctl", "jobs", "show", job, "--json"))
-        if shown["step"] >= step:
+def _pid(cluster: Path, name: str) -> int:
+    return next(n["pid"] for n in json.loads((cluster / "cluster.json").read_text())["nodes"] if n["name"] == name)
+
+
+def _wait_exited(pid: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
             return
-        assert shown["state"] == "running", shown
-        time.sleep(0.2)
-    raise AssertionError(f"job {job} never reached step {step}")
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} is still running after {timeout:.0f} s")
+
+
+def _restart(cluster: Path, name: str, failpoints: str = "") -> int:
+    """Start node ``name`` again (stopping it first if it runs), with these failpoints armed; its pid."""
+    pid = _pid(cluster, name)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    _wait_exited(pid)
+    env = {"DLLMD_FAILPOINTS": failpoints} if failpoints else None
+    return _ok(run_cli("dllmctl", "cluster", "restart", name, "--dir", str(cluster), "--json", env=env))["pid"]
+
+
+def _wait_finished(job: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while (shown := _ok(run_cli("dllmctl", "jobs", "show", job, "--json")))["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, f"job {job} still {shown['state']} after {timeout:.0f} s"
+        time.sleep(0.5)
+    return shown
 
 
 def test_a_node_killed_mid_job_is_survived(cluster3, tmp_path):  # noqa: F811
     keys = _setup(cluster3, tmp_path)
     steps = 200
+    # local-3 dies as it starts computing step 5, however fast or slow this machine is.
+    lost = _restart(cluster3, "local-3", failpoints="train.step@5=exit")
     started = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "three", "--nodes", "local-1,local-2,local-3",
                           "--max-steps", str(steps), "--batch-size", str(BATCH), "--micro-batch-size", str(MICRO),
                           "--lr", str(LR), "--detach", "--json"))
     job = started["job"]
-    _wait_for_step(job, 5)
-    state = json.loads((cluster3 / "cluster.json").read_text())["nodes"]
-    os.kill(state[2]["pid"], signal.SIGKILL)
-    deadline = time.time() + 300
-    while (shown := _ok(run_cli("dllmctl", "jobs", "show", job, "--json")))["state"] == "running":
-        assert time.time() < deadline
-        time.sleep(0.5)
+    shown = _wait_finished(job)
     assert shown["state"] == "done" and shown["step"] == steps, shown
     kinds = [e["kind"] for e in shown["events"]]
     assert "node_lost" in kinds and "shard_moved" in kinds
     assert sorted(shown["last_metrics"]["nodes"]) == ["local-1", "local-2"]
+    _wait_exited(lost)
+    assert "failpoint train.step@5" in (cluster3 / "local-3" / "dllmd.log").read_text()
+    # Mid-job: steps 0-4 ran on three nodes, every later one on two, and the loss was noticed in between.
+    metrics = _ok(run_cli("dllmctl", "metrics", job, "--json"))
+    assert [sorted(m["nodes"]) for m in metrics] == \
+        [["local-1", "local-2", "local-3"]] * 5 + [["local-1", "local-2"]] * (steps - 5)
+    node_lost = next(e for e in shown["events"] if e["kind"] == "node_lost")
+    assert "local-3" in node_lost["message"]
+    assert metrics[4]["time"] <= node_lost["time"] <= metrics[5]["time"]
+    assert kinds.index("node_lost") < kinds.index("done")
     # The lost node's rows were still trained on, in the same order: same weights as one process.
     weights = _export(job, "survivor", tmp_path / "export")
     store_dir = Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny"

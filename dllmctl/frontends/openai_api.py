@@ -9,7 +9,8 @@ prompt as is, like ``--raw``).
 Requests are checked whole before any node is asked; what this server cannot honour (n > 1, stop
 sequences, tools, penalties, logprobs, ...) is refused with a 400 naming the parameter, never
 silently ignored. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
-Starlette and uvicorn are the mcp SDK's own dependencies (the ``api`` extra).
+Each endpoint's body is a pydantic model (``ChatRequest``, ``CompletionRequest``). Starlette, uvicorn
+and pydantic are the mcp SDK's own dependencies (the ``api`` extra).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Callable
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -67,18 +70,7 @@ def _bad(message: str, param: str | None = None, code: str | None = "invalid_val
 
 # --- reading a request ---------------------------------------------------------------------------
 
-# The parameters each endpoint accepts; any other is refused by name, as OpenAI does. Some are accepted
-# only with the value that means "not used" (_refuse_unsupported).
-COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stream", "stream_options", "n", "user", "stop",
-          "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-          "top_k", "parallelism"}  # the last two are dllm's extensions (vLLM takes top_k too)
-CHAT = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
-                 "function_call", "parallel_tool_calls", "response_format", "store", "metadata"}
-COMPLETIONS = COMMON | {"prompt", "echo", "suffix", "best_of"}
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
-               dict: "an object"}
 
 
 async def read_json(request: Request) -> dict:
@@ -98,50 +90,146 @@ async def read_json(request: Request) -> dict:
     return body
 
 
-def _typed(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
-    """``body[name]`` if it has the right JSON type (null means absent); a 400 naming it otherwise."""
-    value = body.get(name)
-    if value is None:
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise _bad(f"Invalid type for '{name}': expected {_TYPE_NAMES.get(kinds[0], kinds[0].__name__)}, but got "
-                   f"{_TYPE_NAMES.get(type(value), type(value).__name__)} instead.", name, "invalid_type")
-    return value
+# Each endpoint's parameters as a pydantic model: strict JSON types (a bool is not an integer, a
+# string is not a number), null the same as absent, any other parameter refused by name, as OpenAI
+# does. A failed check raises PydanticCustomError(code, message): the ApiError's code and message.
+
+def _refusal(code: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(code, "{message}", {"message": message})
 
 
-def _refuse_unsupported(body: dict, allowed: set[str]) -> None:
-    for name in body:
-        if name not in allowed:
-            raise _bad(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
-    unsupported = {
-        # name: (values that mean "not used", why it is refused otherwise)
-        "stop": ((None, [], ""), "stop sequences are not supported; generation ends at the model's end-of-sequence "
-                                 "token or max_tokens"),
-        "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported (only 0)"),
-        "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported (only 0)"),
-        "logit_bias": ((None, {}), "logit_bias is not supported"),
-        "logprobs": ((None, False, 0), "logprobs are not supported"),
-        "top_logprobs": ((None, 0), "top_logprobs are not supported"),
-        "tools": ((None, []), "tool calls are not supported"),
-        "tool_choice": ((None, "none"), "tool calls are not supported"),
-        "functions": ((None, []), "function calls are not supported"),
-        "function_call": ((None, "none"), "function calls are not supported"),
-        "echo": ((None, False), "echo is not supported"),
-        "suffix": ((None, ""), "suffix (insertion) is not supported"),
-        "best_of": ((None, 1), "best_of is not supported (only 1)"),
-        "store": ((None, False), "stored completions are not supported"),
-    }
-    for name, (unused, why) in unsupported.items():
-        # Same type and value: False is not 0 here, and 0 is not 0.0 unless both are listed.
-        if name in body and not any(type(body[name]) is type(u) and body[name] == u for u in unused):
-            raise _bad(why, name, "unsupported_parameter")
-    format_ = body.get("response_format")
-    if format_ is not None and format_ != {"type": "text"}:
-        raise _bad("only response_format {\"type\": \"text\"} is supported", "response_format",
-                   "unsupported_parameter")
+def _check(ok: Callable[[Any], bool], message: str | Callable[[Any], str], code: str = "invalid_value"):
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise _refusal(code, message(value) if callable(message) else message)
+        return value
+    return AfterValidator(check)
+
+
+def _unused(*values: Any, why: str):
+    """A parameter accepted only with a value that means "not used": same type and value (False is not 0)."""
+    return _check(lambda v: any(type(v) is type(u) and v == u for u in values), why, "unsupported_parameter")
+
+
+def _text(content: Any) -> str:
+    """A message's text: a string, or text parts (joined by newlines); images and audio are refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise _refusal("unsupported_value", "only text content parts are supported")
+        return "\n".join(p["text"] for p in content)
+    raise _refusal("invalid_type", "must be a string or an array of text parts")
+
+
+def _one_prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # one prompt in a list, as some clients send it
+    if isinstance(prompt, list):
+        raise _refusal("unsupported_value", "only one text prompt per request is supported (no batches, no token "
+                                            "arrays)")
+    if not isinstance(prompt, str) or not prompt:
+        raise _refusal("missing_required_parameter", "'prompt' must be a non-empty string")
+    return prompt
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # a client's "name" and the like change nothing
+
+    role: Annotated[Any, _check(lambda r: isinstance(r, str) and r in CHAT_ROLES,
+                                lambda r: f"{r!r} is not supported; use one of {', '.join(CHAT_ROLES)} (tool and "
+                                          f"function messages are not supported)")]
+    content: Annotated[Any, AfterValidator(_text)]
+
+
+class _StreamOptions(_Body):
+    include_usage: bool = False
+
+
+MaxTokens = Annotated[int, _check(lambda n: n >= 1, lambda n: f"max_tokens must be at least 1, got {n}")]
+
+
+class _Completion(_Body):
+    """What both endpoints take (``top_k`` and ``parallelism`` are dllm's; vLLM takes top_k too)."""
+    model: Annotated[str, _check(bool, "you must provide a model parameter", "missing_required_parameter")]
+    max_tokens: MaxTokens | None = None
+    temperature: Annotated[float, _check(lambda t: 0.0 <= t <= 2.0,
+                                         lambda t: f"temperature must be between 0 and 2, got {t}")] = DEFAULT_TEMPERATURE
+    top_p: Annotated[float, _check(lambda p: 0.0 < p <= 1.0,
+                                   lambda p: f"top_p must be greater than 0 and at most 1, got {p}")] = 1.0
+    top_k: Annotated[int, _check(lambda k: k >= 0, "top_k must be 0 (no limit) or more")] = 0
+    seed: Annotated[int, _check(lambda s: 0 <= s < 2**63, "seed must be between 0 and 2**63 - 1")] | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    n: Annotated[int, _check(lambda n: n == 1, "only n=1 is supported: this server generates one choice per request",
+                             "unsupported_value")] = 1
+    user: str | None = None  # accepted, ignored
+    parallelism: str = "pipeline"
+    stop: Annotated[Any, _unused([], "", why="stop sequences are not supported; generation ends at the model's "
+                                             "end-of-sequence token or max_tokens")] = None
+    presence_penalty: Annotated[Any, _unused(0, 0.0, why="presence_penalty is not supported (only 0)")] = None
+    frequency_penalty: Annotated[Any, _unused(0, 0.0, why="frequency_penalty is not supported (only 0)")] = None
+    logit_bias: Annotated[Any, _unused({}, why="logit_bias is not supported")] = None
+    logprobs: Annotated[Any, _unused(False, 0, why="logprobs are not supported")] = None
+
+
+class ChatRequest(_Completion):
+    messages: Annotated[list[_Message], Field(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    top_logprobs: Annotated[Any, _unused(0, why="top_logprobs are not supported")] = None
+    tools: Annotated[Any, _unused([], why="tool calls are not supported")] = None
+    tool_choice: Annotated[Any, _unused("none", why="tool calls are not supported")] = None
+    functions: Annotated[Any, _unused([], why="function calls are not supported")] = None
+    function_call: Annotated[Any, _unused("none", why="function calls are not supported")] = None
+    parallel_tool_calls: Any = None
+    response_format: Annotated[Any, _check(lambda f: f == {"type": "text"},
+                                           'only response_format {"type": "text"} is supported',
+                                           "unsupported_parameter")] = None
+    store: Annotated[Any, _unused(False, why="stored completions are not supported")] = None
+    metadata: Any = None
+
+
+class CompletionRequest(_Completion):
+    prompt: Annotated[Any, AfterValidator(_one_prompt)]
+    echo: Annotated[Any, _unused(False, why="echo is not supported")] = None
+    suffix: Annotated[Any, _unused("", why="suffix (insertion) is not supported")] = None
+    best_of: Annotated[Any, _unused(1, why="best_of is not supported (only 1)")] = None
+
+
+_REQUIRED = {"model": "you must provide a model parameter", "messages": "'messages' must be a non-empty array",
+             "prompt": "'prompt' must be a non-empty string"}
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "bool_type": "a boolean",
+             "list_type": "an array", "dict_type": "an object", "model_type": "an object"}
+_JSON_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+               dict: "an object", type(None): "null"}
+_CODES = {"invalid_value", "invalid_type", "unsupported_value", "unsupported_parameter", "missing_required_parameter"}
+
+
+def _error(exc: ValidationError) -> ApiError:
+    """The first thing wrong with a request (an unknown parameter before all else), in OpenAI's terms."""
+    errors = exc.errors(include_url=False)
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    kind, loc = error["type"], error["loc"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if i else str(p) for i, p in enumerate(loc))
+    if kind == "extra_forbidden":
+        return _bad(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
+    if kind in ("missing", "too_short"):
+        return _bad(_REQUIRED.get(param, f"you must provide {param}"), param, "missing_required_parameter")
+    if kind in _EXPECTED:
+        got = _JSON_TYPES.get(type(error["input"]), type(error["input"]).__name__)
+        return _bad(f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {got} instead.", param,
+                    "invalid_type")
+    return _bad(f"{param}: {error['msg']}" if len(loc) > 1 else error["msg"], param,
+                kind if kind in _CODES else "invalid_value")
 
 
 @dataclass
@@ -153,92 +241,23 @@ class Parsed:
 
 def parse(body: dict, chat: bool) -> Parsed:
     """The request as :mod:`dllmctl.generation` takes it; a 400 for anything it cannot honour."""
-    _refuse_unsupported(body, CHAT if chat else COMPLETIONS)
-    model = _typed(body, "model", str)
-    if not model:
-        raise _bad("you must provide a model parameter", "model", "missing_required_parameter")
-    n = _typed(body, "n", int, 1)
-    if n != 1:
-        raise _bad("only n=1 is supported: this server generates one choice per request", "n",
-                   "unsupported_value")
-    max_tokens = _typed(body, "max_tokens", int)
-    if chat:
-        max_tokens = _typed(body, "max_completion_tokens", int, max_tokens)
-    if max_tokens is not None and max_tokens < 1:
-        raise _bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-    temperature = _typed(body, "temperature", float, DEFAULT_TEMPERATURE)
-    if not 0.0 <= temperature <= 2.0:
-        raise _bad(f"temperature must be between 0 and 2, got {temperature}", "temperature")
-    top_p = _typed(body, "top_p", float, 1.0)
-    if not 0.0 < top_p <= 1.0:
-        raise _bad(f"top_p must be greater than 0 and at most 1, got {top_p}", "top_p")
-    top_k = _typed(body, "top_k", int, 0)
-    if top_k < 0:
-        raise _bad("top_k must be 0 (no limit) or more", "top_k")
-    # Without a seed, sampling differs per request, as clients of OpenAI expect; with one it repeats.
-    seed = _typed(body, "seed", int, secrets.randbelow(2**31))
-    if not 0 <= seed < 2**63:
-        raise _bad("seed must be between 0 and 2**63 - 1", "seed")
-    stream = _typed(body, "stream", bool, False)
-    options = _typed(body, "stream_options", dict, {})
-    if options and not stream:
+    try:
+        r = (ChatRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as exc:
+        raise _error(exc) from None
+    options = r.stream_options
+    if options is not None and options.model_fields_set and not r.stream:
         raise _bad("stream_options are only allowed when stream is true", "stream_options")
-    if set(options) - {"include_usage"}:
-        raise _bad(f"unknown stream_options: {', '.join(sorted(set(options) - {'include_usage'}))}",
-                   "stream_options", "unknown_parameter")
-    include_usage = _typed(options, "include_usage", bool, False)
-    _typed(body, "user", str)
-    parallelism = _typed(body, "parallelism", str, "pipeline")
-    request = GenerationRequest(model=model, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, parallelism=parallelism)
+    max_tokens = r.max_completion_tokens if chat and r.max_completion_tokens is not None else r.max_tokens
+    # Without a seed, sampling differs per request, as clients of OpenAI expect; with one it repeats.
+    seed = secrets.randbelow(2**31) if r.seed is None else r.seed
+    request = GenerationRequest(model=r.model, max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
+                                top_k=r.top_k, seed=seed, parallelism=r.parallelism)
     if chat:
-        request.messages = _messages(body)
+        request.messages = [{"role": CHAT_ROLES[m.role], "content": m.content} for m in r.messages]
     else:
-        request.prompt, request.raw = _prompt(body), True
-    return Parsed(request, stream, include_usage)
-
-
-def _messages(body: dict) -> list[dict]:
-    messages = _typed(body, "messages", list)
-    if not messages:
-        raise _bad("'messages' must be a non-empty array", "messages", "missing_required_parameter")
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _bad(f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise _bad(f"{where}.role {role!r} is not supported; use one of {', '.join(CHAT_ROLES)} (tool and "
-                       f"function messages are not supported)", f"{where}.role")
-        out.append({"role": CHAT_ROLES[role], "content": _content(message.get("content"), f"{where}.content")})
-    return out
-
-
-def _content(content: Any, where: str) -> str:
-    """A message's text: a string, or text parts (joined by newlines); images and audio are refused."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"{where}: only text content parts are supported", where, "unsupported_value")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise _bad(f"{where} must be a string or an array of text parts", where, "invalid_type")
-
-
-def _prompt(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # one prompt in a list, as some clients send it
-    if isinstance(prompt, list):
-        raise _bad("only one text prompt per request is supported (no batches, no token arrays)", "prompt",
-                   "unsupported_value")
-    if not isinstance(prompt, str) or not prompt:
-        raise _bad("'prompt' must be a non-empty string", "prompt", "missing_required_parameter")
-    return prompt
+        request.prompt, request.raw = r.prompt, True
+    return Parsed(request, r.stream, bool(options and options.include_usage))
 
 
 # --- the server ----------------------------------------------------------------------------------

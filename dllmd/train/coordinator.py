@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from dllmd.failpoints import failpoint
 from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.keys import Role
@@ -276,6 +277,7 @@ class _Run:
         while step < self.total:
             if self.job in self.c.stopping:
                 break
+            failpoint("jobs.step", step)
             started = time.perf_counter()
             lr = schedule.learning_rate(step, self.spec.lr, self.spec.warmup_steps, self.total)
             results = await self.compute(step)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dllmd.failpoints import failpoint
 from dllmd.train.model import load_causal_lm, loss_sum, parameters, row_targets
 from dllmd.train.optim import OptimConfig, apply_update, flatten_grads, make_optimizer
 from dllmd.train.ring import RingMember
@@ -66,6 +67,7 @@ class TrainWorker:
 
     async def step(self, step: int, rows: list[tuple[str, int]]) -> dict:
         async with self.lock:
+            failpoint("train.step", step)
             self._pending = None
             started = time.perf_counter()
             flat = await asyncio.to_thread(self._gradients, rows)
