@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -17,7 +16,7 @@ from typing import Callable
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.data.sharding import TOKENIZER_FILES
 from dllmctl.models.deploy import Progress, ship_files
-from dllmd.models.received import span_files
+from dllmd.models.store import MANIFEST, Manifest
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
 from dllmd.net.messages import training as S
@@ -60,9 +59,8 @@ def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.
 async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: S.JobSpec,
                  progress: Progress = lambda *_: None, stage: Callable[[str], None] = lambda _: None) -> dict:
     """Ship the whole model to every node (skipping what they have), then submit to the first node."""
-    manifest = json.loads((model_dir / "manifest.json").read_bytes())
-    layers = len(manifest["layers"])
-    files = span_files(manifest, 0, layers, True, True)
+    manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
+    files = manifest.span_files(0, manifest.num_layers, True, True)
     clients = [RpcClient(user, n.address, n.public_key) for n in nodes]
     try:
         stage("checking nodes")
