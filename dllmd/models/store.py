@@ -403,7 +403,7 @@ class ModelStore:
         removed = []
         if not self.root.is_dir():
             return removed
-        removed += recover_directories(self.root)
+        recover_directories(self.root)  # interrupted replacements and removals are not partial imports
         for directory in sorted(self.root.glob(f"{PARTIAL_PREFIX}*")):
             if not directory.is_dir() or directory.is_symlink():
                 continue
