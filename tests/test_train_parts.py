@@ -99,3 +99,53 @@ def test_checkpoints_are_atomic_signed_and_verified(tmp_path):
     # Another node's key cannot vouch for this node's checkpoints.
     with pytest.raises(CheckpointError):
         Checkpoints(tmp_path / "ckpt", Identity.generate()).manifest(5)
+
+
+def test_rewriting_a_checkpoint_of_the_same_step_is_atomic(tmp_path, monkeypatch):
+    from dllmd.storage import swap
+
+    node = Identity.generate()
+    store = Checkpoints(tmp_path / "ckpt", node)
+    first = {"model.w": torch.zeros(2, 2), "optim.w.exp_avg": torch.zeros(2, 2)}
+    second = {"model.w": torch.ones(2, 2), "optim.w.exp_avg": torch.ones(2, 2)}
+    store.write(3, first, b"{}", {"optimizer_step": 3})
+
+    def power_cut(*_args):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(swap, "exchange", power_cut)  # the crash lands between staging and the swap
+    with pytest.raises(OSError):
+        store.write(3, second, b"{}", {"optimizer_step": 3})
+    monkeypatch.undo()
+    reopened = Checkpoints(tmp_path / "ckpt", node)  # the next use cleans what the crash left
+    assert torch.equal(reopened.read(3)[0]["model.w"], first["model.w"])
+    reopened.write(3, second, b"{}", {"optimizer_step": 3})
+    assert torch.equal(reopened.read(3)[0]["model.w"], second["model.w"]) and reopened.steps() == [3]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000003"]
+
+
+def test_an_export_trusts_only_a_manifest_signed_by_the_pinned_coordinator(tmp_path):
+    from dllmctl.cluster.registry import NodeEntry
+    from dllmctl.training.export import _trusted_manifest
+    from dllmctl.training.jobs import TrainError
+    from dllmd.net.messages.training import CheckpointChunk
+
+    node, mallory = Identity.generate(), Identity.generate()
+    Checkpoints(tmp_path / "ckpt", node).write(4, {"model.w": torch.ones(1)}, b"{}", {})
+    _, blob, signature = Checkpoints(tmp_path / "ckpt", node).signed_manifest(4)
+    pinned = NodeEntry(name="coord", address="tcp://127.0.0.1:1", public_key=node.public_key)
+    manifest = _trusted_manifest(CheckpointChunk(blob, signature, 1), pinned, 4, "config.json")
+    assert manifest.signer == node.public_key and manifest.files["config.json"].bytes == 2
+    # Another key (a node impersonated, or a manifest rewritten and re-signed) is refused ...
+    forged = blob.replace(node.public_key.encode(), mallory.public_key.encode())
+    impostor = NodeEntry(name="coord", address="tcp://127.0.0.1:1", public_key=mallory.public_key)
+    with pytest.raises(TrainError, match="cannot be trusted"):
+        _trusted_manifest(CheckpointChunk(forged, mallory.sign(forged), 1), pinned, 4, "config.json")
+    with pytest.raises(TrainError, match="cannot be trusted"):
+        _trusted_manifest(CheckpointChunk(blob, signature, 1), impostor, 4, "config.json")
+    # ... and so are altered bytes, and a manifest of another step.
+    with pytest.raises(TrainError, match="cannot be trusted"):
+        _trusted_manifest(CheckpointChunk(blob.replace(b'"step":4', b'"step":5'), signature, 1), pinned, 5,
+                          "config.json")
+    with pytest.raises(TrainError, match="another checkpoint"):
+        _trusted_manifest(CheckpointChunk(blob, signature, 1), pinned, 5, "config.json")

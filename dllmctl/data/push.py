@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from typing import Callable
@@ -18,10 +19,11 @@ from typing import Callable
 import torch
 
 from dllmctl.cluster.registry import NodeEntry
+from dllmctl.transfer import upload
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
-
-CHUNK_BYTES = 4 * 1024 * 1024
+from dllmd.net.messages import data as M
+from dllmd.net.messages.node import PING
 
 Progress = Callable[[str, int], None]  # (node name, bytes just sent or found already there)
 
@@ -41,19 +43,14 @@ class ShardUpload:
         return hashlib.sha256(self.blob).hexdigest()
 
 
-async def _stage(client: RpcClient, dataset: str, upload: ShardUpload, progress: Progress) -> None:
-    await client.call("ping", timeout=5)  # a node that is down answers nothing: fail in seconds, not a minute
-    meta = torch.frombuffer(bytearray(json.dumps(upload.meta).encode()), dtype=torch.int8)
-    state, _ = await client.call("data.stage", {"dataset": dataset, "bytes": len(upload.blob),
-                                                "sha256": upload.sha256}, [meta], timeout=60)
-    offset = int(state["received"])
-    progress(upload.node.name, offset)
-    while offset < len(upload.blob):
-        chunk = upload.blob[offset:offset + CHUNK_BYTES]
-        await client.call("data.put", {"dataset": dataset, "offset": offset},
-                          [torch.frombuffer(bytearray(chunk), dtype=torch.int8)], timeout=120)
-        offset += len(chunk)
-        progress(upload.node.name, len(chunk))
+async def _stage(client: RpcClient, dataset: str, shard: ShardUpload, progress: Progress) -> None:
+    await client.invoke(PING, timeout=5)  # a node that is down answers nothing: fail in seconds, not a minute
+    meta = torch.frombuffer(bytearray(json.dumps(shard.meta).encode()), dtype=torch.int8)
+    state, _ = await client.invoke(M.DATA_STAGE, M.StageArgs(dataset=dataset, bytes=len(shard.blob),
+                                                             sha256=shard.sha256), [meta], timeout=60)
+    progress(shard.node.name, state.received)
+    await upload(client, M.DATA_PUT, dataset, io.BytesIO(shard.blob), len(shard.blob), state.received,
+                 on_sent=lambda n: progress(shard.node.name, n))
 
 
 async def push_shards(user: Identity, dataset: str, uploads: list[ShardUpload],

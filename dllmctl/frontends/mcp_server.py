@@ -29,7 +29,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from dllmd import __version__
 from dllmd.data import STRATEGIES, DataError
 from dllmd.models.dtypes import TRAIN_DTYPES
-from dllmd.models.store import ModelStoreError
+from dllmd.models.store import MANIFEST, Manifest, ModelStoreError
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
 from dllmctl.frontends import views
@@ -271,8 +271,7 @@ class ClusterTools:
                             seed=options.seed, dtype=options.dtype, backend=options.backend)
         except TrainError as exc:
             raise ToolError(str(exc)) from None
-        manifest = json.loads((directory / "manifest.json").read_bytes())
-        to_ship = sum(entry["bytes"] for entry in manifest["files"].values()) * len(targets)
+        to_ship = Manifest.from_bytes((directory / MANIFEST).read_bytes()).total_bytes * len(targets)
         shipped = [0]
         stages = ("checking nodes", "sending the model", "loading replicas")
         async with Progress(ctx, total=len(stages)) as progress:

@@ -14,10 +14,14 @@ from typing import Callable
 from dllmd.models.store import MANIFEST, SIGNATURE, Manifest
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
+from dllmd.net.messages import models as M
+from dllmd.net.messages.node import PING
+from dllmd.net.schema import to_wire
+from dllmd.storage.signed import read_signature
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.placement.layout import Span
+from dllmctl.transfer import upload
 
-CHUNK_BYTES = 4 * 1024 * 1024
 LOAD_TIMEOUT_S = 600.0
 
 Progress = Callable[[str, int], None]  # (node name, bytes just sent or skipped)
@@ -37,43 +41,33 @@ async def deploy_span(user: Identity, node: NodeEntry, model_dir: Path, span: Sp
     manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
     async with RpcClient(user, node.address, node.public_key) as client:
         sent = await ship_files(client, node.name, model_dir, span_files(manifest, span), progress)
-        report, _ = await client.call("span.load", {"model": manifest.name, "start": span.start, "end": span.end,
-                                                    "embed": span.embed, "head": span.head, "dtype": dtype},
-                                      timeout=LOAD_TIMEOUT_S)
-    return {**report, "node": node.name, "bytes_sent": sent}
+        loaded, _ = await client.invoke(M.SPAN_LOAD, M.LoadArgs(model=manifest.name, start=span.start, end=span.end,
+                                                                embed=span.embed, head=span.head, dtype=dtype),
+                                        timeout=LOAD_TIMEOUT_S)
+    return {**to_wire(loaded.span), "device": loaded.device, "rss_bytes": loaded.rss_bytes, "node": node.name,
+            "bytes_sent": sent}
 
 
 async def ship_files(client: RpcClient, node_name: str, model_dir: Path, files: list[str],
                      progress: Progress = lambda *_: None) -> int:
     """Offer the signed manifest, then send the listed files the node lacks (resuming partial
     ones); returns the bytes sent."""
-    import torch
-
     blob = (model_dir / MANIFEST).read_bytes()
     manifest = Manifest.from_bytes(blob)
-    signature = bytes.fromhex((model_dir / SIGNATURE).read_text().strip())
-    offer, _ = await client.call("model.offer", {"model": manifest.name, "manifest": blob, "signature": signature},
-                                 timeout=60)
+    offer, _ = await client.invoke(M.MODEL_OFFER, M.OfferArgs(model=manifest.name, manifest=blob,
+                                                              signature=read_signature(model_dir / SIGNATURE)),
+                                   timeout=60)
     sent = 0
     for rel in files:
         entry = manifest.files[rel]
-        if offer["have"].get(rel) == entry.sha256:
+        if offer.have.get(rel) == entry.sha256:
             progress(node_name, entry.bytes)
             continue
-        offset = int(offer["partial"].get(rel, 0))
+        offset = offer.partial.get(rel, 0)
         progress(node_name, offset)
         with open(model_dir / rel, "rb") as f:
-            f.seek(offset)
-            while offset < entry.bytes:
-                chunk = f.read(CHUNK_BYTES)
-                if not chunk:
-                    raise OSError(f"{model_dir / rel} is shorter than its manifest says; re-import the model")
-                data = torch.frombuffer(bytearray(chunk), dtype=torch.int8)
-                await client.call("model.put", {"model": manifest.name, "path": rel, "offset": offset}, [data],
-                                  timeout=120)
-                offset += len(chunk)
-                sent += len(chunk)
-                progress(node_name, len(chunk))
+            sent += await upload(client, M.MODEL_PUT, manifest.name, f, entry.bytes, offset, rel,
+                                 lambda n: progress(node_name, n))
     return sent
 
 
@@ -89,11 +83,11 @@ async def undeploy(user: Identity, nodes: list[NodeEntry], model: str, remove_fi
     async def one(node: NodeEntry) -> tuple[str, str]:
         async with RpcClient(user, node.address, node.public_key) as client:
             try:
-                await client.call("ping", timeout=5)  # a node that is down answers nothing: do not wait a minute
+                await client.invoke(PING, timeout=5)  # a node that is down answers nothing: do not wait a minute
                 if remove_files:
-                    await client.call("model.remove", {"model": model}, timeout=60)
+                    await client.invoke(M.MODEL_REMOVE, M.ModelArgs(model=model), timeout=60)
                     return node.name, "removed"
-                await client.call("span.unload", {"model": model}, timeout=60)
+                await client.invoke(M.SPAN_UNLOAD, M.ModelArgs(model=model), timeout=60)
                 return node.name, "unloaded"
             except Exception as exc:  # one node's failure must not hide the others' outcome
                 return node.name, f"error: {exc}"

@@ -30,8 +30,9 @@ from safetensors.torch import save_file
 from dllmd.models.dtypes import WEIGHT_DTYPES, torch_dtype
 from dllmd.models.families import adapter_for
 from dllmd.models.store import (MANIFEST, SIGNATURE, EmbedEntry, FileEntry, HeadEntry, LayerEntry, Manifest,
-                                ModelStore, ModelStoreError, check_model_name, sha256_file)
+                                ModelStore, ModelStoreError, check_model_name)
 from dllmd.net.identity import Identity
+from dllmd.storage import sha256_file
 from dllmctl.models.catalog import PULLABLE, SMOLLM2, PipGguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -178,7 +179,7 @@ def _import(source: str | Path, store: ModelStore, identity: Identity, name: str
             entries = _write_tensors(work, checkpoint, grouping, torch_dtype(dtype), progress)
             _write_side_files(work, path, checkpoint, dtype)
             manifest = _manifest(work, name, checkpoint.config, dtype, label, identity, entries, progress)
-            return store.publish(work, manifest, identity.sign(manifest.canonical_bytes()), replace=force)
+            return store.publish(work, manifest, identity, replace=force)
 
 
 def _resolve(source: str | Path) -> tuple[Path, str, str]:

@@ -15,12 +15,13 @@ import torch
 
 from dllmd.data import DataError, eos_id, load_data_tokenizer, pack, read_samples, tokenize_samples
 from dllmd.data.shards import ShardError, ShardStore, shard_payload
+from dllmd.net.chunked import int8_payload, receive_chunk
 from dllmd.net.keys import Role
 from dllmd.net.messages import data as M
+from dllmd.net.messages.transfer import PutArgs, PutReply
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
 
-MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_META_BYTES = 32 * 1024 * 1024  # the per-sample table of a big shard
 MAX_SKIPPED_REPORTED = 200  # the reply is a header (64 KiB); the count says how many there were
 TOKENIZER_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a plain name: no '..', no '/'
@@ -45,30 +46,29 @@ class DataOps:
         except ShardError as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
 
-    async def _stage(self, call: Call) -> dict:
+    async def _stage(self, call: Call) -> PutReply:
         a: M.StageArgs = call.args
         # The description (with its per-sample table, megabytes for a big shard) rides as a tensor
         # frame: headers are limited to 64 KiB.
-        if len(call.tensors) != 1 or call.tensors[0].dtype != torch.int8 or call.tensors[0].dim() != 1:
-            raise HandlerError(ErrorCode.BAD_ARGS, "data.stage carries the shard's JSON description as one int8 "
-                                                   "[n] tensor")
-        if call.tensors[0].numel() > MAX_META_BYTES:
-            raise HandlerError(ErrorCode.TOO_LARGE, f"a shard description is at most {MAX_META_BYTES} bytes")
+        blob = int8_payload(call, MAX_META_BYTES, "the shard's JSON description")
         try:
-            meta = json.loads(call.tensors[0].numpy().tobytes())
-        except ValueError:
+            meta = json.loads(blob)
+        except (ValueError, RecursionError):
             meta = None
         if not isinstance(meta, dict):
             raise HandlerError(ErrorCode.BAD_ARGS, "meta must be a JSON object")
-        return await self._run(self.shards.stage, a.dataset, meta, a.bytes, a.sha256)
+        return PutReply(**await self._run(self.shards.stage, a.dataset, meta, a.bytes, a.sha256))
 
-    async def _put(self, call: Call) -> dict:
-        a: M.PutArgs = call.args
-        if len(call.tensors) != 1 or call.tensors[0].dtype != torch.int8 or call.tensors[0].dim() != 1:
-            raise HandlerError(ErrorCode.BAD_ARGS, "data.put carries one int8 [n] tensor of shard bytes")
-        if call.tensors[0].numel() > MAX_CHUNK_BYTES:
-            raise HandlerError(ErrorCode.TOO_LARGE, f"chunks are at most {MAX_CHUNK_BYTES} bytes")
-        return await self._run(self.shards.put, a.dataset, a.offset, call.tensors[0].numpy().tobytes())
+    async def _put(self, call: Call) -> PutReply:
+        try:
+            return await receive_chunk(call, self._append)
+        except ShardError as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+
+    def _append(self, a: PutArgs, chunk: bytes) -> PutReply:
+        if a.path:
+            raise ShardError(f"a dataset's shard is one file: data.put takes no path (got {a.path!r})")
+        return PutReply(**self.shards.put(a.name, a.offset, chunk))
 
     async def _commit(self, call: Call) -> dict:
         return await self._run(self.shards.commit, call.args.dataset)

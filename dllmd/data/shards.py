@@ -3,22 +3,21 @@ sequences) and ``shard.json`` (what they are: samples, tokens, strategy, sha256)
 
 Pushing a dataset is two-phase, so an interrupted or partly failed push leaves nothing half-written
 anywhere: every node first *stages* its shard under ``.incoming/<name>/`` (chunked, resumable, the
-sha256 checked when the last byte arrives), and only when every node holds a verified staged
-shard does the client *commit* on each, which renames the staged directory into place. A client
-that gives up sends *abort*; a stage nobody commits is swept away after a day.
+sha256 checked when the last byte arrives: :class:`~dllmd.storage.StagedFile`), and only when every
+node holds a verified staged shard does the client *commit* on each, which swaps the staged
+directory into place in one step (:func:`~dllmd.storage.replace_directory`). A client that gives up
+sends *abort*; a stage nobody commits is swept away after a day.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-from dllmd.models.store import sha256_file
-from dllmd.storage import atomic_write, fsync_dir
+from dllmd.storage import StagedFile, StagingError, atomic_write, recover_directories, remove_directory, replace_directory
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHARD, META, PART, INCOMING = "shard.safetensors", "shard.json", "shard.safetensors.part", ".incoming"
@@ -35,6 +34,7 @@ class ShardError(ValueError):
 class ShardStore:
     def __init__(self, root: Path):
         self.root = root
+        recover_directories(root)  # a commit or removal a crash interrupted
 
     def _name(self, name: str) -> str:
         if not NAME.match(name):
@@ -43,6 +43,10 @@ class ShardStore:
 
     def _staged(self, name: str) -> Path:
         return self.root / INCOMING / self._name(name)
+
+    @staticmethod
+    def _file(name: str, staged: Path, meta: dict) -> StagedFile:
+        return StagedFile(staged / PART, staged / SHARD, meta["bytes"], meta["sha256"], f"shard {name!r}")
 
     # --- staging --------------------------------------------------------------------------------
 
@@ -60,37 +64,23 @@ class ShardStore:
             atomic_write(staged / META, json.dumps(meta).encode())
         elif current != meta:
             atomic_write(staged / META, json.dumps(meta).encode())
-        if (staged / SHARD).exists():
-            return {"received": size, "complete": True}
-        part = staged / PART
-        return {"received": part.stat().st_size if part.exists() else 0, "complete": False}
+        try:
+            received = self._file(name, staged, meta).resume()
+        except StagingError:
+            received = 0  # complete but corrupt: its bytes are gone, send them again
+        return {"received": received, "complete": received == size}
 
     def put(self, name: str, offset: int, chunk: bytes) -> dict:
+        """Append a chunk of a staged shard at ``offset``; the sha256 is checked when the last byte arrives."""
         staged = self._staged(name)
         meta = self._read_meta(staged)
         if meta is None:
             raise ShardError(f"no staged shard {name!r} here; stage it first (data.stage)")
-        part = staged / PART
-        have = part.stat().st_size if part.exists() else 0
-        if offset != have:
-            raise ShardError(f"chunk at offset {offset} but {have} bytes are here; resume from {have}")
-        if have + len(chunk) > meta["bytes"]:
-            raise ShardError(f"more bytes than the announced {meta['bytes']}")
-        with open(part, "ab") as f:
-            f.write(chunk)
-            if have + len(chunk) == meta["bytes"]:
-                f.flush()
-                os.fsync(f.fileno())
-        if have + len(chunk) < meta["bytes"]:
-            return {"received": have + len(chunk), "complete": False}
-        digest = sha256_file(part)
-        if digest != meta["sha256"]:
-            part.unlink()
-            raise ShardError(f"shard {name!r} does not match its sha256 (got {digest[:12]}..., expected "
-                             f"{meta['sha256'][:12]}...): refused, send it again")
-        os.replace(part, staged / SHARD)
-        fsync_dir(staged)
-        return {"received": meta["bytes"], "complete": True}
+        try:
+            received = self._file(name, staged, meta).append(offset, chunk)
+        except StagingError as exc:
+            raise ShardError(str(exc)) from None
+        return {"received": received, "complete": received == meta["bytes"]}
 
     def commit(self, name: str) -> dict:
         """Publish a complete staged shard, replacing any earlier shard of this dataset at once."""
@@ -98,13 +88,7 @@ class ShardStore:
         meta = self._read_meta(staged)
         if meta is None or not (staged / SHARD).exists():
             raise ShardError(f"shard {name!r} is not completely staged here; push it again")
-        target = self.root / name
-        trash = self.root / INCOMING / f".old-{name}-{time.monotonic_ns()}"
-        if target.exists():
-            os.replace(target, trash)
-        os.replace(staged, target)
-        fsync_dir(self.root)
-        shutil.rmtree(trash, ignore_errors=True)
+        replace_directory(staged, self.root / name)
         return {"committed": name, **self._public(meta)}
 
     def abort(self, name: str) -> bool:
@@ -153,9 +137,7 @@ class ShardStore:
         return path
 
     def remove(self, name: str) -> bool:
-        target = self.root / self._name(name)
-        existed = target.exists()
-        shutil.rmtree(target, ignore_errors=True)
+        existed = remove_directory(self.root / self._name(name))
         self.abort(name)
         return existed
 

@@ -18,14 +18,12 @@ imports in progress, or leftovers of interrupted ones.
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +31,9 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from dllmd.net.identity import verify_signature
-from dllmd.storage import fsync_dir
+from dllmd.models.dtypes import WEIGHT_DTYPES
+from dllmd.storage import recover_directories, remove_directory, replace_directory, sha256_file
+from dllmd.storage.signed import Signer, canonical_json, json_object, read_signature, signed_by, write_signed
 
 if TYPE_CHECKING:
     import torch
@@ -78,19 +77,15 @@ def check_relative_path(path: str) -> str:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
     bytes: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "FileEntry":
+        """Parse ``{"sha256": hex, "bytes": n}``; raises :class:`ModelStoreError` (or KeyError / TypeError)."""
+        return cls(_sha256_hex(data["sha256"]), _count(data["bytes"]))
 
 
 @dataclass(frozen=True)
@@ -139,7 +134,7 @@ class Manifest:
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes that are signed and stored: sorted keys, no spaces, ASCII."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Manifest":
@@ -147,11 +142,11 @@ class Manifest:
         try:
             manifest = cls(
                 name=check_model_name(_typed(data["name"], str)), family=_typed(data["family"], str),
-                dtype=_typed(data["dtype"], str), num_layers=_count(data["num_layers"]),
+                dtype=_dtype(data["dtype"]), num_layers=_count(data["num_layers"]),
                 hidden_size=_count(data["hidden_size"]), vocab_size=_count(data["vocab_size"]),
                 tied_embeddings=_typed(data["tied_embeddings"], bool), source=_typed(data["source"], str),
                 created=float(_typed(data["created"], (int, float))), importer=_typed(data["importer"], str),
-                files={check_relative_path(rel): FileEntry(_sha256_hex(meta["sha256"]), _count(meta["bytes"]))
+                files={check_relative_path(rel): FileEntry.from_dict(meta)
                        for rel, meta in _typed(data["files"], dict).items()},
                 layers=tuple(LayerEntry(_count(e["index"]), _typed(e["file"], str), _count(e["params"]),
                                         _count(e["bytes"])) for e in _typed(data["layers"], (list, tuple))),
@@ -168,13 +163,9 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "Manifest":
-        try:
-            data = json.loads(blob)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ModelStoreError(f"manifest is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ModelStoreError("manifest is malformed: not a JSON object")
-        return cls.from_dict(data)
+        """Parse and check a manifest's bytes (any JSON encoding: whether it is the signed one is
+        :func:`verify_manifest`'s question)."""
+        return cls.from_dict(json_object(blob, "manifest", ModelStoreError))
 
     def _check_consistency(self) -> None:
         if [layer.index for layer in self.layers] != list(range(self.num_layers)):
@@ -192,10 +183,19 @@ class Manifest:
     def params(self) -> int:
         return sum(layer.params for layer in self.layers) + self.embed.params + self.head.params
 
-    def span_files(self, start: int, end: int, embed: bool, head: bool) -> list[str]:
-        """Files a node running layers ``[start, end)`` (+ embeddings / norm and head) needs, config first."""
+    def check_span(self, start: int, end: int, embed: bool, head: bool) -> None:
+        """Raise :class:`ModelStoreError` unless layers ``[start, end)`` are inside the model, embeddings
+        only come with a span starting at 0 and the head only with one ending at the last layer."""
         if not 0 <= start <= end <= self.num_layers:
             raise ModelStoreError(f"layer span [{start}, {end}) is outside {self.name}'s {self.num_layers} layers")
+        if embed and start != 0:
+            raise ModelStoreError(f"only a span starting at layer 0 can hold the embeddings (got start={start})")
+        if head and end != self.num_layers:
+            raise ModelStoreError(f"only a span ending at layer {self.num_layers} can hold the head (got end={end})")
+
+    def span_files(self, start: int, end: int, embed: bool, head: bool) -> list[str]:
+        """Files a node running layers ``[start, end)`` (+ embeddings / norm and head) needs, config first."""
+        self.check_span(start, end, embed, head)
         files = ["config.json", *(self.layers[i].file for i in range(start, end))]
         if embed or (head and self.tied_embeddings):
             files.append(self.embed.file)
@@ -228,10 +228,36 @@ def _count(value) -> int:
     return value
 
 
+def _dtype(value) -> str:
+    if value not in WEIGHT_DTYPES:
+        raise ModelStoreError(f"dtype {value!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    return value
+
+
 def _sha256_hex(value) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ModelStoreError(f"{value!r} is not a sha256 hex digest")
     return value
+
+
+def verify_manifest(name: str, blob: bytes, signature: bytes, trusted_keys: Iterable[str] | None) -> Manifest:
+    """The manifest of model ``name`` in ``blob``, after checking that ``blob`` is its canonical encoding,
+    signed (``signature``) by its importer, and (if ``trusted_keys`` is given) that the importer is one of
+    them. Raises :class:`ModelStoreError` for a malformed manifest, :class:`ModelVerificationError` for
+    one that does not verify. Used by the store and by a node's received copy alike."""
+    try:
+        manifest = Manifest.from_bytes(blob)
+    except ModelStoreError as exc:
+        raise ModelStoreError(f"{name}: {exc}") from None
+    if manifest.name != name:
+        raise ModelStoreError(f"{name}: its manifest names {manifest.name!r}; was it renamed?")
+    if not signed_by(blob, signature, manifest.importer, manifest.to_dict()):
+        raise ModelVerificationError(f"{name}: the manifest's signature does not verify (or it is not in its "
+                                     f"canonical form); the model was altered after import: re-import it")
+    if trusted_keys is not None and manifest.importer not in set(trusted_keys):
+        raise ModelVerificationError(f"{name}: signed by {manifest.importer[:16]}..., which is not a trusted "
+                                     f"key here; authorize that key or import the model yourself")
+    return manifest
 
 
 class ModelStore:
@@ -251,6 +277,7 @@ class ModelStore:
         """Every model whose manifest parses, by name; partial imports and stray files are skipped."""
         if not self.root.is_dir():
             return []
+        recover_directories(self.root)
         found = []
         for directory in sorted(self.root.iterdir()):
             if directory.name.startswith(".") or not SAFE_NAME.match(directory.name):
@@ -280,10 +307,7 @@ class ModelStore:
         if not self.exists(name):
             raise ModelNotFound(f"no model {name!r} in {self.root}")
         # A crash during the delete leaves a dot-directory, never a half model under the real name.
-        doomed = self.root / f"{PARTIAL_PREFIX}rm-{name}-{secrets.token_hex(4)}"
-        self.path(name).rename(doomed)
-        fsync_dir(self.root)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_directory(self.path(name))
 
     def verify(self, name: str, trusted_keys: Iterable[str] | None = None) -> Manifest:
         """Check the whole model: signature (by one of ``trusted_keys`` if given), every file's sha256,
@@ -311,16 +335,20 @@ class ModelStore:
         self._check_hashes(name, manifest, manifest.span_files(start, end, embed, head))
         return manifest
 
-    def read_tensors(self, name: str, tensor_names: Sequence[str]) -> dict[str, "torch.Tensor"]:
+    def read_tensors(self, name: str, tensor_names: Sequence[str],
+                     files: Collection[str] | None = None) -> dict[str, "torch.Tensor"]:
         """The named tensors of model ``name``, read from the files the manifest assigns them (mmapped).
 
-        Only those files are opened, so a span's tensors are read without touching the rest. A name that
-        none of those files holds raises :class:`ModelStoreError`. Call :meth:`verify` or
-        :meth:`verify_span` first where the files may not be trusted.
+        Only those files are opened (and of them only ``files`` if given: the span files a node holds),
+        so a span's tensors are read without touching the rest. A name that none of those files holds
+        raises :class:`ModelStoreError`. Call :meth:`verify` or :meth:`verify_span` first where the files
+        may not be trusted.
         """
         manifest = self.get(name)
         wanted, found = set(tensor_names), {}
         for rel in manifest.files_for_tensors(tensor_names):
+            if files is not None and rel not in files:
+                continue
             path = self.path(name) / rel
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -336,9 +364,10 @@ class ModelStore:
                                                                            if len(missing) > 1 else ""))
         return found
 
-    def tensor_source(self, name: str):
-        """A ``TensorSource`` for :class:`dllmd.models.span.LayerSpan`: names -> tensors of this model."""
-        return lambda names: self.read_tensors(name, names)
+    def tensor_source(self, name: str, files: Collection[str] | None = None):
+        """A ``TensorSource`` for :class:`dllmd.models.span.LayerSpan`: names -> tensors of this model
+        (read from ``files`` only, if given)."""
+        return lambda names: self.read_tensors(name, names, files)
 
     # --- writing: imports are built aside and published with one rename --------------------------
 
@@ -361,27 +390,18 @@ class ModelStore:
             shutil.rmtree(work, ignore_errors=True)
             os.close(lock)
 
-    def publish(self, work: Path, manifest: Manifest, signature: bytes, replace: bool = False) -> Manifest:
-        """Write the manifest and signature into ``work``, make every file durable, and move it into place."""
-        blob = manifest.canonical_bytes()
-        (work / MANIFEST).write_bytes(blob)
-        (work / SIGNATURE).write_text(signature.hex())
-        _fsync_tree(work)
+    def publish(self, work: Path, manifest: Manifest, signer: Signer, replace: bool = False) -> Manifest:
+        """Write the manifest and its signature by ``signer`` into ``work``, make every file durable, and
+        move it into place (replacing a model of the same name atomically, if ``replace``)."""
         target = self.path(manifest.name)
-        old = None
-        if target.exists():
-            if not replace:
-                raise ModelStoreError(f"a model named {manifest.name!r} is already in the store; "
-                                      f"use --force to replace it or choose another --name")
-            old = self.root / f"{PARTIAL_PREFIX}old-{manifest.name}-{secrets.token_hex(4)}"
-            target.rename(old)
+        if target.exists() and not replace:
+            raise ModelStoreError(f"a model named {manifest.name!r} is already in the store; "
+                                  f"use --force to replace it or choose another --name")
+        write_signed(work / MANIFEST, work / SIGNATURE, manifest.to_dict(), signer)
         try:
-            work.rename(target)
+            replace_directory(work, target)
         except OSError as exc:
             raise ModelStoreError(f"cannot move the import into place at {target}: {exc}") from None
-        fsync_dir(self.root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return manifest
 
     def clean_stale_partials(self) -> list[str]:
@@ -389,6 +409,7 @@ class ModelStore:
         removed = []
         if not self.root.is_dir():
             return removed
+        recover_directories(self.root)  # interrupted replacements and removals are not partial imports
         for directory in sorted(self.root.glob(f"{PARTIAL_PREFIX}*")):
             if not directory.is_dir() or directory.is_symlink():
                 continue
@@ -409,20 +430,12 @@ class ModelStore:
 
     def _verified_manifest(self, name: str, trusted_keys: Iterable[str] | None) -> Manifest:
         directory = self.path(name)
-        manifest = self.get(name)
-        blob = (directory / MANIFEST).read_bytes()
+        self.get(name)  # the store's own messages for a missing or malformed manifest
         try:
-            signature = bytes.fromhex((directory / SIGNATURE).read_text().strip())
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            signature = read_signature(directory / SIGNATURE)
+        except (OSError, ValueError):
             raise ModelVerificationError(f"{name}: manifest.sig is missing or not hex; re-import the model") from None
-        # Only the canonical encoding is accepted, so one manifest has exactly one signed form.
-        if blob != manifest.canonical_bytes() or not verify_signature(manifest.importer, blob, signature):
-            raise ModelVerificationError(f"{name}: the manifest's signature does not verify; the model was "
-                                         f"altered after import: re-import it")
-        if trusted_keys is not None and manifest.importer not in set(trusted_keys):
-            raise ModelVerificationError(f"{name}: signed by {manifest.importer[:16]}..., which is not a trusted "
-                                         f"key here; authorize that key or import the model yourself")
-        return manifest
+        return verify_manifest(name, (directory / MANIFEST).read_bytes(), signature, trusted_keys)
 
     def _check_hashes(self, name: str, manifest: Manifest, files: Iterable[str]) -> None:
         directory = self.path(name)
@@ -435,16 +448,3 @@ class ModelStore:
                 raise ModelVerificationError(f"{name}: {rel} does not match its signed sha256 (corrupted or "
                                              f"tampered with); re-import the model")
 
-
-def _fsync_tree(directory: Path) -> None:
-    """fsync every file and directory under ``directory`` (a rename publishes only durable content)."""
-    for path in sorted(directory.rglob("*"), reverse=True):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        elif path.is_dir():
-            fsync_dir(path)
-    fsync_dir(directory)

@@ -168,17 +168,19 @@ class Coordinator:
         store = self.checkpoints(a.job)
         return S.CheckpointList(a.job, [S.CheckpointInfo(**store.describe(s)) for s in store.steps()])
 
-    async def _read_checkpoint(self, a: S.CheckpointReadArgs, _tensors) -> tuple[dict, list[torch.Tensor]]:
-        """A chunk of one checkpoint file (export), with the signed manifest to check it against."""
+    async def _read_checkpoint(self, a: S.CheckpointReadArgs,
+                               _tensors) -> tuple[S.CheckpointChunk, list[torch.Tensor]]:
+        """A chunk of one checkpoint file (export), with the manifest's signed bytes and signature to check
+        it against."""
         self.store.get(a.job)
         store = self.checkpoints(a.job)
-        manifest = store.manifest(a.step)
-        if a.file not in manifest["files"]:
-            raise JobError(f"a checkpoint has no file {a.file!r}; files: {', '.join(manifest['files'])}")
+        manifest, blob, signature = store.signed_manifest(a.step)
+        if a.file not in manifest.files:
+            raise JobError(f"a checkpoint has no file {a.file!r}; files: {', '.join(manifest.files)}")
         with open(store.path(a.step) / a.file, "rb") as f:
             f.seek(a.offset)
             chunk = f.read(READ_CHUNK)
-        return ({"manifest": manifest, "size": manifest["files"][a.file]["bytes"]},
+        return (S.CheckpointChunk(manifest=blob, signature=signature, size=manifest.files[a.file].bytes),
                 [torch.frombuffer(bytearray(chunk), dtype=torch.int8) if chunk else torch.zeros(0, dtype=torch.int8)])
 
     # --- running a job -------------------------------------------------------------------------

@@ -144,8 +144,7 @@ class TrainingService:
         manifest, files = await asyncio.to_thread(self.models.verified_span, a.model, 0, layers, True, True, admins)
         shard = await asyncio.to_thread(self._own_shard, a.dataset)
         seq_len = shard.tokens.shape[1] if shard else 2048
-        need = replica_bytes(int(manifest.get("params") or sum(f["bytes"] for f in manifest["files"].values()) // 4),
-                             a.micro_batch_size, seq_len, int(config.get("hidden_size", 0)), layers,
+        need = replica_bytes(manifest.params, a.micro_batch_size, seq_len, int(config.get("hidden_size", 0)), layers,
                              int(config.get("vocab_size", 0)))
         device = hardware.best_device()
         free = hardware.gpus()[0]["memory_free"] if device.type == "cuda" else psutil.virtual_memory().available

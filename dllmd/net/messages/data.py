@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dllmd.net.messages.transfer import PutArgs, PutReply
 from dllmd.net.schema import NoArgs, Op, bounded
 
 
@@ -13,12 +14,6 @@ class StageArgs:
     dataset: str = bounded(max_len=128)
     bytes: int = bounded(lo=1, hi=2**44)
     sha256: str = bounded(max_len=64)
-
-
-@dataclass
-class PutArgs:
-    dataset: str = bounded(max_len=128)
-    offset: int = bounded(lo=0, hi=2**44)
 
 
 @dataclass
@@ -39,8 +34,8 @@ class LocalArgs:
     info: bytes = bounded(b"{}", max_len=64 * 1024)  # JSON: what the shard description records
 
 
-DATA_STAGE = Op("data.stage", StageArgs, dict)
-DATA_PUT = Op("data.put", PutArgs, dict)
+DATA_STAGE = Op("data.stage", StageArgs, PutReply)  # what is staged already: resume from ``received``
+DATA_PUT = Op("data.put", PutArgs, PutReply)  # ``name`` is the dataset; a shard is one file (no ``path``)
 DATA_COMMIT = Op("data.commit", DatasetArgs, dict)
 DATA_ABORT = Op("data.abort", DatasetArgs, dict)
 DATA_LIST = Op("data.list", NoArgs, dict)

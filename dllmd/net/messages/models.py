@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dllmd.net.messages.node import ServedSpan
+from dllmd.net.messages.transfer import PutArgs, PutReply
 from dllmd.net.schema import Op, bounded
 
 
@@ -25,21 +26,6 @@ class Offer:
 
 
 @dataclass
-class PutArgs:
-    """A chunk of a staged file (the chunk rides as one int8 tensor): model files, dataset shards."""
-
-    name: str = bounded(max_len=128)  # the model or dataset it belongs to
-    offset: int = bounded(lo=0, hi=2**48)
-    path: str = bounded("", max_len=256)  # the file within it ("" where there is one file)
-
-
-@dataclass
-class PutReply:
-    received: int
-    complete: bool
-
-
-@dataclass
 class LoadArgs:
     model: str = bounded(max_len=128)
     start: int = bounded(lo=0, hi=100_000)
@@ -51,6 +37,8 @@ class LoadArgs:
 
 @dataclass
 class Loaded:
+    """The span a node loaded, where it runs and the node's memory after loading it."""
+
     span: ServedSpan
     device: str
     rss_bytes: int
