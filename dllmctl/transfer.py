@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import BinaryIO, Callable
 
-import torch
 
 from dllmd.net.client import RpcClient
 from dllmd.net.messages.transfer import CHUNK_BYTES, PutArgs, PutReply
@@ -22,6 +21,8 @@ async def upload(client: RpcClient, op: Op[PutArgs, PutReply], name: str, source
                  offset: int = 0, path: str = "", on_sent: Callable[[int], None] = lambda _: None) -> int:
     """Send bytes ``[offset, size)`` of ``source`` (a binary file object) as ``op`` chunks of file ``path``
     of ``name``; ``on_sent`` hears each chunk's length. Returns the bytes sent."""
+    import torch  # only here: the CLI's other commands never need it
+
     source.seek(offset)
     sent = 0
     while offset < size:

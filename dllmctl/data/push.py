@@ -16,7 +16,6 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.transfer import upload
@@ -45,6 +44,8 @@ class ShardUpload:
 
 async def _stage(client: RpcClient, dataset: str, shard: ShardUpload, progress: Progress) -> None:
     await client.invoke(PING, timeout=5)  # a node that is down answers nothing: fail in seconds, not a minute
+    import torch
+
     meta = torch.frombuffer(bytearray(json.dumps(shard.meta).encode()), dtype=torch.int8)
     state, _ = await client.invoke(M.DATA_STAGE, M.StageArgs(dataset=dataset, bytes=len(shard.blob),
                                                              sha256=shard.sha256), [meta], timeout=60)
