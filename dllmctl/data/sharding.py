@@ -30,7 +30,6 @@ from dllmd.data import (STRATEGIES, DataError, SourceResult, TokenizedSample, as
 from dllmd.data.shards import NAME, shard_payload
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
-from dllmd.storage import atomic_write
 from dllmd.models.store import TOKENIZER_FILES
 
 LOCAL_TIMEOUT_S = 600.0

@@ -6,21 +6,18 @@ again later by asking the nodes (job state lives with the coordinators, not here
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from dllmctl.cluster.registry import NodeEntry
 from dllmd.models.store import MANIFEST, TOKENIZER_FILES, Manifest
-from dllmctl.models.deploy import Progress, ship_files
 from dllmd.net.client import BadReply, CallError, RpcClient
+from dllmd.net.identity import Identity
+from dllmd.net.messages import training as S
 from dllmd.net.messages.node import PING
 from dllmd.net.schema import Op, parse_args, parse_reply, to_wire
 from dllmd.net.wire import WireError
-from dllmd.net.identity import Identity
-from dllmd.net.messages import training as S
+from dllmctl.cluster.registry import NodeEntry
+from dllmctl.models.deploy import Progress, ship_files
 
 PARALLELISMS = ("data", "model", "federated", "hybrid")
 SUBMIT_TIMEOUT_S = 900.0  # the coordinator loads a replica on every node before it accepts

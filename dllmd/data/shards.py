@@ -16,8 +16,12 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dllmd.storage import StagedFile, StagingError, atomic_write, recover_directories, remove_directory, replace_directory
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHARD, META, PART, INCOMING = "shard.safetensors", "shard.json", "shard.safetensors.part", ".incoming"

@@ -214,6 +214,13 @@ def _unpack_header(frame: Any, limits: Limits) -> dict:
     return header
 
 
+def _torch():
+    """torch, imported on the first message that carries a tensor."""
+    import torch
+
+    return torch
+
+
 def _decode_tensors(header: dict, frames: Sequence[Any], limits: Limits, request_id: int) -> list["torch.Tensor"]:
     descs = header.get("tensors", [])
     if not isinstance(descs, list):
@@ -262,15 +269,13 @@ def _decode_tensors(header: dict, frames: Sequence[Any], limits: Limits, request
                 f"tensor {i}: shape {shape} of {desc['dtype']} is {declared} bytes but the frame has {len(buf)}",
                 request_id,
             )
-        import torch  # only messages with tensors need it
-
-        dtype = getattr(torch, desc["dtype"])
+        dtype = getattr(_torch(), desc["dtype"])
         if declared == 0:
-            tensors.append(torch.empty(shape, dtype=dtype))
+            tensors.append(_torch().empty(shape, dtype=dtype))
             continue
         # zmq frames are read-only; a bytearray copy keeps torch from aliasing memory it may not write.
         data = buf if not buf.readonly else bytearray(buf)
-        tensors.append(torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape))
+        tensors.append(_torch().frombuffer(data, dtype=_torch().uint8).view(dtype).reshape(shape))
     return tensors
 
 
