@@ -114,24 +114,24 @@ def test_data_parallel_equals_single_process_and_exports(cluster3, tmp_path):  #
 
 def test_resume_ends_where_an_uninterrupted_run_ends(cluster3, tmp_path):  # noqa: F811
     _setup(cluster3, tmp_path)
-    steps = 300
+    steps = 60  # past an epoch boundary (~28 steps); the failpoint, not the length, puts the kill mid-job
     common = ("--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "2", "--lr", str(LR),
-              "--checkpoint-every", "50", "--json")
+              "--checkpoint-every", "20", "--json")
     straight = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "two", "--nodes", "local-1,local-2", *common,
                            timeout=300))
-    # The coordinator dies as it starts step 60, as a power cut would stop it: armed, not raced.
-    coordinator = _restart(cluster3, "local-1", failpoints="jobs.step@60=exit")
+    # The coordinator dies as it starts step 30, as a power cut would stop it: armed, not raced.
+    coordinator = _restart(cluster3, "local-1", failpoints="jobs.step@30=exit")
     started = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "two", "--nodes", "local-1,local-2", "--detach",
                           *common))
     job = started["job"]
     _wait_exited(coordinator)
-    assert "failpoint jobs.step@60" in (cluster3 / "local-1" / "dllmd.log").read_text()
+    assert "failpoint jobs.step@30" in (cluster3 / "local-1" / "dllmd.log").read_text()
     _restart(cluster3, "local-1")  # disarmed; the restart marks the job interrupted
     shown = _ok(run_cli("dllmctl", "jobs", "show", job, "--json"))
-    assert shown["state"] == "interrupted" and shown["step"] == 60, shown
+    assert shown["state"] == "interrupted" and shown["step"] == 30, shown
     resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--follow", "--json", timeout=300))
     assert resumed["state"] == "done" and resumed["step"] == steps
-    assert any(e["kind"] == "resumed" and e["message"] == "from step 50" for e in resumed["events"])
+    assert any(e["kind"] == "resumed" and e["message"] == "from step 20" for e in resumed["events"])
     a = _export(straight["job"], "straight", tmp_path / "a")
     b = _export(job, "resumed", tmp_path / "b")
     assert _max_diff(a, b) <= 1e-6
@@ -173,7 +173,7 @@ def _wait_finished(job: str, timeout: float = 600) -> dict:
 
 def test_a_node_killed_mid_job_is_survived(cluster3, tmp_path):  # noqa: F811
     keys = _setup(cluster3, tmp_path)
-    steps = 200
+    steps = 30  # past an epoch boundary (~19 steps); the failpoint, not the length, puts the kill mid-job
     # local-3 dies as it starts computing step 5, however fast or slow this machine is.
     lost = _restart(cluster3, "local-3", failpoints="train.step@5=exit")
     started = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "three", "--nodes", "local-1,local-2,local-3",
