@@ -63,8 +63,8 @@ def check_input(span: LayerSpan, inputs: torch.Tensor) -> None:
         if inputs.dtype != torch.int64 or inputs.dim() != 2 or inputs.shape[0] != 1 or inputs.shape[1] == 0:
             raise HandlerError(ErrorCode.BAD_ARGS, f"the first stage takes int64 token ids [1, seq]; got "
                                                    f"{str(inputs.dtype).removeprefix('torch.')} {list(inputs.shape)}")
-        if int(inputs.max()) >= span.config.vocab_size or int(inputs.min()) < 0:
-            raise HandlerError(ErrorCode.BAD_ARGS, f"token ids must be in [0, {span.config.vocab_size})")
+        if int(inputs.max()) >= span.vocab_size or int(inputs.min()) < 0:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"token ids must be in [0, {span.vocab_size})")
         return
     hidden = span.config.hidden_size
     if (inputs.dtype != span.dtype or inputs.dim() != 3 or inputs.shape[0] != 1 or inputs.shape[1] == 0

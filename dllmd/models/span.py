@@ -18,9 +18,14 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from dllmd.models.families import SLIDING_ATTENTION, FamilyAdapter, adapter_for
 from dllmd.models.ragged import BatchCache, ragged_attention_on
+from dllmd.models.slicing import check_slice, slice_tensor, sliced_config
+from dllmd.net.messages.models import TensorSlice
 
 TensorSource = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
 """Given checkpoint tensor names, returns those tensors (e.g. read lazily from mmapped safetensors)."""
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor-parallel member's partial result with the other members' (the same on every member)."""
 
 EMBED_TENSOR = "model.embed_tokens.weight"
 HEAD_TENSOR = "lm_head.weight"
@@ -145,25 +150,38 @@ class LayerSpan(nn.Module):
 
     ``tensors`` is asked exactly once, for exactly :func:`span_tensor_names`. Run steps with :meth:`forward`
     and one :meth:`new_cache` per session.
+
+    With a ``tensor_slice`` the span holds one tensor-parallel member's part of every layer
+    (:mod:`dllmd.models.slicing`); its attention, MLP and embedding outputs are partial sums that
+    :meth:`attach`'s ``reduce`` adds up with the other members' before anything else reads them, and its
+    head yields the logits of the member's vocabulary rows only.
     """
 
     def __init__(self, config, start: int, end: int, *, embed: bool, head: bool, tensors: TensorSource,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 tensor_slice: TensorSlice | None = None):
         super().__init__()
         _check_span(config, start, end, embed, head)
         self.adapter = adapter_for(config)
-        # A private copy: the attention kernel choice must not leak into the caller's config.
-        self.config = copy.deepcopy(config)
+        if tensor_slice is not None:
+            check_slice(config, tensor_slice, embed, head)
+        self.tensor_slice = tensor_slice
+        self.vocab_size = config.vocab_size  # of the whole model: what token ids are checked against
+        self.model_config = config
+        # A private copy (sliced for a tensor-parallel member): the attention kernel choice and the
+        # slice's head counts must not leak into the caller's config.
+        self.config = sliced_config(config, tensor_slice) if tensor_slice is not None else copy.deepcopy(config)
         self.config._attn_implementation = self.adapter.attention_implementation()
         self.start, self.end, self.embed, self.head = start, end, embed, head
         self.dtype, self.device = dtype, torch.device(device)
+        self._reduce: Reduce | None = None
 
         self.parts = _skeleton(self.config, self.adapter, start, end, embed, head)
         self._load(tensors)
         if embed:
             self.adapter.restore_embedding_buffers(self.parts.embed_tokens)
         # Rotary tables depend only on the config, so they are computed, never loaded.
-        self.rotary_emb = self.adapter.rotary_embedding(self.config).to(self.device)
+        self.rotary_emb = self.adapter.rotary_embedding(self.model_config).to(self.device)
         self._check_materialized()
 
         self.layer_types = {i: self.adapter.layer_type(self.config, i) for i in range(start, end)}
@@ -171,6 +189,25 @@ class LayerSpan(nn.Module):
         for index, layer_type in self.layer_types.items():
             self._first_layer_of_type.setdefault(layer_type, index)
         self.softcap = self.adapter.final_logit_softcap(self.config) if head else None
+        if tensor_slice is not None:
+            self._hook_reductions()
+
+    def attach(self, reduce: Reduce) -> None:
+        """Give a tensor-parallel member the group's sum, which every partial result goes through."""
+        self._reduce = reduce
+
+    def _reduced(self, partial: torch.Tensor) -> torch.Tensor:
+        if self._reduce is None:
+            raise RuntimeError("this tensor-parallel slice is not connected to its group yet")
+        return self._reduce(partial)
+
+    def _hook_reductions(self) -> None:
+        """Sum the partial outputs where Megatron does: after attention's output projection and after
+        the MLP's down projection, before the residual add (and any post-norm) of transformers' own
+        decoder layer reads them, so the layer code runs unchanged on every member."""
+        for layer in self.parts.layers.values():
+            layer.self_attn.register_forward_hook(lambda _m, _a, out: (self._reduced(out[0]), *out[1:]))
+            layer.mlp.register_forward_hook(lambda _m, _a, out: self._reduced(out))
 
     def _load(self, tensors: TensorSource) -> None:
         names = self.parts.checkpoint_names(self.config)
@@ -183,6 +220,8 @@ class LayerSpan(nn.Module):
                 raise SpanLoadError(f"tensor {name!r} needed by layers [{self.start}, {self.end}) is missing "
                                     f"from the checkpoint")
             tensor = provided[name]
+            if self.tensor_slice is not None:
+                tensor = slice_tensor(self.model_config, self.tensor_slice, name, tensor)
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise SpanLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
                                     f"{tuple(expected[key].shape)} for this {self.config.model_type} config")
@@ -289,7 +328,14 @@ class LayerSpan(nn.Module):
             if inputs.dtype != torch.long or inputs.dim() != 2:
                 raise ValueError(f"the first span takes int64 token ids [batch, seq], got {inputs.dtype} "
                                  f"{tuple(inputs.shape)}")
-            return self.parts.embed_tokens(inputs)
+            if self.tensor_slice is None:
+                return self.parts.embed_tokens(inputs)
+            # Vocabulary-parallel: each member embeds the ids in its rows and zeros elsewhere; the sum has
+            # exactly one non-zero term per id, so it equals the whole table's lookup bit for bit.
+            lo, hi = self.tensor_slice.vocab_lo, self.tensor_slice.vocab_hi
+            inside = (inputs >= lo) & (inputs < hi)
+            local = self.parts.embed_tokens((inputs - lo).clamp(0, hi - lo - 1))
+            return self._reduced(local * inside.unsqueeze(-1).to(local.dtype))
         if inputs.dim() != 3 or inputs.shape[-1] != self.config.hidden_size or inputs.dtype != self.dtype:
             raise ValueError(f"span [{self.start}, {self.end}) takes hidden states [batch, seq, "
                              f"{self.config.hidden_size}] in {self.dtype}, got {inputs.dtype} {tuple(inputs.shape)}")

@@ -25,6 +25,24 @@ class Offer:
     partial: dict[str, int]  # file -> bytes received of the incomplete ones
 
 
+@dataclass(frozen=True)
+class TensorSlice:
+    """A tensor-parallel member's part of every layer in its span: KV heads ``[kv_lo, kv_hi)`` (and the
+    query heads that attend with them), MLP intermediate columns ``[mlp_lo, mlp_hi)``, and vocabulary
+    rows ``[vocab_lo, vocab_hi)`` of the embeddings and head where the span holds them. ``group`` names
+    the tensor-parallel group (unique per deployment of a model), ``rank`` orders its members."""
+
+    group: str = bounded(max_len=64)
+    rank: int = bounded(lo=0, hi=255)
+    size: int = bounded(lo=1, hi=256)
+    kv_lo: int = bounded(lo=0, hi=65_536)
+    kv_hi: int = bounded(lo=0, hi=65_536)
+    mlp_lo: int = bounded(lo=0, hi=1 << 24)
+    mlp_hi: int = bounded(lo=0, hi=1 << 24)
+    vocab_lo: int = bounded(0, lo=0, hi=1 << 24)
+    vocab_hi: int = bounded(0, lo=0, hi=1 << 24)
+
+
 @dataclass
 class LoadArgs:
     model: str = bounded(max_len=128)
@@ -33,6 +51,7 @@ class LoadArgs:
     embed: bool = False
     head: bool = False
     dtype: str = bounded("", max_len=16)  # "": the dtype the model was imported in
+    tensor_slice: TensorSlice | None = None  # None: the whole of every layer in the span
 
 
 @dataclass
