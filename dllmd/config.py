@@ -17,6 +17,7 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from urllib.parse import urlparse
 
 import tomli_w
 
@@ -44,6 +45,22 @@ def resolve_home(home: str | os.PathLike | None = None) -> Path:
             # systemd may pass several colon-separated state directories; the first is ours.
             return Path(value.split(":")[0]).expanduser()
     return Path("~/.local/state/dllmd").expanduser()
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "")
+
+
+def listen_host(listen: str) -> str:
+    """The host part of a ``tcp://HOST:PORT`` listen address (IPv6 without its brackets)."""
+    host = urlparse(listen.replace("tcp://", "http://", 1)).hostname
+    return host if host not in (None, "") else "0.0.0.0"
+
+
+def bind_host(listen: str) -> str:
+    """Where a node's other sockets (ring, tensor-parallel group) bind: its listen host, every
+    interface when it listens on all of them. Peers reach them at the host they know the node by."""
+    host = listen_host(listen)
+    return "0.0.0.0" if host in WILDCARD_HOSTS else host
 
 
 def validate_endpoint(endpoint: str) -> str:

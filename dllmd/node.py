@@ -19,8 +19,9 @@ import psutil
 import zmq
 
 from dllmd import __version__, hardware
-from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig
+from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig, bind_host
 from dllmd.inference.ops import InferenceService
+from dllmd.inference.tensor_group import GroupChannel
 from dllmd.data.ops import DataOps
 from dllmd.models.ops import ModelOps
 from dllmd.net.identity import Identity, InvalidKey
@@ -92,7 +93,10 @@ class Daemon:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         server = RpcServer(sock, self.keys, self.limits)
         peers = ConnectionPool(self.identity, ctx)
-        self.inference = InferenceService(peers, self.keys, self._kv_budget())
+        group_host = bind_host(self.config.listen)
+        self.inference = InferenceService(
+            peers, self.keys, self._kv_budget(), own_key=self.identity.public_key,
+            group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes))
         self._register(server)
         self.inference.register(server)
         self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)

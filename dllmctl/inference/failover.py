@@ -78,12 +78,14 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
     candidates = stages if stages is not None else await find_stages()
     while True:
         try:
-            route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned)
+            route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned,
+                                 parallelism=parallelism)
         except RouteError:
             # Perhaps a replica came back or the layout changed: ask the nodes (slow when some are
             # down, so only when what we knew is not enough).
             candidates = await find_stages()
-            route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned)
+            route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned,
+                                 parallelism=parallelism)
         for stage in route:
             assigned[stage.node.name] = assigned.get(stage.node.name, 0) + 1
         try:

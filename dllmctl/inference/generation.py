@@ -35,10 +35,10 @@ from dllmctl.inference.tokens import PromptError, encode_prompt, load_tokenizer,
 log = logging.getLogger("dllmctl.generation")
 _running: set[asyncio.Task] = set()  # generations in flight, kept referenced until they finish
 
-# What front ends let a caller name. Only PARALLELISMS (both layer sharding) are built; the others
-# are refused with a message saying so, never served by something else behind the caller's back.
-NOT_BUILT = ("tensor", "hybrid")
-ALL_PARALLELISMS = (*PARALLELISMS, *NOT_BUILT)
+# What front ends let a caller name. A parallelism is served only by a layout of its own kind (a
+# route through tensor-parallel groups for tensor and hybrid), never by something else behind the
+# caller's back: without one deployed, the request fails naming the command that deploys it.
+ALL_PARALLELISMS = PARALLELISMS
 MAX_NEW_TOKENS = 100_000  # dllmctl infer's own bound
 # Errors that mean the cluster could not serve the request now (nodes down, no route), not that the
 # request was wrong.
@@ -110,15 +110,9 @@ def load_model(name: str) -> LocalModel:
 
 
 def check_parallelism(parallelism: str) -> None:
-    if parallelism in PARALLELISMS:
-        return
-    if parallelism in NOT_BUILT:
-        raise GenerationError(
-            f"parallelism {parallelism!r} is not built yet: dllm splits a model by layers across nodes; use "
-            f"'pipeline' (prompt chunks overlap across stages, decode batched with other sessions) or 'model' "
-            f"(one piece, never batched)", "parallelism", "not_built")
-    raise GenerationError(f"unknown parallelism {parallelism!r}; choose one of {', '.join(ALL_PARALLELISMS)} "
-                          f"({', '.join(NOT_BUILT)}: not built yet)", "parallelism")
+    if parallelism not in PARALLELISMS:
+        raise GenerationError(f"unknown parallelism {parallelism!r}; choose one of {', '.join(PARALLELISMS)}",
+                              "parallelism")
 
 
 @dataclass

@@ -27,7 +27,9 @@ from dllmd.net.schema import parse_reply, to_wire
 from dllmd.net.wire import ErrorCode, WireError
 from dllmctl.placement.routing import Stage
 
-PARALLELISMS = ("pipeline", "model")
+# pipeline: prompt chunks overlap across stages, decode batched with other sessions; model: one piece,
+# never batched; tensor: one tensor-parallel group holds every layer; hybrid: a chain of such groups.
+PARALLELISMS = ("pipeline", "model", "tensor", "hybrid")
 PREFILL_CHUNK = 128  # tokens per prefill chunk: small enough that stages overlap, big enough to batch well
 STEP_TIMEOUT_S = 60.0  # plus PREFILL_S_PER_TOKEN for each token of the step (long prompts on slow CPUs)
 PREFILL_S_PER_TOKEN = 0.05
@@ -65,7 +67,7 @@ class Generation:
 
 
 def prompt_chunks(token_ids: list[int], parallelism: str, chunk: int = PREFILL_CHUNK) -> list[list[int]]:
-    size = chunk if parallelism == "pipeline" else MAX_STEP_TOKENS
+    size = MAX_STEP_TOKENS if parallelism == "model" else chunk
     return [token_ids[i:i + size] for i in range(0, len(token_ids), size)] or [[]]
 
 
@@ -102,7 +104,7 @@ class DistributedSession:
                         prompt_tokens=self.prompt_tokens, max_new_tokens=self.max_new_tokens,
                         next_address=nxt.address if nxt else "", next_public_key=nxt.public_key if nxt else "",
                         sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
-                        batching=self.parallelism == "pipeline")
+                        batching=self.parallelism != "model")
         try:
             stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), timeout=OPEN_TIMEOUT_S)
             self.streams[index] = stream

@@ -15,11 +15,12 @@ from dllmd.models.store import MANIFEST, SIGNATURE, Manifest
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
 from dllmd.net.messages import models as M
+from dllmd.net.messages import tensor as T
 from dllmd.net.messages.node import PING
 from dllmd.net.schema import to_wire
 from dllmd.storage.signed import read_signature
 from dllmctl.cluster.registry import NodeEntry
-from dllmctl.placement.layout import Span
+from dllmctl.placement.layout import Span, groups_of
 from dllmctl.transfer import upload
 
 LOAD_TIMEOUT_S = 600.0
@@ -42,7 +43,8 @@ async def deploy_span(user: Identity, node: NodeEntry, model_dir: Path, span: Sp
     async with RpcClient(user, node.address, node.public_key) as client:
         sent = await ship_files(client, node.name, model_dir, span_files(manifest, span), progress)
         loaded, _ = await client.invoke(M.SPAN_LOAD, M.LoadArgs(model=manifest.name, start=span.start, end=span.end,
-                                                                embed=span.embed, head=span.head, dtype=dtype),
+                                                                embed=span.embed, head=span.head, dtype=dtype,
+                                                                tensor_slice=span.tensor_slice),
                                         timeout=LOAD_TIMEOUT_S)
     return {**to_wire(loaded.span), "device": loaded.device, "rss_bytes": loaded.rss_bytes, "node": node.name,
             "bytes_sent": sent}
@@ -73,8 +75,32 @@ async def ship_files(client: RpcClient, node_name: str, model_dir: Path, files: 
 
 async def deploy(user: Identity, nodes: dict[str, NodeEntry], model_dir: Path, spans: list[Span],
                  progress: Progress = lambda *_: None, dtype: str = "") -> list[dict]:
-    """Deploy every span concurrently (one connection per node)."""
-    return list(await asyncio.gather(*(deploy_span(user, nodes[s.node], model_dir, s, progress, dtype) for s in spans)))
+    """Deploy every span concurrently (one connection per node), then link each tensor-parallel group."""
+    reports = list(await asyncio.gather(*(deploy_span(user, nodes[s.node], model_dir, s, progress, dtype)
+                                          for s in spans)))
+    ports = {r["node"]: r["group_port"] for r in reports}
+    for group, members in groups_of(spans).items():
+        await connect_group(user, [nodes[m.node] for m in members], reports[0]["model"], group,
+                            [ports[m.node] for m in members])
+    return reports
+
+
+def group_endpoint(node: NodeEntry, port: int) -> str:
+    """A member's group socket: the host the client knows the node by, the port the node reported."""
+    return f"{node.address.rsplit(':', 1)[0]}:{port}"
+
+
+async def connect_group(user: Identity, members: list[NodeEntry], model: str, group: str, ports: list[int]) -> None:
+    """Tell every member of ``group`` (in rank order) who the others are and where to reach them."""
+    args = T.ConnectArgs(model=model, group=group, members=[
+        T.GroupMemberArgs(public_key=node.public_key, endpoint=group_endpoint(node, port))
+        for node, port in zip(members, ports)])
+
+    async def one(node: NodeEntry) -> None:
+        async with RpcClient(user, node.address, node.public_key) as client:
+            await client.invoke(T.GROUP_CONNECT, args, timeout=30)
+
+    await asyncio.gather(*(one(node) for node in members))
 
 
 async def undeploy(user: Identity, nodes: list[NodeEntry], model: str, remove_files: bool = False) -> dict[str, str]:

@@ -11,6 +11,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dllmd.net.messages.tensor import TensorSlice
+from dllmd.net.schema import parse_args
+from dllmd.net.wire import WireError
+
 
 class PlanError(ValueError):
     """The request cannot be met (or a plan file is malformed); the message says what is missing."""
@@ -64,10 +68,22 @@ class Span:
     embed: bool
     head: bool
     bytes: int = 0
+    tensor_slice: TensorSlice | None = None
+    """A tensor-parallel member's part of each of these layers (None: the whole layers)."""
 
     @property
     def layers(self) -> int:
         return self.end - self.start
+
+    @property
+    def group(self) -> str:
+        """The tensor-parallel group this span is a member of ("" for a whole span)."""
+        return self.tensor_slice.group if self.tensor_slice else ""
+
+    @property
+    def leads(self) -> bool:
+        """Whether sessions enter here: a whole span, or member 0 of a group."""
+        return self.tensor_slice is None or self.tensor_slice.rank == 0
 
 
 @dataclass
@@ -95,7 +111,39 @@ class Layout:
         if len(set(nodes)) != len(nodes):
             raise PlanError(f"a node holds one span of a model; {sorted({n for n in nodes if nodes.count(n) > 1})} "
                             f"appear more than once")
+        check_groups(spans)
         return cls(model, replicas, spans)
+
+    def groups(self) -> dict[str, list[Span]]:
+        """Each tensor-parallel group's members, in rank order."""
+        return groups_of(self.spans)
+
+
+def groups_of(spans: list[Span]) -> dict[str, list[Span]]:
+    groups: dict[str, list[Span]] = {}
+    for span in spans:
+        if span.tensor_slice is not None:
+            groups.setdefault(span.group, []).append(span)
+    return {name: sorted(members, key=lambda s: s.tensor_slice.rank) for name, members in groups.items()}
+
+
+def check_groups(spans: list[Span]) -> None:
+    """Every group's members hold the same layers, one per rank, and their slices tile each layer."""
+    for name, members in groups_of(spans).items():
+        size = members[0].tensor_slice.size
+        if [m.tensor_slice.rank for m in members] != list(range(size)) or any(
+                m.tensor_slice.size != size for m in members):
+            raise PlanError(f"group {name!r} must have one member of each rank 0..{size - 1}, "
+                            f"got ranks {[m.tensor_slice.rank for m in members]}")
+        if len({(m.start, m.end) for m in members}) != 1:
+            raise PlanError(f"the members of group {name!r} must hold the same layers")
+        for lo, hi in (("kv_lo", "kv_hi"), ("mlp_lo", "mlp_hi"), ("vocab_lo", "vocab_hi")):
+            bounds = [(getattr(m.tensor_slice, lo), getattr(m.tensor_slice, hi)) for m in members]
+            if lo == "vocab_lo" and not (members[0].embed or members[0].head):
+                continue
+            if bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+                raise PlanError(f"the slices of group {name!r} must tile {lo.removesuffix('_lo')} without gaps or "
+                                f"overlaps, got {bounds}")
 
 
 def _span(index: int, raw: Any, num_layers: int) -> Span:
@@ -117,7 +165,15 @@ def _span(index: int, raw: Any, num_layers: int) -> Span:
     size = raw.get("bytes", 0)
     if type(size) is not int or size < 0:
         raise PlanError(f"{where}.bytes must be a non-negative integer")
-    return Span(node, start, end, embed, head, size)
+    tensor_slice = raw.get("tensor_slice")
+    if tensor_slice is not None:
+        try:
+            tensor_slice = parse_args(TensorSlice, tensor_slice) if isinstance(tensor_slice, Mapping) else None
+        except WireError as exc:
+            raise PlanError(f"{where}.tensor_slice: {exc.message}") from None
+        if tensor_slice is None:
+            raise PlanError(f"{where}.tensor_slice must be an object (see 'dllmctl plan --parallelism tensor --json')")
+    return Span(node, start, end, embed, head, size, tensor_slice)
 
 
 def span_bytes(model: ModelShape, start: int, end: int) -> int:

@@ -53,14 +53,29 @@ def stage_cost(stage: Stage, extra_sessions: int = 0) -> float:
     return HOP_MS + stage.latency_ms + stage.expected_step_ms * (1 + load)
 
 
+def fits(stage: Stage, parallelism: str, num_layers: int) -> bool:
+    """Whether a stage can be part of a route of this parallelism: whole spans for ``pipeline`` and
+    ``model``, one tensor-parallel group holding every layer for ``tensor``, and for ``hybrid`` a chain
+    of groups (or whole spans) of which none holds every layer."""
+    grouped = stage.span.tensor_slice is not None
+    whole_model = stage.span.start == 0 and stage.span.end == num_layers
+    if parallelism == "tensor":
+        return grouped and whole_model
+    if parallelism == "hybrid":
+        return not whole_model
+    return not grouped
+
+
 def choose_route(candidates: list[Stage], num_layers: int, model: str, banned: Collection[str] = (),
-                 assigned: Mapping[str, int] | None = None) -> list[Stage]:
-    """The cheapest chain covering layers [0, num_layers). ``banned`` node names are skipped;
-    ``assigned`` counts sessions this client has just placed on each node (not yet in the nodes'
-    reports), so consecutive sessions spread over replicas. Ties go to node names, for determinism."""
+                 assigned: Mapping[str, int] | None = None, parallelism: str = "pipeline") -> list[Stage]:
+    """The cheapest chain covering layers [0, num_layers) that fits ``parallelism``. ``banned`` node
+    names are skipped; ``assigned`` counts sessions this client has just placed on each node (not yet in
+    the nodes' reports), so consecutive sessions spread over replicas. Ties go to node names, for
+    determinism."""
     assigned = assigned or {}
     usable = [c for c in candidates if c.node.name not in banned and c.span.end > c.span.start
-              and (c.span.start > 0 or c.span.embed) and (c.span.end < num_layers or c.span.head)]
+              and (c.span.start > 0 or c.span.embed) and (c.span.end < num_layers or c.span.head)
+              and fits(c, parallelism, num_layers)]
     best: dict[int, tuple[float, list[str], list[Stage]]] = {0: (0.0, [], [])}
     for position in range(num_layers):  # spans only move forward, so positions in order suffice
         if position not in best:
@@ -73,19 +88,32 @@ def choose_route(candidates: list[Stage], num_layers: int, model: str, banned: C
             if current is None or option[:2] < current[:2]:
                 best[stage.span.end] = option
     if num_layers not in best:
-        raise RouteError(_uncovered(usable, best, num_layers, model, banned))
-    return best[num_layers][2]
+        raise RouteError(_uncovered(usable, best, num_layers, model, banned, parallelism))
+    route = best[num_layers][2]
+    if parallelism == "hybrid" and not any(stage.span.tensor_slice for stage in route):
+        raise RouteError(f"no live hybrid layout of {model} (a chain of tensor-parallel groups); "
+                         f"{DEPLOY_HINT['hybrid'].format(model=model)}")
+    return route
+
+
+DEPLOY_HINT = {
+    "pipeline": "deploy it ('dllmctl deploy {model}')",
+    "model": "deploy it ('dllmctl deploy {model}')",
+    "tensor": "deploy a tensor-parallel group ('dllmctl deploy {model} --parallelism tensor --tp N')",
+    "hybrid": "deploy one ('dllmctl deploy {model} --parallelism hybrid --tp N')",
+}
 
 
 def _uncovered(usable: list[Stage], reached: Mapping[int, object], num_layers: int, model: str,
-               banned: Collection[str]) -> str:
+               banned: Collection[str], parallelism: str) -> str:
     gap_start = max(reached)
     later = [c.span.start for c in usable if c.span.start > gap_start]
     gap_end = min(later) - 1 if later else num_layers - 1
     layers = f"layer {gap_start}" if gap_end == gap_start else f"layers {gap_start}-{gap_end}"
     why = f" (banned after failures: {', '.join(sorted(banned))})" if banned else ""
-    return (f"no live replica serves {layers} of {model}{why}; deploy it ('dllmctl deploy {model}') "
-            f"or bring its nodes back")
+    kind = {"tensor": " tensor-parallel", "hybrid": " hybrid"}.get(parallelism, "")
+    return (f"no live{kind} replica serves {layers} of {model}{why}; "
+            f"{DEPLOY_HINT.get(parallelism, DEPLOY_HINT['pipeline']).format(model=model)} or bring its nodes back")
 
 
 def route_counts(routes: list[list[Stage]]) -> Counter:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,11 +26,13 @@ from dllmd.config import validate_endpoint
 from dllmd.inference.forwarding import Forwarder, Onward
 from dllmd.inference.sampling import sample_next
 from dllmd.inference.scheduler import PendingStep, StepScheduler, admit
-from dllmd.inference.sessions import NextHop, NoRoom, Session, SessionTable
+from dllmd.inference.sessions import DETACHED, NextHop, NoRoom, Session, SessionTable
+from dllmd.inference.tensor_group import GroupChannel, GroupError, GroupMember, PassSpec, TensorGroup
 from dllmd.models.span import LayerSpan
 from dllmd.net.identity import parse_public_key
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.messages import inference as M
+from dllmd.net.messages import tensor as T
 from dllmd.net.messages.node import ServedSpan
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.server import DEFERRED, Call, HandlerError, Operation, RpcServer, allow
@@ -53,20 +56,30 @@ class LoadedSpan:
     busy_s: float = 0.0  # compute time spent, for utilization
     passes: int = 0
     tokens: int = 0
+    group: TensorGroup | None = None  # a tensor-parallel member's group
+    ready: bool = True  # False until a tensor-parallel member is linked to its group
+    follow_stop: threading.Event | None = None  # a follower's thread runs until this is set
+    follow_thread: threading.Thread | None = None
 
     def describe(self, sessions: list[Session] = (), queued: int = 0) -> ServedSpan:
-        s = self.span
+        s, g = self.span, self.group
         return ServedSpan(model=self.model, start=s.start, end=s.end, embed=s.embed, head=s.head,
                           dtype=str(s.dtype).removeprefix("torch."), param_bytes=self.param_bytes,
                           sessions=len(sessions), kv_bytes=sum(x.cache.nbytes for x in sessions),
                           kv_reserved_bytes=sum(x.reserved_bytes for x in sessions), queued=queued,
                           step_ms=round(self.step_ms, 3), busy_s=round(self.busy_s, 4), passes=self.passes,
-                          tokens=self.tokens)
+                          tokens=self.tokens, tensor_slice=s.tensor_slice,
+                          group_port=g.channel.port if g else 0, group_ready=bool(g) and self.ready,
+                          group_broken=(g.broken or "") if g else "", reductions=g.reductions if g else 0,
+                          reduce_s=round(g.reduce_s, 4) if g else 0.0, reduce_wait_s=round(g.wait_s, 4) if g else 0.0)
 
 
 class InferenceService:
-    def __init__(self, peers: ConnectionPool, keys: AuthorizedKeys, memory_budget_bytes: int):
+    def __init__(self, peers: ConnectionPool, keys: AuthorizedKeys, memory_budget_bytes: int,
+                 group_channel: Callable[[], GroupChannel] | None = None, own_key: str = ""):
         self.keys = keys
+        self.own_key = own_key  # this node's Ed25519 public key (hex): its entry in a group's member list
+        self.group_channel = group_channel  # opens a tensor-parallel member's sockets
         self.spans: dict[str, LoadedSpan] = {}
         self.sessions = SessionTable(memory_budget_bytes)
         self.scheduler = StepScheduler()
@@ -84,6 +97,7 @@ class InferenceService:
         server.register(Operation(M.SESSION_OPEN, self._open, anyone))
         server.register(Operation(M.SESSION_FORWARD, self._forward, anyone))
         server.register(Operation(M.SESSION_CLOSE, self._close, anyone))
+        server.register(Operation(T.GROUP_CONNECT, self._connect_group, allow(Role.ADMIN)))
 
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(self._sweep()), asyncio.ensure_future(self._run_passes())]
@@ -93,6 +107,8 @@ class InferenceService:
             task.cancel()
         for session in self.sessions.all():
             self._end(session, ErrorCode.UNAVAILABLE, "the node is shutting down")
+        for loaded in self.spans.values():
+            self._leave_group(loaded)
         self.compute.shutdown(wait=False, cancel_futures=True)
 
     def serving(self) -> list[ServedSpan]:
@@ -100,18 +116,134 @@ class InferenceService:
                 for name, loaded in self.spans.items()]
 
     async def load(self, model: str, build: Callable[[], LayerSpan]) -> LoadedSpan:
-        """Build a span on the compute thread and serve it (replacing this model's previous span)."""
+        """Build a span on the compute thread and serve it (replacing this model's previous span). A
+        tensor-parallel slice also opens its group socket; it serves once ``group.connect`` links it."""
         span = await asyncio.get_running_loop().run_in_executor(self.compute, build)
         param_bytes = sum(p.numel() * p.element_size() for p in span.parameters())
+        group = None
+        if span.tensor_slice is not None:
+            if self.group_channel is None:
+                raise ValueError("this node cannot join tensor-parallel groups")
+            group = TensorGroup(self.group_channel(), span.tensor_slice.group, span.tensor_slice.rank,
+                                span.tensor_slice.vocab_lo)
+            span.attach(group.reduce)
         self.unload(model)
-        loaded = self.spans[model] = LoadedSpan(model, span, param_bytes)
-        log.info("serving %s layers [%d, %d) (%.1f MiB)", model, span.start, span.end, param_bytes / 2**20)
+        loaded = self.spans[model] = LoadedSpan(model, span, param_bytes, group=group, ready=group is None)
+        log.info("serving %s layers [%d, %d)%s (%.1f MiB)", model, span.start, span.end,
+                 f" as member {span.tensor_slice.rank} of group {group.group}" if group else "", param_bytes / 2**20)
         return loaded
 
     def unload(self, model: str) -> bool:
         for session in self.sessions.for_model(model):
             self._end(session, ErrorCode.UNAVAILABLE, f"model {model} was undeployed from this node")
-        return self.spans.pop(model, None) is not None
+        loaded = self.spans.pop(model, None)
+        if loaded is not None:
+            self._leave_group(loaded)
+        return loaded is not None
+
+    def _leave_group(self, loaded: LoadedSpan) -> None:
+        if loaded.group is None:
+            return
+        if loaded.follow_stop is not None:
+            loaded.follow_stop.set()
+            loaded.follow_thread.join(timeout=2.0)
+        # The leader's channel belongs to the compute thread: close it there, after any pass in flight.
+        self.compute.submit(loaded.group.channel.close)
+
+    # --- tensor-parallel groups ---------------------------------------------------------------------
+
+    async def _connect_group(self, call: Call) -> T.Connected:
+        """Link this member to the rest of its group; a follower then starts running the leader's passes."""
+        a: T.ConnectArgs = call.args
+        loaded = self.spans.get(a.model)
+        if loaded is None or loaded.group is None or loaded.group.group != a.group:
+            raise HandlerError(ErrorCode.NOT_FOUND, f"this node holds no slice of {a.model} in group {a.group!r}; "
+                                                    f"load it first (span.load with its tensor_slice)")
+        tslice = loaded.span.tensor_slice
+        if len(a.members) != tslice.size:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"group {a.group} has {tslice.size} members, not {len(a.members)}")
+        members = [self._member(m, rank, tslice.rank) for rank, m in enumerate(a.members)]
+        if loaded.ready:
+            raise HandlerError(ErrorCode.CONFLICT, f"this node is already linked into group {a.group}; reload the "
+                                                   f"slice to link it again")
+        group = loaded.group
+        if tslice.rank == 0:  # the leader's channel belongs to its compute thread, which runs its passes
+            await asyncio.get_running_loop().run_in_executor(self.compute, group.channel.connect, tslice.rank, members)
+        else:
+            group.channel.connect(tslice.rank, members)
+            loaded.follow_stop = threading.Event()
+            loaded.follow_thread = threading.Thread(target=self._follow, args=(loaded, asyncio.get_running_loop()),
+                                                    name=f"follow-{a.group}", daemon=True)
+            loaded.follow_thread.start()
+        loaded.ready = True
+        log.info("linked into group %s as member %d of %d", a.group, tslice.rank, tslice.size)
+        return T.Connected(connected=True, rank=tslice.rank, size=tslice.size)
+
+    def _member(self, member: T.GroupMemberArgs, rank: int, own_rank: int) -> GroupMember:
+        """A member this node will connect to: an endpoint, and a key this node trusts as a peer (a caller
+        cannot make the daemon connect anywhere it likes). This node's own entry must carry its own key."""
+        try:
+            validate_endpoint(member.endpoint)
+            key = parse_public_key(member.public_key).hex()
+        except ValueError as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"group member {rank}: {exc}") from None
+        if rank == own_rank:
+            if key != self.own_key:
+                raise HandlerError(ErrorCode.BAD_ARGS, f"member {rank} is this node's rank but not its key")
+        else:
+            entry = self.keys.by_public_key(key)
+            if entry is None or entry.role != Role.PEER:
+                raise HandlerError(ErrorCode.FORBIDDEN, f"group member {rank}'s key is not authorized as a peer "
+                                                        f"on this node")
+        return GroupMember(key, member.endpoint)
+
+    def _follow(self, loaded: LoadedSpan, loop: asyncio.AbstractEventLoop) -> None:
+        """A follower's thread: run the leader's commands on this member's slice."""
+
+        def on_loop(fn, *args):
+            return asyncio.run_coroutine_threadsafe(_call(fn, *args), loop).result(timeout=10)
+
+        async def _call(fn, *args):
+            return fn(*args)
+
+        def run_pass(spec: PassSpec, inputs: torch.Tensor) -> list[torch.Tensor]:
+            sessions = [self.sessions.get(sid) for sid in spec.sessions]
+            missing = [sid for sid, x in zip(spec.sessions, sessions) if x is None]
+            if missing:
+                raise GroupError(f"member {loaded.group.rank} has no session {missing[0]}")
+            started = time.perf_counter()
+            outputs = run_step(loaded.span, spec, inputs, [x.cache for x in sessions])
+            for session in sessions:
+                session.touch()
+            self._account(loaded, spec.mode, inputs.shape[1] * len(sessions), (time.perf_counter() - started) * 1000)
+            return outputs
+
+        try:
+            loaded.group.follow(loaded.follow_stop, run_pass,
+                                lambda sid, positions, ttl_s: on_loop(self._open_detached, loaded, sid, positions, ttl_s),
+                                lambda sids: on_loop(self._close_detached, sids))
+        except BaseException:
+            log.exception("member %d of group %s stopped following its leader", loaded.group.rank, loaded.group.group)
+            raise
+        log.info("member %d of group %s left", loaded.group.rank, loaded.group.group)
+
+    def _open_detached(self, loaded: LoadedSpan, session_id: str, positions: int, ttl_s: float) -> str | None:
+        """A follower's share of a session its leader opened: the cache of its heads, reserved here."""
+        span = loaded.span
+        if self.sessions.get(session_id) is not None:
+            return f"session {session_id} is already open on member {loaded.group.rank}"
+        reserve = span.kv_cache_bytes(positions)
+        session = Session(session_id, loaded.model, span.new_cache(), DETACHED, None, M.SamplingParams(), "none",
+                          ttl_s=ttl_s, positions=positions, reserved_bytes=reserve)
+        try:
+            self.sessions.add(session)
+        except NoRoom as exc:
+            return f"member {loaded.group.rank} of group {loaded.group.group}: {exc}"
+        return None
+
+    def _close_detached(self, session_ids: list[str]) -> None:
+        for sid in session_ids:
+            self.sessions.pop(sid)
 
     async def _sweep(self) -> None:
         while True:
@@ -126,11 +258,18 @@ class InferenceService:
     def _end(self, session: Session, code: str, message: str) -> None:
         if self._live(session):  # not a newer session that reused the id
             self.sessions.pop(session.id)
+            self._release_followers(session)
         session.stream.fail(code, message)
+
+    def _release_followers(self, session: Session) -> None:
+        """A leader's session ended: free its caches on the other members too (in order with the passes)."""
+        loaded = self.spans.get(session.model)
+        if loaded is not None and loaded.group is not None and loaded.group.leader and session.stream is not DETACHED:
+            self.compute.submit(loaded.group.close, [session.id])
 
     # --- operations -----------------------------------------------------------------------------
 
-    def _open(self, call: Call):
+    async def _open(self, call: Call):
         a: M.OpenArgs = call.args
         if not SESSION_ID.match(a.session):
             raise HandlerError(ErrorCode.BAD_ARGS, "session ids are 8-64 characters of [A-Za-z0-9_-]")
@@ -139,6 +278,7 @@ class InferenceService:
         loaded = self.spans.get(a.model)
         if loaded is None:
             raise HandlerError(ErrorCode.NOT_FOUND, f"this node does not serve {a.model!r}; deploy it first")
+        self._check_group_leader(loaded)
         span = loaded.span
         if (a.start, a.end) != (span.start, span.end):
             raise HandlerError(ErrorCode.CONFLICT, f"this node serves layers [{span.start}, {span.end}) of "
@@ -164,8 +304,32 @@ class InferenceService:
         except NoRoom as exc:
             raise HandlerError(ErrorCode.NO_MEMORY, f"layers [{span.start}, {span.end}): {exc}; try another "
                                                     f"replica, a shorter request, or later") from None
+        if loaded.group is not None:
+            await self._open_on_followers(loaded, session)
         call.responder.send(M.Opened(opened=True, start=span.start, end=span.end, reserved_bytes=reserve))
         return DEFERRED
+
+    def _check_group_leader(self, loaded: LoadedSpan) -> None:
+        group = loaded.group
+        if group is None:
+            return
+        if not group.leader:
+            raise HandlerError(ErrorCode.CONFLICT, f"this node is member {group.rank} of tensor-parallel group "
+                                                   f"{group.group}; sessions open at its member 0")
+        if not loaded.ready:
+            raise HandlerError(ErrorCode.UNAVAILABLE, f"tensor-parallel group {group.group} is not linked yet "
+                                                      f"(group.connect)")
+        if group.broken:
+            raise HandlerError(ErrorCode.UNAVAILABLE, f"{group.broken}; redeploy the group")
+
+    async def _open_on_followers(self, loaded: LoadedSpan, session: Session) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.compute, loaded.group.open, session.id,
+                                                             session.positions, session.ttl_s)
+        except GroupError as exc:
+            self.sessions.pop(session.id)
+            code = ErrorCode.UNAVAILABLE if exc.member is not None else ErrorCode.NO_MEMORY
+            raise HandlerError(code, str(exc)) from None
 
     def _check_next_hop(self, address: str, public_key: str) -> None:
         """A stage only pushes to a TCP endpoint whose key this node trusts as a peer: a client
@@ -180,9 +344,11 @@ class InferenceService:
             raise HandlerError(ErrorCode.FORBIDDEN, "the next stage's key is not authorized as a peer on this node")
 
     def _close(self, call: Call) -> M.Closed:
-        session = self.sessions.pop(call.args.session)
-        if session is None:
+        session = self.sessions.get(call.args.session)
+        if session is None or session.stream is DETACHED:
             raise HandlerError(ErrorCode.NOT_FOUND, f"no session {call.args.session} here")
+        self.sessions.pop(session.id)
+        self._release_followers(session)
         session.stream.send({"closed": True}, more=False)
         return M.Closed(closed=True, steps=session.steps)
 
@@ -231,40 +397,42 @@ class InferenceService:
         try:
             outputs, compute_ms = await asyncio.get_running_loop().run_in_executor(
                 self.compute, self._compute, loaded, batch)
+        except GroupError as exc:  # a member failed or vanished: the group's caches are out of step
+            for pending in batch:
+                self._end(pending.session, ErrorCode.UNAVAILABLE,
+                          f"layers [{loaded.span.start}, {loaded.span.end}), group {loaded.group.group}: {exc}")
+            return
         except (ValueError, RuntimeError, IndexError) as exc:  # the batch's caches are unusable
             for pending in batch:
                 self._end(pending.session, ErrorCode.BAD_ARGS,
                           f"layers [{loaded.span.start}, {loaded.span.end}) failed: {exc}")
             return
-        self._account(loaded, batch, compute_ms)
+        self._account(loaded, "one" if len(batch) == 1 else "batch", sum(p.tokens for p in batch), compute_ms)
         self._deliver(batch, outputs, compute_ms)
 
     @staticmethod
-    def _compute(loaded: LoadedSpan, batch: list[PendingStep]) -> tuple[list[torch.Tensor], float]:
-        """Runs on the compute thread: one step alone, or a batch of decode steps."""
-        span = loaded.span
+    def _compute(loaded: LoadedSpan, batch: list[PendingStep]) -> tuple[list, float]:
+        """Runs on the compute thread: one step alone, or a batch of decode steps; a tensor-parallel
+        leader runs it on every member of its group."""
         started = time.perf_counter()
-        if len(batch) == 1:
-            pending = batch[0]
-            session, start = pending.session, pending.item.start
-            # Positions stay on the CPU: the span checks them against the cache without a device sync.
-            positions = torch.arange(start, start + pending.tokens).unsqueeze(0)
-            keep = 0 if session.logits == "all" else 1
-            outputs = [span(pending.inputs, positions, session.cache, keep)]
+        spec = pass_spec(batch, loaded.span.head)
+        inputs = batch[0].inputs if len(batch) == 1 else torch.cat([p.inputs for p in batch], dim=0)
+        caches = [p.session.cache for p in batch]
+        if loaded.group is None:
+            outputs = run_step(loaded.span, spec, inputs, caches)
         else:
-            stacked = torch.cat([p.inputs for p in batch], dim=0)
-            result = span.forward_batch(stacked, [p.session.cache for p in batch])
-            outputs = list(result.split(1, dim=0))
-        if outputs[0].device.type == "cuda":
-            torch.cuda.synchronize(outputs[0].device)
+            outputs = loaded.group.lead(spec, inputs, lambda: run_step(loaded.span, spec, inputs, caches))
+        first = outputs[0]
+        if isinstance(first, torch.Tensor) and first.device.type == "cuda":
+            torch.cuda.synchronize(first.device)
         return outputs, (time.perf_counter() - started) * 1000
 
     @staticmethod
-    def _account(loaded: LoadedSpan, batch: list[PendingStep], compute_ms: float) -> None:
+    def _account(loaded: LoadedSpan, mode: str, tokens: int, compute_ms: float) -> None:
         loaded.busy_s += compute_ms / 1000
         loaded.passes += 1
-        loaded.tokens += sum(p.tokens for p in batch)
-        if batch[0].tokens == 1:
+        loaded.tokens += tokens
+        if mode == "batch" or tokens == 1:
             loaded.step_ms = compute_ms if loaded.step_ms == 0 else (
                 (1 - STEP_MS_SMOOTHING) * loaded.step_ms + STEP_MS_SMOOTHING * compute_ms)
 
@@ -285,15 +453,41 @@ class InferenceService:
         for hop, steps in onward.items():
             self.forwarder.push_in_order(hop, steps)
 
-    def _reply(self, session: Session, item: M.StepItem, out: torch.Tensor, trace: dict) -> None:
-        logits = [] if session.logits == "none" else [out[0].cpu()]
+    def _reply(self, session: Session, item: M.StepItem, out: torch.Tensor | int, trace: dict) -> None:
+        """``out`` is the logits, or a token a tensor-parallel group already chose (greedy, no logits asked)."""
+        logits = [] if session.logits == "none" or isinstance(out, int) else [out[0].cpu()]
         if not item.final:
             if session.logits == "all":  # the client collects every chunk's logits
                 session.stream.send({"step": item.step, "chunk": True, **trace}, logits)
             return
         try:
-            token = sample_next(out[0, -1], session.sampling, item.step)
+            token = out if isinstance(out, int) else sample_next(out[0, -1], session.sampling, item.step)
         except (ValueError, RuntimeError) as exc:
             self._end(session, ErrorCode.BAD_ARGS, f"sampling failed: {exc}")
             return
         session.stream.send({"step": item.step, "token": token, **trace}, logits)
+
+
+def pass_spec(batch: list[PendingStep], head: bool) -> PassSpec:
+    """What a pass runs, as every member of a tensor-parallel group must run it. At the head, each row
+    says whether the session needs only its greedy token (the group then never gathers whole logits)."""
+    wants = None
+    if head:
+        wants = ["token" if p.session.logits == "none" and p.session.sampling.temperature == 0 else "logits"
+                 for p in batch]
+    if len(batch) == 1:
+        pending = batch[0]
+        return PassSpec("one", [pending.session.id], start=pending.item.start,
+                        keep=0 if pending.session.logits == "all" else 1, wants=wants)
+    return PassSpec("batch", [p.session.id for p in batch], wants=wants)
+
+
+def run_step(span: LayerSpan, spec: PassSpec, inputs: torch.Tensor, caches: list) -> list[torch.Tensor]:
+    """One pass through ``span``: a lone step (positions from ``spec.start``) or a batch of decode steps."""
+    if spec.mode == "one":
+        # Positions stay on the CPU: the span checks them against the cache without a device sync.
+        positions = torch.arange(spec.start, spec.start + inputs.shape[1]).unsqueeze(0)
+        return [span(inputs, positions, caches[0], spec.keep)]
+    if spec.mode != "batch" or len(caches) != inputs.shape[0]:
+        raise ValueError(f"a {spec.mode!r} pass of {inputs.shape[0]} rows for {len(caches)} sessions")
+    return list(span.forward_batch(inputs, caches).split(1, dim=0))

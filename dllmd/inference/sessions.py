@@ -17,6 +17,20 @@ from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.server import Responder
 
 
+class _Detached:
+    """The stream of a tensor-parallel follower's share of a session: the group's leader speaks to the
+    client for the whole group, so what a follower would say goes nowhere."""
+
+    def send(self, *_args, **_kwargs) -> None:
+        pass
+
+    def fail(self, *_args, **_kwargs) -> None:
+        pass
+
+
+DETACHED = _Detached()
+
+
 @dataclass
 class NextHop:
     address: str
@@ -28,7 +42,7 @@ class Session:
     id: str
     model: str
     cache: SpanCache
-    stream: Responder  # replies to the client's session.open: tokens (last stage) and errors
+    stream: Responder | _Detached  # replies to the client's session.open: tokens (last stage) and errors
     next_hop: NextHop | None
     sampling: SamplingParams
     logits: str  # "none" | "last" | "all": which logits the last stage returns with each token

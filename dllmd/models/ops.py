@@ -85,7 +85,7 @@ class ModelOps:
 
         def build() -> LayerSpan:
             return LayerSpan(config, a.start, a.end, embed=a.embed, head=a.head, tensors=tensors, dtype=dtype,
-                             device=device)
+                             device=device, tensor_slice=a.tensor_slice)
 
         try:
             served = await self.inference.load(a.model, build)

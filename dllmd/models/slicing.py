@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from dllmd.net.messages.models import TensorSlice
+from dllmd.net.messages.tensor import TensorSlice
 
 _LAYER_TENSOR = re.compile(r"^model\.layers\.\d+\.(?P<part>.+)$")
 

@@ -19,7 +19,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from dllmd.models.families import SLIDING_ATTENTION, FamilyAdapter, adapter_for
 from dllmd.models.ragged import BatchCache, ragged_attention_on
 from dllmd.models.slicing import check_slice, slice_tensor, sliced_config
-from dllmd.net.messages.models import TensorSlice
+from dllmd.net.messages.tensor import TensorSlice
 
 TensorSource = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
 """Given checkpoint tensor names, returns those tensors (e.g. read lazily from mmapped safetensors)."""

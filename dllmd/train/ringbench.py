@@ -21,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from urllib.parse import urlparse
 
 import psutil
 import torch
 import zmq
 
-from dllmd.config import NodeConfig
+from dllmd.config import WILDCARD_HOSTS, NodeConfig, bind_host, listen_host
 from dllmd.net.identity import Identity, InvalidKey, parse_public_key
 from dllmd.net.keys import Role
 from dllmd.net.messages.ringbench import RING_CLOSE, RING_FORM, RING_OPEN, RING_RUN, FormArgs, RunArgs
@@ -39,13 +38,6 @@ log = logging.getLogger("dllmd.ringbench")
 
 MIN_BUCKET_BYTES = 4096
 IDLE_CLOSE_S = 120.0
-WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "")
-
-
-def listen_host(listen: str) -> str:
-    """The host part of a ``tcp://HOST:PORT`` listen address (IPv6 without its brackets)."""
-    host = urlparse(listen.replace("tcp://", "http://", 1)).hostname
-    return host if host not in (None, "") else "0.0.0.0"
 
 
 class RingBenchOps:
@@ -98,7 +90,7 @@ class RingBenchOps:
         self.stop()
         host = listen_host(self.config.listen)
         try:
-            self._ring = RingSocket(self.ctx, self.identity, "0.0.0.0" if host in WILDCARD_HOSTS else host,
+            self._ring = RingSocket(self.ctx, self.identity, bind_host(self.config.listen),
                                     port=self.config.ring_port, plaintext=plaintext,
                                     max_message_bytes=self.config.max_message_bytes)
         except zmq.ZMQError as exc:

@@ -14,14 +14,13 @@ import logging
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
-from urllib.parse import urlparse
 
 import psutil
 import torch
 import zmq
 
 from dllmd import hardware
-from dllmd.config import NodeConfig
+from dllmd.config import NodeConfig, bind_host
 from dllmd.data.shards import ShardError, ShardStore, read_shard
 from dllmd.models.received import ModelFileError, ReceivedModels
 from dllmd.models.dtypes import TRAIN_DTYPES
@@ -152,8 +151,7 @@ class TrainingService:
             raise ValueError(f"node {self.config.name} has {free / 2**30:.1f} GiB free but a replica of {a.model} "
                              f"with AdamW needs about {need / 2**30:.1f} GiB: use fewer or smaller nodes, a "
                              f"smaller --micro-batch-size or a smaller model")
-        host = urlparse(self.config.listen.replace("tcp://", "http://")).hostname or "127.0.0.1"
-        host = host if host not in ("0.0.0.0", "*") else "0.0.0.0"
+        host = bind_host(self.config.listen)
         if a.backend == "torch":
             collective = TorchCollective(host)
         else:

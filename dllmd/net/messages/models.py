@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dllmd.net.messages.node import ServedSpan
+from dllmd.net.messages.tensor import TensorSlice
 from dllmd.net.messages.transfer import PutArgs, PutReply
 from dllmd.net.schema import Op, bounded
 
@@ -23,24 +24,6 @@ class Offer:
 
     have: dict[str, str]  # file -> sha256 of the complete files
     partial: dict[str, int]  # file -> bytes received of the incomplete ones
-
-
-@dataclass(frozen=True)
-class TensorSlice:
-    """A tensor-parallel member's part of every layer in its span: KV heads ``[kv_lo, kv_hi)`` (and the
-    query heads that attend with them), MLP intermediate columns ``[mlp_lo, mlp_hi)``, and vocabulary
-    rows ``[vocab_lo, vocab_hi)`` of the embeddings and head where the span holds them. ``group`` names
-    the tensor-parallel group (unique per deployment of a model), ``rank`` orders its members."""
-
-    group: str = bounded(max_len=64)
-    rank: int = bounded(lo=0, hi=255)
-    size: int = bounded(lo=1, hi=256)
-    kv_lo: int = bounded(lo=0, hi=65_536)
-    kv_hi: int = bounded(lo=0, hi=65_536)
-    mlp_lo: int = bounded(lo=0, hi=1 << 24)
-    mlp_hi: int = bounded(lo=0, hi=1 << 24)
-    vocab_lo: int = bounded(0, lo=0, hi=1 << 24)
-    vocab_hi: int = bounded(0, lo=0, hi=1 << 24)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dllmd.net.messages.tensor import TensorSlice
 from dllmd.net.schema import NoArgs, Op, bounded
 
 
@@ -55,6 +56,13 @@ class ServedSpan:
     busy_s: float = 0.0
     passes: int = 0
     tokens: int = 0
+    tensor_slice: TensorSlice | None = None  # a tensor-parallel member's part of each layer
+    group_port: int = 0  # where the other members of its group reach it (on this node's host)
+    group_ready: bool = False  # linked to every other member (group.connect)
+    group_broken: str = ""  # why the group cannot run passes any more ("" while it can)
+    reductions: int = 0
+    reduce_s: float = 0.0  # time in reductions, of which waiting for slower members:
+    reduce_wait_s: float = 0.0
 
 
 @dataclass

@@ -1,0 +1,429 @@
+"""A tensor-parallel group: members that each hold a slice of every layer of one span and run every
+pass together, summing their partial results after attention and after the MLP.
+
+Rank 0, the *leader*, is the stage the rest of the system sees: sessions open there, steps arrive
+there, the scheduler batches there, and it pushes the group's output on to the next stage or samples
+the token. For every pass it first sends the other members (the *followers*) the pass itself - which
+sessions, their positions, the input - and then all members run the same layers; a follower runs its
+passes on a thread of its own, in the order the leader sent them, so every member's caches see the
+same steps.
+
+The reductions are latency-bound (a few KiB per token), so they use the simplest exchange: every member
+sends its partial to every other one and adds all of them up in rank order. Every member adds the same
+bytes in the same order, so all end with bitwise identical sums and the next layer sees the same input
+everywhere. The sockets are synchronous and used only by the thread that computes (no event-loop
+wake-up between a matmul and its reduction); like every other socket of the node they are
+CURVE-encrypted, ZAP admits only authorized keys, and each message is checked to come from the member
+whose rank it claims (``User-Id`` is the sender's authenticated key).
+
+Messages are tagged with the leader's command number (``seq``) and the reduction's index within it. A
+member that cannot go on with a pass (an error, a member silent past the timeout) tells every other
+one (``ABORT``), so the whole group gives the pass up together; late messages of a given-up pass are
+recognised by their number and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import msgpack
+import torch
+import zmq
+
+from dllmd.net.identity import Identity, curve_public_z85
+from dllmd.net.transport import ZAP_DOMAIN
+from dllmd.net.wire import ITEMSIZE
+
+log = logging.getLogger("dllmd.tensor")
+
+TAG = struct.Struct("!BQI")  # kind, command number, index within the command
+PASS, OPEN, CLOSE, ACK, PARTIAL, GATHER, ABORT = range(1, 8)
+REDUCE_TIMEOUT_S = 5.0  # a member silent this long mid-pass is taken for dead
+POLL_MS = 200  # how often an idle follower checks whether it should stop
+
+
+class GroupError(RuntimeError):
+    """The group could not finish a command: a member failed, gave up, or did not answer."""
+
+    def __init__(self, message: str, member: int | None = None, fatal: bool = False):
+        super().__init__(message)
+        self.member = member
+        self.fatal = fatal  # a member is gone: the group cannot run any more passes
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    public_key: str  # Ed25519, hex
+    endpoint: str  # its group socket, tcp://host:port
+
+
+@dataclass
+class PassSpec:
+    """One pass as the leader ran it, for the followers to run the same: ``one`` step of one session
+    (a prefill chunk or a lone decode step) starting at ``start``, or a ``batch`` of decode steps."""
+
+    mode: str
+    sessions: list[str]
+    start: int = 0
+    keep: int = 1  # logits_to_keep of a lone step (0: all positions)
+    wants: list[str] | None = None  # head only, per row: "token" (greedy id) or "logits" (the whole row)
+
+    def to_wire(self) -> dict:
+        return {"mode": self.mode, "sessions": self.sessions, "start": self.start, "keep": self.keep,
+                "wants": self.wants}
+
+    @classmethod
+    def from_wire(cls, doc: dict) -> "PassSpec":
+        return cls(mode=str(doc["mode"]), sessions=[str(s) for s in doc["sessions"]], start=int(doc["start"]),
+                   keep=int(doc["keep"]), wants=None if doc["wants"] is None else [str(w) for w in doc["wants"]])
+
+
+def _tensor_header(tensor: torch.Tensor) -> dict:
+    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+
+
+def _tensor(header: dict, data: bytes) -> torch.Tensor:
+    dtype, shape = header["dtype"], [int(n) for n in header["shape"]]
+    if dtype not in ITEMSIZE:
+        raise GroupError(f"a pass carried an input of unknown dtype {dtype!r}")
+    count = 1
+    for n in shape:
+        count *= n
+    if count * ITEMSIZE[dtype] != len(data):
+        raise GroupError(f"a pass's input is {len(data)} bytes, not the {count * ITEMSIZE[dtype]} its shape says")
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
+
+
+class GroupChannel:
+    """One member's sockets: a bound PULL that every other member sends to, and a PUSH to each of them.
+    Used by one thread at a time (the compute thread of the leader, the follow thread of a follower)."""
+
+    def __init__(self, ctx: zmq.Context, identity: Identity, host: str, max_message_bytes: int):
+        self.ctx, self.identity = ctx, identity
+        self.max_message_bytes = max_message_bytes
+        inbox = ctx.socket(zmq.PULL)
+        self._options(inbox)
+        inbox.curve_server = True
+        inbox.curve_secretkey, inbox.curve_publickey = identity.curve_secret, identity.curve_public
+        inbox.zap_domain = ZAP_DOMAIN.encode()
+        inbox.bind(f"tcp://{host}:*")
+        self.inbox = inbox
+        self.port = int(inbox.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self.rank = 0
+        self.members: list[GroupMember] = []
+        self._outbox: dict[int, zmq.Socket] = {}
+        self._ranks: dict[str, int] = {}  # sender's public key -> rank
+        self._queues: dict[int, deque[list[bytes]]] = {}
+        self._poller = zmq.Poller()
+        self._poller.register(inbox, zmq.POLLIN)
+
+    def _options(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, 0)  # the exchange is lock-step: what is queued is bounded by the pass
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 4000)
+
+    def connect(self, rank: int, members: Sequence[GroupMember]) -> None:
+        """Link to every other member (replacing an earlier group's links)."""
+        for sock in self._outbox.values():
+            sock.close(linger=0)
+        self.rank, self.members = rank, list(members)
+        self._outbox, self._queues = {}, {r: deque() for r in range(len(members))}
+        self._ranks = {m.public_key: r for r, m in enumerate(members)}
+        for r, member in enumerate(members):
+            if r == rank:
+                continue
+            sock = self.ctx.socket(zmq.PUSH)
+            self._options(sock)
+            sock.curve_secretkey, sock.curve_publickey = self.identity.curve_secret, self.identity.curve_public
+            sock.curve_serverkey = curve_public_z85(member.public_key)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.connect(member.endpoint)
+            self._outbox[r] = sock
+
+    def close(self) -> None:
+        for sock in self._outbox.values():
+            sock.close(linger=0)
+        self._outbox = {}
+        self.inbox.close(linger=0)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def others(self) -> list[int]:
+        return [r for r in range(self.size) if r != self.rank]
+
+    def send(self, rank: int, kind: int, seq: int, index: int, *payload: bytes | memoryview) -> None:
+        self._outbox[rank].send_multipart([TAG.pack(kind, seq, index), *payload], copy=True)
+
+    def send_all(self, kind: int, seq: int, index: int, *payload: bytes | memoryview) -> None:
+        for rank in self.others():
+            self.send(rank, kind, seq, index, *payload)
+
+    def _pull(self, timeout_s: float) -> bool:
+        """Move what has arrived into the per-sender queues; False when nothing came in ``timeout_s``."""
+        if not self._poller.poll(int(timeout_s * 1000)):
+            return False
+        while True:
+            try:
+                frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            try:
+                sender = self._ranks.get(frames[0].get("User-Id"))
+            except zmq.ZMQError:
+                sender = None
+            if sender is None or sender == self.rank or len(frames) < 1 or len(frames[0].bytes) != TAG.size:
+                log.warning("dropped a tensor-group message from a key outside this group")
+                continue
+            self._queues[sender].append([f.bytes for f in frames])
+
+    def receive(self, rank: int, seq: int, index: int, kinds: tuple[int, ...],
+                timeout_s: float = REDUCE_TIMEOUT_S) -> list[bytes]:
+        """The next message of command ``seq`` from ``rank`` (its payload frames). Raises GroupError when
+        that member aborts the command, has moved past it, or says nothing within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        queue = self._queues[rank]
+        while True:
+            while queue:
+                kind, got_seq, got_index = TAG.unpack(queue[0][0])
+                if got_seq < seq or (got_seq == seq and got_index < index and kind != ABORT):
+                    queue.popleft()  # left over from a command that was given up
+                    continue
+                if got_seq > seq:
+                    raise GroupError(f"member {rank} has moved past command {seq}", rank)
+                frames = queue.popleft()
+                if kind == ABORT:
+                    raise GroupError(f"member {rank} gave up: {frames[1].decode(errors='replace')}", rank)
+                if kind not in kinds or got_index != index:
+                    raise GroupError(f"member {rank} sent message kind {kind} #{got_index} where kind {kinds} "
+                                     f"#{index} was due", rank)
+                return frames[1:]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GroupError(f"member {rank} ({self.members[rank].endpoint}) did not answer within "
+                                 f"{timeout_s:g}s", rank, fatal=True)
+            self._pull(left)
+
+    def wait_any(self, rank: int, timeout_s: float) -> bool:
+        """Whether a message from ``rank`` is waiting (after up to ``timeout_s`` of waiting for one)."""
+        if self._queues[rank]:
+            return True
+        self._pull(timeout_s)
+        return bool(self._queues[rank])
+
+    def peek_tag(self, rank: int) -> tuple[int, int, int]:
+        return TAG.unpack(self._queues[rank][0][0])
+
+    def drop_next(self, rank: int) -> None:
+        self._queues[rank].popleft()
+
+
+class TensorGroup:
+    """This node's membership in one tensor-parallel group (of one model's span)."""
+
+    def __init__(self, channel: GroupChannel, group: str, rank: int, vocab_lo: int = 0):
+        self.channel, self.group, self.rank = channel, group, rank
+        self.vocab_lo = vocab_lo  # the first vocabulary row of this member's head slice
+        self.seq = 0  # the leader's command number; followers take it from each command
+        self._index = 0  # reductions so far within the current command
+        self.broken: str | None = None  # why the group can no longer run passes
+        self.reductions = 0
+        self.reduce_s = 0.0
+        self.wait_s = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.channel.size
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    # --- within a pass (every member) --------------------------------------------------------------
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum of every member's ``partial`` of this reduction, added in rank order (bitwise the
+        same on every member)."""
+        started = time.perf_counter()
+        index = self._index
+        self._index += 1
+        local = partial.detach().to("cpu").contiguous()
+        payload = memoryview(local.view(torch.uint8).numpy()) if local.numel() else b""
+        self.channel.send_all(PARTIAL, self.seq, index, payload)
+        parts: list[torch.Tensor] = []
+        waited = 0.0
+        for rank in range(self.size):
+            if rank == self.rank:
+                parts.append(local)
+                continue
+            before = time.perf_counter()
+            (data,) = self.channel.receive(rank, self.seq, index, (PARTIAL,))
+            waited += time.perf_counter() - before
+            if len(data) != local.numel() * local.element_size():
+                raise GroupError(f"member {rank}'s partial is {len(data)} bytes, not {local.numel() * local.element_size()}: "
+                                 f"the members disagree on the pass", rank)
+            parts.append(torch.frombuffer(bytearray(data), dtype=local.dtype).reshape(local.shape))
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        self.reductions += 1
+        self.reduce_s += time.perf_counter() - started
+        self.wait_s += waited
+        return total.to(partial.device)
+
+    def abort(self, why: str) -> None:
+        """Tell every other member this command is given up (they stop at their next wait for it)."""
+        try:
+            self.channel.send_all(ABORT, self.seq, self._index, why.encode()[:1000])
+        except zmq.ZMQError:
+            pass
+
+    # --- the leader ---------------------------------------------------------------------------------
+
+    def _command(self, kind: int, doc: dict, *payload: bytes | memoryview) -> int:
+        if self.broken:
+            raise GroupError(self.broken, fatal=True)
+        self.seq += 1
+        self._index = 0
+        self.channel.send_all(kind, self.seq, 0, msgpack.packb(doc), *payload)
+        return self.seq
+
+    def _acks(self, seq: int) -> list[dict]:
+        return [msgpack.unpackb(self.channel.receive(rank, seq, 0, (ACK,))[0]) for rank in self.channel.others()]
+
+    def open(self, session: str, positions: int, ttl_s: float) -> None:
+        """Reserve ``session``'s cache on every follower; GroupError with the first refusal."""
+        seq = self._command(OPEN, {"session": session, "positions": positions, "ttl_s": ttl_s})
+        refusals = [a for a in self._guarded(lambda: self._acks(seq)) if not a.get("ok")]
+        if refusals:
+            self.close([session])
+            raise GroupError(str(refusals[0].get("error", "a member refused the session")))
+
+    def close(self, sessions: Sequence[str]) -> None:
+        if sessions and not self.broken:
+            self._command(CLOSE, {"sessions": list(sessions)})
+
+    def lead(self, spec: PassSpec, inputs: torch.Tensor, compute: Callable[[], list[torch.Tensor]]) -> list:
+        """Run one pass on every member: send it to the followers, compute here (the reductions inside),
+        and at the head gather what each row wants. Returns ``compute``'s outputs, where at the head
+        each row is a greedy token id (``int``) or the whole row's logits."""
+        cpu_inputs = inputs.detach().to("cpu").contiguous()
+        seq = self._command(PASS, {"spec": spec.to_wire(), "input": _tensor_header(cpu_inputs)},
+                            memoryview(cpu_inputs.view(torch.uint8).numpy()))
+        outputs = self._guarded(compute)
+        if spec.wants is None:
+            return outputs
+        return self._guarded(lambda: self._gather(seq, spec.wants, outputs))
+
+    def _guarded(self, work: Callable):
+        try:
+            return work()
+        except GroupError as exc:
+            self._give_up(exc)
+            raise
+        except BaseException as exc:
+            self.abort(f"the leader failed: {exc}")
+            raise
+
+    def _give_up(self, exc: GroupError) -> None:
+        self.abort(str(exc))
+        if exc.fatal:
+            self.broken = f"tensor-parallel group {self.group} lost a member: {exc}"
+
+    def _gather(self, seq: int, wants: list[str], outputs: list[torch.Tensor]) -> list:
+        """At the head: each row's greedy token (the largest logit over every member's vocabulary rows,
+        the lowest id on a tie, as argmax over the whole row would pick) or its whole logits."""
+        mine = head_summary(wants, outputs, self.vocab_lo)
+        theirs = [_unpack_summary(self.channel.receive(rank, seq, 0, (GATHER,)), wants)
+                  for rank in self.channel.others()]
+        results = []
+        for row, want in enumerate(wants):
+            rows = [mine[row], *[t[row] for t in theirs]]  # rank order
+            if want == "token":
+                best = max(rows, key=lambda pair: pair[0])  # max keeps the first of equals: the lowest ids
+                results.append(int(best[1]))
+            else:
+                results.append(torch.cat(rows, dim=-1).unsqueeze(0))
+        return results
+
+    # --- a follower ----------------------------------------------------------------------------------
+
+    def follow(self, stop: threading.Event, run_pass: Callable[[PassSpec, torch.Tensor], list[torch.Tensor]],
+               open_session: Callable[[str, int, float], str | None], close_sessions: Callable[[list[str]], None]) -> None:
+        """Run the leader's commands until ``stop`` is set (the follow thread's body)."""
+        while not stop.is_set():
+            if not self.channel.wait_any(0, POLL_MS / 1000):
+                continue
+            kind, seq, _ = self.channel.peek_tag(0)
+            if kind not in (PASS, OPEN, CLOSE):
+                self.channel.drop_next(0)  # the rest of a command this member already gave up
+                continue
+            self.seq, self._index = seq, 0
+            try:
+                frames = self.channel.receive(0, seq, 0, (PASS, OPEN, CLOSE))
+            except GroupError:
+                continue  # an abort or a stale message: the leader has given that command up
+            try:
+                doc = msgpack.unpackb(frames[0])
+                if kind == OPEN:
+                    error = open_session(str(doc["session"]), int(doc["positions"]), float(doc["ttl_s"]))
+                    self.channel.send(0, ACK, seq, 0, msgpack.packb({"ok": error is None, "error": error}))
+                elif kind == CLOSE:
+                    close_sessions([str(s) for s in doc["sessions"]])
+                else:
+                    spec = PassSpec.from_wire(doc["spec"])
+                    outputs = run_pass(spec, _tensor(doc["input"], frames[1]))
+                    if spec.wants is not None:
+                        summary = head_summary(spec.wants, outputs, self.vocab_lo)
+                        self.channel.send(0, GATHER, seq, 0, *_pack_summary(summary, spec.wants))
+            except GroupError as exc:
+                log.warning("tensor-parallel pass %d given up: %s", seq, exc)
+                self.abort(str(exc))
+            except Exception as exc:  # a failed pass must not end the thread: the leader ends its sessions
+                log.exception("tensor-parallel command %d failed", seq)
+                self.abort(f"member {self.rank} failed: {exc}")
+
+
+def head_summary(wants: list[str], outputs: list[torch.Tensor], vocab_lo: int) -> list:
+    """Per row, what the leader needs of this member's logits: (max, its global id) for a greedy token,
+    else the row's logits (``[seq, vocab slice]``, float32, on the CPU)."""
+    summary = []
+    for want, out in zip(wants, outputs):
+        row = out[0].float().cpu()
+        if want == "token":
+            value, index = row[-1].max(dim=-1)
+            summary.append((float(value), int(index) + vocab_lo))
+        else:
+            summary.append(row)
+    return summary
+
+
+def _pack_summary(summary: list, wants: list[str]) -> list[bytes]:
+    tokens = [pair for pair, want in zip(summary, wants) if want == "token"]
+    frames = [msgpack.packb({"tokens": tokens, "shapes": [list(s.shape) for s, w in zip(summary, wants)
+                                                          if w != "token"]})]
+    frames += [s.contiguous().numpy().tobytes() for s, w in zip(summary, wants) if w != "token"]
+    return frames
+
+
+def _unpack_summary(frames: list[bytes], wants: list[str]) -> list:
+    head = msgpack.unpackb(frames[0])
+    tokens, shapes, blobs = iter(head["tokens"]), iter(head["shapes"]), iter(frames[1:])
+    out = []
+    for want in wants:
+        if want == "token":
+            value, index = next(tokens)
+            out.append((float(value), int(index)))
+        else:
+            out.append(_tensor({"dtype": "float32", "shape": next(shapes)}, next(blobs)))
+    return out

@@ -1,0 +1,142 @@
+"""Tensor-parallel and hybrid inference through real daemons equal the full model run locally.
+
+Four daemons on 127.0.0.1. A tensor-parallel group holds a slice of every layer on each member (KV heads,
+MLP columns, vocabulary rows, uneven by weight) and sums the partial results over the members' encrypted
+group sockets; a hybrid layout chains two such groups. Greedy tokens must be identical to transformers'
+``generate`` and per-step logits within fp32 tolerance, for every family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cluster.registry import Registry
+from dllmctl.inference.failover import generate_with_failover
+from dllmctl.inference.stages import live_stages
+from dllmctl.models.deploy import deploy, undeploy
+from dllmctl.placement.layout import PlanError, Span
+from dllmctl.placement.routing import RouteError, choose_route
+from dllmctl.placement.tensor import TensorShape, split_span
+from dllmd.net.messages.inference import SamplingParams
+from dllmd.net.identity import Identity
+from dllmd.net.pool import ConnectionPool
+from tests.tiny_models import FAMILIES, make_tiny_model
+
+NEW_TOKENS = 8
+LOGITS_TOLERANCE = 1e-4
+# Six KV heads (in twelve query heads) can be split 3:2:1; the usual tiny models have two.
+TP_CONFIG = dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=6)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from dllmd.models.store import ModelStore
+
+    root = tmp_path_factory.mktemp("tensor")
+    user = Identity.generate()
+    registry = Registry(root / "cluster.toml")
+    nodes = local_cluster.up(4, root / "daemons", user, registry)
+    store = ModelStore(root / "models")
+    yield {"user": user, "registry": registry, "store": store, "root": root, "nodes": nodes}
+    local_cluster.down(root / "daemons", registry)
+
+
+def _import(cluster, family: str):
+    from dllmctl.models.importer import import_model
+
+    name = f"tp-{family}"
+    source = make_tiny_model(family, cluster["root"] / f"src-{family}", **TP_CONFIG)
+    if not (cluster["store"].root / name).exists():
+        import_model(source, cluster["store"], cluster["user"], name=name)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    return name, model
+
+
+def _group_spans(model, nodes: list[str], start: int, end: int, weights: list[float], group: str) -> list[Span]:
+    config = model.config
+    shape = TensorShape.from_config(config.to_dict())
+    n = config.num_hidden_layers
+    embed, head = start == 0, end == n
+    slices = split_span(shape, end - start, weights, group, embed=embed, head=head)
+    return [Span(node, start, end, embed, head, tensor_slice=s) for node, s in zip(nodes, slices)]
+
+
+def _deploy(cluster, name: str, spans: list[Span]) -> None:
+    asyncio.run(undeploy(cluster["user"], list(cluster["registry"].nodes.values()), name))
+    asyncio.run(deploy(cluster["user"], cluster["registry"].nodes, cluster["store"].root / name, spans))
+
+
+def _generate(cluster, name: str, model, prompt: list[int], parallelism: str, logits: str = "last"):
+    nodes = list(cluster["registry"].nodes.values())
+
+    async def run():
+        async with ConnectionPool(cluster["user"]) as pool:
+            return await generate_with_failover(
+                pool, lambda: live_stages(cluster["user"], nodes, name), name, model.config.num_hidden_layers,
+                prompt, NEW_TOKENS, set(), SamplingParams(), parallelism=parallelism, logits=logits)
+
+    return asyncio.run(run())
+
+
+def _check_exact(model, prompt: list[int], got, label: str) -> None:
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                          do_sample=False)[0, len(prompt):].tolist()
+    assert got.token_ids == want, label
+    if got.logits:
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + got.token_ids[:-1]])).logits[0]
+        for k, step_logits in enumerate(got.logits):
+            diff = (step_logits[-1] - full[len(prompt) - 1 + k]).abs().max().item()
+            assert diff < LOGITS_TOLERANCE, f"{label} step {k}: logits differ by {diff}"
+
+
+PROMPTS = {"one-token": [7], "long": [(i * 37 + 11) % 300 + 5 for i in range(23)]}  # longer than the windows
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_groups_generate_like_the_full_model(cluster, family):
+    name, model = _import(cluster, family)
+    nodes = sorted(cluster["registry"].nodes)
+    n = model.config.num_hidden_layers
+    layouts = {
+        "2 equal members": _group_spans(model, nodes[:2], 0, n, [1, 1], "g2"),
+        "3 members 3:2:1": _group_spans(model, nodes[:3], 0, n, [3, 2, 1], "g3"),
+    }
+    assert [s.tensor_slice.kv_hi - s.tensor_slice.kv_lo for s in layouts["3 members 3:2:1"]] == [3, 2, 1]
+    for label, spans in layouts.items():
+        _deploy(cluster, name, spans)
+        for prompt_label, prompt in PROMPTS.items():
+            # Greedy without logits: the group gathers only each member's best token, never whole logits.
+            for logits in ("last", "none"):
+                got = _generate(cluster, name, model, prompt, "tensor", logits)
+                _check_exact(model, prompt, got, f"{family} {label} {prompt_label} logits={logits}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_hybrid_two_stages_of_two_members(cluster, family):
+    name, model = _import(cluster, family)
+    nodes = sorted(cluster["registry"].nodes)
+    n = model.config.num_hidden_layers
+    cut = n // 2
+    spans = (_group_spans(model, nodes[:2], 0, cut, [1, 1], "s0")
+             + _group_spans(model, nodes[2:4], cut, n, [2, 1], "s1"))
+    _deploy(cluster, name, spans)
+    for prompt_label, prompt in PROMPTS.items():
+        got = _generate(cluster, name, model, prompt, "hybrid")
+        _check_exact(model, prompt, got, f"{family} hybrid {prompt_label}")
+        assert [r["node"] for r in got.routes[0]] == [nodes[0], nodes[2]]  # enter each group at member 0
+    with pytest.raises(RouteError, match="--parallelism tensor"):
+        _generate(cluster, name, model, PROMPTS["one-token"], "tensor")
+
+
+def test_an_impossible_split_is_refused_with_the_counts_that_work():
+    shape = TensorShape(kv_heads=3, queries_per_kv=3, head_dim=64, hidden=576, intermediate=1536, vocab=49152)
+    with pytest.raises(PlanError, match="1 to 3 members"):
+        split_span(shape, 30, [1, 1, 1, 1], "g")
