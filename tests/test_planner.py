@@ -20,16 +20,17 @@ def spans(layout):
 
 
 @pytest.mark.parametrize("nodes, replicas, expected", [
-    # equal nodes: an even split, in the caller's order
-    ([node("a", 4000), node("b", 4000), node("c", 4000)], 1, [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]),
+    # equal nodes: an even split of the compute, in the caller's order; the last node also runs the head
+    # (the tied 113 MB matrix takes as long as ~6.2 layers), so it holds fewer layers: 12 + 12 + (6 + 6.2)
+    ([node("a", 4000), node("b", 4000), node("c", 4000)], 1, [("a", 0, 12), ("b", 12, 24), ("c", 24, 30)]),
     # one node holds everything
     ([node("solo", 4000)], 1, [("solo", 0, 30)]),
-    # throughput weighting: twice the GFLOP/s, twice the layers
-    ([node("fast", 4000, 200), node("slow", 4000, 100)], 1, [("fast", 0, 20), ("slow", 20, 30)]),
+    # throughput weighting: twice the GFLOP/s, twice the compute (24 layers against 6 + the head)
+    ([node("fast", 4000, 200), node("slow", 4000, 100)], 1, [("fast", 0, 24), ("slow", 24, 30)]),
     # uneven memory: the small node takes what fits (0.8 x 200 MB = 160 MB: embed 113 + 3 layers 39)
     ([node("small", 200), node("big", 4000)], 1, [("small", 0, 3), ("big", 3, 30)]),
     # two replicas: two disjoint chains each covering every layer
-    ([node(n, 4000) for n in "abcd"], 2, [("a", 0, 15), ("c", 15, 30), ("b", 0, 15), ("d", 15, 30)]),
+    ([node(n, 4000) for n in "abcd"], 2, [("a", 0, 18), ("c", 18, 30), ("b", 0, 18), ("d", 18, 30)]),
 ])
 def test_layouts(nodes, replicas, expected):
     assert spans(plan_layout(SMOL, nodes, replicas)) == expected
@@ -84,3 +85,14 @@ def test_impossible_requests_say_what_is_missing(nodes, replicas, message):
 def test_deterministic():
     nodes = [node(f"n{i}", 500 + i * 37, 40 + i) for i in range(6)]
     assert spans(plan_layout(SMOL, nodes, 2)) == spans(plan_layout(SMOL, list(nodes), 2))
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_equal_nodes_get_equal_compute_with_the_head_counted(count):
+    """The head is not free (SmolLM2 over 5 nodes: the last stage took 15 ms against 7.7): stages are
+    sized by compute, so the slowest is within 15% of the mean."""
+    from dllmctl.placement.planner import head_layer_equivalents
+
+    layout = plan_layout(SMOL, [node(f"n{i}", 4000) for i in range(count)])
+    work = [s.layers + (head_layer_equivalents(SMOL) if s.head else 0.0) for s in layout.spans]
+    assert len(work) == count and max(work) <= 1.15 * sum(work) / len(work), work

@@ -94,7 +94,7 @@ class Layout:
 
     def to_json(self) -> dict:
         """``{"model", "replicas", "spans": [{"node", "start", "end", "embed", "head", "bytes"}]}``, end exclusive."""
-        return {"model": self.model, "replicas": self.replicas, "spans": [asdict(s) for s in self.spans]}
+        return {"model": self.model, "replicas": self.replicas, "spans": [span_json(s) for s in self.spans]}
 
     @classmethod
     def from_json(cls, doc: Any, model: str, num_layers: int) -> "Layout":
@@ -117,6 +117,14 @@ class Layout:
     def groups(self) -> dict[str, list[Span]]:
         """Each tensor-parallel group's members, in rank order."""
         return groups_of(self.spans)
+
+
+def span_json(span: Span) -> dict:
+    """A span as a plan file holds it (``tensor_slice`` only for a tensor-parallel member)."""
+    doc = asdict(span)
+    if span.tensor_slice is None:
+        del doc["tensor_slice"]
+    return doc
 
 
 def groups_of(spans: list[Span]) -> dict[str, list[Span]]:

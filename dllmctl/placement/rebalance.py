@@ -97,8 +97,11 @@ def plan_rebalance(model: ModelShape, nodes: list[NodeCapacity], current: list[S
         raise failure
     speeds = {node.name: node.gflops for node in nodes}
     moves = [_moves(nodes, held, spans) for spans in candidates]
+    # Fewest layers moved, then fewest spans rebuilt (a node that only drops its span loads nothing),
+    # then the fastest chain.
     best = min(range(len(candidates)),
-               key=lambda i: (_moved_layers(moves[i]), _slowest_seconds(candidates[i], speeds), i))
+               key=lambda i: (_moved_layers(moves[i]), sum(1 for m in moves[i] if m.after),
+                              _slowest_seconds(candidates[i], speeds), i))
     return Rebalance(Layout(model.name, replicas, candidates[best]), moves[best])
 
 

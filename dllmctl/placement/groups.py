@@ -1,0 +1,97 @@
+"""Tensor-parallel and hybrid layouts: which nodes form each group, which layers each group holds, and
+each member's slice. Pure.
+
+A group acts as one stage whose speed is the sum of its members' and whose memory is what its most
+loaded member allows: slices are sized by throughput (:mod:`.tensor`), so a member holds its share of
+the group's bytes. Groups are formed from nodes close to each other (the lowest measured round trips,
+where they are known), and the pipeline planner then gives each group its layers as it would a node.
+``tensor`` is one group per replica holding every layer; ``hybrid`` a chain of groups per replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span
+from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION, plan_layout, usable_budgets
+from dllmctl.placement.tensor import TensorShape, member_bytes, split_span
+
+Latency = Mapping[tuple[str, str], float]  # (node, node) -> measured round trip in ms
+
+
+def plan_groups(model: ModelShape, shape: TensorShape, nodes: list[NodeCapacity], tp: int, replicas: int = 1,
+                stages: int | None = None, latency: Latency | None = None,
+                reserve_fraction: float = DEFAULT_RESERVE_FRACTION) -> Layout:
+    """Groups of ``tp`` members: ``stages`` of them chained per replica (1: tensor parallelism; None:
+    as many as the nodes allow). Raises :class:`PlanError` saying what is missing."""
+    if tp < 1:
+        raise PlanError("--tp must be at least 1")
+    if tp > shape.kv_heads:
+        raise PlanError(f"a group of {tp} cannot split {model.name}'s attention: it works with "
+                        f"{shape.counts_that_work()}")
+    if replicas < 1:
+        raise PlanError("--replicas must be at least 1")
+    usable = [n for n in nodes if n.gflops > 0 and n.free_memory_bytes > 0]
+    per_chain = len(usable) // (tp * replicas)
+    stages = per_chain if stages is None else stages
+    if stages < 1 or tp * replicas * stages > len(usable):
+        raise PlanError(f"{replicas} replica(s) of {max(stages, 1)} group(s) of {tp} need "
+                        f"{tp * replicas * max(stages, 1)} nodes; {len(usable)} are up with memory and "
+                        f"throughput: add nodes or lower --tp / --replicas")
+    # The fastest nodes, fastest first; each group then takes its closest nodes.
+    chosen = sorted(usable, key=lambda n: (-n.gflops, n.name))[:tp * replicas * stages]
+    groups = _form_groups(chosen, tp, latency or {})
+    budgets = usable_budgets(nodes, reserve_fraction)
+    layout = Layout(model.name, replicas)
+    for replica in range(replicas):
+        chain = groups[replica::replicas]  # deal the groups round-robin: every chain gets fast and slow ones
+        layout.spans.extend(_plan_chain(model, shape, chain, budgets, replica, reserve_fraction))
+    return layout
+
+
+def _form_groups(nodes: list[NodeCapacity], tp: int, latency: Latency) -> list[list[NodeCapacity]]:
+    """Groups of ``tp``: the fastest free node, then the free nodes nearest to it (ties: speed, name)."""
+    def rtt(a: str, b: str) -> float:
+        return latency.get((a, b), latency.get((b, a), 0.0))
+
+    free = list(nodes)
+    groups = []
+    while free:
+        seed = free.pop(0)
+        free.sort(key=lambda n: (rtt(seed.name, n.name), -n.gflops, n.name))
+        members, free = [seed, *free[:tp - 1]], free[tp - 1:]
+        free.sort(key=lambda n: (-n.gflops, n.name))
+        groups.append(members)
+    return groups
+
+
+def _plan_chain(model: ModelShape, shape: TensorShape, groups: list[list[NodeCapacity]], budgets: dict[str, int],
+                replica: int, reserve_fraction: float) -> list[Span]:
+    stand_ins = [NodeCapacity(name=str(i), free_memory_bytes=_group_memory(g, budgets, reserve_fraction),
+                              gflops=sum(m.gflops for m in g)) for i, g in enumerate(groups)]
+    try:
+        chain = plan_layout(model, stand_ins, replicas=1, reserve_fraction=reserve_fraction)
+    except PlanError as exc:
+        names = "; ".join(", ".join(m.name for m in g) for g in groups)
+        raise PlanError(f"groups {names}: {exc}") from None
+    spans = []
+    for stage, held in enumerate(chain.spans):
+        members = groups[int(held.node)]
+        name = f"r{replica}s{stage}" if len(chain.spans) > 1 else f"r{replica}"
+        slices = split_span(shape, held.layers, [m.gflops for m in members], name, embed=held.embed, head=held.head)
+        for member, tensor_slice in zip(members, slices):
+            size = member_bytes(shape, held.layers, tensor_slice, held.embed, held.head, model.tied)
+            if size > budgets[member.name]:
+                raise PlanError(f"{member.name}'s slice of layers [{held.start}, {held.end}) needs "
+                                f"{size / 2**20:.1f} MiB, more than its {budgets[member.name] / 2**20:.1f} MiB usable")
+            spans.append(Span(member.name, held.start, held.end, held.embed, held.head, size, tensor_slice))
+    return spans
+
+
+def _group_memory(members: list[NodeCapacity], budgets: dict[str, int], reserve_fraction: float) -> int:
+    """The free memory a group offers as one stage: members hold shares of its bytes in proportion to
+    their speed, so the member with the least room per share sets the bound (before the planner's
+    own reserve, which it applies again)."""
+    total = sum(m.gflops for m in members)
+    room = min(budgets[m.name] * total / m.gflops for m in members)
+    return int(room / (1 - reserve_fraction))
