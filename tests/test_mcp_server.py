@@ -106,9 +106,10 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
     assert [r["node"] for r in out["route"]] == ["local-1", "local-2", "local-3"]
     assert _rising(progress) and progress[-1][0] == out["completion_tokens"] and progress[-1][1] == 10
     for parallelism in ("tensor", "hybrid"):
+        # Every node serves the pipeline layout, and a new layout never silently replaces it.
         text, error, _ = await s.call("llm_inference_distributed", prompt="hi", model_name=MODEL,
                                       parallelism=parallelism)
-        assert error and f"parallelism '{parallelism}' is not built yet" in text
+        assert error and f"no {parallelism} layout" in text and "already serve" in text, text
     for arguments, needle in (({"model_name": "ghost"}, "no model 'ghost'"),
                               ({"model_name": MODEL, "nodes": ["local-1"]}, "could not serve"),
                               ({"model_name": MODEL, "nodes": ["nobody"]}, "unknown node"),

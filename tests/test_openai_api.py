@@ -121,7 +121,7 @@ def test_errors_are_openai_shaped(served, client):
             ({"temperature": 3}, "temperature", "between 0 and 2"),
             ({"max_tokens": 0}, "max_tokens", "at least 1"),
             ({"max_tokens": 1000}, "max_tokens", "exceeds the model's context"),
-            ({"extra_body": {"parallelism": "tensor"}}, "parallelism", "not built yet"),
+            ({"extra_body": {"parallelism": "diagonal"}}, "parallelism", "unknown parallelism"),
             ({"extra_body": {"bogus": 1}}, "bogus", "Unrecognized request argument"),
             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
              "tool calls are not supported")):
@@ -129,6 +129,10 @@ def test_errors_are_openai_shaped(served, client):
             client.chat.completions.create(model=MODEL, messages=messages, **kwargs)
         assert caught.value.status_code == 400 and caught.value.param == param and needle in caught.value.message, \
             (kwargs, caught.value.body)
+    # No tensor-parallel layout is deployed: the API does not deploy one, it says how.
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=MODEL, messages=messages, extra_body={"parallelism": "tensor"})
+    assert caught.value.status_code == 503 and "--parallelism tensor" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1000, stream=True)
     assert caught.value.code == "context_length_exceeded"  # refused before the stream starts

@@ -140,3 +140,46 @@ def test_an_impossible_split_is_refused_with_the_counts_that_work():
     shape = TensorShape(kv_heads=3, queries_per_kv=3, head_dim=64, hidden=576, intermediate=1536, vocab=49152)
     with pytest.raises(PlanError, match="1 to 3 members"):
         split_span(shape, 30, [1, 1, 1, 1], "g")
+
+
+def test_a_member_killed_mid_generation_fails_over_to_the_replica_group(cluster):
+    """Two groups of two; a follower of the group in use is killed after a few tokens: its leader gives
+    the session up, the client moves to the other group and replays, and the tokens are the fault-free
+    ones - greedy (the group gathers best tokens) and seeded sampling (it gathers whole logits)."""
+    from dllmctl.inference.session import Generation
+
+    name, model = _import(cluster, "qwen2")
+    nodes, n = sorted(cluster["registry"].nodes), model.config.num_hidden_layers
+    spans = _group_spans(model, nodes[:2], 0, n, [1, 1], "r0") + _group_spans(model, nodes[2:], 0, n, [1, 1], "r1")
+    _deploy(cluster, name, spans)
+    partner = {nodes[0]: nodes[1], nodes[2]: nodes[3]}
+    registry, user, daemons = cluster["registry"], cluster["user"], cluster["root"] / "daemons"
+    prompt = PROMPTS["long"]
+
+    def generate(sampling, kill_at=None):
+        result, killed = Generation(prompt_tokens=len(prompt)), []
+
+        def on_token(_token):
+            if len(result.token_ids) == kill_at and not killed:
+                victim = partner[result.routes[-1][0]["node"]]
+                local_cluster.kill(daemons, victim)
+                killed.append(victim)
+
+        async def run():
+            async with ConnectionPool(user) as pool:
+                await generate_with_failover(pool, lambda: live_stages(user, list(registry.nodes.values()), name),
+                                             name, n, prompt, NEW_TOKENS, set(), sampling, parallelism="tensor",
+                                             on_token=on_token, result=result)
+
+        asyncio.run(run())
+        return result, killed
+
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    expected = {"greedy": generate(SamplingParams())[0].token_ids, "seeded": generate(seeded)[0].token_ids}
+    _check_exact(model, prompt, generate(SamplingParams())[0], "fault-free greedy")
+    for kind, sampling in (("greedy", SamplingParams()), ("seeded", seeded)):
+        result, killed = generate(sampling, kill_at=3)
+        assert killed and result.token_ids == expected[kind], kind
+        assert result.failovers and result.routes[-1][0]["node"] != result.routes[0][0]["node"]
+        local_cluster.restart(daemons, killed[0], registry)
+        _deploy(cluster, name, spans)

@@ -40,6 +40,9 @@ from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, Genera
 from dllmd.net.pool import ConnectionPool
 from dllmctl.data.records import dataset_records
 from dllmctl.models import local_model
+from dllmctl.models.layouts import deploy_parallel_layout
+from dllmctl.placement.layout import PlanError
+from dllmctl.placement.routing import RouteError
 from dllmctl.paths import cluster_file
 from dllmctl.training.jobs import PARALLELISMS as TRAIN_PARALLELISMS, TrainError, job_spec, submit
 
@@ -210,6 +213,17 @@ class ClusterTools:
             try:
                 result = await run(self.user, targets, prepared, pool=self.pool, assigned=self.assigned,
                                    on_token=token)
+            except RouteError as exc:
+                if parallelism not in ("tensor", "hybrid"):
+                    raise ToolError(f"the cluster could not serve this: {exc}") from None
+                # No such layout is live: plan one over the free nodes and deploy it, then generate.
+                progress.update(0, f"deploying a {parallelism} layout of {model_name}")
+                await self._deploy_layout(model_name, parallelism, targets)
+                try:
+                    result = await run(self.user, targets, prepared, pool=self.pool, assigned=self.assigned,
+                                       on_token=token)
+                except CLUSTER_ERRORS as exc:
+                    raise ToolError(f"the cluster could not serve this: {exc}") from None
             except CLUSTER_ERRORS as exc:
                 raise ToolError(f"the cluster could not serve this: {exc}") from None
         g = result.generation
@@ -222,6 +236,13 @@ class ClusterTools:
                 "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                 "finish_reason": result.finish_reason, "token_ids": result.token_ids, "seconds": round(g.seconds, 4),
                 "tokens_per_second": rate, "route": g.routes[-1], "failovers": g.failovers}
+
+    async def _deploy_layout(self, model_name: str, parallelism: str, targets: list[NodeEntry]) -> None:
+        try:
+            directory, manifest = local_model(model_name)
+            await deploy_parallel_layout(self.user, targets, directory, manifest, parallelism)
+        except (PlanError, CallError, ModelStoreError) as exc:
+            raise ToolError(f"no {parallelism} layout of {model_name} is deployed, and none could be: {exc}") from None
 
     async def shard(self, data_uri: str, model_name: str, shard_strategy: str, nodes: list[str] | None,
                     name: str | None, seq_len: int, replicas: int, seed: int, field: str, local_only: bool,
@@ -319,7 +340,9 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
         parallelism: Annotated[Literal["model", "tensor", "pipeline", "hybrid"], Field(
             description="How the model is split: 'pipeline' (layer spans; prompt chunks overlap across stages, "
                         "decode batched with other sessions) or 'model' (layer spans, one piece, never batched). "
-                        "'tensor' and 'hybrid' are not built yet and return an error")] = "pipeline",
+                        "'tensor': one tensor-parallel group holds every layer; 'hybrid': a chain of such groups. "
+                        "Without such a layout deployed, one is planned over the free nodes and deployed "
+                        "first")] = "pipeline",
         nodes: NodesArg = None,
         max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 128,
         temperature: Annotated[float, Field(ge=0.0, le=100.0, description="0: greedy")] = 0.0,

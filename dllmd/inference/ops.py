@@ -108,8 +108,13 @@ class InferenceService:
         for session in self.sessions.all():
             self._end(session, ErrorCode.UNAVAILABLE, "the node is shutting down")
         for loaded in self.spans.values():
-            self._leave_group(loaded)
-        self.compute.shutdown(wait=False, cancel_futures=True)
+            self._stop_following(loaded)
+        # At most one pass is in flight (bounded by the group timeout); group sockets must be closed
+        # after it, or the zmq context cannot terminate.
+        self.compute.shutdown(wait=True, cancel_futures=True)
+        for loaded in self.spans.values():
+            if loaded.group is not None:
+                loaded.group.channel.close()
 
     def serving(self) -> list[ServedSpan]:
         return [loaded.describe(self.sessions.for_model(name), self.scheduler.queued_for(name))
@@ -144,11 +149,15 @@ class InferenceService:
     def _leave_group(self, loaded: LoadedSpan) -> None:
         if loaded.group is None:
             return
+        self._stop_following(loaded)
+        # The leader's channel belongs to the compute thread: close it there, after any pass in flight.
+        self.compute.submit(loaded.group.channel.close)
+
+    @staticmethod
+    def _stop_following(loaded: LoadedSpan) -> None:
         if loaded.follow_stop is not None:
             loaded.follow_stop.set()
             loaded.follow_thread.join(timeout=2.0)
-        # The leader's channel belongs to the compute thread: close it there, after any pass in flight.
-        self.compute.submit(loaded.group.channel.close)
 
     # --- tensor-parallel groups ---------------------------------------------------------------------
 
