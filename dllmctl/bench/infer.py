@@ -91,22 +91,122 @@ async def _node_rss(user: Identity, nodes: list[NodeEntry]) -> dict[str, int]:
     return dict(await asyncio.gather(*(one(n) for n in nodes)))
 
 
+async def _group_counters(user: Identity, nodes: list[NodeEntry], model: str) -> dict[str, dict]:
+    """Each tensor-parallel member's reduction counters now: node -> {reductions, reduce_s, reduce_wait_s,
+    group, rank, size}."""
+    async def one(node: NodeEntry) -> tuple[str, dict | None]:
+        async with RpcClient(user, node.address, node.public_key) as client:
+            info, _ = await client.call("info")
+        for span in info.get("serving", []):
+            if span.get("model") == model and span.get("tensor_slice"):
+                return node.name, {"reductions": span["reductions"], "reduce_s": span["reduce_s"],
+                                   "reduce_wait_s": span["reduce_wait_s"], **span["tensor_slice"]}
+        return node.name, None
+
+    return {name: row for name, row in await asyncio.gather(*(one(n) for n in nodes)) if row is not None}
+
+
+_COUNTERS = ("reductions", "reduce_s", "reduce_wait_s")
+
+
+def _reduction_report(before: dict[str, dict], after: dict[str, dict], tokens: int, hidden_bytes: int) -> dict:
+    """Per decode token, per member: reductions, their time (waiting for slower members apart), bytes sent."""
+    members = {}
+    for name, end in after.items():
+        start = before.get(name, {"reductions": 0, "reduce_s": 0.0, "reduce_wait_s": 0.0})
+        count = end["reductions"] - start["reductions"]
+        seconds = end["reduce_s"] - start["reduce_s"]
+        waited = end["reduce_wait_s"] - start["reduce_wait_s"]
+        members[name] = {
+            "group": end["group"], "rank": end["rank"],
+            "reductions_per_token": round(count / tokens, 2),
+            "reduction_ms_per_token": round(seconds * 1000 / tokens, 3),
+            "ms_per_reduction": round(seconds * 1000 / count, 4) if count else 0.0,
+            "waiting_for_members_ms_per_reduction": round(waited * 1000 / count, 4) if count else 0.0,
+            "transfer_ms_per_reduction": round((seconds - waited) * 1000 / count, 4) if count else 0.0,
+            "bytes_sent_per_token": int(count / tokens * hidden_bytes * (end["size"] - 1)),
+        }
+    return members
+
+
+def raw_exchange_ms(payload_bytes: int, rounds: int = 2000) -> float:
+    """What a reduction's exchange costs with nothing of dllm around it: two threads, each sending the
+    other ``payload_bytes`` over CURVE-encrypted PUSH/PULL on loopback and waiting for the other's, as a
+    group of two does per reduction. Median of ``rounds``, in ms."""
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context()
+    keys = [zmq.curve_keypair() for _ in range(2)]
+    inboxes, outboxes = [], []
+    for public, secret in keys:
+        inbox = ctx.socket(zmq.PULL)
+        inbox.curve_server, inbox.curve_secretkey, inbox.curve_publickey = True, secret, public
+        port = inbox.bind_to_random_port("tcp://127.0.0.1")
+        inboxes.append((inbox, port))
+    for i in range(2):
+        out = ctx.socket(zmq.PUSH)
+        public, secret = keys[i]
+        out.curve_secretkey, out.curve_publickey, out.curve_serverkey = secret, public, keys[1 - i][0]
+        out.connect(f"tcp://127.0.0.1:{inboxes[1 - i][1]}")
+        outboxes.append(out)
+    payload = bytes(payload_bytes)
+    times: list[float] = []
+
+    def side(i: int) -> None:
+        inbox, out = inboxes[i][0], outboxes[i]
+        for _ in range(rounds + 100):
+            started = time.perf_counter()
+            out.send(payload, copy=True)
+            inbox.recv()
+            if i == 0:
+                times.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=side, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sock in [*outboxes, *(s for s, _ in inboxes)]:
+        sock.close(linger=0)
+    ctx.term()
+    return _median([t * 1000 for t in times[100:]])
+
+
 async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int,
-                               prompt_ids: list[int], new_tokens: int) -> dict:
-    route = choose_route(await live_stages(user, nodes, model), num_layers, model)
+                               prompt_ids: list[int], new_tokens: int, parallelism: str = "pipeline",
+                               hidden_bytes: int = 0) -> dict:
+    route = choose_route(await live_stages(user, nodes, model), num_layers, model, parallelism=parallelism)
     async with ConnectionPool(user) as pool:
         async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
-                                      max_new_tokens=2) as warm:
+                                      max_new_tokens=2, parallelism=parallelism) as warm:
             await warm.generate(prompt_ids, 2, set())
+        start = await _group_counters(user, nodes, model)
         async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
-                                      max_new_tokens=new_tokens) as session:
+                                      max_new_tokens=1, parallelism=parallelism) as prefill:
+            await prefill.generate(prompt_ids, 1, set())  # what the prefill alone adds to the counters
+        before = await _group_counters(user, nodes, model)
+        async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
+                                      max_new_tokens=new_tokens, parallelism=parallelism) as session:
             result = await session.generate(prompt_ids, new_tokens, set())
+        after = await _group_counters(user, nodes, model)
     decode = result.step_seconds[1:]
     compute = [sum(ms) for ms in result.stage_compute_ms[1:]]
     overhead = [s * 1000 - c for s, c in zip(decode, compute)]
     messages = len(route) + 1  # N stages: N + 1 messages per token
+    groups = {}
+    if after:
+        # Take the prefill's reductions (measured alone, on the one-token session) off the session's, so
+        # what is left is the decode tokens'.
+        decode_only = {name: {key: row[key] - (before[name][key] - start[name][key]) if key in _COUNTERS else row[key]
+                              for key in row} for name, row in after.items()}
+        groups = _reduction_report(before, decode_only, len(decode), hidden_bytes)
     return {
-        "route": [{"node": s.node.name, "start": s.span.start, "end": s.span.end} for s in route],
+        "parallelism": parallelism,
+        "route": [{"node": s.node.name, "start": s.span.start, "end": s.span.end,
+                   "members": s.span.tensor_slice.size if s.span.tensor_slice else 1} for s in route],
+        "reductions": groups,
         "tokens_per_second": round(len(decode) / sum(decode), 3),
         "time_to_first_token_ms": round(result.first_token_s * 1000, 2),
         "per_token_ms": _median([s * 1000 for s in decode]),
@@ -120,11 +220,18 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
 
 
 def run(user: Identity, nodes: list[NodeEntry], model_dir: Path, model: str, num_layers: int, new_tokens: int,
-        compare_local: bool) -> dict:
+        compare_local: bool, parallelism: str = "pipeline") -> dict:
     tokenizer = load_tokenizer(model_dir)
     prompt_ids = encode_prompt(tokenizer, BENCH_PROMPT)
+    hidden_bytes = AutoConfig.from_pretrained(model_dir).hidden_size * 4
     report = {"model": model, "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens,
-              "distributed": asyncio.run(distributed_generate(user, nodes, model, num_layers, prompt_ids, new_tokens))}
+              "distributed": asyncio.run(distributed_generate(user, nodes, model, num_layers, prompt_ids, new_tokens,
+                                                              parallelism, hidden_bytes))}
+    if report["distributed"]["reductions"]:
+        raw = raw_exchange_ms(hidden_bytes)
+        report["raw_zmq_exchange_ms"] = raw
+        for member in report["distributed"]["reductions"].values():
+            member["ratio_to_raw_exchange"] = round(member["transfer_ms_per_reduction"] / raw, 3) if raw else None
     if compare_local:
         local = local_generate(model_dir, prompt_ids, new_tokens)
         dist = report["distributed"]
