@@ -97,3 +97,35 @@ def test_smollm2_three_nodes_matches_local_generate(cluster3, smollm2_gguf, user
     want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
     assert result["token_ids"] == want
     assert "robot" in result["text"].lower() or len(result["text"]) > 20
+
+
+def test_tensor_parallel_through_the_cli(cluster3, tmp_path):
+    """plan / deploy / infer with --parallelism tensor and hybrid: groups, slices and expected times in the
+    plan, a clear error before anything is deployed, --deploy, and a refusal naming the counts that work."""
+    source = make_tiny_model("qwen2", tmp_path / "src", hidden_size=96, num_attention_heads=12, num_key_value_heads=6)
+    _ok(run_cli("dllmctl", "model", "import", str(source), "--name", "tp", "--json"))
+    plan = _ok(run_cli("dllmctl", "plan", "tp", "--parallelism", "tensor", "--tp", "3", "--json"))
+    slices = [s["tensor_slice"] for s in plan["spans"]]
+    assert [s["rank"] for s in slices] == [0, 1, 2] and len({s["group"] for s in slices}) == 1
+    assert slices[-1]["kv_hi"] == 6 and all(s["expected_ms"] > 0 for s in plan["spans"])
+    refused = run_cli("dllmctl", "plan", "tp", "--parallelism", "tensor", "--tp", "7")
+    assert refused.returncode != 0 and "1 to 6 members" in " ".join(refused.stderr.split())
+
+    prompt = ["The quick brown fox", "-m", "tp", "--raw", "--max-new-tokens", "8", "--json"]
+    missing = run_cli("dllmctl", "infer", *prompt, "--parallelism", "tensor")
+    assert missing.returncode != 0 and "dllmctl deploy tp --parallelism tensor" in " ".join(missing.stderr.split())
+    result = _ok(run_cli("dllmctl", "infer", *prompt, "--parallelism", "tensor", "--deploy", "--tp", "2"))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
+    want = model.generate(ids, max_new_tokens=8, do_sample=False,
+                          eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert result["token_ids"] == want and len(result["route"]) == 1
+    rows = _ok(run_cli("dllmctl", "nodes", "list", "--json"))
+    members = sorted(s["tensor_slice"]["rank"] for r in rows for s in r["serving"] if s.get("tensor_slice"))
+    assert members == [0, 1]
+    # The third node is free, but a hybrid layout needs two groups: refused, the tensor layout untouched.
+    hybrid = run_cli("dllmctl", "deploy", "tp", "--parallelism", "hybrid", "--tp", "2")
+    assert hybrid.returncode != 0 and "already serve tp" in " ".join(hybrid.stderr.split())
+    again = _ok(run_cli("dllmctl", "infer", *prompt, "--parallelism", "tensor"))
+    assert again["token_ids"] == want

@@ -76,7 +76,9 @@ def infer(
     compare_local: Annotated[bool, typer.Option("--compare-local", help="Also run transformers' generate here.")] = False,
     sessions: Annotated[Optional[str], typer.Option(
         help="Concurrent sessions to compare, e.g. '1,4,16': aggregate tokens/s and stage utilization.")] = None,
-    parallelism: Annotated[str, typer.Option(help="pipeline or model (for --sessions).")] = "pipeline",
+    parallelism: Annotated[str, typer.Option(help=(
+        "pipeline, model, tensor or hybrid: the deployed layout to run through (tensor and hybrid also report "
+        "each member's reductions against a raw zmq exchange of the same bytes)."))] = "pipeline",
     wan_delay_ms: Annotated[Optional[float], typer.Option(
         min=0.0, max=1000.0, help="Run one session with every link behind a delay proxy (one way, ms).")] = None,
     failover_runs: Annotated[int, typer.Option(
@@ -106,7 +108,8 @@ def infer(
     try:
         with err.status("benchmarking..."):
             if not (counts or wan_delay_ms is not None or failover_runs):
-                report.update(infer_bench.run(user, nodes, directory, model, num_layers, new_tokens, compare_local))
+                report.update(infer_bench.run(user, nodes, directory, model, num_layers, new_tokens, compare_local,
+                                              parallelism))
             tokenizer = load_tokenizer(directory)
             prompt = encode_prompt(tokenizer, infer_bench.BENCH_PROMPT)
             if counts:
@@ -175,6 +178,12 @@ def _print_single(report: dict) -> None:
         share = report.get("node_rss_share_of_local_model", {}).get(name)
         table.add_row(f"RSS {name}", human_bytes(rss), human_bytes(local.get("process_rss_bytes")) if local else "",
                       f"{share}" if share is not None else "")
+    for name, r in d.get("reductions", {}).items():
+        table.add_row(f"reductions {name} ({r['group']}#{r['rank']})",
+                      f"{r['reductions_per_token']:g}/token, {r['ms_per_reduction']:.3f} ms each "
+                      f"(waiting {r['waiting_for_members_ms_per_reduction']:.3f}, transfer "
+                      f"{r['transfer_ms_per_reduction']:.3f}); {human_bytes(r['bytes_sent_per_token'])}/token sent",
+                      f"raw exchange {report.get('raw_zmq_exchange_ms', '-')} ms", f"{r.get('ratio_to_raw_exchange', '-')}")
     out.print(table)
     if "tokens_identical" in report:
         out.print("tokens identical to local generate: " + ("[green]yes[/green]" if report["tokens_identical"] else "[red]no[/red]"))

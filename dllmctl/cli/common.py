@@ -26,6 +26,11 @@ err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NodesOpt = Annotated[Optional[str], typer.Option("--nodes", help="Comma-separated node names (default: all registered).")]
 ReplicasOpt = Annotated[int, typer.Option(min=1, max=16, help="Hold every layer on this many nodes.")]
+LayoutOpt = Annotated[str, typer.Option("--parallelism", help=(
+    "pipeline: each node holds whole layers; tensor: a tensor-parallel group (--tp members) holds a slice of "
+    "every layer on each member; hybrid: a chain of such groups."))]
+TpOpt = Annotated[Optional[int], typer.Option("--tp", min=1, max=64, help=(
+    "Members per tensor-parallel group (default: every free node for tensor, 2 for hybrid)."))]
 DtypeOpt = Annotated[str, typer.Option(help="Load spans as float32, bfloat16 or float16 (default: as imported).")]
 
 STATUS_STYLE = {"up": "green", "down": "red", "unauthorized": "yellow", "key-mismatch": "yellow", "error": "red"}
@@ -123,10 +128,19 @@ def print_nodes(rows: list[dict]) -> None:
 
 
 def print_layout(doc: dict) -> None:
-    table = Table("node", "layers", "embed", "head", "weights")
+    grouped = any(s.get("tensor_slice") for s in doc["spans"])
+    columns = ["node", "layers", "embed", "head", "weights", "expected ms/token"]
+    if grouped:
+        columns[1:1] = ["group", "rank", "KV heads", "MLP columns", "vocab rows"]
+    table = Table(*columns)
     for s in doc["spans"]:
-        table.add_row(s["node"], layers_text(s["start"], s["end"]), "yes" if s["embed"] else "",
-                      "yes" if s["head"] else "", human_bytes(s["bytes"]))
+        row = [s["node"], layers_text(s["start"], s["end"]), "yes" if s["embed"] else "", "yes" if s["head"] else "",
+               human_bytes(s["bytes"]), f"{s['expected_ms']:.2f}" if "expected_ms" in s else ""]
+        if grouped:
+            t = s.get("tensor_slice")
+            row[1:1] = ([t["group"], str(t["rank"]), f"{t['kv_lo']}-{t['kv_hi'] - 1}", f"{t['mlp_lo']}-{t['mlp_hi'] - 1}",
+                         f"{t['vocab_lo']}-{t['vocab_hi'] - 1}" if t["vocab_hi"] else ""] if t else [""] * 5)
+        table.add_row(*row)
     out.print(table)
 
 

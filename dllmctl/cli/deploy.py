@@ -9,20 +9,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from dllmctl.cli.common import (DtypeOpt, JsonOpt, fail, load_registry, load_user, local_model, out, print_deployed,
-                                print_json, select_nodes, transfer_progress)
+from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, ReplicasOpt, TpOpt, fail, load_registry, load_user,
+                                local_model, out, print_deployed, print_json, select_nodes, transfer_progress)
 
 
 def deploy_command(
     model: Annotated[str, typer.Argument(help="Model name in the local store.")],
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Plan JSON from 'dllmctl plan --json'.")] = None,
+    parallelism: LayoutOpt = "pipeline",
+    tp: TpOpt = None,
+    replicas: ReplicasOpt = 1,
     dtype: DtypeOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
-    """Send each node the tensors of its span (encrypted, resumable) and load them."""
+    """Send each node the tensors of its span (encrypted, resumable) and load them; tensor-parallel
+    groups are then linked."""
     from dllmd.net.client import CallError
+    from dllmctl.cli.plan import plan_for
     from dllmctl.models.deploy import bytes_to_send, deploy
-    from dllmctl.models.layouts import plan_on_live_nodes
     from dllmctl.placement.layout import Layout, PlanError
 
     user, registry = load_user(), load_registry()
@@ -34,14 +38,21 @@ def deploy_command(
             except (OSError, ValueError) as exc:
                 raise PlanError(f"cannot read plan {plan}: {exc}") from None
             layout = Layout.from_json(doc, model, manifest.num_layers)
+            if layout.groups():
+                from dllmctl.models.layouts import tensor_shape
+                from dllmctl.placement.tensor import check_covers
+
+                check_covers(layout.groups(), tensor_shape(directory, manifest))
         else:
-            layout = asyncio.run(plan_on_live_nodes(user, registry.select(None), manifest, 1))
+            layout = asyncio.run(plan_for(user, registry.select(None), directory, manifest, parallelism, tp, replicas))
     except PlanError as exc:
         fail(str(exc) if plan is None else f"{plan}: {exc}")
     spans = layout.spans
     nodes = {n.name: n for n in select_nodes(",".join(sorted({s.node for s in spans})), registry)}
     with transfer_progress(as_json) as progress:
-        tasks = {s.node: progress.add_task(f"{s.node} [{s.start}-{s.end})", total=bytes_to_send(manifest, s))
+        tasks = {s.node: progress.add_task(f"{s.node} [{s.start}-{s.end})" + (f" {s.group}#{s.tensor_slice.rank}"
+                                                                              if s.tensor_slice else ""),
+                                           total=bytes_to_send(manifest, s))
                  for s in spans}
         try:
             reports = asyncio.run(deploy(user, nodes, directory, spans,

@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dllmctl.cli.common import JsonOpt, fail, load_registry, load_user, print_generation_footer, print_json
+from dllmctl.cli.common import (JsonOpt, TpOpt, fail, load_registry, load_user, local_model, print_generation_footer,
+                                print_json, transfer_progress)
 
 
 def infer_command(
@@ -27,7 +28,12 @@ def infer_command(
     system: Annotated[Optional[str], typer.Option(help="A system message (chat models).")] = None,
     parallelism: Annotated[str, typer.Option(
         help="pipeline: prompt in chunks that overlap across stages, decode batched with other sessions; "
-             "model: one piece, never batched. (tensor, hybrid: not built yet.)")] = "pipeline",
+             "model: one piece, never batched; tensor: through a tensor-parallel group; hybrid: through a "
+             "chain of groups.")] = "pipeline",
+    deploy: Annotated[bool, typer.Option("--deploy", help=(
+        "With tensor or hybrid: when no such layout serves the model, plan one over the free nodes and "
+        "deploy it first."))] = False,
+    tp: TpOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
@@ -46,8 +52,16 @@ def infer_command(
             sys.stdout.write(delta)
             sys.stdout.flush()
 
+    from dllmctl.placement.routing import RouteError
+
     try:
-        result = asyncio.run(run(user, registry.select(None), prepared, on_text=show))
+        try:
+            result = asyncio.run(run(user, registry.select(None), prepared, on_text=show))
+        except RouteError:
+            if not (deploy and parallelism in ("tensor", "hybrid")):
+                raise
+            _deploy_layout(user, registry.select(None), model, parallelism, tp, as_json)
+            result = asyncio.run(run(user, registry.select(None), prepared, on_text=show))
     except CLUSTER_ERRORS as exc:
         fail(str(exc))
     generation = result.generation
@@ -61,3 +75,25 @@ def infer_command(
         return
     sys.stdout.write("\n")
     print_generation_footer(result)
+
+
+def _deploy_layout(user, entries, model: str, parallelism: str, tp, quiet: bool) -> None:
+    """Plan a tensor or hybrid layout over the free nodes and deploy it, with a progress bar per node."""
+    from dllmd.net.client import CallError
+    from dllmctl.models.deploy import bytes_to_send, deploy
+    from dllmctl.cli.plan import plan_for
+    from dllmctl.placement.layout import PlanError
+
+    directory, manifest = local_model(model)
+    try:
+        layout = asyncio.run(plan_for(user, entries, directory, manifest, parallelism, tp, 1))
+    except PlanError as exc:
+        fail(f"no {parallelism} layout of {model} is deployed, and none could be: {exc}")
+    by_name = {e.name: e for e in entries}
+    with transfer_progress(quiet) as progress:
+        tasks = {s.node: progress.add_task(f"{s.node} {s.group}#{s.tensor_slice.rank}", total=bytes_to_send(manifest, s))
+                 for s in layout.spans}
+        try:
+            asyncio.run(deploy(user, by_name, directory, layout.spans, lambda node, n: progress.advance(tasks[node], n)))
+        except CallError as exc:
+            fail(f"deploying the {parallelism} layout failed: {exc}")

@@ -8,26 +8,44 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from dllmctl.cli.common import (DtypeOpt, JsonOpt, NodesOpt, ReplicasOpt, fail, human_bytes, layers_text, load_user,
-                                local_model, out, print_json, print_layout, select_nodes, transfer_progress)
+from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, NodesOpt, ReplicasOpt, TpOpt, fail, human_bytes,
+                                layers_text, load_user, local_model, out, print_json, print_layout, select_nodes,
+                                transfer_progress)
 
 ModelArg = Annotated[str, typer.Argument(help="Model name in the local store.")]
 
 
-def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt = 1, as_json: JsonOpt = False) -> None:
-    """Contiguous layer spans per node, sized by free memory and weighted by measured throughput."""
-    from dllmctl.models.layouts import plan_on_live_nodes
+def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt = 1,
+                 parallelism: LayoutOpt = "pipeline", tp: TpOpt = None, as_json: JsonOpt = False) -> None:
+    """Layer spans per node (or tensor-parallel groups and each member's slice), sized by free memory
+    and measured throughput, with each part's expected compute per token."""
     from dllmctl.placement.layout import PlanError
 
-    _, manifest = local_model(model)
+    directory, manifest = local_model(model)
     try:
-        layout = asyncio.run(plan_on_live_nodes(load_user(), select_nodes(nodes), manifest, replicas))
+        layout = asyncio.run(plan_for(load_user(), select_nodes(nodes), directory, manifest, parallelism, tp, replicas))
     except PlanError as exc:
         fail(str(exc))
     if as_json:
         print_json(layout.to_json())
     else:
         print_layout(layout.to_json())
+
+
+async def plan_for(user, entries, directory, manifest, parallelism: str, tp: int | None, replicas: int):
+    """The layout ``plan`` shows and ``deploy`` deploys, for ``--parallelism`` and ``--tp``."""
+    from dllmctl.models.layouts import default_tp, plan_groups_on_live_nodes, plan_on_live_nodes, tensor_shape
+    from dllmctl.placement.layout import PlanError
+
+    if parallelism in ("pipeline", "model"):
+        if tp not in (None, 1):
+            raise PlanError("--tp applies to --parallelism tensor or hybrid")
+        return await plan_on_live_nodes(user, entries, manifest, replicas)
+    if parallelism not in ("tensor", "hybrid"):
+        raise PlanError(f"--parallelism must be pipeline, tensor or hybrid, not {parallelism!r}")
+    if tp is None:
+        tp = default_tp(parallelism, len(entries) // replicas, tensor_shape(directory, manifest))
+    return await plan_groups_on_live_nodes(user, entries, directory, manifest, parallelism, tp, replicas)
 
 
 def rebalance_command(

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span
-from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION, plan_layout, usable_budgets
+from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span, span_bytes
+from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION, expected_ms, plan_layout, usable_budgets
 from dllmctl.placement.tensor import TensorShape, member_bytes, split_span
 
 Latency = Mapping[tuple[str, str], float]  # (node, node) -> measured round trip in ms
@@ -45,7 +45,16 @@ def plan_groups(model: ModelShape, shape: TensorShape, nodes: list[NodeCapacity]
     layout = Layout(model.name, replicas)
     for replica in range(replicas):
         chain = groups[replica::replicas]  # deal the groups round-robin: every chain gets fast and slow ones
-        layout.spans.extend(_plan_chain(model, shape, chain, budgets, replica, reserve_fraction))
+        spans = _plan_chain(model, shape, chain, budgets, replica, reserve_fraction)
+        if stages >= 2 and len({s.group for s in spans}) < 2:
+            raise PlanError(f"{model.name} ended up in one group: a hybrid layout needs at least two stages "
+                            f"(more nodes, or use --parallelism tensor)")
+        layout.spans.extend(spans)
+    speed = {n.name: n.gflops for n in nodes}
+    for span in layout.spans:
+        whole = span_bytes(model, span.start, span.end)  # the whole span, of which the member holds a slice
+        share = span.bytes / whole if whole else 1.0
+        layout.expected_ms[span.node] = expected_ms(model, span, speed[span.node], share)
     return layout
 
 

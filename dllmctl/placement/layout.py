@@ -91,10 +91,19 @@ class Layout:
     model: str
     replicas: int
     spans: list[Span] = field(default_factory=list)
+    expected_ms: dict[str, float] = field(default_factory=dict)
+    """Node -> modelled compute of its span per decode token (what the planner balanced), where known."""
 
     def to_json(self) -> dict:
-        """``{"model", "replicas", "spans": [{"node", "start", "end", "embed", "head", "bytes"}]}``, end exclusive."""
-        return {"model": self.model, "replicas": self.replicas, "spans": [span_json(s) for s in self.spans]}
+        """``{"model", "replicas", "spans": [{"node", "start", "end", "embed", "head", "bytes"[, "tensor_slice"]
+        [, "expected_ms"]}]}``, end exclusive."""
+        spans = []
+        for s in self.spans:
+            doc = span_json(s)
+            if s.node in self.expected_ms:
+                doc["expected_ms"] = self.expected_ms[s.node]
+            spans.append(doc)
+        return {"model": self.model, "replicas": self.replicas, "spans": spans}
 
     @classmethod
     def from_json(cls, doc: Any, model: str, num_layers: int) -> "Layout":

@@ -29,6 +29,7 @@ def plan_layout(model: ModelShape, nodes: list[NodeCapacity], replicas: int = 1,
     check_request(model, nodes, replicas, reserve_fraction)
     budgets = usable_budgets(nodes, reserve_fraction)
     layout = Layout(model.name, replicas)
+    speed = {node.name: node.gflops for node in nodes}
     chains = _deal_into_chains(nodes, budgets, replicas)
     for number, chain in enumerate(chains, start=1):
         try:
@@ -38,6 +39,7 @@ def plan_layout(model: ModelShape, nodes: list[NodeCapacity], replicas: int = 1,
             advice = "add a node, free memory or lower --replicas" if replicas > 1 else "add a node or free memory"
             raise PlanError(f"{where}{exc}; {advice} (each node keeps {reserve_fraction:.0%} of its free memory "
                             f"for caches)") from None
+    layout.expected_ms = {s.node: expected_ms(model, s, speed[s.node]) for s in layout.spans}
     return layout
 
 
@@ -111,6 +113,16 @@ def _plan_chain(model: ModelShape, nodes: list[NodeCapacity], budgets: dict[str,
     for span in spans:  # capacities are conservative, so this holds by construction
         assert span.bytes <= budgets[span.node], (span, budgets[span.node])
     return spans
+
+
+def expected_ms(model: ModelShape, span: Span, gflops: float, share: float = 1.0) -> float:
+    """Modelled decode compute of ``span`` per token on a node of ``gflops``: 2 FLOPs per weight (fp32
+    weights of 4 bytes), layers at their measured cost per byte against the head's (``share``: the part
+    of each layer a tensor-parallel member computes)."""
+    layer_bytes = sum(model.layer_bytes[span.start:span.end]) * LAYER_TIME_PER_BYTE_VS_HEAD
+    head = (model.embed_bytes if model.tied else model.head_bytes) if span.head else 0
+    weights = (layer_bytes + head) * share / 4
+    return round(2 * weights / (gflops * 1e9) * 1000, 3) if gflops > 0 else float("inf")
 
 
 def _arrange(model: ModelShape, members: list[NodeCapacity], budgets: dict[str, int]) -> list[NodeCapacity]:

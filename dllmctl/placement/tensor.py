@@ -137,3 +137,16 @@ def split_span(shape: TensorShape, layers: int, weights: Sequence[float], group:
                         mlp_hi=mlp[1], vocab_lo=vocab[0], vocab_hi=vocab[1])
             for rank, (kv, mlp, vocab) in enumerate(zip(_bounds(heads), _bounds(mlp_blocks, mlp_block),
                                                         vocab_bounds))]
+
+
+def check_covers(groups: dict[str, list], shape: TensorShape) -> None:
+    """Every group's slices (already checked to tile without gaps) reach the end of each dimension: a plan
+    file whose members leave heads, columns or vocabulary rows to nobody would compute a wrong sum."""
+    for name, members in groups.items():
+        last, first = members[-1].tensor_slice, members[0]
+        ends = {"KV heads": (last.kv_hi, shape.kv_heads), "MLP columns": (last.mlp_hi, shape.intermediate)}
+        if first.embed or first.head:
+            ends["vocabulary rows"] = (last.vocab_hi, shape.vocab)
+        for what, (got, want) in ends.items():
+            if got != want:
+                raise PlanError(f"group {name!r} covers {got} of the model's {want} {what}")
