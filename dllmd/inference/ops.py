@@ -371,7 +371,7 @@ class InferenceService:
         failures = []
         for item, inputs in zip(items, call.tensors):
             session = self.sessions.get(item.session)
-            if session is None:
+            if session is None or session.stream is DETACHED:  # a follower's share runs only as its leader says
                 failures.append(f"no session {item.session} here (closed or expired)")
                 continue
             try:
