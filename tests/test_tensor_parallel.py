@@ -142,6 +142,53 @@ def test_an_impossible_split_is_refused_with_the_counts_that_work():
         split_span(shape, 30, [1, 1, 1, 1], "g")
 
 
+def test_members_refuse_what_only_their_leader_may_ask(cluster):
+    """Sessions enter a group at member 0; a follower's share of a session takes no steps from a caller;
+    group.connect links only keys the node trusts as peers, in a group of the size the slice says."""
+    from dllmd.net.client import RemoteError, RpcClient
+    from dllmd.net.messages import tensor as T
+    from dllmd.net.messages.inference import SESSION_FORWARD, SESSION_OPEN, OpenArgs
+    from dllmd.net.schema import to_wire
+    from dllmctl.inference.session import DistributedSession
+
+    name, model = _import(cluster, "llama")
+    nodes, n = sorted(cluster["registry"].nodes), model.config.num_hidden_layers
+    _deploy(cluster, name, _group_spans(model, nodes[:2], 0, n, [1, 1], "g"))
+    entries, user = cluster["registry"].nodes, cluster["user"]
+    follower = entries[nodes[1]]
+
+    async def run():
+        stages = [s for s in await live_stages(user, list(entries.values()), name)]
+        assert [s.node.name for s in stages] == [nodes[0]]  # followers are not stages
+        async with ConnectionPool(user) as pool, \
+                DistributedSession(pool, stages, name, SamplingParams(), prompt_tokens=4, max_new_tokens=4) as session:
+            async with RpcClient(user, follower.address, follower.public_key) as client:
+                with pytest.raises(RemoteError) as refused:
+                    await client.call(SESSION_FORWARD.name, {"items": [{"session": session.id, "step": 0, "start": 0}]},
+                                      [torch.tensor([[1, 2]])])
+                assert refused.value.code == "bad_args"
+                args = OpenArgs(session="x" * 16, model=name, start=0, end=n, prompt_tokens=2, max_new_tokens=2)
+                stream = await client.open_stream(SESSION_OPEN.name, to_wire(args), timeout=10)
+                with pytest.raises(RemoteError) as refused:
+                    await stream.next(timeout=10)
+                assert refused.value.code == "conflict" and "member 0" in refused.value.message
+                members = [T.GroupMemberArgs(public_key=entries[x].public_key, endpoint=f"tcp://127.0.0.1:{9}")
+                           for x in nodes[:2]]
+                stranger = T.GroupMemberArgs(public_key=Identity.generate().public_key, endpoint="tcp://127.0.0.1:9")
+                for bad, code in (([stranger, members[1]], "forbidden"), ([members[0], stranger], "bad_args"),
+                                  (members[:1], "bad_args"),
+                                  (members, "conflict")):  # already linked
+                    with pytest.raises(RemoteError) as refused:
+                        await client.invoke(T.GROUP_CONNECT, T.ConnectArgs(model=name, group="g", members=bad))
+                    assert refused.value.code == code, bad
+            result = await session.generate([5, 6, 7, 8], 4, set())
+            return result.token_ids
+
+    got = asyncio.run(run())
+    want = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert got == want[0, 4:].tolist()  # the group still serves after all that
+
+
 def test_a_member_killed_mid_generation_fails_over_to_the_replica_group(cluster):
     """Two groups of two; a follower of the group in use is killed after a few tokens: its leader gives
     the session up, the client moves to the other group and replays, and the tokens are the fault-free
