@@ -155,3 +155,30 @@ def test_steps_of_ended_sessions_are_dropped():
     scheduler.add(pending(b))
     assert taken(scheduler, live=lambda s: s is not a) == [("b", 1)]
     assert len(scheduler) == 0
+
+
+def test_a_stage_that_cannot_reach_the_next_blames_the_next():
+    """next_hop_unreachable names the stage after the one reporting it, whatever else is going on: it is
+    a node failure worth a replica, never a bad request (found failing under CPU load, when a stage's
+    push fails before the client sees the same node's connection drop)."""
+    import asyncio
+
+    from dllmd.net.client import RemoteError
+    from dllmd.net.identity import Identity
+    from dllmd.net.pool import ConnectionPool
+    from dllmd.net.wire import ErrorCode
+    from dllmctl.inference.session import DistributedSession, StageFailure
+
+    async def check():
+        key = Identity.generate().public_key
+        route = [Stage(NodeEntry(n, f"tcp://127.0.0.1:{9000 + i}", key), Span(n, 2 * i, 2 * i + 2, i == 0, i == 2))
+                 for i, n in enumerate("abc")]
+        async with ConnectionPool(Identity.generate()) as pool:
+            session = DistributedSession(pool, route, "m", SamplingParams(), prompt_tokens=1, max_new_tokens=1)
+            failure = session._failure(1, RemoteError(ErrorCode.NEXT_HOP_UNREACHABLE, "lost c"))
+            assert isinstance(failure, StageFailure) and failure.suspects == ["c"]
+            last = session._failure(2, RemoteError(ErrorCode.NEXT_HOP_UNREACHABLE, "?"))
+            assert not isinstance(last, StageFailure)  # the last stage has no next hop: a protocol error
+            assert session._failure(0, RemoteError(ErrorCode.BAD_ARGS, "x")).code == ErrorCode.BAD_ARGS
+
+    asyncio.run(check())

@@ -134,10 +134,12 @@ class DistributedSession:
         """Turn a stage's error into a StageFailure naming whom to blame, or keep a request error."""
         node = self.route[index].node.name
         if isinstance(exc, RemoteError):
-            if exc.code not in NODE_FAILURE_CODES:
-                return exc  # the request itself is wrong (prompt too long, bad input): no replica helps
+            # Checked first: the stage itself is fine, the one after it is not (under load a stage's push
+            # can fail before this client notices the same node is gone).
             if exc.code == ErrorCode.NEXT_HOP_UNREACHABLE and index + 1 < len(self.route):
                 return StageFailure(f"{node}: {exc.message}", [self.route[index + 1].node.name])
+            if exc.code not in NODE_FAILURE_CODES:
+                return exc  # the request itself is wrong (prompt too long, bad input): no replica helps
             return StageFailure(f"{node}: {exc.message}", [node])
         if isinstance(exc, CallTimeout):
             return StageFailure(f"{node}: {exc}", [s.node.name for s in self.route])
