@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from dllmctl.cli.common import (DtypeOpt, JsonOpt, fail, load_registry, load_user, local_model, out, print_deployed,
-                                print_json, select_nodes, transfer_progress)
+                                print_json, select_nodes)
 
 
 def deploy_command(
@@ -20,7 +19,10 @@ def deploy_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Send each node the tensors of its span (encrypted, resumable) and load them."""
+    import asyncio
+
     from dllmd.net.client import CallError
+    from dllmctl.cli.progress import transfer_progress
     from dllmctl.models.deploy import bytes_to_send, deploy
     from dllmctl.models.layouts import plan_on_live_nodes
     from dllmctl.placement.layout import Layout, PlanError
@@ -60,6 +62,8 @@ def undeploy_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Stop serving a model on every registered node."""
+    import asyncio
+
     from dllmctl.models.deploy import undeploy
 
     outcome = asyncio.run(undeploy(load_user(), select_nodes(None), model, remove_files))

@@ -6,7 +6,6 @@ all three give the same text for the same request; this module is flags and prin
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Annotated, Optional
 
@@ -31,6 +30,8 @@ def infer_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
+    import asyncio
+
     from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
 
     request = GenerationRequest(model=model, prompt=prompt, raw=raw, system=system, max_new_tokens=max_new_tokens,

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from dllmctl.cli.common import (DtypeOpt, JsonOpt, NodesOpt, ReplicasOpt, fail, human_bytes, layers_text, load_user,
-                                local_model, out, print_json, print_layout, select_nodes, transfer_progress)
+                                local_model, out, print_json, print_layout, select_nodes)
 
 ModelArg = Annotated[str, typer.Argument(help="Model name in the local store.")]
 
 
 def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt = 1, as_json: JsonOpt = False) -> None:
     """Contiguous layer spans per node, sized by free memory and weighted by measured throughput."""
+    import asyncio
+
     from dllmctl.models.layouts import plan_on_live_nodes
     from dllmctl.placement.layout import PlanError
 
@@ -39,7 +40,10 @@ def rebalance_command(
     as_json: JsonOpt = False,
 ) -> None:
     """After nodes joined or left: a layout that moves as few layers as possible (--apply makes it so)."""
+    import asyncio
+
     from dllmd.net.client import CallError
+    from dllmctl.cli.progress import transfer_progress
     from dllmctl.models.deploy import bytes_to_send
     from dllmctl.models.layouts import apply_rebalance, changed_spans, rebalance_on_live_nodes
     from dllmctl.placement.capacity import served_dtype
