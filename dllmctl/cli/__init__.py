@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from dllmd import __version__
-from dllmd.net.identity import Identity
 from dllmctl.cli import api, bench, cluster, data, deploy, infer, model, nodes, plan, train
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
@@ -36,6 +35,8 @@ app.command("mcp")(api.mcp_command)
 @app.command()
 def init(as_json: JsonOpt = False) -> None:
     """Create your identity (an Ed25519 key) under the config dir, or show the existing one."""
+    from dllmd.net.identity import Identity
+
     path = identity_path()
     created = not path.exists()
     if created:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 from rich.table import Table
 
-from dllmctl.cluster import local as local_cluster
-from dllmctl.cluster.local import LocalClusterError
-from dllmctl.cli.common import (JsonOpt, RichShardProgress, err, fail, human_bytes, load_registry, load_user,
-                                local_model, out, print_json)
-from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
-from dllmd.net.client import CallError
-from dllmd.net.identity import Identity
+from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, local_model, out, print_json
+
+if TYPE_CHECKING:
+    from dllmd.net.identity import Identity
+    from dllmctl.cluster.registry import NodeEntry
 
 app = typer.Typer(help="Benchmarks (figures and ratios against a same-run baseline).", no_args_is_help=True)
 
@@ -24,6 +22,9 @@ app = typer.Typer(help="Benchmarks (figures and ratios against a same-run baseli
 @contextmanager
 def target_node(user: Identity, name: str | None) -> Iterator[NodeEntry]:
     """The named node, the first registered one, or else a temporary local daemon (stopped after)."""
+    from dllmctl.cluster import local as local_cluster
+    from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
+
     registry = load_registry()
     if name or registry.nodes:
         try:
@@ -48,6 +49,7 @@ def ping(
     as_json: JsonOpt = False,
 ) -> None:
     """Median round trip of a small message and of a [1, 1, 576] fp32 tensor echo, encrypted."""
+    from dllmd.net.client import CallError
     from dllmctl.bench import ping as ping_bench
 
     user = load_user()
@@ -91,8 +93,10 @@ def infer(
     --sessions, --wan-delay-ms or --failover-runs: concurrency, WAN latency or failover stall."""
     import json as _json
 
+    from dllmd.net.client import CallError
     from dllmctl.bench import infer as infer_bench
     from dllmctl.bench import pipeline as pipeline_bench
+    from dllmctl.cluster import local as local_cluster
     from dllmctl.inference.session import PARALLELISMS
     from dllmctl.placement.routing import RouteError
     from dllmctl.inference.tokens import encode_prompt, load_tokenizer
@@ -120,7 +124,7 @@ def infer(
             if failover_runs:
                 report["failover"] = pipeline_bench.failover(user, registry, local_cluster.resolve_dir(cluster), directory, model,
                                                               num_layers, prompt, failover_runs)
-    except (CallError, RouteError, LocalClusterError) as exc:
+    except (CallError, RouteError, local_cluster.LocalClusterError) as exc:
         fail(str(exc))
     if as_json:
         print_json(report)
@@ -202,8 +206,11 @@ def shard_data(
 ) -> None:
     """Shard real code (*.py) with each strategy onto temporary local nodes: tokens/s and skew."""
     from dllmctl.bench import shard as shard_bench
+    from dllmctl.cli.progress import RichShardProgress
+    from dllmctl.cluster.local import LocalClusterError
     from dllmctl.data.push import PushError
     from dllmd.data import DataError
+    from dllmd.net.client import CallError
 
     try:
         chosen = shard_bench.parse_strategies(strategies)
@@ -252,6 +259,9 @@ def allreduce(
     """Our ring all-reduce, CURVE-encrypted and plaintext, against torch.distributed gloo on temporary
     local nodes: median time, bus bandwidth and the ratio to gloo (targets 0.5x and 0.9x)."""
     from dllmctl.bench import allreduce as allreduce_bench
+    from dllmctl.cluster.local import LocalClusterError
+    from dllmctl.cluster.registry import RegistryError
+    from dllmd.net.client import CallError
 
     try:
         nbytes = allreduce_bench.parse_size(size)
@@ -297,9 +307,11 @@ def train(
 ) -> None:
     """Data-parallel fine-tuning on temporary local nodes vs the same steps in one process."""
     from dllmctl.bench import train as train_bench
+    from dllmctl.cluster.local import LocalClusterError
     from dllmctl.data.push import PushError
     from dllmctl.training.jobs import TrainError
     from dllmd.data import DataError
+    from dllmd.net.client import CallError
 
     if batch_size % micro_batch_size:
         fail("--batch-size must be divisible by --micro-batch-size")
@@ -333,6 +345,7 @@ def cli(
 ) -> None:
     """Wall time of 'dllmctl --help', 'nodes list' and 'jobs list' as fresh processes (targets 0.5 s, 1 s, 1 s)."""
     from dllmctl.bench import cli as cli_bench
+    from dllmctl.cluster.local import LocalClusterError
 
     try:
         with err.status(f"timing commands against {nodes} temporary local nodes..."):

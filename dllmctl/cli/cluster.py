@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from dllmctl.cluster import local as local_cluster
 from dllmctl.cli.common import STATUS_STYLE, JsonOpt, err, fail, load_registry, load_user, out, print_json
-from dllmctl.cluster.live import query_nodes
-from dllmctl.cluster.registry import NodeEntry, RegistryError
 
+# What only a command needs (psutil, zmq, keys) is imported in it: 'dllmctl --help' loads this module.
 app = typer.Typer(help="Start, inspect and stop a local cluster of daemons.", no_args_is_help=True)
 
 DirOpt = Annotated[Optional[Path], typer.Option(
@@ -27,6 +24,9 @@ def up(
     as_json: JsonOpt = False,
 ) -> None:
     """Start N daemons, trust them with each other and with you, and register them."""
+    from dllmctl.cluster import local as local_cluster
+    from dllmctl.cluster.registry import RegistryError
+
     user = load_user()
     registry = load_registry()
     try:
@@ -49,6 +49,12 @@ def up(
 def status(directory: DirOpt = None, as_json: JsonOpt = False,
            timeout: Annotated[float, typer.Option(min=0.1, max=120)] = 3.0) -> None:
     """The local cluster's daemons: pid, whether the process runs, and whether it answers."""
+    import asyncio
+
+    from dllmctl.cluster import local as local_cluster
+    from dllmctl.cluster.live import query_nodes
+    from dllmctl.cluster.registry import NodeEntry
+
     user = load_user()
     try:
         nodes = local_cluster.load_state(local_cluster.resolve_dir(directory))
@@ -74,6 +80,8 @@ def status(directory: DirOpt = None, as_json: JsonOpt = False,
 @app.command("down")
 def down(directory: DirOpt = None, as_json: JsonOpt = False) -> None:
     """Stop exactly the daemons 'cluster up' started, and unregister them."""
+    from dllmctl.cluster import local as local_cluster
+
     registry = load_registry()
     try:
         stopped = local_cluster.down(local_cluster.resolve_dir(directory), registry)
@@ -88,6 +96,9 @@ def down(directory: DirOpt = None, as_json: JsonOpt = False) -> None:
 @app.command("restart")
 def restart(name: str, directory: DirOpt = None, as_json: JsonOpt = False) -> None:
     """Start one stopped (or crashed) daemon of the local cluster again."""
+    from dllmctl.cluster import local as local_cluster
+    from dllmctl.cluster.registry import RegistryError
+
     registry = load_registry()
     try:
         node = local_cluster.restart(local_cluster.resolve_dir(directory), name, registry)

@@ -1,24 +1,25 @@
 """What every dllmctl command shares: consoles, errors, JSON output, the user's identity, and the
-tables and progress bars that more than one command shows. Only light imports here: every command
-(``dllmctl --help`` too) loads this module."""
+tables that more than one command shows (progress bars: :mod:`dllmctl.cli.progress`).
+
+Only light imports at the top, here and in every ``dllmctl.cli`` module: each command (``dllmctl
+--help`` too) loads them all, so what only a command's body needs (keys, the network, the model
+store) is imported in that body."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID,
-                           TextColumn, TimeElapsedColumn, TransferSpeedColumn)
 from rich.table import Table
-from rich.text import Text
 
-from dllmd.net.identity import Identity, InvalidKey
-from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
-from dllmctl.data.progress import ShardProgress
 from dllmctl.paths import cluster_file, identity_path
+
+if TYPE_CHECKING:
+    from dllmd.net.identity import Identity
+    from dllmctl.cluster.registry import NodeEntry, Registry
 
 out = Console()
 err = Console(stderr=True)
@@ -47,6 +48,8 @@ def print_json(data: Any) -> None:
 
 
 def load_user() -> Identity:
+    from dllmd.net.identity import Identity, InvalidKey
+
     try:
         return Identity.load(identity_path())
     except InvalidKey as exc:
@@ -54,6 +57,8 @@ def load_user() -> Identity:
 
 
 def load_registry() -> Registry:
+    from dllmctl.cluster.registry import Registry, RegistryError
+
     try:
         return Registry(cluster_file())
     except RegistryError as exc:
@@ -66,6 +71,8 @@ def split_names(text: str | None) -> list[str]:
 
 def select_nodes(names: str | None, registry: Registry | None = None) -> list[NodeEntry]:
     """The registered nodes named in a comma-separated list (all when it is empty)."""
+    from dllmctl.cluster.registry import RegistryError
+
     try:
         return (registry or load_registry()).select(split_names(names) or None)
     except RegistryError as exc:
@@ -162,74 +169,3 @@ def print_generation_footer(result) -> None:
               + " -> ".join(f"{s['node']}[{s['start']}-{s['end']})" for s in route) + "[/dim]")
     for failover in generation.failovers:
         err.print(f"[yellow]failover at token {failover['step']}: {failover['error']}[/yellow]")
-
-
-# --- progress -------------------------------------------------------------------------------------
-
-def transfer_progress(transient: bool) -> Progress:
-    """Bytes per node, as deploys and rebalances show them."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    console=err, transient=transient)
-
-
-class StageProgress:
-    """A bar per named stage (``progress(stage, done, total)``), shown once the first report comes,
-    so that an early error prints alone. ``stop()`` when the work ends."""
-
-    def __init__(self, transient: bool):
-        self.bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=err, transient=transient)
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.tasks:
-            self.bar.start()
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=total)
-        self.bar.update(self.tasks[stage], completed=done, total=total)
-
-    def stop(self) -> None:
-        if self.tasks:  # stopping a display that never started prints a blank line
-            self.bar.stop()
-
-
-class _Amount(ProgressColumn):
-    """Counts for items (files, samples, shards), sizes for bytes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count, self.size = MofNCompleteColumn(), DownloadColumn()
-
-    def render(self, task: Task) -> Text:
-        return (self.size if task.fields.get("unit") == "bytes" else self.count).render(task)
-
-
-class RichShardProgress(ShardProgress):
-    """One line per stage on stderr; a stage is marked complete when the next one starts."""
-
-    def __init__(self, transient: bool) -> None:
-        self.bar = Progress(TextColumn("{task.description:<16}"), BarColumn(), _Amount(), TimeElapsedColumn(),
-                            console=err, transient=transient)
-        self.tasks: dict[str, TaskID] = {}
-        self.current: TaskID | None = None
-        self.started = False
-
-    def stage(self, what: str, total: int | None = None, unit: str = "items") -> None:
-        if not self.started:
-            self.bar.start()
-            self.started = True
-        if self.current is not None and not what.startswith("push "):
-            task = self.bar.tasks[self.current]  # stages run one after another (pushes concurrently)
-            self.bar.update(self.current, total=task.completed if task.total is None else task.total,
-                            completed=task.completed if task.total is None else task.total)
-        self.tasks[what] = self.bar.add_task(what, total=total, unit=unit)
-        if not what.startswith("push "):
-            self.current = self.tasks[what]
-
-    def advance(self, what: str, amount: int) -> None:
-        if what in self.tasks:
-            self.bar.advance(self.tasks[what], amount)
-
-    def stop(self) -> None:
-        if self.started:
-            self.bar.stop()

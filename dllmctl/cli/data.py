@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from dllmctl.cli.common import (JsonOpt, RichShardProgress, err, fail, human_bytes, load_registry, load_user, local_model, out,
-                                print_json, split_names)
-from dllmctl.cluster.registry import RegistryError
-from dllmctl.data.records import dataset_records as records
+from dllmctl.cli.common import (JsonOpt, err, fail, human_bytes, load_registry, load_user, local_model, out, print_json,
+                                split_names)
 from dllmd.data.errors import STRATEGIES
 
+if TYPE_CHECKING:
+    from dllmctl.data.records import DatasetRecords
+
 app = typer.Typer(help="Datasets sharded onto the nodes: list, show, remove.", no_args_is_help=True)
+
+
+def records() -> DatasetRecords:
+    """This client's dataset records (imported here, like all that only commands need: 'dllmctl --help'
+    loads this module)."""
+    from dllmctl.data.records import dataset_records
+
+    return dataset_records()
 
 
 def shard_data_command(
@@ -38,6 +46,8 @@ def shard_data_command(
     """Tokenize, pack and place training data on the nodes (all or nothing)."""
     from dllmd.data import DataError
     from dllmd.net.client import CallError
+    from dllmctl.cli.progress import RichShardProgress
+    from dllmctl.cluster.registry import RegistryError
     from dllmctl.data.push import PushError
     from dllmctl.data.sharding import ShardRequest, dataset_name, shard_and_push
 
@@ -120,6 +130,8 @@ def show(name: str, as_json: JsonOpt = False) -> None:
 @app.command("rm")
 def rm(name: str, as_json: JsonOpt = False) -> None:
     """Remove a dataset's shards from its nodes and forget it."""
+    import asyncio
+
     from dllmctl.data.push import remove_everywhere
 
     report = _record(name)

@@ -6,16 +6,13 @@ shows the layout, deploys it and streams the answer to a prompt through the thre
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Annotated
 
 import typer
 
-from dllmctl.cli.common import (StageProgress, fail, load_registry, load_user, out, print_deployed,
-                                print_generation_footer, print_layout, print_nodes, transfer_progress)
-from dllmctl.cluster import local as local_cluster
-from dllmctl.cluster.registry import RegistryError
+from dllmctl.cli.common import (fail, load_registry, load_user, out, print_deployed, print_generation_footer, print_layout,
+                                print_nodes)
 
 DEMO_NODES = 3
 DEMO_MODEL = "smollm2-135m-instruct"
@@ -23,6 +20,9 @@ DEMO_PROMPT = "Generate a story about a robot"
 
 
 def _ensure_cluster() -> None:
+    from dllmctl.cluster import local as local_cluster
+    from dllmctl.cluster.registry import RegistryError
+
     user = load_user()
     directory = local_cluster.default_dir()
     running = [n for n in local_cluster.load_state(directory) if n.process()]
@@ -44,8 +44,11 @@ def demo(
 ) -> None:
     """Start a local 3-node cluster, pull SmolLM2-135M-Instruct, deploy it across the nodes and
     stream an answer through them."""
+    import asyncio
+
     from dllmd.models.store import ModelStoreError
     from dllmd.net.client import CallError
+    from dllmctl.cli.progress import StageProgress, transfer_progress
     from dllmctl.cluster.live import query_nodes
     from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
     from dllmctl.models import local_store

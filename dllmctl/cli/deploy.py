@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, ReplicasOpt, TpOpt, fail, load_registry, load_user,
-                                local_model, out, print_deployed, print_json, select_nodes, transfer_progress)
+                                local_model, out, print_deployed, print_json, select_nodes)
 
 
 def deploy_command(
@@ -24,8 +23,11 @@ def deploy_command(
 ) -> None:
     """Send each node the tensors of its span (encrypted, resumable) and load them; tensor-parallel
     groups are then linked."""
+    import asyncio
+
     from dllmd.net.client import CallError
     from dllmctl.cli.plan import plan_for
+    from dllmctl.cli.progress import transfer_progress
     from dllmctl.models.deploy import bytes_to_send, deploy
     from dllmctl.placement.layout import Layout, PlanError
 
@@ -71,6 +73,8 @@ def undeploy_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Stop serving a model on every registered node."""
+    import asyncio
+
     from dllmctl.models.deploy import undeploy
 
     outcome = asyncio.run(undeploy(load_user(), select_nodes(None), model, remove_files))

@@ -6,14 +6,13 @@ all three give the same text for the same request; this module is flags and prin
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Annotated, Optional
 
 import typer
 
 from dllmctl.cli.common import (JsonOpt, TpOpt, fail, load_registry, load_user, local_model, print_generation_footer,
-                                print_json, transfer_progress)
+                                print_json)
 
 
 def infer_command(
@@ -37,6 +36,8 @@ def infer_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
+    import asyncio
+
     from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
 
     request = GenerationRequest(model=model, prompt=prompt, raw=raw, system=system, max_new_tokens=max_new_tokens,
@@ -79,9 +80,12 @@ def infer_command(
 
 def _deploy_layout(user, entries, model: str, parallelism: str, tp, quiet: bool) -> None:
     """Plan a tensor or hybrid layout over the free nodes and deploy it, with a progress bar per node."""
+    import asyncio
+
     from dllmd.net.client import CallError
-    from dllmctl.models.deploy import bytes_to_send, deploy
     from dllmctl.cli.plan import plan_for
+    from dllmctl.cli.progress import transfer_progress
+    from dllmctl.models.deploy import bytes_to_send, deploy
     from dllmctl.placement.layout import PlanError
 
     directory, manifest = local_model(model)

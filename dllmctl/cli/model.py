@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.table import Table
 
-from dllmctl.cli.common import JsonOpt, StageProgress, fail, human_bytes, load_user, out, print_json
+from dllmctl.cli.common import JsonOpt, fail, human_bytes, load_user, out, print_json
 from dllmctl.models import local_store
 from dllmctl.models.catalog import PULLABLE
 from dllmctl.paths import cache_dir
 from dllmd.models.dtypes import WEIGHT_DTYPES
-from dllmd.models.store import Manifest, ModelStore, ModelStoreError
+
+if TYPE_CHECKING:  # the store's module is imported where it is used: 'dllmctl --help' loads this one
+    from dllmd.models.store import Manifest, ModelStore
 
 app = typer.Typer(help="The local model store: import, pull, list, verify, remove.", no_args_is_help=True)
 
@@ -20,6 +22,7 @@ app = typer.Typer(help="The local model store: import, pull, list, verify, remov
 def _user_errors() -> tuple[type[Exception], ...]:
     """Bad input and unusable files are reported in one line; anything else is a bug and keeps its traceback."""
     from dllmd.models.families import UnsupportedFamily
+    from dllmd.models.store import ModelStoreError
     from dllmctl.models.importer import ModelImportError
 
     return ModelImportError, ModelStoreError, UnsupportedFamily, OSError
@@ -40,6 +43,8 @@ def _quiet_transformers() -> None:
 
 
 def _with_progress(as_json: bool, work: Callable[[Callable[[str, int, int], None]], Manifest]) -> Manifest:
+    from dllmctl.cli.progress import StageProgress
+
     _quiet_transformers()
     progress = StageProgress(transient=as_json)
     try:

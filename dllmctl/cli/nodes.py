@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Optional
 
 import typer
 
 from dllmctl.cli.common import JsonOpt, fail, load_registry, load_user, out, print_json, print_nodes
-from dllmctl.cluster.live import query_nodes
-from dllmctl.cluster.registry import RegistryError, make_entry
 from dllmctl.models import local_store
 from dllmctl.placement.coverage import CoverageRun, describe_coverage, layer_coverage, uncovered
-from dllmd.models.store import ModelStoreError
 
+# What only a command needs (zmq, keys, the model store) is imported in it: 'dllmctl --help' loads this module.
 app = typer.Typer(help="Register nodes and see them live.", no_args_is_help=True)
 
 
@@ -29,6 +26,8 @@ def coverage_by_model(rows: list[dict]) -> dict[str, list[CoverageRun]]:
 
 def _num_layers(model: str, spans: list[tuple[int, int]]) -> int:
     """From the local store; a model not imported here is taken to end where its furthest span does."""
+    from dllmd.models.store import ModelStoreError
+
     try:
         return local_store().get(model).num_layers
     except ModelStoreError:
@@ -52,6 +51,8 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Register a node by address and public key."""
+    from dllmctl.cluster.registry import RegistryError, make_entry
+
     registry = load_registry()
     try:
         entry = make_entry(name or "pending", address, key)
@@ -70,6 +71,8 @@ def add(
 @app.command("remove")
 def remove(name: str, as_json: JsonOpt = False) -> None:
     """Forget a node (the node itself is not touched)."""
+    from dllmctl.cluster.registry import RegistryError
+
     registry = load_registry()
     try:
         entry = registry.remove(name)
@@ -88,6 +91,10 @@ def list_nodes(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each node.", min=0.1, max=120)] = 3.0,
 ) -> None:
     """Every registered node, asked live: status, latency, hardware, what it serves."""
+    import asyncio
+
+    from dllmctl.cluster.live import query_nodes
+
     registry = load_registry()
     user = load_user()
     rows = asyncio.run(query_nodes(user, registry.select(None), timeout))
@@ -108,6 +115,10 @@ def coverage(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each node.", min=0.1, max=120)] = 3.0,
 ) -> None:
     """How many live nodes hold each layer of every model they serve."""
+    import asyncio
+
+    from dllmctl.cluster.live import query_nodes
+
     rows = asyncio.run(query_nodes(load_user(), load_registry().select(None), timeout))
     by_model = coverage_by_model(rows)
     if as_json:

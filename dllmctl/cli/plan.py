@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, NodesOpt, ReplicasOpt, TpOpt, fail, human_bytes,
-                                layers_text, load_user, local_model, out, print_json, print_layout, select_nodes,
-                                transfer_progress)
+                                layers_text, load_user, local_model, out, print_json, print_layout, select_nodes)
 
 ModelArg = Annotated[str, typer.Argument(help="Model name in the local store.")]
 
@@ -19,6 +17,8 @@ def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt 
                  parallelism: LayoutOpt = "pipeline", tp: TpOpt = None, as_json: JsonOpt = False) -> None:
     """Layer spans per node (or tensor-parallel groups and each member's slice), sized by free memory
     and measured throughput, with each part's expected compute per token."""
+    import asyncio
+
     from dllmctl.placement.layout import PlanError
 
     directory, manifest = local_model(model)
@@ -57,7 +57,10 @@ def rebalance_command(
     as_json: JsonOpt = False,
 ) -> None:
     """After nodes joined or left: a layout that moves as few layers as possible (--apply makes it so)."""
+    import asyncio
+
     from dllmd.net.client import CallError
+    from dllmctl.cli.progress import transfer_progress
     from dllmctl.models.deploy import bytes_to_send
     from dllmctl.models.layouts import apply_rebalance, changed_spans, rebalance_on_live_nodes
     from dllmctl.placement.capacity import served_dtype

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_user, local_model, out, print_json, select_nodes
-from dllmctl.cluster.registry import NodeEntry
-from dllmctl.training.jobs import TrainError, check_parallelism, find_coordinator, job_call, job_spec, list_jobs, submit
-from dllmd.net.client import CallError
-from dllmd.net.messages import training as S
 
+if TYPE_CHECKING:
+    from dllmctl.cluster.registry import NodeEntry
+
+# The training client (zmq, keys, the protocol) is imported in the commands: 'dllmctl --help' loads this module.
 jobs_app = typer.Typer(help="Training jobs: list, show, stop, resume.", no_args_is_help=True)
 checkpoints_app = typer.Typer(help="Checkpoints of a job: list, show, export.", no_args_is_help=True)
 
@@ -54,8 +52,12 @@ def train_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a model on a sharded dataset with data parallelism over an encrypted ring all-reduce."""
+    import asyncio
+
     from dllmd.data import DataError
+    from dllmd.net.client import CallError
     from dllmctl.data.records import dataset_records
+    from dllmctl.training.jobs import TrainError, check_parallelism, job_spec, submit
 
     try:
         check_parallelism(parallelism)
@@ -94,6 +96,14 @@ def train_command(
 
 def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
     """A progress bar with loss and tokens/s until the job ends; Ctrl+C only stops watching."""
+    import asyncio
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dllmd.net.client import CallError
+    from dllmd.net.messages import training as S
+    from dllmctl.training.jobs import job_call
+
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                    TimeElapsedColumn(), console=err, transient=as_json)
@@ -126,6 +136,10 @@ def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
 
 
 def _locate(job: str) -> tuple:
+    import asyncio
+
+    from dllmctl.training.jobs import TrainError, find_coordinator
+
     user = load_user()
     try:
         return user, asyncio.run(find_coordinator(user, _nodes(None), job))
@@ -136,6 +150,10 @@ def _locate(job: str) -> tuple:
 @jobs_app.command("list")
 def jobs_list(as_json: JsonOpt = False) -> None:
     """Jobs on every registered node's coordinator."""
+    import asyncio
+
+    from dllmctl.training.jobs import list_jobs
+
     jobs, unreachable = asyncio.run(list_jobs(load_user(), _nodes(None)))
     for line in unreachable:
         err.print(f"[yellow]not asked: {line}[/yellow]")
@@ -168,6 +186,11 @@ def _print_job(shown: dict) -> None:
 @jobs_app.command("show")
 def jobs_show(job: str, as_json: JsonOpt = False) -> None:
     """A job's state, last metrics, events and checkpoints."""
+    import asyncio
+
+    from dllmd.net.messages import training as S
+    from dllmctl.training.jobs import job_call
+
     user, node = _locate(job)
     shown = asyncio.run(job_call(user, node, S.JOBS_SHOW, {"job": job}))
     if as_json:
@@ -179,6 +202,11 @@ def jobs_show(job: str, as_json: JsonOpt = False) -> None:
 @jobs_app.command("stop")
 def jobs_stop(job: str, as_json: JsonOpt = False) -> None:
     """Stop after the current step, with a checkpoint (resume later)."""
+    import asyncio
+
+    from dllmd.net.messages import training as S
+    from dllmctl.training.jobs import job_call
+
     user, node = _locate(job)
     result = asyncio.run(job_call(user, node, S.JOBS_STOP, {"job": job}))
     print_json(result) if as_json else out.print(f"{job}: {result['state']}")
@@ -188,6 +216,12 @@ def jobs_stop(job: str, as_json: JsonOpt = False) -> None:
 def jobs_resume(job: str, follow: Annotated[bool, typer.Option("--follow/--detach")] = False,
                 as_json: JsonOpt = False) -> None:
     """Continue a stopped, interrupted or failed job from its latest checkpoint."""
+    import asyncio
+
+    from dllmd.net.client import CallError
+    from dllmd.net.messages import training as S
+    from dllmctl.training.jobs import job_call
+
     user, node = _locate(job)
     try:
         current = [{"name": n.name, "address": n.address, "public_key": n.public_key} for n in _nodes(None)]
@@ -209,6 +243,12 @@ def metrics_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-step loss, learning rate, gradient norm, tokens/s and compute/communication time."""
+    import asyncio
+
+    from dllmd.net.client import CallError
+    from dllmd.net.messages import training as S
+    from dllmctl.training.jobs import job_call
+
     user, node = _locate(job)
     rows, after = [], -1
     try:
@@ -259,6 +299,11 @@ def _print_metric(row: dict) -> None:
 @checkpoints_app.command("list")
 def checkpoints_list(job: str, as_json: JsonOpt = False) -> None:
     """A job's checkpoints."""
+    import asyncio
+
+    from dllmd.net.messages import training as S
+    from dllmctl.training.jobs import job_call
+
     user, node = _locate(job)
     result = asyncio.run(job_call(user, node, S.CHECKPOINTS_LIST, {"job": job}))
     if as_json:
@@ -275,6 +320,11 @@ def checkpoints_list(job: str, as_json: JsonOpt = False) -> None:
 def checkpoints_show(job: str, step: Annotated[Optional[int], typer.Option(help="Default: the latest.")] = None,
                      as_json: JsonOpt = False) -> None:
     """One checkpoint: its step, loss, files and where it lives."""
+    import asyncio
+
+    from dllmd.net.messages import training as S
+    from dllmctl.training.jobs import job_call
+
     user, node = _locate(job)
     result = asyncio.run(job_call(user, node, S.CHECKPOINTS_LIST, {"job": job}))
     chosen = [c for c in result["checkpoints"] if step is None or c["step"] == step]
@@ -297,11 +347,15 @@ def checkpoints_export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a checkpoint as a transformers model directory and import it into the model store."""
+    import asyncio
     import tempfile
 
+    from dllmd.net.client import CallError
+    from dllmd.net.messages import training as S
     from dllmctl.models import local_store
     from dllmctl.models.importer import ModelImportError, import_model
     from dllmctl.training.export import export_checkpoint
+    from dllmctl.training.jobs import TrainError, job_call
 
     user, node = _locate(job)
     shown = asyncio.run(job_call(user, node, S.JOBS_SHOW, {"job": job}))

@@ -4,13 +4,18 @@ it (``importer``), placing spans on the live nodes (``layouts``) and shipping th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dllmd.models.store import Manifest, ModelStore
 from dllmctl.paths import model_store_root
+
+if TYPE_CHECKING:
+    from dllmd.models.store import Manifest, ModelStore
 
 
 def local_store() -> ModelStore:
     """This user's model store (under the dllm data dir)."""
+    from dllmd.models.store import ModelStore  # here, not at the top: the CLI's help imports .catalog
+
     return ModelStore(model_store_root())
 
 

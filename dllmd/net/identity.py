@@ -14,7 +14,6 @@ from pathlib import Path
 
 import nacl.exceptions
 import nacl.signing
-from zmq.utils import z85
 
 from dllmd.storage import atomic_write
 
@@ -46,10 +45,16 @@ def node_id_of(public_key: str) -> str:
     return hashlib.sha256(bytes.fromhex(public_key)).hexdigest()[:12]
 
 
+def _z85(raw: bytes) -> bytes:
+    from zmq.utils import z85  # here, not at the top: commands that never connect skip importing zmq
+
+    return z85.encode(raw)
+
+
 def curve_public_z85(public_key: str) -> bytes:
     """The z85 CURVE public key that belongs to an Ed25519 public key string."""
     verify = nacl.signing.VerifyKey(parse_public_key(public_key))
-    return z85.encode(bytes(verify.to_curve25519_public_key()))
+    return _z85(bytes(verify.to_curve25519_public_key()))
 
 
 def verify_signature(public_key: str, data: bytes, signature: bytes) -> bool:
@@ -82,12 +87,12 @@ class Identity:
     @property
     def curve_public(self) -> bytes:
         """z85 CURVE public key (what zmq's ``curve_publickey``/``curve_serverkey`` take)."""
-        return z85.encode(bytes(self.signing_key.verify_key.to_curve25519_public_key()))
+        return _z85(bytes(self.signing_key.verify_key.to_curve25519_public_key()))
 
     @property
     def curve_secret(self) -> bytes:
         """z85 CURVE secret key (what zmq's ``curve_secretkey`` takes)."""
-        return z85.encode(bytes(self.signing_key.to_curve25519_private_key()))
+        return _z85(bytes(self.signing_key.to_curve25519_private_key()))
 
     def sign(self, data: bytes) -> bytes:
         """Detached Ed25519 signature (64 bytes) over ``data``."""
