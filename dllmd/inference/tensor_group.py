@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgpack
+import numpy as np
 import torch
 import zmq
 
@@ -171,13 +172,16 @@ class GroupChannel:
 
     def _pull(self, timeout_s: float) -> bool:
         """Move what has arrived into the per-sender queues; False when nothing came in ``timeout_s``."""
-        if not self._poller.poll(int(timeout_s * 1000)):
-            return False
+        pulled = False
         while True:
             try:
                 frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return True
+                # Poll only once the inbox is empty: a partial that is already here costs no wake-up.
+                if pulled or not self._poller.poll(int(timeout_s * 1000)):
+                    return pulled
+                continue
+            pulled = True
             try:
                 sender = self._ranks.get(frames[0].get("User-Id"))
             except zmq.ZMQError:
@@ -258,28 +262,36 @@ class TensorGroup:
         index = self._index
         self._index += 1
         local = partial.detach().to("cpu").contiguous()
-        payload = memoryview(local.view(torch.uint8).numpy()) if local.numel() else b""
-        self.channel.send_all(PARTIAL, self.seq, index, payload)
-        parts: list[torch.Tensor] = []
+        mine = local.view(-1).view(torch.uint8).numpy() if local.numel() else np.empty(0, np.uint8)
+        self.channel.send_all(PARTIAL, self.seq, index, memoryview(mine))
+        parts: list[np.ndarray] = []
         waited = 0.0
+        dtype = local.view(-1).numpy().dtype if local.dtype != torch.bfloat16 else None
         for rank in range(self.size):
             if rank == self.rank:
-                parts.append(local)
+                parts.append(mine)
                 continue
             before = time.perf_counter()
             (data,) = self.channel.receive(rank, self.seq, index, (PARTIAL,))
             waited += time.perf_counter() - before
-            if len(data) != local.numel() * local.element_size():
-                raise GroupError(f"member {rank}'s partial is {len(data)} bytes, not {local.numel() * local.element_size()}: "
-                                 f"the members disagree on the pass", rank)
-            parts.append(torch.frombuffer(bytearray(data), dtype=local.dtype).reshape(local.shape))
-        total = parts[0].clone()
-        for part in parts[1:]:
-            total += part
+            if len(data) != mine.nbytes:
+                raise GroupError(f"member {rank}'s partial is {len(data)} bytes, not {mine.nbytes}: the members "
+                                 f"disagree on the pass", rank)
+            parts.append(np.frombuffer(data, dtype=np.uint8))
+        if dtype is None:  # numpy has no bfloat16: add in torch (the same rank order)
+            total = torch.frombuffer(bytearray(parts[0]), dtype=local.dtype)
+            for part in parts[1:]:
+                total += torch.frombuffer(bytearray(part), dtype=local.dtype)
+        else:
+            # Added in rank order on every member, elementwise IEEE: bitwise the same sum everywhere.
+            acc = parts[0].view(dtype).copy()
+            for part in parts[1:]:
+                np.add(acc, part.view(dtype), out=acc)
+            total = torch.from_numpy(acc)
         self.reductions += 1
         self.reduce_s += time.perf_counter() - started
         self.wait_s += waited
-        return total.to(partial.device)
+        return total.reshape(local.shape).to(partial.device)
 
     def abort(self, why: str) -> None:
         """Tell every other member this command is given up (they stop at their next wait for it)."""
