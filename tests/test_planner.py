@@ -96,3 +96,51 @@ def test_equal_nodes_get_equal_compute_with_the_head_counted(count):
     layout = plan_layout(SMOL, [node(f"n{i}", 4000) for i in range(count)])
     work = [s.layers + (head_layer_equivalents(SMOL) if s.head else 0.0) for s in layout.spans]
     assert len(work) == count and max(work) <= 1.15 * sum(work) / len(work), work
+
+
+# --- tensor-parallel and hybrid layouts ----------------------------------------------------------
+
+def _smol_shape():
+    from dllmctl.placement.tensor import TensorShape
+
+    return TensorShape(kv_heads=3, queries_per_kv=3, head_dim=64, hidden=576, intermediate=1536, vocab=49152)
+
+
+def test_tensor_groups_split_every_dimension_by_speed():
+    from dllmctl.placement.groups import plan_groups
+    from dllmctl.placement.layout import check_groups
+    from dllmctl.placement.tensor import check_covers
+
+    nodes = [node("a", 4000, 300), node("b", 4000, 100), node("c", 4000, 200), node("d", 4000, 100)]
+    layout = plan_groups(SMOL, _smol_shape(), nodes, tp=2, replicas=2, stages=1)
+    check_groups(layout.spans)
+    check_covers(layout.groups(), _smol_shape())
+    groups = {name: [s.node for s in members] for name, members in layout.groups().items()}
+    assert groups == {"r0": ["a", "c"], "r1": ["b", "d"]}  # the fastest seed each group; chains get both kinds
+    fast, slow = layout.groups()["r0"]
+    assert fast.bytes > slow.bytes and all(s.start == 0 and s.end == 30 for s in layout.spans)
+
+
+def test_hybrid_chains_groups_and_groups_nearest_nodes():
+    from dllmctl.placement.groups import plan_groups
+
+    nodes = [node(n, 4000) for n in "abcd"]
+    near = {("a", "c"): 0.1, ("a", "b"): 5.0, ("a", "d"): 5.0, ("b", "d"): 0.1, ("b", "c"): 5.0, ("c", "d"): 5.0}
+    layout = plan_groups(SMOL, _smol_shape(), nodes, tp=2, latency=near)
+    stages = [(name, [s.node for s in members], members[0].start, members[0].end)
+              for name, members in layout.groups().items()]
+    assert [members for _, members, _, _ in stages] == [["a", "c"], ["b", "d"]]
+    assert stages[0][2] == 0 and stages[0][3] == stages[1][2] and stages[1][3] == 30
+    assert all(ms > 0 for ms in layout.expected_ms.values())
+
+
+def test_group_layouts_refuse_what_cannot_be_met():
+    from dllmctl.placement.groups import plan_groups
+
+    nodes = [node(n, 4000) for n in "abcd"]
+    with pytest.raises(PlanError, match="1 to 3 members"):
+        plan_groups(SMOL, _smol_shape(), nodes, tp=4, stages=1)
+    with pytest.raises(PlanError, match="need 6 nodes"):
+        plan_groups(SMOL, _smol_shape(), nodes, tp=3, replicas=2, stages=1)
+    with pytest.raises(PlanError, match="MiB"):
+        plan_groups(SMOL, _smol_shape(), [node("a", 100), node("b", 100)], tp=2, stages=1)
