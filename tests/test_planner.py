@@ -58,10 +58,15 @@ def test_every_layer_is_covered_exactly_replicas_times(replicas):
 
 
 def test_json_shape():
-    doc = plan_layout(SMOL, [node("a", 4000)]).to_json()
+    from dllmctl.placement.planner import expected_ms
+
+    layout = plan_layout(SMOL, [node("a", 4000)])
+    doc = layout.to_json()
     assert doc == {"model": "smol", "replicas": 1,
                    "spans": [{"node": "a", "start": 0, "end": 30, "embed": True, "head": True,
-                              "bytes": span_bytes(SMOL, 0, 30)}]}
+                              "bytes": span_bytes(SMOL, 0, 30),
+                              "expected_ms": expected_ms(SMOL, layout.spans[0], 100.0)}]}
+    assert doc["spans"][0]["expected_ms"] > 0
 
 
 def test_tied_head_stage_counts_the_embeddings_again():
