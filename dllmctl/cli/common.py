@@ -1,9 +1,9 @@
 """What every dllmctl command shares: consoles, errors, JSON output, the user's identity, and the
-tables that more than one command shows (progress bars: :mod:`dllmctl.cli.progress`).
+tables and progress bars that more than one command shows.
 
 Only light imports at the top, here and in every ``dllmctl.cli`` module: each command (``dllmctl
 --help`` too) loads them all, so what only a command's body needs (keys, the network, the model
-store) is imported in that body."""
+store, ``rich.progress``) is imported in that body, or here where a progress bar is built."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dllmctl.data.progress import ShardProgress
 from dllmctl.paths import cluster_file, identity_path
 
 if TYPE_CHECKING:
@@ -169,3 +170,84 @@ def print_generation_footer(result) -> None:
               + " -> ".join(f"{s['node']}[{s['start']}-{s['end']})" for s in route) + "[/dim]")
     for failover in generation.failovers:
         err.print(f"[yellow]failover at token {failover['step']}: {failover['error']}[/yellow]")
+
+
+# --- progress (on stderr) -------------------------------------------------------------------------
+
+def transfer_progress(transient: bool):
+    """Bytes per node, as deploys and rebalances show them (a rich ``Progress``)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=err, transient=transient)
+
+
+class StageProgress:
+    """A bar per named stage (``progress(stage, done, total)``), shown once the first report comes,
+    so that an early error prints alone. ``stop()`` when the work ends."""
+
+    def __init__(self, transient: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err, transient=transient)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.tasks:
+            self.bar.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+    def stop(self) -> None:
+        if self.tasks:  # stopping a display that never started prints a blank line
+            self.bar.stop()
+
+
+def _amount_column():
+    """A column of counts for items (files, samples, shards), sizes for bytes."""
+    from rich.progress import DownloadColumn, MofNCompleteColumn, ProgressColumn
+
+    class Amount(ProgressColumn):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count, self.size = MofNCompleteColumn(), DownloadColumn()
+
+        def render(self, task):
+            return (self.size if task.fields.get("unit") == "bytes" else self.count).render(task)
+
+    return Amount()
+
+
+class RichShardProgress(ShardProgress):
+    """One line per stage on stderr; a stage is marked complete when the next one starts."""
+
+    def __init__(self, transient: bool) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description:<16}"), BarColumn(), _amount_column(), TimeElapsedColumn(),
+                            console=err, transient=transient)
+        self.tasks: dict[str, int] = {}  # stage -> rich task id
+        self.current: int | None = None
+        self.started = False
+
+    def stage(self, what: str, total: int | None = None, unit: str = "items") -> None:
+        if not self.started:
+            self.bar.start()
+            self.started = True
+        if self.current is not None and not what.startswith("push "):
+            task = self.bar.tasks[self.current]  # stages run one after another (pushes concurrently)
+            self.bar.update(self.current, total=task.completed if task.total is None else task.total,
+                            completed=task.completed if task.total is None else task.total)
+        self.tasks[what] = self.bar.add_task(what, total=total, unit=unit)
+        if not what.startswith("push "):
+            self.current = self.tasks[what]
+
+    def advance(self, what: str, amount: int) -> None:
+        if what in self.tasks:
+            self.bar.advance(self.tasks[what], amount)
+
+    def stop(self) -> None:
+        if self.started:
+            self.bar.stop()

@@ -46,7 +46,7 @@ def shard_data_command(
     """Tokenize, pack and place training data on the nodes (all or nothing)."""
     from dllmd.data import DataError
     from dllmd.net.client import CallError
-    from dllmctl.cli.progress import RichShardProgress
+    from dllmctl.cli.common import RichShardProgress
     from dllmctl.cluster.registry import RegistryError
     from dllmctl.data.push import PushError
     from dllmctl.data.sharding import ShardRequest, dataset_name, shard_and_push

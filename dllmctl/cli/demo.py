@@ -48,7 +48,7 @@ def demo(
 
     from dllmd.models.store import ModelStoreError
     from dllmd.net.client import CallError
-    from dllmctl.cli.progress import StageProgress, transfer_progress
+    from dllmctl.cli.common import StageProgress, transfer_progress
     from dllmctl.cluster.live import query_nodes
     from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
     from dllmctl.models import local_store

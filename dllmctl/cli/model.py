@@ -43,7 +43,7 @@ def _quiet_transformers() -> None:
 
 
 def _with_progress(as_json: bool, work: Callable[[Callable[[str, int, int], None]], Manifest]) -> Manifest:
-    from dllmctl.cli.progress import StageProgress
+    from dllmctl.cli.common import StageProgress
 
     _quiet_transformers()
     progress = StageProgress(transient=as_json)
