@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +136,20 @@ def smollm2_gguf() -> Path:
         return fetch_smollm2_gguf(SHARED_CACHE)
     except ModelImportError as exc:
         pytest.skip(f"SmolLM2 is not available offline: {exc}")
+
+
+@contextmanager
+def local_daemons(root: Path, count: int) -> Iterator[dict]:
+    """``count`` real daemons under ``root`` (dllmctl's local cluster), a user who administers them and a
+    client-side model store; stopped afterwards. What module-scoped cluster fixtures yield."""
+    from dllmctl.cluster import local as local_cluster
+    from dllmctl.cluster.registry import Registry
+    from dllmd.models.store import ModelStore
+
+    user = Identity.generate()
+    registry = Registry(root / "cluster.toml")
+    nodes = local_cluster.up(count, root / "daemons", user, registry)
+    try:
+        yield {"user": user, "registry": registry, "store": ModelStore(root / "models"), "root": root, "nodes": nodes}
+    finally:
+        local_cluster.down(root / "daemons", registry)

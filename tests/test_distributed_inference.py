@@ -14,8 +14,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dllmctl.cluster import local as local_cluster
-from dllmctl.cluster.registry import Registry
 from dllmctl.models.deploy import deploy
 from dllmctl.placement.layout import Span
 from dllmctl.inference.session import DistributedSession
@@ -23,7 +21,7 @@ from dllmd.net.pool import ConnectionPool
 from dllmctl.placement.routing import RouteError, Stage, choose_route
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.client import RemoteError, RpcClient
-from dllmd.net.identity import Identity
+from tests.conftest import local_daemons
 from tests.tiny_models import make_tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"]
@@ -34,15 +32,8 @@ NEW_TOKENS = 10
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Three real daemons, a user who administers them, and a client-side model store."""
-    from dllmd.models.store import ModelStore
-
-    root = tmp_path_factory.mktemp("inference")
-    user = Identity.generate()
-    registry = Registry(root / "cluster.toml")
-    nodes = local_cluster.up(3, root / "daemons", user, registry)
-    store = ModelStore(root / "models")
-    yield {"user": user, "registry": registry, "store": store, "root": root, "nodes": nodes}
-    local_cluster.down(root / "daemons", registry)
+    with local_daemons(tmp_path_factory.mktemp("inference"), 3) as cluster:
+        yield cluster
 
 
 def _import(cluster, family: str) -> tuple[str, object]:

@@ -9,23 +9,22 @@ group sockets; a hybrid layout chains two such groups. Greedy tokens must be ide
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from dllmctl.cluster import local as local_cluster
-from dllmctl.cluster.registry import Registry
 from dllmctl.inference.failover import generate_with_failover
 from dllmctl.inference.stages import live_stages
 from dllmctl.models.deploy import deploy, undeploy
 from dllmctl.placement.layout import PlanError, Span
-from dllmctl.placement.routing import RouteError, choose_route
+from dllmctl.placement.routing import RouteError
 from dllmctl.placement.tensor import TensorShape, split_span
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.identity import Identity
 from dllmd.net.pool import ConnectionPool
+from tests.conftest import local_daemons
 from tests.tiny_models import FAMILIES, make_tiny_model
 
 NEW_TOKENS = 8
@@ -36,15 +35,8 @@ TP_CONFIG = dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=6)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from dllmd.models.store import ModelStore
-
-    root = tmp_path_factory.mktemp("tensor")
-    user = Identity.generate()
-    registry = Registry(root / "cluster.toml")
-    nodes = local_cluster.up(4, root / "daemons", user, registry)
-    store = ModelStore(root / "models")
-    yield {"user": user, "registry": registry, "store": store, "root": root, "nodes": nodes}
-    local_cluster.down(root / "daemons", registry)
+    with local_daemons(tmp_path_factory.mktemp("tensor"), 4) as cluster:
+        yield cluster
 
 
 def _import(cluster, family: str):

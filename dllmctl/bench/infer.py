@@ -106,17 +106,18 @@ async def _group_counters(user: Identity, nodes: list[NodeEntry], model: str) ->
     return {name: row for name, row in await asyncio.gather(*(one(n) for n in nodes)) if row is not None}
 
 
-_COUNTERS = ("reductions", "reduce_s", "reduce_wait_s")
+def _reduction_report(start: dict[str, dict], before: dict[str, dict], after: dict[str, dict], tokens: int,
+                      hidden_bytes: int) -> dict:
+    """Per decode token, per member: reductions, their time (blocked in receive apart), bytes sent. The
+    counters are read before the one-token session (``start``), after it (``before``) and after the
+    measured one (``after``): the one-token session is a prefill alone, taken off the measured session's
+    counts so that what is left is its decode tokens'."""
+    def decode(key: str, name: str) -> float:
+        return (after[name][key] - before[name][key]) - (before[name][key] - start[name][key])
 
-
-def _reduction_report(before: dict[str, dict], after: dict[str, dict], tokens: int, hidden_bytes: int) -> dict:
-    """Per decode token, per member: reductions, their time (waiting for slower members apart), bytes sent."""
     members = {}
     for name, end in after.items():
-        start = before.get(name, {"reductions": 0, "reduce_s": 0.0, "reduce_wait_s": 0.0})
-        count = end["reductions"] - start["reductions"]
-        seconds = end["reduce_s"] - start["reduce_s"]
-        waited = end["reduce_wait_s"] - start["reduce_wait_s"]
+        count, seconds, waited = (decode(key, name) for key in ("reductions", "reduce_s", "reduce_wait_s"))
         members[name] = {
             "group": end["group"], "rank": end["rank"],
             "reductions_per_token": round(count / tokens, 2),
@@ -195,13 +196,7 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
     compute = [sum(ms) for ms in result.stage_compute_ms[1:]]
     overhead = [s * 1000 - c for s, c in zip(decode, compute)]
     messages = len(route) + 1  # N stages: N + 1 messages per token
-    groups = {}
-    if after:
-        # Take the prefill's reductions (measured alone, on the one-token session) off the session's, so
-        # what is left is the decode tokens'.
-        decode_only = {name: {key: row[key] - (before[name][key] - start[name][key]) if key in _COUNTERS else row[key]
-                              for key in row} for name, row in after.items()}
-        groups = _reduction_report(before, decode_only, len(decode), hidden_bytes)
+    groups = _reduction_report(start, before, after, len(decode), hidden_bytes) if after else {}
     return {
         "parallelism": parallelism,
         "route": [{"node": s.node.name, "start": s.span.start, "end": s.span.end,

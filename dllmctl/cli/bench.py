@@ -185,7 +185,7 @@ def _print_single(report: dict) -> None:
     for name, r in d.get("reductions", {}).items():
         table.add_row(f"reductions {name} ({r['group']}#{r['rank']})",
                       f"{r['reductions_per_token']:g}/token, {r['ms_per_reduction']:.3f} ms each "
-                      f"(waiting {r['waiting_for_members_ms_per_reduction']:.3f}, transfer "
+                      f"(blocked in receive {r['waiting_for_members_ms_per_reduction']:.3f}, send and sum "
                       f"{r['transfer_ms_per_reduction']:.3f}); {human_bytes(r['bytes_sent_per_token'])}/token sent",
                       f"raw exchange {report.get('raw_zmq_exchange_ms', '-')} ms", f"{r.get('ratio_to_raw_exchange', '-')}")
     out.print(table)
@@ -206,7 +206,7 @@ def shard_data(
 ) -> None:
     """Shard real code (*.py) with each strategy onto temporary local nodes: tokens/s and skew."""
     from dllmctl.bench import shard as shard_bench
-    from dllmctl.cli.progress import RichShardProgress
+    from dllmctl.cli.common import RichShardProgress
     from dllmctl.cluster.local import LocalClusterError
     from dllmctl.data.push import PushError
     from dllmd.data import DataError

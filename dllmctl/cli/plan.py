@@ -34,7 +34,7 @@ def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt 
 
 async def plan_for(user, entries, directory, manifest, parallelism: str, tp: int | None, replicas: int):
     """The layout ``plan`` shows and ``deploy`` deploys, for ``--parallelism`` and ``--tp``."""
-    from dllmctl.models.layouts import default_tp, plan_groups_on_live_nodes, plan_on_live_nodes, tensor_shape
+    from dllmctl.models.layouts import plan_groups_on_live_nodes, plan_on_live_nodes
     from dllmctl.placement.layout import PlanError
 
     if parallelism in ("pipeline", "model"):
@@ -43,8 +43,6 @@ async def plan_for(user, entries, directory, manifest, parallelism: str, tp: int
         return await plan_on_live_nodes(user, entries, manifest, replicas)
     if parallelism not in ("tensor", "hybrid"):
         raise PlanError(f"--parallelism must be pipeline, tensor or hybrid, not {parallelism!r}")
-    if tp is None:
-        tp = default_tp(parallelism, len(entries) // replicas, tensor_shape(directory, manifest))
     return await plan_groups_on_live_nodes(user, entries, directory, manifest, parallelism, tp, replicas)
 
 
@@ -60,7 +58,7 @@ def rebalance_command(
     import asyncio
 
     from dllmd.net.client import CallError
-    from dllmctl.cli.progress import transfer_progress
+    from dllmctl.cli.common import transfer_progress
     from dllmctl.models.deploy import bytes_to_send
     from dllmctl.models.layouts import apply_rebalance, changed_spans, rebalance_on_live_nodes
     from dllmctl.placement.capacity import served_dtype

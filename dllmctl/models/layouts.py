@@ -51,40 +51,33 @@ def tensor_shape(model_dir: Path, manifest: Manifest) -> TensorShape:
 
 
 async def plan_groups_on_live_nodes(user: Identity, entries: list[NodeEntry], model_dir: Path, manifest: Manifest,
-                                    parallelism: str, tp: int, replicas: int = 1) -> Layout:
+                                    parallelism: str, tp: int | None = None, replicas: int = 1) -> Layout:
     """A tensor-parallel (one group per replica) or hybrid (a chain of groups) layout over the live nodes
     that do not serve the model yet: a node holds one span of a model, and a new layout never silently
-    replaces one that serves."""
+    replaces one that serves. ``tp`` None: every free node in one group per replica (tensor), pairs
+    (hybrid), at most the model's KV heads."""
     rows = await query_nodes(user, entries)
     holding = sorted(r["name"] for r in rows if r["status"] == "up"
                      and any(s.get("model") == manifest.name for s in r["serving"]))
     free = [c for c in node_capacities(rows) if c.name not in holding]
     if not free and not holding:
         raise _no_node_up()
+    shape = tensor_shape(model_dir, manifest)
+    if tp is None:
+        tp = max(1, min(len(free) // replicas if parallelism == "tensor" else 2, shape.kv_heads))
     try:
-        return plan_groups(ModelShape.from_manifest(manifest), tensor_shape(model_dir, manifest), free, tp,
-                           replicas, stages=1 if parallelism == "tensor" else None)
+        return plan_groups(ModelShape.from_manifest(manifest), shape, free, tp, replicas,
+                           stages=1 if parallelism == "tensor" else None)
     except PlanError as exc:
         held = (f"; {', '.join(holding)} already serve {manifest.name} in another layout (a new one never replaces "
                 f"it: 'dllmctl undeploy {manifest.name}' first, or add nodes)") if holding else ""
         raise PlanError(str(exc) + held + _down_note(rows)) from None
 
 
-def default_tp(parallelism: str, free_nodes: int, shape: TensorShape) -> int:
-    """Members per group when the caller names none: every free node in one group (tensor), pairs (hybrid)."""
-    wanted = free_nodes if parallelism == "tensor" else 2
-    return max(1, min(wanted, shape.kv_heads))
-
-
 async def deploy_parallel_layout(user: Identity, entries: list[NodeEntry], model_dir: Path, manifest: Manifest,
                                  parallelism: str, tp: int | None = None, replicas: int = 1,
                                  progress: Progress = lambda *_: None) -> Layout:
     """Plan a tensor-parallel or hybrid layout over the free live nodes and deploy it (groups linked)."""
-    if tp is None:
-        rows = await query_nodes(user, entries)
-        free = sum(1 for r in rows if r["status"] == "up"
-                   and not any(s.get("model") == manifest.name for s in r["serving"]))
-        tp = default_tp(parallelism, free // replicas if parallelism == "tensor" else free, tensor_shape(model_dir, manifest))
     layout = await plan_groups_on_live_nodes(user, entries, model_dir, manifest, parallelism, tp, replicas)
     await deploy(user, {e.name: e for e in entries}, model_dir, layout.spans, progress)
     return layout
