@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dllmd import __version__
-from dllmctl.cli import api, bench, cluster, data, deploy, infer, model, nodes, plan, train
+from dllmctl.cli import api, bench, cluster, data, deploy, eval, infer, model, nodes, plan, train
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -17,6 +17,7 @@ app.add_typer(cluster.app, name="cluster")
 app.add_typer(bench.app, name="bench")
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
+app.add_typer(eval.app, name="eval")
 app.command()(demo)
 app.command("deploy")(deploy.deploy_command)
 app.command("undeploy")(deploy.undeploy_command)

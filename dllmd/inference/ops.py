@@ -124,7 +124,7 @@ class InferenceService:
         """Build a span on the compute thread and serve it (replacing this model's previous span). A
         tensor-parallel slice also opens its group socket; it serves once ``group.connect`` links it."""
         span = await asyncio.get_running_loop().run_in_executor(self.compute, build)
-        param_bytes = sum(p.numel() * p.element_size() for p in span.parameters())
+        param_bytes = span.weight_bytes
         group = None
         if span.tensor_slice is not None:
             if self.group_channel is None:

@@ -19,6 +19,8 @@ import re
 
 import torch
 
+from dllmd.models.quantization import QuantizationError
+from dllmd.models.quantized import QuantizedWeight
 from dllmd.net.messages.tensor import TensorSlice
 
 _LAYER_TENSOR = re.compile(r"^model\.layers\.\d+\.(?P<part>.+)$")
@@ -66,10 +68,11 @@ def sliced_config(config, s: TensorSlice):
     return sliced
 
 
-def slice_tensor(config, s: TensorSlice, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The part of checkpoint tensor ``name`` that member ``s`` keeps (a view where possible)."""
+def slice_tensor(config, s: TensorSlice, name: str, tensor):
+    """The part of checkpoint tensor ``name`` that member ``s`` keeps (a view where possible); a
+    :class:`~dllmd.models.quantized.QuantizedWeight` is sliced in its stored form."""
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return tensor[s.vocab_lo:s.vocab_hi]
+        return _rows(tensor, slice(s.vocab_lo, s.vocab_hi))
     match = _LAYER_TENSOR.match(name)
     if match is None:
         return tensor  # the final norm: every member keeps it whole
@@ -80,26 +83,48 @@ def slice_tensor(config, s: TensorSlice, name: str, tensor: torch.Tensor) -> tor
     kv_rows = slice(s.kv_lo * dim, s.kv_hi * dim)
     mlp = slice(s.mlp_lo, s.mlp_hi)
     if part in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
-        return tensor[q_rows]
+        return _rows(tensor, q_rows)
     if part in ("self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight",
                 "self_attn.v_proj.bias"):
-        return tensor[kv_rows]
+        return _rows(tensor, kv_rows)
     if part == "self_attn.o_proj.weight":
-        return tensor[:, q_rows]
+        return _columns(tensor, q_rows)
     if part in ("mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight", "mlp.up_proj.bias"):
-        return tensor[mlp]
+        return _rows(tensor, mlp)
     if part == "mlp.down_proj.weight":
-        return tensor[:, mlp]
+        return _columns(tensor, mlp)
     if part in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
         return tensor if s.rank == 0 else torch.zeros_like(tensor)
     if part == "self_attn.qkv_proj.weight":  # Phi3: [query heads | key heads | value heads] in one matrix
         queries = config.num_attention_heads * dim
         keys = kv_heads(config) * dim
-        return torch.cat([tensor[q_rows], tensor[queries:][kv_rows], tensor[queries + keys:][kv_rows]])
+        return _cat([_rows(tensor, q_rows), _rows(tensor, _shifted(kv_rows, queries)),
+                     _rows(tensor, _shifted(kv_rows, queries + keys))])
     if part == "mlp.gate_up_proj.weight":  # Phi3: [gate | up] in one matrix
         columns = config.intermediate_size
-        return torch.cat([tensor[mlp], tensor[columns:][mlp]])
+        return _cat([_rows(tensor, mlp), _rows(tensor, _shifted(mlp, columns))])
     if part.startswith(("self_attn.", "mlp.")) and not part.startswith(("self_attn.q_norm", "self_attn.k_norm")):
         raise SliceError(f"{name}: no tensor-parallel split is known for this tensor of a "
                          f"{config.model_type} layer")
     return tensor  # norms, per-head q/k norms: whole on every member
+
+
+def _shifted(rows: slice, offset: int) -> slice:
+    return slice(rows.start + offset, rows.stop + offset)
+
+
+def _rows(tensor, rows: slice):
+    return tensor.rows(rows) if isinstance(tensor, QuantizedWeight) else tensor[rows]
+
+
+def _columns(tensor, columns: slice):
+    if isinstance(tensor, QuantizedWeight):
+        try:
+            return tensor.columns(columns)
+        except QuantizationError as exc:
+            raise SliceError(str(exc)) from None
+    return tensor[:, columns]
+
+
+def _cat(parts: list):
+    return QuantizedWeight.cat(parts) if isinstance(parts[0], QuantizedWeight) else torch.cat(parts)

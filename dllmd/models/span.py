@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from dllmd.models.families import SLIDING_ATTENTION, FamilyAdapter, adapter_for
+from dllmd.models.quantized import QuantizedLinear, QuantizedWeight, check_device
 from dllmd.models.ragged import BatchCache, ragged_attention_on
 from dllmd.models.slicing import check_slice, slice_tensor, sliced_config
 from dllmd.net.messages.tensor import TensorSlice
@@ -86,6 +87,14 @@ def span_tensor_names(config, start: int, end: int, embed: bool, head: bool) -> 
     _check_span(config, start, end, embed, head)
     modules = _skeleton(config, adapter_for(config), start, end, embed, head)
     return list(dict.fromkeys(modules.checkpoint_names(config).values()))
+
+
+def projection_weight_names(config, start: int, end: int) -> list[str]:
+    """Checkpoint names of the linear projections' weights in decoder layers ``[start, end)``: what a
+    quantized model stores quantized (embeddings, norms and the head are not among them)."""
+    modules = _skeleton(config, adapter_for(config), start, end, False, False)
+    return [f"model.layers.{path}.weight" for path, module in modules.layers.named_modules()
+            if isinstance(module, nn.Linear)]
 
 
 class SpanCache:
@@ -214,7 +223,7 @@ class LayerSpan(nn.Module):
         wanted = list(dict.fromkeys(names.values()))
         provided = tensors(wanted)
         expected = self.parts.state_dict()
-        state, converted = {}, {}
+        state, converted, quantized = {}, {}, {}
         for key, name in names.items():
             if name not in provided:
                 raise SpanLoadError(f"tensor {name!r} needed by layers [{self.start}, {self.end}) is missing "
@@ -225,17 +234,43 @@ class LayerSpan(nn.Module):
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise SpanLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
                                     f"{tuple(expected[key].shape)} for this {self.config.model_type} config")
-            if name not in converted:
+            if isinstance(tensor, QuantizedWeight):
+                quantized[key] = tensor
+            elif name not in converted:
                 # Once per name: a tied head and embedding in one span share one converted matrix.
                 converted[name] = tensor.to(device=self.device, dtype=self.dtype)
-            state[key] = converted[name]
+            if not isinstance(tensor, QuantizedWeight):
+                state[key] = converted[name]
         # assign=True adopts the tensors instead of copying them into the (storage-less) meta parameters.
-        self.parts.load_state_dict(state, strict=True, assign=True)
+        missing, unexpected = self.parts.load_state_dict(state, strict=False, assign=True)
+        if set(missing) != set(quantized) or unexpected:
+            raise SpanLoadError(f"the span's modules and tensors disagree: {sorted(set(missing) - set(quantized))[:3]} "
+                                f"not provided, {unexpected[:3]} not used")
+        for key, weight in quantized.items():
+            self._install_quantized(key, weight)
+
+    def _install_quantized(self, key: str, weight: QuantizedWeight) -> None:
+        """Replace the linear layer whose weight ``key`` is with one that computes on the stored parts."""
+        path = key.removesuffix(".weight")
+        parent_path, _, attribute = path.rpartition(".")
+        parent = self.parts.get_submodule(parent_path)
+        linear = getattr(parent, attribute)
+        if not isinstance(linear, nn.Linear):
+            raise SpanLoadError(f"{key} is stored quantized but belongs to a {type(linear).__name__}, not a linear layer")
+        check_device(weight.q, self.device)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        setattr(parent, attribute, QuantizedLinear(weight, bias, self.device))
 
     def _check_materialized(self) -> None:
         for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
             if tensor.is_meta:
                 raise SpanLoadError(f"{name} was never materialized; the {self.adapter.family} adapter misses it")
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as held: parameters, and quantized projections in their packed form."""
+        packed = sum(m.nbytes for m in self.modules() if isinstance(m, QuantizedLinear))
+        return packed + sum(p.numel() * p.element_size() for p in self.parameters())
 
     @property
     def layer_indices(self) -> range:

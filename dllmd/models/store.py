@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError, safe_open
 
 from dllmd.models.dtypes import WEIGHT_DTYPES
+from dllmd.models.quantization import Quantization, QuantizationError, parse_quantization
 from dllmd.storage import recover_directories, remove_directory, replace_directory, sha256_file
 from dllmd.storage.signed import Signer, canonical_json, json_object, read_signature, signed_by, write_signed
 
@@ -128,9 +129,15 @@ class Manifest:
     layers: tuple[LayerEntry, ...]
     embed: EmbedEntry
     head: HeadEntry
+    # Decoder-layer projections stored quantized (dllmd.models.quantized); None: full precision in
+    # ``dtype``. Left out of the signed encoding when None, so manifests from before it still verify.
+    quantization: Quantization | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.quantization is None:
+            del data["quantization"]
+        return data
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes that are signed and stored: sorted keys, no spaces, ASCII."""
@@ -153,7 +160,8 @@ class Manifest:
                 embed=EmbedEntry(_typed(data["embed"]["file"], str), _count(data["embed"]["params"]),
                                  _count(data["embed"]["bytes"])),
                 head=HeadEntry(tuple(_typed(f, str) for f in _typed(data["head"]["files"], (list, tuple))),
-                               _count(data["head"]["params"]), _count(data["head"]["bytes"])))
+                               _count(data["head"]["params"]), _count(data["head"]["bytes"])),
+                quantization=parse_quantization(data.get("quantization")))
         except KeyError as exc:
             raise ModelStoreError(f"manifest is malformed: field {exc} is missing") from None
         except (TypeError, AttributeError, ValueError) as exc:
@@ -352,12 +360,17 @@ class ModelStore:
             path = self.path(name) / rel
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    for key in wanted.intersection(f.keys()) - found.keys():
+                    keys = set(f.keys())
+                    for key in wanted.intersection(keys) - found.keys():
                         found[key] = f.get_tensor(key)
+                    if manifest.quantization is not None:
+                        found.update(_quantized_weights(manifest.quantization, f, keys, wanted - found.keys()))
             except FileNotFoundError:
                 raise ModelStoreError(f"{name}: {rel} is missing; re-import the model") from None
             except (SafetensorError, OSError) as exc:
                 raise ModelStoreError(f"{name}: {rel} cannot be read ({exc}); run verify or re-import") from None
+            except QuantizationError as exc:
+                raise ModelStoreError(f"{name}: {rel}: {exc}") from None
         missing = sorted(wanted - found.keys())
         if missing:
             raise ModelStoreError(f"{name} has no tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
@@ -448,3 +461,14 @@ class ModelStore:
                 raise ModelVerificationError(f"{name}: {rel} does not match its signed sha256 (corrupted or "
                                              f"tampered with); re-import the model")
 
+
+def _quantized_weights(q: Quantization, handle, keys: set[str], wanted: set[str]) -> dict:
+    """The wanted matrices this file holds as quantized parts, each as one QuantizedWeight."""
+    from dllmd.models.quantized import QuantizedWeight
+
+    weights = {}
+    for name in wanted:
+        parts = q.part_names(name)
+        if all(part in keys for part in parts):
+            weights[name] = QuantizedWeight.from_parts(q, name, {part: handle.get_tensor(part) for part in parts})
+    return weights
