@@ -31,6 +31,22 @@ def best_device() -> torch.device:
     return torch.device("cpu")
 
 
+def return_freed_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    Loading a span allocates and frees large temporaries (an int4 matrix unpacks to 4 bytes per
+    weight before it is repacked); glibc keeps such freed heap memory in the process, so the node's
+    resident memory would show the peak of the load rather than what it holds."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to trim
+        pass
+
+
 def gpus() -> list[dict]:
     out = []
     if torch.cuda.is_available():

@@ -96,9 +96,18 @@ def test_int4_group_size_is_the_largest_that_divides_every_width():
         choose_quantization("int4", [576, 100])
     with pytest.raises(QuantizationError, match="unknown quantization"):
         choose_quantization("int3", [64])
+    # A source quantized in 32-column blocks (GGUF) keeps its blocks, where they divide the widths.
+    assert choose_quantization("int4", [576, 1536], source_block=32) == Quantization("int4", 32)
+    assert choose_quantization("int4", [256, 1024], source_block=16) == Quantization("int4", 128)
     for bad in ({"method": "int4", "group_size": 48}, {"method": 4}, "int8", {"method": "int8", "group_size": True}):
         with pytest.raises(QuantizationError):
             parse_quantization(bad)
+
+
+def test_a_gguf_whose_layers_are_in_32_column_blocks_says_so(smollm2_gguf):
+    from dllmctl.models.importer import _gguf_block_columns
+
+    assert _gguf_block_columns(smollm2_gguf) == 32  # SmolLM2's Q4_1 layers
 
 
 def test_damaged_parts_are_refused_by_name():

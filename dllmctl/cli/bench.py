@@ -362,3 +362,106 @@ def cli(
                       f"{row['over_interpreter_start_s']:.3f}")
     out.print(table)
     out.print(f"best of {report['runs']} runs; the interpreter alone starts in {report['interpreter_start_s']:.3f} s")
+
+
+@app.command("quant")
+def quant(
+    model: Annotated[str, typer.Option("--model", "-m", help="The unquantized model (deployed, for quality).")],
+    text: Annotated[Path, typer.Option("--text", help="A held-out UTF-8 text to score.", exists=True,
+                                       dir_okay=False, readable=True)],
+    variant: Annotated[Optional[list[str]], typer.Option(
+        help="A quantized import of the same model, deployed too (repeat; default MODEL-int8 and MODEL-int4).")] = None,
+    layers: Annotated[Optional[str], typer.Option(
+        help="START:END, the middle span whose memory is compared (default: the middle two thirds).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=2, help="Score the text's first tokens.")] = 2048,
+    window: Annotated[int, typer.Option(min=2, max=512)] = 256,
+    stride: Annotated[int, typer.Option(min=1, max=511)] = 128,
+    prompts: Annotated[int, typer.Option(min=1, max=64, help="Prompts answered greedily by every model.")] = 16,
+    new_tokens: Annotated[int, typer.Option(min=1, max=512)] = 32,
+    skip_quality: Annotated[bool, typer.Option("--skip-quality", help="Only the span memory (no deployment needed).")
+                            ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity, top-1 and greedy agreement of quantized variants against MODEL through the registered
+    nodes; parameter bytes and RSS growth of the same middle span on temporary daemons (targets: int8
+    perplexity within 2% and memory <= 0.35x, int4 within 10% and <= 0.2x)."""
+    import json as _json
+
+    from dllmd.net.client import CallError
+    from dllmctl.bench import quant as quant_bench
+    from dllmctl.cluster.local import LocalClusterError
+    from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError
+
+    directory, manifest = local_model(model)
+    if manifest.quantization is not None:
+        fail(f"{model} is itself quantized ({manifest.quantization.method}); pass the unquantized model")
+    names = variant or [f"{model}-int8", f"{model}-int4"]
+    dirs, methods = {model: directory}, {}
+    for name in names:
+        dirs[name], other = local_model(name)
+        if other.quantization is None:
+            fail(f"{name} is not quantized; import it with 'dllmctl model import ... --quantize int8|int4'")
+        methods[name] = other.quantization.method
+    num_layers = _json.loads((directory / "config.json").read_text())["num_hidden_layers"]
+    start, end = _span_bounds(layers, num_layers)
+    content = text.read_text(encoding="utf-8", errors="strict")
+    report: dict = {"model": model}
+    try:
+        with err.status("benchmarking quantized spans...") as status:
+            def progress(message: str) -> None:
+                status.update(message)
+
+            if not skip_quality:
+                report["quality"] = quant_bench.quality(
+                    load_user(), load_registry().select(None), model, methods, content, window=window, stride=stride,
+                    max_tokens=max_tokens, prompts=prompts, new_tokens=new_tokens, progress=progress)
+            report["memory"] = quant_bench.span_memory(load_user(), dirs, model, start, end, methods, progress)
+    except (GenerationError, CallError, LocalClusterError, *CLUSTER_ERRORS) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+        return
+    _print_quant(report)
+
+
+def _span_bounds(layers: str | None, num_layers: int) -> tuple[int, int]:
+    if layers is None:
+        return num_layers // 6, num_layers - num_layers // 6
+    try:
+        start, end = (int(part) for part in layers.split(":"))
+    except ValueError:
+        fail(f"--layers takes START:END, like 5:25, not {layers!r}")
+    if not 0 <= start < end <= num_layers:
+        fail(f"--layers must satisfy 0 <= START < END <= {num_layers}")
+    return start, end
+
+
+def _print_quant(report: dict) -> None:
+    def verdict(ok: bool) -> str:
+        return "[green]yes[/green]" if ok else "[red]no[/red]"
+
+    m = report["memory"]
+    label = {v["model"]: v["method"] for v in m["variants"]} | {m["base"]["model"]: "unquantized"}
+    out.print(", ".join(f"{method}: {name}" for name, method in label.items()))
+    if "quality" in report:
+        q = report["quality"]
+        table = Table("weights", "perplexity", "ratio", "target", "met", "top-1 agreement", "greedy identical",
+                      "greedy prefix")
+        table.add_row("unquantized", f"{q['base']['perplexity']:.3f}", "1", "", "", "", "", "")
+        for v in q["variants"]:
+            table.add_row(v["method"], f"{v['perplexity']:.3f}", f"{v['perplexity_ratio']:.4f}",
+                          f"<= {v['target_ratio']}", verdict(v["meets_target"]), f"{v['top1_agreement']:.1%}",
+                          f"{v['greedy']['identical']}/{v['greedy']['prompts']}", f"{v['greedy']['matched_prefix']:.1%}")
+        out.print(table)
+        if q["variants"]:
+            out.print(f"{q['base']['scored']} tokens scored; greedy answers of {q['variants'][0]['greedy_new_tokens']} "
+                      "tokens ('greedy prefix': the mean share generated before the first token that differs)")
+    table = Table(f"layers {m['layers'][0]}-{m['layers'][1] - 1}", "parameters", "ratio", "RSS growth", "ratio",
+                  "beyond parameters", "target", "met")
+    table.add_row("unquantized", human_bytes(m["base"]["param_bytes"]), "1", human_bytes(m["base"]["rss_growth_bytes"]),
+                  "1", human_bytes(m["base"]["rss_beyond_params_bytes"]), "", "")
+    for v in m["variants"]:
+        table.add_row(v["method"], human_bytes(v["param_bytes"]), f"{v['param_bytes_ratio']:.3f}",
+                      human_bytes(v["rss_growth_bytes"]), f"{v['rss_growth_ratio']:.3f}",
+                      human_bytes(v["rss_beyond_params_bytes"]), f"<= {v['target_ratio']}", verdict(v["meets_target"]))
+    out.print(table)

@@ -57,6 +57,7 @@ class _Checkpoint:
     read: Callable[[str], torch.Tensor]
     tokenizer: Callable[[], object]
     generation_config: Callable[[], object | None]
+    source_block: int = 0  # columns per scale where the source itself is quantized (GGUF), else 0
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,21 @@ def _open_gguf(path: Path, dtype: torch.dtype, progress: Progress) -> _Checkpoin
     state = model.state_dict()
     return _Checkpoint(config, set(state), state.__getitem__,
                        lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
-                       lambda: model.generation_config)
+                       lambda: model.generation_config, _gguf_block_columns(path))
+
+
+# ggml's formats whose scales each cover 32 consecutive input columns (k-quants: sub-blocks of 32);
+# Q2_K, Q3_K and Q6_K use 16 and the float types none, so a file holding any of those gets 0.
+_GGML_BLOCKS_OF_32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K")
+
+
+def _gguf_block_columns(path: Path) -> int:
+    """32 when every decoder-layer matrix of the GGUF file is stored in 32-column blocks, else 0."""
+    from gguf import GGUFReader
+
+    types = {t.tensor_type.name for t in GGUFReader(path).tensors
+             if t.name.startswith("blk.") and len(t.shape) == 2}
+    return 32 if types and types <= set(_GGML_BLOCKS_OF_32) else 0
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -385,7 +400,7 @@ def _quantization(checkpoint: _Checkpoint, grouping: _Grouping, method: str) -> 
     """The quantization the projections can take (int4's group size divides every input width)."""
     widths = [checkpoint.read(name).shape[-1] for name in sorted(grouping.projections)]
     try:
-        return choose_quantization(method, widths)
+        return choose_quantization(method, widths, checkpoint.source_block)
     except QuantizationError as exc:
         raise ModelImportError(str(exc)) from None
 

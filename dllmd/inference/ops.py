@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from dllmd import hardware
 from dllmd.config import validate_endpoint
 from dllmd.inference.forwarding import Forwarder, Onward
 from dllmd.inference.sampling import sample_next
@@ -124,6 +125,7 @@ class InferenceService:
         """Build a span on the compute thread and serve it (replacing this model's previous span). A
         tensor-parallel slice also opens its group socket; it serves once ``group.connect`` links it."""
         span = await asyncio.get_running_loop().run_in_executor(self.compute, build)
+        hardware.return_freed_memory()
         param_bytes = span.weight_bytes
         group = None
         if span.tensor_slice is not None:

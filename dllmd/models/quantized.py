@@ -36,11 +36,21 @@ KERNEL_DTYPE = torch.bfloat16
 _INT4_MID = 8  # tinygemm's zero point sits at the middle of [0, 15]
 
 
+@functools.cache
+def _torchao():
+    """torchao's quantization package and its utils, imported on first use (dllmd/__init__ quiets its logs)."""
+    import torchao.quantization as tq
+    from torchao.quantization import utils
+
+    return tq, utils
+
+
 def quantize_weight(weight: torch.Tensor, q: Quantization) -> dict[str, torch.Tensor]:
     """The stored parts of one ``[out, in]`` weight matrix (computed in float32 on the CPU)."""
-    from torchao.quantization import Int8Tensor
-    from torchao.quantization.granularity import PerRow
-    from torchao.quantization.utils import get_groupwise_affine_qparams, groupwise_affine_quantize_tensor_from_qparams
+    tq, utils = _torchao()
+    Int8Tensor, PerRow = tq.Int8Tensor, tq.granularity.PerRow
+    get_groupwise_affine_qparams = utils.get_groupwise_affine_qparams
+    groupwise_affine_quantize_tensor_from_qparams = utils.groupwise_affine_quantize_tensor_from_qparams
 
     w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if w.dim() != 2:
@@ -161,10 +171,12 @@ class QuantizedLinear(nn.Module):
 
     def _kernel_parts(self, w: QuantizedWeight, device: torch.device) -> dict[str, torch.Tensor]:
         if self.kernel == "int8pack":
-            return {"qdata": w.qdata.to(device).contiguous(), "scale": w.scale.to(device, KERNEL_DTYPE)}
+            # A copy, never the store's memory map: the AVX-512 kernel needs the allocator's alignment,
+            # and a safetensors tensor starts wherever its header left it (a segfault, not an error).
+            return {"qdata": w.qdata.to(device, copy=True).contiguous(),
+                    "scale": w.scale.to(device, KERNEL_DTYPE, copy=True)}
         if self.kernel in ("int4pack_cpu", "int4pack_cuda"):
-            from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
-
+            pack_tinygemm_scales_and_zeros = _torchao()[1].pack_tinygemm_scales_and_zeros
             values = unpack_nibbles(w.qdata).to(device)
             if self.kernel == "int4pack_cpu":
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
@@ -209,13 +221,17 @@ class QuantizedLinear(nn.Module):
 
 
 _CUDA_INNER_K_TILES = 8
+_INT8_CPU_COLUMN_MULTIPLE = 16
 
 
 def _kernel_for(w: QuantizedWeight, device: torch.device) -> str:
     """The packed kernel for this matrix on this device, or "dequantize" where none takes it."""
     rows, columns = w.shape
     if w.q.method == "int8":
-        return "int8pack" if _kernel_works("int8pack", device.type) else "dequantize"
+        # aten's int8 CPU kernel vectorizes the reduction 16 columns at a time with no tail: on an
+        # AVX-512 machine (torch 2.13) other widths read past the row (wrong sums or a segfault).
+        aligned = device.type != "cpu" or columns % _INT8_CPU_COLUMN_MULTIPLE == 0
+        return "int8pack" if aligned and _kernel_works("int8pack", device.type) else "dequantize"
     if device.type == "cpu" and rows % 16 == 0 and _kernel_works("int4pack_cpu", "cpu"):
         return "int4pack_cpu"
     if device.type == "cuda" and rows % 8 == 0 and columns % (_CUDA_INNER_K_TILES * 16) == 0 \

@@ -224,6 +224,10 @@ class LayerSpan(nn.Module):
         provided = tensors(wanted)
         expected = self.parts.state_dict()
         state, converted, quantized = {}, {}, {}
+        # A quantized span owns copies of its other tensors (norms, biases: small), so that nothing
+        # keeps the store's memory maps alive: pages read from them while packing the projections
+        # would otherwise stay resident, as much again as the packed weights.
+        owned = any(isinstance(t, QuantizedWeight) for t in provided.values())
         for key, name in names.items():
             if name not in provided:
                 raise SpanLoadError(f"tensor {name!r} needed by layers [{self.start}, {self.end}) is missing "
@@ -238,7 +242,7 @@ class LayerSpan(nn.Module):
                 quantized[key] = tensor
             elif name not in converted:
                 # Once per name: a tied head and embedding in one span share one converted matrix.
-                converted[name] = tensor.to(device=self.device, dtype=self.dtype)
+                converted[name] = tensor.to(device=self.device, dtype=self.dtype, copy=owned)
             if not isinstance(tensor, QuantizedWeight):
                 state[key] = converted[name]
         # assign=True adopts the tensors instead of copying them into the (storage-less) meta parameters.
