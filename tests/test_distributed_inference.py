@@ -21,6 +21,7 @@ from dllmd.net.pool import ConnectionPool
 from dllmctl.placement.routing import RouteError, Stage, choose_route
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.client import RemoteError, RpcClient
+from dllmd.net.codec import HopCodec, decode
 from tests.conftest import local_daemons
 from tests.tiny_models import make_tiny_model
 
@@ -60,11 +61,12 @@ def _deploy(cluster, name: str, cuts: list[tuple[int, int]]) -> list[Stage]:
     return choose_route([Stage(nodes[s.node], s) for s in spans], n, name)
 
 
-def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_tokens=NEW_TOKENS, logits="last"):
+def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_tokens=NEW_TOKENS, logits="last",
+              hops=HopCodec()):
     async def run():
         async with ConnectionPool(cluster["user"]) as pool, \
                 DistributedSession(pool, route, name, sampling, prompt_tokens=len(prompt), max_new_tokens=new_tokens,
-                                   logits=logits) as session:
+                                   logits=logits, hops=hops) as session:
             return await session.generate(prompt, new_tokens, set())
 
     return asyncio.run(run())
@@ -88,6 +90,39 @@ def test_greedy_tokens_and_logits_match_the_local_model(cluster, family):
             for k, step_logits in enumerate(got.logits):
                 diff = (step_logits[-1] - full[len(prompt) - 1 + k]).abs().max().item()
                 assert diff < 1e-4, f"{family} {cuts} {label} step {k}: logits differ by {diff}"
+
+
+@pytest.mark.parametrize("hops", [HopCodec("fp16"), HopCodec("int8", 16)], ids=["fp16", "int8"])
+def test_compressed_hops_compute_what_the_local_model_does_with_the_same_rounding(cluster, hops):
+    """Each stage boundary encodes and decodes the hidden state; locally, the same spans with the same
+    codec between them give the same tokens and logits. The bytes per hop are what the codec says."""
+    from dllmd.models.span import LayerSpan
+    from transformers import AutoConfig
+
+    name, source = _import(cluster, "llama")
+    cuts = _splits(5)[2]
+    route = _deploy(cluster, name, cuts)
+    prompt = [(i * 37 + 11) % 300 + 5 for i in range(12)]
+    got = _generate(cluster, route, name, prompt, new_tokens=6, hops=hops)
+    config = AutoConfig.from_pretrained(source)
+    spans = [LayerSpan(config, a, b, embed=a == 0, head=b == 5, tensors=cluster["store"].tensor_source(name))
+             for a, b in cuts]
+    caches, feed, want, logits = [s.new_cache() for s in spans], torch.tensor([prompt]), [], []
+    for _ in range(6):
+        positions = torch.arange(caches[0].length, caches[0].length + feed.shape[1])[None]
+        x = feed
+        for i, (span, cache) in enumerate(zip(spans, caches)):
+            x = span(x, positions, cache)
+            if i < len(spans) - 1:
+                x = decode(*hops.encode(x), torch.float32)
+        logits.append(x[0, -1])
+        want.append(int(x[0, -1].argmax()))
+        feed = torch.tensor([[want[-1]]])
+    assert got.token_ids == want
+    for k, step_logits in enumerate(got.logits):
+        assert (step_logits[-1] - logits[k]).abs().max().item() < 1e-4
+    per_value = {"fp16": 2, "int8": 1 + 4 / 16}[hops.encoding]
+    assert got.hop_bytes[-1] == [int(64 * per_value)] * 2  # a decode step's [1, 1, 64] hidden state, each hop
 
 
 def test_multi_turn_continues_the_same_session(cluster):
@@ -161,8 +196,20 @@ def test_bad_input_gets_clear_errors_and_nodes_keep_serving(cluster):
             with pytest.raises(RemoteError) as exc:
                 await stream.next(timeout=10)
             assert exc.value.code == "bad_args" and "float32 hidden states [1, seq, 64]" in exc.value.message
+            # An unknown encoding, or an int8 step without its scales, is refused; the node goes on.
+            for encoding, tensors in (("int3", [torch.zeros(1, 3, 64)]),
+                                      ("int8", [torch.zeros(1, 3, 64, dtype=torch.int8)])):
+                with pytest.raises(RemoteError) as exc:
+                    await client.call("session.forward", {"items": [{"session": "wrongdtype1", "step": 0, "start": 0,
+                                                                     "encoding": encoding}]}, tensors)
+                assert exc.value.code == "bad_args"
             # Out-of-range token ids at the first stage.
         async with RpcClient(user, first.address, first.public_key) as client:
+            with pytest.raises(RemoteError) as exc:  # int8 blocks that do not divide the hidden size
+                await client.call("session.open", {"session": "badblock12", "model": name, "start": 0, "end": 2,
+                                                   **RESERVE, "activations": "int8", "activation_block": 48,
+                                                   "next_address": second.address, "next_public_key": second.public_key})
+            assert exc.value.code == "bad_args" and "do not divide the hidden size 64" in exc.value.message
             stream = await client.open_stream("session.open", {"session": "badtokens1", "model": name, "start": 0,
                                                                **RESERVE, "end": 2, "next_address": second.address,
                                                                "next_public_key": second.public_key})

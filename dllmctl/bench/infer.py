@@ -25,6 +25,7 @@ from dllmctl.inference.stages import live_stages
 from dllmctl.inference.tokens import encode_prompt, load_tokenizer
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.client import RpcClient
+from dllmd.net.codec import HopCodec
 from dllmd.net.identity import Identity
 
 BENCH_PROMPT = "Generate a story about a robot"
@@ -177,19 +178,19 @@ def raw_exchange_ms(payload_bytes: int, rounds: int = 2000) -> float:
 
 async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int,
                                prompt_ids: list[int], new_tokens: int, parallelism: str = "pipeline",
-                               hidden_bytes: int = 0) -> dict:
+                               hidden_bytes: int = 0, hops: HopCodec = HopCodec()) -> dict:
     route = choose_route(await live_stages(user, nodes, model), num_layers, model, parallelism=parallelism)
     async with ConnectionPool(user) as pool:
         async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
-                                      max_new_tokens=2, parallelism=parallelism) as warm:
+                                      max_new_tokens=2, parallelism=parallelism, hops=hops) as warm:
             await warm.generate(prompt_ids, 2, set())
         start = await _group_counters(user, nodes, model)
         async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
-                                      max_new_tokens=1, parallelism=parallelism) as prefill:
+                                      max_new_tokens=1, parallelism=parallelism, hops=hops) as prefill:
             await prefill.generate(prompt_ids, 1, set())  # what the prefill alone adds to the counters
         before = await _group_counters(user, nodes, model)
         async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
-                                      max_new_tokens=new_tokens, parallelism=parallelism) as session:
+                                      max_new_tokens=new_tokens, parallelism=parallelism, hops=hops) as session:
             result = await session.generate(prompt_ids, new_tokens, set())
         after = await _group_counters(user, nodes, model)
     decode = result.step_seconds[1:]
@@ -199,6 +200,7 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
     groups = _reduction_report(start, before, after, len(decode), hidden_bytes) if after else {}
     return {
         "parallelism": parallelism,
+        "activations": hops.encoding if hops.encoding != "int8" else f"int8/b{hops.block}",
         "route": [{"node": s.node.name, "start": s.span.start, "end": s.span.end,
                    "members": s.span.tensor_slice.size if s.span.tensor_slice else 1} for s in route],
         "reductions": groups,
@@ -215,13 +217,13 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
 
 
 def run(user: Identity, nodes: list[NodeEntry], model_dir: Path, model: str, num_layers: int, new_tokens: int,
-        compare_local: bool, parallelism: str = "pipeline") -> dict:
+        compare_local: bool, parallelism: str = "pipeline", hops: HopCodec = HopCodec()) -> dict:
     tokenizer = load_tokenizer(model_dir)
     prompt_ids = encode_prompt(tokenizer, BENCH_PROMPT)
     hidden_bytes = AutoConfig.from_pretrained(model_dir).hidden_size * 4
     report = {"model": model, "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens,
               "distributed": asyncio.run(distributed_generate(user, nodes, model, num_layers, prompt_ids, new_tokens,
-                                                              parallelism, hidden_bytes))}
+                                                              parallelism, hidden_bytes, hops))}
     if report["distributed"]["reductions"]:
         raw = raw_exchange_ms(hidden_bytes)
         report["raw_zmq_exchange_ms"] = raw

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 import typer
 from rich.table import Table
 
-from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_registry, load_user, local_model, out, print_json
+from dllmctl.cli.common import ActivationBlockOpt, ActivationsOpt, JsonOpt, err, fail, human_bytes, load_registry, load_user, local_model, out, print_json
 
 if TYPE_CHECKING:
     from dllmd.net.identity import Identity
@@ -87,6 +87,8 @@ def infer(
         min=0, max=100, help="Kill a stage of the local cluster mid-generation this many times (needs replicas).")] = 0,
     cluster: Annotated[Optional[Path], typer.Option(
         "--dir", help="The local cluster's directory (for --failover-runs).")] = None,
+    activations: ActivationsOpt = "fp32",
+    activation_block: ActivationBlockOpt = 64,
     as_json: JsonOpt = False,
 ) -> None:
     """Decode tokens/s, time to first token, per-token split into stage compute and transfer; with
@@ -101,8 +103,14 @@ def infer(
     from dllmctl.placement.routing import RouteError
     from dllmctl.inference.tokens import encode_prompt, load_tokenizer
 
+    from dllmd.net.codec import CodecError, HopCodec
+
     if parallelism not in PARALLELISMS:
         fail(f"--parallelism must be one of {', '.join(PARALLELISMS)}")
+    try:
+        hops = HopCodec(activations, activation_block)
+    except CodecError as exc:
+        fail(str(exc))
     counts = _session_counts(sessions) if sessions else []
     user, registry = load_user(), load_registry()
     directory, _ = local_model(model)
@@ -113,7 +121,7 @@ def infer(
         with err.status("benchmarking..."):
             if not (counts or wan_delay_ms is not None or failover_runs):
                 report.update(infer_bench.run(user, nodes, directory, model, num_layers, new_tokens, compare_local,
-                                              parallelism))
+                                              parallelism, hops))
             tokenizer = load_tokenizer(directory)
             prompt = encode_prompt(tokenizer, infer_bench.BENCH_PROMPT)
             if counts:

@@ -34,6 +34,11 @@ LayoutOpt = Annotated[str, typer.Option("--parallelism", help=(
 TpOpt = Annotated[Optional[int], typer.Option("--tp", min=1, max=64, help=(
     "Members per tensor-parallel group (default: every free node for tensor, 2 for hybrid)."))]
 DtypeOpt = Annotated[str, typer.Option(help="Load spans as float32, bfloat16 or float16 (default: as imported).")]
+ActivationsOpt = Annotated[str, typer.Option(help=(
+    "How hidden states travel between stages: fp32 (as computed: exact), fp16 (half the bytes) or int8 "
+    "(blockwise, about a quarter)."))]
+ActivationBlockOpt = Annotated[int, typer.Option(min=1, max=65536, help="int8: values per scale (must divide the "
+                                                                        "hidden size).")]
 
 STATUS_STYLE = {"up": "green", "down": "red", "unauthorized": "yellow", "key-mismatch": "yellow", "error": "red"}
 

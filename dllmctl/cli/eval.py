@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dllmctl.cli.common import JsonOpt, fail, load_registry, load_user, out, print_json
+from dllmctl.cli.common import ActivationBlockOpt, ActivationsOpt, JsonOpt, fail, load_registry, load_user, out, print_json
 
 app = typer.Typer(help="Measure a deployed model's quality.", no_args_is_help=True)
 
@@ -28,7 +28,10 @@ def perplexity_command(
                            ] = "pipeline",
     reference: Annotated[Optional[str], typer.Option(help=(
         "Also score the text with this deployed model (e.g. the unquantized one) and report how often "
-        "the two predict the same next token."))] = None,
+        "the two predict the same next token (the reference's hidden states travel exact, fp32; MODEL "
+        "itself as the reference measures what --activations changes)."))] = None,
+    activations: ActivationsOpt = "fp32",
+    activation_block: ActivationBlockOpt = 64,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity of TEXT through the nodes serving MODEL, in sliding windows."""
@@ -37,6 +40,7 @@ def perplexity_command(
     from dllmctl.cli.common import StageProgress
     from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, check_parallelism
     from dllmctl.inference.perplexity import PerplexityRequest, agreement, perplexity
+    from dllmd.net.codec import CodecError, HopCodec
 
     try:
         content = text.read_text(encoding="utf-8")
@@ -46,10 +50,16 @@ def perplexity_command(
     progress = StageProgress(transient=as_json)
     results, error = [], None
     try:
+        hops = HopCodec(activations, activation_block)
+    except CodecError as exc:
+        fail(str(exc))
+    try:
         check_parallelism(parallelism)
         user, nodes = load_user(), load_registry().select(None)
-        for name in names:
-            request = PerplexityRequest(name, content, window, stride, max_tokens, parallelism)
+        for index, name in enumerate(names):
+            # The reference is scored with exact hops: --reference MODEL itself measures --activations alone.
+            request = PerplexityRequest(name, content, window, stride, max_tokens, parallelism,
+                                        hops if index == 0 else HopCodec())
             results.append(asyncio.run(perplexity(user, nodes, request,
                                                   lambda done, total, n=name: progress(n, done, total))))
         same = agreement(*results) if reference else None

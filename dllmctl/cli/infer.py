@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dllmctl.cli.common import (JsonOpt, TpOpt, fail, load_registry, load_user, local_model, print_generation_footer,
+from dllmctl.cli.common import (ActivationBlockOpt, ActivationsOpt, JsonOpt, TpOpt, fail, load_registry, load_user, local_model, print_generation_footer,
                                 print_json)
 
 
@@ -33,6 +33,8 @@ def infer_command(
         "With tensor or hybrid: when no such layout serves the model, plan one over the free nodes and "
         "deploy it first."))] = False,
     tp: TpOpt = None,
+    activations: ActivationsOpt = "fp32",
+    activation_block: ActivationBlockOpt = 64,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
@@ -41,7 +43,8 @@ def infer_command(
     from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
 
     request = GenerationRequest(model=model, prompt=prompt, raw=raw, system=system, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, parallelism=parallelism)
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, parallelism=parallelism,
+                                activations=activations, activation_block=activation_block)
     try:
         prepared = prepare(request)
     except GenerationError as exc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from dllmd.net.messages.inference import SamplingParams
 from dllmctl.inference.session import DistributedSession, Generation, StageFailure
+from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
 from dllmctl.placement.routing import RouteError, Stage, choose_route
 
@@ -64,7 +65,8 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                                  sampling: SamplingParams, *, parallelism: str = "pipeline", logits: str = "none",
                                  on_token: Callable[[int], None] = lambda _: None, bans: Bans | None = None,
                                  assigned: dict[str, int] | None = None, stages: list[Stage] | None = None,
-                                 max_failovers: int = MAX_FAILOVERS, result: Generation | None = None) -> Generation:
+                                 max_failovers: int = MAX_FAILOVERS, result: Generation | None = None,
+                                 hops: HopCodec = HopCodec()) -> Generation:
     """Generate ``max_new_tokens`` after ``prompt_ids`` on the best route, failing over to replicas.
 
     ``assigned`` (node -> sessions this client runs there) is updated while the session runs, so
@@ -92,7 +94,7 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
             done = len(result.token_ids)  # a replay prefills the prompt and these, then generates the rest
             async with DistributedSession(pool, route, model, sampling, prompt_tokens=len(prompt_ids) + done,
                                           max_new_tokens=max_new_tokens - done, logits=logits,
-                                          parallelism=parallelism) as session:
+                                          parallelism=parallelism, hops=hops) as session:
                 tokens_before = len(result.token_ids)
 
                 def token_arrived(token: int) -> None:

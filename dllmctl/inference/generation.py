@@ -19,6 +19,7 @@ from typing import Callable
 
 from transformers import PreTrainedTokenizerBase
 
+from dllmd.net.codec import DEFAULT_BLOCK, CodecError, HopCodec
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.models.store import ModelNotFound, ModelStoreError
 from dllmd.net.client import CallError
@@ -70,6 +71,7 @@ class LocalModel:
     tokenizer: PreTrainedTokenizerBase
     stop_ids: frozenset[int]
     context: int | None  # max_position_embeddings; None when the config does not say
+    hidden_size: int = 0  # what crosses each hop (0: the config does not say; the stages check)
 
     @property
     def has_chat_template(self) -> bool:
@@ -104,7 +106,7 @@ def load_model(name: str) -> LocalModel:
     except (ModelStoreError, PromptError, OSError, ValueError) as exc:
         raise GenerationError(f"model {name!r} cannot be used: {exc}", "model") from None
     model = LocalModel(name, directory, manifest.num_layers, tokenizer, frozenset(stop_ids(tokenizer, directory)),
-                       config.get("max_position_embeddings"))
+                       config.get("max_position_embeddings"), config.get("hidden_size", 0))
     _loaded[name] = (stamp, model)
     return model
 
@@ -130,6 +132,8 @@ class GenerationRequest:
     top_k: int = 0
     seed: int = 0
     parallelism: str = "pipeline"
+    activations: str = "fp32"  # how hidden states travel between stages: fp32 (exact), fp16, int8
+    activation_block: int = DEFAULT_BLOCK  # int8's values per scale
 
 
 @dataclass
@@ -139,6 +143,7 @@ class Prepared:
     max_new_tokens: int
     sampling: SamplingParams
     parallelism: str
+    hops: HopCodec = HopCodec()
 
 
 def prepare(request: GenerationRequest) -> Prepared:
@@ -168,7 +173,12 @@ def prepare(request: GenerationRequest) -> Prepared:
         raise GenerationError(f"prompt ({len(ids)} tokens) + max_new_tokens {max(wanted, 1)} exceeds the model's "
                               f"context of {model.context} tokens; shorten the prompt or lower max_new_tokens",
                               "max_new_tokens", "context_length_exceeded")
-    return Prepared(model, ids, wanted, sampling, request.parallelism)
+    try:
+        hops = HopCodec(request.activations, request.activation_block)
+        hops.check_width(model.hidden_size)
+    except CodecError as exc:
+        raise GenerationError(str(exc), "activations") from None
+    return Prepared(model, ids, wanted, sampling, request.parallelism, hops)
 
 
 def _check_sampling(s: SamplingParams) -> None:
@@ -254,7 +264,7 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
     task = asyncio.ensure_future(generate_with_failover(
         pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, prepared.prompt_ids,
         prepared.max_new_tokens, set(model.stop_ids), prepared.sampling, parallelism=prepared.parallelism,
-        on_token=arrived, assigned=assigned))
+        on_token=arrived, assigned=assigned, hops=prepared.hops))
     _running.add(task)
     task.add_done_callback(_running.discard)
     if own_pool:

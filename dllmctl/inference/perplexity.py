@@ -22,6 +22,7 @@ from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.failover import generate_with_failover
 from dllmctl.inference.generation import GenerationError, load_model
 from dllmctl.inference.stages import live_stages
+from dllmd.net.codec import HopCodec
 from dllmd.net.identity import Identity
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.pool import ConnectionPool
@@ -39,6 +40,7 @@ class PerplexityRequest:
     stride: int = DEFAULT_STRIDE
     max_tokens: int | None = None  # score only the text's first tokens
     parallelism: str = "pipeline"
+    hops: HopCodec = HopCodec()  # how hidden states travel between stages
 
 
 @dataclass
@@ -112,7 +114,8 @@ async def perplexity(user: Identity, nodes: list[NodeEntry], request: Perplexity
         for done, w in enumerate(plan):
             generation = await generate_with_failover(
                 pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, ids[w.begin:w.end],
-                1, set(), SamplingParams(), parallelism=request.parallelism, logits="all", stages=stages)
+                1, set(), SamplingParams(), parallelism=request.parallelism, logits="all", stages=stages,
+                hops=request.hops)
             logits = torch.cat([chunk.reshape(-1, chunk.shape[-1]) for chunk in generation.logits])
             nll, top = score(logits, ids, w)
             total_nll += nll

@@ -22,6 +22,7 @@ import torch
 from dllmd.net.client import BadReply, CallError, CallTimeout, RemoteError, ReplyStream, RpcClient
 from dllmd.net.messages.inference import (MAX_STEP_TOKENS, SESSION_CLOSE, SESSION_FORWARD, SESSION_OPEN, Opened,
                                           OpenArgs, SamplingParams, SessionArgs)
+from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import parse_reply, to_wire
 from dllmd.net.wire import ErrorCode, WireError
@@ -76,7 +77,7 @@ class DistributedSession:
 
     def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
                  prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = 600.0,
-                 parallelism: str = "pipeline"):
+                 parallelism: str = "pipeline", hops: HopCodec = HopCodec()):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
         stage reserves its KV cache for them when the session opens (and refuses it if they do not fit)."""
         if parallelism not in PARALLELISMS:
@@ -84,6 +85,7 @@ class DistributedSession:
         self.pool, self.route, self.model = pool, route, model
         self.prompt_tokens, self.max_new_tokens = prompt_tokens, max_new_tokens
         self.sampling, self.logits, self.ttl_s, self.parallelism = sampling, logits, ttl_s, parallelism
+        self.hops = hops
         self.id = secrets.token_hex(16)
         self.clients = [pool.get(stage.node.address, stage.node.public_key) for stage in route]
         self.streams: list[ReplyStream | None] = [None] * len(route)
@@ -104,7 +106,8 @@ class DistributedSession:
                         prompt_tokens=self.prompt_tokens, max_new_tokens=self.max_new_tokens,
                         next_address=nxt.address if nxt else "", next_public_key=nxt.public_key if nxt else "",
                         sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
-                        batching=self.parallelism != "model")
+                        batching=self.parallelism != "model", activations=self.hops.encoding,
+                        activation_block=self.hops.block)
         try:
             stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), timeout=OPEN_TIMEOUT_S)
             self.streams[index] = stream

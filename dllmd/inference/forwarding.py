@@ -15,6 +15,7 @@ import zmq
 
 from dllmd.inference.scheduler import PendingStep
 from dllmd.net.client import CallError
+from dllmd.net.codec import encoded_bytes
 from dllmd.net.messages.inference import SESSION_FORWARD
 from dllmd.net.pool import ConnectionPool
 
@@ -43,14 +44,16 @@ class Forwarder:
         task.add_done_callback(lambda done: self._pushes.get(hop) is done and self._pushes.pop(hop))
 
     async def _push(self, hop: Hop, steps: list[Onward]) -> None:
-        items = []
+        items, tensors = [], []
         for pending, trace, hidden in steps:
-            trace["hop_bytes"].append(hidden.numel() * hidden.element_size())
+            encoding, parts = pending.session.hops.encode(hidden)
+            trace["hop_bytes"].append(encoded_bytes(parts))
             item = pending.item
             items.append({"session": item.session, "step": item.step, "start": item.start, "final": item.final,
-                          **trace})
+                          "encoding": encoding, **trace})
+            tensors.extend(parts)
         try:
-            await self.peers.get(*hop).send_oneway(SESSION_FORWARD.name, {"items": items}, [h for _, _, h in steps],
+            await self.peers.get(*hop).send_oneway(SESSION_FORWARD.name, {"items": items}, tensors,
                                                    timeout=PUSH_TIMEOUT_S)
         except (CallError, zmq.ZMQError) as exc:
             # The connection stays in the pool: other sessions may be using it, and zmq reconnects.

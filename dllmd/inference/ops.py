@@ -30,6 +30,7 @@ from dllmd.inference.scheduler import PendingStep, StepScheduler, admit
 from dllmd.inference.sessions import DETACHED, NextHop, NoRoom, Session, SessionTable
 from dllmd.inference.tensor_group import GroupChannel, GroupError, GroupMember, PassSpec, TensorGroup
 from dllmd.models.span import LayerSpan
+from dllmd.net.codec import CodecError, HopCodec, decode, parts_of
 from dllmd.net.identity import parse_public_key
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.messages import inference as M
@@ -306,10 +307,16 @@ class InferenceService:
         if context and positions > context:
             raise HandlerError(ErrorCode.TOO_LARGE, f"{a.prompt_tokens} prompt + {a.max_new_tokens} new tokens "
                                                     f"exceed the model's context of {context} tokens")
+        try:
+            hops = HopCodec(a.activations, a.activation_block)
+            if a.next_address:
+                hops.check_width(span.config.hidden_size)
+        except CodecError as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         reserve = span.kv_cache_bytes(positions)
         next_hop = NextHop(a.next_address, a.next_public_key) if a.next_address else None
         session = Session(a.session, a.model, span.new_cache(), call.responder, next_hop, a.sampling, a.logits,
-                          a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching)
+                          a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching, hops=hops)
         try:
             self.sessions.add(session)
         except NoRoom as exc:
@@ -367,17 +374,29 @@ class InferenceService:
         """Queue each carried step; a bad step ends its own session (and is reported on that
         session's stream), never the others in the same message."""
         items: list[M.StepItem] = call.args.items
-        if not items or len(call.tensors) != len(items):
-            raise HandlerError(ErrorCode.BAD_ARGS, f"session.forward carries one tensor per step: "
-                                                   f"{len(items)} steps, {len(call.tensors)} tensors")
-        failures = []
-        for item, inputs in zip(items, call.tensors):
+        try:
+            counts = [parts_of(item.encoding) for item in items]
+        except CodecError as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+        if not items or len(call.tensors) != sum(counts):
+            raise HandlerError(ErrorCode.BAD_ARGS, f"session.forward carries each step's tensors (1, or 2 for int8): "
+                                                   f"{len(items)} steps need {sum(counts)}, got {len(call.tensors)}")
+        failures, offset = [], 0
+        for item, count in zip(items, counts):
+            parts, offset = call.tensors[offset:offset + count], offset + count
             session = self.sessions.get(item.session)
             if session is None or session.stream is DETACHED:  # a follower's share runs only as its leader says
                 failures.append(f"no session {item.session} here (closed or expired)")
                 continue
+            span = self.spans[session.model].span
             try:
-                self.scheduler.add(admit(self.spans[session.model].span, session, item, inputs))
+                inputs = decode(item.encoding, parts, span.dtype)
+            except CodecError as exc:
+                self._end(session, ErrorCode.BAD_ARGS, str(exc))
+                failures.append(str(exc))
+                continue
+            try:
+                self.scheduler.add(admit(span, session, item, inputs))
             except HandlerError as exc:
                 self._end(session, exc.code, exc.message)
                 failures.append(exc.message)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from dllmd.models.span import SpanCache
+from dllmd.net.codec import HopCodec
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.server import Responder
 
@@ -50,6 +51,7 @@ class Session:
     positions: int  # the most positions this session may hold (prompt + new tokens), as reserved
     reserved_bytes: int  # KV-cache memory set aside for those positions at this stage
     batching: bool = True  # False: every step runs alone, never in a batch with other sessions
+    hops: HopCodec = HopCodec()  # how this stage sends the session's hidden states on
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0
     queued_position: int = 0  # the position the next arriving step must start at (steps may be queued)

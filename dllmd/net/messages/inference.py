@@ -36,6 +36,10 @@ class OpenArgs:
     logits: str = bounded("none", max_len=8)
     ttl_s: float = bounded(600.0, lo=1.0, hi=3600.0)
     batching: bool = True  # False: this session's steps always run alone ("model" parallelism)
+    # How this stage sends hidden states on (dllmd.net.codec): fp32 (as computed, exact), fp16, or
+    # blockwise int8 with blocks of activation_block values along the hidden dimension.
+    activations: str = bounded("fp32", max_len=8)
+    activation_block: int = bounded(64, lo=1, hi=65536)
 
 
 @dataclass
@@ -55,6 +59,9 @@ class StepItem:
     start: int = bounded(lo=0, hi=2**31)
     # False for every chunk of a long prompt but the last: the last stage samples only after the last.
     final: bool = True
+    # How the step's hidden state travels (dllmd.net.codec): its tensors in the message are 1 (fp32,
+    # fp16) or 2 (int8: values, scales). Token ids from the client are "fp32" (sent as they are).
+    encoding: str = bounded("fp32", max_len=8)
     # Filled in along the chain, returned with the token: each stage's compute time, the batch it
     # ran in, and the bytes it pushed to the next stage (what `dllmctl bench infer` reports).
     compute_ms: list[float] = bounded([], max_len=256)
