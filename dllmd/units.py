@@ -17,3 +17,8 @@ def parse_size(text: str) -> int:
     if match is None or unit not in UNITS:
         raise ValueError(f"expected a size like 512MiB, 6GiB or 64MB, got {text!r}")
     return int(float(match.group(1)) * UNITS[unit])
+
+
+def mib(n: int | float) -> str:
+    """Bytes in MiB, as refusals and notes about memory state their numbers (``4.0 MiB``)."""
+    return f"{n / 2**20:.1f} MiB"

@@ -99,8 +99,8 @@ def list_nodes(
     user = load_user()
     rows = asyncio.run(query_nodes(user, registry.select(None), timeout))
     if as_json:
-        print_json([{k: r[k] for k in ("name", "id", "address", "status", "latency_ms", "hardware", "serving", "error")}
-                    for r in rows])
+        print_json([{k: r[k] for k in ("name", "id", "address", "status", "latency_ms", "hardware", "limits",
+                                       "memory_used_bytes", "serving", "error")} for r in rows])
         return
     if not rows:
         out.print("no nodes registered; add one with 'dllmctl nodes add' or start a local cluster with 'dllmctl cluster up --local 3'")

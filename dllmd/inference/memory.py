@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dllmd.units import mib
+
 
 class NoRoom(Exception):
     """Memory for a span or a session is not there: a budget or the cap would be exceeded."""
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
