@@ -81,6 +81,34 @@ def test_a_daemon_will_not_start_on_gpus_it_does_not_have(tmp_path):
     assert started.returncode == 1 and "limits.memory" in started.stderr and "Traceback" not in started.stderr
 
 
+# --- what a node checks before it reads a tensor ----------------------------------------------------------
+
+def test_expected_weight_bytes_are_what_the_built_span_holds(tmp_path):
+    from dllmd.models.span import LayerSpan, expected_weight_bytes
+    from dllmd.models.store import ModelStore
+    from dllmd.net.identity import Identity
+    from dllmd.net.messages.tensor import TensorSlice
+    from transformers import AutoConfig
+
+    source = make_tiny_model("llama", tmp_path / "src")  # tied: one span with both ends holds the matrix once
+    store, user = ModelStore(tmp_path / "models"), Identity.generate()
+    import_model(source, store, user, name="t")
+    import_model(source, store, user, name="q", quantize="int8")
+    config = AutoConfig.from_pretrained(source)
+    n, vocab = config.num_hidden_layers, config.vocab_size
+    member = TensorSlice("g", 1, 2, kv_lo=1, kv_hi=2, mlp_lo=64, mlp_hi=128, vocab_lo=vocab // 2, vocab_hi=vocab)
+    for start, end, dtype, tensor_slice in [(0, n, torch.float32, None), (0, n, torch.bfloat16, None),
+                                            (2, n, torch.float32, None), (0, n, torch.float32, member)]:
+        ends = dict(embed=start == 0, head=end == n)
+        span = LayerSpan(config, start, end, **ends, tensors=store.tensor_source("t"), dtype=dtype,
+                         tensor_slice=tensor_slice)
+        assert expected_weight_bytes(config, start, end, **ends, dtype=dtype, tensor_slice=tensor_slice) \
+            == span.weight_bytes, (start, end, dtype, tensor_slice)
+    quantized = LayerSpan(config, 0, n, embed=True, head=True, tensors=store.tensor_source("q"))
+    floor = expected_weight_bytes(config, 0, n, embed=True, head=True, dtype=torch.float32, quantized=True)
+    assert 0 < floor < quantized.weight_bytes  # packed projections are counted once built
+
+
 # --- the planner's view (pure) ----------------------------------------------------------------------------
 
 def _row(name: str, free: int, cap: int = 0, used: int = 0) -> dict:
