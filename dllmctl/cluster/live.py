@@ -14,6 +14,10 @@ from dllmd.net.messages.node import INFO, PING
 from dllmd.net.schema import to_wire
 from dllmctl.cluster.registry import NodeEntry
 
+# What 'nodes list --json' (and the MCP server's llm://nodes) show of each row, in this order.
+LISTED_FIELDS = ("name", "id", "address", "status", "latency_ms", "hardware", "limits", "memory_used_bytes",
+                 "serving", "error")
+
 STATUS_UP, STATUS_DOWN, STATUS_UNAUTHORIZED, STATUS_KEY_MISMATCH, STATUS_ERROR = (
     "up", "down", "unauthorized", "key-mismatch", "error")
 
