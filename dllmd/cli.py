@@ -81,8 +81,7 @@ def init(
 @app.command()
 def start(home: HomeOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it cleanly)."""
-    from dllmd import failpoints
-    from dllmd.node import Daemon, StartupError
+    from dllmd import failpoints, hardware
 
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,6 +90,14 @@ def start(home: HomeOpt = None, verbose: Annotated[bool, typer.Option("--verbose
     except failpoints.FailpointError as exc:
         raise fail(str(exc))
     home = resolve_home(home)
+    try:
+        # Before the daemon's modules are imported: importing some of them starts CUDA, which then
+        # sees every GPU whatever [limits] says.
+        hardware.restrict_gpus(NodeConfig.load(home).limits.gpus)
+    except (ConfigError, hardware.GpuLimitError) as exc:
+        fail(str(exc))
+    from dllmd.node import Daemon, StartupError
+
     try:
         daemon = Daemon(home)
     except (ConfigError, InvalidKey) as exc:

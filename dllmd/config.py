@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
 import tomli_w
 
 from dllmd.storage import atomic_write
+from dllmd.units import parse_size
 
 DEFAULT_LISTEN = "tcp://0.0.0.0:7740"
 DAEMON_FILE = "daemon.json"  # written by a running daemon: pid, bound endpoint, start time
@@ -79,6 +80,54 @@ def validate_name(name: str) -> str:
     return name
 
 
+def _count(value) -> bool:
+    """A non-negative integer (TOML's true is not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass
+class ResourceLimits:
+    """The ``[limits]`` table: what the machine's owner lets dllm use of it (a home machine is also
+    someone's desktop). Absent or 0: no cap beyond what the machine has."""
+
+    memory: int = 0  # bytes for weights, KV caches and activations, RAM or VRAM; node.toml may say "6GiB"
+    threads: int = 0  # compute threads (torch.set_num_threads); 0: torch's default
+    gpus: list[int] | None = None  # GPU indices the daemon may use; []: CPU only; None: all
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory, str):
+            try:
+                self.memory = parse_size(self.memory)
+            except ValueError as exc:
+                raise ConfigError(f"limits.memory: {exc}") from None
+        if not _count(self.memory):
+            raise ConfigError(f"limits.memory must be a number of bytes or a size such as \"6GiB\", got {self.memory!r}")
+        if not _count(self.threads):
+            raise ConfigError(f"limits.threads must be a non-negative integer, got {self.threads!r}")
+        if self.threads > 4096:
+            raise ConfigError(f"limits.threads must be at most 4096, got {self.threads}")
+        if self.gpus is not None:
+            if not isinstance(self.gpus, list) or not all(_count(i) and i < 1024 for i in self.gpus):
+                raise ConfigError(f"limits.gpus must be a list of GPU indices such as [0, 1] ([] for CPU only), "
+                                  f"got {self.gpus!r}")
+            if len(set(self.gpus)) != len(self.gpus):
+                raise ConfigError(f"limits.gpus lists a GPU more than once: {self.gpus!r}")
+
+    @classmethod
+    def from_toml(cls, data) -> "ResourceLimits":
+        if not isinstance(data, dict):
+            raise ConfigError(f"limits must be a table ([limits]), got {data!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) limits.{', limits.'.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_toml(self) -> dict:
+        """What is set (TOML has no null: an absent ``gpus`` means all of them)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 @dataclass
 class NodeConfig:
     """Everything ``dllmd start`` reads from node.toml. Units are in the field names."""
@@ -93,8 +142,11 @@ class NodeConfig:
     ring_port: int = 0  # the training ring's socket, on the listen host; 0: a free port per job
     allow_plaintext_ring: bool = False  # trusted links only: lets a job ask for an unencrypted ring
     bench_operations: bool = False  # serve the benchmark-only operations (ring.*, dllmctl bench allreduce)
+    limits: ResourceLimits = field(default_factory=ResourceLimits)  # the [limits] table
 
     def __post_init__(self) -> None:
+        if not isinstance(self.limits, ResourceLimits):  # as TOML gives it
+            self.limits = ResourceLimits.from_toml(self.limits)
         validate_name(self.name)
         validate_endpoint(self.listen)
         for f in fields(self):
@@ -131,4 +183,7 @@ class NodeConfig:
             raise ConfigError(f"{path}: {exc}") from None
 
     def save(self, home: Path) -> None:
-        atomic_write(home / "node.toml", tomli_w.dumps(asdict(self)).encode())
+        data = {**asdict(self), "limits": self.limits.to_toml()}
+        if self.limits == ResourceLimits():  # nothing capped: node.toml reads as it did before [limits]
+            del data["limits"]
+        atomic_write(home / "node.toml", tomli_w.dumps(data).encode())

@@ -21,11 +21,53 @@ from dllmd.storage import atomic_write
 CACHE_FILE = "hardware.json"
 MATMUL_SIZE = 1024
 
+# The GPUs node.toml's [limits] lets this process use, as the owner numbers them (None: all of them).
+_allowed_gpus: list[int] | None = None
+
+
+class GpuLimitError(RuntimeError):
+    """[limits] gpus cannot be applied; the message says why."""
+
+
+def restrict_gpus(indices: list[int] | None) -> None:
+    """Let this process compute only on GPUs ``indices`` ([]: CPU only; None: every GPU).
+
+    CUDA reads ``CUDA_VISIBLE_DEVICES`` once, when it starts, and merely importing some libraries
+    (torchao) starts it: so this runs first thing in ``dllmd start``, and :func:`check_gpu_limit`
+    confirms it took. Every later use (spans, training, NCCL) then sees just these GPUs, as
+    ``cuda:0``, ``cuda:1``... An index counts among the GPUs the process would see without the limit
+    (those of a ``CUDA_VISIBLE_DEVICES`` already set, else all)."""
+    global _allowed_gpus
+    if indices is None or _allowed_gpus == indices:
+        return
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = [d.strip() for d in inherited.split(",") if d.strip()] if inherited is not None else None
+    if seen is not None and any(i >= len(seen) for i in indices):
+        raise GpuLimitError(f"limits.gpus = {indices}, but CUDA_VISIBLE_DEVICES={inherited!r} shows only "
+                            f"{len(seen)} GPU(s)")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(seen[i] if seen is not None else str(i) for i in indices)
+    _allowed_gpus = list(indices)
+
+
+def check_gpu_limit(indices: list[int] | None) -> None:
+    """GpuLimitError unless this process sees exactly the GPUs [limits] allows."""
+    if indices is None:
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible > len(indices):
+        raise GpuLimitError(f"limits.gpus = {indices}, but CUDA started before the limit applied and "
+                            f"{visible} GPUs are in use")
+    if visible < len(indices):
+        raise GpuLimitError(f"limits.gpus = {indices}, but only {visible} of those GPUs exist on this machine")
+
 
 def best_device() -> torch.device:
-    """The device a node computes on: CUDA if present, then Apple MPS, else CPU."""
+    """The device a node computes on: CUDA if present, then Apple MPS, else CPU (only the CPU when
+    [limits] gpus is empty)."""
     if torch.cuda.is_available():
         return torch.device("cuda", 0)
+    if _allowed_gpus == []:
+        return torch.device("cpu")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -48,11 +90,14 @@ def return_freed_memory() -> None:
 
 
 def gpus() -> list[dict]:
+    """The GPUs this process may use, each with the index its owner knows it by."""
     out = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
-            out.append({"index": i, "name": torch.cuda.get_device_name(i), "memory_total": total, "memory_free": free})
+            index = _allowed_gpus[i] if _allowed_gpus else i
+            out.append({"index": index, "name": torch.cuda.get_device_name(i), "memory_total": total,
+                        "memory_free": free})
     return out
 
 
@@ -82,12 +127,13 @@ def measure_matmul_gflops(device: torch.device, seconds: float = 0.3) -> float:
     return round(2 * n**3 * count / elapsed / 1e9, 1)
 
 
-def cached_gflops(home: Path) -> float:
+def cached_gflops(home: Path, threads: int = 0) -> float:
     """The matmul rate for this machine, measured on first use and cached in the home. The cache
-    is keyed by what changes the figure (device, torch version, core count)."""
+    is keyed by what changes the figure (device, torch version, core count, and the thread cap of
+    node.toml's [limits] where there is one)."""
     device = best_device()
     key = f"{device.type}:{torch.cuda.get_device_name(0) if device.type == 'cuda' else platform.processor()}:" \
-          f"{torch.__version__}:{os.cpu_count()}"
+          f"{torch.__version__}:{os.cpu_count()}" + (f":threads={threads}" if threads else "")
     path = home / CACHE_FILE
     try:
         cached = json.loads(path.read_text())

@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 import zmq
 
 from dllmd import __version__, hardware
 from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig, bind_host
+from dllmd.inference.memory import MemoryCap
 from dllmd.inference.ops import InferenceService
 from dllmd.inference.tensor_group import GroupChannel
 from dllmd.data.ops import DataOps
@@ -52,7 +54,7 @@ class Daemon:
         self.identity = Identity.load(home / "identity")
         self.keys = AuthorizedKeys(home / "authorized_keys.toml")
         self.keys.refresh()
-        self.limits = Limits(max_header_bytes=self.config.max_header_bytes,
+        self.wire_limits = Limits(max_header_bytes=self.config.max_header_bytes,
                              max_tensor_bytes=self.config.max_message_bytes)
         self.started_at = time.time()
         self.endpoint = ""
@@ -76,10 +78,11 @@ class Daemon:
 
     async def run(self) -> None:
         self._take_lock()
+        self._apply_limits()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        self.gflops = await asyncio.to_thread(hardware.cached_gflops, self.home)
+        self.gflops = await asyncio.to_thread(hardware.cached_gflops, self.home, self.config.limits.threads)
         ctx = zmq.Context()
         auth = KeyTableAuthenticator(ctx, self.keys)
         auth.start()
@@ -91,12 +94,13 @@ class Daemon:
             ctx.destroy(linger=0)
             raise StartupError(f"cannot listen on {self.config.listen}: {exc}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        server = RpcServer(sock, self.keys, self.limits)
+        server = RpcServer(sock, self.keys, self.wire_limits)
         peers = ConnectionPool(self.identity, ctx)
         group_host = bind_host(self.config.listen)
         self.inference = InferenceService(
             peers, self.keys, self._kv_budget(), own_key=self.identity.public_key,
-            group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes))
+            group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes),
+            memory_cap=MemoryCap(self.config.limits.memory))
         self._register(server)
         self.inference.register(server)
         self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
@@ -135,13 +139,26 @@ class Daemon:
                 pass
             log.info("stopped cleanly after serving %d requests", server.requests_served)
 
+    def _apply_limits(self) -> None:
+        """What node.toml's [limits] asks of this process (``dllmd start`` hid the other GPUs before
+        anything could start CUDA; here it is checked). The memory cap is the inference service's."""
+        limits = self.config.limits
+        try:
+            hardware.check_gpu_limit(limits.gpus)
+        except hardware.GpuLimitError as exc:
+            raise StartupError(str(exc)) from None
+        if limits.threads:
+            torch.set_num_threads(limits.threads)
+
     def _kv_budget(self) -> int:
-        """Memory for KV caches: node.toml's budget, else a quarter of what is free now."""
-        if self.config.memory_budget_bytes:
-            return self.config.memory_budget_bytes
-        gpus = hardware.gpus()
-        free = gpus[0]["memory_free"] if gpus else psutil.virtual_memory().available
-        return free // 4
+        """Memory for KV caches: node.toml's budget, else a quarter of what is free now; never more
+        than the owner's cap."""
+        budget = self.config.memory_budget_bytes
+        if not budget:
+            gpus = hardware.gpus()
+            budget = (gpus[0]["memory_free"] if gpus else psutil.virtual_memory().available) // 4
+        cap = self.config.limits.memory
+        return min(budget, cap) if cap else budget
 
     # --- operations ---------------------------------------------------------------------------
 
@@ -161,13 +178,16 @@ class Daemon:
 
     async def _info(self, call: Call) -> M.Info:
         snapshot = await asyncio.to_thread(hardware.snapshot, self.home, self.gflops)
+        limits = self.config.limits
         return M.Info(
             node_id=self.identity.node_id, name=self.config.name, public_key=self.identity.public_key,
             version=__version__, protocol_version=PROTOCOL_VERSION, role=call.caller.role.value,
             endpoint=self.endpoint, uptime_s=round(time.time() - self.started_at, 3),
             rss_bytes=psutil.Process().memory_info().rss,
             hardware=M.Hardware(**{**snapshot, "gpus": [M.Gpu(**g) for g in snapshot["gpus"]]}),
-            serving=self.inference.serving(), kv_budget_bytes=self.inference.sessions.memory_budget_bytes)
+            serving=self.inference.serving(), kv_budget_bytes=self.inference.sessions.memory_budget_bytes,
+            limits=M.NodeLimits(memory_bytes=limits.memory, threads=limits.threads, gpus=limits.gpus),
+            memory_used_bytes=self.inference.memory_used_bytes())
 
     async def _keys_list(self, call: Call) -> M.KeyList:
         return M.KeyList([M.KeyEntry(k.public_key, k.role.value, k.name) for k in self.keys.all()])

@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import queue
-import re
 import socket
 import statistics
 import subprocess
@@ -37,15 +36,13 @@ from typing import Callable
 
 from dllmctl.cluster import local as local_cluster
 from dllmctl.cluster.registry import Registry
+from dllmd import units
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
 
 TARGET_ENCRYPTED = 0.5
 TARGET_PLAINTEXT = 0.9
 MAX_BYTES = 2 * 1024**3  # ring.run takes up to 512M float32 elements
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-         "k": 2**10, "m": 2**20, "g": 2**30}
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 class BenchError(RuntimeError):
@@ -55,11 +52,10 @@ class BenchError(RuntimeError):
 def parse_size(text: str, option: str = "--size", lo: int = 4, hi: int = MAX_BYTES) -> int:
     """``64MB`` (10^6), ``512KiB`` (2^10), ``1GB``, ``4M`` (2^20, as nccl-tests), ``4096``: bytes,
     a multiple of 4 (float32 elements) between ``lo`` and ``hi``."""
-    match = SIZE.match(text or "")
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in UNITS:
-        raise ValueError(f"{option} takes a size like 64MB, 512KiB or 1GB, not {text!r}")
-    size = int(float(match.group(1)) * UNITS[unit])
+    try:
+        size = units.parse_size(text)
+    except ValueError:
+        raise ValueError(f"{option} takes a size like 64MB, 512KiB or 1GB, not {text!r}") from None
     if size < lo or size > hi:
         raise ValueError(f"{option} must be between {lo:,} and {hi:,} bytes, got {text!r} ({size:,} bytes)")
     if size % 4:

@@ -130,13 +130,22 @@ def serving_summary(serving: list[dict]) -> str:
     return "; ".join(f"{s.get('model')} [{s.get('start')}-{s.get('end')})" for s in serving)
 
 
+def memory_summary(row: dict) -> str:
+    """What dllm holds on the node (weights and reserved KV caches) against its owner's cap."""
+    if row["status"] != "up":
+        return "-"
+    cap = (row.get("limits") or {}).get("memory_bytes", 0)
+    used = human_bytes(row.get("memory_used_bytes") or 0)
+    return f"{used} of {human_bytes(cap)} cap" if cap else f"{used}, no cap"
+
+
 def print_nodes(rows: list[dict]) -> None:
-    table = Table("name", "id", "address", "status", "latency ms", "hardware", "serving")
+    table = Table("name", "id", "address", "status", "latency ms", "hardware", "dllm memory", "serving")
     for r in rows:
         style = STATUS_STYLE.get(r["status"], "")
         table.add_row(r["name"], r["id"], r["address"], f"[{style}]{r['status']}[/{style}]",
                       "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
-                      hardware_summary(r["hardware"]), serving_summary(r["serving"]))
+                      hardware_summary(r["hardware"]), memory_summary(r), serving_summary(r["serving"]))
     out.print(table)
 
 

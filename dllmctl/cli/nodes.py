@@ -93,14 +93,13 @@ def list_nodes(
     """Every registered node, asked live: status, latency, hardware, what it serves."""
     import asyncio
 
-    from dllmctl.cluster.live import query_nodes
+    from dllmctl.cluster.live import LISTED_FIELDS, query_nodes
 
     registry = load_registry()
     user = load_user()
     rows = asyncio.run(query_nodes(user, registry.select(None), timeout))
     if as_json:
-        print_json([{k: r[k] for k in ("name", "id", "address", "status", "latency_ms", "hardware", "serving", "error")}
-                    for r in rows])
+        print_json([{k: r[k] for k in LISTED_FIELDS} for r in rows])
         return
     if not rows:
         out.print("no nodes registered; add one with 'dllmctl nodes add' or start a local cluster with 'dllmctl cluster up --local 3'")

@@ -14,6 +14,10 @@ from dllmd.net.messages.node import INFO, PING
 from dllmd.net.schema import to_wire
 from dllmctl.cluster.registry import NodeEntry
 
+# What 'nodes list --json' (and the MCP server's llm://nodes) show of each row, in this order.
+LISTED_FIELDS = ("name", "id", "address", "status", "latency_ms", "hardware", "limits", "memory_used_bytes",
+                 "serving", "error")
+
 STATUS_UP, STATUS_DOWN, STATUS_UNAUTHORIZED, STATUS_KEY_MISMATCH, STATUS_ERROR = (
     "up", "down", "unauthorized", "key-mismatch", "error")
 
@@ -31,7 +35,8 @@ def status_of(error: CallError) -> str:
 async def query_node(identity: Identity, entry: NodeEntry, timeout: float, ctx: zmq.Context) -> dict[str, Any]:
     """One node's row for ``nodes list``: always returns, whatever the node does."""
     row: dict[str, Any] = {"name": entry.name, "id": entry.node_id, "address": entry.address, "status": STATUS_DOWN,
-                           "latency_ms": None, "hardware": None, "serving": [], "error": None}
+                           "latency_ms": None, "hardware": None, "limits": None, "memory_used_bytes": None,
+                           "serving": [], "error": None}
     async with RpcClient(identity, entry.address, entry.public_key, ctx=ctx) as client:
         try:
             # Connect and authenticate first so latency measures one round trip, not the handshake.
@@ -48,7 +53,8 @@ async def query_node(identity: Identity, entry: NodeEntry, timeout: float, ctx: 
             return row
     # Rows stay plain maps (they are what 'nodes list --json' prints), built from the checked reply.
     row.update(status=STATUS_UP, hardware=to_wire(info.hardware), serving=[to_wire(s) for s in info.serving],
-               version=info.version, role=info.role, rss_bytes=info.rss_bytes, kv_budget_bytes=info.kv_budget_bytes)
+               version=info.version, role=info.role, rss_bytes=info.rss_bytes, kv_budget_bytes=info.kv_budget_bytes,
+               limits=to_wire(info.limits), memory_used_bytes=info.memory_used_bytes)
     return row
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
 from dllmctl.cluster.registry import NodeEntry
-from dllmctl.cluster.live import query_nodes
+from dllmctl.cluster.live import LISTED_FIELDS, query_nodes
 from dllmctl.placement.coverage import layer_coverage, uncovered
 from dllmctl.data.records import DatasetRecords
 from dllmctl.models import local_store
@@ -29,8 +29,7 @@ SPAN_FIGURES = ("model", "start", "end", "dtype", "step_ms", "passes", "tokens",
 async def nodes_view(user: Identity, nodes: list[NodeEntry]) -> list[dict]:
     """Every registered node asked now: what ``dllmctl nodes list --json`` prints."""
     rows = await query_nodes(user, nodes, NODE_TIMEOUT_S)
-    return [{k: r.get(k) for k in ("name", "id", "address", "status", "latency_ms", "hardware", "serving", "error")}
-            for r in rows]
+    return [{k: r.get(k) for k in LISTED_FIELDS} for r in rows]
 
 
 async def models_view(user: Identity, nodes: list[NodeEntry]) -> list[dict]:

@@ -14,7 +14,8 @@ from dllmd.net.identity import Identity
 from dllmctl.cluster.live import query_nodes
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.models.deploy import Progress, deploy, deploy_span, undeploy
-from dllmctl.placement.capacity import capacities_for, current_replicas, live_spans, node_capacities, unload_first
+from dllmctl.placement.capacity import (capacities_for, capped_note, current_replicas, live_spans, node_capacities,
+                                        unload_first)
 from dllmctl.placement.groups import plan_groups
 from dllmctl.placement.layout import Layout, ModelShape, PlanError, Span
 from dllmctl.placement.planner import plan_layout
@@ -22,9 +23,10 @@ from dllmctl.placement.tensor import TensorShape
 from dllmctl.placement.rebalance import Rebalance, plan_rebalance
 
 
-def _down_note(rows: list[dict]) -> str:
+def _refusal_note(rows: list[dict]) -> str:
+    """What a refused plan should also say: the nodes that are down, and the caps of those up."""
     down = [r["name"] for r in rows if r["status"] != "up"]
-    return f" (down: {', '.join(down)})" if down else ""
+    return capped_note(rows) + (f" (down: {', '.join(down)})" if down else "")
 
 
 def _no_node_up() -> PlanError:
@@ -40,7 +42,7 @@ async def plan_on_live_nodes(user: Identity, entries: list[NodeEntry], manifest:
     try:
         return plan_layout(ModelShape.from_manifest(manifest), capacities, replicas=replicas)
     except PlanError as exc:
-        raise PlanError(str(exc) + _down_note(rows)) from None
+        raise PlanError(str(exc) + _refusal_note(rows)) from None
 
 
 def tensor_shape(model_dir: Path, manifest: Manifest) -> TensorShape:
@@ -71,7 +73,7 @@ async def plan_groups_on_live_nodes(user: Identity, entries: list[NodeEntry], mo
     except PlanError as exc:
         held = (f"; {', '.join(holding)} already serve {manifest.name} in another layout (a new one never replaces "
                 f"it: 'dllmctl undeploy {manifest.name}' first, or add nodes)") if holding else ""
-        raise PlanError(str(exc) + held + _down_note(rows)) from None
+        raise PlanError(str(exc) + held + _refusal_note(rows)) from None
 
 
 async def deploy_parallel_layout(user: Identity, entries: list[NodeEntry], model_dir: Path, manifest: Manifest,
@@ -104,7 +106,7 @@ async def rebalance_on_live_nodes(user: Identity, entries: list[NodeEntry], mani
     try:
         result = plan_rebalance(shape, capacities, current, replicas or current_replicas(shape, current))
     except PlanError as exc:
-        raise PlanError(str(exc) + _down_note(rows)) from None
+        raise PlanError(str(exc) + _refusal_note(rows)) from None
     return LiveRebalance(result, rows)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
+from dllmd.units import mib
 from dllmctl.placement.coverage import layer_coverage
 from dllmctl.placement.layout import ModelShape, NodeCapacity, Span, span_bytes
 from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION
@@ -15,15 +16,31 @@ from dllmctl.placement.rebalance import Rebalance
 
 
 def node_capacities(rows: list[dict]) -> list[NodeCapacity]:
-    """What each live node can offer: free VRAM if it computes on a GPU, else available RAM."""
-    capacities = []
-    for row in rows:
-        if row["status"] != "up":
-            continue
-        hw = row["hardware"]
-        free = hw["gpus"][0]["memory_free"] if hw.get("gpus") else hw["ram_available"]
-        capacities.append(NodeCapacity(name=row["name"], free_memory_bytes=int(free), gflops=float(hw["matmul_gflops"])))
-    return capacities
+    """What each live node can offer (:func:`offered_memory`) at its measured speed."""
+    return [NodeCapacity(name=row["name"], free_memory_bytes=offered_memory(row),
+                         gflops=float(row["hardware"]["matmul_gflops"]))
+            for row in rows if row["status"] == "up"]
+
+
+def offered_memory(row: dict) -> int:
+    """Free VRAM if the node computes on a GPU, else available RAM; no more than its owner's cap
+    (node.toml's [limits] memory) leaves beside what dllm already holds there."""
+    hw = row["hardware"]
+    free = int(hw["gpus"][0]["memory_free"] if hw.get("gpus") else hw["ram_available"])
+    cap = memory_cap(row)
+    return min(free, max(cap - (row.get("memory_used_bytes") or 0), 0)) if cap else free
+
+
+def memory_cap(row: dict) -> int:
+    """The node's memory cap in bytes (0: none, as from nodes that predate [limits])."""
+    return (row.get("limits") or {}).get("memory_bytes", 0)
+
+
+def capped_note(rows: list[dict]) -> str:
+    """For a plan that does not fit: the live nodes whose owners cap what dllm may use there."""
+    capped = [f"{r['name']} at {mib(memory_cap(r))} ({mib(r.get('memory_used_bytes') or 0)} in use)"
+              for r in rows if r["status"] == "up" and memory_cap(r)]
+    return f" (capped by their owners, [limits] memory in node.toml: {', '.join(capped)})" if capped else ""
 
 
 def capacities_for(rows: list[dict], model: str) -> list[NodeCapacity]:

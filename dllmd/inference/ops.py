@@ -25,9 +25,10 @@ import torch
 from dllmd import hardware
 from dllmd.config import validate_endpoint
 from dllmd.inference.forwarding import Forwarder, Onward
+from dllmd.inference.memory import MemoryCap, NoRoom
 from dllmd.inference.sampling import sample_next
 from dllmd.inference.scheduler import PendingStep, StepScheduler, admit
-from dllmd.inference.sessions import DETACHED, NextHop, NoRoom, Session, SessionTable
+from dllmd.inference.sessions import DETACHED, NextHop, Session, SessionTable
 from dllmd.inference.tensor_group import GroupChannel, GroupError, GroupMember, PassSpec, TensorGroup
 from dllmd.models.span import LayerSpan
 from dllmd.net.codec import CodecError, HopCodec, decode, parts_of
@@ -78,12 +79,15 @@ class LoadedSpan:
 
 class InferenceService:
     def __init__(self, peers: ConnectionPool, keys: AuthorizedKeys, memory_budget_bytes: int,
-                 group_channel: Callable[[], GroupChannel] | None = None, own_key: str = ""):
+                 group_channel: Callable[[], GroupChannel] | None = None, own_key: str = "",
+                 memory_cap: MemoryCap = MemoryCap()):
         self.keys = keys
         self.own_key = own_key  # this node's Ed25519 public key (hex): its entry in a group's member list
         self.group_channel = group_channel  # opens a tensor-parallel member's sockets
         self.spans: dict[str, LoadedSpan] = {}
-        self.sessions = SessionTable(memory_budget_bytes)
+        self.cap = memory_cap
+        self._loading_bytes = 0  # weights of spans being built: they count against the cap already
+        self.sessions = SessionTable(memory_budget_bytes, cap=memory_cap, weights_bytes=self.weights_bytes)
         self.scheduler = StepScheduler()
         self.forwarder = Forwarder(peers, lambda pending, why: self._end(pending.session,
                                                                          ErrorCode.NEXT_HOP_UNREACHABLE, why))
@@ -122,12 +126,35 @@ class InferenceService:
         return [loaded.describe(self.sessions.for_model(name), self.scheduler.queued_for(name))
                 for name, loaded in self.spans.items()]
 
-    async def load(self, model: str, build: Callable[[], LayerSpan]) -> LoadedSpan:
+    def weights_bytes(self) -> int:
+        """Weights this node holds and is loading."""
+        return sum(loaded.param_bytes for loaded in self.spans.values()) + self._loading_bytes
+
+    def memory_used_bytes(self) -> int:
+        """What counts against the owner's cap: weights held and loading, KV caches reserved."""
+        return self.weights_bytes() + self.sessions.reserved_bytes()
+
+    async def load(self, model: str, build: Callable[[], LayerSpan], expected_bytes: int = 0) -> LoadedSpan:
         """Build a span on the compute thread and serve it (replacing this model's previous span). A
-        tensor-parallel slice also opens its group socket; it serves once ``group.connect`` links it."""
-        span = await asyncio.get_running_loop().run_in_executor(self.compute, build)
+        tensor-parallel slice also opens its group socket; it serves once ``group.connect`` links it.
+
+        NoRoom if the span's weights do not fit the owner's cap beside what is held (the previous span
+        too: it is dropped only once the new one is built): first by ``expected_bytes``, before
+        anything is read, then by what the built span holds."""
+        self.cap.check("its weights", expected_bytes, self.memory_used_bytes())
+        self._loading_bytes += expected_bytes
+        try:
+            span = await asyncio.get_running_loop().run_in_executor(self.compute, build)
+        finally:
+            self._loading_bytes -= expected_bytes
         hardware.return_freed_memory()
         param_bytes = span.weight_bytes
+        try:
+            self.cap.check("its weights", param_bytes, self.memory_used_bytes())
+        except NoRoom:
+            del span  # its memory goes back now, not whenever the refusal's traceback is collected
+            hardware.return_freed_memory()
+            raise
         group = None
         if span.tensor_slice is not None:
             if self.group_channel is None:

@@ -3,15 +3,18 @@ to the client, and the cache memory reserved for it.
 
 Memory is reserved when a session opens, never discovered mid-generation: the client says how many
 positions the session will hold at most (prompt + new tokens), the stage reserves that many
-positions times its layers' KV bytes, and an open that does not fit the budget is refused with the
-numbers. Sessions expire after a TTL without use, so abandoned ones can never pin a node's memory.
+positions times its layers' KV bytes, and an open that does not fit the budget (nor, with the
+weights, the owner's cap: :mod:`.memory`) is refused with the numbers. Sessions expire after a TTL
+without use, so abandoned ones can never pin a node's memory.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
+from dllmd.inference.memory import MemoryCap, NoRoom
 from dllmd.models.span import SpanCache
 from dllmd.net.codec import HopCodec
 from dllmd.net.messages.inference import SamplingParams
@@ -63,14 +66,16 @@ class Session:
         return now - self.last_used > self.ttl_s
 
 
-class NoRoom(Exception):
-    """A session cannot be opened: the sessions or the memory it would reserve exceed the budget."""
-
-
 class SessionTable:
-    def __init__(self, memory_budget_bytes: int, max_sessions: int = 1024):
+    """The sessions at this stage. ``weights_bytes`` says what the node's weights hold, which counts
+    with the reservations against the owner's ``cap``."""
+
+    def __init__(self, memory_budget_bytes: int, max_sessions: int = 1024, cap: MemoryCap = MemoryCap(),
+                 weights_bytes: Callable[[], int] = lambda: 0):
         self.memory_budget_bytes = memory_budget_bytes
         self.max_sessions = max_sessions
+        self.cap = cap
+        self.weights_bytes = weights_bytes
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -95,6 +100,7 @@ class SessionTable:
             raise NoRoom(f"the session's KV cache needs {reserve_bytes / 2**20:.1f} MiB, but only "
                          f"{max(self.memory_budget_bytes - reserved, 0) / 2**20:.1f} MiB of this node's "
                          f"{self.memory_budget_bytes / 2**20:.1f} MiB budget is unreserved")
+        self.cap.check("the session's KV cache", reserve_bytes, self.weights_bytes() + reserved)
 
     def add(self, session: Session) -> None:
         self.check_room(session.reserved_bytes)

@@ -16,11 +16,12 @@ import psutil
 from transformers import AutoConfig
 
 from dllmd.hardware import best_device
+from dllmd.inference.memory import NoRoom
 from dllmd.inference.ops import InferenceService
 from dllmd.models.dtypes import WEIGHT_DTYPES, torch_dtype
 from dllmd.models.families import UnsupportedFamily
 from dllmd.models.received import ReceivedModels
-from dllmd.models.span import LayerSpan
+from dllmd.models.span import LayerSpan, expected_weight_bytes
 from dllmd.models.store import ModelNotFound, ModelStoreError
 from dllmd.net.chunked import receive_chunk
 from dllmd.net.keys import AuthorizedKeys, Role
@@ -88,9 +89,15 @@ class ModelOps:
                              device=device, tensor_slice=a.tensor_slice)
 
         try:
-            served = await self.inference.load(a.model, build)
+            expected = await asyncio.to_thread(
+                expected_weight_bytes, config, a.start, a.end, embed=a.embed, head=a.head, dtype=dtype,
+                tensor_slice=a.tensor_slice, quantized=manifest.quantization is not None)
+            served = await self.inference.load(a.model, build, expected)
         except (ValueError, UnsupportedFamily) as exc:  # ModelStoreError and SpanLoadError are ValueErrors
             raise HandlerError(ErrorCode.BAD_ARGS, f"cannot load layers [{a.start}, {a.end}) of {a.model}: {exc}") from None
+        except NoRoom as exc:
+            raise HandlerError(ErrorCode.NO_MEMORY, f"cannot load layers [{a.start}, {a.end}) of {a.model}: {exc}; "
+                                                    f"plan it over more nodes") from None
         return M.Loaded(span=served.describe(), device=str(device), rss_bytes=psutil.Process().memory_info().rss)
 
     async def _unload(self, call: Call) -> M.Unloaded:

@@ -97,6 +97,26 @@ def projection_weight_names(config, start: int, end: int) -> list[str]:
             if isinstance(module, nn.Linear)]
 
 
+def expected_weight_bytes(config, start: int, end: int, *, embed: bool, head: bool, dtype: torch.dtype,
+                          tensor_slice: TensorSlice | None = None, quantized: bool = False) -> int:
+    """Bytes a span's weights will hold once loaded in ``dtype``, from its modules' shapes alone (built
+    on the meta device, nothing read): what a node checks against its memory cap before it reads a
+    tensor. Exact for full-precision weights (as :attr:`LayerSpan.weight_bytes` counts them); the
+    packed size of ``quantized`` projections is known only from their stored parts, so they are left
+    out and the figure is a floor."""
+    _check_span(config, start, end, embed, head)
+    if tensor_slice is not None:
+        check_slice(config, tensor_slice, embed, head)
+        config = sliced_config(config, tensor_slice)
+    modules = _skeleton(config, adapter_for(config), start, end, embed, head)
+    skipped = {f"layers.{path}.weight" for path, module in modules.layers.named_modules()
+               if quantized and isinstance(module, nn.Linear)}
+    if embed and head and getattr(config, "tie_word_embeddings", False):
+        skipped.add("lm_head.weight")  # the embedding matrix, held once
+    elements = sum(p.numel() for name, p in modules.named_parameters() if name not in skipped)
+    return elements * torch.empty((), dtype=dtype).element_size()
+
+
 class SpanCache:
     """One session's KV cache for one span's layers, addressed by absolute layer index.
 
@@ -272,9 +292,11 @@ class LayerSpan(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights as held: parameters, and quantized projections in their packed form."""
+        """Bytes of the weights as held: parameters (a matrix two of them share, as a tied embedding
+        and head in one span do, counted once), and quantized projections in their packed form."""
         packed = sum(m.nbytes for m in self.modules() if isinstance(m, QuantizedLinear))
-        return packed + sum(p.numel() * p.element_size() for p in self.parameters())
+        held = {(p.data_ptr(), p.numel(), p.dtype): p.numel() * p.element_size() for p in self.parameters()}
+        return packed + sum(held.values())
 
     @property
     def layer_indices(self) -> range:

@@ -64,7 +64,9 @@ class ErrorCode:
     # Inference: conditions a client fails over on (another replica may serve the session).
     SESSION_EXPIRED = "expired"  # the stage dropped the session after its TTL without use
     NEXT_HOP_UNREACHABLE = "next_hop_unreachable"  # this stage is fine; the next one did not take the push
-    NO_MEMORY = "no_memory"  # the session's KV cache does not fit what this node may still reserve
+    # The session's KV cache does not fit what this node may still reserve, or (span.load) the span's
+    # weights do not fit the cap its owner set in node.toml.
+    NO_MEMORY = "no_memory"
 
 
 class WireError(Exception):

@@ -66,6 +66,15 @@ class ServedSpan:
 
 
 @dataclass
+class NodeLimits:
+    """What the machine's owner lets dllm use of it (node.toml's ``[limits]``; 0 or None: no cap)."""
+
+    memory_bytes: int = 0  # weights + KV caches + activations, RAM or VRAM
+    threads: int = 0  # compute threads; 0: torch's default
+    gpus: list[int] | None = None  # the GPUs it may use; []: CPU only; None: all
+
+
+@dataclass
 class Info:
     node_id: str
     name: str
@@ -79,6 +88,8 @@ class Info:
     hardware: Hardware
     serving: list[ServedSpan] = field(default_factory=list)
     kv_budget_bytes: int = 0  # what this node lets sessions' KV caches reserve in all
+    limits: NodeLimits = field(default_factory=NodeLimits)
+    memory_used_bytes: int = 0  # weights held and loading + KV caches reserved: what limits.memory_bytes caps
 
 
 @dataclass
