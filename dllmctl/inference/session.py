@@ -89,6 +89,7 @@ class DistributedSession:
         self.id = secrets.token_hex(16)
         self.clients = [pool.get(stage.node.address, stage.node.public_key) for stage in route]
         self.streams: list[ReplyStream | None] = [None] * len(route)
+        self._arrivals: asyncio.Queue[int] = asyncio.Queue()  # which stream has a reply waiting
         self.position = 0  # tokens the stages hold in their caches
 
     async def __aenter__(self) -> "DistributedSession":
@@ -111,6 +112,7 @@ class DistributedSession:
         try:
             stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), timeout=OPEN_TIMEOUT_S)
             self.streams[index] = stream
+            stream.watch(lambda: self._arrivals.put_nowait(index))
             opened = await stream.next(timeout=OPEN_TIMEOUT_S)
             parse_reply(Opened, opened.result)
         except CallError as exc:
@@ -170,26 +172,30 @@ class DistributedSession:
                 return reply.result, logits
 
     async def _next_from_last(self, timeout: float):
-        """The last stage's next reply, while any other stage may report a failure on its own stream."""
-        last = asyncio.ensure_future(self.streams[-1].next(timeout=timeout))
-        watchers = [asyncio.ensure_future(s.next(timeout=timeout + 1)) for s in self.streams[:-1]]
-        try:
-            done, _ = await asyncio.wait([last, *watchers], return_when=asyncio.FIRST_COMPLETED)
-            for index, task in enumerate([*watchers, last]):
-                if task in done and task.exception() is not None:
-                    exc = task.exception()
-                    stage = index if task is not last else len(self.route) - 1
-                    if isinstance(exc, CallError):
-                        raise self._failure(stage, exc) from exc
-                    raise exc
-            if last not in done:
+        """The last stage's next reply, while any other stage may report a failure on its own stream.
+
+        Every stream signals its arrivals on one queue (``ReplyStream.watch``), so a step waits once:
+        not on a task per stage, created and cancelled again for every token."""
+        last = len(self.streams) - 1
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                index = await asyncio.wait_for(self._arrivals.get(), max(remaining, 0))
+            except TimeoutError:
+                node = self.route[last].node
+                raise self._failure(last, CallTimeout(f"{node.address} sent nothing for {timeout:g}s")) from None
+            stream = self.streams[index]
+            if not stream.ready():
+                continue  # a signal for a reply already taken
+            try:
+                reply = stream.take()
+            except CallError as exc:
+                raise self._failure(index, exc) from exc
+            if index != last:
                 # Another stage's stream sent something other than an error: none ever does.
                 raise StageFailure("a stage sent an unexpected reply", [s.node.name for s in self.route])
-            return last.result()
-        finally:
-            for task in [last, *watchers]:
-                if not task.done():
-                    task.cancel()
+            return reply
 
     async def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int],
                        on_token: Callable[[int], None] = lambda _: None, result: Generation | None = None) -> Generation:

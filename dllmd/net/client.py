@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -90,7 +90,7 @@ class RpcClient:
         )
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
-        self._streams: dict[int, asyncio.Queue[Reply | CallError]] = {}
+        self._streams: dict[int, _Inbox] = {}
         self.connected = asyncio.Event()
         self.handshake_ok = False
         self.lost = False  # the connection was up and dropped, and has not come back yet
@@ -105,8 +105,8 @@ class RpcClient:
         self.close()
 
     def close(self) -> None:
-        for queue in self._streams.values():
-            queue.put_nowait(NodeUnreachable(f"connection to {self.address} closed"))
+        for inbox in self._streams.values():
+            inbox.put(NodeUnreachable(f"connection to {self.address} closed"))
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(NodeUnreachable(f"connection to {self.address} closed"))
@@ -139,16 +139,16 @@ class RpcClient:
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(lost)
-            for queue in self._streams.values():
-                queue.put_nowait(lost)
+            for inbox in self._streams.values():
+                inbox.put(lost)
 
     def _fail_all(self, error: CallError) -> None:
         self.failure = error
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(error)
-        for queue in self._streams.values():
-            queue.put_nowait(error)
+        for inbox in self._streams.values():
+            inbox.put(error)
 
     def _on_reply(self, frames: list) -> None:
         try:
@@ -156,9 +156,9 @@ class RpcClient:
         except WireError as exc:
             log.warning("dropping malformed reply from %s: %s", self.address, exc.message)
             return
-        queue = self._streams.get(reply.id)
-        if queue is not None:
-            queue.put_nowait(reply)
+        inbox = self._streams.get(reply.id)
+        if inbox is not None:
+            inbox.put(reply)
             return
         fut = self._pending.pop(reply.id, None)
         if fut is not None and not fut.done():
@@ -244,8 +244,7 @@ class RpcClient:
                           timeout: float = 10.0) -> "ReplyStream":
         """Send a request whose replies arrive as a stream (until one without ``more``)."""
         request_id = next(self._ids)
-        queue: asyncio.Queue[Reply | CallError] = asyncio.Queue()
-        self._streams[request_id] = queue
+        inbox = self._streams[request_id] = _Inbox()
         frames = encode_request(Request(id=request_id, op=op, args=args or {}, tensors=list(tensors)))
         try:
             await self._send(frames, self.loop.time() + timeout)
@@ -254,24 +253,54 @@ class RpcClient:
             if isinstance(exc, CallError):
                 raise
             raise self.failure or NodeUnreachable(f"no connection to {self.address} within {timeout:g}s") from None
-        return ReplyStream(self, request_id, queue)
+        return ReplyStream(self, request_id, inbox)
+
+
+class _Inbox:
+    """Where one stream's replies wait; its watcher, if any, hears of each arrival."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue[Reply | CallError] = asyncio.Queue()
+        self.watcher: Callable[[], None] | None = None
+
+    def put(self, item: Reply | CallError) -> None:
+        self.queue.put_nowait(item)
+        if self.watcher is not None:
+            self.watcher()
 
 
 class ReplyStream:
     """Replies to one streaming request, in order. ``next()`` raises RemoteError for an error
     reply, the connection's CallError if it failed, and CallTimeout when nothing came in time."""
 
-    def __init__(self, client: RpcClient, request_id: int, queue: asyncio.Queue):
-        self.client, self.request_id, self._queue = client, request_id, queue
+    def __init__(self, client: RpcClient, request_id: int, inbox: _Inbox):
+        self.client, self.request_id, self._inbox = client, request_id, inbox
         self.finished = False
 
     async def next(self, timeout: float) -> Reply:
         if self.finished:
             raise RemoteError("closed", "the stream has ended")
         try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
+            item = await asyncio.wait_for(self._inbox.queue.get(), timeout)
         except TimeoutError:
             raise CallTimeout(f"{self.client.address} sent nothing for {timeout:g}s") from None
+        return self._unwrap(item)
+
+    def watch(self, arrived: Callable[[], None]) -> None:
+        """Call ``arrived`` whenever a reply (or the connection's failure) comes in: a caller waiting
+        on several streams waits once, on its own signal, instead of on a task per stream."""
+        self._inbox.watcher = arrived
+
+    def ready(self) -> bool:
+        return not self.finished and not self._inbox.queue.empty()
+
+    def take(self) -> Reply:
+        """The reply that has arrived (see ``ready``), without waiting."""
+        if self.finished:
+            raise RemoteError("closed", "the stream has ended")
+        return self._unwrap(self._inbox.queue.get_nowait())
+
+    def _unwrap(self, item: Reply | CallError) -> Reply:
         if isinstance(item, CallError):
             self.close()
             raise item
