@@ -124,6 +124,26 @@ def test_a_prefill_chunk_runs_alone_and_keeps_its_session_in_order():
     assert taken(scheduler) == [("b", 1), ("a", 1)]
 
 
+def test_prefill_chunks_of_different_sessions_share_a_pass_within_the_token_budget():
+    from dllmd.inference.scheduler import MAX_PACKED_TOKENS
+
+    a, b, c, d, lone = session("a"), session("b"), session("c"), session("d"), session("lone", batching=False)
+    scheduler = StepScheduler()
+    for step in (pending(a, 128), pending(b), pending(c, 40), pending(a, 128), pending(lone, 30),
+                 pending(d, MAX_PACKED_TOKENS)):
+        scheduler.add(step)
+
+    def packed():
+        return [(p.session.id, p.tokens) for p in scheduler.take(lambda s: True, packable=lambda s: True)]
+
+    # a's second chunk waits for its first; d's chunk would pass the budget; lone runs alone; b decodes apart.
+    assert packed() == [("a", 128), ("c", 40)]
+    assert packed() == [("b", 1)]
+    assert packed() == [("a", 128)]
+    assert packed() == [("lone", 30)]
+    assert packed() == [("d", MAX_PACKED_TOKENS)]  # a first step always fits
+
+
 def test_a_decode_step_queued_behind_a_prefill_of_its_session_waits():
     a, b = session("a"), session("b")
     scheduler = StepScheduler()

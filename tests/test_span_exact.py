@@ -355,6 +355,34 @@ def test_batched_decode_of_sessions_at_different_lengths_matches_each_alone(tiny
             assert (g[0, -1] - e[0, -1]).abs().max().item() <= LOGITS_TOLERANCE
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_prefill_of_sessions_at_different_lengths_matches_each_alone(tiny_models, family):
+    """Prefill chunks of several sessions (caches empty, short, past the sliding window) as one packed
+    pass give each session the outputs and the cache its lone step gives: the next decode agrees too."""
+    model_dir, model = tiny_models[family]
+    config = model.config
+    span = build_chain(config, model_dir, [0, config.num_hidden_layers])[0]
+    histories = [prompt(model, length, seed=length) if length else [] for length in (0, 3, LONG_PROMPT)]
+    chunks = [prompt(model, length, seed=10 + length) for length in (LONG_PROMPT, 5, 1)]
+
+    def primed(history):
+        cache = span.new_cache()
+        if history:
+            span(torch.tensor([history]), torch.arange(len(history))[None], cache)
+        return cache
+
+    lone_caches, packed_caches = [primed(h) for h in histories], [primed(h) for h in histories]
+    alone = [span(torch.tensor([c]), torch.arange(cache.length, cache.length + len(c))[None], cache, 0)
+             for c, cache in zip(chunks, lone_caches)]
+    packed = span.forward_packed([torch.tensor([c]) for c in chunks], packed_caches, [0, 0, 0])
+    for got, expected in zip(packed, alone):
+        assert got.shape == expected.shape and (got - expected).abs().max().item() <= LOGITS_TOLERANCE
+    following = torch.tensor([[5], [6], [7]])
+    assert torch.allclose(span.forward_batch(following, packed_caches), span.forward_batch(following, lone_caches),
+                          atol=LOGITS_TOLERANCE, rtol=0)
+    assert [c.length for c in packed_caches] == [c.length for c in lone_caches]
+
+
 def test_a_batch_refuses_one_session_twice(tiny_models):
     model_dir, model = tiny_models["llama"]
     span = build_chain(model.config, model_dir, [0, model.config.num_hidden_layers])[0]

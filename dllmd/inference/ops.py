@@ -437,7 +437,7 @@ class InferenceService:
     async def _run_passes(self) -> None:
         while True:
             await self.scheduler.ready.wait()
-            batch = self.scheduler.take(self._live)
+            batch = self.scheduler.take(self._live, self._packable)
             if not batch:
                 continue
             try:
@@ -446,6 +446,10 @@ class InferenceService:
                 log.exception("a pass of %d step(s) failed", len(batch))
                 for pending in batch:
                     self._end(pending.session, ErrorCode.INTERNAL, "this stage failed internally; see its log")
+
+    def _packable(self, session: Session) -> bool:
+        loaded = self.spans.get(session.model)
+        return loaded is not None and loaded.group is None and loaded.span.packable
 
     async def _run_pass(self, batch: list[PendingStep]) -> None:
         loaded = self.spans.get(batch[0].session.model)
@@ -467,7 +471,8 @@ class InferenceService:
                 self._end(pending.session, ErrorCode.BAD_ARGS,
                           f"layers [{loaded.span.start}, {loaded.span.end}) failed: {exc}")
             return
-        self._account(loaded, "one" if len(batch) == 1 else "batch", sum(p.tokens for p in batch), compute_ms)
+        mode = "one" if len(batch) == 1 else "batch" if all(p.tokens == 1 for p in batch) else "packed"
+        self._account(loaded, mode, sum(p.tokens for p in batch), compute_ms)
         self._deliver(batch, outputs, compute_ms)
 
     @staticmethod
@@ -488,7 +493,10 @@ class InferenceService:
         leader runs it on every member of its group."""
         started = time.perf_counter()
         spec = pass_spec(batch, loaded.span.head)
-        inputs = batch[0].inputs if len(batch) == 1 else torch.cat([p.inputs for p in batch], dim=0)
+        if spec.mode == "packed":
+            inputs = [p.inputs for p in batch]
+        else:
+            inputs = batch[0].inputs if len(batch) == 1 else torch.cat([p.inputs for p in batch], dim=0)
         caches = [p.session.cache for p in batch]
         if loaded.group is None:
             outputs = run_step(loaded.span, spec, inputs, caches)
@@ -551,15 +559,22 @@ def pass_spec(batch: list[PendingStep], head: bool) -> PassSpec:
         pending = batch[0]
         return PassSpec("one", [pending.session.id], start=pending.item.start,
                         keep=0 if pending.session.logits == "all" else 1, wants=wants)
+    if any(p.tokens > 1 for p in batch):  # prefill chunks of several sessions (never a tensor-parallel group's)
+        return PassSpec("packed", [p.session.id for p in batch], wants=wants,
+                        keeps=[0 if p.session.logits == "all" else 1 for p in batch])
     return PassSpec("batch", [p.session.id for p in batch], wants=wants)
 
 
-def run_step(span: LayerSpan, spec: PassSpec, inputs: torch.Tensor, caches: list) -> list[torch.Tensor]:
-    """One pass through ``span``: a lone step (positions from ``spec.start``) or a batch of decode steps."""
+def run_step(span: LayerSpan, spec: PassSpec, inputs: torch.Tensor | list[torch.Tensor],
+             caches: list) -> list[torch.Tensor]:
+    """One pass through ``span``: a lone step (positions from ``spec.start``), a batch of decode steps
+    (``inputs`` one row per session), or packed prefill chunks (``inputs`` one tensor per session)."""
     if spec.mode == "one":
         # Positions stay on the CPU: the span checks them against the cache without a device sync.
         positions = torch.arange(spec.start, spec.start + inputs.shape[1]).unsqueeze(0)
         return [span(inputs, positions, caches[0], spec.keep)]
+    if spec.mode == "packed":
+        return span.forward_packed(inputs, caches, spec.keeps)
     if spec.mode != "batch" or len(caches) != inputs.shape[0]:
         raise ValueError(f"a {spec.mode!r} pass of {inputs.shape[0]} rows for {len(caches)} sessions")
     return list(span.forward_batch(inputs, caches).split(1, dim=0))

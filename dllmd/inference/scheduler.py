@@ -23,6 +23,10 @@ from dllmd.net.server import HandlerError
 from dllmd.net.wire import ErrorCode
 
 MAX_ALL_LOGITS_TOKENS = 512  # "all" logits are [seq, vocab] fp32: keep replies small
+# Tokens of one packed prefill pass: four 128-token chunks, or the whole prompts of many short
+# requests. Bigger passes read the weights no less often per token and only delay the decode passes
+# waiting behind them.
+MAX_PACKED_TOKENS = 512
 
 
 @dataclass
@@ -77,9 +81,10 @@ def check_input(span: LayerSpan, inputs: torch.Tensor) -> None:
 class StepScheduler:
     """Pending steps of every session at this node, and the choice of what runs next.
 
-    The oldest pending step decides: a prefill chunk (or a step of a session that asked to run
-    alone) runs by itself; a decode step runs together with every other pending decode step of the
-    same model, one per session. A session's steps always run in arrival order."""
+    The oldest pending step decides: a decode step runs together with every other pending decode
+    step of the same model, one per session; a prefill chunk runs packed with the other sessions'
+    pending prefill chunks of that model (up to MAX_PACKED_TOKENS), where the span allows it; a step
+    of a session that asked to run alone runs by itself. A session's steps always run in arrival order."""
 
     def __init__(self):
         self._pending: deque[PendingStep] = deque()
@@ -95,22 +100,32 @@ class StepScheduler:
     def queued_for(self, model: str) -> int:
         return sum(1 for p in self._pending if p.session.model == model)
 
-    def take(self, live: Callable[[Session], bool]) -> list[PendingStep]:
-        """The next pass: one step alone, or a batch of decode steps. Steps of ended sessions are dropped."""
+    def take(self, live: Callable[[Session], bool],
+             packable: Callable[[Session], bool] = lambda _: False) -> list[PendingStep]:
+        """The next pass: one step alone, a batch of decode steps, or prefill chunks packed together
+        (where ``packable`` says a session's span takes them). Steps of ended sessions are dropped."""
         self._pending = deque(p for p in self._pending if live(p.session))
         if not self._pending:
             self.ready.clear()
             return []
         first = self._pending[0]
-        if not self._batchable(first):
-            self._pending.popleft()
-            return [first]
-        batch, seen, kept = [], set(), deque()
+        if self._batchable(first):
+            return self._gather(first, self._batchable, MAX_BATCH)
+        if first.tokens > 1 and first.session.batching and packable(first.session):
+            return self._gather(first, lambda p: p.tokens > 1 and p.session.batching, MAX_PACKED_TOKENS)
+        self._pending.popleft()
+        return [first]
+
+    def _gather(self, first: PendingStep, joins: Callable[[PendingStep], bool], budget: int) -> list[PendingStep]:
+        """``first`` and, in arrival order, every other session's next step that ``joins`` and fits
+        ``budget`` tokens (the first always fits)."""
+        batch, seen, kept, tokens = [], set(), deque(), 0
         for pending in self._pending:
             session = pending.session
-            if (len(batch) < MAX_BATCH and session.id not in seen and self._batchable(pending)
-                    and session.model == first.session.model):
+            fits = pending is first or (len(batch) < MAX_BATCH and tokens + pending.tokens <= budget)
+            if fits and session.id not in seen and joins(pending) and session.model == first.session.model:
                 batch.append(pending)
+                tokens += pending.tokens
             else:
                 kept.append(pending)
             seen.add(session.id)  # later steps of a session wait for its earlier ones

@@ -74,6 +74,7 @@ class PassSpec:
     start: int = 0
     keep: int = 1  # logits_to_keep of a lone step (0: all positions)
     wants: list[str] | None = None  # head only, per row: "token" (greedy id) or "logits" (the whole row)
+    keeps: list[int] | None = None  # a "packed" pass (prefill chunks, never a group's): keep per session
 
     def to_wire(self) -> dict:
         return {"mode": self.mode, "sessions": self.sessions, "start": self.start, "keep": self.keep,

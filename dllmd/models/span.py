@@ -18,7 +18,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from dllmd.models.families import SLIDING_ATTENTION, FamilyAdapter, adapter_for
 from dllmd.models.quantized import QuantizedLinear, QuantizedWeight, check_device
-from dllmd.models.ragged import BatchCache, ragged_attention_on
+from dllmd.models.ragged import BatchCache, PackedCache, PackedMasks, ragged_attention_on
 from dllmd.models.slicing import check_slice, slice_tensor, sliced_config
 from dllmd.net.messages.tensor import TensorSlice
 
@@ -383,6 +383,63 @@ class LayerSpan(nn.Module):
         if not self.head:
             return hidden
         return self._logits(hidden, 1)
+
+    @property
+    def packable(self) -> bool:
+        """Whether prefill chunks of several sessions may share a pass (:meth:`forward_packed`). Not with a
+        dynamic rotary embedding: its tables follow the longest position in the pass, so a session
+        would see the frequencies another session's length chose."""
+        return self.tensor_slice is None and getattr(self.rotary_emb, "rope_type", "default") not in (
+            "dynamic", "longrope")
+
+    @torch.inference_mode()
+    def forward_packed(self, inputs: Sequence[torch.Tensor], caches: Sequence[SpanCache],
+                       keeps: Sequence[int]) -> list[torch.Tensor]:
+        """Steps of several sessions (prefill chunks of any lengths) as one pass: session ``b``'s
+        ``inputs[b]`` (``[1, seq_b]`` ids or ``[1, seq_b, hidden]`` states) continues ``caches[b]``. The
+        tokens are packed into one sequence, so every projection and MLP reads its weights once for all
+        of them; attention runs per session on its own cache under the mask its lone step would use.
+        Returns each session's output as :meth:`forward` would (``keeps[b]`` as its ``logits_to_keep``),
+        equal to it up to matmul rounding."""
+        if not len(inputs) == len(caches) == len(keeps) or not inputs:
+            raise ValueError(f"a packed pass takes one input, cache and keep per session: {len(inputs)}, "
+                             f"{len(caches)}, {len(keeps)}")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a session can take only one step per pass")
+        for cache in caches:
+            cache._check_usable()
+        parts = [self._input_hidden(x.to(self.device, non_blocking=True)) for x in inputs]
+        lengths = [part.shape[1] for part in parts]
+        positions = [torch.arange(c.length, c.length + n).unsqueeze(0) for c, n in zip(caches, lengths)]
+        for part, position, cache in zip(parts, positions, caches):
+            self._check_positions(part, position, cache)
+        hidden = torch.cat(parts, dim=1)
+        packed_positions = torch.cat(positions, dim=1).to(self.device, non_blocking=True)
+        try:
+            if self.layer_types:
+                # Built before attention is rerouted: the mask format follows the config's attention.
+                masks = [self._masks(part, position.to(self.device), cache)
+                         for part, position, cache in zip(parts, positions, caches)]
+                rotary = self._rotary(hidden, packed_positions)
+                packed_cache = PackedCache(caches, lengths)
+                with ragged_attention_on(self.config):
+                    for index, layer in zip(self.layer_indices, self.parts.layers.values()):
+                        layer_type = self.layer_types[index]
+                        hidden = layer(hidden, attention_mask=PackedMasks([m[layer_type] for m in masks]),
+                                       position_ids=packed_positions, position_embeddings=rotary[layer_type],
+                                       past_key_values=packed_cache)
+        except BaseException:
+            for cache in caches:
+                cache._broken = True
+            raise
+        for cache, n in zip(caches, lengths):
+            cache._length += n
+            if n > 1:
+                cache.compact()
+        outputs = list(hidden.split(lengths, dim=1))
+        if not self.head:
+            return outputs
+        return [self._logits(out, keep) for out, keep in zip(outputs, keeps)]
 
     def _input_hidden(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.embed:
