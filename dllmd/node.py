@@ -94,9 +94,11 @@ class Daemon:
         server = RpcServer(sock, self.keys, self.limits)
         peers = ConnectionPool(self.identity, ctx)
         group_host = bind_host(self.config.listen)
+        budget = self._kv_budget()
         self.inference = InferenceService(
-            peers, self.keys, self._kv_budget(), own_key=self.identity.public_key,
-            group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes))
+            peers, self.keys, budget, own_key=self.identity.public_key,
+            group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes),
+            prefix_cache_bytes=budget * self.config.prefix_cache_percent // 100)
         self._register(server)
         self.inference.register(server)
         self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
@@ -167,7 +169,8 @@ class Daemon:
             endpoint=self.endpoint, uptime_s=round(time.time() - self.started_at, 3),
             rss_bytes=psutil.Process().memory_info().rss,
             hardware=M.Hardware(**{**snapshot, "gpus": [M.Gpu(**g) for g in snapshot["gpus"]]}),
-            serving=self.inference.serving(), kv_budget_bytes=self.inference.sessions.memory_budget_bytes)
+            serving=self.inference.serving(), kv_budget_bytes=self.inference.sessions.memory_budget_bytes,
+            prefix_cache_limit_bytes=self.inference.prefix.limit_bytes)
 
     async def _keys_list(self, call: Call) -> M.KeyList:
         return M.KeyList([M.KeyEntry(k.public_key, k.role.value, k.name) for k in self.keys.all()])

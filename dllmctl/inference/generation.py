@@ -25,6 +25,7 @@ from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.failover import generate_with_failover
+from dllmctl.inference.prefix import prefix_hashes, prefix_key
 from dllmctl.inference.session import PARALLELISMS, Generation
 from dllmd.net.pool import ConnectionPool
 from dllmctl.models import local_store
@@ -130,6 +131,7 @@ class GenerationRequest:
     top_k: int = 0
     seed: int = 0
     parallelism: str = "pipeline"
+    prefix_cache: bool = True  # let the stages reuse (and keep) this client's cached prompt prefixes
 
 
 @dataclass
@@ -139,6 +141,7 @@ class Prepared:
     max_new_tokens: int
     sampling: SamplingParams
     parallelism: str
+    prefix_cache: bool = True
 
 
 def prepare(request: GenerationRequest) -> Prepared:
@@ -168,7 +171,7 @@ def prepare(request: GenerationRequest) -> Prepared:
         raise GenerationError(f"prompt ({len(ids)} tokens) + max_new_tokens {max(wanted, 1)} exceeds the model's "
                               f"context of {model.context} tokens; shorten the prompt or lower max_new_tokens",
                               "max_new_tokens", "context_length_exceeded")
-    return Prepared(model, ids, wanted, sampling, request.parallelism)
+    return Prepared(model, ids, wanted, sampling, request.parallelism, request.prefix_cache)
 
 
 def _check_sampling(s: SamplingParams) -> None:
@@ -251,10 +254,11 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
 
     own_pool = pool is None
     pool = pool or ConnectionPool(user)
+    prefix = prefix_hashes(prepared.prompt_ids, prefix_key(user)) if prepared.prefix_cache else []
     task = asyncio.ensure_future(generate_with_failover(
         pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, prepared.prompt_ids,
         prepared.max_new_tokens, set(model.stop_ids), prepared.sampling, parallelism=prepared.parallelism,
-        on_token=arrived, assigned=assigned))
+        on_token=arrived, assigned=assigned, prefix=prefix))
     _running.add(task)
     task.add_done_callback(_running.discard)
     if own_pool:

@@ -25,6 +25,7 @@ from dllmd.net.messages.inference import (MAX_STEP_TOKENS, SESSION_CLOSE, SESSIO
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import parse_reply, to_wire
 from dllmd.net.wire import ErrorCode, WireError
+from dllmctl.inference.prefix import usable_cached_tokens
 from dllmctl.placement.routing import Stage
 
 # pipeline: prompt chunks overlap across stages, decode batched with other sessions; model: one piece,
@@ -64,6 +65,8 @@ class Generation:
     hop_bytes: list[list[int]] = field(default_factory=list)  # per step, per stage boundary
     routes: list[list[dict]] = field(default_factory=list)  # [{node, start, end}]; one more per failover
     failovers: list[dict] = field(default_factory=list)  # {"step", "suspects", "error", "stall_s"}
+    cached_tokens: int = 0  # prompt tokens the stages took from their prefix caches (the session of step 0)
+    time_to_first_token_s: float = 0.0  # from the start of the request (route, open, prefill) to the first token
 
 
 def prompt_chunks(token_ids: list[int], parallelism: str, chunk: int = PREFILL_CHUNK) -> list[list[int]]:
@@ -76,9 +79,11 @@ class DistributedSession:
 
     def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
                  prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = 600.0,
-                 parallelism: str = "pipeline"):
+                 parallelism: str = "pipeline", prefix: list[bytes] = ()):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
-        stage reserves its KV cache for them when the session opens (and refuses it if they do not fit)."""
+        stage reserves its KV cache for them when the session opens (and refuses it if they do not fit).
+        ``prefix``: the chain hashes of the prompt's blocks (:mod:`dllmctl.inference.prefix`), so the
+        stages skip what their prefix caches hold and cache what this session computes."""
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         self.pool, self.route, self.model = pool, route, model
@@ -88,6 +93,8 @@ class DistributedSession:
         self.clients = [pool.get(stage.node.address, stage.node.public_key) for stage in route]
         self.streams: list[ReplyStream | None] = [None] * len(route)
         self.position = 0  # tokens the stages hold in their caches
+        self.prefix = list(prefix)
+        self.cached_reported = [0] * len(route)  # leading prompt tokens each stage holds cached
 
     async def __aenter__(self) -> "DistributedSession":
         try:
@@ -104,12 +111,12 @@ class DistributedSession:
                         prompt_tokens=self.prompt_tokens, max_new_tokens=self.max_new_tokens,
                         next_address=nxt.address if nxt else "", next_public_key=nxt.public_key if nxt else "",
                         sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
-                        batching=self.parallelism != "model")
+                        batching=self.parallelism != "model", prefix=self.prefix)
         try:
             stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), timeout=OPEN_TIMEOUT_S)
             self.streams[index] = stream
             opened = await stream.next(timeout=OPEN_TIMEOUT_S)
-            parse_reply(Opened, opened.result)
+            self.cached_reported[index] = parse_reply(Opened, opened.result).cached_tokens
         except CallError as exc:
             raise self._failure(index, exc) from exc
         except WireError as exc:
@@ -166,6 +173,13 @@ class DistributedSession:
             if not reply.result.get("chunk"):
                 return reply.result, logits
 
+    def skippable(self, fed_tokens: int) -> int:
+        """Leading tokens of the first feed the stages already hold (none when every position's logits
+        are wanted: cached positions have none)."""
+        if not self.prefix or self.logits == "all":
+            return 0
+        return usable_cached_tokens(self.cached_reported, fed_tokens)
+
     async def _next_from_last(self, timeout: float):
         """The last stage's next reply, while any other stage may report a failure on its own stream."""
         last = asyncio.ensure_future(self.streams[-1].next(timeout=timeout))
@@ -197,6 +211,11 @@ class DistributedSession:
         result.routes.append([{"node": s.node.name, "start": s.span.start, "end": s.span.end} for s in self.route])
         started = time.perf_counter() - result.seconds
         feed = list(prompt_ids) + result.token_ids
+        if self.position == 0:  # a new session: the stages start from what they hold cached
+            self.position = self.skippable(len(feed))
+            feed = feed[self.position:]
+            if not result.token_ids:
+                result.cached_tokens = self.position
         for step in range(len(result.token_ids), max_new_tokens):
             t0 = time.perf_counter()
             report, logits = await self.step(feed, step)

@@ -56,6 +56,8 @@ class ServedSpan:
     busy_s: float = 0.0
     passes: int = 0
     tokens: int = 0
+    prefix_cache_bytes: int = 0  # cached prompt blocks of this model (shared by a client's sessions)
+    prefix_cache_blocks: int = 0
     tensor_slice: TensorSlice | None = None  # a tensor-parallel member's part of each layer
     group_port: int = 0  # where the other members of its group reach it (on this node's host)
     group_ready: bool = False  # linked to every other member (group.connect)
@@ -79,6 +81,7 @@ class Info:
     hardware: Hardware
     serving: list[ServedSpan] = field(default_factory=list)
     kv_budget_bytes: int = 0  # what this node lets sessions' KV caches reserve in all
+    prefix_cache_limit_bytes: int = 0  # the most the prefix cache holds (within what sessions leave unreserved)
 
 
 @dataclass

@@ -1,0 +1,225 @@
+"""A stage's prefix cache: the keys and values of prompt blocks that recent sessions computed, so
+that a later session of the same client starting with the same blocks (a system prompt, a chat
+history) prefills only the rest.
+
+- **Blocks.** Prompts are matched in whole blocks of ``PREFIX_BLOCK_TOKENS`` tokens. The client
+  names block i by a chain hash over blocks 0..i, so one key stands for the whole prefix up to
+  that block, and sends the hashes in ``session.open``: every stage keys its cache the same way,
+  later stages (which see only hidden states) included, and no stage learns tokens from them
+  (the client keys the hash with a secret of its own).
+- **Keys are per client.** An entry is keyed by (model, the caller's public key, chain hash), and
+  a lookup only ever sees the caller's own entries. Shared across clients, a hit's shorter time to
+  first token would tell one client what another sent (a system prompt, a document).
+- **Hits.** ``session.open`` answers how many leading blocks the stage holds and keeps references
+  to them. The client starts the session at the smallest count any stage reported (each stage
+  must continue from the same position), and at its first step the stage builds the session's
+  cache from that many blocks (:meth:`SpanCache.restore`: concatenated copies, never the blocks
+  themselves, so the session cannot change them).
+- **Misses.** The session's own steps add the blocks it computes past its start: its cache
+  records every layer's new keys/values, cut into blocks, stored once the prompt's last block is
+  complete in every layer of the span. Recording happens as keys are appended, before a
+  sliding-window layer trims them, so sliding layers are cached exactly too (at restore they keep
+  only their window).
+- **Memory.** The cached tensors' bytes are counted. The cache holds at most its limit (a fraction
+  of the node's KV budget) and never more than what sessions leave unreserved, so cache and
+  sessions together stay within the budget: a session that opens makes the cache evict, least
+  recently used first. A lookup touches its blocks deepest first and a session stores them deepest
+  first, so a prefix's tail goes before its head (which other prompts may share, and without
+  which the tail never hits).
+- **Not cached:** tensor-parallel groups (every member would have to hit the same blocks); the
+  leader reports no cached tokens, so the session prefills everything.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dllmd.models.span import LayerSpan, SpanCache
+from dllmd.net.messages.inference import PREFIX_BLOCK_TOKENS, PREFIX_HASH_BYTES
+from dllmd.net.server import HandlerError
+from dllmd.net.wire import ErrorCode
+
+LayerKV = dict[int, tuple[torch.Tensor, torch.Tensor]]  # absolute layer index -> keys, values of a block
+BlockKey = tuple[str, str, bytes]  # model, client public key, chain hash
+
+
+@dataclass(frozen=True)
+class CachedBlock:
+    layers: LayerKV  # [1, kv_heads, PREFIX_BLOCK_TOKENS, head_dim] each, never written to
+    nbytes: int
+
+
+@dataclass
+class SessionPrefix:
+    """One session's use of the prefix cache at this stage."""
+
+    model: str
+    client: str
+    hashes: list[bytes]
+    held: list[CachedBlock]  # the leading blocks cached when it opened, kept until its first step
+    cached_tokens: int  # what the stage told the client it may skip
+    layered: bool  # False for a span without layers: there is nothing to cache, any prefix "hits"
+    begun: bool = False
+
+
+class PrefixCache:
+    """Cached prompt blocks of every model this node serves, least recently used first. Blocks arrive
+    from the compute thread; lookups come from the event loop."""
+
+    def __init__(self, limit_bytes: int, room: Callable[[], int] | None = None):
+        self.limit_bytes = limit_bytes
+        self._room = room  # what sessions leave unreserved of the node's KV budget
+        self._blocks: OrderedDict[BlockKey, CachedBlock] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.limit_bytes > 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def budget(self) -> int:
+        room = self._room() if self._room is not None else self.limit_bytes
+        return max(0, min(self.limit_bytes, room))
+
+    def held(self, model: str) -> tuple[int, int]:
+        """Bytes and blocks cached for ``model``."""
+        with self._lock:
+            blocks = [b for key, b in self._blocks.items() if key[0] == model]
+        return sum(b.nbytes for b in blocks), len(blocks)
+
+    def lookup(self, model: str, client: str, hashes: list[bytes]) -> list[CachedBlock]:
+        """The longest run of leading blocks cached for this client."""
+        with self._lock:
+            found = []
+            for digest in hashes:
+                block = self._blocks.get((model, client, digest))
+                if block is None:
+                    break
+                found.append(block)
+            # Deepest first, so the head of the prefix ends most recently used.
+            for digest in reversed(hashes[:len(found)]):
+                self._blocks.move_to_end((model, client, digest))
+            return found
+
+    def insert(self, model: str, client: str, digest: bytes, block: CachedBlock) -> None:
+        with self._lock:
+            key = (model, client, digest)
+            if key in self._blocks:  # another session stored it first: the same keys and values
+                self._blocks.move_to_end(key)
+                return
+            budget = self.budget()
+            if block.nbytes > budget:
+                return
+            self._evict(budget - block.nbytes)
+            self._blocks[key] = block
+            self._bytes += block.nbytes
+
+    def shrink(self) -> None:
+        """Evict until the cache fits its budget again (after a session reserved memory)."""
+        with self._lock:
+            self._evict(self.budget())
+
+    def _evict(self, keep_bytes: int) -> None:
+        while self._bytes > keep_bytes and self._blocks:
+            _, block = self._blocks.popitem(last=False)
+            self._bytes -= block.nbytes
+
+    def drop_model(self, model: str) -> None:
+        """Forget ``model``'s blocks: its span was replaced or unloaded, they no longer match it."""
+        with self._lock:
+            for key in [k for k in self._blocks if k[0] == model]:
+                self._bytes -= self._blocks.pop(key).nbytes
+
+    # --- sessions ---------------------------------------------------------------------------------
+
+    def open_session(self, span: LayerSpan, model: str, client: str, hashes: list[bytes], prompt_tokens: int,
+                     usable: bool = True) -> SessionPrefix | None:
+        """What a session opening with ``hashes`` may skip here, or None when it gets no prefix caching
+        (none asked, the cache is off, or the span is a tensor-parallel slice: ``usable`` False)."""
+        check_hashes(hashes, prompt_tokens)
+        if not hashes or not self.enabled or not usable:
+            return None
+        layered = bool(span.layer_types)
+        held = self.lookup(model, client, hashes) if layered else []
+        cached_blocks = len(held) if layered else len(hashes)
+        return SessionPrefix(model, client, list(hashes), held, cached_blocks * PREFIX_BLOCK_TOKENS, layered)
+
+    def begin(self, prefix: SessionPrefix, cache: SpanCache, start: int) -> int:
+        """At a session's first step, starting at ``start``: build its cache from that many cached
+        tokens and record the blocks it computes after them. Returns the position it continues from."""
+        if start % PREFIX_BLOCK_TOKENS:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"a session's first step starts at 0 or a block boundary (a "
+                                                   f"multiple of {PREFIX_BLOCK_TOKENS}), not {start}")
+        if start > prefix.cached_tokens:
+            raise HandlerError(ErrorCode.CONFLICT, f"the first step starts at {start}, but this stage holds only "
+                                                   f"{prefix.cached_tokens} cached prompt tokens; replay the session")
+        used = prefix.held[:start // PREFIX_BLOCK_TOKENS]
+        prefix.held, prefix.begun = [], True  # what the session does not use may be evicted now
+        cache.restore([b.layers for b in used], start)
+        if prefix.layered and start // PREFIX_BLOCK_TOKENS < len(prefix.hashes):
+            cache.observer = BlockRecorder(self, prefix, list(cache.layer_indices), start // PREFIX_BLOCK_TOKENS)
+        return start
+
+
+def check_hashes(hashes: list[bytes], prompt_tokens: int) -> None:
+    """Hostile or broken clients get a clear error, never a cache keyed by garbage."""
+    if any(len(h) != PREFIX_HASH_BYTES for h in hashes):
+        raise HandlerError(ErrorCode.BAD_ARGS, f"prefix hashes are {PREFIX_HASH_BYTES} bytes each")
+    if len(hashes) * PREFIX_BLOCK_TOKENS > prompt_tokens:
+        raise HandlerError(ErrorCode.BAD_ARGS, f"{len(hashes)} prefix blocks of {PREFIX_BLOCK_TOKENS} tokens are "
+                                               f"longer than the {prompt_tokens}-token prompt")
+
+
+@dataclass
+class BlockRecorder:
+    """Watches a session's cache: cuts each layer's appended keys/values into blocks, and once every
+    layer of the span has the prompt's last block, stores the blocks deepest first. In that order a
+    cache too small for the whole prompt keeps its longest prefix: each block evicts the deeper ones
+    before it (stored in prompt order, the prompt's later blocks would evict its first, and a prefix
+    without its first block never hits)."""
+
+    cache: PrefixCache
+    prefix: SessionPrefix
+    layers: list[int]
+    first_block: int
+    _next: dict[int, int] = field(default_factory=dict)  # layer -> the next block it fills
+    _tail: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # positions short of a block
+    _pending: dict[int, LayerKV] = field(default_factory=dict)  # block -> the layers that have it so far
+    _complete: list[tuple[int, CachedBlock]] = field(default_factory=list)
+
+    def __call__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        block = self._next.get(layer, self.first_block)
+        if block >= len(self.prefix.hashes):
+            return
+        if layer in self._tail:
+            tail_keys, tail_values = self._tail.pop(layer)
+            keys, values = torch.cat([tail_keys, keys], dim=-2), torch.cat([tail_values, values], dim=-2)
+        while keys.shape[-2] >= PREFIX_BLOCK_TOKENS and block < len(self.prefix.hashes):
+            # Clones: a block owns exactly its bytes, and pins nothing of the step's tensors.
+            self._add(block, layer, keys[:, :, :PREFIX_BLOCK_TOKENS].clone(), values[:, :, :PREFIX_BLOCK_TOKENS].clone())
+            keys, values = keys[:, :, PREFIX_BLOCK_TOKENS:], values[:, :, PREFIX_BLOCK_TOKENS:]
+            block += 1
+        self._next[layer] = block
+        if keys.shape[-2] and block < len(self.prefix.hashes):
+            self._tail[layer] = (keys, values)
+
+    def _add(self, block: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        layers = self._pending.setdefault(block, {})
+        layers[layer] = (keys, values)
+        if len(layers) < len(self.layers):
+            return
+        del self._pending[block]
+        self._complete.append((block, CachedBlock(layers, sum(k.nbytes + v.nbytes for k, v in layers.values()))))
+        if block == len(self.prefix.hashes) - 1:  # blocks complete in order: this was the last
+            for index, done in reversed(self._complete):
+                self.cache.insert(self.prefix.model, self.prefix.client, self.prefix.hashes[index], done)
+            self._complete = []
