@@ -203,10 +203,11 @@ class BlockRecorder:
         if layer in self._tail:
             tail_keys, tail_values = self._tail.pop(layer)
             keys, values = torch.cat([tail_keys, keys], dim=-2), torch.cat([tail_values, values], dim=-2)
-        while keys.shape[-2] >= PREFIX_BLOCK_TOKENS and block < len(self.prefix.hashes):
+        size = PREFIX_BLOCK_TOKENS
+        while keys.shape[-2] >= size and block < len(self.prefix.hashes):
             # Clones: a block owns exactly its bytes, and pins nothing of the step's tensors.
-            self._add(block, layer, keys[:, :, :PREFIX_BLOCK_TOKENS].clone(), values[:, :, :PREFIX_BLOCK_TOKENS].clone())
-            keys, values = keys[:, :, PREFIX_BLOCK_TOKENS:], values[:, :, PREFIX_BLOCK_TOKENS:]
+            self._add(block, layer, keys[:, :, :size].clone(), values[:, :, :size].clone())
+            keys, values = keys[:, :, size:], values[:, :, size:]
             block += 1
         self._next[layer] = block
         if keys.shape[-2] and block < len(self.prefix.hashes):
