@@ -117,36 +117,54 @@ def _digest(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
+def _put(cache: PrefixCache, i: int, client: str = "a") -> None:
+    cache.store("m", client, [_digest(i)], {0: _block(1000)})
+
+
+def _cached(cache: PrefixCache, *indices: int) -> list[bool]:
+    """Whether each block is held, without touching it (a lookup would)."""
+    return [("m", "a", _digest(i)) in cache._blocks for i in indices]
+
+
 def test_the_cache_keeps_to_its_budget_and_evicts_the_least_recently_used():
     room = [1 << 30]
     cache = PrefixCache(10_000, room=lambda: room[0])
     for i in range(30):
-        cache.insert("m", "a", _digest(i), _block(1000))
+        _put(cache, i)
         assert cache.nbytes <= 10_000
-    assert cache.held("m") == (10_000, 10)
-    assert cache.lookup("m", "a", [_digest(19)]) == [] and len(cache.lookup("m", "a", [_digest(20)])) == 1
+    assert cache.held("m") == (10_000, 10) and _cached(cache, 19, 20) == [False, True]
     # A lookup touches: block 20 outlives the ones after it, which were stored later.
+    cache.lookup("m", "a", [_digest(20)])
     for i in range(30, 39):
-        cache.insert("m", "a", _digest(i), _block(1000))
-    assert len(cache.lookup("m", "a", [_digest(20)])) == 1 and cache.lookup("m", "a", [_digest(21)]) == []
-    # A prefix is touched deepest first: its tail goes before its head (which other prompts may share).
-    small = PrefixCache(5_000)
-    chain = [_digest(i) for i in range(100, 103)]
-    for digest in [*chain, _digest(200), _digest(201)]:
-        small.insert("m", "a", digest, _block(1000))
-    assert len(small.lookup("m", "a", chain)) == 3
-    for i in range(300, 303):
-        small.insert("m", "a", _digest(i), _block(1000))
-    assert [("m", "a", d) in small._blocks for d in chain] == [True, True, False]
+        _put(cache, i)
+    assert _cached(cache, 20, 21) == [True, False]
     # Sessions reserving memory leave the cache less room; another client and another model see nothing.
     room[0] = 3_500
     cache.shrink()
     assert cache.nbytes <= 3_500
-    cache.insert("m", "a", _digest(300), _block(1000))
+    _put(cache, 300)
     assert cache.nbytes <= 3_500 and len(cache.lookup("m", "a", [_digest(300)])) == 1
     assert cache.lookup("m", "b", [_digest(300)]) == [] and cache.lookup("n", "a", [_digest(300)]) == []
     cache.drop_model("m")
     assert cache.nbytes == 0
+
+
+def test_a_prefix_loses_its_tail_before_its_head():
+    cache = PrefixCache(3_000)
+    chain = [_digest(i) for i in range(100, 104)]
+    cache.store("m", "a", chain[:2], {0: _block(1000), 1: _block(1000)})
+    _put(cache, 1)
+    # A session that started from blocks 0-1 adds blocks 2 and 3: the other prompt's block goes, but
+    # never block 0 or 1 of its own prefix, so block 3 does not fit.
+    assert len(cache.lookup("m", "a", chain[:2])) == 2
+    cache.store("m", "a", chain, {2: _block(1000), 3: _block(1000)})
+    assert _cached(cache, 100, 101, 102, 103, 1) == [True, True, True, False, False]
+    # The prefix was touched deepest first: another prompt's block evicts its tail, not its head.
+    _put(cache, 2)
+    assert _cached(cache, 100, 101, 102) == [True, True, False]
+    # A block that follows a gap is not stored: it could never hit.
+    cache.store("m", "a", [_digest(7), _digest(8)], {1: _block(1000)})
+    assert _cached(cache, 8) == [False]
 
 
 def test_a_prompt_longer_than_the_cache_keeps_its_longest_prefix():

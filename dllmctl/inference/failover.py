@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from dllmd.net.messages.inference import SamplingParams
@@ -65,13 +65,14 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                                  on_token: Callable[[int], None] = lambda _: None, bans: Bans | None = None,
                                  assigned: dict[str, int] | None = None, stages: list[Stage] | None = None,
                                  max_failovers: int = MAX_FAILOVERS, result: Generation | None = None,
-                                 prefix: list[bytes] = ()) -> Generation:
+                                 prefix: Sequence[bytes] = ()) -> Generation:
     """Generate ``max_new_tokens`` after ``prompt_ids`` on the best route, failing over to replicas.
 
     ``assigned`` (node -> sessions this client runs there) is updated while the session runs, so
     concurrent calls spread over replicas; ``stages`` skips the first live query when the caller
     just made it; ``result`` lets the caller watch the routes and tokens while it runs; ``prefix`` names
-    the prompt's blocks for the stages' prefix caches (replays use it too). After a failure the route is chosen again from what is known, minus the banned
+    the prompt's blocks for the stages' prefix caches (replays use it too). After a failure the route
+    is chosen again from what is known, minus the banned
     nodes; the nodes are asked anew only when that is not enough. Raises RouteError when no replica is left for some span."""
     bans = bans if bans is not None else Bans()
     assigned = assigned if assigned is not None else {}

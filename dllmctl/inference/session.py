@@ -15,6 +15,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -79,7 +80,7 @@ class DistributedSession:
 
     def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
                  prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = 600.0,
-                 parallelism: str = "pipeline", prefix: list[bytes] = ()):
+                 parallelism: str = "pipeline", prefix: Sequence[bytes] = ()):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
         stage reserves its KV cache for them when the session opens (and refuses it if they do not fit).
         ``prefix``: the chain hashes of the prompt's blocks (:mod:`dllmctl.inference.prefix`), so the

@@ -23,9 +23,10 @@ history) prefills only the rest.
 - **Memory.** The cached tensors' bytes are counted. The cache holds at most its limit (a fraction
   of the node's KV budget) and never more than what sessions leave unreserved, so cache and
   sessions together stay within the budget: a session that opens makes the cache evict, least
-  recently used first. A lookup touches its blocks deepest first and a session stores them deepest
-  first, so a prefix's tail goes before its head (which other prompts may share, and without
-  which the tail never hits).
+  recently used first. Lookups and stores touch a prefix's blocks deepest first, so its tail goes
+  before its head (which other prompts may share, and without which the tail never hits), and a
+  session never evicts the rest of its own prefix to store a deeper block: a cache too small for a
+  whole prompt keeps its longest prefix.
 - **Not cached:** tensor-parallel groups (every member would have to hit the same blocks); the
   leader reports no cached tokens, so the session prefills everything.
 """
@@ -97,7 +98,7 @@ class PrefixCache:
         return sum(b.nbytes for b in blocks), len(blocks)
 
     def lookup(self, model: str, client: str, hashes: list[bytes]) -> list[CachedBlock]:
-        """The longest run of leading blocks cached for this client."""
+        """The longest run of leading blocks cached for this client (touched)."""
         with self._lock:
             found = []
             for digest in hashes:
@@ -105,33 +106,48 @@ class PrefixCache:
                 if block is None:
                     break
                 found.append(block)
-            # Deepest first, so the head of the prefix ends most recently used.
-            for digest in reversed(hashes[:len(found)]):
-                self._blocks.move_to_end((model, client, digest))
+            self._touch(model, client, hashes[:len(found)])
             return found
 
-    def insert(self, model: str, client: str, digest: bytes, block: CachedBlock) -> None:
+    def store(self, model: str, client: str, hashes: list[bytes], blocks: dict[int, CachedBlock]) -> None:
+        """Add a session's new ``blocks`` (by index) of the prefix ``hashes`` names, head first, while
+        room can be made without evicting the rest of this prefix (a block is worth nothing without
+        the blocks before it); then touch the prefix."""
         with self._lock:
-            key = (model, client, digest)
-            if key in self._blocks:  # another session stored it first: the same keys and values
-                self._blocks.move_to_end(key)
-                return
+            own = {(model, client, digest) for digest in hashes}
             budget = self.budget()
-            if block.nbytes > budget:
-                return
-            self._evict(budget - block.nbytes)
-            self._blocks[key] = block
-            self._bytes += block.nbytes
+            for index, digest in enumerate(hashes[:max(blocks, default=-1) + 1]):
+                key = (model, client, digest)
+                if key in self._blocks:  # this session started from it, or another one stored it first
+                    continue
+                if index not in blocks or not self._make_room(blocks[index].nbytes, budget, own):
+                    break
+                self._blocks[key] = blocks[index]
+                self._bytes += blocks[index].nbytes
+            self._touch(model, client, hashes)
 
     def shrink(self) -> None:
         """Evict until the cache fits its budget again (after a session reserved memory)."""
         with self._lock:
-            self._evict(self.budget())
+            self._make_room(0, self.budget(), set())
 
-    def _evict(self, keep_bytes: int) -> None:
-        while self._bytes > keep_bytes and self._blocks:
-            _, block = self._blocks.popitem(last=False)
-            self._bytes -= block.nbytes
+    def _touch(self, model: str, client: str, hashes: list[bytes]) -> None:
+        # Deepest first, so the head of a prefix ends most recently used and is evicted last.
+        for digest in reversed(hashes):
+            key = (model, client, digest)
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+
+    def _make_room(self, nbytes: int, budget: int, keep: set[BlockKey]) -> bool:
+        """Evict least recently used blocks (none of ``keep``) until ``nbytes`` more fit in ``budget``."""
+        if nbytes > budget:
+            return False
+        while self._bytes + nbytes > budget:
+            victim = next((key for key in self._blocks if key not in keep), None)
+            if victim is None:
+                return False
+            self._bytes -= self._blocks.pop(victim).nbytes
+        return True
 
     def drop_model(self, model: str) -> None:
         """Forget ``model``'s blocks: its span was replaced or unloaded, they no longer match it."""
@@ -181,11 +197,9 @@ def check_hashes(hashes: list[bytes], prompt_tokens: int) -> None:
 
 @dataclass
 class BlockRecorder:
-    """Watches a session's cache: cuts each layer's appended keys/values into blocks, and once every
-    layer of the span has the prompt's last block, stores the blocks deepest first. In that order a
-    cache too small for the whole prompt keeps its longest prefix: each block evicts the deeper ones
-    before it (stored in prompt order, the prompt's later blocks would evict its first, and a prefix
-    without its first block never hits)."""
+    """Watches a session's cache: cuts each layer's appended keys/values into blocks, and stores them
+    once every layer of the span has the prompt's last block (:meth:`PrefixCache.store`: a cache too
+    small for the whole prompt keeps its longest prefix)."""
 
     cache: PrefixCache
     prefix: SessionPrefix
@@ -194,7 +208,7 @@ class BlockRecorder:
     _next: dict[int, int] = field(default_factory=dict)  # layer -> the next block it fills
     _tail: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # positions short of a block
     _pending: dict[int, LayerKV] = field(default_factory=dict)  # block -> the layers that have it so far
-    _complete: list[tuple[int, CachedBlock]] = field(default_factory=list)
+    _complete: dict[int, CachedBlock] = field(default_factory=dict)
 
     def __call__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         block = self._next.get(layer, self.first_block)
@@ -219,8 +233,7 @@ class BlockRecorder:
         if len(layers) < len(self.layers):
             return
         del self._pending[block]
-        self._complete.append((block, CachedBlock(layers, sum(k.nbytes + v.nbytes for k, v in layers.values()))))
+        self._complete[block] = CachedBlock(layers, sum(k.nbytes + v.nbytes for k, v in layers.values()))
         if block == len(self.prefix.hashes) - 1:  # blocks complete in order: this was the last
-            for index, done in reversed(self._complete):
-                self.cache.insert(self.prefix.model, self.prefix.client, self.prefix.hashes[index], done)
-            self._complete = []
+            self.cache.store(self.prefix.model, self.prefix.client, self.prefix.hashes, self._complete)
+            self._complete = {}
