@@ -183,6 +183,15 @@ def test_a_prompt_longer_than_the_cache_keeps_its_longest_prefix():
     assert len(found) == 2 and torch.equal(found[1].layers[0][0], second_block)
 
 
+def test_the_share_of_the_budget_is_a_percentage():
+    from dllmd.config import ConfigError, NodeConfig
+
+    assert NodeConfig(name="n").prefix_cache_percent == 25 and NodeConfig(name="n", prefix_cache_percent=0)
+    for bad in (101, -1, 0.5):
+        with pytest.raises(ConfigError, match="prefix_cache_percent"):
+            NodeConfig(name="n", prefix_cache_percent=bad)
+
+
 def test_block_names_are_chained_and_keyed_by_the_client():
     prompt = _prompt(50, 3)
     hashes = prefix_hashes(prompt, KEY)
