@@ -139,6 +139,8 @@ class NodeConfig:
     heartbeat_interval_ms: int = 2000
     heartbeat_timeout_ms: int = 6000
     memory_budget_bytes: int = 0  # 0: derive from available RAM/VRAM at start
+    # Share of that budget the prompt-prefix cache may hold (only what sessions leave unreserved); 0: off.
+    prefix_cache_percent: int = 25
     ring_port: int = 0  # the training ring's socket, on the listen host; 0: a free port per job
     allow_plaintext_ring: bool = False  # trusted links only: lets a job ask for an unencrypted ring
     bench_operations: bool = False  # serve the benchmark-only operations (ring.*, dllmctl bench allreduce)
@@ -157,6 +159,8 @@ class NodeConfig:
         for flag in ("allow_plaintext_ring", "bench_operations"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.prefix_cache_percent > 100:
+            raise ConfigError(f"prefix_cache_percent must be between 0 and 100, got {self.prefix_cache_percent}")
         if self.ring_port > 65535:
             raise ConfigError(f"ring_port must be a TCP port (0-65535), got {self.ring_port}")
         if self.max_header_bytes < 1024 or self.max_message_bytes < self.max_header_bytes:

@@ -97,10 +97,12 @@ class Daemon:
         server = RpcServer(sock, self.keys, self.wire_limits)
         peers = ConnectionPool(self.identity, ctx)
         group_host = bind_host(self.config.listen)
+        budget = self._kv_budget()
         self.inference = InferenceService(
-            peers, self.keys, self._kv_budget(), own_key=self.identity.public_key,
+            peers, self.keys, budget, own_key=self.identity.public_key,
             group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes),
-            memory_cap=MemoryCap(self.config.limits.memory))
+            memory_cap=MemoryCap(self.config.limits.memory),
+            prefix_cache_bytes=budget * self.config.prefix_cache_percent // 100)
         self._register(server)
         self.inference.register(server)
         self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
@@ -187,7 +189,8 @@ class Daemon:
             hardware=M.Hardware(**{**snapshot, "gpus": [M.Gpu(**g) for g in snapshot["gpus"]]}),
             serving=self.inference.serving(), kv_budget_bytes=self.inference.sessions.memory_budget_bytes,
             limits=M.NodeLimits(memory_bytes=limits.memory, threads=limits.threads, gpus=limits.gpus),
-            memory_used_bytes=self.inference.memory_used_bytes())
+            memory_used_bytes=self.inference.memory_used_bytes(),
+            prefix_cache_limit_bytes=self.inference.prefix.limit_bytes)
 
     async def _keys_list(self, call: Call) -> M.KeyList:
         return M.KeyList([M.KeyEntry(k.public_key, k.role.value, k.name) for k in self.keys.all()])

@@ -139,16 +139,17 @@ def smollm2_gguf() -> Path:
 
 
 @contextmanager
-def local_daemons(root: Path, count: int) -> Iterator[dict]:
+def local_daemons(root: Path, count: int, settings: dict | None = None) -> Iterator[dict]:
     """``count`` real daemons under ``root`` (dllmctl's local cluster), a user who administers them and a
-    client-side model store; stopped afterwards. What module-scoped cluster fixtures yield."""
+    client-side model store; stopped afterwards. What module-scoped cluster fixtures yield. ``settings``:
+    node.toml settings for every daemon."""
     from dllmctl.cluster import local as local_cluster
     from dllmctl.cluster.registry import Registry
     from dllmd.models.store import ModelStore
 
     user = Identity.generate()
     registry = Registry(root / "cluster.toml")
-    nodes = local_cluster.up(count, root / "daemons", user, registry)
+    nodes = local_cluster.up(count, root / "daemons", user, registry, settings=settings)
     try:
         yield {"user": user, "registry": registry, "store": ModelStore(root / "models"), "root": root, "nodes": nodes}
     finally:

@@ -57,7 +57,8 @@ def test_tiny_model_through_the_cli(cluster3, tmp_path):
     assert result["prompt_tokens"] == ids.shape[1] and result["new_tokens"] == len(want)
     assert [r["node"] for r in result["route"]] == ["local-1", "local-2", "local-3"]
     assert set(result) == {"text", "token_ids", "prompt_tokens", "new_tokens", "seconds", "tokens_per_second", "route",
-                           "failovers"}
+                           "failovers", "ttft_ms", "cached_tokens"}
+    assert result["ttft_ms"] > 0 and result["cached_tokens"] == 0
     assert result["failovers"] == []
 
     chat = run_cli("dllmctl", "infer", "Hello!", "-m", "tiny", "--max-new-tokens", "5")

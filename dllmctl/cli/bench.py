@@ -89,18 +89,25 @@ def infer(
         "--dir", help="The local cluster's directory (for --failover-runs).")] = None,
     activations: ActivationsOpt = "fp32",
     activation_block: ActivationBlockOpt = 64,
+    prefix_cache: Annotated[bool, typer.Option(
+        "--prefix-cache", help="Two requests sharing a long system prompt: both times to first token and their "
+                               "ratio (the second starts from the stages' cached prefix).")] = False,
+    prefix_tokens: Annotated[int, typer.Option(min=16, max=32768, help="Tokens the two requests share.")] = 200,
     as_json: JsonOpt = False,
 ) -> None:
     """Decode tokens/s, time to first token, per-token split into stage compute and transfer; with
-    --sessions, --wan-delay-ms or --failover-runs: concurrency, WAN latency or failover stall."""
+    --sessions, --wan-delay-ms, --failover-runs or --prefix-cache: concurrency, WAN latency, failover
+    stall or the prefix cache's time to first token."""
     import json as _json
 
     from dllmd.net.client import CallError
     from dllmctl.bench import infer as infer_bench
     from dllmctl.bench import pipeline as pipeline_bench
+    from dllmctl.bench import prefix as prefix_bench
     from dllmctl.cluster import local as local_cluster
     from dllmctl.inference.session import PARALLELISMS
     from dllmctl.placement.routing import RouteError
+    from dllmctl.inference.generation import GenerationError
     from dllmctl.inference.tokens import encode_prompt, load_tokenizer
 
     from dllmd.net.codec import CodecError, HopCodec
@@ -119,7 +126,7 @@ def infer(
     report: dict = {"model": model}
     try:
         with err.status("benchmarking..."):
-            if not (counts or wan_delay_ms is not None or failover_runs):
+            if not (counts or wan_delay_ms is not None or failover_runs or prefix_cache):
                 report.update(infer_bench.run(user, nodes, directory, model, num_layers, new_tokens, compare_local,
                                               parallelism, hops))
             tokenizer = load_tokenizer(directory)
@@ -132,7 +139,12 @@ def infer(
             if failover_runs:
                 report["failover"] = pipeline_bench.failover(user, registry, local_cluster.resolve_dir(cluster), directory, model,
                                                               num_layers, prompt, failover_runs)
+            if prefix_cache:
+                report["prefix_cache"] = prefix_bench.prefix_cache(user, nodes, model, prefix_tokens,
+                                                                   parallelism=parallelism)
     except (CallError, RouteError, local_cluster.LocalClusterError) as exc:
+        fail(str(exc))
+    except GenerationError as exc:
         fail(str(exc))
     if as_json:
         print_json(report)
@@ -146,10 +158,20 @@ def infer(
         verdict = "[green]meets[/green]" if w["meets_target"] else "[red]misses[/red]"
         out.print(f"WAN {w['delay_ms_one_way']:g} ms/link, {w['stages']} stages: {w['per_token_ms']:.1f} ms/token "
                   f"(compute {w['compute_ms']:.1f}); bound {w['bound_ms']:.1f} ms: {verdict}")
+    if "prefix_cache" in report:
+        _print_prefix(report["prefix_cache"])
     if "failover" in report:
         f = report["failover"]
         out.print(f"failover: {f['identical_runs']}/{f['runs']} runs identical to the fault-free output; stall "
                   f"(kill to next token) median {f['stall_ms_median']:.0f} ms, max {f['stall_ms_max']:.0f} ms")
+
+
+def _print_prefix(p: dict) -> None:
+    verdict = "[green]meets[/green]" if p["meets_target"] else "[red]misses[/red]"
+    out.print(f"prefix cache: {p['shared_prefix_tokens']} shared prompt tokens; time to first token "
+              f"{p['first_ttft_ms']:.0f} ms, then {p['second_ttft_ms']:.0f} ms with {p['second_cached_tokens']} "
+              f"tokens cached ({p['second_uncached_ttft_ms']:.0f} ms without): ratio {p['ratio']} {verdict} the "
+              f"{p['target_ratio']} target; tokens identical: {'yes' if p['tokens_identical'] else '[red]no[/red]'}")
 
 
 def _session_counts(text: str) -> list[int]:

@@ -180,7 +180,10 @@ def print_generation_footer(result) -> None:
     generation = result.generation
     route = generation.routes[-1]
     rate = result.completion_tokens / generation.seconds if generation.seconds else 0
-    err.print(f"[dim]{result.completion_tokens} tokens in {generation.seconds:.2f}s ({rate:.1f} tok/s) via "
+    cached = (f", {generation.cached_tokens}/{result.prompt_tokens} prompt tokens cached"
+              if generation.cached_tokens else "")
+    err.print(f"[dim]{result.completion_tokens} tokens in {generation.seconds:.2f}s ({rate:.1f} tok/s; first after "
+              f"{generation.time_to_first_token_s * 1000:.0f} ms{cached}) via "
               + " -> ".join(f"{s['node']}[{s['start']}-{s['end']})" for s in route) + "[/dim]")
     for failover in generation.failovers:
         err.print(f"[yellow]failover at token {failover['step']}: {failover['error']}[/yellow]")

@@ -35,6 +35,9 @@ def infer_command(
     tp: TpOpt = None,
     activations: ActivationsOpt = "fp32",
     activation_block: ActivationBlockOpt = 64,
+    prefix_cache: Annotated[bool, typer.Option(
+        "--prefix-cache/--no-prefix-cache",
+        help="Let the stages start from your earlier prompts' cached blocks (and cache this one's).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
@@ -44,7 +47,8 @@ def infer_command(
 
     request = GenerationRequest(model=model, prompt=prompt, raw=raw, system=system, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, parallelism=parallelism,
-                                activations=activations, activation_block=activation_block)
+                                activations=activations, activation_block=activation_block,
+                                prefix_cache=prefix_cache)
     try:
         prepared = prepare(request)
     except GenerationError as exc:
@@ -75,7 +79,8 @@ def infer_command(
                     "new_tokens": result.completion_tokens, "seconds": round(generation.seconds, 4),
                     "tokens_per_second": round(result.completion_tokens / generation.seconds, 3)
                     if generation.seconds else None,
-                    "route": route, "failovers": generation.failovers})
+                    "ttft_ms": round(generation.time_to_first_token_s * 1000, 2),
+                    "cached_tokens": generation.cached_tokens, "route": route, "failovers": generation.failovers})
         return
     sys.stdout.write("\n")
     print_generation_footer(result)

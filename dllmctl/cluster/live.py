@@ -54,7 +54,8 @@ async def query_node(identity: Identity, entry: NodeEntry, timeout: float, ctx: 
     # Rows stay plain maps (they are what 'nodes list --json' prints), built from the checked reply.
     row.update(status=STATUS_UP, hardware=to_wire(info.hardware), serving=[to_wire(s) for s in info.serving],
                version=info.version, role=info.role, rss_bytes=info.rss_bytes, kv_budget_bytes=info.kv_budget_bytes,
-               limits=to_wire(info.limits), memory_used_bytes=info.memory_used_bytes)
+               limits=to_wire(info.limits), memory_used_bytes=info.memory_used_bytes,
+               prefix_cache_limit_bytes=info.prefix_cache_limit_bytes)
     return row
 
 

@@ -92,13 +92,15 @@ def _save_state(directory: Path, nodes: list[LocalNode]) -> None:
     atomic_write(directory / STATE_FILE, json.dumps({"nodes": [asdict(n) for n in nodes]}, indent=2).encode())
 
 
-def _prepare_home(home: Path, name: str, bench: bool = False) -> Identity:
+def _prepare_home(home: Path, name: str, bench: bool = False, settings: dict | None = None) -> Identity:
     """A daemon's home; ``bench``: it serves the benchmark operations and allows a plaintext ring
-    (a temporary benchmark cluster on loopback, which is trusted)."""
+    (a temporary benchmark cluster on loopback, which is trusted); ``settings``: more node.toml
+    settings for a new home."""
     if not (home / "identity").exists():
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         Identity.generate().save(home / "identity")
-        NodeConfig(name=name, listen="tcp://127.0.0.1:0", allow_plaintext_ring=bench, bench_operations=bench).save(home)
+        NodeConfig(name=name, listen="tcp://127.0.0.1:0", allow_plaintext_ring=bench, bench_operations=bench,
+                   **(settings or {})).save(home)
     elif bench:  # a kept home: allow it now (never taken back here: that is node.toml's to say)
         config = NodeConfig.load(home)
         if not (config.allow_plaintext_ring and config.bench_operations):
@@ -159,11 +161,11 @@ def _wait_ready(home: Path, proc: subprocess.Popen, deadline: float) -> str:
 
 def up(count: int, directory: Path, user: Identity, registry: Registry,
        progress: Callable[[str], None] = lambda _: None, bench: bool = False,
-       remember: bool = False) -> list[LocalNode]:
+       remember: bool = False, settings: dict | None = None) -> list[LocalNode]:
     """Start ``count`` daemons and register them. Refuses if this directory's cluster is running.
     ``bench``: the nodes serve the benchmark operations and may run a training ring unencrypted;
     ``remember``: later commands without ``--dir`` find this cluster (the user's own, not a benchmark's
-    temporary one)."""
+    temporary one); ``settings``: node.toml settings of new homes (e.g. a memory budget)."""
     if count < 1 or count > 64:
         raise LocalClusterError("--local takes a node count between 1 and 64")
     running = [n for n in load_state(directory) if n.process()]
@@ -172,7 +174,7 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
                                 f"({', '.join(n.name for n in running)}); run 'dllmctl cluster down' first")
     names = [f"local-{i + 1}" for i in range(count)]
     homes = [directory / name for name in names]
-    identities = [_prepare_home(h, n, bench) for h, n in zip(homes, names)]
+    identities = [_prepare_home(h, n, bench, settings) for h, n in zip(homes, names)]
     _share_hardware_measurement(homes, progress)
     for home, identity in zip(homes, identities):
         keys = AuthorizedKeys(home / "authorized_keys.toml")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from dllmd.net.messages.inference import SamplingParams
@@ -66,16 +66,19 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                                  on_token: Callable[[int], None] = lambda _: None, bans: Bans | None = None,
                                  assigned: dict[str, int] | None = None, stages: list[Stage] | None = None,
                                  max_failovers: int = MAX_FAILOVERS, result: Generation | None = None,
-                                 hops: HopCodec = HopCodec()) -> Generation:
+                                 hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = ()) -> Generation:
     """Generate ``max_new_tokens`` after ``prompt_ids`` on the best route, failing over to replicas.
 
     ``assigned`` (node -> sessions this client runs there) is updated while the session runs, so
     concurrent calls spread over replicas; ``stages`` skips the first live query when the caller
-    just made it; ``result`` lets the caller watch the routes and tokens while it runs. After a failure the route is chosen again from what is known, minus the banned
+    just made it; ``result`` lets the caller watch the routes and tokens while it runs; ``prefix`` names
+    the prompt's blocks for the stages' prefix caches (replays use it too). After a failure the route
+    is chosen again from what is known, minus the banned
     nodes; the nodes are asked anew only when that is not enough. Raises RouteError when no replica is left for some span."""
     bans = bans if bans is not None else Bans()
     assigned = assigned if assigned is not None else {}
     result = result or Generation(prompt_tokens=len(prompt_ids))
+    started = time.perf_counter()
     failed_at: float | None = None
     candidates = stages if stages is not None else await find_stages()
     while True:
@@ -94,11 +97,13 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
             done = len(result.token_ids)  # a replay prefills the prompt and these, then generates the rest
             async with DistributedSession(pool, route, model, sampling, prompt_tokens=len(prompt_ids) + done,
                                           max_new_tokens=max_new_tokens - done, logits=logits,
-                                          parallelism=parallelism, hops=hops) as session:
+                                          parallelism=parallelism, hops=hops, prefix=prefix) as session:
                 tokens_before = len(result.token_ids)
 
                 def token_arrived(token: int) -> None:
                     nonlocal failed_at
+                    if not result.time_to_first_token_s:
+                        result.time_to_first_token_s = time.perf_counter() - started
                     if failed_at is not None:  # the first token after a failover ends the stall
                         result.failovers[-1]["stall_s"] = time.perf_counter() - failed_at
                         failed_at = None

@@ -26,6 +26,7 @@ from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.failover import generate_with_failover
+from dllmctl.inference.prefix import prefix_hashes, prefix_key
 from dllmctl.inference.session import PARALLELISMS, Generation
 from dllmd.net.pool import ConnectionPool
 from dllmctl.models import local_store
@@ -134,6 +135,7 @@ class GenerationRequest:
     parallelism: str = "pipeline"
     activations: str = "fp32"  # how hidden states travel between stages: fp32 (exact), fp16, int8
     activation_block: int = DEFAULT_BLOCK  # int8's values per scale
+    prefix_cache: bool = True  # let the stages reuse (and keep) this client's cached prompt prefixes
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Prepared:
     sampling: SamplingParams
     parallelism: str
     hops: HopCodec = HopCodec()
+    prefix_cache: bool = True
 
 
 def prepare(request: GenerationRequest) -> Prepared:
@@ -178,7 +181,7 @@ def prepare(request: GenerationRequest) -> Prepared:
         hops.check_width(model.hidden_size)
     except CodecError as exc:
         raise GenerationError(str(exc), "activations") from None
-    return Prepared(model, ids, wanted, sampling, request.parallelism, hops)
+    return Prepared(model, ids, wanted, sampling, request.parallelism, hops, request.prefix_cache)
 
 
 def _check_sampling(s: SamplingParams) -> None:
@@ -261,10 +264,11 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
 
     own_pool = pool is None
     pool = pool or ConnectionPool(user)
+    prefix = prefix_hashes(prepared.prompt_ids, prefix_key(user)) if prepared.prefix_cache else []
     task = asyncio.ensure_future(generate_with_failover(
         pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, prepared.prompt_ids,
         prepared.max_new_tokens, set(model.stop_ids), prepared.sampling, parallelism=prepared.parallelism,
-        on_token=arrived, assigned=assigned, hops=prepared.hops))
+        on_token=arrived, assigned=assigned, hops=prepared.hops, prefix=prefix))
     _running.add(task)
     task.add_done_callback(_running.discard)
     if own_pool:

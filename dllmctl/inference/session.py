@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +27,7 @@ from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import parse_reply, to_wire
 from dllmd.net.wire import ErrorCode, WireError
+from dllmctl.inference.prefix import usable_cached_tokens
 from dllmctl.placement.routing import Stage
 
 # pipeline: prompt chunks overlap across stages, decode batched with other sessions; model: one piece,
@@ -65,6 +67,8 @@ class Generation:
     hop_bytes: list[list[int]] = field(default_factory=list)  # per step, per stage boundary
     routes: list[list[dict]] = field(default_factory=list)  # [{node, start, end}]; one more per failover
     failovers: list[dict] = field(default_factory=list)  # {"step", "suspects", "error", "stall_s"}
+    cached_tokens: int = 0  # prompt tokens the stages took from their prefix caches (the session of step 0)
+    time_to_first_token_s: float = 0.0  # from the start of the request (route, open, prefill) to the first token
 
 
 def prompt_chunks(token_ids: list[int], parallelism: str, chunk: int = PREFILL_CHUNK) -> list[list[int]]:
@@ -77,9 +81,11 @@ class DistributedSession:
 
     def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
                  prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = 600.0,
-                 parallelism: str = "pipeline", hops: HopCodec = HopCodec()):
+                 parallelism: str = "pipeline", hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = ()):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
-        stage reserves its KV cache for them when the session opens (and refuses it if they do not fit)."""
+        stage reserves its KV cache for them when the session opens (and refuses it if they do not fit).
+        ``prefix``: the chain hashes of the prompt's blocks (:mod:`dllmctl.inference.prefix`), so the
+        stages skip what their prefix caches hold and cache what this session computes."""
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         self.pool, self.route, self.model = pool, route, model
@@ -91,6 +97,8 @@ class DistributedSession:
         self.streams: list[ReplyStream | None] = [None] * len(route)
         self._arrivals: asyncio.Queue[int] = asyncio.Queue()  # which stream has a reply waiting
         self.position = 0  # tokens the stages hold in their caches
+        self.prefix = list(prefix)
+        self.cached_reported = [0] * len(route)  # leading prompt tokens each stage holds cached
 
     async def __aenter__(self) -> "DistributedSession":
         try:
@@ -108,13 +116,13 @@ class DistributedSession:
                         next_address=nxt.address if nxt else "", next_public_key=nxt.public_key if nxt else "",
                         sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
                         batching=self.parallelism != "model", activations=self.hops.encoding,
-                        activation_block=self.hops.block)
+                        activation_block=self.hops.block, prefix=self.prefix)
         try:
             stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), timeout=OPEN_TIMEOUT_S)
             self.streams[index] = stream
             stream.watch(lambda: self._arrivals.put_nowait(index))
             opened = await stream.next(timeout=OPEN_TIMEOUT_S)
-            parse_reply(Opened, opened.result)
+            self.cached_reported[index] = parse_reply(Opened, opened.result).cached_tokens
         except CallError as exc:
             raise self._failure(index, exc) from exc
         except WireError as exc:
@@ -171,6 +179,13 @@ class DistributedSession:
             if not reply.result.get("chunk"):
                 return reply.result, logits
 
+    def skippable(self, fed_tokens: int) -> int:
+        """Leading tokens of the first feed the stages already hold (none when every position's logits
+        are wanted: cached positions have none)."""
+        if not self.prefix or self.logits == "all":
+            return 0
+        return usable_cached_tokens(self.cached_reported, fed_tokens)
+
     async def _next_from_last(self, timeout: float):
         """The last stage's next reply, while any other stage may report a failure on its own stream.
 
@@ -206,6 +221,11 @@ class DistributedSession:
         result.routes.append([{"node": s.node.name, "start": s.span.start, "end": s.span.end} for s in self.route])
         started = time.perf_counter() - result.seconds
         feed = list(prompt_ids) + result.token_ids
+        if self.position == 0:  # a new session: the stages start from what they hold cached
+            self.position = self.skippable(len(feed))
+            feed = feed[self.position:]
+            if not result.token_ids:
+                result.cached_tokens = self.position
         for step in range(len(result.token_ids), max_new_tokens):
             t0 = time.perf_counter()
             report, logits = await self.step(feed, step)

@@ -26,6 +26,7 @@ from dllmd import hardware
 from dllmd.config import validate_endpoint
 from dllmd.inference.forwarding import Forwarder, Onward
 from dllmd.inference.memory import MemoryCap, NoRoom
+from dllmd.inference.prefix_cache import PrefixCache
 from dllmd.inference.sampling import sample_next
 from dllmd.inference.scheduler import PendingStep, StepScheduler, admit
 from dllmd.inference.sessions import DETACHED, NextHop, Session, SessionTable
@@ -64,9 +65,10 @@ class LoadedSpan:
     follow_stop: threading.Event | None = None  # a follower's thread runs until this is set
     follow_thread: threading.Thread | None = None
 
-    def describe(self, sessions: list[Session] = (), queued: int = 0) -> ServedSpan:
+    def describe(self, sessions: list[Session] = (), queued: int = 0, prefix: tuple[int, int] = (0, 0)) -> ServedSpan:
         s, g = self.span, self.group
         return ServedSpan(model=self.model, start=s.start, end=s.end, embed=s.embed, head=s.head,
+                          prefix_cache_bytes=prefix[0], prefix_cache_blocks=prefix[1],
                           dtype=str(s.dtype).removeprefix("torch."), param_bytes=self.param_bytes,
                           sessions=len(sessions), kv_bytes=sum(x.cache.nbytes for x in sessions),
                           kv_reserved_bytes=sum(x.reserved_bytes for x in sessions), queued=queued,
@@ -80,7 +82,7 @@ class LoadedSpan:
 class InferenceService:
     def __init__(self, peers: ConnectionPool, keys: AuthorizedKeys, memory_budget_bytes: int,
                  group_channel: Callable[[], GroupChannel] | None = None, own_key: str = "",
-                 memory_cap: MemoryCap = MemoryCap()):
+                 memory_cap: MemoryCap = MemoryCap(), prefix_cache_bytes: int = 0):
         self.keys = keys
         self.own_key = own_key  # this node's Ed25519 public key (hex): its entry in a group's member list
         self.group_channel = group_channel  # opens a tensor-parallel member's sockets
@@ -88,6 +90,7 @@ class InferenceService:
         self.cap = memory_cap
         self._loading_bytes = 0  # weights of spans being built: they count against the cap already
         self.sessions = SessionTable(memory_budget_bytes, cap=memory_cap, weights_bytes=self.weights_bytes)
+        self.prefix = PrefixCache(prefix_cache_bytes, room=self.sessions.unreserved_bytes)
         self.scheduler = StepScheduler()
         self.forwarder = Forwarder(peers, lambda pending, why: self._end(pending.session,
                                                                          ErrorCode.NEXT_HOP_UNREACHABLE, why))
@@ -123,7 +126,7 @@ class InferenceService:
                 loaded.group.channel.close()
 
     def serving(self) -> list[ServedSpan]:
-        return [loaded.describe(self.sessions.for_model(name), self.scheduler.queued_for(name))
+        return [loaded.describe(self.sessions.for_model(name), self.scheduler.queued_for(name), self.prefix.held(name))
                 for name, loaded in self.spans.items()]
 
     def weights_bytes(self) -> int:
@@ -163,6 +166,7 @@ class InferenceService:
                                 span.tensor_slice.vocab_lo)
             span.attach(group.reduce)
         self.unload(model)
+        self.prefix.drop_model(model)  # cached blocks belong to the span that computed them
         loaded = self.spans[model] = LoadedSpan(model, span, param_bytes, group=group, ready=group is None)
         log.info("serving %s layers [%d, %d)%s (%.1f MiB)", model, span.start, span.end,
                  f" as member {span.tensor_slice.rank} of group {group.group}" if group else "", param_bytes / 2**20)
@@ -172,6 +176,7 @@ class InferenceService:
         for session in self.sessions.for_model(model):
             self._end(session, ErrorCode.UNAVAILABLE, f"model {model} was undeployed from this node")
         loaded = self.spans.pop(model, None)
+        self.prefix.drop_model(model)
         if loaded is not None:
             self._leave_group(loaded)
         return loaded is not None
@@ -341,17 +346,23 @@ class InferenceService:
         except CodecError as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         reserve = span.kv_cache_bytes(positions)
+        # Keyed by the caller: a client never hits (or times) another client's prompts.
+        prefix = self.prefix.open_session(span, a.model, call.caller.public_key, a.prefix, a.prompt_tokens,
+                                          usable=loaded.group is None)
         next_hop = NextHop(a.next_address, a.next_public_key) if a.next_address else None
         session = Session(a.session, a.model, span.new_cache(), call.responder, next_hop, a.sampling, a.logits,
-                          a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching, hops=hops)
+                          a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching, hops=hops,
+                          prefix=prefix)
         try:
             self.sessions.add(session)
         except NoRoom as exc:
             raise HandlerError(ErrorCode.NO_MEMORY, f"layers [{span.start}, {span.end}): {exc}; try another "
                                                     f"replica, a shorter request, or later") from None
+        self.prefix.shrink()  # the cache lives in what sessions leave unreserved
         if loaded.group is not None:
             await self._open_on_followers(loaded, session)
-        call.responder.send(M.Opened(opened=True, start=span.start, end=span.end, reserved_bytes=reserve))
+        call.responder.send(M.Opened(opened=True, start=span.start, end=span.end, reserved_bytes=reserve,
+                                     cached_tokens=prefix.cached_tokens if prefix else 0))
         return DEFERRED
 
     def _check_group_leader(self, loaded: LoadedSpan) -> None:
@@ -423,6 +434,8 @@ class InferenceService:
                 failures.append(str(exc))
                 continue
             try:
+                if session.prefix is not None and not session.prefix.begun:  # starts from cached blocks
+                    session.queued_position = self.prefix.begin(session.prefix, session.cache, item.start)
                 self.scheduler.add(admit(span, session, item, inputs))
             except HandlerError as exc:
                 self._end(session, exc.code, exc.message)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from dllmd.inference.memory import MemoryCap, NoRoom
+from dllmd.inference.prefix_cache import SessionPrefix
 from dllmd.models.span import SpanCache
 from dllmd.net.codec import HopCodec
 from dllmd.net.messages.inference import SamplingParams
@@ -58,6 +59,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0
     queued_position: int = 0  # the position the next arriving step must start at (steps may be queued)
+    prefix: SessionPrefix | None = None  # its use of the stage's prefix cache (None: not cached)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -77,6 +79,7 @@ class SessionTable:
         self.cap = cap
         self.weights_bytes = weights_bytes
         self._sessions: dict[str, Session] = {}
+        self._reserved = 0  # kept as a sum: the prefix cache asks from the compute thread
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -85,7 +88,10 @@ class SessionTable:
         return self._sessions.get(session_id)
 
     def reserved_bytes(self) -> int:
-        return sum(s.reserved_bytes for s in self._sessions.values())
+        return self._reserved
+
+    def unreserved_bytes(self) -> int:
+        return self.memory_budget_bytes - self._reserved
 
     def cache_bytes(self) -> int:
         """Memory the caches hold now (at most what is reserved)."""
@@ -104,10 +110,15 @@ class SessionTable:
 
     def add(self, session: Session) -> None:
         self.check_room(session.reserved_bytes)
+        self.pop(session.id)  # callers refuse ids in use; keep the sum right regardless
         self._sessions[session.id] = session
+        self._reserved += session.reserved_bytes
 
     def pop(self, session_id: str) -> Session | None:
-        return self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._reserved -= session.reserved_bytes
+        return session
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())

@@ -10,6 +10,12 @@ from dllmd.net.schema import Op, bounded
 MAX_BATCH = 64  # sessions per batched decode pass (and steps per session.forward message)
 MAX_POSITIONS = 1_048_576  # prompt + generated tokens one session may reserve
 MAX_STEP_TOKENS = 4096  # tokens per step: a longer prompt is sent in chunks
+# The prefix cache matches prompts in whole blocks of this many tokens, each named by a chain hash
+# (block i's hash covers blocks 0..i, so one key stands for the whole prefix up to it).
+PREFIX_BLOCK_TOKENS = 16
+PREFIX_HASH_BYTES = 16
+# Hashes one session.open may carry (32768 tokens): they must fit a message header.
+MAX_PREFIX_BLOCKS = 2048
 
 
 @dataclass
@@ -40,6 +46,10 @@ class OpenArgs:
     # blockwise int8 with blocks of activation_block values along the hidden dimension.
     activations: str = bounded("fp32", max_len=8)
     activation_block: int = bounded(64, lo=1, hi=65536)
+    # The chain hashes of the prompt's whole blocks (an opaque, client-keyed digest: no stage learns
+    # the tokens from them). The stage reports how many leading blocks it holds in its prefix cache,
+    # and caches the blocks this session computes, for this client's later sessions.
+    prefix: list[bytes] = bounded([], max_len=MAX_PREFIX_BLOCKS)
 
 
 @dataclass
@@ -50,6 +60,9 @@ class Opened:
     start: int
     end: int
     reserved_bytes: int  # KV-cache memory this stage set aside for the session
+    # Leading prompt tokens (whole blocks of ``prefix``) this stage holds cached: the session's first
+    # step may start at any block boundary up to here, and the stage starts its cache from them.
+    cached_tokens: int = 0
 
 
 @dataclass

@@ -56,6 +56,8 @@ class ServedSpan:
     busy_s: float = 0.0
     passes: int = 0
     tokens: int = 0
+    prefix_cache_bytes: int = 0  # cached prompt blocks of this model (shared by a client's sessions)
+    prefix_cache_blocks: int = 0
     tensor_slice: TensorSlice | None = None  # a tensor-parallel member's part of each layer
     group_port: int = 0  # where the other members of its group reach it (on this node's host)
     group_ready: bool = False  # linked to every other member (group.connect)
@@ -90,6 +92,7 @@ class Info:
     kv_budget_bytes: int = 0  # what this node lets sessions' KV caches reserve in all
     limits: NodeLimits = field(default_factory=NodeLimits)
     memory_used_bytes: int = 0  # weights held and loading + KV caches reserved: what limits.memory_bytes caps
+    prefix_cache_limit_bytes: int = 0  # the most the prefix cache holds (within what sessions leave unreserved)
 
 
 @dataclass
