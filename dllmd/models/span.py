@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -118,6 +119,25 @@ def expected_weight_bytes(config, start: int, end: int, *, embed: bool, head: bo
         skipped.add("lm_head.weight")  # the embedding matrix, held once
     elements = sum(p.numel() for name, p in modules.named_parameters() if name not in skipped)
     return elements * torch.empty((), dtype=dtype).element_size()
+
+
+@contextmanager
+def _broken_on_failure(caches: Sequence[SpanCache]):
+    """A pass that fails half-way has updated some layers' caches and not others: none is usable after."""
+    try:
+        yield
+    except BaseException:
+        for cache in caches:
+            cache._broken = True
+        raise
+
+
+def _advance(caches: Sequence[SpanCache], lengths: Sequence[int]) -> None:
+    """After a pass: each cache holds its new tokens (a multi-token step's ragged runs are compacted)."""
+    for cache, n in zip(caches, lengths):
+        cache._length += n
+        if n > 1:
+            cache.compact()
 
 
 def _last_runs(parts: list, runs: list[int], keep: int) -> list:
@@ -387,14 +407,9 @@ class LayerSpan(nn.Module):
         hidden = self._input_hidden(inputs.to(self.device, non_blocking=True))
         self._check_positions(hidden, position_ids, cache)
         position_ids = position_ids.to(self.device, non_blocking=True)
-        try:
+        with _broken_on_failure([cache]):
             hidden = self._run_layers(hidden, position_ids, cache)
-        except BaseException:
-            cache._broken = True
-            raise
-        cache._length += hidden.shape[1]
-        if hidden.shape[1] > 1:
-            cache.compact()
+        _advance([cache], [hidden.shape[1]])
         if not self.head:
             return hidden
         return self._logits(hidden, logits_to_keep)
@@ -414,7 +429,7 @@ class LayerSpan(nn.Module):
             cache._check_usable()
         hidden = self._input_hidden(inputs.to(self.device, non_blocking=True))
         position_ids = torch.tensor([[c.length] for c in caches], dtype=torch.long).to(self.device, non_blocking=True)
-        try:
+        with _broken_on_failure(caches):
             if self.layer_types:
                 batch_cache = BatchCache(caches)
                 rotary = self._rotary(hidden, position_ids)
@@ -423,12 +438,7 @@ class LayerSpan(nn.Module):
                         # No masks: one new token sees every key its session's cache keeps.
                         hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
                                        position_embeddings=rotary[self.layer_types[index]], past_key_values=batch_cache)
-        except BaseException:
-            for cache in caches:
-                cache._broken = True
-            raise
-        for cache in caches:
-            cache._length += 1
+        _advance(caches, [1] * len(caches))
         if not self.head:
             return hidden
         return self._logits(hidden, 1)
@@ -464,7 +474,7 @@ class LayerSpan(nn.Module):
             self._check_positions(part, position, cache)
         hidden = torch.cat(parts, dim=1)
         packed_positions = torch.cat(positions, dim=1).to(self.device, non_blocking=True)
-        try:
+        with _broken_on_failure(caches):
             if self.layer_types:
                 # Built before attention is rerouted: the mask format follows the config's attention.
                 masks = [self._masks(part, position.to(self.device), cache)
@@ -477,14 +487,7 @@ class LayerSpan(nn.Module):
                         hidden = layer(hidden, attention_mask=PackedMasks([m[layer_type] for m in masks]),
                                        position_ids=packed_positions, position_embeddings=rotary[layer_type],
                                        past_key_values=packed_cache)
-        except BaseException:
-            for cache in caches:
-                cache._broken = True
-            raise
-        for cache, n in zip(caches, lengths):
-            cache._length += n
-            if n > 1:
-                cache.compact()
+        _advance(caches, lengths)
         outputs = list(hidden.split(lengths, dim=1))
         if not self.head:
             return outputs
