@@ -21,6 +21,7 @@ from dllmctl.models.deploy import deploy, undeploy
 from dllmctl.placement.layout import PlanError, Span
 from dllmctl.placement.routing import RouteError
 from dllmctl.placement.tensor import TensorShape, split_span
+from dllmd.net.codec import HopCodec
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.identity import Identity
 from dllmd.net.pool import ConnectionPool
@@ -65,14 +66,15 @@ def _deploy(cluster, name: str, spans: list[Span]) -> None:
     asyncio.run(deploy(cluster["user"], cluster["registry"].nodes, cluster["store"].root / name, spans))
 
 
-def _generate(cluster, name: str, model, prompt: list[int], parallelism: str, logits: str = "last"):
+def _generate(cluster, name: str, model, prompt: list[int], parallelism: str, logits: str = "last",
+              hops: HopCodec = HopCodec()):
     nodes = list(cluster["registry"].nodes.values())
 
     async def run():
         async with ConnectionPool(cluster["user"]) as pool:
             return await generate_with_failover(
                 pool, lambda: live_stages(cluster["user"], nodes, name), name, model.config.num_hidden_layers,
-                prompt, NEW_TOKENS, set(), SamplingParams(), parallelism=parallelism, logits=logits)
+                prompt, NEW_TOKENS, set(), SamplingParams(), parallelism=parallelism, logits=logits, hops=hops)
 
     return asyncio.run(run())
 
@@ -109,6 +111,29 @@ def test_tensor_parallel_groups_generate_like_the_full_model(cluster, family):
             for logits in ("last", "none"):
                 got = _generate(cluster, name, model, prompt, "tensor", logits)
                 _check_exact(model, prompt, got, f"{family} {label} {prompt_label} logits={logits}")
+
+
+def test_compressed_partial_sums_stay_within_the_codecs_error(cluster):
+    """With --activations fp16 or int8 a group's partial sums travel compressed (every member sums the
+    dequantized form of every partial, its own included): the logits stay within the codec's error of
+    the exact ones, the same on a second run, and an int8 block that does not divide the width is refused."""
+    name, model = _import(cluster, "llama")
+    nodes = sorted(cluster["registry"].nodes)
+    _deploy(cluster, name, _group_spans(model, nodes[:3], 0, model.config.num_hidden_layers, [3, 2, 1], "gz"))
+    prompt = PROMPTS["long"]
+    with torch.no_grad():
+        exact = model(torch.tensor([prompt])).logits[0, -1]
+    for hops, tolerance in ((HopCodec("fp16"), 2e-3), (HopCodec("int8", 16), 5e-2)):
+        first = _generate(cluster, name, model, prompt, "tensor", hops=hops)
+        again = _generate(cluster, name, model, prompt, "tensor", hops=hops)
+        assert first.token_ids == again.token_ids and torch.equal(first.logits[0], again.logits[0])
+        error = (first.logits[0][-1] - exact).abs().max().item()
+        assert 0 < error < tolerance * exact.abs().max().item(), f"{hops.encoding}: {error}"
+    from dllmctl.inference.session import StageFailure
+    from dllmd.net.client import RemoteError
+
+    with pytest.raises((RemoteError, StageFailure), match="do not divide the hidden size 96"):
+        _generate(cluster, name, model, prompt, "tensor", hops=HopCodec("int8", 64))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])

@@ -341,7 +341,7 @@ class InferenceService:
                                                     f"exceed the model's context of {context} tokens")
         try:
             hops = HopCodec(a.activations, a.activation_block)
-            if a.next_address:
+            if a.next_address or loaded.group is not None:  # what travels: hidden states, partial sums
                 hops.check_width(span.config.hidden_size)
         except CodecError as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
@@ -564,6 +564,9 @@ class InferenceService:
 def pass_spec(batch: list[PendingStep], head: bool) -> PassSpec:
     """What a pass runs, as every member of a tensor-parallel group must run it. At the head, each row
     says whether the session needs only its greedy token (the group then never gathers whole logits)."""
+    # A group's partial sums travel compressed only when every session of the pass asked for the same.
+    hops = {p.session.hops for p in batch}
+    hops = hops.pop() if len(hops) == 1 else HopCodec()
     wants = None
     if head:
         wants = ["token" if p.session.logits == "none" and p.session.sampling.temperature == 0 else "logits"
@@ -571,11 +574,11 @@ def pass_spec(batch: list[PendingStep], head: bool) -> PassSpec:
     if len(batch) == 1:
         pending = batch[0]
         return PassSpec("one", [pending.session.id], start=pending.item.start,
-                        keep=0 if pending.session.logits == "all" else 1, wants=wants)
+                        keep=0 if pending.session.logits == "all" else 1, wants=wants, hops=hops)
     if any(p.tokens > 1 for p in batch):  # prefill chunks of several sessions (never a tensor-parallel group's)
         return PassSpec("packed", [p.session.id for p in batch], wants=wants,
                         keeps=[0 if p.session.logits == "all" else 1 for p in batch])
-    return PassSpec("batch", [p.session.id for p in batch], wants=wants)
+    return PassSpec("batch", [p.session.id for p in batch], wants=wants, hops=hops)
 
 
 def run_step(span: LayerSpan, spec: PassSpec, inputs: torch.Tensor | list[torch.Tensor],

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import zmq
 
+from dllmd.net.codec import DEFAULT_BLOCK, CodecError, HopCodec, pack_partial, unpack_partial
 from dllmd.net.identity import Identity, curve_public_z85
 from dllmd.net.transport import ZAP_DOMAIN
 from dllmd.net.wire import ITEMSIZE
@@ -75,15 +76,18 @@ class PassSpec:
     keep: int = 1  # logits_to_keep of a lone step (0: all positions)
     wants: list[str] | None = None  # head only, per row: "token" (greedy id) or "logits" (the whole row)
     keeps: list[int] | None = None  # a "packed" pass (prefill chunks, never a group's): keep per session
+    hops: HopCodec = HopCodec()  # how the pass's partial sums travel (fp32: exact)
 
     def to_wire(self) -> dict:
         return {"mode": self.mode, "sessions": self.sessions, "start": self.start, "keep": self.keep,
-                "wants": self.wants}
+                "wants": self.wants, "hops": [self.hops.encoding, self.hops.block]}
 
     @classmethod
     def from_wire(cls, doc: dict) -> "PassSpec":
+        encoding, block = doc.get("hops", ("fp32", DEFAULT_BLOCK))
         return cls(mode=str(doc["mode"]), sessions=[str(s) for s in doc["sessions"]], start=int(doc["start"]),
-                   keep=int(doc["keep"]), wants=None if doc["wants"] is None else [str(w) for w in doc["wants"]])
+                   keep=int(doc["keep"]), wants=None if doc["wants"] is None else [str(w) for w in doc["wants"]],
+                   hops=HopCodec(str(encoding), int(block)))
 
 
 def _tensor_header(tensor: torch.Tensor) -> dict:
@@ -245,6 +249,7 @@ class TensorGroup:
         self.reductions = 0
         self.reduce_s = 0.0
         self.wait_s = 0.0
+        self.hops = HopCodec()  # the current pass's encoding of partial sums
 
     @property
     def size(self) -> int:
@@ -259,6 +264,8 @@ class TensorGroup:
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum of every member's ``partial`` of this reduction, added in rank order (bitwise the
         same on every member)."""
+        if self.hops.encoding != "fp32":
+            return self._reduce_encoded(partial)
         started = time.perf_counter()
         index = self._index
         self._index += 1
@@ -293,6 +300,33 @@ class TensorGroup:
         self.reduce_s += time.perf_counter() - started
         self.wait_s += waited
         return total.reshape(local.shape).to(partial.device)
+
+    def _reduce_encoded(self, partial: torch.Tensor) -> torch.Tensor:
+        """The reduction with partials sent in ``self.hops``' encoding (fp16, blockwise int8): every member
+        sums the dequantized form of every partial, its own included, in rank order, so all members
+        still end bitwise identical (to each other; the sum is within the codec's error of the exact one)."""
+        started = time.perf_counter()
+        index = self._index
+        self._index += 1
+        local = partial.detach().to("cpu").contiguous()
+        mine = pack_partial(local, self.hops)
+        self.channel.send_all(PARTIAL, self.seq, index, mine)
+        total, waited = None, 0.0
+        for rank in range(self.size):
+            payload = mine
+            if rank != self.rank:
+                before = time.perf_counter()
+                (payload,) = self.channel.receive(rank, self.seq, index, (PARTIAL,))
+                waited += time.perf_counter() - before
+            try:
+                value = unpack_partial(payload, local, self.hops.block)
+            except CodecError as exc:
+                raise GroupError(f"member {rank}'s partial: {exc}: the members disagree on the pass", rank) from None
+            total = value if total is None else total.add_(value)
+        self.reductions += 1
+        self.reduce_s += time.perf_counter() - started
+        self.wait_s += waited
+        return total.to(partial.dtype).to(partial.device)
 
     def abort(self, why: str) -> None:
         """Tell every other member this command is given up (they stop at their next wait for it)."""
@@ -331,6 +365,7 @@ class TensorGroup:
         and at the head gather what each row wants. Returns ``compute``'s outputs, where at the head
         each row is a greedy token id (``int``) or the whole row's logits."""
         cpu_inputs = inputs.detach().to("cpu").contiguous()
+        self.hops = spec.hops
         seq = self._command(PASS, {"spec": spec.to_wire(), "input": _tensor_header(cpu_inputs)},
                             memoryview(cpu_inputs.view(torch.uint8).numpy()))
         outputs = self._guarded(compute)
@@ -395,6 +430,7 @@ class TensorGroup:
                     close_sessions([str(s) for s in doc["sessions"]])
                 else:
                     spec = PassSpec.from_wire(doc["spec"])
+                    self.hops = spec.hops
                     outputs = run_pass(spec, _tensor(doc["input"], frames[1]))
                     if spec.wants is not None:
                         summary = head_summary(spec.wants, outputs, self.vocab_lo)

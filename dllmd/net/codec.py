@@ -104,3 +104,39 @@ def encoded_bytes(parts: list[torch.Tensor]) -> int:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# --- a tensor-parallel partial sum as one message ------------------------------------------------
+
+_PARTIAL_TAGS = {"fp32": 0, "fp16": 1, "int8": 2}  # "fp32": the partial as computed, in its own dtype
+
+
+def pack_partial(partial: torch.Tensor, hops: HopCodec) -> bytes:
+    """One member's partial of a reduction in ``hops``' encoding: a tag byte (the encoding used: fp16
+    falls back past its range, so members may differ), then the parts' bytes."""
+    encoding, parts = hops.encode(partial.detach().cpu().contiguous())
+    return bytes([_PARTIAL_TAGS[encoding]]) + b"".join(p.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                                                       for p in parts)
+
+
+def unpack_partial(payload, like: torch.Tensor, block: int) -> torch.Tensor:
+    """A packed partial of ``like``'s shape and dtype, dequantized to float32; CodecError when the
+    bytes do not hold one."""
+    data = memoryview(payload)
+    if len(data) < 1 or data[0] not in _PARTIAL_TAGS.values():
+        raise CodecError("a partial sum must start with its encoding's tag")
+    encoding = next(name for name, tag in _PARTIAL_TAGS.items() if tag == data[0])
+    body, numel, shape = data[1:], like.numel(), like.shape
+    sizes = {"fp32": [numel * like.element_size()], "fp16": [numel * 2],
+             "int8": [numel, numel // block * 4] if block and shape and shape[-1] % block == 0 else [-1]}[encoding]
+    if len(body) != sum(sizes):
+        raise CodecError(f"an {encoding} partial of {list(shape)} is {sum(sizes)} bytes, got {len(body)}")
+
+    def part(offset: int, size: int, dtype: torch.dtype, part_shape) -> torch.Tensor:
+        return torch.frombuffer(bytearray(body[offset:offset + size]), dtype=torch.uint8).view(dtype).reshape(part_shape)
+
+    if encoding == "int8":
+        values = part(0, sizes[0], torch.int8, shape)
+        scales = part(sizes[0], sizes[1], torch.float32, (*shape[:-1], shape[-1] // block))
+        return dequantize_blockwise(values, scales)
+    return part(0, sizes[0], like.dtype if encoding == "fp32" else torch.float16, shape).to(torch.float32)
