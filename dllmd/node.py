@@ -187,7 +187,7 @@ class Daemon:
             endpoint=self.endpoint, uptime_s=round(time.time() - self.started_at, 3),
             rss_bytes=psutil.Process().memory_info().rss,
             hardware=M.Hardware(**{**snapshot, "gpus": [M.Gpu(**g) for g in snapshot["gpus"]]}),
-            serving=self.inference.serving(), kv_budget_bytes=self.inference.sessions.memory_budget_bytes,
+            serving=self.inference.serving(prefix_stats=call.caller.role == Role.ADMIN), kv_budget_bytes=self.inference.sessions.memory_budget_bytes,
             limits=M.NodeLimits(memory_bytes=limits.memory, threads=limits.threads, gpus=limits.gpus),
             memory_used_bytes=self.inference.memory_used_bytes(),
             prefix_cache_limit_bytes=self.inference.prefix.limit_bytes)

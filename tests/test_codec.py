@@ -67,3 +67,26 @@ def test_bad_encodings_and_parts_are_refused_with_what_was_expected():
         decode("fp16", [torch.randn(1, 2, 64)], torch.float32)
     with pytest.raises(CodecError, match="does not divide"):
         quantize_blockwise(torch.randn(1, 1, 60), 16)
+
+
+def test_compressed_steps_are_shape_checked_before_they_are_expanded():
+    values, scales = quantize_blockwise(torch.randn(1, 3, 64), 16)
+    assert decode("int8", [values, scales], torch.float32, width=64, max_tokens=4).shape == (1, 3, 64)
+    for bad_width, bad_tokens in ((32, 4), (64, 2)):
+        with pytest.raises(CodecError, match=r"hidden states \[1, seq"):
+            decode("int8", [values, scales], torch.float32, width=bad_width, max_tokens=bad_tokens)
+    with pytest.raises(CodecError, match="do not match"):  # zero-width values beside scales
+        dequantize_blockwise(torch.zeros(1, 0, dtype=torch.int8), torch.ones(1, 2))
+
+
+def test_packed_partials_round_trip_and_refuse_the_wrong_size():
+    from dllmd.net.codec import pack_partial, unpack_partial
+
+    partial = torch.randn(2, 5, 64)
+    for hops, tolerance in ((HopCodec(), 0.0), (HopCodec("fp16"), 1e-2), (HopCodec("int8", 16), 5e-2)):
+        back = unpack_partial(pack_partial(partial, hops), partial, hops.block)
+        assert back.dtype == torch.float32 and float((back - partial).abs().max()) <= tolerance
+    with pytest.raises(CodecError):
+        unpack_partial(pack_partial(partial, HopCodec("fp16"))[:-2], partial, 64)
+    with pytest.raises(CodecError):
+        unpack_partial(b"\x07" + bytes(10), partial, 64)

@@ -5,7 +5,8 @@ Per generated token the client sends one ``session.forward`` (one-way) to the fi
 stage runs its layers and pushes the hidden state straight to the next stage (one-way again,
 :mod:`.forwarding`); the last stage samples and streams the token id back on the session's stream.
 N stages, N + 1 messages, no round trip per hop. Arriving steps are admitted and batched by
-:mod:`.scheduler`; every pass runs on one compute thread. A ``session.forward`` carries several
+:mod:`.scheduler`; passes run one at a time: CPU decode passes on the event loop itself, the others
+(prefill, tensor-parallel, CUDA) on one compute thread. A ``session.forward`` carries several
 sessions' steps when a batch moves on to the next stage together.
 """
 
@@ -90,7 +91,7 @@ class InferenceService:
         self.cap = memory_cap
         self._loading_bytes = 0  # weights of spans being built: they count against the cap already
         self.sessions = SessionTable(memory_budget_bytes, cap=memory_cap, weights_bytes=self.weights_bytes)
-        self.prefix = PrefixCache(prefix_cache_bytes, room=self.sessions.unreserved_bytes)
+        self.prefix = PrefixCache(prefix_cache_bytes, room=self._prefix_room)
         self.scheduler = StepScheduler()
         self.forwarder = Forwarder(peers, lambda pending, why: self._end(pending.session,
                                                                          ErrorCode.NEXT_HOP_UNREACHABLE, why))
@@ -125,13 +126,27 @@ class InferenceService:
             if loaded.group is not None:
                 loaded.group.channel.close()
 
-    def serving(self) -> list[ServedSpan]:
-        return [loaded.describe(self.sessions.for_model(name), self.scheduler.queued_for(name), self.prefix.held(name))
+    def serving(self, prefix_stats: bool = True) -> list[ServedSpan]:
+        """What this node serves. ``prefix_stats`` False hides the prefix cache's contents: watching
+        them change would tell a client whether another client's prompt hit or how long it was."""
+        return [loaded.describe(self.sessions.for_model(name), self.scheduler.queued_for(name),
+                                self.prefix.held(name) if prefix_stats else (0, 0))
                 for name, loaded in self.spans.items()]
 
     def weights_bytes(self) -> int:
         """Weights this node holds and is loading."""
-        return sum(loaded.param_bytes for loaded in self.spans.values()) + self._loading_bytes
+        # A snapshot: the prefix cache asks from the compute thread while the loop may add a span.
+        return sum(loaded.param_bytes for loaded in list(self.spans.values())) + self._loading_bytes
+
+    def _prefix_room(self) -> int:
+        """What the prefix cache may hold now: what sessions leave unreserved of the KV budget, and what
+        the owner's cap leaves beside the weights and the reservations. The cache only ever fills that
+        headroom and gives it back (``shrink``) whenever a session opens or a span loads, so admission
+        counts it as free and dllm's total stays within the cap."""
+        room = self.sessions.unreserved_bytes()
+        if self.cap.limit_bytes:
+            room = min(room, self.cap.limit_bytes - self.memory_used_bytes())
+        return room
 
     def memory_used_bytes(self) -> int:
         """What counts against the owner's cap: weights held and loading, KV caches reserved."""
@@ -146,6 +161,7 @@ class InferenceService:
         anything is read, then by what the built span holds."""
         self.cap.check("its weights", expected_bytes, self.memory_used_bytes())
         self._loading_bytes += expected_bytes
+        self.prefix.shrink()  # the weights take the cap's headroom the prefix cache may hold
         try:
             span = await asyncio.get_running_loop().run_in_executor(self.compute, build)
         finally:
@@ -283,6 +299,7 @@ class InferenceService:
             self.sessions.add(session)
         except NoRoom as exc:
             return f"member {loaded.group.rank} of group {loaded.group.group}: {exc}"
+        self.prefix.shrink()  # the cache lives in what sessions leave unreserved
         return None
 
     def _close_detached(self, session_ids: list[str]) -> None:
@@ -347,8 +364,10 @@ class InferenceService:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         reserve = span.kv_cache_bytes(positions)
         # Keyed by the caller: a client never hits (or times) another client's prompts.
+        # Not behind lossy hops either: blocks computed from fp16/int8 hidden states must never serve a
+        # session that asked for exact ones (nor the other way round).
         prefix = self.prefix.open_session(span, a.model, call.caller.public_key, a.prefix, a.prompt_tokens,
-                                          usable=loaded.group is None)
+                                          usable=loaded.group is None and hops.encoding == "fp32")
         next_hop = NextHop(a.next_address, a.next_public_key) if a.next_address else None
         session = Session(a.session, a.model, span.new_cache(), call.responder, next_hop, a.sampling, a.logits,
                           a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching, hops=hops,
@@ -428,18 +447,21 @@ class InferenceService:
                 continue
             span = self.spans[session.model].span
             try:
-                inputs = decode(item.encoding, parts, span.dtype)
-            except CodecError as exc:
-                self._end(session, ErrorCode.BAD_ARGS, str(exc))
-                failures.append(str(exc))
-                continue
-            try:
+                # Shapes are checked before anything is dequantized: int8 grows 4x on the way to float32.
+                width = None if span.embed else span.config.hidden_size
+                inputs = decode(item.encoding, parts, span.dtype, width=width, max_tokens=M.MAX_STEP_TOKENS)
                 if session.prefix is not None and not session.prefix.begun:  # starts from cached blocks
                     session.queued_position = self.prefix.begin(session.prefix, session.cache, item.start)
                 self.scheduler.add(admit(span, session, item, inputs))
-            except HandlerError as exc:
-                self._end(session, exc.code, exc.message)
-                failures.append(exc.message)
+            except (CodecError, HandlerError) as exc:
+                code, message = (exc.code, exc.message) if isinstance(exc, HandlerError) else (ErrorCode.BAD_ARGS,
+                                                                                               str(exc))
+                self._end(session, code, message)
+                failures.append(message)
+            except (ValueError, RuntimeError, KeyError) as exc:  # a cache that cannot take the step: this session only
+                log.exception("session %s: its step could not be queued", session.id)
+                self._end(session, ErrorCode.INTERNAL, f"this stage could not take the step: {exc}")
+                failures.append(str(exc))
         if failures:
             raise HandlerError(ErrorCode.BAD_ARGS if len(failures) == len(items) else ErrorCode.CONFLICT,
                                "; ".join(failures[:4]))
@@ -471,6 +493,7 @@ class InferenceService:
         try:
             if self._runs_inline(loaded, batch):
                 outputs, compute_ms = self._compute(loaded, batch)
+                await asyncio.sleep(0)  # let what the pass's caller queued (pushes, replies, I/O) go out first
             else:
                 outputs, compute_ms = await asyncio.get_running_loop().run_in_executor(
                     self.compute, self._compute, loaded, batch)
@@ -502,8 +525,8 @@ class InferenceService:
 
     @staticmethod
     def _compute(loaded: LoadedSpan, batch: list[PendingStep]) -> tuple[list, float]:
-        """Runs on the compute thread: one step alone, or a batch of decode steps; a tensor-parallel
-        leader runs it on every member of its group."""
+        """One pass (on the compute thread, or inline on the loop: ``_runs_inline``): one step alone, a
+        batch of decode steps, or packed prefill chunks; a tensor-parallel leader runs it on every member."""
         started = time.perf_counter()
         spec = pass_spec(batch, loaded.span.head)
         if spec.mode == "packed":

@@ -3,8 +3,9 @@
 A step is admitted only if it fits what its session opened with (its input's shape and dtype, its
 position, its reservation); an admitted step waits in the :class:`StepScheduler`, which runs the
 pending decode steps of different sessions as one batched forward pass (continuous batching:
-sessions join and leave between passes) and prefill chunks one at a time in between, so a long
-prompt never stalls the sessions that are decoding for more than one chunk.
+sessions join and leave between passes) and, in between, the pending prefill chunks of different
+sessions packed into one pass (up to MAX_PACKED_TOKENS), so a long prompt never stalls the sessions
+that are decoding for more than one pass.
 """
 
 from __future__ import annotations

@@ -448,8 +448,9 @@ class LayerSpan(nn.Module):
         """Whether prefill chunks of several sessions may share a pass (:meth:`forward_packed`). Not with a
         dynamic rotary embedding: its tables follow the longest position in the pass, so a session
         would see the frequencies another session's length chose."""
-        return self.tensor_slice is None and getattr(self.rotary_emb, "rope_type", "default") not in (
-            "dynamic", "longrope")
+        rope = getattr(self.rotary_emb, "rope_type", "default")
+        kinds = set(rope.values()) if isinstance(rope, dict) else {rope}  # Gemma3: one per layer type
+        return self.tensor_slice is None and not kinds & {"dynamic", "longrope"}
 
     @torch.inference_mode()
     def forward_packed(self, inputs: Sequence[torch.Tensor], caches: Sequence[SpanCache],

@@ -40,7 +40,7 @@ def dequantize_blockwise(values: torch.Tensor, scales: torch.Tensor, dtype: torc
         raise CodecError(f"blockwise int8 travels as int8 values and float32 scales, got "
                          f"{_name(values.dtype)} and {_name(scales.dtype)}")
     if values.dim() == 0 or tuple(scales.shape[:-1]) != tuple(values.shape[:-1]) or scales.shape[-1] == 0 \
-            or values.shape[-1] % scales.shape[-1]:
+            or values.shape[-1] < scales.shape[-1] or values.shape[-1] % scales.shape[-1]:
         raise CodecError(f"scales {list(scales.shape)} do not match int8 values {list(values.shape)}")
     block = values.shape[-1] // scales.shape[-1]
     blocks = values.to(torch.float32).reshape(*values.shape[:-1], -1, block) * scales.unsqueeze(-1)
@@ -84,10 +84,17 @@ def parts_of(encoding: str) -> int:
     return 2 if encoding == "int8" else 1
 
 
-def decode(encoding: str, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """A hidden state from the parts one step carried in ``encoding``, in the receiving span's ``dtype``."""
+def decode(encoding: str, parts: list[torch.Tensor], dtype: torch.dtype, width: int | None = None,
+           max_tokens: int | None = None) -> torch.Tensor:
+    """A hidden state from the parts one step carried in ``encoding``, in the receiving span's ``dtype``.
+    With ``width``, a compressed step must be ``[1, seq <= max_tokens, width]`` before it is expanded."""
     if len(parts) != parts_of(encoding):
         raise CodecError(f"{encoding} carries {parts_of(encoding)} tensor(s) per step, got {len(parts)}")
+    if width is not None and encoding != "fp32":
+        shape = list(parts[0].shape)
+        if len(shape) != 3 or shape[0] != 1 or not 0 < shape[1] <= (max_tokens or shape[1]) or shape[2] != width:
+            raise CodecError(f"an {encoding} step carries hidden states [1, seq <= {max_tokens}, {width}], "
+                             f"got {shape}")
     if encoding == "int8":
         return dequantize_blockwise(parts[0], parts[1], dtype)
     (hidden,) = parts
