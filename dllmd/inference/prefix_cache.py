@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dllmd.models.span import LayerSpan, SpanCache
+from dllmd.models.cache import SpanCache
+from dllmd.models.span import LayerSpan
 from dllmd.net.messages.inference import PREFIX_BLOCK_TOKENS, PREFIX_HASH_BYTES
 from dllmd.net.server import HandlerError
 from dllmd.net.wire import ErrorCode

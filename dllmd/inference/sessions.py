@@ -16,7 +16,7 @@ from typing import Callable
 
 from dllmd.inference.memory import MemoryCap, NoRoom
 from dllmd.inference.prefix_cache import SessionPrefix
-from dllmd.models.span import SpanCache
+from dllmd.models.cache import SpanCache
 from dllmd.net.codec import HopCodec
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.server import Responder

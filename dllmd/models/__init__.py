@@ -6,7 +6,8 @@ import importlib
 # that only read manifests (the model store, the CLI) should not pay for.
 _HOME = {
     **dict.fromkeys(("SUPPORTED_FAMILIES", "FamilyAdapter", "UnsupportedFamily", "adapter_for"), "families"),
-    **dict.fromkeys(("LayerSpan", "SpanCache", "SpanLoadError", "TensorSource", "span_tensor_names"), "span"),
+    **dict.fromkeys(("LayerSpan", "SpanLoadError", "TensorSource", "span_tensor_names"), "span"),
+    "SpanCache": "cache",
 }
 
 __all__ = sorted(_HOME)
