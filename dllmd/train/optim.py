@@ -45,19 +45,27 @@ class StepResult:
     grad_norm: float
 
 
-def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat: torch.Tensor, lr: float,
-                 grad_clip: float) -> StepResult:
-    """Turn the summed buffer into mean gradients, clip, and step. ``flat`` is consumed."""
+def mean_gradients(flat: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """The gradient of the mean loss (``flat``'s summed gradients divided in place by its token count,
+    as a view), the mean loss and the token count."""
     tokens = float(flat[-1])
     if tokens <= 0:
         raise ValueError("the global batch has no target tokens")
-    loss = float(flat[-2]) / tokens
-    grads = flat[:-2].div_(tokens)
-    norm = float(torch.linalg.vector_norm(grads.double()))
+    return flat[:-2].div_(tokens), float(flat[-2]) / tokens, int(tokens)
+
+
+def squared_norm(grads: torch.Tensor) -> float:
+    """The squared L2 norm in float64: what the stages of a pipeline add up into the global norm."""
+    return float(torch.linalg.vector_norm(grads.double())) ** 2
+
+
+def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, grads: torch.Tensor,
+                  norm: float, lr: float, grad_clip: float) -> None:
+    """Scale ``grads`` (laid out as ``params``, in order) by the global ``norm``'s clip, and step."""
     if grad_clip and norm > grad_clip:
         grads.mul_(grad_clip / (norm + 1e-6))
     offset = 0
-    for _, param in parameters(model):
+    for param in params:
         count = param.numel()
         param.grad = grads[offset:offset + count].view_as(param).to(param.device, param.dtype)
         offset += count
@@ -65,4 +73,12 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, int(tokens), norm)
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat: torch.Tensor, lr: float,
+                 grad_clip: float) -> StepResult:
+    """Turn the summed buffer into mean gradients, clip, and step. ``flat`` is consumed."""
+    grads, loss, tokens = mean_gradients(flat)
+    norm = float(torch.linalg.vector_norm(grads.double()))
+    clip_and_step([p for _, p in parameters(model)], optimizer, grads, norm, lr, grad_clip)
+    return StepResult(loss, tokens, norm)
