@@ -67,6 +67,8 @@ async def plan_pipeline(user: Identity, nodes: list[NodeEntry], model_dir: Path,
     from dllmctl.placement.training import TrainingLoad, plan_stages, stages_from_counts, training_shape
     from dllmd.train.pipeline.schedule import max_in_flight
 
+    if schedule not in S.SCHEDULES:
+        raise TrainError(f"--schedule must be one of {', '.join(S.SCHEDULES)}, not {schedule!r}")
     manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
     try:
         if stage_layers:

@@ -82,3 +82,47 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat:
     norm = float(torch.linalg.vector_norm(grads.double()))
     clip_and_step([p for _, p in parameters(model)], optimizer, grads, norm, lr, grad_clip)
     return StepResult(loss, tokens, norm)
+
+
+class TrainingState:
+    """A worker's weights and AdamW moments as named tensors (``model.<name>``,
+    ``optim.<name>.exp_avg`` / ``.exp_avg_sq``): what checkpoints hold and resumes load. A worker
+    sets ``state_params`` (name in the model's checkpoint -> parameter) and ``optimizer``."""
+
+    state_params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+    def state_names(self) -> list[str]:
+        names = [f"model.{name}" for name in self.state_params]
+        for name in self.state_params:
+            names += [f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"]
+        return names
+
+    def state_tensor(self, name: str) -> torch.Tensor:
+        kind, rest = name.split(".", 1)
+        if kind == "model":
+            return self.state_params[rest].detach().cpu()
+        param_name, slot = rest.rsplit(".", 1)
+        param = self.state_params[param_name]
+        state = self.optimizer.state.get(param)
+        return state[slot].detach().cpu() if state else torch.zeros_like(param, device="cpu")
+
+    def optimizer_step(self) -> int:
+        states = [s for s in self.optimizer.state.values() if "step" in s]
+        return int(states[0]["step"]) if states else 0
+
+    def load_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                kind, rest = name.split(".", 1)
+                if kind == "model":
+                    self.state_params[rest].copy_(tensor)
+                    continue
+                param_name, slot = rest.rsplit(".", 1)
+                param = self.state_params[param_name]
+                state = self.optimizer.state[param]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state[slot].copy_(tensor)
+                state["step"] = torch.tensor(float(optimizer_step))

@@ -16,7 +16,7 @@ import torch
 
 from dllmd.failpoints import failpoint
 from dllmd.train.model import load_causal_lm, loss_sum, parameters, row_targets
-from dllmd.train.optim import OptimConfig, apply_update, flatten_grads, make_optimizer
+from dllmd.train.optim import OptimConfig, TrainingState, apply_update, flatten_grads, make_optimizer
 from dllmd.train.ring import RingMember
 
 
@@ -45,11 +45,12 @@ class WorkerSpec:
     backend: str = "zmq"
 
 
-class TrainWorker:
+class TrainWorker(TrainingState):
     def __init__(self, spec: WorkerSpec, model: torch.nn.Module, collective):
         self.spec = spec
         self.model = model
         self.params = dict(parameters(model))  # name -> parameter, in the fixed order
+        self.state_params = self.params  # checkpoints name them as the model does
         self.optimizer = make_optimizer(model, spec.optim)
         self.collective = collective  # RingCollective or TorchCollective
         self.shards: dict[str, ShardRows] = {}
@@ -111,47 +112,6 @@ class TrainWorker:
         """Drop a half-done step (a peer died): the replica stays at the last applied step."""
         self.collective.abort(reason)
         self._pending = None
-
-    # --- state for checkpoints -----------------------------------------------------------------
-
-    def state_names(self) -> list[str]:
-        names = [f"model.{name}" for name in self.params]
-        for name in self.params:
-            names += [f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"]
-        return names
-
-    def state_tensor(self, name: str) -> torch.Tensor:
-        kind, rest = name.split(".", 1)
-        params = self.params
-        if kind == "model":
-            return params[rest].detach().cpu()
-        param_name, slot = rest.rsplit(".", 1)
-        state = self.optimizer.state.get(params[param_name])
-        if not state:
-            return torch.zeros_like(params[param_name], device="cpu")
-        return state[slot].detach().cpu()
-
-    def optimizer_step(self) -> int:
-        states = [s for s in self.optimizer.state.values() if "step" in s]
-        return int(states[0]["step"]) if states else 0
-
-    def load_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
-        params = self.params
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                kind, rest = name.split(".", 1)
-                if kind == "model":
-                    params[rest].copy_(tensor)
-                    continue
-                param_name, slot = rest.rsplit(".", 1)
-                param = params[param_name]
-                state = self.optimizer.state[param]
-                if not state:
-                    state["step"] = torch.tensor(float(optimizer_step))
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-                state[slot].copy_(tensor)
-                state["step"] = torch.tensor(float(optimizer_step))
 
     def close(self) -> None:
         self.collective.close()

@@ -27,7 +27,7 @@ from dllmd.models.span import LayerSpan
 from dllmd.net.messages import training as S
 from dllmd.train.memory import SavedActivations
 from dllmd.train.model import autocast, parameters, summed_cross_entropy
-from dllmd.train.optim import OptimConfig, clip_and_step, flatten_grads, make_optimizer, mean_gradients, squared_norm
+from dllmd.train.optim import OptimConfig, TrainingState, clip_and_step, flatten_grads, make_optimizer, mean_gradients, squared_norm
 from dllmd.train.pipeline import schedule
 from dllmd.train.pipeline.links import LinkError, PipeLinks
 from dllmd.train.worker import ShardRows
@@ -77,7 +77,7 @@ class _Saved:
     activation_bytes: int
 
 
-class StageWorker:
+class StageWorker(TrainingState):
     def __init__(self, spec: StageSpec, span: LayerSpan, collective, tied, links: PipeLinks):
         self.spec = spec
         self.span = span.train()
@@ -88,8 +88,8 @@ class StageWorker:
         self.links = links
         self.shards: dict[str, ShardRows] = {}
         # Parameter name -> its name in the model's checkpoint (a tied head is the embedding matrix).
-        self.names = {f"parts.{key}": name for key, name in span.parts.checkpoint_names(span.config).items()}
-        self._by_checkpoint_name = {self.names[n]: p for n, p in self.params.items()}
+        names = {f"parts.{key}": name for key, name in span.parts.checkpoint_names(span.config).items()}
+        self.state_params = {names[n]: p for n, p in self.params.items()}
         self._tied_range = self._tied_slice() if tied is not None else None
         self._saved_activations = SavedActivations(self.params.values())
         self._pending: tuple[int, torch.Tensor] | None = None
@@ -245,46 +245,6 @@ class StageWorker:
             self.tied.abort(reason)
         self.links.fail_pending(LinkError(reason))
         self._pending = None
-
-    # --- state for checkpoints: named as in the model's checkpoint --------------------------------
-
-    def state_names(self) -> list[str]:
-        names = [f"model.{self.names[name]}" for name in self.params]
-        for name in self.params:
-            names += [f"optim.{self.names[name]}.exp_avg", f"optim.{self.names[name]}.exp_avg_sq"]
-        return names
-
-    def _param(self, checkpoint_name: str) -> torch.nn.Parameter:
-        return self._by_checkpoint_name[checkpoint_name]
-
-    def state_tensor(self, name: str) -> torch.Tensor:
-        kind, rest = name.split(".", 1)
-        if kind == "model":
-            return self._param(rest).detach().cpu()
-        param_name, slot = rest.rsplit(".", 1)
-        param = self._param(param_name)
-        state = self.optimizer.state.get(param)
-        return state[slot].detach().cpu() if state else torch.zeros_like(param, device="cpu")
-
-    def optimizer_step(self) -> int:
-        states = [s for s in self.optimizer.state.values() if "step" in s]
-        return int(states[0]["step"]) if states else 0
-
-    def load_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                kind, rest = name.split(".", 1)
-                if kind == "model":
-                    self._param(rest).copy_(tensor)
-                    continue
-                param_name, slot = rest.rsplit(".", 1)
-                param = self._param(param_name)
-                state = self.optimizer.state[param]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-                state[slot].copy_(tensor)
-                state["step"] = torch.tensor(float(optimizer_step))
 
     def close(self) -> None:
         self.links.fail_pending(RuntimeError("the stage was released"))
