@@ -69,8 +69,7 @@ def train_command(
     from dllmd.data import DataError
     from dllmd.net.client import CallError
     from dllmctl.data.records import dataset_records
-    from dllmctl.training.jobs import (TrainError, check_parallelism, job_spec, pipeline_shape, plan_pipeline,
-                                       submit)
+    from dllmctl.training.jobs import TrainError, check_parallelism, job_spec, pipeline_options, submit
 
     try:
         check_parallelism(parallelism)
@@ -86,14 +85,9 @@ def train_command(
     except ValueError:
         fail(f"--stage-layers takes layer counts separated by commas, e.g. 3,2; got {stage_layers!r}")
     user = load_user()
-    pipeline = {}
     try:
-        if parallelism != "data":
-            replicas, stages = pipeline_shape(parallelism, len(targets), dp, pp)
-            spans = asyncio.run(plan_pipeline(user, targets, directory, dataset, replicas, stages, schedule,
-                                              micro_batch_size, batch_size, layers))
-            pipeline = {"parallelism": parallelism, "replicas": replicas, "stages": spans, "schedule": schedule,
-                        "recompute": recompute}
+        pipeline = asyncio.run(pipeline_options(user, targets, directory, dataset, parallelism, dp, pp, schedule,
+                                                micro_batch_size, batch_size, layers, recompute))
         spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         epochs=epochs or (0 if max_steps else 1), max_steps=max_steps or 0, lr=lr,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay,
@@ -204,6 +198,18 @@ def _print_job(shown: dict) -> None:
     if last:
         out.print(f"last step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
                   f"compute {last['compute_s']:.2f} s, communication {last['comm_s']:.2f} s")
+        if "bubble" in last:
+            out.print(f"pipeline bubble {last['bubble']:.0%} (theory {last['bubble_theoretical']:.0%} for this "
+                      f"schedule's micro-batches), {human_bytes(last['bytes_between_stages'])} between stages")
+    if shown.get("stages"):
+        table = Table("node", "replica", "stage", "layers", "memory (est.)", "compute s", "busy", "activations")
+        for n in shown["stages"]:
+            table.add_row(n["node"] + ("" if n["live"] else " (lost)"), str(n["replica"]), str(n["stage"]),
+                          f"{n['start']}-{n['end'] - 1}", human_bytes(n["memory_needed"]),
+                          f"{n['compute_s']:.2f}" if n["compute_s"] is not None else "-",
+                          f"{n['busy']:.0%}" if n["busy"] is not None else "-",
+                          human_bytes(n["activation_bytes"]))
+        out.print(table)
     for event in shown.get("events", []):
         out.print(f"  {time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['kind']}: {event['message']}")
 
@@ -308,11 +314,15 @@ def metrics_command(
     if as_json:
         print_json(rows)
         return
-    table = Table("step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s")
+    pipeline = bool(rows) and "bubble" in rows[0]
+    columns = ["step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s"]
+    table = Table(*columns, *(["bubble", "between stages"] if pipeline else []))
     for row in rows:
-        table.add_row(str(row["step"]), f"{row['loss']:.4f}", f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
-                      f"{row['tokens_per_s']:.0f}", f"{row['step_s']:.3f}", f"{row['compute_s']:.3f}",
-                      f"{row['comm_s']:.3f}")
+        cells = [str(row["step"]), f"{row['loss']:.4f}", f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
+                 f"{row['tokens_per_s']:.0f}", f"{row['step_s']:.3f}", f"{row['compute_s']:.3f}", f"{row['comm_s']:.3f}"]
+        if pipeline:
+            cells += [f"{row['bubble']:.0%}", human_bytes(row["bytes_between_stages"])]
+        table.add_row(*cells)
     out.print(table)
 
 

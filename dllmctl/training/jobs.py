@@ -56,6 +56,20 @@ def pipeline_shape(parallelism: str, nodes: int, dp: int | None, pp: int | None)
     return replicas, stages
 
 
+async def pipeline_options(user: Identity, nodes: list[NodeEntry], model_dir: Path, dataset: dict, parallelism: str,
+                           dp: int | None, pp: int | None, schedule: str, micro_batch_size: int, batch_size: int,
+                           stage_layers: list[int] | None, recompute: bool) -> dict:
+    """The :class:`JobSpec` fields of a pipeline or hybrid job (none for data parallelism): its
+    replicas, stages and their layers, schedule. What ``dllmctl train`` and the MCP tool both submit."""
+    if parallelism == "data":
+        return {}
+    replicas, stages = pipeline_shape(parallelism, len(nodes), dp, pp)
+    spans = await plan_pipeline(user, nodes, model_dir, dataset, replicas, stages, schedule, micro_batch_size,
+                                batch_size, stage_layers)
+    return {"parallelism": parallelism, "replicas": replicas, "stages": spans, "schedule": schedule,
+            "recompute": recompute}
+
+
 async def plan_pipeline(user: Identity, nodes: list[NodeEntry], model_dir: Path, dataset: dict, replicas: int,
                         stages: int, schedule: str, micro_batch_size: int, batch_size: int,
                         stage_layers: list[int] | None = None) -> list[S.StageSpan]:

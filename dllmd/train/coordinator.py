@@ -54,6 +54,7 @@ class Coordinator:
         self.stopping: set[str] = set()
         self.ring_ports: dict[str, dict[str, int]] = {}  # job -> node key -> its ring socket's port
         self.tied_ports: dict[str, dict[str, int]] = {}  # pipeline jobs: node key -> its tied ring's port
+        self.memory_needed: dict[str, dict[str, int]] = {}  # job -> node key -> its estimate at prepare
 
     def checkpoints(self, job: str) -> Checkpoints | PartCheckpoints:
         """A job's complete checkpoints: whole (data parallelism) or one part per stage (pipelines)."""
@@ -162,7 +163,27 @@ class Coordinator:
         return S.JobDetail(**_summary(job), spec=job["spec"],
                            events=[S.Event(**e) for e in self.store.events(a.job)],
                            last_metrics=last[-1] if last else None,
-                           checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()])
+                           checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()],
+                           parallelism=job["spec"].get("parallelism", "data"),
+                           stages=self._stage_nodes(a.job, _spec(job["spec"]), last[-1] if last else None))
+
+    def _stage_nodes(self, job: str, spec: S.JobSpec, last: dict | None) -> list[S.StageNode]:
+        """A pipeline job's nodes, each with its stage, layers, memory estimate and latest step."""
+        if spec.parallelism == "data":
+            return []
+        computed = (last or {}).get("nodes", {})
+        memory = self.memory_needed.get(job, {})
+        rows = []
+        for i, node in enumerate(spec.nodes):
+            replica, stage = divmod(i, len(spec.stages))
+            step = computed.get(node.name)
+            busy = step["compute_s"] / step["pipeline_s"] if step and step["pipeline_s"] else None
+            rows.append(S.StageNode(node=node.name, replica=replica, stage=stage, start=spec.stages[stage].start,
+                                    end=spec.stages[stage].end, live=step is not None,
+                                    memory_needed=memory.get(node.public_key),
+                                    compute_s=step["compute_s"] if step else None, busy=busy,
+                                    activation_bytes=step["activation_bytes"] if step else None))
+        return rows
 
     async def _stop(self, a: S.JobArgs, _tensors) -> S.JobState:
         job = self.store.get(a.job)
@@ -233,6 +254,7 @@ class Coordinator:
             raise JobError("cannot start: " + "; ".join(failures))
         self.ring_ports[job] = {n.public_key: r[0]["ring_port"] for n, r in zip(nodes, results)}
         self.tied_ports[job] = {n.public_key: r[0].get("tied_port", 0) for n, r in zip(nodes, results)}
+        self.memory_needed[job] = {n.public_key: r[0]["memory_needed"] for n, r in zip(nodes, results)}
 
     async def _release(self, job: str, nodes: list[S.NodeRef]) -> None:
         async def one(node):

@@ -334,6 +334,22 @@ class CheckpointInfo:
 
 
 @dataclass
+class StageNode:
+    """One node of a pipeline job: which stage of which replica, its layers, and how it fared."""
+
+    node: str
+    replica: int
+    stage: int
+    start: int
+    end: int  # exclusive
+    live: bool  # it computed the latest step
+    memory_needed: int | None = None  # its estimate when the job (last) started here
+    compute_s: float | None = None  # of the latest step: forward and backward passes
+    busy: float | None = None  # the share of the latest step's pipeline phase spent computing
+    activation_bytes: int | None = None  # the most saved activations it held at once
+
+
+@dataclass
 class JobDetail:
     job: str
     state: str
@@ -349,6 +365,8 @@ class JobDetail:
     events: list[Event]
     last_metrics: dict | None  # the latest step's metrics row
     checkpoints: list[CheckpointInfo]
+    parallelism: str = "data"
+    stages: list[StageNode] = bounded([], max_len=65536)  # pipeline jobs: every node, replica-major
 
 
 @dataclass

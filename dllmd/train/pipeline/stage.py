@@ -201,7 +201,8 @@ class StageWorker(TrainingState):
             inputs.requires_grad_()
         with self._saved_activations.counting() as saved:
             output = self._run(inputs, labels)
-        return output, count, sum(saved.values()) + inputs.numel() * inputs.element_size()
+        saved.setdefault(inputs.untyped_storage().data_ptr(), inputs.untyped_storage().nbytes())  # held till B
+        return output, count, sum(saved.values())
 
     def _run(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(inputs.shape[1])[None]
