@@ -17,7 +17,7 @@ from dllmd.train import schedule
 from dllmd.train.memory import SavedActivations
 from dllmd.train.model import load_causal_lm, loss_sum, parameters
 from dllmd.train.optim import OptimConfig, apply_update, flatten_grads, make_optimizer
-from dllmd.train.worker import ShardRows
+from dllmd.train.worker import ShardRows, micro_batch
 
 
 def train_locally(model_dir: Path, shards: dict[str, ShardRows], steps: int, batch_size: int, micro_batch_size: int,
@@ -34,14 +34,12 @@ def train_locally(model_dir: Path, shards: dict[str, ShardRows], steps: int, bat
         model.zero_grad(set_to_none=True)
         total, count, activations = 0.0, 0, 0
         for start in range(0, batch_size, micro_batch_size):
-            micro = batch[start:start + micro_batch_size]
-            for shard in dict.fromkeys(r.shard for r in micro):
-                tokens, labels = shards[shard].batch([r.index for r in micro if r.shard == shard])
-                with saved_activations.counting() as saved:  # one micro-batch in flight at a time
-                    loss, n = loss_sum(model, tokens, labels, dtype)
-                activations = max(activations, sum(saved.values()))
-                loss.backward()
-                total, count = total + float(loss.detach()), count + n
+            tokens, labels = micro_batch(shards, [(r.shard, r.index) for r in batch[start:start + micro_batch_size]])
+            with saved_activations.counting() as saved:  # one micro-batch in flight at a time
+                loss, n = loss_sum(model, tokens, labels, dtype)
+            activations = max(activations, sum(saved.values()))
+            loss.backward()
+            total, count = total + float(loss.detach()), count + n
         lr = schedule.learning_rate(step, optim.lr, warmup_steps, steps)
         result = apply_update(model, optimizer, flatten_grads(model, total, count), lr, optim.grad_clip)
         seconds = time.perf_counter() - started

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,13 @@ class ShardRows:
         tokens = self.tokens[index]
         offsets = index * self.tokens.shape[1]
         return tokens, row_targets(tokens, offsets, torch.full_like(offsets, self.valid_tokens))
+
+
+def micro_batch(shards: Mapping[str, ShardRows], rows: Sequence[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels of ``(shard, row)`` pairs, in their order: one forward pass of a micro-batch,
+    whichever shards its rows come from (every shard of a dataset has the same row length)."""
+    parts = [shards[shard].batch([index]) for shard, index in rows]
+    return torch.cat([tokens for tokens, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
 @dataclass
@@ -87,16 +95,11 @@ class TrainWorker(TrainingState):
         total, count = 0.0, 0
         b = self.spec.micro_batch_size
         for start in range(0, len(rows), b):
-            micro = rows[start:start + b]
-            by_shard: dict[str, list[int]] = {}
-            for shard, index in micro:
-                by_shard.setdefault(shard, []).append(index)
-            for shard, indices in by_shard.items():
-                tokens, labels = self.shards[shard].batch(indices)
-                loss, n = loss_sum(self.model, tokens, labels, self.spec.dtype)
-                loss.backward()
-                total += float(loss.detach())
-                count += n
+            tokens, labels = micro_batch(self.shards, rows[start:start + b])
+            loss, n = loss_sum(self.model, tokens, labels, self.spec.dtype)
+            loss.backward()
+            total += float(loss.detach())
+            count += n
         return flatten_grads(self.model, total, count)
 
     async def apply(self, step: int, lr: float) -> dict:

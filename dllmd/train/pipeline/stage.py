@@ -30,7 +30,7 @@ from dllmd.train.model import autocast, parameters, summed_cross_entropy
 from dllmd.train.optim import OptimConfig, TrainingState, clip_and_step, flatten_grads, make_optimizer, mean_gradients, squared_norm
 from dllmd.train.pipeline import schedule
 from dllmd.train.pipeline.links import LinkError, PipeLinks
-from dllmd.train.worker import ShardRows
+from dllmd.train.worker import ShardRows, micro_batch
 
 ACTIVATION, GRADIENT = S.PIPE_KINDS
 
@@ -130,7 +130,8 @@ class StageWorker(TrainingState):
                 i = action.micro
                 if action.kind == schedule.FORWARD:
                     if self.spec.first:
-                        inputs, labels = self._rows(rows[i * b:(i + 1) * b])
+                        ids, labels = micro_batch(self.shards, rows[i * b:(i + 1) * b])
+                        inputs = ids.long()
                     else:
                         inputs, labels = await clock.waiting(self._activation(step, i))
                     output, count, saved_bytes = await clock.computing(self._forward, inputs, labels)
@@ -168,11 +169,6 @@ class StageWorker(TrainingState):
                                   loss=mean_loss if self.spec.last else None, squared_norm=squared_norm(own),
                                   compute_s=clock.compute_s, wait_s=clock.wait_s, pipeline_s=pipeline_s, comm_s=comm_s,
                                   bytes_sent=sent, activation_bytes=peak)
-
-    def _rows(self, rows: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A micro-batch of the first stage: token ids and labels of its rows, in the batch's order."""
-        parts = [self.shards[shard].batch([index]) for shard, index in rows]
-        return torch.cat([t for t, _ in parts]).long(), torch.cat([labels for _, labels in parts])
 
     async def _activation(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = await self.links.receive(step, micro, ACTIVATION)
