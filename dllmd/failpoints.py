@@ -14,8 +14,9 @@ SIGKILL leaves). The variable is read once, when ``dllmd start`` begins (``load`
 stops the start with an error naming it. Unset, as on every real node, ``failpoint`` is one dict
 lookup that finds nothing.
 
-Points: ``train.step`` (a worker starts computing a step; value: the step) and ``jobs.step`` (a
-coordinator starts a step of a job's loop; value: the step).
+Points: ``train.step`` (a worker starts computing a step; value: the step), ``train.stage_step``
+(a pipeline stage starts a step; value: the step) and ``jobs.step`` (a coordinator starts a step of
+a job's loop; value: the step).
 """
 
 from __future__ import annotations

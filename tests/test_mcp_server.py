@@ -1,7 +1,7 @@
 """``dllmctl mcp`` spawned by the official MCP SDK's stdio client, against three real local daemons:
 every tool and every resource. Inference equals ``dllmctl infer``; a data shard places a dataset;
-a training job on the tiny model runs to the end; unbuilt parallelisms are tool errors; long tools
-send rising progress notifications."""
+training jobs on the tiny model (a pipeline, then data-parallel) run to the end; an unbuilt parallelism
+is a tool error; long tools send rising progress notifications."""
 
 from __future__ import annotations
 
@@ -146,11 +146,23 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
         text, error, _ = await s.call("llm_data_shard", **{"model_name": MODEL, **arguments})
         assert error and needle in text, (arguments, text)
 
-    # --- training: unbuilt parallelisms refused, then a real job to the end -----------------------
-    for parallelism in ("model", "federated", "hybrid"):
-        text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="code",
-                                      parallelism=parallelism)
-        assert error and f"parallelism '{parallelism}' is not built yet" in text
+    # --- training: an unbuilt parallelism refused, a pipeline job, then a data-parallel job to the end ---
+    text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="code",
+                                  parallelism="federated")
+    assert error and "parallelism 'federated' is not built yet" in text
+    text, error, _ = await s.call("llm_train_distributed", model_config={"name": MODEL, "pp": 3}, training_data="code",
+                                  parallelism="model")
+    assert error and "--pp 3 needs 3 nodes" in text
+    out, error, _ = await s.call("llm_train_distributed", training_data="code", batch_size=4, parallelism="model",
+                                 model_config={"name": MODEL, "max_steps": 2, "micro_batch_size": 2,
+                                               "schedule": "gpipe", "stage_layers": [3, 2]})
+    assert not error and out["parallelism"] == "model", out
+    deadline = time.monotonic() + 120
+    while (shown := await s.read(f"training://jobs/{out['job']}"))["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, shown
+        await asyncio.sleep(0.5)
+    assert shown["state"] == "done" and [(n["stage"], n["start"], n["end"]) for n in shown["stages"]] == \
+        [(0, 0, 3), (1, 3, 5)], shown
     for config, needle in (({"name": MODEL, "learning_rate": 1}, "learning_rate"),
                            ({"lr": 1e-4}, "must name a model"),
                            ({"name": MODEL, "seq_len": 64}, "packed into sequences of 32")):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dllmd.net.identity import Identity
+from dllmd.net.messages.training import CheckpointChunk
 from dllmd.train import schedule
 from dllmd.train.checkpoint import CheckpointError, Checkpoints
 from dllmd.train.jobs import JobError, JobStore
@@ -124,28 +125,36 @@ def test_rewriting_a_checkpoint_of_the_same_step_is_atomic(tmp_path, monkeypatch
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000003"]
 
 
-def test_an_export_trusts_only_a_manifest_signed_by_the_pinned_coordinator(tmp_path):
-    from dllmctl.cluster.registry import NodeEntry
-    from dllmctl.training.export import _trusted_manifest
-    from dllmctl.training.jobs import TrainError
-    from dllmd.net.messages.training import CheckpointChunk
+def test_a_copy_trusts_only_a_manifest_signed_by_a_pinned_key(tmp_path):
+    """What an export (from the coordinator) and a stage's part copy (between nodes) both run."""
+    import asyncio
+
+    from dllmd.train.checkpoint import copy_checkpoint_file
 
     node, mallory = Identity.generate(), Identity.generate()
-    Checkpoints(tmp_path / "ckpt", node).write(4, {"model.w": torch.ones(1)}, b"{}", {})
-    _, blob, signature = Checkpoints(tmp_path / "ckpt", node).signed_manifest(4)
-    pinned = NodeEntry(name="coord", address="tcp://127.0.0.1:1", public_key=node.public_key)
-    manifest = _trusted_manifest(CheckpointChunk(blob, signature, 1), pinned, 4, "config.json")
-    assert manifest.signer == node.public_key and manifest.files["config.json"].bytes == 2
+    store = Checkpoints(tmp_path / "ckpt", node)
+    store.write(4, {"model.w": torch.ones(1)}, b"{}", {})
+
+    def copy(trusted, step=4, tamper=lambda reply: reply):
+        async def read(file, offset):
+            reply, chunk = store.read_chunk(4, file, offset)
+            return tamper(reply), chunk
+        return asyncio.run(copy_checkpoint_file(read, "config.json", tmp_path / "out", step, trusted))
+
+    blob, _ = copy({node.public_key})
+    assert (tmp_path / "out").read_bytes() == b"{}" and json.loads(blob)["signer"] == node.public_key
     # Another key (a node impersonated, or a manifest rewritten and re-signed) is refused ...
-    forged = blob.replace(node.public_key.encode(), mallory.public_key.encode())
-    impostor = NodeEntry(name="coord", address="tcp://127.0.0.1:1", public_key=mallory.public_key)
-    with pytest.raises(TrainError, match="cannot be trusted"):
-        _trusted_manifest(CheckpointChunk(forged, mallory.sign(forged), 1), pinned, 4, "config.json")
-    with pytest.raises(TrainError, match="cannot be trusted"):
-        _trusted_manifest(CheckpointChunk(blob, signature, 1), impostor, 4, "config.json")
+    with pytest.raises(CheckpointError, match="outside the job"):
+        copy({mallory.public_key})
+
+    def forged(reply):
+        forged = reply.manifest.replace(node.public_key.encode(), mallory.public_key.encode())
+        return CheckpointChunk(forged, mallory.sign(forged), reply.size)
+    with pytest.raises(CheckpointError, match="outside the job"):
+        copy({node.public_key}, tamper=forged)
     # ... and so are altered bytes, and a manifest of another step.
-    with pytest.raises(TrainError, match="cannot be trusted"):
-        _trusted_manifest(CheckpointChunk(blob.replace(b'"step":4', b'"step":5'), signature, 1), pinned, 5,
-                          "config.json")
-    with pytest.raises(TrainError, match="another checkpoint"):
-        _trusted_manifest(CheckpointChunk(blob, signature, 1), pinned, 5, "config.json")
+    with pytest.raises(CheckpointError, match="signature"):
+        copy({node.public_key}, tamper=lambda r: CheckpointChunk(r.manifest.replace(b'"step":4', b'"step":5'),
+                                                                 r.signature, r.size))
+    with pytest.raises(CheckpointError, match="another checkpoint"):
+        copy({node.public_key}, step=5)

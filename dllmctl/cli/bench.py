@@ -327,44 +327,85 @@ def allreduce(
 @app.command("train")
 def train(
     model: Annotated[str, typer.Option("--model", "-m", help="A model in the local store.")],
-    nodes: Annotated[int, typer.Option(min=1, max=16, help="Temporary local nodes.")] = 2,
+    nodes: Annotated[int, typer.Option(min=1, max=16, help="Temporary local nodes (data parallelism).")] = 2,
     steps: Annotated[int, typer.Option(min=2, max=10_000)] = 6,
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 8,
     micro_batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 2,
     seq_len: Annotated[int, typer.Option(min=16, max=65536)] = 256,
     source: Annotated[Optional[str], typer.Option(help="Code to train on (default: parts of the stdlib).")] = None,
+    parallelism: Annotated[str, typer.Option(help="data, model (a pipeline) or hybrid.")] = "data",
+    schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
+    pp: Annotated[Optional[int], typer.Option("--pp", min=2, max=16, help="Stages (default: 2).")] = None,
+    dp: Annotated[Optional[int], typer.Option("--dp", min=1, max=16, help="Replicas (hybrid; default 2).")] = None,
+    stage_layers: Annotated[Optional[str], typer.Option(help="Layers per stage, e.g. 16,14 (default: planned).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Data-parallel fine-tuning on temporary local nodes vs the same steps in one process."""
+    """Fine-tuning on temporary local nodes (data-parallel, a pipeline or hybrid) vs the same steps in one
+    process; for pipelines also the bubble, the bytes between stages and each stage's training state."""
     from dllmctl.bench import train as train_bench
     from dllmctl.cluster.local import LocalClusterError
     from dllmctl.data.push import PushError
-    from dllmctl.training.jobs import TrainError
+    from dllmctl.training.jobs import TrainError, check_parallelism
     from dllmd.data import DataError
     from dllmd.net.client import CallError
 
     if batch_size % micro_batch_size:
         fail("--batch-size must be divisible by --micro-batch-size")
-    directory, _ = local_model(model)
     try:
-        with err.status(f"training {steps} steps on {nodes} temporary node(s), then in one process..."):
+        check_parallelism(parallelism)
+        layers = [int(n) for n in stage_layers.split(",")] if stage_layers else None
+    except TrainError as exc:
+        fail(str(exc))
+    except ValueError:
+        fail(f"--stage-layers takes layer counts separated by commas, e.g. 16,14; got {stage_layers!r}")
+    if parallelism == "model":
+        pp = pp or 2
+    directory, _ = local_model(model)
+    count = train_bench.node_count(parallelism, nodes, dp, pp)
+    try:
+        with err.status(f"training {steps} steps on {count} temporary node(s), then in one process..."):
             report = train_bench.run(load_user(), model, directory, nodes, steps, batch_size, micro_batch_size,
-                                     seq_len, source=source)
+                                     seq_len, source=source, parallelism=parallelism, schedule=schedule, dp=dp, pp=pp,
+                                     stage_layers=layers)
     except (DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError) as exc:
         fail(str(exc))
     if as_json:
         print_json(report)
         return
     d, local = report["distributed"], report["local"]
-    table = Table("", f"{nodes} nodes", "one process")
+    table = Table("", f"{count} nodes ({parallelism})", "one process")
     table.add_row("tokens/s", f"{d['tokens_per_second']:,.0f}", f"{local['tokens_per_second']:,.0f}")
     table.add_row("step s", f"{d['step_s']:.2f}", f"{local['step_s']:.2f}")
     table.add_row("compute / comm s", f"{d['compute_s']:.2f} / {d['comm_s']:.2f}", "")
     table.add_row("share communicating", f"{d['comm_share']:.1%}", "")
     table.add_row("final loss", f"{d['loss'][-1]:.4f}", f"{local['loss'][-1]:.4f}")
+    table.add_row("peak RSS", ", ".join(human_bytes(v) for v in d["peak_rss_bytes"].values()),
+                  human_bytes(local["peak_rss_bytes"]))
     out.print(table)
     out.print(f"{report['model']}: {report['tokens_per_step']} tokens per step (batch {report['batch_size']} x "
               f"{report['seq_len']}); ratio {report['ratio_tokens_per_second']}x")
+    if "pipeline" in report:
+        _print_pipeline(report["pipeline"])
+
+
+def _print_pipeline(p: dict) -> None:
+    out.print(f"{p['stages']} stages x {p['replicas']} replica(s), {p['schedule']}, {p['micro_batches']} micro-batches "
+              f"per replica: bubble {p['bubble_measured']:.1%} measured, {p['bubble_theoretical']:.1%} in theory; "
+              f"{human_bytes(p['bytes_between_stages_per_step'])} between stages per step")
+    one = p["one_process"]
+    table = Table("stage", "layers", "params", "saved activations", "training state", "vs one process", "peak RSS",
+                  "compute s", "bubble")
+    for s in p["per_stage"]:
+        table.add_row(str(s["stage"]), f"{s['layers'][0]}-{s['layers'][1] - 1}", f"{s['params'] / 1e6:.1f}M",
+                      human_bytes(s["activation_bytes"]), human_bytes(s["training_state_bytes"]),
+                      f"{s['ratio_to_one_process']:.2f}x", human_bytes(s["peak_rss_bytes"]), f"{s['compute_s']:.2f}",
+                      f"{s['bubble']:.1%}")
+    table.add_row("one process", "all", f"{one['params'] / 1e6:.1f}M", human_bytes(one["activation_bytes"]),
+                  human_bytes(one["training_state_bytes"]), "1.00x", "", "", "")
+    out.print(table)
+    met = "[green]met[/green]" if p["meets_state_target"] else "[red]not met[/red]"
+    out.print(f"target: each stage <= {p['state_ratio_target']}x the one process's training state "
+              f"({'tied' if p['tied'] else 'untied'} embeddings): {met}")
 
 
 @app.command("cli")

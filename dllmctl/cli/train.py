@@ -29,7 +29,9 @@ def _nodes(names: Optional[str]) -> list[NodeEntry]:
 def train_command(
     model: Annotated[str, typer.Option("--model", "-m", help="A model in the local store.")],
     data: Annotated[str, typer.Option("--data", "-d", help="A dataset placed with 'dllmctl shard-data'.")],
-    parallelism: Annotated[str, typer.Option(help="data (model, federated, hybrid: not built yet).")] = "data",
+    parallelism: Annotated[str, typer.Option(help="data (a replica per node), model (a pipeline of stages), hybrid "
+                                                  "(--dp replicas of a --pp stage pipeline); federated: not built "
+                                                  "yet.")] = "data",
     nodes: Annotated[Optional[str], typer.Option(
         help="Comma-separated node names; the first coordinates (default: the nodes holding the dataset).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, max=100_000)] = None,
@@ -47,17 +49,27 @@ def train_command(
     backend: Annotated[str, typer.Option(help="zmq (encrypted ring) or torch (torch.distributed).")] = "zmq",
     plaintext: Annotated[bool, typer.Option("--plaintext", help="Unencrypted ring: trusted links only (the nodes "
                                                                  "must allow it in node.toml).")] = False,
+    schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b (holds at most one micro-batch per stage "
+                                               "in flight) or gpipe.")] = "1f1b",
+    pp: Annotated[Optional[int], typer.Option("--pp", min=2, max=256, help="Pipeline stages (model: default every "
+                                                                            "node; hybrid).")] = None,
+    dp: Annotated[Optional[int], typer.Option("--dp", min=1, max=256, help="Replicas of the pipeline (hybrid).")] = None,
+    stage_layers: Annotated[Optional[str], typer.Option(help="Layers per stage, e.g. 3,2 (default: planned from "
+                                                              "the nodes' free memory and speed).")] = None,
+    recompute: Annotated[bool, typer.Option("--recompute", help="Pipeline stages keep only their inputs and run the "
+                                                                 "forward again in the backward (less memory).")] = False,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fine-tune a model on a sharded dataset with data parallelism over an encrypted ring all-reduce."""
+    """Fine-tune a model on a sharded dataset: data parallelism over an encrypted ring all-reduce, or a
+    pipeline of layer stages over the nodes' encrypted connections (model, hybrid)."""
     import asyncio
 
     from dllmd.data import DataError
     from dllmd.net.client import CallError
     from dllmctl.data.records import dataset_records
-    from dllmctl.training.jobs import TrainError, check_parallelism, job_spec, submit
+    from dllmctl.training.jobs import TrainError, check_parallelism, job_spec, pipeline_options, submit
 
     try:
         check_parallelism(parallelism)
@@ -69,13 +81,20 @@ def train_command(
     if epochs is not None and max_steps is not None:
         fail("give --epochs or --max-steps, not both")
     try:
+        layers = [int(n) for n in stage_layers.split(",")] if stage_layers else None
+    except ValueError:
+        fail(f"--stage-layers takes layer counts separated by commas, e.g. 3,2; got {stage_layers!r}")
+    user = load_user()
+    try:
+        pipeline = asyncio.run(pipeline_options(user, targets, directory, dataset, parallelism, dp, pp, schedule,
+                                                micro_batch_size, batch_size, layers, recompute))
         spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         epochs=epochs or (0 if max_steps else 1), max_steps=max_steps or 0, lr=lr,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay,
-                        checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, plaintext=plaintext, backend=backend)
+                        checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, plaintext=plaintext, backend=backend,
+                        **pipeline)
     except TrainError as exc:
         fail(str(exc))
-    user = load_user()
     try:
         with err.status("starting...") as status:
             result = asyncio.run(submit(user, targets, directory, spec, stage=lambda s: status.update(s + "...")))
@@ -179,6 +198,18 @@ def _print_job(shown: dict) -> None:
     if last:
         out.print(f"last step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
                   f"compute {last['compute_s']:.2f} s, communication {last['comm_s']:.2f} s")
+        if "bubble" in last:
+            out.print(f"pipeline bubble {last['bubble']:.0%} (theory {last['bubble_theoretical']:.0%} for this "
+                      f"schedule's micro-batches), {human_bytes(last['bytes_between_stages'])} between stages")
+    if shown.get("stages"):
+        table = Table("node", "replica", "stage", "layers", "memory (est.)", "compute s", "busy", "activations")
+        for n in shown["stages"]:
+            table.add_row(n["node"] + ("" if n["live"] else " (lost)"), str(n["replica"]), str(n["stage"]),
+                          f"{n['start']}-{n['end'] - 1}", human_bytes(n["memory_needed"]),
+                          f"{n['compute_s']:.2f}" if n["compute_s"] is not None else "-",
+                          f"{n['busy']:.0%}" if n["busy"] is not None else "-",
+                          human_bytes(n["activation_bytes"]))
+        out.print(table)
     for event in shown.get("events", []):
         out.print(f"  {time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['kind']}: {event['message']}")
 
@@ -283,11 +314,15 @@ def metrics_command(
     if as_json:
         print_json(rows)
         return
-    table = Table("step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s")
+    pipeline = bool(rows) and "bubble" in rows[0]
+    columns = ["step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s"]
+    table = Table(*columns, *(["bubble", "between stages"] if pipeline else []))
     for row in rows:
-        table.add_row(str(row["step"]), f"{row['loss']:.4f}", f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
-                      f"{row['tokens_per_s']:.0f}", f"{row['step_s']:.3f}", f"{row['compute_s']:.3f}",
-                      f"{row['comm_s']:.3f}")
+        cells = [str(row["step"]), f"{row['loss']:.4f}", f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
+                 f"{row['tokens_per_s']:.0f}", f"{row['step_s']:.3f}", f"{row['compute_s']:.3f}", f"{row['comm_s']:.3f}"]
+        if pipeline:
+            cells += [f"{row['bubble']:.0%}", human_bytes(row["bytes_between_stages"])]
+        table.add_row(*cells)
     out.print(table)
 
 
@@ -364,7 +399,9 @@ def checkpoints_export(
         target = directory or Path(tmp) / "model"
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            exported = asyncio.run(export_checkpoint(user, node, job, step, base, target))
+            registered = {n.name: n.public_key for n in _nodes(None)}
+            signers = [registered[name] for name in shown["nodes"] if name in registered]  # pinned, not told
+            exported = asyncio.run(export_checkpoint(user, node, job, step, base, target, signers))
             manifest = import_model(target, local_store(), user, name, force=True)
         except (TrainError, CallError, ModelImportError, OSError) as exc:
             fail(str(exc))

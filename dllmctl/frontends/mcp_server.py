@@ -1,7 +1,8 @@
 """The cluster as MCP tools and resources, for agents (``dllmctl mcp``; stdio, the official SDK).
 
 Tools: ``llm_inference_distributed`` (the code ``dllmctl infer`` runs: :mod:`dllmctl.generation`),
-``llm_train_distributed`` (submits a detached data-parallel job, as ``dllmctl train --detach``) and
+``llm_train_distributed`` (submits a detached job, data, pipeline or hybrid parallel, as ``dllmctl train
+--detach``) and
 ``llm_data_shard`` (``dllmctl shard-data``). Resources: :mod:`dllmctl.views`, read live.
 
 A parallelism that is not built is a tool error saying so, never a result made by something else.
@@ -32,6 +33,7 @@ from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.models.store import MANIFEST, Manifest, ModelStoreError
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
+from dllmd.net.messages.training import PARALLELISMS_BUILT
 from dllmctl.frontends import views
 from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
 from dllmctl.data.push import PushError
@@ -44,7 +46,7 @@ from dllmctl.models.layouts import deploy_parallel_layout
 from dllmctl.placement.layout import PlanError
 from dllmctl.placement.routing import RouteError
 from dllmctl.paths import cluster_file
-from dllmctl.training.jobs import PARALLELISMS as TRAIN_PARALLELISMS, TrainError, job_spec, submit
+from dllmctl.training.jobs import PARALLELISMS as TRAIN_PARALLELISMS, TrainError, job_spec, pipeline_options, submit
 
 log = logging.getLogger("dllmctl.mcp")
 
@@ -148,6 +150,12 @@ class TrainOptions(BaseModel):
     dtype: Literal[TRAIN_DTYPES] = "float32"  # type: ignore[valid-type]
     backend: Literal["zmq", "torch"] = "zmq"
     seq_len: Optional[int] = Field(None, ge=8, le=1_048_576)  # fixed when sharding; checked, not changed
+    # parallelism model / hybrid: the pipeline's shape
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    pp: Optional[int] = Field(None, ge=2, le=256)
+    dp: Optional[int] = Field(None, ge=1, le=256)
+    stage_layers: Optional[list[int]] = Field(None, min_length=2, max_length=256)
+    recompute: bool = False
 
 
 def train_options(config: str | dict) -> tuple[str, TrainOptions]:
@@ -269,9 +277,8 @@ class ClusterTools:
 
     async def train(self, model_config: str | dict, training_data: str, parallelism: str, nodes: list[str] | None,
                     epochs: int | None, batch_size: int, ctx: Context) -> dict[str, Any]:
-        if parallelism != "data":
-            raise ToolError(f"parallelism {parallelism!r} is not built yet: dllm trains with data parallelism "
-                            f"only (parallelism 'data': every node holds a full replica and trains on its shard)")
+        if parallelism not in PARALLELISMS_BUILT:
+            raise ToolError(f"parallelism {parallelism!r} is not built yet; {', '.join(PARALLELISMS_BUILT)} are")
         model, options = train_options(model_config)
         if epochs is not None and options.max_steps is not None:
             raise ToolError("give epochs or model_config.max_steps, not both")
@@ -285,11 +292,14 @@ class ClusterTools:
         directory = _model_dir(model)
         targets = self.nodes(nodes or [row["node"] for row in dataset["nodes"]])
         try:
+            pipeline = await pipeline_options(self.user, targets, directory, dataset, parallelism, options.dp,
+                                              options.pp, options.schedule, options.micro_batch_size, batch_size,
+                                              options.stage_layers, options.recompute)
             spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=options.micro_batch_size,
                             epochs=epochs or (0 if options.max_steps else 1), max_steps=options.max_steps or 0,
                             lr=options.lr, warmup_steps=options.warmup_steps, grad_clip=options.grad_clip,
                             weight_decay=options.weight_decay, checkpoint_every=options.checkpoint_every,
-                            seed=options.seed, dtype=options.dtype, backend=options.backend)
+                            seed=options.seed, dtype=options.dtype, backend=options.backend, **pipeline)
         except TrainError as exc:
             raise ToolError(str(exc)) from None
         to_ship = Manifest.from_bytes((directory / MANIFEST).read_bytes()).total_bytes * len(targets)
@@ -310,7 +320,7 @@ class ClusterTools:
                 raise ToolError(f"the job was not started: {exc}") from None
             progress.update(len(stages), "submitted")
         return {**result, "model": model, "dataset": training_data, "nodes": [n.name for n in targets],
-                "parallelism": "data", "follow": f"training://jobs/{result['job']}"}
+                "parallelism": parallelism, "follow": f"training://jobs/{result['job']}"}
 
 
 def _model_dir(name: str):
@@ -385,11 +395,15 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
             description="The model to fine-tune: a model name in the local store, or an object {\"name\", and "
                         "optionally \"lr\", \"max_steps\", \"micro_batch_size\", \"warmup_steps\", \"grad_clip\", "
                         "\"weight_decay\", \"checkpoint_every\", \"seed\", \"dtype\" (float32|bfloat16), \"backend\" "
-                        "(zmq|torch), \"seq_len\" (must equal the dataset's)}")],
+                        "(zmq|torch), \"seq_len\" (must equal the dataset's); for parallelism model or hybrid also "
+                        "\"schedule\" (1f1b|gpipe), \"pp\" (stages), \"dp\" (replicas, hybrid), \"stage_layers\" "
+                        "(layers per stage, default planned), \"recompute\"}")],
         training_data: Annotated[str, Field(description="A dataset placed with llm_data_shard (training://data_shards)")],
         parallelism: Annotated[Literal[TRAIN_PARALLELISMS], Field(  # type: ignore[valid-type]
             description="'data' (a full replica per node, gradients all-reduced over an encrypted ring); "
-                        "'model', 'federated' and 'hybrid' are not built yet and return an error")] = "data",
+                        "'model' (a pipeline: each node holds a span of the layers, activations flow between them); "
+                        "'hybrid' (dp replicas of a pp-stage pipeline); 'federated' is not built yet and returns "
+                        "an error")] = "data",
         nodes: Annotated[Optional[list[str]], Field(
             description="Node names; the first coordinates (default: the nodes holding the dataset)")] = None,
         epochs: Annotated[Optional[int], Field(ge=1, le=100_000, description="Default: 1, unless max_steps")] = None,

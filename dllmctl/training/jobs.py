@@ -6,6 +6,7 @@ again later by asking the nodes (job state lives with the coordinators, not here
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -32,8 +33,79 @@ class TrainError(RuntimeError):
 def check_parallelism(parallelism: str) -> None:
     if parallelism not in PARALLELISMS:
         raise TrainError(f"--parallelism must be one of {', '.join(PARALLELISMS)}")
-    if parallelism != "data":
-        raise TrainError(f"--parallelism {parallelism} is not built yet; data parallelism (--parallelism data) is")
+    if parallelism not in S.PARALLELISMS_BUILT:
+        raise TrainError(f"--parallelism {parallelism} is not built yet; {', '.join(S.PARALLELISMS_BUILT)} are")
+
+
+def pipeline_shape(parallelism: str, nodes: int, dp: int | None, pp: int | None) -> tuple[int, int]:
+    """(replicas, stages) of a pipeline job on ``nodes`` nodes: ``--pp`` stages (default: every node
+    for ``model``), ``--dp`` replicas of them (``hybrid``; default: as many as the nodes make)."""
+    if parallelism == "model":
+        if dp not in (None, 1):
+            raise TrainError("--parallelism model runs one pipeline; for replicas of it use --parallelism hybrid")
+        stages = pp or nodes
+        if stages != nodes:
+            raise TrainError(f"--pp {stages} needs {stages} nodes (one per stage); {nodes} given with --nodes")
+        return 1, stages
+    if not pp and not dp:
+        raise TrainError("--parallelism hybrid needs --pp (stages per replica), --dp (replicas) or both")
+    stages = pp or nodes // dp
+    replicas = dp or nodes // stages
+    if replicas * stages != nodes:
+        raise TrainError(f"--dp {replicas} x --pp {stages} needs {replicas * stages} nodes; {nodes} given with --nodes")
+    return replicas, stages
+
+
+async def pipeline_options(user: Identity, nodes: list[NodeEntry], model_dir: Path, dataset: dict, parallelism: str,
+                           dp: int | None, pp: int | None, schedule: str, micro_batch_size: int, batch_size: int,
+                           stage_layers: list[int] | None, recompute: bool) -> dict:
+    """The :class:`JobSpec` fields of a pipeline or hybrid job (none for data parallelism): its
+    replicas, stages and their layers, schedule. What ``dllmctl train`` and the MCP tool both submit."""
+    if parallelism == "data":
+        return {}
+    replicas, stages = pipeline_shape(parallelism, len(nodes), dp, pp)
+    spans = await plan_pipeline(user, nodes, model_dir, dataset, replicas, stages, schedule, micro_batch_size,
+                                batch_size, stage_layers)
+    return {"parallelism": parallelism, "replicas": replicas, "stages": spans, "schedule": schedule,
+            "recompute": recompute}
+
+
+async def plan_pipeline(user: Identity, nodes: list[NodeEntry], model_dir: Path, dataset: dict, replicas: int,
+                        stages: int, schedule: str, micro_batch_size: int, batch_size: int,
+                        stage_layers: list[int] | None = None) -> list[S.StageSpan]:
+    """The stages' layer spans: as given (``--stage-layers``), else planned from the live nodes' free
+    memory and speed for what training holds (weights, gradients, moments, in-flight activations)."""
+    from dllmctl.cluster.live import query_nodes
+    from dllmctl.placement.capacity import node_capacities
+    from dllmctl.placement.layout import ModelShape, PlanError
+    from dllmctl.placement.training import TrainingLoad, plan_stages, stages_from_counts, training_shape
+    from dllmd.train.pipeline.schedule import max_in_flight
+
+    if schedule not in S.SCHEDULES:
+        raise TrainError(f"--schedule must be one of {', '.join(S.SCHEDULES)}, not {schedule!r}")
+    manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
+    try:
+        if stage_layers:
+            if len(stage_layers) != stages:
+                raise PlanError(f"--stage-layers gives {len(stage_layers)} stages, the job has {stages}")
+            spans = stages_from_counts(stage_layers, manifest.num_layers)
+        else:
+            capacity = {c.name: c for c in node_capacities(await query_nodes(user, nodes))}
+            down = [n.name for n in nodes if n.name not in capacity]
+            if down:
+                raise TrainError(f"node(s) {', '.join(down)} did not answer: nothing was started")
+            config = json.loads((model_dir / "config.json").read_text())
+            micro_batches = -(-batch_size // micro_batch_size)
+            load = TrainingLoad(tokens_per_micro_batch=micro_batch_size * int(dataset.get("seq_len") or 2048),
+                                in_flight=max_in_flight(schedule, stages, micro_batches),
+                                hidden=int(config["hidden_size"]), vocab=int(config["vocab_size"]),
+                                weight_itemsize={"float32": 4, "float16": 2, "bfloat16": 2}.get(manifest.dtype, 4))
+            shape = training_shape(ModelShape.from_manifest(manifest), load)
+            spans = plan_stages(shape, [[capacity[n.name] for n in nodes[r * stages:(r + 1) * stages]]
+                                        for r in range(replicas)])
+    except PlanError as exc:
+        raise TrainError(str(exc)) from None
+    return [S.StageSpan(start, end) for start, end in spans]
 
 
 def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
@@ -56,9 +128,10 @@ def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.
 
 async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: S.JobSpec,
                  progress: Progress = lambda *_: None, stage: Callable[[str], None] = lambda _: None) -> dict:
-    """Ship the whole model to every node (skipping what they have), then submit to the first node."""
+    """Ship the model to every node (the whole of it to a data-parallel replica, a stage's span to a
+    stage; skipping what they have), then submit to the first node."""
     manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
-    files = manifest.span_files(0, manifest.num_layers, True, True)
+    files = [node_files(manifest, spec, i) for i in range(len(nodes))]
     clients = [RpcClient(user, n.address, n.public_key) for n in nodes]
     try:
         stage("checking nodes")
@@ -67,13 +140,21 @@ async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: 
         if down:
             raise TrainError(f"node(s) {', '.join(down)} did not answer: nothing was started")
         stage("sending the model")
-        await asyncio.gather(*(ship_files(c, n.name, model_dir, files, progress) for c, n in zip(clients, nodes)))
+        await asyncio.gather(*(ship_files(c, n.name, model_dir, f, progress) for c, n, f in zip(clients, nodes, files)))
         stage("loading replicas")
         submitted, _ = await clients[0].invoke(S.JOBS_SUBMIT, spec, timeout=SUBMIT_TIMEOUT_S)
         return to_wire(submitted)
     finally:
         for client in clients:
             client.close()
+
+
+def node_files(manifest: Manifest, spec: S.JobSpec, index: int) -> list[str]:
+    """The model files node ``index`` of the job loads (replica-major stages in a pipeline job)."""
+    if spec.parallelism == "data":
+        return manifest.span_files(0, manifest.num_layers, True, True)
+    span = spec.stages[index % len(spec.stages)]
+    return manifest.span_files(span.start, span.end, span.start == 0, span.end == manifest.num_layers)
 
 
 async def ask_all(user: Identity, nodes: list[NodeEntry], op: Op, args: dict) -> list[tuple[NodeEntry, dict | Exception]]:

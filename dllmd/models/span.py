@@ -369,6 +369,15 @@ class LayerSpan(nn.Module):
             return outputs
         return [self._logits(out, keep) for out, keep in zip(outputs, keeps)]
 
+    def forward_training(self, inputs: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Whole sequences through the span with autograd and without a KV cache (pipeline training):
+        token ids ``[batch, seq]`` (embedding span) or hidden states in, hidden states or float32
+        logits (head span) out. The same modules, masks and rotary tables as :meth:`forward`, so the
+        stages of a pipeline compute what transformers' own model computes, bit for bit."""
+        hidden = self._input_hidden(inputs.to(self.device))
+        hidden = self._run_layers(hidden, position_ids.to(self.device), None)
+        return self._logits(hidden, 0) if self.head else hidden
+
     def _input_hidden(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.embed:
             if inputs.dtype != torch.long or inputs.dim() != 2:
@@ -399,7 +408,7 @@ class LayerSpan(nn.Module):
             raise ValueError(f"position_ids start at {position_ids[:, 0].tolist()} but this session's cache "
                              f"holds {cache.length} tokens")
 
-    def _run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache) -> torch.Tensor:
+    def _run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache | None) -> torch.Tensor:
         if not self.layer_types:
             return hidden
         masks = self._masks(hidden, position_ids, cache)
@@ -420,7 +429,7 @@ class LayerSpan(nn.Module):
                 for layer_type in self._first_layer_of_type}
 
     def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-               cache: SpanCache) -> dict[str, torch.Tensor | None]:
+               cache: SpanCache | None) -> dict[str, torch.Tensor | None]:
         if hidden.shape[1] == 1:
             # One query token sees every cached key: full layers keep all of them and sliding layers keep only
             # the last window - 1, so the mask would be all-true. No mask lets SDPA/eager skip building it.

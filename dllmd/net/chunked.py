@@ -13,6 +13,11 @@ from dllmd.net.server import Call, HandlerError
 from dllmd.net.wire import ErrorCode
 
 
+def int8_tensor(data: bytes) -> torch.Tensor:
+    """``data`` as the one 1-D int8 tensor a chunk of file bytes rides as (empty at a file's end)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.int8) if data else torch.zeros(0, dtype=torch.int8)
+
+
 def int8_payload(call: Call, limit: int, what: str) -> bytes:
     """The bytes of the one 1-D int8 tensor ``call`` must carry (``what`` names them in errors), at most
     ``limit`` of them."""

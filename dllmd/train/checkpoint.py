@@ -10,24 +10,34 @@
 A checkpoint is written into ``.partial-step-N``, fsynced, then swapped into place in one step
 (:func:`dllmd.storage.replace_directory`, also when a checkpoint of that step exists already): it
 either exists whole or not at all. Reading checks the signature and every hash.
+
+A pipeline job's checkpoint has one part per stage, each in this same layout and signed by the node
+that wrote it; :func:`copy_checkpoint` copies one from another node (or to the export client) file by
+file, each checked against the signed manifest.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import shutil
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from dllmd.models.store import MANIFEST, SIGNATURE, FileEntry, ModelStoreError
+from dllmd.net.messages.training import CheckpointChunk
 from dllmd.net.identity import Identity
 from dllmd.storage import recover_directories, replace_directory, sha256_file
 from dllmd.storage.signed import json_object, read_signature, signed_by, write_signed
 
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json", "state.json")
+READ_CHUNK = 4 * 1024 * 1024  # bytes of a checkpoint file per message (exports, copies)
 
 
 class CheckpointError(ValueError):
@@ -77,10 +87,22 @@ def _dirname(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def trusted_checkpoint_manifest(blob: bytes, signature: bytes, trusted: Collection[str]) -> CheckpointManifest:
+    """The manifest in ``blob`` once it checks out as signed by the key it names, which must be one of
+    ``trusted`` (a pipeline job's parts are signed by the stages that wrote them)."""
+    signer = CheckpointManifest.from_bytes(blob).signer
+    if signer not in trusted:
+        raise CheckpointError(f"the checkpoint was signed by a node outside the job ({signer[:16]}...)")
+    return verify_checkpoint_manifest(blob, signature, signer)
+
+
 class Checkpoints:
-    def __init__(self, root: Path, identity: Identity):
+    def __init__(self, root: Path, identity: Identity, trusted: Collection[str] | None = None):
+        """Checkpoints under ``root``, written with ``identity``'s key; those read must be signed by a
+        key of ``trusted`` (default: ``identity``'s own)."""
         self.root = root
         self.identity = identity
+        self.trusted = set(trusted) if trusted is not None else {identity.public_key}
         recover_directories(root)  # a checkpoint swap a crash interrupted
 
     def write(self, step: int, tensors: dict[str, torch.Tensor], config_json: bytes, state: dict) -> dict:
@@ -127,10 +149,21 @@ class Checkpoints:
         except (OSError, ValueError):
             raise CheckpointError(f"checkpoint {path} has no readable signature") from None
         try:
-            manifest = verify_checkpoint_manifest(blob, signature, self.identity.public_key)
+            manifest = trusted_checkpoint_manifest(blob, signature, self.trusted)
         except CheckpointError as exc:
             raise CheckpointError(f"checkpoint {path}: {exc}") from None
         return manifest, blob, signature
+
+    def read_chunk(self, step: int, file: str, offset: int) -> tuple[CheckpointChunk, bytes]:
+        """A chunk of one file of checkpoint ``step``, with the manifest's signed bytes and signature to
+        check it against (what an export or a copy on another node receives)."""
+        manifest, blob, signature = self.signed_manifest(step)
+        if file not in manifest.files:
+            raise CheckpointError(f"a checkpoint has no file {file!r}; files: {', '.join(manifest.files)}")
+        with open(self.path(step) / file, "rb") as f:
+            f.seek(offset)
+            chunk = f.read(READ_CHUNK)
+        return CheckpointChunk(manifest=blob, signature=signature, size=manifest.files[file].bytes), chunk
 
     def manifest(self, step: int) -> CheckpointManifest:
         return self.signed_manifest(step)[0]
@@ -150,8 +183,61 @@ class Checkpoints:
                     or sha256_file(path / name) != entry.sha256:
                 raise CheckpointError(f"{path / name} does not match its signed sha256: the checkpoint is corrupt")
         tensors = {f"model.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
+        # Loaded whole: the caller copies them into its own tensors, which it holds anyway.
         tensors.update({f"optim.{k}": v for k, v in load_file(str(path / "optimizer.safetensors")).items()})
         return tensors, json.loads((path / "state.json").read_text())
 
     def remove_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    async def copy_from(self, step: int, read: "ReadChunk") -> dict:
+        """Copy checkpoint ``step`` from another node (``read``: its chunks), verified against its
+        signed manifest (by a trusted key) and placed atomically; a copy already here is kept."""
+        if step in self.steps():
+            self.manifest(step)  # a copy here must still check out
+            return self.describe(step)
+        self.root.mkdir(parents=True, exist_ok=True)
+        work = self.root / f".partial-{_dirname(step)}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        blob = signature = None
+        for name in FILES:
+            blob, signature = await copy_checkpoint_file(read, name, work / name, step, self.trusted, blob)
+        (work / MANIFEST).write_bytes(blob)
+        (work / SIGNATURE).write_text(signature.hex())
+        await asyncio.to_thread(replace_directory, work, self.root / _dirname(step))
+        self.manifest(step)
+        return self.describe(step)
+
+
+ReadChunk = Callable[[str, int], Awaitable[tuple[CheckpointChunk, bytes]]]
+"""Reads ``(file, offset)`` of a checkpoint elsewhere: the reply (its ``manifest``, ``signature`` and
+the file's ``size``) and the chunk's bytes (empty at the end)."""
+
+
+async def copy_checkpoint_file(read: ReadChunk, name: str, path: Path, step: int, trusted: Collection[str],
+                               expected_blob: bytes | None = None) -> tuple[bytes, bytes]:
+    """Download checkpoint file ``name`` into ``path``, its sha256 checked against the manifest that
+    comes with every chunk, whose signature (by a ``trusted`` key) is checked first; returns that
+    manifest's signed bytes and signature. Another manifest than ``expected_blob`` (or than the first
+    chunk's) means the checkpoint changed during the copy: refused."""
+    digest, offset, blob, manifest, signature = hashlib.sha256(), 0, expected_blob, None, b""
+    with open(path, "wb") as f:
+        while True:
+            reply, chunk = await read(name, offset)
+            if blob is not None and reply.manifest != blob:
+                raise CheckpointError(f"checkpoint {step} changed during the copy; copy it again")
+            if manifest is None:
+                manifest = trusted_checkpoint_manifest(reply.manifest, reply.signature, trusted)
+                blob, signature = reply.manifest, reply.signature
+                if manifest.step != step or name not in manifest.files:
+                    raise CheckpointError(f"the manifest sent for checkpoint {step} is of another checkpoint")
+            f.write(chunk)
+            digest.update(chunk)
+            offset += len(chunk)
+            if not chunk or offset >= reply.size:
+                break
+    entry = manifest.files[name]
+    if offset != entry.bytes or digest.hexdigest() != entry.sha256:
+        raise CheckpointError(f"{name} of checkpoint {step} arrived corrupted (sha256 mismatch)")
+    return blob, signature

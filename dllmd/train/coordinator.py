@@ -15,14 +15,15 @@ on stop and at the end; ``jobs resume`` loads the latest into fresh replicas and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
 
 import torch
 
-from dllmd.failpoints import failpoint
 from dllmd.models.dtypes import TRAIN_DTYPES
+from dllmd.net.chunked import int8_tensor
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.keys import Role
 from dllmd.net.schema import to_wire
@@ -31,21 +32,14 @@ from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
 from dllmd.net.messages import training as S
 from dllmd.train.checkpoint import CheckpointError, Checkpoints
-from dllmd.train.jobs import JobError, JobStore
+from dllmd.train.jobs import JobError, JobFailed, JobInterrupted, JobStore
+from dllmd.train.pipeline.parts import PartCheckpoints
+from dllmd.train.pipeline.run import PipelineRun
+from dllmd.train.run import PREPARE_TIMEOUT_S, DataParallelRun
 
 log = logging.getLogger("dllmd.coordinator")
 
-STEP_TIMEOUT_S = 3600.0
-PREPARE_TIMEOUT_S = 600.0
 PING_TIMEOUT_S = 3.0
-MAX_FAILED_ATTEMPTS = 3  # failed steps in a row with no node lost: give up (something else is wrong)
-STATE_MESSAGE_BYTES = 64 * 1024 * 1024
-STATE_MESSAGE_TENSORS = 48  # a message carries at most 64 tensors
-READ_CHUNK = 4 * 1024 * 1024
-
-
-class JobFailed(RuntimeError):
-    pass
 
 
 class Coordinator:
@@ -59,9 +53,16 @@ class Coordinator:
         self.tasks: dict[str, asyncio.Task] = {}
         self.stopping: set[str] = set()
         self.ring_ports: dict[str, dict[str, int]] = {}  # job -> node key -> its ring socket's port
+        self.tied_ports: dict[str, dict[str, int]] = {}  # pipeline jobs: node key -> its tied ring's port
+        self.memory_needed: dict[str, dict[str, int]] = {}  # job -> node key -> its estimate at prepare
 
-    def checkpoints(self, job: str) -> Checkpoints:
-        return Checkpoints(self.service.home / "jobs" / job / "checkpoints", self.service.identity)
+    def checkpoints(self, job: str) -> Checkpoints | PartCheckpoints:
+        """A job's complete checkpoints: whole (data parallelism) or one part per stage (pipelines)."""
+        spec = self.store.get(job)["spec"]
+        if spec.get("parallelism", "data") == "data":
+            return Checkpoints(self.service.home / "jobs" / job / "checkpoints", self.service.identity)
+        return PartCheckpoints(self.service.home, job, len(spec["stages"]), self.service.identity,
+                               [n["public_key"] for n in spec["nodes"]])
 
     def register(self, server: RpcServer) -> None:
         admin, readers = allow(Role.ADMIN), allow(Role.ADMIN, Role.CLIENT)
@@ -77,7 +78,7 @@ class Coordinator:
         async def run(call: Call):
             try:
                 return await handler(call.args, call.tensors)
-            except (JobError, CheckpointError, JobFailed) as exc:
+            except (JobError, CheckpointError, JobFailed, JobInterrupted) as exc:
                 raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         return run
 
@@ -111,7 +112,38 @@ class Coordinator:
                            f"of {spec.batch_size}: lower --batch-size or --seq-len when sharding")
         if not spec.epochs and not spec.max_steps:
             raise JobError("give --epochs or --max-steps")
+        if spec.parallelism not in S.PARALLELISMS_BUILT:
+            raise JobError(f"parallelism must be one of {', '.join(S.PARALLELISMS_BUILT)}, not {spec.parallelism!r}")
+        if spec.parallelism != "data":
+            self._validate_pipeline(spec)
         return schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
+
+    def _validate_pipeline(self, spec: S.JobSpec) -> None:
+        """Stages that cover the model's layers once, in order, on replicas x stages nodes."""
+        if spec.backend != "zmq":
+            raise JobError("pipeline and hybrid jobs run on the encrypted peer connections and ring (--backend zmq); "
+                           "--backend torch is not built for them yet")
+        if spec.schedule not in S.SCHEDULES:
+            raise JobError(f"schedule must be one of {', '.join(S.SCHEDULES)}, not {spec.schedule!r}")
+        if len(spec.stages) < 2:
+            raise JobError("a pipeline needs at least two stages (one node holding every layer is --parallelism data)")
+        if spec.parallelism == "model" and spec.replicas != 1:
+            raise JobError("--parallelism model runs one pipeline; replicas of it are --parallelism hybrid")
+        if len(spec.nodes) != spec.replicas * len(spec.stages):
+            raise JobError(f"{spec.replicas} replica(s) of {len(spec.stages)} stages need "
+                           f"{spec.replicas * len(spec.stages)} nodes, not {len(spec.nodes)}")
+        try:
+            config = json.loads(self.service.models.config_path(spec.model).read_text())
+        except FileNotFoundError:
+            raise JobError(f"model {spec.model!r} has not been sent to the coordinator") from None
+        layers, start = int(config["num_hidden_layers"]), 0
+        for i, stage in enumerate(spec.stages):
+            if stage.start != start or stage.end <= stage.start:
+                raise JobError(f"stage {i} holds layers [{stage.start}, {stage.end}); stages must cover the layers "
+                               f"in order, each at least one (the previous ended at {start})")
+            start = stage.end
+        if start != layers:
+            raise JobError(f"the stages end at layer {start}, but {spec.model} has {layers} layers")
 
     async def _submit(self, spec: S.JobSpec, _tensors) -> dict:
         total = self._validate(spec)
@@ -131,7 +163,27 @@ class Coordinator:
         return S.JobDetail(**_summary(job), spec=job["spec"],
                            events=[S.Event(**e) for e in self.store.events(a.job)],
                            last_metrics=last[-1] if last else None,
-                           checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()])
+                           checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()],
+                           parallelism=job["spec"].get("parallelism", "data"),
+                           stages=self._stage_nodes(a.job, _spec(job["spec"]), last[-1] if last else None))
+
+    def _stage_nodes(self, job: str, spec: S.JobSpec, last: dict | None) -> list[S.StageNode]:
+        """A pipeline job's nodes, each with its stage, layers, memory estimate and latest step."""
+        if spec.parallelism == "data":
+            return []
+        computed = (last or {}).get("nodes", {})
+        memory = self.memory_needed.get(job, {})
+        rows = []
+        for i, node in enumerate(spec.nodes):
+            replica, stage = divmod(i, len(spec.stages))
+            step = computed.get(node.name)
+            busy = step["compute_s"] / step["pipeline_s"] if step and step["pipeline_s"] else None
+            rows.append(S.StageNode(node=node.name, replica=replica, stage=stage, start=spec.stages[stage].start,
+                                    end=spec.stages[stage].end, live=step is not None,
+                                    memory_needed=memory.get(node.public_key),
+                                    compute_s=step["compute_s"] if step else None, busy=busy,
+                                    activation_bytes=step["activation_bytes"] if step else None))
+        return rows
 
     async def _stop(self, a: S.JobArgs, _tensors) -> S.JobState:
         job = self.store.get(a.job)
@@ -172,16 +224,14 @@ class Coordinator:
                                _tensors) -> tuple[S.CheckpointChunk, list[torch.Tensor]]:
         """A chunk of one checkpoint file (export), with the manifest's signed bytes and signature to check
         it against."""
-        self.store.get(a.job)
         store = self.checkpoints(a.job)
-        manifest, blob, signature = store.signed_manifest(a.step)
-        if a.file not in manifest.files:
-            raise JobError(f"a checkpoint has no file {a.file!r}; files: {', '.join(manifest.files)}")
-        with open(store.path(a.step) / a.file, "rb") as f:
-            f.seek(a.offset)
-            chunk = f.read(READ_CHUNK)
-        return (S.CheckpointChunk(manifest=blob, signature=signature, size=manifest.files[a.file].bytes),
-                [torch.frombuffer(bytearray(chunk), dtype=torch.int8) if chunk else torch.zeros(0, dtype=torch.int8)])
+        if isinstance(store, PartCheckpoints):
+            reply, chunk = store.read_chunk(a.step, a.file, a.offset, a.stage)
+        elif a.stage >= 0:
+            raise JobError(f"job {a.job} is data-parallel: its checkpoints have no parts")
+        else:
+            reply, chunk = store.read_chunk(a.step, a.file, a.offset)
+        return reply, [int8_tensor(chunk)]
 
     # --- running a job -------------------------------------------------------------------------
 
@@ -195,13 +245,16 @@ class Coordinator:
         args = {"job": job, "model": spec.model, "dataset": spec.dataset, "dtype": spec.dtype,
                 "micro_batch_size": spec.micro_batch_size, "lr": spec.lr, "grad_clip": spec.grad_clip,
                 "weight_decay": spec.weight_decay, "plaintext": spec.plaintext, "backend": spec.backend}
-        results = await asyncio.gather(*(self.service.call(n, "train.prepare", args, timeout=PREPARE_TIMEOUT_S)
-                                         for n in nodes), return_exceptions=True)
+        results = await asyncio.gather(*(self.service.call(n, "train.prepare", {**args, "stage": _stage(spec, i)},
+                                                           timeout=PREPARE_TIMEOUT_S)
+                                         for i, n in enumerate(nodes)), return_exceptions=True)
         failures = [f"{n.name}: {r}" for n, r in zip(nodes, results) if isinstance(r, BaseException)]
         if failures:
             await self._release(job, nodes)
             raise JobError("cannot start: " + "; ".join(failures))
         self.ring_ports[job] = {n.public_key: r[0]["ring_port"] for n, r in zip(nodes, results)}
+        self.tied_ports[job] = {n.public_key: r[0].get("tied_port", 0) for n, r in zip(nodes, results)}
+        self.memory_needed[job] = {n.public_key: r[0]["memory_needed"] for n, r in zip(nodes, results)}
 
     async def _release(self, job: str, nodes: list[S.NodeRef]) -> None:
         async def one(node):
@@ -212,12 +265,16 @@ class Coordinator:
         await asyncio.gather(*(one(n) for n in nodes))
 
     async def _run(self, job: str, spec: S.JobSpec, resume_from: int | None) -> None:
-        run = _Run(self, job, spec)
+        run = DataParallelRun(self, job, spec) if spec.parallelism == "data" else PipelineRun(self, job, spec)
         try:
             await run.execute(resume_from)
         except asyncio.CancelledError:
             self.store.set_state(job, "interrupted", "the coordinator daemon stopped; resume with 'dllmctl jobs resume'")
             raise
+        except JobInterrupted as exc:
+            log.error("job %s interrupted: %s", job, exc)
+            self.store.event(job, "interrupted", str(exc))
+            self.store.set_state(job, "interrupted", str(exc))
         except (JobFailed, CallError, CheckpointError, ValueError, OSError) as exc:
             log.error("job %s failed: %s", job, exc)
             self.store.event(job, "failed", str(exc))
@@ -248,194 +305,16 @@ class Coordinator:
             return False
 
 
-class _Run:
-    """One execution of a job, from its first (or resumed) step to done, stopped or failed."""
-
-    def __init__(self, coordinator: Coordinator, job: str, spec: S.JobSpec):
-        self.c, self.job, self.spec = coordinator, job, spec
-        self.store = coordinator.store
-        self.live: list[S.NodeRef] = list(spec.nodes)
-        self.rows = {s.id: s.rows for s in spec.shards if s.rows}
-        self.shard_ids = sorted(self.rows)
-        self.owner = {s: s for s in self.shard_ids}  # shard -> the node computing its rows
-        self.holders = {s: {s} for s in self.shard_ids}  # shard -> nodes holding its rows
-        self.generation = 0
-        self.total = schedule.total_steps(self.rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
-
-    def node(self, key: str) -> S.NodeRef:
-        return next(n for n in self.live if n.public_key == key)
-
-    async def call_all(self, op: str, args: dict, timeout: float = 60.0) -> list[dict]:
-        results = await asyncio.gather(*(self.c.service.call(n, op, args, timeout=timeout) for n in self.live))
-        return [r for r, _ in results]
-
-    async def execute(self, resume_from: int | None) -> None:
-        self.store.set_state(self.job, "running")
-        step = 0
-        if resume_from is not None:
-            step = await self.load_checkpoint(resume_from)
-        await self.form_ring()
-        failed_attempts, metrics = 0, None
-        while step < self.total:
-            if self.job in self.c.stopping:
-                break
-            failpoint("jobs.step", step)
-            started = time.perf_counter()
-            lr = schedule.learning_rate(step, self.spec.lr, self.spec.warmup_steps, self.total)
-            results = await self.compute(step)
-            if results is None:
-                failed_attempts += 1
-                if failed_attempts >= MAX_FAILED_ATTEMPTS:
-                    raise JobFailed(f"step {step} failed {failed_attempts} times with every node alive")
-                continue
-            failed_attempts = 0
-            applied = await asyncio.gather(*(self.c.service.call(n, "train.apply", {"job": self.job, "step": step,
-                                                                                   "lr": lr}, timeout=600)
-                                             for n in self.live), return_exceptions=True)
-            lost = [n for n, r in zip(self.live, applied) if isinstance(r, BaseException)]
-            if lost:  # they died between step and apply: the survivors applied; carry on without them
-                await self.recover(lost)
-            metrics = self.step_metrics(step, lr, results, time.perf_counter() - started)
-            self.store.record_step(self.job, step, metrics)
-            step += 1
-            if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and step < self.total:
-                await self.checkpoint(step, metrics)
-        await self.checkpoint(step, metrics)
-        if step >= self.total:
-            self.store.set_state(self.job, "done")
-            self.store.event(self.job, "done", f"{step} steps")
-        else:
-            self.store.set_state(self.job, "stopped")
-            self.store.event(self.job, "stopped", f"after step {step}; resume with 'dllmctl jobs resume {self.job}'")
-
-    async def form_ring(self) -> None:
-        """Number the live nodes, tell each its neighbours, and make sure each shard has a spare copy."""
-        self.generation += 1
-        ports = self.c.ring_ports[self.job]
-        members = [{"name": n.name, "public_key": n.public_key,
-                    "address": f"{n.address.rsplit(':', 1)[0]}:{ports[n.public_key]}"} for n in self.live]
-        await asyncio.gather(*(self.c.service.call(n, "train.ring", {"job": self.job, "generation": self.generation,
-                                                                     "rank": rank, "members": members})
-                               for rank, n in enumerate(self.live)))
-        if len(self.live) < 2:
-            return
-        keys = [n.public_key for n in self.live]
-        copies = []
-        for shard in self.shard_ids:
-            holders = self.holders[shard] & set(keys)
-            if len(holders) >= 2:
-                continue
-            owner = self.owner[shard]
-            spare = keys[(keys.index(owner) + 1) % len(keys)]  # the owner's ring successor
-            copies.append((shard, owner, spare))
-        await asyncio.gather(*(self.c.service.call(self.node(spare), "train.backup",
-                                                   {"job": self.job, "shard": shard,
-                                                    "holder": to_wire(self.node(owner))}, timeout=PREPARE_TIMEOUT_S)
-                               for shard, owner, spare in copies))
-        for shard, _, spare in copies:
-            self.holders[shard].add(spare)
-
-    async def compute(self, step: int) -> list[dict] | None:
-        """Run ``train.step`` everywhere; on a failure, clean up and return None (the step is retried)."""
-        batch = schedule.batch(self.rows, self.spec.batch_size, self.spec.seed, step)
-        number = {s: i for i, s in enumerate(self.shard_ids)}
-        per_node: dict[str, list[list[int]]] = {n.public_key: [] for n in self.live}
-        for row in batch:
-            per_node[self.owner[row.shard]].append([number[row.shard], row.index])
-        tasks = {n.public_key: asyncio.ensure_future(self.c.service.call(
-            n, "train.step", {"job": self.job, "step": step, "shards": self.shard_ids},
-            [torch.tensor(per_node[n.public_key], dtype=torch.int64).reshape(-1, 2)], timeout=STEP_TIMEOUT_S))
-            for n in self.live}
-        done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
-        if not pending and all(t.exception() is None for t in done):
-            return [tasks[n.public_key].result()[0] for n in self.live]
-        first = next(t.exception() for t in done if t.exception() is not None)
-        log.warning("job %s step %d failed: %s", self.job, step, first)
-        alive = await asyncio.gather(*(self.c.alive(n) for n in self.live))
-        dead = [n for n, ok in zip(self.live, alive) if not ok]
-        survivors = [n for n, ok in zip(self.live, alive) if ok]
-        await asyncio.gather(*(self.c.service.call(n, "train.reset", {"job": self.job}, timeout=10) for n in survivors),
-                             return_exceptions=True)
-        await asyncio.wait(list(tasks.values()), timeout=30)
-        for task in tasks.values():
-            if not task.done():
-                task.cancel()
-            elif not task.cancelled():
-                task.exception()  # seen
-        if dead:
-            await self.recover(dead)
-        else:
-            self.store.event(self.job, "step_failed", f"step {step}: {first}; retrying")
-            await self.form_ring()
+def _stage(spec: S.JobSpec, index: int) -> dict | None:
+    """Node ``index``'s stage plan in a pipeline job (nodes are replica-major), or None (data parallelism)."""
+    if spec.parallelism == "data":
         return None
-
-    async def recover(self, dead: list[S.NodeRef]) -> None:
-        """Drop dead nodes, move their shards to nodes holding copies, re-form the ring."""
-        gone = {n.public_key for n in dead}
-        self.live = [n for n in self.live if n.public_key not in gone]
-        for node in dead:
-            self.store.event(self.job, "node_lost", f"{node.name} stopped answering; continuing without it")
-        if not self.live or self.live[0].public_key != self.c.service.identity.public_key:
-            raise JobFailed("the coordinator's own replica is gone")
-        keys = [n.public_key for n in self.live]
-        for shard in self.shard_ids:
-            self.holders[shard] &= set(keys)
-            if self.owner[shard] in gone:
-                if not self.holders[shard]:
-                    raise JobFailed(f"shard {shard[:12]}... is lost: no live node holds a copy")
-                new = min(self.holders[shard], key=keys.index)
-                self.store.event(self.job, "shard_moved", f"shard of {_name(self.spec, shard)} now computed by "
-                                                          f"{self.node(new).name}")
-                self.owner[shard] = new
-        await self.form_ring()
-
-    def step_metrics(self, step: int, lr: float, results: list[dict], seconds: float) -> dict:
-        first = results[0]
-        return {"loss": first["loss"], "lr": lr, "grad_norm": first["grad_norm"], "tokens": first["tokens"],
-                "step_s": seconds, "tokens_per_s": first["tokens"] / seconds if seconds else None,
-                "compute_s": max(r["compute_s"] for r in results), "comm_s": max(r["comm_s"] for r in results),
-                "nodes": {n.name: {"rows": r["rows"], "compute_s": r["compute_s"], "comm_s": r["comm_s"]}
-                          for n, r in zip(self.live, results)}}
-
-    async def checkpoint(self, step: int, metrics: dict | None) -> None:
-        worker = self.c.service.workers[self.job]
-        names = worker.state_names()
-        tensors = {n: worker.state_tensor(n) for n in names}
-        config = self.c.service.models.config_path(self.spec.model).read_bytes()
-        per_epoch = schedule.steps_per_epoch(self.rows, self.spec.batch_size)
-        state = {"job": self.job, "optimizer_step": worker.optimizer_step(), "seed": self.spec.seed,
-                 "epoch": step // per_epoch, "step_in_epoch": step % per_epoch, "spec": to_wire(self.spec),
-                 "metrics": metrics or {}, "torch_rng": torch.get_rng_state().numpy().tobytes().hex(),
-                 "owners": {_name(self.spec, s): self.node(o).name for s, o in self.owner.items()}}
-        described = await asyncio.to_thread(self.c.checkpoints(self.job).write, step, tensors, config, state)
-        self.store.event(self.job, "checkpoint", f"step {step} ({described['bytes']} bytes)")
-
-    async def load_checkpoint(self, step: int) -> int:
-        tensors, state = await asyncio.to_thread(self.c.checkpoints(self.job).read, step)
-        torch.set_rng_state(torch.frombuffer(bytearray(bytes.fromhex(state["torch_rng"])), dtype=torch.uint8))
-        names = list(tensors)
-        batches, size, current = [], 0, []
-        for name in names:
-            current.append(name)
-            size += tensors[name].numel() * tensors[name].element_size()
-            if size >= STATE_MESSAGE_BYTES or len(current) >= STATE_MESSAGE_TENSORS:
-                batches.append(current)
-                current, size = [], 0
-        if current:
-            batches.append(current)
-
-        async def send(node: S.NodeRef) -> None:
-            for batch in batches:
-                await self.c.service.call(node, "train.load_state",
-                                          {"job": self.job, "names": batch, "optimizer_step": state["optimizer_step"]},
-                                          [tensors[n] for n in batch], timeout=600)
-
-        await asyncio.gather(*(send(n) for n in self.live))
-        return step
-
-
-def _name(spec: S.JobSpec, shard: str) -> str:
-    return next((s.node for s in spec.shards if s.id == shard), shard[:12])
+    count = len(spec.stages)
+    replica, stage = divmod(index, count)
+    span = spec.stages[stage]
+    return {"index": stage, "count": count, "replica": replica, "start": span.start, "end": span.end,
+            "schedule": spec.schedule, "recompute": spec.recompute,
+            "micro_batches": max(1, -(-spec.batch_size // spec.micro_batch_size))}
 
 
 def _spec(data: dict) -> S.JobSpec:

@@ -47,6 +47,15 @@ class JobError(ValueError):
     """A request about a job that cannot be honoured; the message says why."""
 
 
+class JobFailed(RuntimeError):
+    """A running job cannot go on: it is marked failed."""
+
+
+class JobInterrupted(RuntimeError):
+    """A running job lost part of itself it cannot do without (a pipeline stage with no replica left):
+    it is marked interrupted, and ``jobs resume`` continues it from its last complete checkpoint."""
+
+
 class JobStore:
     def __init__(self, path: Path):
         self.path = path

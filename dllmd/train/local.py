@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 
 from dllmd.train import schedule
+from dllmd.train.memory import SavedActivations
 from dllmd.train.model import load_causal_lm, loss_sum, parameters
 from dllmd.train.optim import OptimConfig, apply_update, flatten_grads, make_optimizer
-from dllmd.train.worker import ShardRows
+from dllmd.train.worker import ShardRows, micro_batch
 
 
 def train_locally(model_dir: Path, shards: dict[str, ShardRows], steps: int, batch_size: int, micro_batch_size: int,
@@ -25,22 +26,23 @@ def train_locally(model_dir: Path, shards: dict[str, ShardRows], steps: int, bat
     """Train ``steps`` steps; returns the final weights by parameter name."""
     model = load_causal_lm(model_dir, sorted(model_dir.rglob("*.safetensors")))
     optimizer = make_optimizer(model, optim)
+    saved_activations = SavedActivations(p for _, p in parameters(model))
     rows = {key: shard.tokens.shape[0] for key, shard in shards.items()}
     for step in range(steps):
         started = time.perf_counter()
         batch = schedule.batch(rows, batch_size, seed, step)
         model.zero_grad(set_to_none=True)
-        total, count = 0.0, 0
+        total, count, activations = 0.0, 0, 0
         for start in range(0, batch_size, micro_batch_size):
-            micro = batch[start:start + micro_batch_size]
-            for shard in dict.fromkeys(r.shard for r in micro):
-                tokens, labels = shards[shard].batch([r.index for r in micro if r.shard == shard])
+            tokens, labels = micro_batch(shards, [(r.shard, r.index) for r in batch[start:start + micro_batch_size]])
+            with saved_activations.counting() as saved:  # one micro-batch in flight at a time
                 loss, n = loss_sum(model, tokens, labels, dtype)
-                loss.backward()
-                total, count = total + float(loss.detach()), count + n
+            activations = max(activations, sum(saved.values()))
+            loss.backward()
+            total, count = total + float(loss.detach()), count + n
         lr = schedule.learning_rate(step, optim.lr, warmup_steps, steps)
         result = apply_update(model, optimizer, flatten_grads(model, total, count), lr, optim.grad_clip)
         seconds = time.perf_counter() - started
         on_step(step, {"loss": result.loss, "tokens": result.tokens, "step_s": seconds,
-                       "tokens_per_s": result.tokens / seconds})
+                       "tokens_per_s": result.tokens / seconds, "activation_bytes": activations})
     return {name: p.detach().cpu() for name, p in parameters(model)}

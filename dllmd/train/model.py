@@ -63,17 +63,25 @@ def row_targets(tokens: torch.Tensor, row_offsets: torch.Tensor, valid_tokens: t
     return labels
 
 
+def autocast(device: torch.device, dtype: str):
+    """Where forward passes run: bf16 autocast for ``--dtype bfloat16`` (fp32 master weights), else plain."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over the labelled positions, and their count."""
+    labels = labels.to(logits.device)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total, int((labels != -100).sum())
+
+
 def loss_sum(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, dtype: str) -> tuple[torch.Tensor, int]:
     """Summed next-token cross entropy over the labelled positions, and their count.
 
     Summing (not averaging) per micro-batch lets any split of a global batch over workers and
     micro-batches add up to the same total; the mean is taken once, over the global token count."""
     device = next(model.parameters()).device
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
-    with autocast:
+    with autocast(device, dtype):
         logits = model(input_ids=tokens.to(device).long()).logits
-    labels = labels.to(device)
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                            reduction="sum")
-    return total, int((labels != -100).sum())
+    return summed_cross_entropy(logits, labels)

@@ -45,19 +45,27 @@ class StepResult:
     grad_norm: float
 
 
-def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat: torch.Tensor, lr: float,
-                 grad_clip: float) -> StepResult:
-    """Turn the summed buffer into mean gradients, clip, and step. ``flat`` is consumed."""
+def mean_gradients(flat: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """The gradient of the mean loss (``flat``'s summed gradients divided in place by its token count,
+    as a view), the mean loss and the token count."""
     tokens = float(flat[-1])
     if tokens <= 0:
         raise ValueError("the global batch has no target tokens")
-    loss = float(flat[-2]) / tokens
-    grads = flat[:-2].div_(tokens)
-    norm = float(torch.linalg.vector_norm(grads.double()))
+    return flat[:-2].div_(tokens), float(flat[-2]) / tokens, int(tokens)
+
+
+def squared_norm(grads: torch.Tensor) -> float:
+    """The squared L2 norm in float64: what the stages of a pipeline add up into the global norm."""
+    return float(torch.linalg.vector_norm(grads.double())) ** 2
+
+
+def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, grads: torch.Tensor,
+                  norm: float, lr: float, grad_clip: float) -> None:
+    """Scale ``grads`` (laid out as ``params``, in order) by the global ``norm``'s clip, and step."""
     if grad_clip and norm > grad_clip:
         grads.mul_(grad_clip / (norm + 1e-6))
     offset = 0
-    for _, param in parameters(model):
+    for param in params:
         count = param.numel()
         param.grad = grads[offset:offset + count].view_as(param).to(param.device, param.dtype)
         offset += count
@@ -65,4 +73,56 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, int(tokens), norm)
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat: torch.Tensor, lr: float,
+                 grad_clip: float) -> StepResult:
+    """Turn the summed buffer into mean gradients, clip, and step. ``flat`` is consumed."""
+    grads, loss, tokens = mean_gradients(flat)
+    norm = float(torch.linalg.vector_norm(grads.double()))
+    clip_and_step([p for _, p in parameters(model)], optimizer, grads, norm, lr, grad_clip)
+    return StepResult(loss, tokens, norm)
+
+
+class TrainingState:
+    """A worker's weights and AdamW moments as named tensors (``model.<name>``,
+    ``optim.<name>.exp_avg`` / ``.exp_avg_sq``): what checkpoints hold and resumes load. A worker
+    sets ``state_params`` (name in the model's checkpoint -> parameter) and ``optimizer``."""
+
+    state_params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+    def state_names(self) -> list[str]:
+        names = [f"model.{name}" for name in self.state_params]
+        for name in self.state_params:
+            names += [f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"]
+        return names
+
+    def state_tensor(self, name: str) -> torch.Tensor:
+        kind, rest = name.split(".", 1)
+        if kind == "model":
+            return self.state_params[rest].detach().cpu()
+        param_name, slot = rest.rsplit(".", 1)
+        param = self.state_params[param_name]
+        state = self.optimizer.state.get(param)
+        return state[slot].detach().cpu() if state else torch.zeros_like(param, device="cpu")
+
+    def optimizer_step(self) -> int:
+        states = [s for s in self.optimizer.state.values() if "step" in s]
+        return int(states[0]["step"]) if states else 0
+
+    def load_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                kind, rest = name.split(".", 1)
+                if kind == "model":
+                    self.state_params[rest].copy_(tensor)
+                    continue
+                param_name, slot = rest.rsplit(".", 1)
+                param = self.state_params[param_name]
+                state = self.optimizer.state[param]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state[slot].copy_(tensor)
+                state["step"] = torch.tensor(float(optimizer_step))

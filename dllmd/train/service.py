@@ -28,13 +28,14 @@ from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.pool import ConnectionPool
-from dllmd.net.schema import Op, parse_args
+from dllmd.net.schema import Op, parse_args, parse_reply, to_wire
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
 from dllmd.net.messages import training as S
 from dllmd.train.model import TrainModelError
 from dllmd.train.optim import OptimConfig
 from dllmd.train.collective import RingCollective, TorchCollective
+from dllmd.train.pipeline.links import LinkError
 from dllmd.train.ring import RingError, RingMember, RingSocket
 from dllmd.train.worker import ShardRows, TrainWorker, WorkerSpec
 
@@ -45,7 +46,7 @@ IDLE_REPLICA_TTL_S = 15 * 60  # a running job calls every worker at least once p
 SWEEP_INTERVAL_S = 60
 Handler = Callable[[Any, list[torch.Tensor]], Awaitable[Any]]
 # What a worker operation raises when the request cannot be honoured (not a bug): answered as bad_args.
-REFUSALS = (TrainModelError, ModelFileError, ShardError, RingError, ValueError, KeyError)
+REFUSALS = (TrainModelError, ModelFileError, ShardError, RingError, LinkError, ValueError, KeyError)
 
 
 def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int) -> int:
@@ -69,6 +70,9 @@ class TrainingService:
             (S.TRAIN_ROWS, self.rows), (S.TRAIN_STEP, self.step), (S.TRAIN_APPLY, self.apply),
             (S.TRAIN_RESET, self.reset), (S.TRAIN_STATE, self.state), (S.TRAIN_LOAD_STATE, self.load_state),
             (S.TRAIN_RELEASE, self.release))}
+        from dllmd.train.pipeline.ops import StageOps  # pipeline stages: their own operations
+        self.stages = StageOps(self)
+        self.handlers.update({op.name: (op, handler) for op, handler in self.stages.handlers()})
         from dllmd.train.coordinator import Coordinator  # it calls back into this service
         self.coordinator = Coordinator(self)
 
@@ -97,9 +101,16 @@ class TrainingService:
                 outcome = await handler(parse_args(declared.args, args), list(tensors or []))
             except REFUSALS as exc:
                 raise CallError(str(exc)) from None
-            return outcome if isinstance(outcome, tuple) else (outcome, [])
+            result, out = outcome if isinstance(outcome, tuple) else (outcome, [])
+            return (result if isinstance(result, dict) else to_wire(result)), out  # as a remote reply reads
         client = self.peers.get(node.address, node.public_key)
         return await client.call(op, args, tensors or [], timeout=timeout)
+
+    async def invoke(self, node: S.NodeRef, op: Op, args: dict, tensors: list[torch.Tensor] | None = None,
+                     timeout: float = 60.0) -> tuple[Any, list[torch.Tensor]]:
+        """:meth:`call` with the reply checked against ``op``'s reply type."""
+        result, out = await self.call(node, op.name, args, tensors, timeout)
+        return parse_reply(op.reply, result), out
 
     def _worker(self, job: str) -> TrainWorker:
         worker = self.workers.get(job)
@@ -140,8 +151,12 @@ class TrainingService:
             raise ValueError(f"model {a.model!r} has not been sent to node {self.config.name}") from None
         layers = int(config["num_hidden_layers"])
         admins = [k.public_key for k in self.keys.all() if k.role == Role.ADMIN]
-        manifest, files = await asyncio.to_thread(self.models.verified_span, a.model, 0, layers, True, True, admins)
         shard = await asyncio.to_thread(self._own_shard, a.dataset)
+        if a.stage is not None:
+            if a.backend != "zmq":
+                raise ValueError("pipeline stages talk over the encrypted peer connections and ring (--backend zmq)")
+            return await self.stages.prepare(a, config_path, shard, admins)
+        manifest, files = await asyncio.to_thread(self.models.verified_span, a.model, 0, layers, True, True, admins)
         seq_len = shard.tokens.shape[1] if shard else 2048
         need = replica_bytes(manifest.params, a.micro_batch_size, seq_len, int(config.get("hidden_size", 0)), layers,
                              int(config.get("vocab_size", 0)))
@@ -218,18 +233,26 @@ class TrainingService:
                  "valid_tokens": shard.valid_tokens}, [tokens])
 
     async def step(self, a: S.StepArgs, tensors: list[torch.Tensor]) -> dict:
-        if len(tensors) != 1 or tensors[0].dtype != torch.int64 or tensors[0].dim() != 2 or tensors[0].shape[1] != 2:
-            raise ValueError("train.step carries one int64 [rows, 2] tensor of (shard number, row index)")
         worker = self._worker(a.job)
+        if not isinstance(worker, TrainWorker):
+            raise ValueError(f"job {a.job} runs a pipeline stage on this node: its steps are train.stage_step")
+        return await worker.step(a.step, self.step_rows(worker, a.step, a.shards, tensors))
+
+    @staticmethod
+    def step_rows(worker, step: int, shards: list[str], tensors: list[torch.Tensor]) -> list[tuple[str, int]]:
+        """A step's rows as (shard, row) pairs, from its int64 ``[rows, 2]`` tensor of (shard number in
+        ``shards``, row index); refused unless the worker holds every one."""
+        if len(tensors) != 1 or tensors[0].dtype != torch.int64 or tensors[0].dim() != 2 or tensors[0].shape[1] != 2:
+            raise ValueError("a step carries one int64 [rows, 2] tensor of (shard number, row index)")
         rows = []
         for shard_number, index in tensors[0].tolist():
-            if not 0 <= shard_number < len(a.shards) or a.shards[shard_number] not in worker.shards:
-                raise ValueError(f"step {a.step} names a shard this node does not hold")
-            shard = worker.shards[a.shards[shard_number]]
+            if not 0 <= shard_number < len(shards) or shards[shard_number] not in worker.shards:
+                raise ValueError(f"step {step} names a shard this node does not hold")
+            shard = worker.shards[shards[shard_number]]
             if not 0 <= index < shard.tokens.shape[0]:
-                raise ValueError(f"row {index} is outside shard {a.shards[shard_number][:12]}")
-            rows.append((a.shards[shard_number], index))
-        return await worker.step(a.step, rows)
+                raise ValueError(f"row {index} is outside shard {shards[shard_number][:12]}")
+            rows.append((shards[shard_number], index))
+        return rows
 
     async def apply(self, a: S.ApplyArgs, _tensors) -> dict:
         return await self._worker(a.job).apply(a.step, a.lr)

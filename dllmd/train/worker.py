@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from dllmd.failpoints import failpoint
 from dllmd.train.model import load_causal_lm, loss_sum, parameters, row_targets
-from dllmd.train.optim import OptimConfig, apply_update, flatten_grads, make_optimizer
+from dllmd.train.optim import OptimConfig, TrainingState, apply_update, flatten_grads, make_optimizer
 from dllmd.train.ring import RingMember
 
 
@@ -33,6 +34,13 @@ class ShardRows:
         return tokens, row_targets(tokens, offsets, torch.full_like(offsets, self.valid_tokens))
 
 
+def micro_batch(shards: Mapping[str, ShardRows], rows: Sequence[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels of ``(shard, row)`` pairs, in their order: one forward pass of a micro-batch,
+    whichever shards its rows come from (every shard of a dataset has the same row length)."""
+    parts = [shards[shard].batch([index]) for shard, index in rows]
+    return torch.cat([tokens for tokens, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
 @dataclass
 class WorkerSpec:
     job: str
@@ -45,11 +53,12 @@ class WorkerSpec:
     backend: str = "zmq"
 
 
-class TrainWorker:
+class TrainWorker(TrainingState):
     def __init__(self, spec: WorkerSpec, model: torch.nn.Module, collective):
         self.spec = spec
         self.model = model
         self.params = dict(parameters(model))  # name -> parameter, in the fixed order
+        self.state_params = self.params  # checkpoints name them as the model does
         self.optimizer = make_optimizer(model, spec.optim)
         self.collective = collective  # RingCollective or TorchCollective
         self.shards: dict[str, ShardRows] = {}
@@ -86,16 +95,11 @@ class TrainWorker:
         total, count = 0.0, 0
         b = self.spec.micro_batch_size
         for start in range(0, len(rows), b):
-            micro = rows[start:start + b]
-            by_shard: dict[str, list[int]] = {}
-            for shard, index in micro:
-                by_shard.setdefault(shard, []).append(index)
-            for shard, indices in by_shard.items():
-                tokens, labels = self.shards[shard].batch(indices)
-                loss, n = loss_sum(self.model, tokens, labels, self.spec.dtype)
-                loss.backward()
-                total += float(loss.detach())
-                count += n
+            tokens, labels = micro_batch(self.shards, rows[start:start + b])
+            loss, n = loss_sum(self.model, tokens, labels, self.spec.dtype)
+            loss.backward()
+            total += float(loss.detach())
+            count += n
         return flatten_grads(self.model, total, count)
 
     async def apply(self, step: int, lr: float) -> dict:
@@ -111,47 +115,6 @@ class TrainWorker:
         """Drop a half-done step (a peer died): the replica stays at the last applied step."""
         self.collective.abort(reason)
         self._pending = None
-
-    # --- state for checkpoints -----------------------------------------------------------------
-
-    def state_names(self) -> list[str]:
-        names = [f"model.{name}" for name in self.params]
-        for name in self.params:
-            names += [f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"]
-        return names
-
-    def state_tensor(self, name: str) -> torch.Tensor:
-        kind, rest = name.split(".", 1)
-        params = self.params
-        if kind == "model":
-            return params[rest].detach().cpu()
-        param_name, slot = rest.rsplit(".", 1)
-        state = self.optimizer.state.get(params[param_name])
-        if not state:
-            return torch.zeros_like(params[param_name], device="cpu")
-        return state[slot].detach().cpu()
-
-    def optimizer_step(self) -> int:
-        states = [s for s in self.optimizer.state.values() if "step" in s]
-        return int(states[0]["step"]) if states else 0
-
-    def load_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
-        params = self.params
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                kind, rest = name.split(".", 1)
-                if kind == "model":
-                    params[rest].copy_(tensor)
-                    continue
-                param_name, slot = rest.rsplit(".", 1)
-                param = params[param_name]
-                state = self.optimizer.state[param]
-                if not state:
-                    state["step"] = torch.tensor(float(optimizer_step))
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-                state[slot].copy_(tensor)
-                state["step"] = torch.tensor(float(optimizer_step))
 
     def close(self) -> None:
         self.collective.close()

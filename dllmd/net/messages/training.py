@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from dllmd.net.schema import NoArgs, Op, bounded
 
-PARALLELISMS_BUILT = ("data",)
+PARALLELISMS_BUILT = ("data", "model", "hybrid")
 BACKENDS = ("zmq", "torch")
+SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules (dllmd.train.pipeline.schedule)
+PIPE_KINDS = ("activation", "gradient")  # what crosses a stage boundary: forward, backward
 
 
 @dataclass
@@ -24,6 +26,15 @@ class ShardRef:
     node: str = bounded(max_len=64)
     rows: int = bounded(lo=0, hi=2**40)
     sha256: str = bounded("", max_len=64)
+
+
+@dataclass
+class StageSpan:
+    """Decoder layers ``[start, end)`` of one pipeline stage; the first also holds the embeddings, the
+    last the final norm, the head and the loss."""
+
+    start: int = bounded(lo=0, hi=100_000)
+    end: int = bounded(lo=1, hi=100_000)
 
 
 @dataclass
@@ -45,6 +56,27 @@ class JobSpec:
     dtype: str = bounded("float32", max_len=16)
     plaintext: bool = False
     backend: str = bounded("zmq", max_len=8)
+    parallelism: str = bounded("data", max_len=16)  # data, model (a pipeline) or hybrid (replicas of one)
+    # model / hybrid: the stages' layer spans, the same in every replica; ``nodes`` are replica-major:
+    # node r * len(stages) + s runs stage s of replica r.
+    stages: list[StageSpan] = bounded([], max_len=256)
+    replicas: int = bounded(1, lo=1, hi=256)
+    schedule: str = bounded("1f1b", max_len=8)
+    recompute: bool = False  # keep only each stage's inputs; run the forward again in the backward
+
+
+@dataclass
+class StagePlan:
+    """What one node is in a pipeline job: stage ``index`` of ``count`` in replica ``replica``."""
+
+    index: int = bounded(lo=0, hi=255)
+    count: int = bounded(lo=1, hi=256)
+    replica: int = bounded(lo=0, hi=255)
+    start: int = bounded(lo=0, hi=100_000)
+    end: int = bounded(lo=1, hi=100_000)
+    schedule: str = bounded("1f1b", max_len=8)
+    recompute: bool = False
+    micro_batches: int = bounded(1, lo=1, hi=1_000_000)  # the most a step runs: what memory is checked for
 
 
 @dataclass
@@ -59,6 +91,7 @@ class WorkerPrepareArgs:
     weight_decay: float = bounded(0.0, lo=0.0, hi=10.0)
     plaintext: bool = False
     backend: str = bounded("zmq", max_len=8)
+    stage: StagePlan | None = None  # a pipeline stage's span (None: a data-parallel replica)
 
 
 @dataclass
@@ -99,6 +132,122 @@ class ApplyArgs:
 
 
 @dataclass
+class LinksArgs:
+    """A stage's neighbours in its pipeline (None at the ends), and for a model with tied embeddings,
+    the two-member ring of its replica's first and last stage that sums their embedding gradients."""
+
+    job: str = bounded(max_len=64)
+    generation: int = bounded(lo=0, hi=2**62)
+    previous: NodeRef | None = None
+    next: NodeRef | None = None
+    tied_rank: int = bounded(-1, lo=-1, hi=1)  # -1: no tied ring on this stage
+    tied_members: list[NodeRef] = bounded([], max_len=2)  # address = the member's tied-ring endpoint
+
+
+@dataclass
+class PipeArgs:
+    """Micro-batch ``micro``'s activations (tensors: hidden states, labels) to the next stage, or their
+    gradient (tensors: the gradient) back to the previous one."""
+
+    job: str = bounded(max_len=64)
+    generation: int = bounded(lo=0, hi=2**62)
+    step: int = bounded(lo=0, hi=2**40)
+    micro: int = bounded(lo=0, hi=1_000_000)
+    kind: str = bounded(max_len=16)  # one of PIPE_KINDS
+
+
+@dataclass
+class StageStepArgs:
+    job: str = bounded(max_len=64)
+    step: int = bounded(lo=0, hi=2**40)
+    micro_batches: int = bounded(lo=0, hi=1_000_000)  # this replica's, this step
+    shards: list[str] = bounded([], max_len=256)  # the first stage's rows tensor indexes this list
+
+
+@dataclass
+class StageStepped:
+    """A stage's step: its gradients are summed over the replicas (and the tied pair) and kept, not
+    applied. ``squared_norm`` is of this stage's part of the mean gradient (a tied copy counted once,
+    on the first stage): the coordinator adds the stages' up into the global norm."""
+
+    step: int
+    micro_batches: int
+    rows: int  # this replica's rows (first stage; 0 elsewhere)
+    tokens: int  # target tokens in the global batch
+    loss: float | None  # the global batch's mean loss (last stage)
+    squared_norm: float
+    compute_s: float  # forward and backward passes
+    wait_s: float  # waiting for the neighbours' activations and gradients (the bubble, and transfers)
+    pipeline_s: float  # from the step's start to the last backward sent
+    comm_s: float  # the all-reduce over the replicas and the tied sum
+    bytes_sent: int  # activations or gradients to the neighbours
+    activation_bytes: int  # the most bytes of saved activations held at once
+
+
+@dataclass
+class StageApplyArgs:
+    job: str = bounded(max_len=64)
+    step: int = bounded(lo=0, hi=2**40)
+    lr: float = bounded(lo=0.0, hi=10.0)
+    grad_norm: float = bounded(lo=0.0, hi=1e30)  # of the whole model's mean gradient
+
+
+@dataclass
+class SavePartArgs:
+    job: str = bounded(max_len=64)
+    step: int = bounded(lo=0, hi=2**40)
+    state: dict = bounded({}, max_len=64)  # the job's part of state.json: data cursor, spec, metrics
+
+
+@dataclass
+class PartArgs:
+    """Stage ``stage``'s part of checkpoint ``step``."""
+
+    job: str = bounded(max_len=64)
+    stage: int = bounded(lo=0, hi=255)
+    step: int = bounded(lo=0, hi=2**40)
+
+
+@dataclass
+class PartReadArgs:
+    job: str = bounded(max_len=64)
+    stage: int = bounded(lo=0, hi=255)
+    step: int = bounded(lo=0, hi=2**40)
+    file: str = bounded(max_len=64)
+    signer: str = bounded(max_len=64)  # the node that wrote the part
+    offset: int = bounded(0, lo=0, hi=2**44)
+
+
+@dataclass
+class FetchPartArgs:
+    """Copy a part from ``holder``, checking it was signed by ``signer`` (the node that wrote it)."""
+
+    job: str = bounded(max_len=64)
+    stage: int = bounded(lo=0, hi=255)
+    step: int = bounded(lo=0, hi=2**40)
+    holder: NodeRef
+    signer: str = bounded(max_len=64)
+
+
+@dataclass
+class LoadPartArgs:
+    """Load this stage's part of checkpoint ``step``: from this node's copy, else from ``holder``'s."""
+
+    job: str = bounded(max_len=64)
+    step: int = bounded(lo=0, hi=2**40)
+    holder: NodeRef
+    signer: str = bounded(max_len=64)
+
+
+@dataclass
+class PartInfo:
+    stage: int
+    step: int
+    bytes: int
+    signer: str
+
+
+@dataclass
 class JobArgs:
     job: str = bounded(max_len=64)
 
@@ -135,6 +284,7 @@ class CheckpointReadArgs:
     step: int = bounded(lo=0, hi=2**40)
     file: str = bounded(max_len=64)
     offset: int = bounded(0, lo=0, hi=2**44)
+    stage: int = bounded(-1, lo=-1, hi=255)  # a pipeline job's part (-1: a data-parallel checkpoint)
 
 
 # --- replies of the coordinator -------------------------------------------------------------------
@@ -179,6 +329,24 @@ class CheckpointInfo:
     bytes: int
     created: float
     loss: float | None = None
+    parts: int = 0  # a pipeline job's: one per stage, each signed by the node that wrote it
+    signers: list[str] = bounded([], max_len=256)  # per part
+
+
+@dataclass
+class StageNode:
+    """One node of a pipeline job: which stage of which replica, its layers, and how it fared."""
+
+    node: str
+    replica: int
+    stage: int
+    start: int
+    end: int  # exclusive
+    live: bool  # it computed the latest step
+    memory_needed: int | None = None  # its estimate when the job (last) started here
+    compute_s: float | None = None  # of the latest step: forward and backward passes
+    busy: float | None = None  # the share of the latest step's pipeline phase spent computing
+    activation_bytes: int | None = None  # the most saved activations it held at once
 
 
 @dataclass
@@ -197,6 +365,8 @@ class JobDetail:
     events: list[Event]
     last_metrics: dict | None  # the latest step's metrics row
     checkpoints: list[CheckpointInfo]
+    parallelism: str = "data"
+    stages: list[StageNode] = bounded([], max_len=65536)  # pipeline jobs: every node, replica-major
 
 
 @dataclass
@@ -246,6 +416,14 @@ TRAIN_RESET = Op("train.reset", JobArgs, dict)
 TRAIN_STATE = Op("train.state", StateArgs, dict)
 TRAIN_LOAD_STATE = Op("train.load_state", LoadStateArgs, dict)
 TRAIN_RELEASE = Op("train.release", JobArgs, dict)
+TRAIN_LINKS = Op("train.links", LinksArgs, dict)
+TRAIN_PIPE = Op("train.pipe", PipeArgs, dict)
+TRAIN_STAGE_STEP = Op("train.stage_step", StageStepArgs, StageStepped)
+TRAIN_STAGE_APPLY = Op("train.stage_apply", StageApplyArgs, dict)
+TRAIN_SAVE_PART = Op("train.save_part", SavePartArgs, PartInfo)
+TRAIN_READ_PART = Op("train.read_part", PartReadArgs, CheckpointChunk)
+TRAIN_FETCH_PART = Op("train.fetch_part", FetchPartArgs, PartInfo)
+TRAIN_LOAD_PART = Op("train.load_part", LoadPartArgs, PartInfo)
 
 JOBS_SUBMIT = Op("jobs.submit", JobSpec, Submitted)
 JOBS_LIST = Op("jobs.list", NoArgs, JobList)

@@ -1,0 +1,279 @@
+"""One execution of a job, from its first (or resumed) step to done, stopped, failed or interrupted.
+
+:class:`JobRun` is what every parallelism shares: the step loop (compute everywhere, then apply
+everywhere only when every part computed the step; metrics; checkpoints every K steps, on stop and
+at the end) and the cleanup of a failed step (ping everyone, reset the survivors, then drop the dead
+or form the collectives again and retry). :class:`DataParallelRun` is data parallelism (a replica per
+node, one ring); :class:`dllmd.train.pipeline.run.PipelineRun` pipelines and hybrids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from dllmd.failpoints import failpoint
+from dllmd.net.messages import training as S
+from dllmd.net.schema import to_wire
+from dllmd.train import schedule
+from dllmd.train.jobs import JobFailed
+
+log = logging.getLogger("dllmd.coordinator")
+
+STEP_TIMEOUT_S = 3600.0
+PREPARE_TIMEOUT_S = 600.0
+MAX_FAILED_ATTEMPTS = 3  # failed steps in a row with no node lost: give up (something else is wrong)
+STATE_MESSAGE_BYTES = 64 * 1024 * 1024
+STATE_MESSAGE_TENSORS = 48  # a message carries at most 64 tensors
+
+
+class JobRun:
+    """The loop; subclasses say how a step is computed, applied, recovered from and checkpointed."""
+
+    def __init__(self, coordinator, job: str, spec: S.JobSpec):
+        self.c, self.job, self.spec = coordinator, job, spec
+        self.store = coordinator.store
+        self.rows = {s.id: s.rows for s in spec.shards if s.rows}
+        self.shard_ids = sorted(self.rows)
+        self.holders = {s: {s} for s in self.shard_ids}  # shard -> nodes holding its rows
+        self.generation = 0
+        self.total = schedule.total_steps(self.rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
+
+    @property
+    def live(self) -> list[S.NodeRef]:
+        raise NotImplementedError
+
+    async def execute(self, resume_from: int | None) -> None:
+        self.store.set_state(self.job, "running")
+        step = 0
+        if resume_from is not None:
+            step = await self.load_checkpoint(resume_from)
+        await self.form()
+        failed_attempts, metrics = 0, None
+        while step < self.total:
+            if self.job in self.c.stopping:
+                break
+            failpoint("jobs.step", step)
+            started = time.perf_counter()
+            lr = schedule.learning_rate(step, self.spec.lr, self.spec.warmup_steps, self.total)
+            results = await self.compute(step)
+            if results is None:
+                failed_attempts += 1
+                if failed_attempts >= MAX_FAILED_ATTEMPTS:
+                    raise JobFailed(f"step {step} failed {failed_attempts} times with every node alive")
+                continue
+            failed_attempts = 0
+            lost = await self.apply(step, lr, results)
+            if lost:  # they died between step and apply: those that applied carry on without them
+                await self.recover(lost)
+            metrics = self.step_metrics(step, lr, results, time.perf_counter() - started)
+            self.store.record_step(self.job, step, metrics)
+            step += 1
+            if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and step < self.total:
+                await self.checkpoint(step, metrics)
+        await self.checkpoint(step, metrics)
+        if step >= self.total:
+            self.store.set_state(self.job, "done")
+            self.store.event(self.job, "done", f"{step} steps")
+        else:
+            self.store.set_state(self.job, "stopped")
+            self.store.event(self.job, "stopped", f"after step {step}; resume with 'dllmctl jobs resume {self.job}'")
+
+    async def apply_everywhere(self, op: str, args: dict) -> list[S.NodeRef]:
+        """``op`` (an apply) on every live node; those that failed."""
+        applied = await asyncio.gather(*(self.c.service.call(n, op, args, timeout=600) for n in self.live),
+                                       return_exceptions=True)
+        return [n for n, r in zip(self.live, applied) if isinstance(r, BaseException)]
+
+    async def all_or_cleanup(self, step: int, tasks: dict) -> dict | None:
+        """Wait for a step's calls (``key -> task``); their replies by key, or after the first failure
+        None, once the failure is cleaned up: survivors reset (their half-done step is discarded,
+        nothing was applied), then the dead dropped or, with none dead, the collectives formed again."""
+        done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
+        if not pending and all(t.exception() is None for t in done):
+            return {key: task.result()[0] for key, task in tasks.items()}
+        first = next(t.exception() for t in done if t.exception() is not None)
+        log.warning("job %s step %d failed: %s", self.job, step, first)
+        nodes = self.live
+        alive = await asyncio.gather(*(self.c.alive(n) for n in nodes))
+        dead = [n for n, ok in zip(nodes, alive) if not ok]
+        survivors = [n for n, ok in zip(nodes, alive) if ok]
+        await asyncio.gather(*(self.c.service.call(n, S.TRAIN_RESET.name, {"job": self.job}, timeout=10)
+                               for n in survivors), return_exceptions=True)
+        await asyncio.wait(list(tasks.values()), timeout=30)
+        for task in tasks.values():
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # seen
+        if dead:
+            await self.recover(dead)
+        else:
+            self.store.event(self.job, "step_failed", f"step {step}: {first}; retrying")
+            await self.form()
+        return None
+
+    # --- what a parallelism says -----------------------------------------------------------------
+
+    async def form(self) -> None:
+        raise NotImplementedError
+
+    async def compute(self, step: int):
+        raise NotImplementedError
+
+    async def apply(self, step: int, lr: float, results) -> list[S.NodeRef]:
+        raise NotImplementedError
+
+    async def recover(self, dead: list[S.NodeRef]) -> None:
+        raise NotImplementedError
+
+    def step_metrics(self, step: int, lr: float, results, seconds: float) -> dict:
+        raise NotImplementedError
+
+    async def checkpoint(self, step: int, metrics: dict | None) -> None:
+        raise NotImplementedError
+
+    async def load_checkpoint(self, step: int) -> int:
+        raise NotImplementedError
+
+    def cursor(self, step: int) -> dict:
+        """Where the data order stands after ``step`` steps, and the job: what every checkpoint records."""
+        per_epoch = schedule.steps_per_epoch(self.rows, self.spec.batch_size)
+        return {"job": self.job, "seed": self.spec.seed, "epoch": step // per_epoch,
+                "step_in_epoch": step % per_epoch, "spec": to_wire(self.spec)}
+
+
+class DataParallelRun(JobRun):
+    """A full replica on every node; one ring. Checkpoints come from the coordinator's own replica
+    (identical to every other); a lost node's shards move to a node holding a copy."""
+
+    def __init__(self, coordinator, job: str, spec: S.JobSpec):
+        super().__init__(coordinator, job, spec)
+        self._live: list[S.NodeRef] = list(spec.nodes)
+        self.owner = {s: s for s in self.shard_ids}  # shard -> the node computing its rows
+
+    @property
+    def live(self) -> list[S.NodeRef]:
+        return self._live
+
+    def node(self, key: str) -> S.NodeRef:
+        return next(n for n in self.live if n.public_key == key)
+
+    async def form(self) -> None:
+        """Number the live nodes, tell each its neighbours, and make sure each shard has a spare copy."""
+        self.generation += 1
+        ports = self.c.ring_ports[self.job]
+        members = [ring_member(n, ports[n.public_key]) for n in self.live]
+        await asyncio.gather(*(self.c.service.call(n, "train.ring", {"job": self.job, "generation": self.generation,
+                                                                     "rank": rank, "members": members})
+                               for rank, n in enumerate(self.live)))
+        if len(self.live) < 2:
+            return
+        keys = [n.public_key for n in self.live]
+        copies = []
+        for shard in self.shard_ids:
+            holders = self.holders[shard] & set(keys)
+            if len(holders) >= 2:
+                continue
+            owner = self.owner[shard]
+            spare = keys[(keys.index(owner) + 1) % len(keys)]  # the owner's ring successor
+            copies.append((shard, owner, spare))
+        await asyncio.gather(*(self.c.service.call(self.node(spare), "train.backup",
+                                                   {"job": self.job, "shard": shard,
+                                                    "holder": to_wire(self.node(owner))}, timeout=PREPARE_TIMEOUT_S)
+                               for shard, owner, spare in copies))
+        for shard, _, spare in copies:
+            self.holders[shard].add(spare)
+
+    async def compute(self, step: int) -> list[dict] | None:
+        """Run ``train.step`` everywhere; on a failure, clean up and return None (the step is retried)."""
+        batch = schedule.batch(self.rows, self.spec.batch_size, self.spec.seed, step)
+        number = {s: i for i, s in enumerate(self.shard_ids)}
+        per_node: dict[str, list[list[int]]] = {n.public_key: [] for n in self.live}
+        for row in batch:
+            per_node[self.owner[row.shard]].append([number[row.shard], row.index])
+        tasks = {n.public_key: asyncio.ensure_future(self.c.service.call(
+            n, "train.step", {"job": self.job, "step": step, "shards": self.shard_ids},
+            [torch.tensor(per_node[n.public_key], dtype=torch.int64).reshape(-1, 2)], timeout=STEP_TIMEOUT_S))
+            for n in self.live}
+        results = await self.all_or_cleanup(step, tasks)
+        return None if results is None else [results[n.public_key] for n in self.live]
+
+    async def apply(self, step: int, lr: float, results: list[dict]) -> list[S.NodeRef]:
+        return await self.apply_everywhere("train.apply", {"job": self.job, "step": step, "lr": lr})
+
+    async def recover(self, dead: list[S.NodeRef]) -> None:
+        """Drop dead nodes, move their shards to nodes holding copies, re-form the ring."""
+        gone = {n.public_key for n in dead}
+        self._live = [n for n in self.live if n.public_key not in gone]
+        for node in dead:
+            self.store.event(self.job, "node_lost", f"{node.name} stopped answering; continuing without it")
+        if not self.live or self.live[0].public_key != self.c.service.identity.public_key:
+            raise JobFailed("the coordinator's own replica is gone")
+        keys = [n.public_key for n in self.live]
+        for shard in self.shard_ids:
+            self.holders[shard] &= set(keys)
+            if self.owner[shard] in gone:
+                if not self.holders[shard]:
+                    raise JobFailed(f"shard {shard[:12]}... is lost: no live node holds a copy")
+                new = min(self.holders[shard], key=keys.index)
+                self.store.event(self.job, "shard_moved", f"shard of {shard_node(self.spec, shard)} now computed by "
+                                                          f"{self.node(new).name}")
+                self.owner[shard] = new
+        await self.form()
+
+    def step_metrics(self, step: int, lr: float, results: list[dict], seconds: float) -> dict:
+        first = results[0]
+        return {"loss": first["loss"], "lr": lr, "grad_norm": first["grad_norm"], "tokens": first["tokens"],
+                "step_s": seconds, "tokens_per_s": first["tokens"] / seconds if seconds else None,
+                "compute_s": max(r["compute_s"] for r in results), "comm_s": max(r["comm_s"] for r in results),
+                "nodes": {n.name: {"rows": r["rows"], "compute_s": r["compute_s"], "comm_s": r["comm_s"]}
+                          for n, r in zip(self.live, results)}}
+
+    async def checkpoint(self, step: int, metrics: dict | None) -> None:
+        worker = self.c.service.workers[self.job]
+        names = worker.state_names()
+        tensors = {n: worker.state_tensor(n) for n in names}
+        config = self.c.service.models.config_path(self.spec.model).read_bytes()
+        state = {**self.cursor(step), "optimizer_step": worker.optimizer_step(), "metrics": metrics or {},
+                 "torch_rng": torch.get_rng_state().numpy().tobytes().hex(),
+                 "owners": {shard_node(self.spec, s): self.node(o).name for s, o in self.owner.items()}}
+        described = await asyncio.to_thread(self.c.checkpoints(self.job).write, step, tensors, config, state)
+        self.store.event(self.job, "checkpoint", f"step {step} ({described['bytes']} bytes)")
+
+    async def load_checkpoint(self, step: int) -> int:
+        tensors, state = await asyncio.to_thread(self.c.checkpoints(self.job).read, step)
+        torch.set_rng_state(torch.frombuffer(bytearray(bytes.fromhex(state["torch_rng"])), dtype=torch.uint8))
+        names = list(tensors)
+        batches, size, current = [], 0, []
+        for name in names:
+            current.append(name)
+            size += tensors[name].numel() * tensors[name].element_size()
+            if size >= STATE_MESSAGE_BYTES or len(current) >= STATE_MESSAGE_TENSORS:
+                batches.append(current)
+                current, size = [], 0
+        if current:
+            batches.append(current)
+
+        async def send(node: S.NodeRef) -> None:
+            for batch in batches:
+                await self.c.service.call(node, "train.load_state",
+                                          {"job": self.job, "names": batch, "optimizer_step": state["optimizer_step"]},
+                                          [tensors[n] for n in batch], timeout=600)
+
+        await asyncio.gather(*(send(n) for n in self.live))
+        return step
+
+
+def ring_member(node: S.NodeRef, port: int) -> dict:
+    """A ring member as ``train.ring`` takes it: peers reach its ring socket at the host they already
+    know the node by, on the port it bound."""
+    return {"name": node.name, "public_key": node.public_key, "address": f"{node.address.rsplit(':', 1)[0]}:{port}"}
+
+
+def shard_node(spec: S.JobSpec, shard: str) -> str:
+    """The name of the node a shard was pushed to."""
+    return next((s.node for s in spec.shards if s.id == shard), shard[:12])
