@@ -32,10 +32,15 @@ def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.A
 
 
 def flatten_grads(model: torch.nn.Module, loss_sum: float, tokens: int) -> torch.Tensor:
-    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
-             for _, p in parameters(model)]
+    """The summed gradients, loss and token count as one flat fp32 buffer. The parameters' own
+    gradients are released: the buffer holds them now (one copy of the weights less until the step)."""
+    params = [p for _, p in parameters(model)]
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
     extra = torch.tensor([loss_sum, float(tokens)], dtype=torch.float32, device=grads[0].device)
-    return torch.cat([*(g.float() for g in grads), extra]).cpu().contiguous()
+    flat = torch.cat([*(g.float() for g in grads), extra]).cpu().contiguous()
+    for param in params:
+        param.grad = None
+    return flat
 
 
 @dataclass
