@@ -8,6 +8,7 @@ tokens weigh more), clips by the global norm, and takes the same AdamW step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +60,12 @@ def mean_gradients(flat: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     return flat[:-2].div_(tokens), float(flat[-2]) / tokens, int(tokens)
 
 
+NORM_CHUNK = 1 << 22  # elements converted to float64 at a time: not a float64 copy of every gradient
+
+
 def squared_norm(grads: torch.Tensor) -> float:
-    """The squared L2 norm in float64: what the stages of a pipeline add up into the global norm."""
-    return float(torch.linalg.vector_norm(grads.double())) ** 2
+    """The squared L2 norm, summed in float64: what the stages of a pipeline add up into the global norm."""
+    return sum(float(torch.linalg.vector_norm(chunk.double())) ** 2 for chunk in grads.split(NORM_CHUNK))
 
 
 def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, grads: torch.Tensor,
@@ -84,7 +88,7 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat:
                  grad_clip: float) -> StepResult:
     """Turn the summed buffer into mean gradients, clip, and step. ``flat`` is consumed."""
     grads, loss, tokens = mean_gradients(flat)
-    norm = float(torch.linalg.vector_norm(grads.double()))
+    norm = math.sqrt(squared_norm(grads))
     clip_and_step([p for _, p in parameters(model)], optimizer, grads, norm, lr, grad_clip)
     return StepResult(loss, tokens, norm)
 
