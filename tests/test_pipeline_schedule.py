@@ -1,10 +1,13 @@
-"""Pipeline schedules as tables (no network): what each stage runs, in which order, how many
-micro-batches it holds, and the bubble a simulation with fixed costs leaves."""
+"""Pipeline training's pure parts as tables (no network): what each stage runs, in which order, how
+many micro-batches it holds, the bubble a simulation with fixed costs leaves; and which layers each
+stage is planned to hold."""
 
 from __future__ import annotations
 
 import pytest
 
+from dllmctl.placement.layout import ModelShape, NodeCapacity, PlanError
+from dllmctl.placement.training import TrainingLoad, plan_stages, stages_from_counts, training_shape
 from dllmd.train.pipeline import schedule as S
 
 
@@ -69,3 +72,49 @@ def test_bad_requests_are_refused():
     with pytest.raises(ValueError, match="no stage 2 of 2"):
         S.gpipe(2, 2, 4)
     assert S.theoretical_bubble(3, 0) == 0.0
+
+
+# --- which layers each stage holds ------------------------------------------------------------------
+
+MB = 2**20
+MODEL = ModelShape.uniform("m", 12, 10 * MB, 20 * MB, 20 * MB)  # fp32 bytes
+LOAD = TrainingLoad(tokens_per_micro_batch=512, in_flight=2, hidden=256, vocab=1000)
+
+
+def _nodes(*specs):
+    return [NodeCapacity(f"n{i}", int(free * MB), gflops) for i, (free, gflops) in enumerate(specs)]
+
+
+def test_training_holds_five_fp32_copies_and_the_activations_in_flight():
+    shape = training_shape(MODEL, LOAD)
+    activations = 2 * 512 * 256 * 24
+    assert shape.layer_bytes == (50 * MB + activations,) * 12
+    assert shape.embed_bytes == 100 * MB and shape.head_bytes == 100 * MB + 512 * 1000 * 8
+    half = training_shape(MODEL, TrainingLoad(512, 2, 256, 1000, weight_itemsize=2))  # bf16 stored: fp32 trained
+    assert half.layer_bytes[0] - activations == 100 * MB
+
+
+@pytest.mark.parametrize("replicas, want", [
+    ([_nodes((4096, 100), (4096, 100))], [(0, 7), (7, 12)]),  # equal: the head's stage holds fewer layers
+    ([_nodes((4096, 300), (4096, 100))], [(0, 10), (10, 12)]),  # by speed
+    ([_nodes((420, 300), (4096, 100))], [(0, 4), (4, 12)]),  # 80% of 420 MB: embeddings + 4 layers
+    # Two replicas: each position as strong as its weaker node.
+    ([_nodes((4096, 300), (4096, 100)), _nodes((4096, 100), (4096, 100))], [(0, 7), (7, 12)]),
+])
+def test_stages_are_planned_by_speed_under_each_position_s_memory(replicas, want):
+    assert plan_stages(training_shape(MODEL, LOAD), replicas) == want
+
+
+def test_stage_plans_that_cannot_be_met_are_refused():
+    shape = training_shape(MODEL, LOAD)
+    with pytest.raises(PlanError, match="do not fit"):
+        plan_stages(shape, [_nodes((300, 100), (300, 100))])
+    with pytest.raises(PlanError, match="at most that many stages"):
+        plan_stages(shape, [_nodes(*[(4096, 100)] * 13)])
+    with pytest.raises(PlanError, match="does not split into 2 stages"):  # the slow node's share rounds to nothing
+        plan_stages(shape, [_nodes((4096, 1), (4096, 1e6))])
+    assert stages_from_counts([3, 2], 5) == [(0, 3), (3, 5)]
+    with pytest.raises(PlanError, match="adds up to 6"):
+        stages_from_counts([3, 3], 5)
+    with pytest.raises(PlanError, match="two stages or more"):
+        stages_from_counts([5], 5)

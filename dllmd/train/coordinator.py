@@ -177,7 +177,7 @@ class Coordinator:
         for i, node in enumerate(spec.nodes):
             replica, stage = divmod(i, len(spec.stages))
             step = computed.get(node.name)
-            busy = step["compute_s"] / step["pipeline_s"] if step and step["pipeline_s"] else None
+            busy = 1 - step["bubble"] if step else None
             rows.append(S.StageNode(node=node.name, replica=replica, stage=stage, start=spec.stages[stage].start,
                                     end=spec.stages[stage].end, live=step is not None,
                                     memory_needed=memory.get(node.public_key),

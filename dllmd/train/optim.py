@@ -8,6 +8,7 @@ tokens weigh more), clips by the global norm, and takes the same AdamW step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,15 @@ def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.A
 
 
 def flatten_grads(model: torch.nn.Module, loss_sum: float, tokens: int) -> torch.Tensor:
-    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
-             for _, p in parameters(model)]
+    """The summed gradients, loss and token count as one flat fp32 buffer. The parameters' own
+    gradients are released: the buffer holds them now (one copy of the weights less until the step)."""
+    params = [p for _, p in parameters(model)]
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
     extra = torch.tensor([loss_sum, float(tokens)], dtype=torch.float32, device=grads[0].device)
-    return torch.cat([*(g.float() for g in grads), extra]).cpu().contiguous()
+    flat = torch.cat([*(g.float() for g in grads), extra]).cpu().contiguous()
+    for param in params:
+        param.grad = None
+    return flat
 
 
 @dataclass
@@ -54,9 +60,12 @@ def mean_gradients(flat: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     return flat[:-2].div_(tokens), float(flat[-2]) / tokens, int(tokens)
 
 
+NORM_CHUNK = 1 << 22  # elements converted to float64 at a time: not a float64 copy of every gradient
+
+
 def squared_norm(grads: torch.Tensor) -> float:
-    """The squared L2 norm in float64: what the stages of a pipeline add up into the global norm."""
-    return float(torch.linalg.vector_norm(grads.double())) ** 2
+    """The squared L2 norm, summed in float64: what the stages of a pipeline add up into the global norm."""
+    return sum(float(torch.linalg.vector_norm(chunk.double())) ** 2 for chunk in grads.split(NORM_CHUNK))
 
 
 def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, grads: torch.Tensor,
@@ -79,7 +88,7 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat:
                  grad_clip: float) -> StepResult:
     """Turn the summed buffer into mean gradients, clip, and step. ``flat`` is consumed."""
     grads, loss, tokens = mean_gradients(flat)
-    norm = float(torch.linalg.vector_norm(grads.double()))
+    norm = math.sqrt(squared_norm(grads))
     clip_and_step([p for _, p in parameters(model)], optimizer, grads, norm, lr, grad_clip)
     return StepResult(loss, tokens, norm)
 

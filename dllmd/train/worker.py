@@ -9,6 +9,7 @@ node dying mid-step leaves all survivors at the last completed step, with identi
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 
 from dllmd.failpoints import failpoint
 from dllmd.train.model import load_causal_lm, loss_sum, parameters, row_targets
-from dllmd.train.optim import OptimConfig, TrainingState, apply_update, flatten_grads, make_optimizer
+from dllmd.train.optim import OptimConfig, TrainingState, apply_update, flatten_grads, make_optimizer, squared_norm
 from dllmd.train.ring import RingMember
 
 
@@ -85,7 +86,7 @@ class TrainWorker(TrainingState):
             self._pending = (step, flat)
             tokens = float(flat[-1])
             return {"step": step, "rows": len(rows), "loss": float(flat[-2]) / tokens if tokens else None,
-                    "tokens": int(tokens), "grad_norm": float(torch.linalg.vector_norm(flat[:-2].double())) / tokens
+                    "tokens": int(tokens), "grad_norm": math.sqrt(squared_norm(flat[:-2])) / tokens
                     if tokens else None, "compute_s": computed - started,
                     "comm_s": time.perf_counter() - computed}
 

@@ -174,19 +174,21 @@ class PipelineRun(JobRun):
     def step_metrics(self, step: int, lr: float, results: dict[int, list[S.StageStepped]], seconds: float) -> dict:
         reference = results[self.alive[0]]
         last = reference[-1]
-        bubbles = [1 - r.compute_s / r.pipeline_s if r.pipeline_s > 0 else 0.0 for r in reference]
+        bubbles = {r: _bubbles(replies) for r, replies in results.items()}
         nodes = {}
         for r, replies in results.items():
             for s, reply in enumerate(replies):
                 nodes[self.replicas[r][s].name] = {
                     "replica": r, "stage": s, "rows": reply.rows, "micro_batches": reply.micro_batches,
                     "compute_s": reply.compute_s, "wait_s": reply.wait_s, "pipeline_s": reply.pipeline_s,
-                    "comm_s": reply.comm_s, "bytes_sent": reply.bytes_sent, "activation_bytes": reply.activation_bytes}
+                    "bubble": bubbles[r][s], "comm_s": reply.comm_s, "bytes_sent": reply.bytes_sent,
+                    "activation_bytes": reply.activation_bytes}
+        bubbles = bubbles[self.alive[0]]
         return {"loss": last.loss, "lr": lr, "grad_norm": self.grad_norm(results), "tokens": last.tokens, "step_s": seconds,
                 "tokens_per_s": last.tokens / seconds if seconds else None,
                 "compute_s": max(r.compute_s for replies in results.values() for r in replies),
                 "comm_s": max(r.comm_s for replies in results.values() for r in replies),
-                "bubble": sum(bubbles) / len(bubbles),
+                "bubble": sum(bubbles) / len(bubbles),  # the replica's mean: the schedule's theory is per stage
                 "bubble_theoretical": schedule.theoretical_bubble(self.stages, reference[0].micro_batches),
                 "bytes_between_stages": sum(r.bytes_sent for replies in results.values() for r in replies),
                 "stages": [{"stage": s, "compute_s": reply.compute_s, "bubble": bubbles[s],
@@ -229,3 +231,11 @@ class PipelineRun(JobRun):
             "job": self.job, "step": step, "holder": own, "signer": checkpoints.signer(step, self.where(node)[1])},
             timeout=PART_TIMEOUT_S) for node in self.live))
         return step
+
+
+def _bubbles(replies: list[S.StageStepped]) -> list[float]:
+    """Each stage's idle share of its replica's pipeline phase: from the step's start (every stage is
+    asked at once) to the last stage done with its last backward. A stage measured against its own
+    end would hide the idle time of the stages that finish early (the last, under 1F1B)."""
+    span = max(r.pipeline_s for r in replies)
+    return [1 - r.compute_s / span if span > 0 else 0.0 for r in replies]
