@@ -196,12 +196,36 @@ def plan_chain(model: ModelShape, members: list[NodeCapacity], budgets: dict[str
     first = next((m for m in by_room if m is not last and capacity(model, budgets[m.name], False, "first") > 0), None)
     if last is None or first is None:
         raise PlanError(f"no two of {', '.join(m.name for m in members)} can hold the embeddings and the head")
-    arranged = [first, *(m for m in members if m is not first and m is not last), last]
+    return spans_in_order(model, [first, *(m for m in members if m is not first and m is not last), last], budgets)
+
+
+def spans_in_order(model: ModelShape, arranged: list[NodeCapacity], budgets: dict[str, int]) -> list[Span]:
+    """A chain of ``arranged`` in this order (the first holds the embeddings, the last the head), its
+    layers counted so that the slowest stage is as fast as whole layers allow; nodes given no layer
+    are left out. Raises PlanError when their memory cannot hold the model."""
+    caps, preload, floor = chain_limits(model, arranged, budgets)
+    counts = min_max_counts(model.num_layers, [m.gflops for m in arranged], caps, preload, floor)
+    return spans_from_counts(model, arranged, counts, budgets)
+
+
+def chain_limits(model: ModelShape, arranged: list[NodeCapacity],
+                 budgets: dict[str, int]) -> tuple[list[int], list[float], list[int]]:
+    """For a chain in this order: the most layers each node may hold where it stands (the first also
+    holds the embeddings, the last the head), the work besides its layers (the head, in layers), and
+    the fewest (the ends hold at least one)."""
+    if len(arranged) < 2:
+        raise PlanError("a chain in order needs a first and a last node")
     positions = ["first", *["middle"] * (len(arranged) - 2), "last"]
     caps = [capacity(model, budgets[m.name], False, p) for m, p in zip(arranged, positions)]
     preload = [0.0] * (len(arranged) - 1) + [head_layer_equivalents(model)]
     floor = [1] + [0] * (len(arranged) - 2) + [1]
-    counts = min_max_counts(n, [m.gflops for m in arranged], caps, preload, floor)
+    return caps, preload, floor
+
+
+def spans_from_counts(model: ModelShape, arranged: list[NodeCapacity], counts: Sequence[int],
+                      budgets: dict[str, int]) -> list[Span]:
+    """Consecutive spans, ``counts[i]`` layers on ``arranged[i]`` (none where it is 0)."""
+    n = model.num_layers
     spans, start = [], 0
     for member, count in zip(arranged, counts):
         if count:
