@@ -174,8 +174,9 @@ def hop_latency(layout: Layout, nodes: dict[str, SimNode], model: ModelShape) ->
 
 
 def simulate(spec: SwarmSpec, churn: int, min_replicas: int = 1, model: ModelShape = LLAMA_70B,
-             progress: Callable[[int, int], None] = lambda done, total: None) -> Report:
-    """Plan ``model`` over the drawn swarm, then apply ``churn`` joins and leaves one at a time."""
+             progress: Callable[[str, int, int], None] = lambda stage, done, total: None) -> Report:
+    """Plan ``model`` over the drawn swarm, then apply ``churn`` joins and leaves one at a time
+    (``progress(stage, done, total)`` after the plan and after each change)."""
     rng = random.Random(spec.seed + 1)
     present = {node.capacity.name: node for node in draw_swarm(spec)}
     capacities = [node.capacity for node in present.values()]
@@ -192,6 +193,7 @@ def simulate(spec: SwarmSpec, churn: int, min_replicas: int = 1, model: ModelSha
         baseline_fraction = 0.0
     report = Report(spec, model.name, min_replicas, layout.replicas, plan_seconds, fraction, baseline_fraction,
                     hop_latency(layout, present, model))
+    progress("plan", 1, 1)
     spans = layout.spans
     joined = 0
     for event in range(churn):
@@ -218,5 +220,5 @@ def simulate(spec: SwarmSpec, churn: int, min_replicas: int = 1, model: ModelSha
         report.changes.append(Change(kind, name, held, result.moved_layers, fewest, strict, round(fraction, 4),
                                      result.layout.replicas, result.how, round(seconds, 3)))
         spans = result.layout.spans
-        progress(event + 1, churn)
+        progress("churn", event + 1, churn)
     return report

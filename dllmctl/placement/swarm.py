@@ -86,16 +86,20 @@ def form_chains(model: ModelShape, nodes: list[NodeCapacity], budgets: dict[str,
     usable = [n for n in nodes if n.gflops > 0 and slots(model, budgets[n.name]) > 0]
     room = {n.name: slots(model, budgets[n.name]) for n in usable}
     need = layers_needed(model)
-    best: tuple[float, list[list[NodeCapacity]]] | None = None
+    best: tuple[bool, float, list[list[NodeCapacity]]] | None = None
+    most = 0
     for exponent in MEMORY_EXPONENTS:
         order = sorted(usable, key=lambda n: (-n.gflops / room[n.name] ** exponent, n.name))
         total, runs = partition(order, [room[n.name] for n in order], need, end_slots(model), min_chains)
-        if best is None or total > best[0] + 1e-9:
-            best = (total, [order[a:b] for a, b in runs])
-    if best is None or len(best[1]) < min_chains:
-        raise PlanError(f"the nodes cannot hold {min_chains} chain(s) of {model.name}: together they offer "
-                        f"{sum(room.values())} layer slots, {need} per chain (its layers and head)")
-    return best[1]
+        found = (len(runs) >= min_chains, total, [order[a:b] for a, b in runs])
+        most = max(most, len(runs))
+        if best is None or found[:2] > (best[0], best[1] + 1e-9):
+            best = found
+    if best is None or not best[0]:
+        raise PlanError(f"the nodes hold at most {most} chain(s) of {model.name} ({need} layer slots each, with "
+                        f"memory for the embeddings and head at the ends), fewer than the {min_chains} asked for: "
+                        f"add nodes or memory, or lower --replicas")
+    return best[2]
 
 
 def partition(order: Sequence[NodeCapacity], room: Sequence[int], need: int, ends: int = 0,
@@ -112,7 +116,7 @@ def partition(order: Sequence[NodeCapacity], room: Sequence[int], need: int, end
     if len(most) < min_chains:
         return _rate_sum(rates, most), most
     low, high = 0.0, top * len(order) + 1.0
-    for _ in range(40):
+    for _ in range(25):  # the count only steps, so a coarse bonus suffices
         mid = (low + high) / 2
         if len(_best_runs(rates, mid)[1]) >= min_chains:
             high = mid
