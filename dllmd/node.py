@@ -1,7 +1,8 @@
 """The daemon: lifecycle (lock, bind, ready, stop), and the node's own operations.
 
 Subsystems (inference, training) register their operations on the same ``RpcServer``; this file
-holds only what every node does: ``ping``, ``info``, ``echo`` and remote key management.
+holds only what every node does: ``ping``, ``info``, ``echo``, remote key management and round trips to
+its peers (``peers.ping``, :mod:`dllmd.links`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig, bind_host
 from dllmd.inference.memory import MemoryCap
 from dllmd.inference.ops import InferenceService
 from dllmd.inference.tensor_group import GroupChannel
+from dllmd.links import PeerLinks
 from dllmd.data.ops import DataOps
 from dllmd.models.ops import ModelOps
 from dllmd.net.identity import Identity, InvalidKey
@@ -103,6 +105,7 @@ class Daemon:
             group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes),
             memory_cap=MemoryCap(self.config.limits.memory),
             prefix_cache_bytes=budget * self.config.prefix_cache_percent // 100)
+        self.links = PeerLinks(peers, self.keys, self.identity.public_key)
         self._register(server)
         self.inference.register(server)
         self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
@@ -171,6 +174,7 @@ class Daemon:
         server.register(Operation(M.KEYS_LIST, self._keys_list, allow(Role.ADMIN)))
         server.register(Operation(M.KEYS_AUTHORIZE, self._keys_authorize, allow(Role.ADMIN)))
         server.register(Operation(M.KEYS_REVOKE, self._keys_revoke, allow(Role.ADMIN)))
+        server.register(Operation(M.PEERS_PING, self._peers_ping, allow(Role.ADMIN)))
 
     def _ping(self, call: Call) -> M.Pong:
         return M.Pong(pong=True, time=time.time())
@@ -190,7 +194,11 @@ class Daemon:
             serving=self.inference.serving(prefix_stats=call.caller.role == Role.ADMIN), kv_budget_bytes=self.inference.sessions.memory_budget_bytes,
             limits=M.NodeLimits(memory_bytes=limits.memory, threads=limits.threads, gpus=limits.gpus),
             memory_used_bytes=self.inference.memory_used_bytes(),
-            prefix_cache_limit_bytes=self.inference.prefix.limit_bytes)
+            prefix_cache_limit_bytes=self.inference.prefix.limit_bytes, peer_rtts=self.links.remembered())
+
+    async def _peers_ping(self, call: Call) -> M.PeerRtts:
+        a: M.PingPeersArgs = call.args
+        return M.PeerRtts(await self.links.measure(a.peers, a.count, a.max_age_s))
 
     async def _keys_list(self, call: Call) -> M.KeyList:
         return M.KeyList([M.KeyEntry(k.public_key, k.role.value, k.name) for k in self.keys.all()])

@@ -273,6 +273,56 @@ def shard_data(
     out.print(table)
 
 
+@app.command("plan")
+def plan(
+    nodes: Annotated[int, typer.Option(min=2, max=100_000, help="Simulated nodes.")] = 1000,
+    churn: Annotated[int, typer.Option(min=0, max=100_000, help="Joins and leaves after the first plan.")] = 100,
+    replicas: Annotated[int, typer.Option(min=1, max=10_000, help="Chains at least (more where they pay).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seeds the nodes and the events.")] = 0,
+    correlation: Annotated[float, typer.Option(
+        min=-1.0, max=1.0, help="Between a node's log memory and log GFLOP/s (0: drawn apart).")] = 0.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The swarm planner in simulation (no daemons): a Llama-70B-shaped model over drawn nodes, then
+    churn; the layout's throughput against an upper bound, and each change's moved layers against
+    the fewest it needs."""
+    from dllmctl.cli.common import StageProgress
+    from dllmctl.placement.layout import PlanError
+    from dllmctl.placement.simulation import SwarmSpec, simulate
+
+    progress = StageProgress(transient=True)
+    try:
+        report = simulate(SwarmSpec(nodes=nodes, seed=seed, correlation=correlation), churn, replicas,
+                          progress=progress).to_json()
+    except PlanError as exc:
+        fail(str(exc))
+    finally:
+        progress.stop()
+    if as_json:
+        print_json(report)
+        return
+    first, change = report["initial"], report["churn"]
+    table = Table("figure", "value")
+    table.add_row("chains (at least --replicas)", f"{first['chains']} (at least {report['min_replicas']})")
+    table.add_row("fraction of the bound, planned", f"{first['fraction_of_bound']:.3f} in {first['plan_seconds']:.2f} s")
+    table.add_row(f"plan_layout with exactly {report['min_replicas']} chain(s)",
+                  f"{first['baseline_plan_layout_fraction']:.3f}")
+    table.add_row("per-token latency of a chain (median, max)",
+                  f"{first['hop_latency_ms'].get('median', 0):.0f} / {first['hop_latency_ms'].get('max', 0):.0f} ms")
+    table.add_row("churn events (joins, leaves of serving nodes)",
+                  f"{change['events']} ({change['joins']}, {change['serving_leaves']})")
+    table.add_row("fraction of the bound, lowest / last", f"{change['min_fraction_of_bound']:.3f} / "
+                  f"{change['final_fraction_of_bound']:.3f}")
+    table.add_row("moved layers / fewest (lower bound)", f"{change['moved_layers']} / {change['fewest_layers']}")
+    table.add_row("worst change: moved over fewest", f"{change['worst_moves_over_fewest']:.2f}")
+    table.add_row("changes over twice the fewest", str(change["changes_over_twice_fewest"]))
+    table.add_row("slowest rebalance", f"{change['max_rebalance_seconds']:.2f} s")
+    out.print(table)
+    verdict = "[green]meets[/green]" if report["meets_target"] else "[red]misses[/red]"
+    out.print(f"{verdict} the target: at least {report['target_fraction']:.0%} of the bound after every change, "
+              f"each moving at most twice the fewest layers")
+
+
 @app.command("allreduce")
 def allreduce(
     size: Annotated[str, typer.Option(

@@ -16,7 +16,7 @@ from dllmctl.cluster.registry import NodeEntry
 
 # What 'nodes list --json' (and the MCP server's llm://nodes) show of each row, in this order.
 LISTED_FIELDS = ("name", "id", "address", "status", "latency_ms", "hardware", "limits", "memory_used_bytes",
-                 "serving", "error")
+                 "serving", "peer_rtts", "error")
 
 STATUS_UP, STATUS_DOWN, STATUS_UNAUTHORIZED, STATUS_KEY_MISMATCH, STATUS_ERROR = (
     "up", "down", "unauthorized", "key-mismatch", "error")
@@ -36,7 +36,7 @@ async def query_node(identity: Identity, entry: NodeEntry, timeout: float, ctx: 
     """One node's row for ``nodes list``: always returns, whatever the node does."""
     row: dict[str, Any] = {"name": entry.name, "id": entry.node_id, "address": entry.address, "status": STATUS_DOWN,
                            "latency_ms": None, "hardware": None, "limits": None, "memory_used_bytes": None,
-                           "serving": [], "error": None}
+                           "serving": [], "peer_rtts": [], "error": None}
     async with RpcClient(identity, entry.address, entry.public_key, ctx=ctx) as client:
         try:
             # Connect and authenticate first so latency measures one round trip, not the handshake.
@@ -55,13 +55,19 @@ async def query_node(identity: Identity, entry: NodeEntry, timeout: float, ctx: 
     row.update(status=STATUS_UP, hardware=to_wire(info.hardware), serving=[to_wire(s) for s in info.serving],
                version=info.version, role=info.role, rss_bytes=info.rss_bytes, kv_budget_bytes=info.kv_budget_bytes,
                limits=to_wire(info.limits), memory_used_bytes=info.memory_used_bytes,
-               prefix_cache_limit_bytes=info.prefix_cache_limit_bytes)
+               prefix_cache_limit_bytes=info.prefix_cache_limit_bytes,
+               peer_rtts=[to_wire(r) for r in info.peer_rtts])
     return row
 
 
 async def query_nodes(identity: Identity, entries: list[NodeEntry], timeout: float = 3.0) -> list[dict[str, Any]]:
     ctx = zmq.Context()
     try:
-        return list(await asyncio.gather(*(query_node(identity, e, timeout, ctx) for e in entries)))
+        rows = list(await asyncio.gather(*(query_node(identity, e, timeout, ctx) for e in entries)))
     finally:
         ctx.destroy(linger=0)
+    names = {e.public_key: e.name for e in entries}
+    for row in rows:  # a node knows its peers by key; the registry knows their names
+        for rtt in row["peer_rtts"]:
+            rtt["name"] = names.get(rtt["public_key"], "")
+    return rows

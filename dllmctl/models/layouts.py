@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dllmd.models.store import Manifest
 from dllmd.net.identity import Identity
+from dllmctl.cluster.links import measure_links
 from dllmctl.cluster.live import query_nodes
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.models.deploy import Progress, deploy, deploy_span, undeploy
@@ -57,7 +58,8 @@ async def plan_groups_on_live_nodes(user: Identity, entries: list[NodeEntry], mo
     """A tensor-parallel (one group per replica) or hybrid (a chain of groups) layout over the live nodes
     that do not serve the model yet: a node holds one span of a model, and a new layout never silently
     replaces one that serves. ``tp`` None: every free node in one group per replica (tensor), pairs
-    (hybrid), at most the model's KV heads."""
+    (hybrid), at most the model's KV heads. Groups are formed by the round trips the nodes measure
+    between themselves (``peers.ping``, remembered for a while by each node)."""
     rows = await query_nodes(user, entries)
     holding = sorted(r["name"] for r in rows if r["status"] == "up"
                      and any(s.get("model") == manifest.name for s in r["serving"]))
@@ -67,9 +69,12 @@ async def plan_groups_on_live_nodes(user: Identity, entries: list[NodeEntry], mo
     shape = tensor_shape(model_dir, manifest)
     if tp is None:
         tp = max(1, min(len(free) // replicas if parallelism == "tensor" else 2, shape.kv_heads))
+    # Groups go where links are fast: each free node measures its round trips to the others.
+    names = {c.name for c in free}
+    latency = await measure_links(user, [e for e in entries if e.name in names]) if tp > 1 else {}
     try:
         return plan_groups(ModelShape.from_manifest(manifest), shape, free, tp, replicas,
-                           stages=1 if parallelism == "tensor" else None)
+                           stages=1 if parallelism == "tensor" else None, latency=latency)
     except PlanError as exc:
         held = (f"; {', '.join(holding)} already serve {manifest.name} in another layout (a new one never replaces "
                 f"it: 'dllmctl undeploy {manifest.name}' first, or add nodes)") if holding else ""

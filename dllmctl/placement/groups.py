@@ -3,8 +3,10 @@ each member's slice. Pure.
 
 A group acts as one stage whose speed is the sum of its members' and whose memory is what its most
 loaded member allows: slices are sized by throughput (:mod:`.tensor`), so a member holds its share of
-the group's bytes. Groups are formed from nodes close to each other (the lowest measured round trips,
-where they are known), and the pipeline planner then gives each group its layers as it would a node.
+the group's bytes. Groups are formed from nodes close to each other (round trips measured by the
+nodes themselves, ``peers.ping``, where they are known: the fastest nodes whose neighbours are within
+a LAN round trip), and the pipeline planner then gives each group its layers as it would a node, so
+the links between stages may be slower.
 ``tensor`` is one group per replica holding every layer; ``hybrid`` a chain of groups per replica.
 """
 
@@ -17,6 +19,18 @@ from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION, expected_ms, pla
 from dllmctl.placement.tensor import TensorShape, member_bytes, split_span
 
 Latency = Mapping[tuple[str, str], float]  # (node, node) -> measured round trip in ms
+CLOSE_MS = 2.0  # a round trip a tensor-parallel group takes as a fast (LAN) link: two reductions a layer wait on it
+
+
+def link_latency(measured: Mapping[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    """Round trips per pair, both ways: the slower of what either end measured (a link is as slow as
+    its slower direction, and each end may reach the other by another path)."""
+    links: dict[tuple[str, str], float] = {}
+    for (a, b), ms in measured.items():
+        if a != b:
+            slower = max(ms, measured.get((b, a), ms))
+            links[(a, b)] = links[(b, a)] = slower
+    return links
 
 
 def plan_groups(model: ModelShape, shape: TensorShape, nodes: list[NodeCapacity], tp: int, replicas: int = 1,
@@ -38,9 +52,9 @@ def plan_groups(model: ModelShape, shape: TensorShape, nodes: list[NodeCapacity]
         raise PlanError(f"{replicas} replica(s) of {max(stages, 1)} group(s) of {tp} need "
                         f"{tp * replicas * max(stages, 1)} nodes; {len(usable)} are up with memory and "
                         f"throughput: add nodes or lower --tp / --replicas")
-    # The fastest nodes, fastest first; each group then takes its closest nodes.
-    chosen = sorted(usable, key=lambda n: (-n.gflops, n.name))[:tp * replicas * stages]
-    groups = _form_groups(chosen, tp, latency or {})
+    # Without round trips, the fastest nodes; with them, the fastest that have close neighbours.
+    pool = usable if latency else sorted(usable, key=lambda n: (-n.gflops, n.name))[:tp * replicas * stages]
+    groups = _form_groups(pool, tp, latency or {}, replicas * stages)
     budgets = usable_budgets(nodes, reserve_fraction)
     layout = Layout(model.name, replicas)
     for replica in range(replicas):
@@ -58,19 +72,33 @@ def plan_groups(model: ModelShape, shape: TensorShape, nodes: list[NodeCapacity]
     return layout
 
 
-def _form_groups(nodes: list[NodeCapacity], tp: int, latency: Latency) -> list[list[NodeCapacity]]:
-    """Groups of ``tp``: the fastest free node, then the free nodes nearest to it (ties: speed, name)."""
+def _form_groups(nodes: list[NodeCapacity], tp: int, latency: Latency, count: int) -> list[list[NodeCapacity]]:
+    """``count`` groups of ``tp``, one at a time: each seeded by the fastest free node with ``tp - 1``
+    free nodes within :data:`CLOSE_MS` of it (its fastest such), or, where no seed has that many, by the
+    one whose farthest member is nearest. So tensor parallelism runs among nodes with fast links, and a
+    node far from the others is left to another group or out."""
     def rtt(a: str, b: str) -> float:
         return latency.get((a, b), latency.get((b, a), 0.0))
 
-    free = list(nodes)
+    def nearness(seed: NodeCapacity, n: NodeCapacity) -> tuple:
+        ms = rtt(seed.name, n.name)  # within a LAN round trip the faster node, beyond it the nearer
+        return (ms > CLOSE_MS, ms if ms > CLOSE_MS else 0.0, -n.gflops, n.name)
+
+    free = sorted(nodes, key=lambda n: (-n.gflops, n.name))
     groups = []
-    while free:
-        seed = free.pop(0)
-        free.sort(key=lambda n: (rtt(seed.name, n.name), -n.gflops, n.name))
-        members, free = [seed, *free[:tp - 1]], free[tp - 1:]
-        free.sort(key=lambda n: (-n.gflops, n.name))
+    for _ in range(count):
+        options = []
+        for seed in free:
+            near = sorted((n for n in free if n is not seed), key=lambda n: nearness(seed, n))
+            members = [seed, *near[:tp - 1]]
+            if len(members) == tp:
+                options.append((max((rtt(seed.name, m.name) for m in members[1:]), default=0.0), members))
+        if not options:
+            break
+        close = [option for option in options if option[0] <= CLOSE_MS]
+        _, members = close[0] if close else min(options, key=lambda option: option[0])
         groups.append(members)
+        free = [n for n in free if n not in members]
     return groups
 
 

@@ -88,7 +88,7 @@ def _plan_chain(model: ModelShape, nodes: list[NodeCapacity], budgets: dict[str,
     members = list(nodes)
     while True:
         arranged = _arrange(model, members, budgets)
-        caps = [_capacity(model, budgets[node.name], len(arranged) == 1,
+        caps = [capacity(model, budgets[node.name], len(arranged) == 1,
                           "first" if i == 0 else "last" if i == len(arranged) - 1 else "middle")
                 for i, node in enumerate(arranged)]
         if sum(caps) < n:
@@ -130,16 +130,16 @@ def _arrange(model: ModelShape, members: list[NodeCapacity], budgets: dict[str, 
     the head, so the earliest node able to do each is moved there."""
     if len(members) == 1:
         return members
-    starters = [m for m in members if _capacity(model, budgets[m.name], False, "first") > 0]
+    starters = [m for m in members if capacity(model, budgets[m.name], False, "first") > 0]
     if not starters:
         need = span_bytes(model, 0, 1) if model.num_layers > 1 else span_bytes(model, 0, model.num_layers)
         biggest = max(budgets[m.name] for m in members)
         raise PlanError(f"the embeddings and layer 0 of {model.name} need {_size(need)}, more than any node "
                         f"offers (the largest has {_size(biggest)} usable)")
     first = starters[0]
-    finishers = [m for m in members if m is not first and _capacity(model, budgets[m.name], False, "last") > 0]
+    finishers = [m for m in members if m is not first and capacity(model, budgets[m.name], False, "last") > 0]
     if not finishers:
-        if _capacity(model, budgets[first.name], True, "first"):
+        if capacity(model, budgets[first.name], True, "first"):
             return [first]  # nobody else can take the head, but the first node can hold everything
         n = model.num_layers
         raise PlanError(f"the final norm and head of {model.name} with layer {n - 1} need "
@@ -148,7 +148,7 @@ def _arrange(model: ModelShape, members: list[NodeCapacity], budgets: dict[str, 
     return [first, *(m for m in members if m is not first and m is not last), last]
 
 
-def _capacity(model: ModelShape, budget: int, alone: bool, position: str) -> int:
+def capacity(model: ModelShape, budget: int, alone: bool, position: str) -> int:
     """How many layers a node can hold at ``position`` in the chain (first, middle or last).
 
     A lone node must hold everything or nothing. The first node's layers are counted from the front,

@@ -19,15 +19,12 @@ layers / GFLOP/s is smaller), then to the earlier candidate. Memory budgets are 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Callable
 
+from dllmctl.placement.chains import Chain, Range, current_chains, span_rates, stage_seconds
 from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span, span_bytes
 from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION, check_request, plan_layout, usable_budgets
-
-Range = tuple[int, int]  # layers [start, end)
-Chain = dict[str, Range]  # node -> its layers; the ranges of one chain never overlap
 
 
 @dataclass(frozen=True)
@@ -53,11 +50,13 @@ class Rebalance:
     layout: Layout
     moves: list[Move]
     """Every node whose span changes (grows, shrinks, shifts, appears or goes), in the caller's order."""
+    how: str = ""
+    """Which kind of candidate it is, where a caller compared several (:mod:`.churn`)."""
 
     @property
     def moved_layers(self) -> int:
         """Layers nodes must fetch and load: what the change costs."""
-        return _moved_layers(self.moves)
+        return moved_layers(self.moves)
 
     @property
     def changed(self) -> bool:
@@ -71,12 +70,13 @@ class Rebalance:
 
 
 def plan_rebalance(model: ModelShape, nodes: list[NodeCapacity], current: list[Span], replicas: int = 1,
-                   reserve_fraction: float = DEFAULT_RESERVE_FRACTION) -> Rebalance:
+                   reserve_fraction: float = DEFAULT_RESERVE_FRACTION, fresh_plans: bool = True) -> Rebalance:
     """The layout of ``model`` over ``nodes`` (``replicas`` chains) closest to the ``current`` spans.
 
     ``current`` holds what nodes serve now, at most one span per node; spans of nodes missing from
     ``nodes`` (they left or are down) are dropped. ``nodes[i].free_memory_bytes`` is what the node
-    could give this model, counting the weights it holds for it now as free. Raises
+    could give this model, counting the weights it holds for it now as free. ``fresh_plans=False``
+    considers the repair only (over a swarm a fresh plan moves nearly every layer). Raises
     :class:`PlanError` naming what is missing when no layout fits.
     """
     check_request(model, nodes, replicas, reserve_fraction)
@@ -87,8 +87,9 @@ def plan_rebalance(model: ModelShape, nodes: list[NodeCapacity], current: list[S
     repaired = _repair(model, nodes, held, budgets, replicas, reserve_fraction)
     if repaired is not None:
         candidates.append(repaired)
-    failure = None
-    for order in (_by_held_layers(nodes, held), nodes):
+    failure = PlanError(f"the current chains of {model.name} cannot be repaired: no idle node or neighbour can "
+                        f"take the missing layers")
+    for order in (_by_held_layers(nodes, held), nodes) if fresh_plans else ():
         try:
             candidates.append(plan_layout(model, order, replicas, reserve_fraction).spans)
         except PlanError as exc:
@@ -96,16 +97,16 @@ def plan_rebalance(model: ModelShape, nodes: list[NodeCapacity], current: list[S
     if not candidates:
         raise failure
     speeds = {node.name: node.gflops for node in nodes}
-    moves = [_moves(nodes, held, spans) for spans in candidates]
+    moves = [moves_between(nodes, held, spans) for spans in candidates]
     # Fewest layers moved, then fewest spans rebuilt (a node that only drops its span loads nothing),
     # then the fastest chain.
     best = min(range(len(candidates)),
-               key=lambda i: (_moved_layers(moves[i]), sum(1 for m in moves[i] if m.after),
+               key=lambda i: (moved_layers(moves[i]), sum(1 for m in moves[i] if m.after),
                               _slowest_seconds(candidates[i], speeds), i))
     return Rebalance(Layout(model.name, replicas, candidates[best]), moves[best])
 
 
-def _moved_layers(moves: list[Move]) -> int:
+def moved_layers(moves: list[Move]) -> int:
     return sum(move.new_layers for move in moves)
 
 
@@ -122,7 +123,8 @@ def _seconds(layers: int, gflops: float) -> float:
     return layers / gflops if gflops > 0 else math.inf
 
 
-def _moves(nodes: list[NodeCapacity], held: dict[str, Range], spans: list[Span]) -> list[Move]:
+def moves_between(nodes: list[NodeCapacity], held: dict[str, Range], spans: list[Span]) -> list[Move]:
+    """Every node of ``nodes`` whose span changes from ``held`` (node -> layers) to ``spans``."""
     after = {span.node: (span.start, span.end) for span in spans}
     return [Move(node.name, held.get(node.name), after.get(node.name)) for node in nodes
             if held.get(node.name) != after.get(node.name)]
@@ -143,10 +145,10 @@ def _repair(model: ModelShape, nodes: list[NodeCapacity], held: dict[str, Range]
     # A span is kept only if its node can still afford it (its free memory may have shrunk).
     keepable = {node: r for node, r in held.items()
                 if 0 <= r[0] < r[1] <= n and span_bytes(model, *r) <= budgets[node]}
-    chains = _current_chains(keepable, replicas)
+    speeds = {node.name: node.gflops for node in nodes}
+    chains = current_chains(keepable, replicas, n, span_rates(model, keepable, speeds))
     in_chains = {node for chain in chains for node in chain}
     idle = [node for node in nodes if node.name not in in_chains]
-    speeds = {node.name: node.gflops for node in nodes}
     try:
         _fill_gaps(model, [chain for chain in chains if chain], idle, budgets, speeds)
         lost = sum(1 for chain in chains if not chain)
@@ -158,32 +160,6 @@ def _repair(model: ModelShape, nodes: list[NodeCapacity], held: dict[str, Range]
     for span in spans:  # the growth limits below are conservative, so this holds by construction
         assert span.bytes <= budgets[span.node], (span, budgets[span.node])
     return spans + rebuilt
-
-
-def _current_chains(spans: Chain, replicas: int) -> list[Chain]:
-    """Split the current spans into ``replicas`` chains, each covering as many layers as it can.
-
-    Spans left over (more chains than replicas, or spans overlapping oddly) belong to no chain: their
-    nodes count as idle. A chain may come out empty when every node of a replica is gone.
-    """
-    left = sorted(spans.items(), key=lambda kv: (kv[1][1], kv[1][0], kv[0]))
-    chains = []
-    for _ in range(replicas):
-        chain = dict(_most_layers_without_overlap(left))
-        chains.append(chain)
-        left = [kv for kv in left if kv[0] not in chain]
-    return chains
-
-
-def _most_layers_without_overlap(spans: list[tuple[str, Range]]) -> list[tuple[str, Range]]:
-    """Weighted interval scheduling over ``spans`` (sorted by end): the most layers, no overlaps."""
-    ends = [end for _, (_, end) in spans]
-    best: list[tuple[int, list]] = [(0, [])]  # best[i]: the best choice among the first i spans
-    for i, (node, (start, end)) in enumerate(spans):
-        before = best[bisect_right(ends, start, 0, i)]
-        taken = (before[0] + end - start, before[1] + [(node, (start, end))])
-        best.append(taken if taken[0] > best[i][0] else best[i])
-    return best[-1][1]
 
 
 def _fill_gaps(model: ModelShape, chains: list[Chain], idle: list[NodeCapacity], budgets: dict[str, int],
@@ -218,9 +194,15 @@ def _gaps(chain: Chain, num_layers: int) -> list[Range]:
 
 def _fill_gap(model: ModelShape, chain: Chain, gap: Range, idle: list[str], budgets: dict[str, int],
               speeds: dict[str, float]) -> None:
-    """Layers ``gap`` in order: the left neighbour grows into its start, idle nodes take the middle,
-    the right neighbour grows into its end; how many each takes is balanced by compute time."""
+    """Layers ``gap`` in order: one idle node takes them all if it can without becoming the chain's
+    slowest stage (the slowest such node, so faster ones stay free for other gaps); otherwise the left
+    neighbour grows into its start, idle nodes take the middle, the right neighbour grows into its end,
+    how many each takes balanced by compute time."""
     start, end = gap
+    fit = _best_fit(model, chain, gap, idle, budgets, speeds)
+    if fit is not None:
+        chain[fit] = gap
+        return
     left = next((node for node, (_, e) in chain.items() if e == start), None)
     right = next((node for node, (s, _) in chain.items() if s == end), None)
     takers = [*([left] if left else []), *idle, *([right] if right else [])]
@@ -239,6 +221,19 @@ def _fill_gap(model: ModelShape, chain: Chain, gap: Range, idle: list[str], budg
         elif count:
             chain[name] = (position, position + count)
         position += count
+
+
+def _best_fit(model: ModelShape, chain: Chain, gap: Range, idle: list[str], budgets: dict[str, int],
+              speeds: dict[str, float]) -> str | None:
+    """The slowest idle node that holds ``gap`` within its memory and no slower than the chain's slowest
+    stage now (ties: the earlier node), or None. Over a swarm this keeps a chain's rate when a node of
+    it leaves, and moves only the layers it held."""
+    if not chain:
+        return None
+    slowest = max(stage_seconds(model, r, speeds[node]) for node, r in chain.items())
+    need = span_bytes(model, *gap)
+    fits = [name for name in idle if budgets[name] >= need and stage_seconds(model, gap, speeds[name]) <= slowest]
+    return min(fits, key=lambda name: speeds[name], default=None)
 
 
 def _span_bytes_when_grown(model: ModelShape, chain: Chain, gap: Range, name: str,

@@ -1,4 +1,5 @@
-"""What every node answers: ``ping``, ``echo``, ``info`` (hardware and what it serves), ``keys.*``."""
+"""What every node answers: ``ping``, ``echo``, ``info`` (hardware and what it serves), ``keys.*``, and
+``peers.ping`` (round trips to its peers, measured and remembered)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,41 @@ class NodeLimits:
     gpus: list[int] | None = None  # the GPUs it may use; []: CPU only; None: all
 
 
+MAX_PEERS_PINGED = 64  # peers one peers.ping measures (a group's members, or a small cluster's nodes)
+
+
+@dataclass
+class PeerArgs:
+    public_key: str = bounded(max_len=64)
+    endpoint: str = bounded(max_len=256)  # where this node reaches it, tcp://host:port
+
+
+@dataclass
+class PingPeersArgs:
+    peers: list[PeerArgs] = bounded(max_len=MAX_PEERS_PINGED)
+    count: int = bounded(5, lo=1, hi=50)  # round trips timed per peer, after one that connects
+    max_age_s: float = bounded(0.0, lo=0.0, hi=86_400.0)  # a remembered round trip this young is answered as is
+
+
+@dataclass
+class PeerRtt:
+    """A round trip from this node to a peer: the median of ``samples`` pings, measured at
+    ``measured_at`` (unix time); ``error`` is an error code where it could not be measured."""
+
+    public_key: str
+    endpoint: str
+    rtt_ms: float = 0.0
+    samples: int = 0
+    measured_at: float = 0.0
+    error: str = ""  # "" measured; forbidden: not a peer of this node (never connected); unavailable
+    message: str = ""
+
+
+@dataclass
+class PeerRtts:
+    peers: list[PeerRtt] = field(default_factory=list)
+
+
 @dataclass
 class Info:
     node_id: str
@@ -93,6 +129,7 @@ class Info:
     limits: NodeLimits = field(default_factory=NodeLimits)
     memory_used_bytes: int = 0  # weights held and loading + KV caches reserved: what limits.memory_bytes caps
     prefix_cache_limit_bytes: int = 0  # the most the prefix cache holds (within what sessions leave unreserved)
+    peer_rtts: list[PeerRtt] = field(default_factory=list)  # the round trips peers.ping measured last
 
 
 @dataclass
@@ -130,3 +167,4 @@ INFO = Op("info", NoArgs, Info)
 KEYS_LIST = Op("keys.list", NoArgs, KeyList)
 KEYS_AUTHORIZE = Op("keys.authorize", AuthorizeArgs, KeyEntry)
 KEYS_REVOKE = Op("keys.revoke", KeyArgs, Revoked)
+PEERS_PING = Op("peers.ping", PingPeersArgs, PeerRtts)
