@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dllmctl.placement.coverage import layer_coverage
 from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span, span_bytes
 from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION, head_layer_equivalents, usable_budgets
-from dllmctl.placement.chains import Chain, current_chains, span_rates, stage_seconds
+from dllmctl.placement.chains import Chain, complete_chains, current_chains, span_rates, stage_seconds
 from dllmctl.placement.rebalance import Rebalance, moved_layers, moves_between, plan_rebalance
 from dllmctl.placement.swarm import chain_limits, plan_swarm, spans_from_counts
 from dllmctl.placement.throughput import layout_throughput, throughput_bound
@@ -31,6 +31,7 @@ from dllmctl.placement.throughput import layout_throughput, throughput_bound
 IDLE_TRIED = (0, 1, 2)  # idle nodes added to a broken chain planned again
 SWAPS_TRIED = 3  # serving nodes tried as the gap's taker, each leaving its span to an idle node
 INSERTS_TRIED = 3  # lagging chains, and fastest idle nodes, tried for an insertion
+ABSORB_ROUNDS = 2  # idle nodes put to work with what the budget leaves, one after the other
 # What an idle node counts for, as a share of its part of the bound: a node left idle now is a
 # replacement for the next node of its speed that leaves, so a candidate that spends a fast idle node
 # on a slow gap, or keeps a chain that now runs below this share of its nodes' speed, scores lower.
@@ -74,8 +75,61 @@ def rebalance_swarm(model: ModelShape, nodes: list[NodeCapacity], current: list[
         if not scored:
             raise failure or PlanError(f"no layout of {model.name} fits the nodes left")
         within = [min(scored, key=lambda c: c[0])]  # none within the budget: the fewest moves
-    _, _, how, spans, moves = max(within, key=lambda c: (c[1], -c[0]))
+    moved, score, how, spans, moves = max(within, key=lambda c: (c[1], -c[0]))
+    budgets = usable_budgets(nodes, reserve_fraction)
+    for _ in range(ABSORB_ROUNDS):  # what the budget leaves puts idle nodes to work in other chains
+        better = None
+        for absorbed in _absorptions(model, nodes, spans, budgets, speeds, budget - moved):
+            absorbed_moves = moves_between(nodes, held, absorbed)
+            cost = moved_layers(absorbed_moves)
+            if cost > budget:
+                continue
+            serving = {span.node for span in absorbed}
+            spare = throughput_bound(model, [node for node in nodes if node.name not in serving])
+            value = layout_throughput(model, absorbed, speeds) + idle_worth(spare, bound)
+            if value > score + 1e-9 and (better is None or value > better[1]):
+                better = (cost, value, absorbed, absorbed_moves)
+        if better is None:
+            break
+        moved, score, spans, moves = better
+        how = how if how.endswith("+absorb") else how + "+absorb"
     return Rebalance(Layout(model.name, _chain_count(model, spans), spans), moves, how)
+
+
+def _absorptions(model: ModelShape, nodes: list[NodeCapacity], spans: list[Span], budgets: dict[str, int],
+                 speeds: dict[str, float], left: int) -> list[list[Span]]:
+    """Layouts in which one of the fastest idle nodes joins a chain whose slowest stage lags its next
+    slowest most, beside that stage, the chain shifted within ``left`` more moved layers."""
+    if left <= 0:
+        return []
+    held = {s.node: (s.start, s.end) for s in spans}
+    starts = sum(1 for r in held.values() if r[0] == 0)
+    complete = complete_chains(held, model.num_layers, starts, span_rates(model, held, speeds))
+    idle = sorted((n for n in nodes if n.name not in held and n.gflops > 0), key=lambda n: (-n.gflops, n.name))
+    by_name = {node.name: node for node in nodes}
+    layouts = []
+    for index, slow in _lagging(model, complete, speeds)[:INSERTS_TRIED]:
+        chain = complete[index]
+        start, end = chain[slow]
+        at = (end, end) if start == 0 else (start, start)  # beside it, keeping the embeddings where they are
+        others = [s for s in spans if s.node not in chain]
+        for newcomer in idle[:INSERTS_TRIED]:
+            try:
+                layouts.append(others + _shifted(model, chain, at, [newcomer], budgets, by_name, left))
+            except PlanError:
+                continue
+    return layouts
+
+
+def _lagging(model: ModelShape, complete: list[Chain], speeds: dict[str, float]) -> list[tuple[int, str]]:
+    """(chain index, its slowest node) for chains whose slowest stage is unique, the most lagging first
+    (slowest over next slowest stage time)."""
+    lagging = []
+    for index, chain in enumerate(complete):
+        times = sorted(((stage_seconds(model, r, speeds[node]), node) for node, r in chain.items()), reverse=True)
+        if len(times) >= 2 and times[0][0] > times[1][0]:
+            lagging.append((times[0][0] / times[1][0], index, times[0][1]))
+    return [(index, slow) for _, index, slow in sorted(lagging, reverse=True)]
 
 
 def idle_worth(spare: float, bound: float) -> float:
@@ -199,14 +253,9 @@ def _insertions(model: ModelShape, complete: list[Chain], idle: list[NodeCapacit
     stage gives up as many layers as even the two out, within ``budget``."""
     if not idle:
         return []
-    lagging = []
-    for index, chain in enumerate(complete):
-        times = sorted(((stage_seconds(model, r, speeds[node]), node) for node, r in chain.items()), reverse=True)
-        if len(times) >= 2 and times[0][0] > times[1][0]:
-            lagging.append((times[0][0] / times[1][0], index, times[0][1]))
     changes = []
     fastest = sorted(idle, key=lambda n: (-n.gflops, n.name))[:INSERTS_TRIED]
-    for _, index, slow in sorted(lagging, reverse=True)[:INSERTS_TRIED]:
+    for index, slow in _lagging(model, complete, speeds)[:INSERTS_TRIED]:
         for newcomer in fastest:
             spans = _split(model, complete[index], slow, newcomer, budgets, speeds, budget)
             if spans is not None:
@@ -323,22 +372,24 @@ def shifted_counts(total: int, speeds: Sequence[float], caps: Sequence[int], pre
     speed``) is fastest among those that move at most ``budget`` layers from ``before`` (each node's
     layers now, None for none); None when no such split exists.
 
-    Bisection on the time ``t``; for each, dynamic programming over the boundaries finds the fewest
-    moved layers with every stage within ``t``: ``fewest[b]`` after each node, for the first ``b``
-    layers taken.
+    The slowest stage's time is one of the ``(k + preload) / speed``: binary search over those, and for
+    each, dynamic programming over the boundaries finds the fewest moved layers with every stage within
+    it (``fewest[b]``: after each node, for the first ``b`` layers taken).
     """
-    def least_moved(t: float) -> tuple[int, list[int]] | None:
+    def least_moved(t: float) -> list[int] | None:
         inf = budget + 1
         fewest = [0] + [inf] * total  # before any node: no layer taken, nothing moved
         choices: list[list[int]] = []
         for s, cap, p, low, old in zip(speeds, caps, preload, floor, before):
             most = min(cap, math.floor(t * s - p + 1e-9)) if s > 0 else 0
+            lo, hi = old if old else (0, 0)
             nxt, took = [inf] * (total + 1), [0] * (total + 1)
             for b, moved in enumerate(fewest):
                 if moved >= inf:
                     continue
                 for k in range(low, min(most, total - b) + 1):
-                    cost = moved + k - _overlap(old, b, b + k)
+                    # new layers: the k taken, less those of [b, b + k) this node holds now
+                    cost = moved + k - max(0, min(hi, b + k) - max(lo, b))
                     if cost < nxt[b + k]:
                         nxt[b + k], took[b + k] = cost, k
             fewest = nxt
@@ -349,21 +400,19 @@ def shifted_counts(total: int, speeds: Sequence[float], caps: Sequence[int], pre
         for took in reversed(choices):
             counts.append(took[b])
             b -= took[b]
-        return fewest[total], counts[::-1]
+        return counts[::-1]
 
-    low, high = 0.0, max((c + p) / s for s, c, p in zip(speeds, caps, preload) if s > 0)
-    best = least_moved(high)
-    if best is None:
+    times = sorted({(k + p) / s for s, c, p, f in zip(speeds, caps, preload, floor) if s > 0
+                    for k in range(max(f, 1), min(c, total) + 1)})
+    found = least_moved(times[-1]) if times else None
+    if found is None:
         return None
-    for _ in range(40):
-        mid = (low + high) / 2
-        found = least_moved(mid)
-        if found is None:
-            low = mid
+    low, high = 0, len(times) - 1  # times[high] is feasible
+    while low < high:
+        mid = (low + high) // 2
+        counts = least_moved(times[mid])
+        if counts is None:
+            low = mid + 1
         else:
-            high, best = mid, found
-    return best[1]
-
-
-def _overlap(old: tuple[int, int] | None, start: int, end: int) -> int:
-    return max(0, min(old[1], end) - max(old[0], start)) if old else 0
+            high, found = mid, counts
+    return found
