@@ -63,19 +63,16 @@ def rebalance_swarm(model: ModelShape, nodes: list[NodeCapacity], current: list[
                 failure = failure or exc
     candidates.extend(_local_candidates(model, nodes, held, chains, usable_budgets(nodes, reserve_fraction), budget))
     bound = throughput_bound(model, nodes)
-    scored = []
-    for how, spans in candidates:
-        moves = moves_between(nodes, held, spans)
-        serving = {span.node for span in spans}
-        spare = throughput_bound(model, [node for node in nodes if node.name not in serving])
-        scored.append((moved_layers(moves), layout_throughput(model, spans, speeds) + idle_worth(spare, bound), how,
-                       spans, moves))
-    within = [c for c in scored if c[0] <= budget]
+    costed = [(moved_layers(moves), how, spans, moves) for how, spans in candidates
+              for moves in [moves_between(nodes, held, spans)]]
+    within = [c for c in costed if c[0] <= budget]
     if not within:
-        if not scored:
+        if not costed:
             raise failure or PlanError(f"no layout of {model.name} fits the nodes left")
-        within = [min(scored, key=lambda c: c[0])]  # none within the budget: the fewest moves
-    moved, score, how, spans, moves = max(within, key=lambda c: (c[1], -c[0]))
+        within = [min(costed, key=lambda c: c[0])]  # none within the budget: the fewest moves
+    scored = [(moved, _score(model, nodes, spans, speeds, bound), how, spans, moves)
+              for moved, how, spans, moves in within]
+    moved, score, how, spans, moves = max(scored, key=lambda c: (c[1], -c[0]))
     budgets = usable_budgets(nodes, reserve_fraction)
     for _ in range(ABSORB_ROUNDS):  # what the budget leaves puts idle nodes to work in other chains
         better = None
@@ -84,9 +81,7 @@ def rebalance_swarm(model: ModelShape, nodes: list[NodeCapacity], current: list[
             cost = moved_layers(absorbed_moves)
             if cost > budget:
                 continue
-            serving = {span.node for span in absorbed}
-            spare = throughput_bound(model, [node for node in nodes if node.name not in serving])
-            value = layout_throughput(model, absorbed, speeds) + idle_worth(spare, bound)
+            value = _score(model, nodes, absorbed, speeds, bound)
             if value > score + 1e-9 and (better is None or value > better[1]):
                 better = (cost, value, absorbed, absorbed_moves)
         if better is None:
@@ -94,6 +89,14 @@ def rebalance_swarm(model: ModelShape, nodes: list[NodeCapacity], current: list[
         moved, score, spans, moves = better
         how = how if how.endswith("+absorb") else how + "+absorb"
     return Rebalance(Layout(model.name, _chain_count(model, spans), spans), moves, how)
+
+
+def _score(model: ModelShape, nodes: list[NodeCapacity], spans: list[Span], speeds: dict[str, float],
+           bound: float) -> float:
+    """A candidate's worth: its routed throughput, and what its idle nodes count for (:func:`idle_worth`)."""
+    serving = {span.node for span in spans}
+    spare = throughput_bound(model, [node for node in nodes if node.name not in serving])
+    return layout_throughput(model, spans, speeds) + idle_worth(spare, bound)
 
 
 def _absorptions(model: ModelShape, nodes: list[NodeCapacity], spans: list[Span], budgets: dict[str, int],
