@@ -8,11 +8,11 @@ import time
 import pytest
 
 from dllmctl.placement.chains import complete_chains, current_chains
-from dllmctl.placement.churn import fewest_moves, rebalance_swarm, shifted_counts
+from dllmctl.placement.churn import fewest_moves, rebalance_swarm
 from dllmctl.placement.layout import ModelShape, NodeCapacity, PlanError, Span, span_bytes
 from dllmctl.placement.planner import plan_layout
 from dllmctl.placement.simulation import LLAMA_70B, SwarmSpec, draw_swarm, simulate
-from dllmctl.placement.swarm import min_max_counts, partition, plan_swarm, window_rates
+from dllmctl.placement.swarm import min_max_counts, partition, plan_swarm, shifted_counts, window_rates
 from dllmctl.placement.throughput import layout_throughput, max_flow, throughput_bound
 
 MB = 2**20

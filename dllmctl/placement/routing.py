@@ -76,12 +76,15 @@ def choose_route(candidates: list[Stage], num_layers: int, model: str, banned: C
     usable = [c for c in candidates if c.node.name not in banned and c.span.end > c.span.start
               and (c.span.start > 0 or c.span.embed) and (c.span.end < num_layers or c.span.head)
               and fits(c, parallelism, num_layers)]
+    starting: dict[int, list[Stage]] = {}
+    for stage in usable:  # by first layer, once: a swarm's thousand spans are not scanned per layer
+        starting.setdefault(stage.span.start, []).append(stage)
     best: dict[int, tuple[float, list[str], list[Stage]]] = {0: (0.0, [], [])}
     for position in range(num_layers):  # spans only move forward, so positions in order suffice
         if position not in best:
             continue
         cost, names, route = best[position]
-        for stage in (c for c in usable if c.span.start == position):
+        for stage in starting.get(position, ()):
             option = (cost + stage_cost(stage, assigned.get(stage.node.name, 0)), names + [stage.node.name],
                       route + [stage])
             current = best.get(stage.span.end)

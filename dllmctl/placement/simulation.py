@@ -7,11 +7,11 @@ Pure and seeded (``random.Random``; no daemons, no clock but the timings it repo
   (:func:`~dllmctl.placement.throughput.layout_throughput`) over
   :func:`~dllmctl.placement.throughput.throughput_bound` of the nodes present, which no layout can
   beat (every node's GFLOP/s at once, memory and whole layers ignored);
-* **moves against the fewest**: the layers nodes had to load, against a lower bound on the layers
-  any layout keeping that fraction must load. A join or an idle node leaving needs none when the
-  layout still holds the fraction; a serving node leaving needs its own layers loaded again
-  somewhere, since its chain cannot serve without them (dropping the chain instead needs none, so
-  where that would also hold the fraction the strict bound is 0: both are reported).
+* **moves against the fewest**: the layers nodes had to load, against
+  :func:`~dllmctl.placement.churn.fewest_moves`, a lower bound on the layers any layout keeping 90 %
+  of the bound must load: a serving node's layers when it leaves, none for a join while the layout
+  holds 90 %, else as many as idle nodes must start serving. (Dropping a broken chain moves
+  nothing, so where that alone would hold 90 % the strict bound is 0: both are reported.)
 
 Nodes are drawn from ranges of home and lab machines: memory log-uniform in 5-128 GiB (more small
 machines than big ones), throughput log-normal around 150 GFLOP/s (sigma 1: a fifth of the median to

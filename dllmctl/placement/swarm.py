@@ -19,7 +19,8 @@ its chain's slowest stage: measured on a Llama-70B-shaped model over 1000 nodes 
   maximizes the sum of the chains' rates: the number of chains is what pays, at least
   ``min_replicas`` (more chains is also more replicas). The exponent tried that scores best wins.
 * **Bottleneck-optimal whole layers.** Within a chain, the layers are counted so that the slowest
-  stage is as fast as whole layers allow (:func:`min_max_counts`), the last stage carrying the head.
+  stage is as fast as whole layers allow (:func:`min_max_counts`), the last stage carrying the head;
+  :func:`shifted_counts` does the same within a budget of moved layers, for a chain that lost a node.
 """
 
 from __future__ import annotations
@@ -276,3 +277,55 @@ def min_max_counts(total: int, speeds: Sequence[float], caps: Sequence[int], pre
                     key=lambda i: ((counts[i] + preload[i]) / speeds[i], i))
         counts[worst] -= 1
     return counts
+
+
+def shifted_counts(total: int, speeds: Sequence[float], caps: Sequence[int], preload: Sequence[float],
+                   floor: Sequence[int], before: Sequence[tuple[int, int] | None], budget: int) -> list[int] | None:
+    """Whole layers per node, in order, summing to ``total``, whose slowest stage (``(count + preload) /
+    speed``) is fastest among those that move at most ``budget`` layers from ``before`` (each node's
+    layers now, None for none); None when no such split exists.
+
+    The slowest stage's time is one of the ``(k + preload) / speed``: binary search over those, and for
+    each, dynamic programming over the boundaries finds the fewest moved layers with every stage within
+    it (``fewest[b]``: after each node, for the first ``b`` layers taken).
+    """
+    def least_moved(t: float) -> list[int] | None:
+        inf = budget + 1
+        fewest = [0] + [inf] * total  # before any node: no layer taken, nothing moved
+        choices: list[list[int]] = []
+        for s, cap, p, low, old in zip(speeds, caps, preload, floor, before):
+            most = min(cap, math.floor(t * s - p + 1e-9)) if s > 0 else 0
+            lo, hi = old if old else (0, 0)
+            nxt, took = [inf] * (total + 1), [0] * (total + 1)
+            for b, moved in enumerate(fewest):
+                if moved >= inf:
+                    continue
+                for k in range(low, min(most, total - b) + 1):
+                    # new layers: the k taken, less those of [b, b + k) this node holds now
+                    cost = moved + k - max(0, min(hi, b + k) - max(lo, b))
+                    if cost < nxt[b + k]:
+                        nxt[b + k], took[b + k] = cost, k
+            fewest = nxt
+            choices.append(took)
+        if fewest[total] > budget:
+            return None
+        counts, b = [], total
+        for took in reversed(choices):
+            counts.append(took[b])
+            b -= took[b]
+        return counts[::-1]
+
+    times = sorted({(k + p) / s for s, c, p, f in zip(speeds, caps, preload, floor) if s > 0
+                    for k in range(max(f, 1), min(c, total) + 1)})
+    found = least_moved(times[-1]) if times else None
+    if found is None:
+        return None
+    low, high = 0, len(times) - 1  # times[high] is feasible
+    while low < high:
+        mid = (low + high) // 2
+        counts = least_moved(times[mid])
+        if counts is None:
+            low = mid + 1
+        else:
+            high, found = mid, counts
+    return found
