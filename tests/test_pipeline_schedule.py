@@ -118,3 +118,39 @@ def test_stage_plans_that_cannot_be_met_are_refused():
         stages_from_counts([3, 3], 5)
     with pytest.raises(PlanError, match="two stages or more"):
         stages_from_counts([5], 5)
+
+
+# --- the links' mailbox ------------------------------------------------------------------------------
+
+def test_links_take_messages_in_any_order_only_from_the_right_neighbour_of_this_generation():
+    import asyncio
+
+    import torch
+
+    from dllmd.net.messages.training import NodeRef
+    from dllmd.train.pipeline.links import LinkError, PipeLinks
+
+    before, after = NodeRef("a", "tcp://a:1", "key-a"), NodeRef("c", "tcp://c:1", "key-c")
+
+    async def scenario():
+        links = PipeLinks("job", lambda *_: asyncio.sleep(0))
+        links.form(2, before, after)
+        hidden = [torch.ones(1, 2, 4), torch.zeros(1, 2, dtype=torch.int64)]
+        links.deliver(2, 0, 1, "activation", hidden, "key-a")  # before it is asked for
+        assert (await links.receive(0, 1, "activation")) is hidden
+        waiting = asyncio.ensure_future(links.receive(0, 0, "gradient", timeout=5))
+        await asyncio.sleep(0)
+        links.deliver(1, 0, 0, "gradient", [torch.ones(1)], "key-c")  # an older pipeline's: dropped
+        with pytest.raises(ValueError, match="not this stage's next stage"):
+            links.deliver(2, 0, 0, "gradient", [torch.ones(1)], "key-a")
+        links.deliver(2, 0, 0, "gradient", [torch.full((1,), 7.0)], "key-c")
+        assert float((await waiting)[0]) == 7.0
+        stuck = asyncio.ensure_future(links.receive(0, 2, "activation", timeout=5))
+        await asyncio.sleep(0)
+        links.fail_pending(LinkError("reset"))  # a reset wakes every wait
+        with pytest.raises(LinkError, match="reset"):
+            await stuck
+        with pytest.raises(LinkError, match="within"):
+            await links.receive(0, 3, "activation", timeout=0.01)
+
+    asyncio.run(scenario())

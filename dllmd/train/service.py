@@ -81,6 +81,7 @@ class TrainingService:
         peers = allow(Role.ADMIN, Role.PEER)
         for op, handler in self.handlers.values():
             server.register(Operation(op, self._rpc(handler), peers))
+        self.stages.register(server, peers)
         self.coordinator.register(server)
 
     @staticmethod

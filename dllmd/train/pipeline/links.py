@@ -52,10 +52,16 @@ class PipeLinks:
         self.generation, self.previous, self.next = generation, previous, next_
         self._mailbox.clear()
 
-    def deliver(self, generation: int, step: int, micro: int, kind: str, tensors: list[torch.Tensor]) -> None:
-        """A neighbour's message (the ``train.pipe`` handler); one of an older pipeline is dropped."""
+    def deliver(self, generation: int, step: int, micro: int, kind: str, tensors: list[torch.Tensor],
+                sender: str) -> None:
+        """A neighbour's message (the ``train.pipe`` handler); one of an older pipeline is dropped, one
+        from another node than the neighbour it must come from refused."""
         if generation != self.generation:
             return
+        expected = self.previous if kind == "activation" else self.next
+        if expected is None or sender != expected.public_key:
+            raise ValueError(f"a pipeline {kind} from a node that is not this stage's "
+                             f"{'previous' if kind == 'activation' else 'next'} stage")
         key = (step, micro, kind)
         future = self._waiting.pop(key, None)
         if future is not None and not future.done():

@@ -12,6 +12,7 @@ has none.
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import psutil
@@ -22,8 +23,10 @@ from dllmd import hardware
 from dllmd.config import bind_host
 from dllmd.models.span import LayerSpan, expected_weight_bytes
 from dllmd.net.chunked import int8_tensor
+from dllmd.net.keys import Role
 from dllmd.net.messages import training as S
 from dllmd.net.schema import Op
+from dllmd.net.server import Call, Operation, RpcServer
 from dllmd.train.checkpoint import Checkpoints
 from dllmd.train.collective import RingCollective
 from dllmd.train.optim import OptimConfig
@@ -39,10 +42,18 @@ class StageOps:
         self.service = service
 
     def handlers(self) -> list[tuple[Op, object]]:
-        return [(S.TRAIN_LINKS, self.links), (S.TRAIN_PIPE, self.pipe), (S.TRAIN_STAGE_STEP, self.step),
+        """The operations the service registers like its own (``train.pipe`` is registered apart: it
+        needs to know who sent it)."""
+        return [(S.TRAIN_LINKS, self.links), (S.TRAIN_STAGE_STEP, self.step),
                 (S.TRAIN_STAGE_APPLY, self.apply), (S.TRAIN_SAVE_PART, self.save_part),
                 (S.TRAIN_READ_PART, self.read_part), (S.TRAIN_FETCH_PART, self.fetch_part),
                 (S.TRAIN_LOAD_PART, self.load_part)]
+
+    def register(self, server: RpcServer, roles: frozenset[Role]) -> None:
+        async def pipe(call: Call):
+            return await self.service._rpc(functools.partial(self.pipe, sender=call.caller.public_key))(call)
+
+        server.register(Operation(S.TRAIN_PIPE, pipe, roles))
 
     def _stage(self, job: str) -> StageWorker:
         worker = self.service._worker(job)
@@ -132,10 +143,10 @@ class StageOps:
             await worker.tied.form(a.generation, a.tied_rank, members)
         return {"generation": a.generation}
 
-    async def pipe(self, a: S.PipeArgs, tensors: list[torch.Tensor]) -> dict:
+    async def pipe(self, a: S.PipeArgs, tensors: list[torch.Tensor], sender: str) -> dict:
         if a.kind not in S.PIPE_KINDS:
             raise ValueError(f"a pipeline message is one of {', '.join(S.PIPE_KINDS)}, not {a.kind!r}")
-        self._stage(a.job).links.deliver(a.generation, a.step, a.micro, a.kind, tensors)
+        self._stage(a.job).links.deliver(a.generation, a.step, a.micro, a.kind, tensors, sender)
         return {}
 
     async def step(self, a: S.StageStepArgs, tensors: list[torch.Tensor]) -> S.StageStepped:
