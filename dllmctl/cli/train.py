@@ -49,8 +49,8 @@ def train_command(
     backend: Annotated[str, typer.Option(help="zmq (encrypted ring) or torch (torch.distributed).")] = "zmq",
     plaintext: Annotated[bool, typer.Option("--plaintext", help="Unencrypted ring: trusted links only (the nodes "
                                                                  "must allow it in node.toml).")] = False,
-    schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b (holds at most one micro-batch per stage "
-                                               "in flight) or gpipe.")] = "1f1b",
+    schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b (a stage holds at most as many micro-batches "
+                                               "as there are stages) or gpipe (all of them).")] = "1f1b",
     pp: Annotated[Optional[int], typer.Option("--pp", min=2, max=256, help="Pipeline stages (model: default every "
                                                                             "node; hybrid).")] = None,
     dp: Annotated[Optional[int], typer.Option("--dp", min=1, max=256, help="Replicas of the pipeline (hybrid).")] = None,
