@@ -91,7 +91,7 @@ def _deploy_layout(user, entries, model: str, parallelism: str, tp, quiet: bool)
     import asyncio
 
     from dllmd.net.client import CallError
-    from dllmctl.cli.plan import plan_for
+    from dllmctl.models.layouts import plan_for
     from dllmctl.cli.common import transfer_progress
     from dllmctl.models.deploy import bytes_to_send, deploy
     from dllmctl.placement.layout import PlanError

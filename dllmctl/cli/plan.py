@@ -19,6 +19,7 @@ def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt 
     and measured throughput, with each part's expected compute per token."""
     import asyncio
 
+    from dllmctl.models.layouts import plan_for
     from dllmctl.placement.layout import PlanError
 
     directory, manifest = local_model(model)
@@ -30,20 +31,6 @@ def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt 
         print_json(layout.to_json())
     else:
         print_layout(layout.to_json())
-
-
-async def plan_for(user, entries, directory, manifest, parallelism: str, tp: int | None, replicas: int):
-    """The layout ``plan`` shows and ``deploy`` deploys, for ``--parallelism`` and ``--tp``."""
-    from dllmctl.models.layouts import plan_groups_on_live_nodes, plan_on_live_nodes
-    from dllmctl.placement.layout import PlanError
-
-    if parallelism in ("pipeline", "model"):
-        if tp not in (None, 1):
-            raise PlanError("--tp applies to --parallelism tensor or hybrid")
-        return await plan_on_live_nodes(user, entries, manifest, replicas)
-    if parallelism not in ("tensor", "hybrid"):
-        raise PlanError(f"--parallelism must be pipeline, tensor or hybrid, not {parallelism!r}")
-    return await plan_groups_on_live_nodes(user, entries, directory, manifest, parallelism, tp, replicas)
 
 
 def rebalance_command(

@@ -138,3 +138,14 @@ async def apply_rebalance(user: Identity, entries: dict[str, NodeEntry], model_d
     deployed = list(await asyncio.gather(*(load(s) for s in changed_spans(result))))
     dropped = [entries[m.node] for m in result.moves if m.after is None]
     return deployed, (await undeploy(user, dropped, model) if dropped else {})
+
+
+async def plan_for(user, entries, directory, manifest, parallelism: str, tp: int | None, replicas: int):
+    """The layout ``plan`` shows and ``deploy`` (and ``infer --deploy``) deploys, for ``--parallelism`` and ``--tp``."""
+    if parallelism in ("pipeline", "model"):
+        if tp not in (None, 1):
+            raise PlanError("--tp applies to --parallelism tensor or hybrid")
+        return await plan_on_live_nodes(user, entries, manifest, replicas)
+    if parallelism not in ("tensor", "hybrid"):
+        raise PlanError(f"--parallelism must be pipeline, tensor or hybrid, not {parallelism!r}")
+    return await plan_groups_on_live_nodes(user, entries, directory, manifest, parallelism, tp, replicas)
