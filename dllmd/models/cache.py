@@ -28,6 +28,15 @@ def _broken_on_failure(caches: Sequence[SpanCache]):
         raise
 
 
+def _check_one_step_each(caches: Sequence[SpanCache], what: str) -> None:
+    """Before a pass of several sessions: each cache once (two steps of one session would race on it),
+    none left unusable by an earlier failed pass."""
+    if len({id(c) for c in caches}) != len(caches):
+        raise ValueError(f"a session can take only one step per {what}")
+    for cache in caches:
+        cache._check_usable()
+
+
 def _advance(caches: Sequence[SpanCache], lengths: Sequence[int]) -> None:
     """After a pass: each cache holds its new tokens (a multi-token step's ragged runs are compacted)."""
     for cache, n in zip(caches, lengths):

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from dllmd.models.cache import SpanCache, _advance, _broken_on_failure
+from dllmd.models.cache import SpanCache, _advance, _broken_on_failure, _check_one_step_each
 from dllmd.models.families import SLIDING_ATTENTION, FamilyAdapter, adapter_for
 from dllmd.models.quantized import QuantizedLinear, QuantizedWeight, check_device
 from dllmd.models.ragged import BatchCache, PackedCache, PackedMasks, ragged_attention_on
@@ -298,10 +298,7 @@ class LayerSpan(nn.Module):
         if inputs.shape[0] != len(caches) or inputs.dim() < 2 or inputs.shape[1] != 1:
             raise ValueError(f"a batched step takes one token per session: inputs {tuple(inputs.shape)} for "
                              f"{len(caches)} caches")
-        if len({id(c) for c in caches}) != len(caches):
-            raise ValueError("a session can take only one step per batch")
-        for cache in caches:
-            cache._check_usable()
+        _check_one_step_each(caches, "batch")
         hidden = self._input_hidden(inputs.to(self.device, non_blocking=True))
         position_ids = torch.tensor([[c.length] for c in caches], dtype=torch.long).to(self.device, non_blocking=True)
         with _broken_on_failure(caches):
@@ -339,10 +336,7 @@ class LayerSpan(nn.Module):
         if not len(inputs) == len(caches) == len(keeps) or not inputs:
             raise ValueError(f"a packed pass takes one input, cache and keep per session: {len(inputs)}, "
                              f"{len(caches)}, {len(keeps)}")
-        if len({id(c) for c in caches}) != len(caches):
-            raise ValueError("a session can take only one step per pass")
-        for cache in caches:
-            cache._check_usable()
+        _check_one_step_each(caches, "pass")
         parts = [self._input_hidden(x.to(self.device, non_blocking=True)) for x in inputs]
         lengths = [part.shape[1] for part in parts]
         positions = [torch.arange(c.length, c.length + n).unsqueeze(0) for c, n in zip(caches, lengths)]
