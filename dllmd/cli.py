@@ -82,11 +82,13 @@ def init(
 def start(home: HomeOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it cleanly)."""
     from dllmd import failpoints, hardware
+    from dllmd.net import tap
 
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         failpoints.load()
+        tap.load()
     except failpoints.FailpointError as exc:
         raise fail(str(exc))
     home = resolve_home(home)
@@ -115,7 +117,7 @@ def start(home: HomeOpt = None, verbose: Annotated[bool, typer.Option("--verbose
 @app.command()
 def authorize(
     public_key: Annotated[str, typer.Argument(help="The 64-hex-character public key to allow.")],
-    role: Annotated[Role, typer.Option(help="admin, client or peer.")],
+    role: Annotated[Role, typer.Option(help="admin, client, peer or federation (another organization's coordinator: federated rounds on the datasets federated_datasets lists, nothing else).")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
     home: HomeOpt = None,
     as_json: JsonOpt = False,

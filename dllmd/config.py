@@ -29,6 +29,7 @@ DAEMON_FILE = "daemon.json"  # written by a running daemon: pid, bound endpoint,
 LOCK_FILE = "daemon.lock"  # held (flock) by the running daemon: one per home
 _ENDPOINT = re.compile(r"^tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5}|\*)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # as dllmd.data.shards names them
 
 
 class ConfigError(ValueError):
@@ -145,6 +146,8 @@ class NodeConfig:
     allow_plaintext_ring: bool = False  # trusted links only: lets a job ask for an unencrypted ring
     bench_operations: bool = False  # serve the benchmark-only operations (ring.*, dllmctl bench allreduce)
     limits: ResourceLimits = field(default_factory=ResourceLimits)  # the [limits] table
+    # Datasets a key with the federation role may train on here (federated rounds; the rows never leave).
+    federated_datasets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, ResourceLimits):  # as TOML gives it
@@ -159,6 +162,9 @@ class NodeConfig:
         for flag in ("allow_plaintext_ring", "bench_operations"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not isinstance(self.federated_datasets, list) or not all(
+                isinstance(d, str) and _DATASET.match(d) for d in self.federated_datasets):
+            raise ConfigError(f"federated_datasets must be a list of dataset names, got {self.federated_datasets!r}")
         if self.prefix_cache_percent > 100:
             raise ConfigError(f"prefix_cache_percent must be between 0 and 100, got {self.prefix_cache_percent}")
         if self.ring_port > 65535:
@@ -190,4 +196,6 @@ class NodeConfig:
         data = {**asdict(self), "limits": self.limits.to_toml()}
         if self.limits == ResourceLimits():  # nothing capped: node.toml reads as it did before [limits]
             del data["limits"]
+        if not self.federated_datasets:
+            del data["federated_datasets"]
         atomic_write(home / "node.toml", tomli_w.dumps(data).encode())

@@ -10,12 +10,14 @@ named points, and a daemon started with ``DLLMD_FAILPOINTS`` in its environment 
 Each entry is ``NAME[@VALUE]=ACTION``: ``NAME`` is a point (below); ``VALUE`` the value it must be
 called with (compared as text; without ``@VALUE``, any value); ``ACTION`` is ``exit``: log one line,
 then ``os._exit(137)`` (no cleanup, nothing flushed or removed, sockets dropped by the kernel: what
-SIGKILL leaves). The variable is read once, when ``dllmd start`` begins (``load``); a malformed one
+SIGKILL leaves), or ``sleep:SECONDS``: a node that is slow there (a straggler; the point must be
+reached in a worker thread, never on the event loop). The variable is read once, when ``dllmd start`` begins (``load``); a malformed one
 stops the start with an error naming it. Unset, as on every real node, ``failpoint`` is one dict
 lookup that finds nothing.
 
 Points: ``train.step`` (a worker starts computing a step; value: the step), ``train.stage_step``
-(a pipeline stage starts a step; value: the step) and ``jobs.step`` (a coordinator starts a step of
+(a pipeline stage starts a step; value: the step), ``fed.train`` (a federated client starts its
+local steps, in its training thread; value: the round) and ``jobs.step`` (a coordinator starts a step of
 a job's loop; value: the step).
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Mapping
 
 log = logging.getLogger("dllmd.failpoints")
@@ -46,11 +49,21 @@ def parse(spec: str) -> dict[str, dict[str | None, str]]:
         point, has_action, action = entry.partition("=")
         name, has_value, value = point.strip().partition("@")
         action, name, value = action.strip(), name.strip(), value.strip()
-        if not has_action or not name or (has_value and not value) or action not in ACTIONS:
+        if not has_action or not name or (has_value and not value) or not _valid(action):
             raise FailpointError(f"{ENV}: {entry!r} is neither NAME=ACTION nor NAME@VALUE=ACTION "
-                                 f"(ACTION: {', '.join(ACTIONS)})")
+                                 f"(ACTION: {', '.join(ACTIONS)} or sleep:SECONDS)")
         armed.setdefault(name, {})[value if has_value else None] = action
     return armed
+
+
+def _valid(action: str) -> bool:
+    if action in ACTIONS:
+        return True
+    kind, _, seconds = action.partition(":")
+    try:
+        return kind == "sleep" and 0 <= float(seconds) <= 3600
+    except ValueError:
+        return False
 
 
 def load(environ: Mapping[str, str] = os.environ) -> dict[str, dict[str | None, str]]:
@@ -68,6 +81,10 @@ def failpoint(name: str, value: object = None) -> None:
     if not points:
         return
     action = points.get(str(value), points.get(None))
+    if action and action.startswith("sleep:"):
+        log.warning("failpoint %s@%s: sleeping %s s", name, value, action[6:])
+        time.sleep(float(action[6:]))
+        return
     if action == "exit":
         log.warning("failpoint %s@%s: exiting with %d, as kill -9 would", name, value, EXIT_CODE)
         for handler in logging.getLogger().handlers:

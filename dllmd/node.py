@@ -168,7 +168,8 @@ class Daemon:
     # --- operations ---------------------------------------------------------------------------
 
     def _register(self, server: RpcServer) -> None:
-        server.register(Operation(M.PING, self._ping, ANY_ROLE))
+        # A federated coordinator of another organization may see that the node is up, nothing more.
+        server.register(Operation(M.PING, self._ping, ANY_ROLE | {Role.FEDERATION}))
         server.register(Operation(M.INFO, self._info, ANY_ROLE))
         server.register(Operation(M.ECHO, self._echo, ANY_ROLE))
         server.register(Operation(M.KEYS_LIST, self._keys_list, allow(Role.ADMIN)))

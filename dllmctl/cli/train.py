@@ -30,8 +30,8 @@ def train_command(
     model: Annotated[str, typer.Option("--model", "-m", help="A model in the local store.")],
     data: Annotated[str, typer.Option("--data", "-d", help="A dataset placed with 'dllmctl shard-data'.")],
     parallelism: Annotated[str, typer.Option(help="data (a replica per node), model (a pipeline of stages), hybrid "
-                                                  "(--dp replicas of a --pp stage pipeline); federated: not built "
-                                                  "yet.")] = "data",
+                                                  "(--dp replicas of a --pp stage pipeline), federated "
+                                                  "(rounds of local training on each node's own data).")] = "data",
     nodes: Annotated[Optional[str], typer.Option(
         help="Comma-separated node names; the first coordinates (default: the nodes holding the dataset).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, max=100_000)] = None,
@@ -58,6 +58,25 @@ def train_command(
                                                               "the nodes' free memory and speed).")] = None,
     recompute: Annotated[bool, typer.Option("--recompute", help="Pipeline stages keep only their inputs and run the "
                                                                  "forward again in the backward (less memory).")] = False,
+    rounds: Annotated[Optional[int], typer.Option(min=1, max=10_000_000, help="Federated: rounds to run.")] = None,
+    local_steps: Annotated[int, typer.Option(min=1, max=1_000_000, help="Federated: each client's AdamW steps "
+                                                                        "per round.")] = 1,
+    clients_per_round: Annotated[Optional[str], typer.Option(help="Federated: clients sampled per round, a count "
+                                                                  "(3) or a fraction (0.5, 50%); default all.")] = None,
+    min_clients: Annotated[int, typer.Option(min=1, max=256, help="Federated: a round closes with at least this "
+                                                                  "many updates, else it is tried again.")] = 1,
+    round_timeout: Annotated[float, typer.Option(min=0.1, max=86400.0, help="Federated: seconds a round waits "
+                                                                            "for its clients.")] = 600.0,
+    strategy: Annotated[str, typer.Option(help="Federated: fedavg, fedavgm (server momentum) or fedadam.")] = "fedavg",
+    server_lr: Annotated[float, typer.Option(min=0.0, max=100.0, help="Federated: the server's step on the mean "
+                                                                       "update.")] = 1.0,
+    server_momentum: Annotated[float, typer.Option(min=0.0, max=0.9999, help="Federated: fedavgm's momentum, "
+                                                                              "fedadam's beta1.")] = 0.9,
+    proximal_mu: Annotated[float, typer.Option(min=0.0, help="Federated: FedProx's mu (0: plain local steps).")] = 0.0,
+    update_clip: Annotated[float, typer.Option(min=0.0, help="Federated: L2 bound on each client's update "
+                                                             "(0: none).")] = 0.0,
+    secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation", help="Federated: the coordinator "
+                                                     "learns only the sum of each round's updates.")] = False,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
     as_json: JsonOpt = False,
@@ -69,11 +88,18 @@ def train_command(
     from dllmd.data import DataError
     from dllmd.net.client import CallError
     from dllmctl.data.records import dataset_records
-    from dllmctl.training.jobs import TrainError, check_parallelism, job_spec, pipeline_options, submit
+    from dllmctl.training.jobs import (TrainError, check_parallelism, federated_dataset, federated_options, job_spec,
+                                       pipeline_options, submit)
 
     try:
         check_parallelism(parallelism)
-        dataset = dataset_records().load(data)
+        if parallelism == "federated":
+            if not nodes:
+                raise TrainError("a federated job needs --nodes (the first coordinates; every node with rows of "
+                                 "the dataset is a client)")
+            dataset = federated_dataset(data, model)
+        else:
+            dataset = dataset_records().load(data)
     except (TrainError, DataError) as exc:
         fail(str(exc))
     directory, _ = local_model(model)
@@ -86,8 +112,13 @@ def train_command(
         fail(f"--stage-layers takes layer counts separated by commas, e.g. 3,2; got {stage_layers!r}")
     user = load_user()
     try:
-        pipeline = asyncio.run(pipeline_options(user, targets, directory, dataset, parallelism, dp, pp, schedule,
-                                                micro_batch_size, batch_size, layers, recompute))
+        if parallelism == "federated":
+            pipeline = federated_options(targets, rounds, local_steps, clients_per_round, min_clients, round_timeout,
+                                         strategy, server_lr, server_momentum, proximal_mu, update_clip,
+                                         secure_aggregation)
+        else:
+            pipeline = asyncio.run(pipeline_options(user, targets, directory, dataset, parallelism, dp, pp, schedule,
+                                                    micro_batch_size, batch_size, layers, recompute))
         spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         epochs=epochs or (0 if max_steps else 1), max_steps=max_steps or 0, lr=lr,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay,

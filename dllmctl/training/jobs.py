@@ -108,6 +108,52 @@ async def plan_pipeline(user: Identity, nodes: list[NodeEntry], model_dir: Path,
     return [S.StageSpan(start, end) for start, end in spans]
 
 
+def federated_options(nodes: list[NodeEntry], rounds: int | None, local_steps: int, clients_per_round: str | None,
+                      min_clients: int, round_timeout: float, strategy: str, server_lr: float,
+                      server_momentum: float, proximal_mu: float, update_clip: float,
+                      secure_aggregation: bool) -> dict:
+    """The :class:`JobSpec` fields of a federated job. ``clients_per_round`` is a count (``3``) or a
+    fraction of the nodes (``0.5``, ``50%``)."""
+    if not rounds:
+        raise TrainError("a federated job needs --rounds")
+    if strategy not in S.STRATEGIES:
+        raise TrainError(f"--strategy must be one of {', '.join(S.STRATEGIES)}, not {strategy!r}")
+    per_round = clients_per_round_count(clients_per_round, len(nodes))
+    if min_clients > (per_round or len(nodes)):
+        raise TrainError(f"--min-clients {min_clients} is more than the {per_round or len(nodes)} clients of a round")
+    return {"parallelism": "federated", "rounds": rounds, "local_steps": local_steps, "clients_per_round": per_round,
+            "min_clients": min_clients, "round_timeout": round_timeout, "strategy": strategy, "server_lr": server_lr,
+            "server_momentum": server_momentum, "proximal_mu": proximal_mu, "update_clip": update_clip,
+            "secure_aggregation": secure_aggregation}
+
+
+def clients_per_round_count(text: str | None, nodes: int) -> int:
+    """``--clients-per-round`` as a count of clients (0: all of them)."""
+    if not text:
+        return 0
+    try:
+        if text.endswith("%"):
+            fraction = float(text[:-1]) / 100
+        elif "." in text:
+            fraction = float(text)
+        else:
+            count = int(text)
+            if not 1 <= count <= nodes:
+                raise TrainError(f"--clients-per-round {count} must be between 1 and the job's {nodes} nodes")
+            return count
+    except ValueError:
+        raise TrainError(f"--clients-per-round takes a count (3) or a fraction (0.5, 50%), not {text!r}") from None
+    if not 0 < fraction <= 1:
+        raise TrainError(f"--clients-per-round as a fraction must be in (0, 1], not {text}")
+    return max(1, round(fraction * nodes))
+
+
+def federated_dataset(name: str, model: str) -> dict:
+    """A federated job's dataset: each client holds its own rows (sharded on the node, perhaps by its
+    own organization), so there is no record of them here; the clients report their rows."""
+    return {"dataset": name, "model": model, "nodes": []}
+
+
 def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
     """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards."""
     by_name = {n.name: n for n in nodes}
@@ -131,6 +177,8 @@ async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: 
     """Ship the model to every node (the whole of it to a data-parallel replica, a stage's span to a
     stage; skipping what they have), then submit to the first node."""
     manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
+    if spec.parallelism == "federated":
+        nodes = nodes[:1]  # the coordinator sends the clients the weights each round; they may not be ours
     files = [node_files(manifest, spec, i) for i in range(len(nodes))]
     clients = [RpcClient(user, n.address, n.public_key) for n in nodes]
     try:
@@ -151,7 +199,7 @@ async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: 
 
 def node_files(manifest: Manifest, spec: S.JobSpec, index: int) -> list[str]:
     """The model files node ``index`` of the job loads (replica-major stages in a pipeline job)."""
-    if spec.parallelism == "data":
+    if spec.parallelism in ("data", "federated"):
         return manifest.span_files(0, manifest.num_layers, True, True)
     span = spec.stages[index % len(spec.stages)]
     return manifest.span_files(span.start, span.end, span.start == 0, span.end == manifest.num_layers)

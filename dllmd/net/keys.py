@@ -36,6 +36,9 @@ class Role(str, Enum):
     ADMIN = "admin"
     CLIENT = "client"
     PEER = "peer"
+    # Another organization's coordinator: may drive federated rounds (``fed.*``) on the datasets the
+    # owner opened to federation (``federated_datasets`` in node.toml), and nothing else.
+    FEDERATION = "federation"
 
 
 @dataclass(frozen=True)

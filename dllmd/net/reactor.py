@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import zmq
 
+from dllmd.net import tap
+
 Frames = list[zmq.Frame]
 DRAIN_BATCH = 64  # messages handled per loop turn before yielding to other callbacks
 
@@ -48,6 +50,7 @@ class SocketReactor:
 
     def send(self, frames: Sequence) -> None:
         """Queue a message without blocking; raises ``zmq.Again`` if it cannot be queued now."""
+        tap.record(frames)
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         finally:

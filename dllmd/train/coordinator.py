@@ -32,6 +32,8 @@ from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
 from dllmd.net.messages import training as S
 from dllmd.train.checkpoint import CheckpointError, Checkpoints
+from dllmd.train.federated.run import FederatedRun, prepare_federated, release_clients
+from dllmd.train.federated.weights import GlobalModel
 from dllmd.train.jobs import JobError, JobFailed, JobInterrupted, JobStore
 from dllmd.train.pipeline.parts import PartCheckpoints
 from dllmd.train.pipeline.run import PipelineRun
@@ -55,11 +57,12 @@ class Coordinator:
         self.ring_ports: dict[str, dict[str, int]] = {}  # job -> node key -> its ring socket's port
         self.tied_ports: dict[str, dict[str, int]] = {}  # pipeline jobs: node key -> its tied ring's port
         self.memory_needed: dict[str, dict[str, int]] = {}  # job -> node key -> its estimate at prepare
+        self.federated_models: dict[str, GlobalModel] = {}  # federated jobs: the global weights
 
     def checkpoints(self, job: str) -> Checkpoints | PartCheckpoints:
         """A job's complete checkpoints: whole (data parallelism) or one part per stage (pipelines)."""
         spec = self.store.get(job)["spec"]
-        if spec.get("parallelism", "data") == "data":
+        if spec.get("parallelism", "data") in ("data", "federated"):
             return Checkpoints(self.service.home / "jobs" / job / "checkpoints", self.service.identity)
         return PartCheckpoints(self.service.home, job, len(spec["stages"]), self.service.identity,
                                [n["public_key"] for n in spec["nodes"]])
@@ -99,6 +102,8 @@ class Coordinator:
         keys = [n.public_key for n in spec.nodes]
         if len(set(keys)) != len(keys):
             raise JobError("a node appears twice in the job")
+        if spec.parallelism == "federated":
+            return self._validate_federated(spec)
         if spec.batch_size % spec.micro_batch_size:
             raise JobError(f"--batch-size {spec.batch_size} is not divisible by --micro-batch-size "
                            f"{spec.micro_batch_size}")
@@ -117,6 +122,25 @@ class Coordinator:
         if spec.parallelism != "data":
             self._validate_pipeline(spec)
         return schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
+
+    def _validate_federated(self, spec: S.JobSpec) -> int:
+        """Rounds that can run; every client's key authorized here (no outbound call to a stranger)."""
+        if spec.backend != "zmq" or spec.plaintext:
+            raise JobError("federated rounds run over the encrypted peer connections: --backend zmq, no --plaintext")
+        if spec.rounds < 1:
+            raise JobError("a federated job needs --rounds")
+        if spec.strategy not in S.STRATEGIES:
+            raise JobError(f"strategy must be one of {', '.join(S.STRATEGIES)}, not {spec.strategy!r}")
+        per_round = spec.clients_per_round or len(spec.nodes)
+        if per_round > len(spec.nodes):
+            raise JobError(f"--clients-per-round {per_round} is more than the job's {len(spec.nodes)} nodes")
+        if spec.min_clients > per_round:
+            raise JobError(f"--min-clients {spec.min_clients} is more than the {per_round} clients of a round")
+        strangers = [n.name for n in spec.nodes[1:] if self.service.keys.by_public_key(n.public_key) is None]
+        if strangers:
+            raise JobError(f"node(s) {', '.join(strangers)} are not authorized on the coordinator "
+                           f"{self.service.config.name}: authorize their keys (role peer or federation) first")
+        return spec.rounds
 
     def _validate_pipeline(self, spec: S.JobSpec) -> None:
         """Stages that cover the model's layers once, in order, on replicas x stages nodes."""
@@ -169,7 +193,7 @@ class Coordinator:
 
     def _stage_nodes(self, job: str, spec: S.JobSpec, last: dict | None) -> list[S.StageNode]:
         """A pipeline job's nodes, each with its stage, layers, memory estimate and latest step."""
-        if spec.parallelism == "data":
+        if spec.parallelism in ("data", "federated"):
             return []
         computed = (last or {}).get("nodes", {})
         memory = self.memory_needed.get(job, {})
@@ -242,6 +266,9 @@ class Coordinator:
         task.add_done_callback(lambda _: self.tasks.pop(job, None))
 
     async def _prepare(self, job: str, spec: S.JobSpec, nodes: list[S.NodeRef]) -> None:
+        if spec.parallelism == "federated":
+            self.federated_models[job] = await prepare_federated(self, job, spec)
+            return
         args = {"job": job, "model": spec.model, "dataset": spec.dataset, "dtype": spec.dtype,
                 "micro_batch_size": spec.micro_batch_size, "lr": spec.lr, "grad_clip": spec.grad_clip,
                 "weight_decay": spec.weight_decay, "plaintext": spec.plaintext, "backend": spec.backend}
@@ -257,6 +284,10 @@ class Coordinator:
         self.memory_needed[job] = {n.public_key: r[0]["memory_needed"] for n, r in zip(nodes, results)}
 
     async def _release(self, job: str, nodes: list[S.NodeRef]) -> None:
+        if job in self.federated_models:
+            self.federated_models.pop(job)
+            await release_clients(self.service, job, nodes)
+            return
         async def one(node):
             try:
                 await self.service.call(node, "train.release", {"job": job}, timeout=10)
@@ -265,7 +296,8 @@ class Coordinator:
         await asyncio.gather(*(one(n) for n in nodes))
 
     async def _run(self, job: str, spec: S.JobSpec, resume_from: int | None) -> None:
-        run = DataParallelRun(self, job, spec) if spec.parallelism == "data" else PipelineRun(self, job, spec)
+        runs = {"data": DataParallelRun, "federated": FederatedRun}
+        run = runs.get(spec.parallelism, PipelineRun)(self, job, spec)
         try:
             await run.execute(resume_from)
         except asyncio.CancelledError:

@@ -73,15 +73,21 @@ class TrainingService:
         from dllmd.train.pipeline.ops import StageOps  # pipeline stages: their own operations
         self.stages = StageOps(self)
         self.handlers.update({op.name: (op, handler) for op, handler in self.stages.handlers()})
+        from dllmd.train.federated.ops import FederatedClientOps  # federated clients: their own operations and roles
+        self.federated = FederatedClientOps(self)
+        self.handlers.update({op.name: (op, handler) for op, handler in self.federated.local_handlers()})
         from dllmd.train.coordinator import Coordinator  # it calls back into this service
         self.coordinator = Coordinator(self)
 
     def register(self, server: RpcServer) -> None:
         # Workers obey other daemons (the coordinator, ring peers) and admins.
         peers = allow(Role.ADMIN, Role.PEER)
+        federated = {op.name for op, _ in self.federated.handlers}
         for op, handler in self.handlers.values():
-            server.register(Operation(op, self._rpc(handler), peers))
+            if op.name not in federated:
+                server.register(Operation(op, self._rpc(handler), peers))
         self.stages.register(server, peers)
+        self.federated.register(server)
         self.coordinator.register(server)
 
     @staticmethod
@@ -128,6 +134,7 @@ class TrainingService:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
+            self.federated.sweep(IDLE_REPLICA_TTL_S)
             for job, worker in list(self.workers.items()):
                 if now - worker.last_used > IDLE_REPLICA_TTL_S and not worker.lock.locked():
                     log.warning("releasing the replica of job %s: no coordinator call for %d s", job,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from dllmd.net.schema import NoArgs, Op, bounded
 
-PARALLELISMS_BUILT = ("data", "model", "hybrid")
+PARALLELISMS_BUILT = ("data", "model", "hybrid", "federated")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam")  # federated: how the coordinator applies the mean update
 BACKENDS = ("zmq", "torch")
 SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules (dllmd.train.pipeline.schedule)
 PIPE_KINDS = ("activation", "gradient")  # what crosses a stage boundary: forward, backward
@@ -63,6 +64,18 @@ class JobSpec:
     replicas: int = bounded(1, lo=1, hi=256)
     schedule: str = bounded("1f1b", max_len=8)
     recompute: bool = False  # keep only each stage's inputs; run the forward again in the backward
+    # federated: rounds of local training on every client's own data (``nodes``; the first coordinates)
+    rounds: int = bounded(0, lo=0, hi=10_000_000)
+    local_steps: int = bounded(1, lo=1, hi=1_000_000)  # each client's AdamW steps per round
+    clients_per_round: int = bounded(0, lo=0, hi=256)  # 0: every client
+    min_clients: int = bounded(1, lo=1, hi=256)  # a round closes with at least this many updates
+    round_timeout: float = bounded(600.0, lo=0.1, hi=86400.0)  # seconds; stragglers after it are left out
+    strategy: str = bounded("fedavg", max_len=16)  # one of STRATEGIES
+    server_lr: float = bounded(1.0, lo=0.0, hi=100.0)
+    server_momentum: float = bounded(0.9, lo=0.0, hi=0.9999)  # fedavgm's momentum, fedadam's beta1
+    proximal_mu: float = bounded(0.0, lo=0.0, hi=1e6)  # FedProx: mu/2 ||w - w_global||^2 in the local loss
+    update_clip: float = bounded(0.0, lo=0.0, hi=1e9)  # L2 bound on each client's update (0: none)
+    secure_aggregation: bool = False  # the coordinator learns only the sum of the round's updates
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""Federated training's operations: what a job's coordinator asks of the clients (``fed.*``).
+
+A client may belong to another organization: it authorizes the coordinator's node key with the
+``federation`` role, which reaches these operations and nothing else (no ``data.*``, no deploy, no
+shard push, no ``train.rows``), and only for datasets its owner listed in ``federated_datasets``.
+No reply of these operations carries tokens: a client sends back its row count, losses and its
+weight update, never its data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dllmd.net.schema import Op, bounded
+
+
+@dataclass
+class FedPrepareArgs:
+    job: str = bounded(max_len=64)
+    model: str = bounded(max_len=128)
+    dataset: str = bounded(max_len=128)
+    config: dict = bounded(max_len=512)  # the model's config.json: the client builds the architecture from it
+    layout: str = bounded(max_len=64)  # sha256 of the parameters' names and shapes, in order
+    dtype: str = bounded("float32", max_len=16)
+    micro_batch_size: int = bounded(1, lo=1, hi=65536)
+    batch_size: int = bounded(8, lo=1, hi=1_000_000)
+    weight_decay: float = bounded(0.0, lo=0.0, hi=10.0)
+    grad_clip: float = bounded(1.0, lo=0.0, hi=1e9)
+
+
+@dataclass
+class FedPrepared:
+    rows: int  # sequences of this client's shard: its weight in FedAvg
+    seq_len: int
+    params: int
+    memory_needed: int
+    device: str
+
+
+@dataclass
+class FedLoadArgs:
+    """One chunk of the round's global weights (one fp32 tensor), at element ``offset`` of ``total``."""
+
+    job: str = bounded(max_len=64)
+    round: int = bounded(lo=0, hi=2**40)
+    offset: int = bounded(lo=0, hi=2**40)
+    total: int = bounded(lo=1, hi=2**40)
+
+
+@dataclass
+class FedTrainArgs:
+    job: str = bounded(max_len=64)
+    round: int = bounded(lo=0, hi=2**40)
+    local_steps: int = bounded(lo=1, hi=1_000_000)
+    lr: float = bounded(lo=0.0, hi=10.0)
+    seed: int = bounded(lo=0, hi=2**32 - 1)
+    proximal_mu: float = bounded(0.0, lo=0.0, hi=1e6)
+    update_clip: float = bounded(0.0, lo=0.0, hi=1e9)
+    weight: float = bounded(1.0, lo=0.0, hi=1.0)  # this client's share of the round's mean
+
+
+@dataclass
+class FedTrained:
+    """A client's round: its update (``weight`` x the clipped change of its weights) is kept until fetched."""
+
+    round: int
+    rows: int
+    tokens: int  # target tokens over its local steps
+    loss_before: float  # the global model's mean loss on this client's first local batch
+    loss_after: float  # its last local step's mean loss
+    update_norm: float  # before clipping
+    clipped: bool
+    compute_s: float
+
+
+@dataclass
+class FedUpdateArgs:
+    """Elements ``[offset, offset + count)`` of the round's update (plain aggregation)."""
+
+    job: str = bounded(max_len=64)
+    round: int = bounded(lo=0, hi=2**40)
+    offset: int = bounded(lo=0, hi=2**40)
+    count: int = bounded(lo=1, hi=2**28)
+
+
+@dataclass
+class FedJobArgs:
+    job: str = bounded(max_len=64)
+
+
+FED_PREPARE = Op("fed.prepare", FedPrepareArgs, FedPrepared)
+FED_LOAD = Op("fed.load", FedLoadArgs, dict)
+FED_TRAIN = Op("fed.train", FedTrainArgs, FedTrained)
+FED_UPDATE = Op("fed.update", FedUpdateArgs, dict)
+FED_RELEASE = Op("fed.release", FedJobArgs, dict)

@@ -1,0 +1,194 @@
+"""A federated client's operations (``fed.*``), served to the job's coordinator.
+
+The coordinator may be another organization's node, authorized here with the ``federation`` role:
+it reaches only these operations, and only for datasets the owner listed in ``federated_datasets``
+(node.toml). The client builds the architecture from the coordinator's config.json (after counting
+its parameters on the meta device and checking its memory), receives the global weights each
+round, trains on its own rows and keeps its update until the coordinator fetches it. Nothing sent
+back is a token: row counts, losses, norms and the update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from dllmd import hardware
+from dllmd.failpoints import failpoint
+from dllmd.net.keys import Role
+from dllmd.net.messages import federated as F
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.wire import ErrorCode
+from dllmd.train.federated.client import ClientModel, LocalResult, LocalRound, parameter_count
+from dllmd.train.federated.weights import layout_digest
+from dllmd.train.model import TrainModelError
+from dllmd.train.worker import ShardRows
+
+log = logging.getLogger("dllmd.federated")
+
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # 32 MiB of fp32 per message, each way
+
+
+@dataclass
+class FederatedClient:
+    """One job's client on this node."""
+
+    job: str
+    dataset: str
+    shard_key: str
+    shard: ShardRows
+    model: ClientModel
+    spec: F.FedPrepareArgs
+    global_weights: torch.Tensor | None = None
+    loaded: tuple[int, int] = (-1, 0)  # (round, elements received) of the global weights
+    result: tuple[int, LocalResult] | None = None  # (round, its result) until the next round
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        self.global_weights = self.result = None
+
+
+class FederatedClientOps:
+    def __init__(self, service):
+        self.service = service
+        self.clients: dict[str, FederatedClient] = {}
+        self.handlers = ((F.FED_PREPARE, self.prepare), (F.FED_LOAD, self.load), (F.FED_TRAIN, self.train),
+                         (F.FED_UPDATE, self.update), (F.FED_RELEASE, self.release))
+
+    def register(self, server: RpcServer) -> None:
+        roles = allow(Role.ADMIN, Role.PEER, Role.FEDERATION)
+        for op, handler in self.handlers:
+            server.register(Operation(op, self._rpc(handler), roles))
+
+    def local_handlers(self):
+        """(op, handler(args, tensors)) for the coordinator's calls to its own node: this node's owner."""
+        return [(op, lambda a, t, h=handler: h(a, t, None)) for op, handler in self.handlers]
+
+    @staticmethod
+    def _rpc(handler):
+        async def run(call: Call):
+            try:
+                return await handler(call.args, call.tensors, call.caller.role)
+            except (TrainModelError, ValueError, KeyError) as exc:
+                raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+        return run
+
+    def _client(self, job: str) -> FederatedClient:
+        client = self.clients.get(job)
+        if client is None:
+            raise ValueError(f"job {job} has no federated client on this node (released or never prepared)")
+        client.last_used = time.monotonic()
+        return client
+
+    # --- operations --------------------------------------------------------------------------------
+
+    async def prepare(self, a: F.FedPrepareArgs, _tensors, role: Role | None) -> F.FedPrepared:
+        config = self.service.config
+        if role == Role.FEDERATION and a.dataset not in config.federated_datasets:
+            raise HandlerError(ErrorCode.FORBIDDEN, f"dataset {a.dataset!r} is not open to federation on node "
+                                                    f"{config.name} (its owner lists such datasets in "
+                                                    f"federated_datasets in node.toml)")
+        self.release_job(a.job)
+        shard = await asyncio.to_thread(self.service._own_shard, a.dataset)
+        if shard is None or shard.tokens.shape[0] == 0:
+            raise ValueError(f"node {config.name} holds no rows of dataset {a.dataset!r}")
+        model_type = a.config.get("model_type")
+        params = await asyncio.to_thread(parameter_count, a.config)
+        from dllmd.train.service import replica_bytes
+
+        seq_len = int(shard.tokens.shape[1])
+        need = replica_bytes(params, a.micro_batch_size, seq_len, int(a.config.get("hidden_size", 0)),
+                             int(a.config.get("num_hidden_layers", 0)), int(a.config.get("vocab_size", 0)))
+        device = hardware.best_device()
+        free = hardware.gpus()[0]["memory_free"] if device.type == "cuda" else psutil.virtual_memory().available
+        cap = config.limits.memory
+        if cap:
+            free = min(free, cap)
+        if need > free:
+            raise ValueError(f"node {config.name} has {free / 2**30:.1f} GiB free but training a {model_type} of "
+                             f"{params / 1e6:.0f}M parameters needs about {need / 2**30:.1f} GiB")
+        model = await asyncio.to_thread(ClientModel.from_config, a.config, device)
+        if layout_digest(model.model) != a.layout:
+            raise ValueError(f"node {config.name} builds {a.model} with other parameters than the coordinator "
+                             f"(transformers versions differ?)")
+        self.clients[a.job] = FederatedClient(a.job, a.dataset, self.service.identity.public_key, shard, model, a)
+        log.info("federated job %s: %d rows of %s, %d parameters", a.job, shard.tokens.shape[0], a.dataset, params)
+        return F.FedPrepared(rows=int(shard.tokens.shape[0]), seq_len=seq_len, params=model.numel,
+                             memory_needed=need, device=str(device))
+
+    async def load(self, a: F.FedLoadArgs, tensors: list[torch.Tensor], _role) -> dict:
+        client = self._client(a.job)
+        if a.total != client.model.numel:
+            raise ValueError(f"the global weights have {a.total} elements, this client's model {client.model.numel}")
+        if len(tensors) != 1 or tensors[0].dtype != torch.float32 or tensors[0].dim() != 1:
+            raise ValueError("fed.load carries one flat float32 tensor")
+        chunk = tensors[0]
+        if a.offset + chunk.numel() > a.total:
+            raise ValueError("fed.load's chunk runs past the end of the weights")
+        async with client.lock:
+            round_loaded, received = client.loaded
+            if a.offset == 0:
+                if client.global_weights is None:
+                    client.global_weights = torch.empty(a.total)
+                received = 0
+            elif round_loaded != a.round or received != a.offset:
+                raise ValueError(f"fed.load chunks of round {a.round} arrived out of order")
+            client.global_weights[a.offset:a.offset + chunk.numel()] = chunk
+            client.loaded = (a.round, a.offset + chunk.numel())
+        return {"received": client.loaded[1]}
+
+    async def train(self, a: F.FedTrainArgs, _tensors, _role) -> F.FedTrained:
+        client = self._client(a.job)
+        async with client.lock:
+            if client.loaded != (a.round, client.model.numel):
+                raise ValueError(f"the global weights of round {a.round} have not all arrived")
+            spec = client.spec
+            args = LocalRound(round=a.round, local_steps=a.local_steps, batch_size=spec.batch_size,
+                              micro_batch_size=spec.micro_batch_size, lr=a.lr, seed=a.seed,
+                              weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, dtype=spec.dtype,
+                              proximal_mu=a.proximal_mu, update_clip=a.update_clip, weight=a.weight)
+            client.result = None
+            started = time.perf_counter()
+            result = await asyncio.to_thread(self._train_round, client, args)
+            client.result = (a.round, result)
+            return F.FedTrained(round=a.round, rows=result.rows, tokens=result.tokens, loss_before=result.loss_before,
+                                loss_after=result.loss_after, update_norm=result.update_norm, clipped=result.clipped,
+                                compute_s=time.perf_counter() - started)
+
+    @staticmethod
+    def _train_round(client: FederatedClient, args: LocalRound) -> LocalResult:
+        failpoint("fed.train", args.round)
+        return client.model.train_round(client.shard, client.shard_key, client.global_weights, args)
+
+    async def update(self, a: F.FedUpdateArgs, _tensors, _role) -> tuple[dict, list[torch.Tensor]]:
+        client = self._client(a.job)
+        if client.result is None or client.result[0] != a.round:
+            raise ValueError(f"round {a.round} was not trained here")
+        update = client.result[1].update
+        if a.offset >= update.numel():
+            raise ValueError(f"offset {a.offset} is past the update's {update.numel()} elements")
+        return {"total": update.numel()}, [update[a.offset:a.offset + min(a.count, CHUNK_ELEMENTS)].clone()]
+
+    async def release(self, a: F.FedJobArgs, _tensors, _role) -> dict:
+        return {"released": self.release_job(a.job)}
+
+    def release_job(self, job: str) -> bool:
+        client = self.clients.pop(job, None)
+        if client is not None:
+            client.close()
+        return client is not None
+
+    def sweep(self, idle_s: float) -> None:
+        """Free clients nobody drives any more (their coordinator died and the job was not resumed)."""
+        now = time.monotonic()
+        for job, client in list(self.clients.items()):
+            if now - client.last_used > idle_s and not client.lock.locked():
+                log.warning("releasing federated client of job %s: no coordinator call for %d s", job, idle_s)
+                self.release_job(job)
+

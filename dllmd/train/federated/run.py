@@ -1,0 +1,249 @@
+"""A federated job's rounds, driven by its coordinator (the job's first node).
+
+Per round: sample the round's clients (with the job's seed), send each the global weights, let each
+train ``local_steps`` on its own rows (``fed.train``), close the round at ``round_timeout`` with
+whoever answered (at least ``min_clients``; the others are recorded as stragglers or dropouts),
+fetch the answered clients' updates one after another, take their weighted mean and apply it with
+the server optimizer. The global weights live only here and in checkpoints; clients keep nothing
+between rounds but their rows.
+
+Rows never move: the clients' shards stay where ``shard-data --local-only`` put them, the
+coordinator learns only each client's row count, losses and its update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import torch
+
+from dllmd.net.client import CallError
+from dllmd.net.messages import federated as F
+from dllmd.net.messages import training as S
+from dllmd.net.schema import to_wire
+from dllmd.train import schedule
+from dllmd.train.federated.ops import CHUNK_ELEMENTS
+from dllmd.train.federated.strategy import ServerOptimizer, client_weights, sample_clients
+from dllmd.train.federated.weights import GlobalModel
+from dllmd.train.jobs import JobError, JobFailed
+from dllmd.train.model import load_causal_lm
+from dllmd.train.run import PREPARE_TIMEOUT_S, JobRun
+
+log = logging.getLogger("dllmd.coordinator")
+
+CHUNK_TIMEOUT_S = 120.0
+MAX_FAILED_ROUNDS = 3  # rounds in a row that closed with fewer than --min-clients: give up
+
+
+async def prepare_federated(coordinator, job: str, spec: S.JobSpec) -> GlobalModel:
+    """Load the global model from the coordinator's store and a client on every node; fills
+    ``spec.shards`` with each client's row count (its FedAvg weight). Refuses (releasing what was
+    prepared) if any node refuses."""
+    service = coordinator.service
+    config_path = service.models.config_path(spec.model)
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise JobError(f"model {spec.model!r} has not been sent to the coordinator") from None
+    admins = [k.public_key for k in service.keys.all() if k.role.value == "admin"]
+    layers = int(config["num_hidden_layers"])
+    _, files = await asyncio.to_thread(service.models.verified_span, spec.model, 0, layers, True, True, admins)
+    model = GlobalModel(await asyncio.to_thread(load_causal_lm, config_path.parent, files))
+    args = F.FedPrepareArgs(job=job, model=spec.model, dataset=spec.dataset, config=config, layout=model.digest,
+                            dtype=spec.dtype, micro_batch_size=spec.micro_batch_size, batch_size=spec.batch_size,
+                            weight_decay=spec.weight_decay, grad_clip=spec.grad_clip)
+    results = await asyncio.gather(*(service.invoke(n, F.FED_PREPARE, to_wire(args), timeout=PREPARE_TIMEOUT_S)
+                                     for n in spec.nodes), return_exceptions=True)
+    failures = [f"{n.name}: {r}" for n, r in zip(spec.nodes, results) if isinstance(r, BaseException)]
+    if failures:
+        await release_clients(service, job, spec.nodes)
+        raise JobError("cannot start: " + "; ".join(failures))
+    spec.shards = [S.ShardRef(id=n.public_key, node=n.name, rows=r[0].rows) for n, r in zip(spec.nodes, results)]
+    coordinator.memory_needed[job] = {n.public_key: r[0].memory_needed for n, r in zip(spec.nodes, results)}
+    return model
+
+
+async def release_clients(service, job: str, nodes: list[S.NodeRef]) -> None:
+    async def one(node):
+        try:
+            await service.call(node, F.FED_RELEASE.name, {"job": job}, timeout=10)
+        except CallError:
+            pass
+    await asyncio.gather(*(one(n) for n in nodes))
+
+
+class FederatedRun(JobRun):
+    """One ``step`` of the shared loop is a round."""
+
+    def __init__(self, coordinator, job: str, spec: S.JobSpec):
+        super().__init__(coordinator, job, spec)
+        self.total = spec.rounds
+        self.model: GlobalModel = coordinator.federated_models[job]
+        self.server = ServerOptimizer(spec.strategy, spec.server_lr, spec.server_momentum, self.model.weights.numel())
+        self._live = list(spec.nodes)
+        self.failed_rounds = 0
+
+    @property
+    def live(self) -> list[S.NodeRef]:
+        return self._live
+
+    @property
+    def clients(self) -> list[S.NodeRef]:
+        """Live nodes with rows, in the job's order."""
+        return [n for n in self._live if self.rows.get(n.public_key)]
+
+    async def form(self) -> None:
+        pass  # no collective: every exchange goes through the coordinator
+
+    async def compute(self, round: int) -> dict | None:
+        started = time.perf_counter()
+        lr = schedule.learning_rate(round, self.spec.lr, self.spec.warmup_steps, self.total)
+        keys = [n.public_key for n in self.clients]
+        by_key = {n.public_key: n for n in self.clients}
+        sampled = sample_clients(keys, self.spec.clients_per_round, self.spec.seed, round)
+        weights = client_weights(self.rows, sampled)
+        train = F.FedTrainArgs(job=self.job, round=round, local_steps=self.spec.local_steps, lr=lr,
+                               seed=self.spec.seed, proximal_mu=self.spec.proximal_mu,
+                               update_clip=self.spec.update_clip)
+        tasks = {k: asyncio.ensure_future(self._train(by_key[k], round, {**to_wire(train), "weight": weights[k]}))
+                 for k in sampled}
+        done, pending = await asyncio.wait(tasks.values(), timeout=self.spec.round_timeout)
+        for task in pending:
+            task.cancel()
+        answered, stragglers, dropped = {}, [], []
+        for key, task in tasks.items():
+            if task in pending:
+                stragglers.append(key)
+            elif task.exception() is not None:
+                dropped.append(key)
+                log.warning("job %s round %d: %s dropped out: %s", self.job, round, by_key[key].name, task.exception())
+            else:
+                answered[key] = task.result()
+        for key in stragglers:
+            self.store.event(self.job, "straggler", f"round {round}: {by_key[key].name} did not answer within "
+                                                    f"{self.spec.round_timeout:g} s; the round closed without it")
+        for key in dropped:
+            self.store.event(self.job, "client_dropped", f"round {round}: {by_key[key].name}: {tasks[key].exception()}")
+        computed = time.perf_counter()
+        total, summed = await self._sum_updates(round, [k for k in sampled if k in answered], by_key)
+        for key in [k for k in answered if k not in summed]:
+            self.store.event(self.job, "client_dropped", f"round {round}: {by_key[key].name} trained but its "
+                                                         f"update could not be fetched")
+        if len(summed) < self.spec.min_clients:
+            return await self._round_failed(round, len(summed), dropped + stragglers)
+        self.failed_rounds = 0
+        share = sum(weights[k] for k in summed)
+        replies = {k: answered[k] for k in summed}
+        return {"round": round, "lr": lr, "mean": total.div_(share), "replies": replies, "weights": weights,
+                "sampled": sampled, "stragglers": stragglers, "dropped": [k for k in sampled if k not in summed
+                                                                          and k not in stragglers],
+                "compute_s": computed - started, "comm_s": time.perf_counter() - computed, "by_key": by_key}
+
+    async def _round_failed(self, round: int, answered: int, missing: list[str]) -> None:
+        self.failed_rounds += 1
+        self.store.event(self.job, "round_failed", f"round {round}: {answered} update(s), fewer than --min-clients "
+                                                   f"{self.spec.min_clients}; trying again")
+        alive = await asyncio.gather(*(self.c.alive(n) for n in self._live))
+        for node, ok in zip(list(self._live), alive):
+            if not ok:
+                self._live.remove(node)
+                self.store.event(self.job, "node_lost", f"{node.name} stopped answering; continuing without it")
+        if len(self.clients) < self.spec.min_clients:
+            raise JobFailed(f"{len(self.clients)} client(s) left, fewer than --min-clients {self.spec.min_clients}")
+        if self.failed_rounds >= MAX_FAILED_ROUNDS:
+            raise JobFailed(f"round {round} closed with fewer than --min-clients {self.spec.min_clients} updates "
+                            f"{self.failed_rounds} times")
+        return None
+
+    async def _train(self, node: S.NodeRef, round: int, args: dict) -> F.FedTrained:
+        """Send ``node`` the global weights, then have it train the round."""
+        weights = self.model.weights
+        for offset in range(0, weights.numel(), CHUNK_ELEMENTS):
+            chunk = weights[offset:offset + CHUNK_ELEMENTS]
+            await self.c.service.call(node, F.FED_LOAD.name, {"job": self.job, "round": round, "offset": offset,
+                                                              "total": weights.numel()}, [chunk],
+                                      timeout=CHUNK_TIMEOUT_S)
+        reply, _ = await self.c.service.invoke(node, F.FED_TRAIN, args, timeout=self.spec.round_timeout + 60)
+        return reply
+
+    async def _fetch(self, node: S.NodeRef, round: int) -> torch.Tensor:
+        numel = self.model.weights.numel()
+        update = torch.empty(numel)
+        for offset in range(0, numel, CHUNK_ELEMENTS):
+            result, tensors = await self.c.service.call(node, F.FED_UPDATE.name,
+                                                        {"job": self.job, "round": round, "offset": offset,
+                                                         "count": CHUNK_ELEMENTS}, timeout=CHUNK_TIMEOUT_S)
+            end = min(offset + CHUNK_ELEMENTS, numel)
+            if (result.get("total") != numel or len(tensors) != 1 or tensors[0].dtype != torch.float32
+                    or tensors[0].shape != (end - offset,)):
+                raise CallError(f"{node.name} sent a malformed update")
+            update[offset:end] = tensors[0]
+        if not torch.isfinite(update).all():
+            raise CallError(f"{node.name} sent an update that is not finite")
+        return update
+
+    async def _sum_updates(self, round: int, order: list[str], by_key) -> tuple[torch.Tensor, list[str]]:
+        """The sum of the clients' updates, added one client after another in the round's order (the
+        simulation adds the same floats in the same order); the next client's is fetched meanwhile."""
+        total = torch.zeros(self.model.weights.numel())
+        summed = []
+        fetches = [asyncio.ensure_future(self._fetch(by_key[k], round)) for k in order[:1]]
+        for i, key in enumerate(order):
+            if i + 1 < len(order):
+                fetches.append(asyncio.ensure_future(self._fetch(by_key[order[i + 1]], round)))
+            try:
+                update = await fetches[i]
+            except CallError as exc:
+                log.warning("job %s round %d: no update from %s: %s", self.job, round, by_key[key].name, exc)
+                continue
+            total.add_(update)
+            summed.append(key)
+        return total, summed
+
+    async def apply(self, round: int, lr: float, result: dict) -> list[S.NodeRef]:
+        self.server.step(self.model.weights, result.pop("mean"))
+        return []
+
+    async def recover(self, dead: list[S.NodeRef]) -> None:
+        pass
+
+    def step_metrics(self, round: int, lr: float, result: dict, seconds: float) -> dict:
+        replies, weights, by_key = result["replies"], result["weights"], result["by_key"]
+        share = sum(weights[k] for k in replies)
+        tokens = sum(r.tokens for r in replies.values())
+        numel_bytes = self.model.weights.numel() * 4
+        return {"loss": sum(weights[k] * r.loss_before for k, r in replies.items()) / share,
+                "local_loss": sum(weights[k] * r.loss_after for k, r in replies.items()) / share,
+                "lr": lr, "tokens": tokens, "step_s": seconds, "tokens_per_s": tokens / seconds if seconds else None,
+                "compute_s": result["compute_s"], "comm_s": result["comm_s"],
+                "sampled": [by_key[k].name for k in result["sampled"]],
+                "stragglers": [by_key[k].name for k in result["stragglers"]],
+                "dropped": [by_key[k].name for k in result["dropped"]],
+                "bytes_per_client": {"down": numel_bytes, "up": numel_bytes},
+                "nodes": {by_key[k].name: {"rows": r.rows, "tokens": r.tokens, "loss_before": r.loss_before,
+                                           "loss_after": r.loss_after, "update_norm": r.update_norm,
+                                           "clipped": r.clipped, "compute_s": r.compute_s, "weight": weights[k]}
+                          for k, r in replies.items()}}
+
+    async def checkpoint(self, round: int, metrics: dict | None) -> None:
+        tensors = self.model.tensors()
+        for slot, flat in self.server.state.items():
+            tensors.update(self.model.tensors(f"optim.{slot}.", flat))
+        tensors = {name: t.clone() for name, t in tensors.items()}  # views of one buffer: safetensors refuses
+        config = self.c.service.models.config_path(self.spec.model).read_bytes()
+        state = {**self.cursor_federated(round), "metrics": metrics or {}}
+        described = await asyncio.to_thread(self.c.checkpoints(self.job).write, round, tensors, config, state)
+        self.store.event(self.job, "checkpoint", f"round {round} ({described['bytes']} bytes)")
+
+    def cursor_federated(self, round: int) -> dict:
+        return {"job": self.job, "seed": self.spec.seed, "round": round, "spec": to_wire(self.spec),
+                "strategy": self.spec.strategy}
+
+    async def load_checkpoint(self, round: int) -> int:
+        tensors, state = await asyncio.to_thread(self.c.checkpoints(self.job).read, round)
+        self.model.weights.copy_(self.model.flatten(tensors, "model."))
+        self.server.load({slot: self.model.flatten(tensors, f"optim.{slot}.") for slot in self.server.state})
+        return round

@@ -1,0 +1,186 @@
+"""`dllmctl train --parallelism federated` through real daemons: two of the three nodes belong to
+"other organizations" (they know the coordinator only by the federation role, and opened one dataset
+to it), the job equals a one-process simulation of the same rounds, no operation sends a token of a
+client's rows, the federation role reaches nothing but federated rounds, and stragglers and refused
+jobs are handled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomli_w
+from safetensors.torch import load_file
+
+from dllmd.data.shards import read_shard
+from dllmd.net import tap
+from dllmd.net.client import RemoteError, RpcClient
+from dllmd.net.identity import Identity
+from dllmd.net.messages import training as S
+from dllmd.net.schema import parse_args
+from dllmd.train.federated.simulate import simulate_rounds
+from dllmd.train.worker import ShardRows
+from tests.conftest import run_cli
+from tests.test_cli_inference import _ok, cluster3  # noqa: F401  (fixture)
+from tests.test_train import _corpus, _max_diff, _pid, _wait_exited
+from tests.tiny_models import make_tiny_model
+
+ORGS = ("local-2", "local-3")  # nodes that authorize the coordinator (local-1) with the federation role only
+
+
+def _nodes(cluster: Path) -> dict[str, dict]:
+    return {n["name"]: n for n in json.loads((cluster / "cluster.json").read_text())["nodes"]}
+
+
+def _federate(cluster: Path, tap_dir: Path) -> None:
+    """local-2 and local-3 become other organizations' nodes: the coordinator's key has only the
+    federation role there, and only dataset "fed" is open to it; their daemons record what they send."""
+    coordinator = _nodes(cluster)["local-1"]["public_key"]
+    for name in ORGS:
+        home = cluster / name
+        config = tomllib.loads((home / "node.toml").read_text())
+        config["federated_datasets"] = ["fed"]
+        (home / "node.toml").write_text(tomli_w.dumps(config))
+        _ok(run_cli("dllmd", "authorize", coordinator, "--role", "federation", "--home", str(home), "--json"))
+        pid = _pid(cluster, name)
+        os.kill(pid, 15)
+        _wait_exited(pid)
+        _ok(run_cli("dllmctl", "cluster", "restart", name, "--dir", str(cluster), "--json",
+                    env={tap.ENV: str(tap_dir / f"{name}.tap")}))
+
+
+def _setup(cluster: Path, tmp_path: Path) -> dict[str, ShardRows]:
+    _ok(run_cli("dllmctl", "model", "import", str(make_tiny_model("llama", tmp_path / "src")), "--name", "tiny",
+                "--json"))
+    corpus = _corpus(tmp_path / "repo")
+    for name in ("fed", "closed"):
+        _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--strategy", "random", "--seq-len", "32",
+                    "--nodes", "local-1,local-2,local-3", "--name", name, "--json"))
+    shards = {}
+    for name, node in _nodes(cluster).items():
+        tokens, meta = read_shard(cluster / name / "datasets" / "fed" / "shard.safetensors")
+        shards[node["public_key"]] = ShardRows(tokens, int(meta["tokens"]))
+    return shards
+
+
+def _train(*extra: str, dataset: str = "fed") -> dict:
+    return run_cli("dllmctl", "train", "-m", "tiny", "-d", dataset, "--parallelism", "federated",
+                   "--nodes", "local-1,local-2,local-3", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
+                   "--json", *extra, timeout=300)
+
+
+def _no_rows_sent(tap_file: Path, shard: ShardRows) -> int:
+    """Every message the node sent, searched for any 8 consecutive tokens of its rows (as the int32
+    bytes a tensor would carry them in, and as int64); the number of messages looked at."""
+    rows = shard.tokens
+    windows = set()
+    for row in rows:
+        for start in range(0, rows.shape[1] - 8, 4):
+            piece = row[start:start + 8]
+            windows.add(piece.numpy().tobytes())
+            windows.add(piece.long().numpy().tobytes())
+    count = 0
+    for frames in tap.messages(tap_file):
+        count += 1
+        blob = b"".join(frames)
+        for window in windows:
+            assert window not in blob, "a client sent tokens of its rows"
+    return count
+
+
+def test_federated_rounds_equal_the_simulation_and_send_no_rows(cluster3, tmp_path):  # noqa: F811
+    shards = _setup(cluster3, tmp_path)
+    _federate(cluster3, tmp_path)
+    job = _ok(_train("--rounds", "3", "--local-steps", "2", "--clients-per-round", "2", "--strategy", "fedavgm",
+                     "--proximal-mu", "0.01", "--checkpoint-every", "2"))
+    assert job["state"] == "done" and job["step"] == 3, job
+    assert job["parallelism"] == "federated"
+    metrics = _ok(run_cli("dllmctl", "metrics", job["job"], "--json"))
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert all(len(m["sampled"]) == 2 and len(m["nodes"]) == 2 and m["loss"] > 0 for m in metrics)
+    assert all(n["loss_before"] > 0 and n["rows"] > 0 for m in metrics for n in m["nodes"].values())
+    exported = tmp_path / "export"
+    _ok(run_cli("dllmctl", "checkpoints", "export", job["job"], "--name", "fed-tuned", "--dir", str(exported),
+                "--json"))
+    spec = parse_args(S.JobSpec, job["spec"])
+    reference = simulate_rounds(Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny", shards, spec)
+    assert _max_diff(load_file(str(exported / "model.safetensors")), reference) <= 1e-5
+
+    # FedAdam with every client and update clipping: the simulation again.
+    adam = _ok(_train("--rounds", "2", "--strategy", "fedadam", "--server-lr", "0.01", "--update-clip", "0.5"))
+    assert adam["state"] == "done" and all(len(m["nodes"]) == 3 for m in
+                                           _ok(run_cli("dllmctl", "metrics", adam["job"], "--json")))
+    _ok(run_cli("dllmctl", "checkpoints", "export", adam["job"], "--name", "fed-adam", "--dir",
+                str(tmp_path / "adam"), "--json"))
+    reference = simulate_rounds(Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny", shards,
+                                parse_args(S.JobSpec, adam["spec"]))
+    assert _max_diff(load_file(str(tmp_path / "adam" / "model.safetensors")), reference) <= 1e-5
+
+    # On the wire: the organizations' daemons sent updates, losses and counts, never a token of their rows.
+    for name in ORGS:
+        key = _nodes(cluster3)[name]["public_key"]
+        assert _no_rows_sent(tmp_path / f"{name}.tap", shards[key]) > 10
+
+    # A dataset the organizations did not open is refused before any job exists.
+    closed = _train("--rounds", "1", dataset="closed")
+    assert closed.returncode != 0 and "not open to federation" in " ".join(closed.stderr.split())
+    assert all(j["dataset"] != "closed" for j in _ok(run_cli("dllmctl", "jobs", "list", "--json")))
+
+
+def test_federation_role_reaches_only_federated_rounds(cluster3, tmp_path):  # noqa: F811
+    _setup(cluster3, tmp_path)
+    _federate(cluster3, tmp_path)
+    nodes = _nodes(cluster3)
+    coordinator = Identity.load(cluster3 / "local-1" / "identity")
+    org = nodes["local-2"]
+    forbidden = [("data.list", {}), ("model.offer", {"model": "x", "manifest": b"", "signature": b""}),
+                 ("train.rows", {"job": "j", "shard": "s"}), ("train.prepare", {"job": "j", "model": "m",
+                                                                                "dataset": "fed"}),
+                 ("jobs.submit", {}), ("keys.list", {}), ("session.open", {}), ("info", {}),
+                 ("peers.ping", {})]
+
+    async def scenario():
+        async with RpcClient(coordinator, org["address"], org["public_key"]) as client:
+            assert (await client.call("ping"))[0]["pong"]
+            for op, args in forbidden:
+                with pytest.raises(RemoteError) as exc:
+                    await client.call(op, args)
+                assert exc.value.code == "forbidden", op
+            with pytest.raises(RemoteError) as exc:  # reachable, but only for the datasets opened to it
+                await client.call("fed.prepare", {"job": "j", "model": "tiny", "dataset": "closed", "config": {},
+                                                  "layout": ""})
+            assert exc.value.code == "forbidden" and "not open to federation" in exc.value.message
+            with pytest.raises(RemoteError) as exc:  # hostile config: refused, the daemon goes on
+                await client.call("fed.prepare", {"job": "j", "model": "tiny", "dataset": "fed",
+                                                  "config": {"model_type": "evil_remote_code"}, "layout": ""})
+            assert exc.value.code == "bad_args" and "model_type" in exc.value.message
+            assert (await client.call("ping"))[0]["pong"]
+
+    asyncio.run(scenario())
+
+
+def test_stragglers_are_left_out_and_bad_jobs_refused(cluster3, tmp_path):  # noqa: F811
+    _setup(cluster3, tmp_path)
+    for args, message in ((("--rounds", "2", "--clients-per-round", "5"), "between 1 and"),
+                          (("--rounds", "2", "--min-clients", "3", "--clients-per-round", "2"), "--min-clients"),
+                          (("--strategy", "fedsgd", "--rounds", "1"), "--strategy"),
+                          ((), "--rounds")):
+        done = _train(*args)
+        assert done.returncode != 0 and message in " ".join(done.stderr.split()), (args, done.stderr)
+    # local-3 takes far longer than the round allows: the round closes with the two others.
+    pid = _pid(cluster3, "local-3")
+    os.kill(pid, 15)
+    _wait_exited(pid)
+    _ok(run_cli("dllmctl", "cluster", "restart", "local-3", "--dir", str(cluster3), "--json",
+                env={"DLLMD_FAILPOINTS": "fed.train@1=sleep:25"}))
+    job = _ok(_train("--rounds", "3", "--round-timeout", "20", "--min-clients", "2"))
+    assert job["state"] == "done", job
+    metrics = _ok(run_cli("dllmctl", "metrics", job["job"], "--json"))
+    assert [sorted(m["nodes"]) for m in metrics] == [["local-1", "local-2", "local-3"], ["local-1", "local-2"],
+                                                     ["local-1", "local-2", "local-3"]]
+    assert metrics[1]["stragglers"] == ["local-3"]
+    assert any(e["kind"] == "straggler" and "local-3" in e["message"] for e in job["events"])
