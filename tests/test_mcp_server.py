@@ -146,10 +146,18 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
         text, error, _ = await s.call("llm_data_shard", **{"model_name": MODEL, **arguments})
         assert error and needle in text, (arguments, text)
 
-    # --- training: an unbuilt parallelism refused, a pipeline job, then a data-parallel job to the end ---
+    # --- training: a federated job, a pipeline job, then a data-parallel job to the end ---
     text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="code",
                                   parallelism="federated")
-    assert error and "parallelism 'federated' is not built yet" in text
+    assert error and "needs nodes" in text
+    text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="code",
+                                  parallelism="federated", nodes=["local-1", "local-2"])
+    assert error and "needs --rounds" in text
+    federated, error, _ = await s.call("llm_train_distributed", training_data="code", batch_size=4,
+                                       parallelism="federated", nodes=["local-1", "local-2"],
+                                       model_config={"name": MODEL, "rounds": 2, "local_steps": 2,
+                                                     "strategy": "fedavgm", "micro_batch_size": 2})
+    assert not error and federated["parallelism"] == "federated" and federated["total_steps"] == 2, federated
     text, error, _ = await s.call("llm_train_distributed", model_config={"name": MODEL, "pp": 3}, training_data="code",
                                   parallelism="model")
     assert error and "--pp 3 needs 3 nodes" in text
@@ -163,6 +171,11 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
         await asyncio.sleep(0.5)
     assert shown["state"] == "done" and [(n["stage"], n["start"], n["end"]) for n in shown["stages"]] == \
         [(0, 0, 3), (1, 3, 5)], shown
+    while (shown := await s.read(f"training://jobs/{federated['job']}"))["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, shown
+        await asyncio.sleep(0.5)
+    assert shown["state"] == "done" and shown["federation"]["round"] == 2, shown
+    assert [c["node"] for c in shown["federation"]["clients"]] == ["local-1", "local-2"]
     for config, needle in (({"name": MODEL, "learning_rate": 1}, "learning_rate"),
                            ({"lr": 1e-4}, "must name a model"),
                            ({"name": MODEL, "seq_len": 64}, "packed into sequences of 32")):

@@ -103,6 +103,10 @@ def test_federated_rounds_equal_the_simulation_and_send_no_rows(cluster3, tmp_pa
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(len(m["sampled"]) == 2 and len(m["nodes"]) == 2 and m["loss"] > 0 for m in metrics)
     assert all(n["loss_before"] > 0 and n["rows"] > 0 for m in metrics for n in m["nodes"].values())
+    shown = run_cli("dllmctl", "jobs", "show", job["job"])
+    assert "federated (fedavgm): round 3/3" in shown.stdout and "local-3" in shown.stdout, shown.stdout
+    assert "global" in run_cli("dllmctl", "metrics", job["job"]).stdout
+    assert job["federation"]["round"] == 3 and sum(c["rounds"] for c in job["federation"]["clients"]) == 6
     exported = tmp_path / "export"
     _ok(run_cli("dllmctl", "checkpoints", "export", job["job"], "--name", "fed-tuned", "--dir", str(exported),
                 "--json"))
@@ -131,8 +135,8 @@ def test_federated_rounds_equal_the_simulation_and_send_no_rows(cluster3, tmp_pa
     assert all(j["dataset"] != "closed" for j in _ok(run_cli("dllmctl", "jobs", "list", "--json")))
 
 
-def test_federation_role_reaches_only_federated_rounds(cluster3, tmp_path):  # noqa: F811
-    _setup(cluster3, tmp_path)
+def test_federation_role_reaches_only_federated_rounds_and_a_job_resumes(cluster3, tmp_path):  # noqa: F811
+    shards = _setup(cluster3, tmp_path)
     _federate(cluster3, tmp_path)
     nodes = _nodes(cluster3)
     coordinator = Identity.load(cluster3 / "local-1" / "identity")
@@ -161,6 +165,26 @@ def test_federation_role_reaches_only_federated_rounds(cluster3, tmp_path):  # n
             assert (await client.call("ping"))[0]["pong"]
 
     asyncio.run(scenario())
+
+    # The coordinator dies as it starts round 2 of 4; resumed from its round-1 checkpoint, the job ends
+    # where the simulation of 4 rounds ends.
+    pid = _pid(cluster3, "local-1")
+    os.kill(pid, 15)
+    _wait_exited(pid)
+    coordinator = _ok(run_cli("dllmctl", "cluster", "restart", "local-1", "--dir", str(cluster3), "--json",
+                              env={"DLLMD_FAILPOINTS": "jobs.step@2=exit"}))["pid"]
+    job = _ok(_train("--rounds", "4", "--checkpoint-every", "1", "--strategy", "fedadam", "--server-lr", "0.01",
+                     "--detach"))["job"]
+    _wait_exited(coordinator)
+    _ok(run_cli("dllmctl", "cluster", "restart", "local-1", "--dir", str(cluster3), "--json"))
+    resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--follow", "--json", timeout=300))
+    assert resumed["state"] == "done" and resumed["step"] == 4, resumed
+    assert any(e["kind"] == "resumed" and e["message"] == "from step 2" for e in resumed["events"])
+    _ok(run_cli("dllmctl", "checkpoints", "export", job, "--name", "fed-resumed", "--dir", str(tmp_path / "r"),
+                "--json"))
+    reference = simulate_rounds(Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny", shards,
+                                parse_args(S.JobSpec, resumed["spec"]))
+    assert _max_diff(load_file(str(tmp_path / "r" / "model.safetensors")), reference) <= 1e-5
 
 
 def test_stragglers_are_left_out_and_bad_jobs_refused(cluster3, tmp_path):  # noqa: F811

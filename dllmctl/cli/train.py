@@ -232,6 +232,18 @@ def _print_job(shown: dict) -> None:
         if "bubble" in last:
             out.print(f"pipeline bubble {last['bubble']:.0%} (theory {last['bubble_theoretical']:.0%} for this "
                       f"schedule's micro-batches), {human_bytes(last['bytes_between_stages'])} between stages")
+    federation = shown.get("federation")
+    if federation:
+        privacy = f", epsilon {federation['epsilon']:.3g} at delta {federation['delta']:g}" \
+            if federation.get("epsilon") is not None else ""
+        out.print(f"federated ({federation['strategy']}{', secure aggregation' if federation['secure_aggregation'] else ''}"
+                  f"): round {federation['round']}/{federation['rounds']}, {federation['stragglers']} straggler(s), "
+                  f"{federation['dropouts']} dropout(s), {federation['failed_rounds']} round(s) retried{privacy}")
+        table = Table("client", "rows", "rounds", "last round", "loss there")
+        for c in federation["clients"]:
+            table.add_row(c["node"], str(c["rows"]), str(c["rounds"]), "-" if c["last_round"] is None else
+                          str(c["last_round"]), "-" if c["last_loss"] is None else f"{c['last_loss']:.4f}")
+        out.print(table)
     if shown.get("stages"):
         table = Table("node", "replica", "stage", "layers", "memory (est.)", "compute s", "busy", "activations")
         for n in shown["stages"]:
@@ -345,6 +357,9 @@ def metrics_command(
     if as_json:
         print_json(rows)
         return
+    if rows and "sampled" in rows[0]:
+        out.print(_rounds_table(rows))
+        return
     pipeline = bool(rows) and "bubble" in rows[0]
     columns = ["step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s"]
     table = Table(*columns, *(["bubble", "between stages"] if pipeline else []))
@@ -357,7 +372,22 @@ def metrics_command(
     out.print(table)
 
 
+def _rounds_table(rows: list[dict]) -> Table:
+    """A federated job's rounds: the global model's loss on the clients' data, theirs after training."""
+    table = Table("round", "global loss", "local loss", "lr", "clients", "left out", "tokens/s", "round s")
+    for row in rows:
+        missing = row["stragglers"] + row["dropped"]
+        table.add_row(str(row["step"]), f"{row['loss']:.4f}", f"{row['local_loss']:.4f}", f"{row['lr']:.2e}",
+                      ", ".join(row["nodes"]), ", ".join(missing) or "-", f"{row['tokens_per_s']:.0f}",
+                      f"{row['step_s']:.2f}")
+    return table
+
+
 def _print_metric(row: dict) -> None:
+    if "sampled" in row:  # a federated round: each client's loss on its own data
+        clients = ", ".join(f"{name} {c['loss_before']:.4f}->{c['loss_after']:.4f}" for name, c in row["nodes"].items())
+        out.print(f"round {row['step']}: global loss {row['loss']:.4f} ({clients}); {row['tokens_per_s']:.0f} tok/s")
+        return
     out.print(f"step {row['step']}: loss {row['loss']:.4f} lr {row['lr']:.2e} grad norm {row['grad_norm']:.3f} "
               f"{row['tokens_per_s']:.0f} tok/s (compute {row['compute_s']:.2f} s, comm {row['comm_s']:.2f} s)")
 

@@ -33,7 +33,7 @@ from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.models.store import MANIFEST, Manifest, ModelStoreError
 from dllmd.net.client import CallError
 from dllmd.net.identity import Identity
-from dllmd.net.messages.training import PARALLELISMS_BUILT
+from dllmd.net.messages.training import PARALLELISMS_BUILT, STRATEGIES as FEDERATED_STRATEGIES
 from dllmctl.frontends import views
 from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
 from dllmctl.data.push import PushError
@@ -46,7 +46,8 @@ from dllmctl.models.layouts import deploy_parallel_layout
 from dllmctl.placement.layout import PlanError
 from dllmctl.placement.routing import RouteError
 from dllmctl.paths import cluster_file
-from dllmctl.training.jobs import PARALLELISMS as TRAIN_PARALLELISMS, TrainError, job_spec, pipeline_options, submit
+from dllmctl.training.jobs import (PARALLELISMS as TRAIN_PARALLELISMS, TrainError, federated_dataset, federated_options,
+                                   job_spec, pipeline_options, submit)
 
 log = logging.getLogger("dllmctl.mcp")
 
@@ -156,6 +157,18 @@ class TrainOptions(BaseModel):
     dp: Optional[int] = Field(None, ge=1, le=256)
     stage_layers: Optional[list[int]] = Field(None, min_length=2, max_length=256)
     recompute: bool = False
+    # parallelism federated: the rounds (dllmctl train's --rounds, --local-steps, ...)
+    rounds: Optional[int] = Field(None, ge=1, le=10_000_000)
+    local_steps: int = Field(1, ge=1, le=1_000_000)
+    clients_per_round: Optional[str] = Field(None, max_length=16, description="a count (3) or a fraction (0.5, 50%)")
+    min_clients: int = Field(1, ge=1, le=256)
+    round_timeout: float = Field(600.0, ge=0.1, le=86400.0)
+    strategy: Literal[FEDERATED_STRATEGIES] = "fedavg"  # type: ignore[valid-type]
+    server_lr: float = Field(1.0, ge=0.0, le=100.0)
+    server_momentum: float = Field(0.9, ge=0.0, le=0.9999)
+    proximal_mu: float = Field(0.0, ge=0.0, le=1e6)
+    update_clip: float = Field(0.0, ge=0.0, le=1e9)
+    secure_aggregation: bool = False
 
 
 def train_options(config: str | dict) -> tuple[str, TrainOptions]:
@@ -283,7 +296,13 @@ class ClusterTools:
         if epochs is not None and options.max_steps is not None:
             raise ToolError("give epochs or model_config.max_steps, not both")
         try:
-            dataset = dataset_records().load(training_data)
+            if parallelism == "federated":
+                if not nodes:
+                    raise ToolError("a federated job needs nodes (the first coordinates; every node with rows of "
+                                    "the dataset is a client)")
+                dataset = {**federated_dataset(training_data, model), "seq_len": options.seq_len}
+            else:
+                dataset = dataset_records().load(training_data)
         except DataError as exc:
             raise ToolError(str(exc)) from None
         if options.seq_len is not None and options.seq_len != dataset["seq_len"]:
@@ -292,9 +311,15 @@ class ClusterTools:
         directory = _model_dir(model)
         targets = self.nodes(nodes or [row["node"] for row in dataset["nodes"]])
         try:
-            pipeline = await pipeline_options(self.user, targets, directory, dataset, parallelism, options.dp,
-                                              options.pp, options.schedule, options.micro_batch_size, batch_size,
-                                              options.stage_layers, options.recompute)
+            if parallelism == "federated":
+                pipeline = federated_options(targets, options.rounds, options.local_steps, options.clients_per_round,
+                                             options.min_clients, options.round_timeout, options.strategy,
+                                             options.server_lr, options.server_momentum, options.proximal_mu,
+                                             options.update_clip, options.secure_aggregation)
+            else:
+                pipeline = await pipeline_options(self.user, targets, directory, dataset, parallelism, options.dp,
+                                                  options.pp, options.schedule, options.micro_batch_size, batch_size,
+                                                  options.stage_layers, options.recompute)
             spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=options.micro_batch_size,
                             epochs=epochs or (0 if options.max_steps else 1), max_steps=options.max_steps or 0,
                             lr=options.lr, warmup_steps=options.warmup_steps, grad_clip=options.grad_clip,
@@ -397,13 +422,17 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
                         "\"weight_decay\", \"checkpoint_every\", \"seed\", \"dtype\" (float32|bfloat16), \"backend\" "
                         "(zmq|torch), \"seq_len\" (must equal the dataset's); for parallelism model or hybrid also "
                         "\"schedule\" (1f1b|gpipe), \"pp\" (stages), \"dp\" (replicas, hybrid), \"stage_layers\" "
-                        "(layers per stage, default planned), \"recompute\"}")],
+                        "(layers per stage, default planned), \"recompute\"; for parallelism federated \"rounds\" "
+                        "(required), \"local_steps\", \"clients_per_round\" (a count or a fraction), "
+                        "\"min_clients\", \"round_timeout\" (s), \"strategy\" (fedavg|fedavgm|fedadam), "
+                        "\"server_lr\", \"server_momentum\", \"proximal_mu\" (FedProx), \"update_clip\", "
+                        "\"secure_aggregation\"}")],
         training_data: Annotated[str, Field(description="A dataset placed with llm_data_shard (training://data_shards)")],
         parallelism: Annotated[Literal[TRAIN_PARALLELISMS], Field(  # type: ignore[valid-type]
             description="'data' (a full replica per node, gradients all-reduced over an encrypted ring); "
                         "'model' (a pipeline: each node holds a span of the layers, activations flow between them); "
-                        "'hybrid' (dp replicas of a pp-stage pipeline); 'federated' is not built yet and returns "
-                        "an error")] = "data",
+                        "'hybrid' (dp replicas of a pp-stage pipeline); 'federated' (rounds: each node "
+                        "trains on its own rows, which never leave it, and sends back only its weight update)")] = "data",
         nodes: Annotated[Optional[list[str]], Field(
             description="Node names; the first coordinates (default: the nodes holding the dataset)")] = None,
         epochs: Annotated[Optional[int], Field(ge=1, le=100_000, description="Default: 1, unless max_steps")] = None,

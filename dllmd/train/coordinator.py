@@ -32,7 +32,7 @@ from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
 from dllmd.net.messages import training as S
 from dllmd.train.checkpoint import CheckpointError, Checkpoints
-from dllmd.train.federated.run import FederatedRun, prepare_federated, release_clients
+from dllmd.train.federated.run import FederatedRun, federation_status, prepare_federated, release_clients
 from dllmd.train.federated.weights import GlobalModel
 from dllmd.train.jobs import JobError, JobFailed, JobInterrupted, JobStore
 from dllmd.train.pipeline.parts import PartCheckpoints
@@ -189,7 +189,9 @@ class Coordinator:
                            last_metrics=last[-1] if last else None,
                            checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()],
                            parallelism=job["spec"].get("parallelism", "data"),
-                           stages=self._stage_nodes(a.job, _spec(job["spec"]), last[-1] if last else None))
+                           stages=self._stage_nodes(a.job, _spec(job["spec"]), last[-1] if last else None),
+                           federation=federation_status(self.store, job) if _spec(job["spec"]).parallelism
+                           == "federated" else None)
 
     def _stage_nodes(self, job: str, spec: S.JobSpec, last: dict | None) -> list[S.StageNode]:
         """A pipeline job's nodes, each with its stage, layers, memory estimate and latest step."""

@@ -363,6 +363,31 @@ class StageNode:
 
 
 @dataclass
+class FederatedClient:
+    """One client of a federated job and how it took part."""
+
+    node: str
+    rows: int  # its FedAvg weight
+    rounds: int  # rounds whose mean included its update
+    last_round: int | None  # the latest of them
+    last_loss: float | None  # the global model's loss on its data at that round's start
+
+
+@dataclass
+class FederationStatus:
+    round: int  # rounds completed
+    rounds: int
+    strategy: str
+    clients: list[FederatedClient]
+    stragglers: int  # times a client missed a round's deadline
+    dropouts: int  # times a client failed in a round
+    failed_rounds: int  # rounds tried again for fewer than --min-clients updates
+    secure_aggregation: bool
+    epsilon: float | None = None  # client-level DP: spent so far, at ``delta``
+    delta: float | None = None
+
+
+@dataclass
 class JobDetail:
     job: str
     state: str
@@ -380,6 +405,7 @@ class JobDetail:
     checkpoints: list[CheckpointInfo]
     parallelism: str = "data"
     stages: list[StageNode] = bounded([], max_len=65536)  # pipeline jobs: every node, replica-major
+    federation: FederationStatus | None = None  # federated jobs
 
 
 @dataclass

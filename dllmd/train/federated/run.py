@@ -127,6 +127,7 @@ class FederatedRun(JobRun):
                                                     f"{self.spec.round_timeout:g} s; the round closed without it")
         for key in dropped:
             self.store.event(self.job, "client_dropped", f"round {round}: {by_key[key].name}: {tasks[key].exception()}")
+        await self._drop_dead([by_key[k] for k in dropped])
         computed = time.perf_counter()
         total, summed = await self._sum_updates(round, [k for k in sampled if k in answered], by_key)
         for key in [k for k in answered if k not in summed]:
@@ -146,17 +147,21 @@ class FederatedRun(JobRun):
         self.failed_rounds += 1
         self.store.event(self.job, "round_failed", f"round {round}: {answered} update(s), fewer than --min-clients "
                                                    f"{self.spec.min_clients}; trying again")
-        alive = await asyncio.gather(*(self.c.alive(n) for n in self._live))
-        for node, ok in zip(list(self._live), alive):
-            if not ok:
-                self._live.remove(node)
-                self.store.event(self.job, "node_lost", f"{node.name} stopped answering; continuing without it")
+        await self._drop_dead(list(self._live))
         if len(self.clients) < self.spec.min_clients:
             raise JobFailed(f"{len(self.clients)} client(s) left, fewer than --min-clients {self.spec.min_clients}")
         if self.failed_rounds >= MAX_FAILED_ROUNDS:
             raise JobFailed(f"round {round} closed with fewer than --min-clients {self.spec.min_clients} updates "
                             f"{self.failed_rounds} times")
         return None
+
+    async def _drop_dead(self, nodes: list[S.NodeRef]) -> None:
+        """Stop sampling those of ``nodes`` that no longer answer (the coordinator is never dropped)."""
+        alive = await asyncio.gather(*(self.c.alive(n) for n in nodes))
+        for node, ok in zip(nodes, alive):
+            if not ok and node in self._live:
+                self._live.remove(node)
+                self.store.event(self.job, "node_lost", f"{node.name} stopped answering; continuing without it")
 
     async def _train(self, node: S.NodeRef, round: int, args: dict) -> F.FedTrained:
         """Send ``node`` the global weights, then have it train the round."""
@@ -247,3 +252,24 @@ class FederatedRun(JobRun):
         self.model.weights.copy_(self.model.flatten(tensors, "model."))
         self.server.load({slot: self.model.flatten(tensors, f"optim.{slot}.") for slot in self.server.state})
         return round
+
+
+def federation_status(store, job: dict) -> S.FederationStatus:
+    """A federated job's rounds, clients and events, as ``jobs show`` reports them."""
+    spec = job["spec"]
+    taken: dict[str, list[tuple[int, float]]] = {}
+    rows = store.metrics(job["job"], -1, 10_000)
+    for row in rows:
+        for name, client in row.get("nodes", {}).items():
+            taken.setdefault(name, []).append((row["step"], client["loss_before"]))
+    kinds = [e["kind"] for e in store.events(job["job"])]
+    clients = [S.FederatedClient(node=s["node"], rows=s["rows"], rounds=len(taken.get(s["node"], [])),
+                                 last_round=taken[s["node"]][-1][0] if s["node"] in taken else None,
+                                 last_loss=taken[s["node"]][-1][1] if s["node"] in taken else None)
+               for s in spec.get("shards", [])]
+    last = rows[-1] if rows else {}
+    return S.FederationStatus(round=job["step"], rounds=spec.get("rounds", 0), strategy=spec.get("strategy", "fedavg"),
+                              clients=clients, stragglers=kinds.count("straggler"),
+                              dropouts=kinds.count("client_dropped"), failed_rounds=kinds.count("round_failed"),
+                              secure_aggregation=bool(spec.get("secure_aggregation")),
+                              epsilon=last.get("epsilon"), delta=spec.get("dp_delta") if last.get("epsilon") else None)
