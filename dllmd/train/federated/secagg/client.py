@@ -160,7 +160,7 @@ class SecAggClient:
         if self.stage is Stage.READY:
             self.round.check_vector(encoded, "the encoded input")  # a bad input is refused before anything is used
         with self._step(Stage.READY, Stage.MASKED):
-            masked = encoded.clone()
+            masked = encoded.clone(memory_format=torch.contiguous_format)
             add_mask(masked, self.round.self_mask_key(self.index, self._b))
             for v in sorted(self._held):
                 key = self.round.pair_key(self.index, v, bytes(self._s), self._adverts[v].s_public)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-CHUNK = 1 << 22  # elements encoded at a time: the float64 temporaries stay small
+CHUNK = 1 << 16  # elements converted at a time: the float64 temporaries stay in cache
 
 
 class FixedPoint:
@@ -42,16 +42,24 @@ class FixedPoint:
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("the update has NaN or infinite elements")
         out = torch.empty(flat.numel(), dtype=torch.int64)
-        scale = self.levels / self.bound
+        scale, buf = self.levels / self.bound, torch.empty(CHUNK, dtype=torch.float64)
         for lo in range(0, flat.numel(), CHUNK):
-            part = flat[lo:lo + CHUNK].to(torch.float64).clamp_(-self.bound, self.bound).mul_(scale).round_()
-            out[lo:lo + CHUNK] = part.clamp_(-self.levels, self.levels).to(torch.int64)
-        return out.bitwise_and_(self.modulus - 1)  # two's complement: -q becomes 2**bits - q
+            part, grid = out[lo:lo + CHUNK], buf[:min(CHUNK, flat.numel() - lo)]
+            # Clamping after scaling is clamping x to the bound, and keeps q within the levels exactly.
+            grid.copy_(flat[lo:lo + CHUNK]).mul_(scale).clamp_(-self.levels, self.levels).round_()
+            part.copy_(grid).bitwise_and_(self.modulus - 1)  # two's complement: -q becomes 2**bits - q
+        return out
 
     def decode_sum(self, total: torch.Tensor, count: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float sum behind ``total``, the modular sum of ``count`` encodings (``count <= summands``)."""
         if not 1 <= count <= self.summands:
             raise ValueError(f"{count} encodings do not decode: this encoding sums 1..{self.summands}")
-        signed = total.to(torch.int64) & (self.modulus - 1)
-        signed = torch.where(signed >= self.modulus // 2, signed - self.modulus, signed)
-        return (signed.to(torch.float64) * self.step).to(dtype)
+        flat = total.reshape(-1)
+        out = torch.empty(flat.numel(), dtype=dtype)
+        half, buf = self.modulus // 2, torch.empty(CHUNK, dtype=torch.int64)
+        for lo in range(0, flat.numel(), CHUNK):
+            signed = buf[:min(CHUNK, flat.numel() - lo)]
+            # Residues [0, 2**bits) to the signed sum in [-2**(bits-1), 2**(bits-1)).
+            signed.copy_(flat[lo:lo + CHUNK]).add_(half).bitwise_and_(self.modulus - 1).sub_(half)
+            out[lo:lo + CHUNK] = signed.to(torch.float64).mul_(self.step)
+        return out

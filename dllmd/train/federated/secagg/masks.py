@@ -12,6 +12,7 @@ accumulator (AES-NI runs at several GB/s: a 135M-element mask takes a fraction o
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -25,21 +26,22 @@ def _keystream(key: bytes):
 
 
 def add_mask(acc: torch.Tensor, key: bytes, sign: int = 1) -> None:
-    """``acc += sign * mask(key)`` in place, for a 1-D int64 ``acc`` that the caller reduces modulo
-    ``2**bits`` at the end. The words are added as signed int32 (congruent to the uint32 words modulo
-    2**32), so a few dozen masks never overflow int64."""
+    """``acc += sign * mask(key)`` in place, for a contiguous 1-D int64 CPU ``acc`` that the caller reduces
+    modulo ``2**bits`` at the end. The words are added as signed int32 (congruent to the uint32 words
+    modulo 2**32), so a few dozen masks never overflow int64."""
     if sign not in (1, -1):
         raise ValueError("sign is 1 or -1")
+    if acc.dtype != torch.int64 or acc.dim() != 1 or not acc.is_contiguous() or acc.device.type != "cpu":
+        raise ValueError("masks are added to a contiguous 1-D int64 CPU tensor")
     stream = _keystream(key)
     out = bytearray(4 * CHUNK + _BLOCK - 1)  # update_into wants room for a block beyond the data
-    words = torch.frombuffer(out, dtype=torch.int32, count=CHUNK)
-    for lo in range(0, acc.numel(), CHUNK):
-        n = min(CHUNK, acc.numel() - lo)
-        stream.update_into(_ZEROS[:4 * n], out)
-        if sign > 0:
-            acc[lo:lo + n].add_(words[:n])
-        else:
-            acc[lo:lo + n].sub_(words[:n])
+    words = np.frombuffer(out, dtype=np.int32, count=CHUNK)
+    total = acc.numpy()  # numpy's single-threaded ufuncs: torch's thread pool only adds contention here
+    combine = np.add if sign > 0 else np.subtract
+    for lo in range(0, total.size, CHUNK):
+        part = total[lo:lo + CHUNK]
+        stream.update_into(_ZEROS[:4 * part.size], out)
+        combine(part, words[:part.size], out=part)
 
 
 def mask(key: bytes, length: int) -> torch.Tensor:

@@ -119,7 +119,7 @@ class SecAggServer:
         self._check_sender(index, self._shares, self._masked, "masked input from")
         self.round.check_vector(masked, f"the masked input from {index}")
         if self._total is None:
-            self._total = masked.clone()
+            self._total = masked.clone(memory_format=torch.contiguous_format)
         else:
             self._total.add_(masked)  # below 2**32 each: int64 holds billions of them before reducing
         self._masked.add(index)
