@@ -45,6 +45,7 @@ class SecAggServer:
         self._masked: set[int] = set()  # U3: who sent a masked input
         self._total: torch.Tensor | None = None
         self._request: UnmaskRequest | None = None
+        self._wanted: dict[tuple[int, str], None] = {}  # the secrets unmasking rebuilds, in order
         self._revealed_by: set[int] = set()
         self._reveals: dict[tuple[int, str], dict[int, tuple[int, bytes]]] = {}  # (owner, kind) -> holder -> share
 
@@ -135,31 +136,31 @@ class SecAggServer:
         if len(self._masked) < t:
             raise self._abort(SecAggCode.TOO_FEW_CLIENTS, f"{len(self._masked)} clients sent masked inputs; "
                               f"unmasking needs {t}")
-        for owner, kind in self._needed():
+        needed = self._needed()
+        for owner, kind in needed:
             holders = self.round.neighbours(owner) & self._masked
             if len(holders) < t:
                 raise self._abort(SecAggCode.TOO_FEW_SHARES, f"client {owner} cannot be recovered: {len(holders)} "
                                   f"of its neighbours survive to reveal its {_what(kind)}, {t} are needed", owner)
-        self.stage = Stage.UNMASK
+        self.stage, self._wanted = Stage.UNMASK, needed
         self._request = UnmaskRequest(survivors=self.survivors, dropped=sorted(set(self._shares) - self._masked))
         return self._request
 
-    def _needed(self) -> list[tuple[int, str]]:
+    def _needed(self) -> dict[tuple[int, str], None]:
         """The secrets unmasking rebuilds: each survivor's seed, and the s key of each dropped client that
         some survivor masked toward (one whose surviving neighbours hold its shares)."""
         dropped = sorted(set(self._shares) - self._masked)
-        return ([(u, SEED) for u in self.survivors]
-                + [(d, S_KEY) for d in dropped if self.round.neighbours(d) & self._masked])
+        return dict.fromkeys([(u, SEED) for u in self.survivors]
+                             + [(d, S_KEY) for d in dropped if self.round.neighbours(d) & self._masked])
 
     def collect_reveals(self, index: int, reveals: list[RevealedShare]) -> None:
         """One survivor's revealed shares: only what the request asked, from a holder of each, at its point."""
         self._expect(Stage.UNMASK)
         self._check_sender(index, self._masked, self._revealed_by, "revealed shares from")
-        wanted = set(self._needed())
         taken: dict[tuple[int, str], tuple[int, bytes]] = {}
         for reveal in reveals:
             secret = (reveal.owner, reveal.kind)
-            if secret not in wanted or index not in self.round.neighbours(reveal.owner):
+            if secret not in self._wanted or index not in self.round.neighbours(reveal.owner):
                 raise SecAggRejected(SecAggCode.BAD_MESSAGE, f"client {index} revealed a share of {reveal.owner}'s "
                                      f"{reveal.kind!r} that was not asked of it", index)
             if secret in taken:
@@ -177,7 +178,7 @@ class SecAggServer:
         """The modular sum of the survivors' encoded inputs (int64 in [0, 2**bits)): their masked inputs
         less each survivor's self mask and the masks survivors added toward dropped neighbours."""
         self._expect(Stage.UNMASK)
-        total, secrets = self._total, {secret: self._rebuild(*secret) for secret in self._needed()}
+        total, secrets = self._total, {secret: self._rebuild(*secret) for secret in self._wanted}
         for (owner, kind), secret in secrets.items():
             if kind == SEED:
                 add_mask(total, self.round.self_mask_key(owner, secret), -1)
