@@ -147,6 +147,16 @@ def test_a_client_that_drops_before_masking_is_recovered_and_the_others_sum():
     assert_sum(rnd.unmask(), fp, survivors)
 
 
+def test_in_a_round_of_three_a_client_dying_after_masking_is_recovered_from_its_own_holders():
+    """Each client holds a share of its own secrets, so with three clients (threshold 2) a survivor's seed
+    is rebuilt from its own share and its one surviving neighbour's."""
+    n, fp = 3, FixedPoint(BOUND, 3)
+    inputs = updates(n, 64)
+    rnd = RelayedRound.through_key_sharing(config(n))
+    rnd.mask(inputs, fp)  # all three masked; client 2 dies before it reveals anything
+    assert_sum(rnd.unmask(revealers=[0, 1]), fp, inputs)
+
+
 def test_a_client_that_drops_before_sharing_keys_is_left_out_of_every_mask():
     n, fp = 5, FixedPoint(BOUND, 5)
     inputs = updates(n, 64)
@@ -170,14 +180,22 @@ def test_a_client_that_drops_before_sharing_keys_is_left_out_of_every_mask():
 
 
 def test_too_many_dropouts_fail_before_anything_is_revealed_naming_the_client():
-    n, fp = 5, FixedPoint(BOUND, 5)  # 4 neighbours each, threshold 3
+    n, fp = 5, FixedPoint(BOUND, 5)  # 4 neighbours each, 5 holders of each secret, threshold 3
     rnd = RelayedRound.through_key_sharing(config(n))
-    rnd.mask({i: x for i, x in updates(n, 64).items() if i in (1, 2, 4)}, fp)
-    with raises(SecAggAborted, SecAggCode.TOO_FEW_SHARES, client=1) as info:
+    rnd.mask({i: x for i, x in updates(n, 64).items() if i in (1, 2)}, fp)
+    with raises(SecAggAborted, SecAggCode.TOO_FEW_CLIENTS):
         rnd.server.unmask_request()
-    assert "client 1" in info.value.message
     with raises(SecAggRejected, SecAggCode.WRONG_STATE):
         rnd.server.aggregate()
+    # On a sparse graph one client's holders can be gone while enough others survive: it is named.
+    n = 20
+    rnd = RelayedRound.through_key_sharing(config(n))  # 10 neighbours, threshold 6
+    neighbours = sorted(rnd.server.round.neighbours(0))
+    survivors = {0, *neighbours[:4], *(set(range(n)) - set(neighbours) - {0})}
+    rnd.mask({i: x for i, x in updates(n, 64).items() if i in survivors}, FixedPoint(BOUND, n))
+    with raises(SecAggAborted, SecAggCode.TOO_FEW_SHARES, client=0) as info:
+        rnd.server.unmask_request()
+    assert "client 0" in info.value.message
 
 
 def test_survivors_that_do_not_reveal_leave_a_secret_short_of_its_threshold():
@@ -185,7 +203,7 @@ def test_survivors_that_do_not_reveal_leave_a_secret_short_of_its_threshold():
     rnd = RelayedRound.through_key_sharing(config(n))
     rnd.mask({i: x for i, x in updates(n, 64).items() if i != 4}, fp)
     with raises(SecAggAborted, SecAggCode.TOO_FEW_SHARES, client=0):
-        rnd.unmask(revealers=[0, 1])  # 0's seed is held by 1, 2, 3: only 1 answered
+        rnd.unmask(revealers=[0, 1])  # 0's seed is held by 0-4: only 0 and 1 answered, 3 are needed
 
 
 def test_a_survivor_revealing_a_wrong_share_is_caught_against_the_commitment():
@@ -223,7 +241,7 @@ def test_a_client_answers_one_unmask_request_a_round():
     rnd = RelayedRound.through_key_sharing(config(n))
     rnd.mask(updates(n, 64), fp)
     reveals = rnd.clients[0].unmask(UnmaskRequest(survivors=[0, 1, 2, 3, 4], dropped=[]))
-    assert {(r.owner, r.kind) for r in reveals} == {(1, "b"), (2, "b"), (3, "b"), (4, "b")}
+    assert {(r.owner, r.kind) for r in reveals} == {(0, "b"), (1, "b"), (2, "b"), (3, "b"), (4, "b")}
     with raises(SecAggRejected, SecAggCode.WRONG_STATE):
         rnd.clients[0].unmask(UnmaskRequest(survivors=[0, 1, 3, 4], dropped=[2]))
 

@@ -117,6 +117,9 @@ class SecAggClient:
             b_shares = split_secret(self._b, t, len(holders))
             shares = []
             for point, (v, s_share, b_share) in enumerate(zip(holders, s_shares, b_shares), start=1):
+                if v == self.index:  # its own share stays here, never sealed or sent
+                    self._held[v] = (point, s_share, b_share)
+                    continue
                 context = self.round.context("share", self.index, v)
                 key = self.round.share_key(self.index, v, bytes(self._c), self._adverts[v].c_public, v)
                 share = EncryptedShare(self.index, v, seal(key, _pack_share(point, s_share, b_share), context), b"")
@@ -162,7 +165,7 @@ class SecAggClient:
         with self._step(Stage.READY, Stage.MASKED):
             masked = encoded.clone(memory_format=torch.contiguous_format)
             add_mask(masked, self.round.self_mask_key(self.index, self._b))
-            for v in sorted(self._held):
+            for v in sorted(set(self._held) - {self.index}):
                 key = self.round.pair_key(self.index, v, bytes(self._s), self._adverts[v].s_public)
                 add_mask(masked, key, 1 if v > self.index else -1)
             return masked.bitwise_and_(self.round.modulus_mask)

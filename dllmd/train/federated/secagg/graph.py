@@ -26,12 +26,13 @@ def degree(clients: int, neighbours: int, complete_up_to: int) -> int:
 
 
 def threshold(k: int, wanted: int) -> int:
-    """Shares that rebuild a secret: more than half of the ``k`` neighbours (``wanted`` if given). Above half
-    matters: it stops a coordinator from collecting both secrets of one client by telling half of its
-    neighbours that it survived and the other half that it dropped (each answers one request a round)."""
-    least = k // 2 + 1
+    """Shares that rebuild a secret: more than half of its ``k + 1`` holders (the ``k`` neighbours and the
+    owner; ``wanted`` if given). Above half matters: it stops a coordinator from collecting both secrets of
+    one client by telling half of its holders that it survived and the other half that it dropped (each
+    answers one request a round)."""
+    least = (k + 1) // 2 + 1
     if wanted and not least <= wanted <= k:
-        raise ValueError(f"threshold {wanted} is not within {least}..{k} (more than half of {k} neighbours)")
+        raise ValueError(f"threshold {wanted} is not within {least}..{k} (more than half of {k + 1} holders)")
     return wanted or least
 
 

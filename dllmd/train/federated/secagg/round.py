@@ -61,8 +61,10 @@ class Round:
         return self._graph[client]
 
     def holders(self, owner: int, advertised) -> list[int]:
-        """The neighbours ``owner`` shares its secrets with, in point order (point = position + 1)."""
-        return sorted(self._graph[owner].intersection(advertised))
+        """Who holds shares of ``owner``'s secrets, in point order (point = position + 1): its neighbours that
+        advertised, and itself (Bonawitz et al. share among all of U1, the owner included: a survivor's own
+        share counts toward rebuilding its seed, so a round of three survives one death after masking)."""
+        return sorted((self._graph[owner] | {owner}).intersection(advertised))
 
     def share_point(self, owner: int, holder: int, advertised) -> int:
         """The Shamir point of ``holder``'s share of ``owner``'s secrets."""

@@ -92,7 +92,8 @@ class SecAggServer:
         self._check_sender(sender, self._adverts, self._shares, "shares from")
         if any(share.sender != sender for share in shares):
             raise SecAggRejected(SecAggCode.BAD_MESSAGE, f"client {sender} sent shares in another's name", sender)
-        if sorted(share.recipient for share in shares) != self.round.holders(sender, self._adverts):
+        if sorted(share.recipient for share in shares) != [v for v in self.round.holders(sender, self._adverts)
+                                                            if v != sender]:
             raise SecAggRejected(SecAggCode.BAD_MESSAGE, f"client {sender} did not send one share to each of its "
                                  "advertised neighbours", sender)
         for share in shares:
@@ -138,7 +139,7 @@ class SecAggServer:
                               f"unmasking needs {t}")
         needed = self._needed()
         for owner, kind in needed:
-            holders = self.round.neighbours(owner) & self._masked
+            holders = (self.round.neighbours(owner) | {owner}) & self._masked
             if len(holders) < t:
                 raise self._abort(SecAggCode.TOO_FEW_SHARES, f"client {owner} cannot be recovered: {len(holders)} "
                                   f"of its neighbours survive to reveal its {_what(kind)}, {t} are needed", owner)
@@ -160,7 +161,7 @@ class SecAggServer:
         taken: dict[tuple[int, str], tuple[int, bytes]] = {}
         for reveal in reveals:
             secret = (reveal.owner, reveal.kind)
-            if secret not in self._wanted or index not in self.round.neighbours(reveal.owner):
+            if secret not in self._wanted or index not in self.round.neighbours(reveal.owner) | {reveal.owner}:
                 raise SecAggRejected(SecAggCode.BAD_MESSAGE, f"client {index} revealed a share of {reveal.owner}'s "
                                      f"{reveal.kind!r} that was not asked of it", index)
             if secret in taken:
