@@ -36,7 +36,7 @@ def _nodes(cluster: Path) -> dict[str, dict]:
     return {n["name"]: n for n in json.loads((cluster / "cluster.json").read_text())["nodes"]}
 
 
-def _federate(cluster: Path, tap_dir: Path) -> None:
+def _federate(cluster: Path, tap_dir: Path, failpoints: dict[str, str] | None = None) -> None:
     """local-2 and local-3 become other organizations' nodes: the coordinator's key has only the
     federation role there, and only dataset "fed" is open to it; their daemons record what they send."""
     coordinator = _nodes(cluster)["local-1"]["public_key"]
@@ -49,8 +49,10 @@ def _federate(cluster: Path, tap_dir: Path) -> None:
         pid = _pid(cluster, name)
         os.kill(pid, 15)
         _wait_exited(pid)
-        _ok(run_cli("dllmctl", "cluster", "restart", name, "--dir", str(cluster), "--json",
-                    env={tap.ENV: str(tap_dir / f"{name}.tap")}))
+        env = {tap.ENV: str(tap_dir / f"{name}.tap")}
+        if (failpoints or {}).get(name):
+            env["DLLMD_FAILPOINTS"] = failpoints[name]
+        _ok(run_cli("dllmctl", "cluster", "restart", name, "--dir", str(cluster), "--json", env=env))
 
 
 def _setup(cluster: Path, tmp_path: Path) -> dict[str, ShardRows]:
@@ -208,3 +210,41 @@ def test_stragglers_are_left_out_and_bad_jobs_refused(cluster3, tmp_path):  # no
                                                      ["local-1", "local-2", "local-3"]]
     assert metrics[1]["stragglers"] == ["local-3"]
     assert any(e["kind"] == "straggler" and "local-3" in e["message"] for e in job["events"])
+
+
+def _restart(cluster: Path, name: str, failpoints: str = "") -> None:
+    pid = _pid(cluster, name)
+    os.kill(pid, 15)
+    _wait_exited(pid)
+    _ok(run_cli("dllmctl", "cluster", "restart", name, "--dir", str(cluster), "--json",
+                env={"DLLMD_FAILPOINTS": failpoints} if failpoints else None))
+
+
+def test_secure_aggregation_sums_recovers_a_death_after_masking_and_fails_cleanly(cluster3, tmp_path):  # noqa: F811
+    shards = _setup(cluster3, tmp_path)
+    # local-3 (another organization's node) dies when asked to unmask round 1: after its masked update left.
+    _federate(cluster3, tmp_path, failpoints={"local-3": "fed.unmask@1=exit"})
+    secure = ("--secure-aggregation", "--update-clip", "1.0", "--local-steps", "2")
+    job = _ok(_train("--rounds", "2", *secure))
+    assert job["state"] == "done" and job["federation"]["secure_aggregation"], job
+    assert "failpoint fed.unmask@1" in (cluster3 / "local-3" / "dllmd.log").read_text()
+    metrics = _ok(run_cli("dllmctl", "metrics", job["job"], "--json"))
+    assert [sorted(m["nodes"]) for m in metrics] == [["local-1", "local-2", "local-3"]] * 2  # its update counted
+    assert not any(e["kind"] == "secagg_failed" for e in job["events"])
+    # The masked sum equals the plain one within the fixed-point step: the simulation's weights.
+    _ok(run_cli("dllmctl", "checkpoints", "export", job["job"], "--name", "fed-secure", "--dir",
+                str(tmp_path / "secure"), "--json"))
+    reference = simulate_rounds(Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny", shards,
+                                parse_args(S.JobSpec, job["spec"]))
+    assert _max_diff(load_file(str(tmp_path / "secure" / "model.safetensors")), reference) <= 1e-5
+
+    # Two of three die at the unmask of round 0: local-1's seed has one share left of the two needed.
+    _restart(cluster3, "local-2", "fed.unmask@0=exit")
+    _ok(run_cli("dllmctl", "cluster", "restart", "local-3", "--dir", str(cluster3), "--json",
+                env={"DLLMD_FAILPOINTS": "fed.unmask@0=exit"}))
+    failed = _train("--rounds", "2", *secure)
+    assert failed.returncode != 0
+    shown = _ok(run_cli("dllmctl", "jobs", "show", json.loads(failed.stdout)["job"], "--json"))
+    assert shown["state"] == "failed" and "needs at least 3" in shown["error"], shown
+    event = next(e for e in shown["events"] if e["kind"] == "secagg_failed")
+    assert "round 0: too_few_shares" in event["message"] and "cannot be recovered" in event["message"], event

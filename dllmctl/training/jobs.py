@@ -119,6 +119,9 @@ def federated_options(nodes: list[NodeEntry], rounds: int | None, local_steps: i
     if strategy not in S.STRATEGIES:
         raise TrainError(f"--strategy must be one of {', '.join(S.STRATEGIES)}, not {strategy!r}")
     per_round = clients_per_round_count(clients_per_round, len(nodes))
+    if secure_aggregation and ((per_round or len(nodes)) < 3 or not update_clip):
+        raise TrainError("--secure-aggregation needs at least 3 clients a round (with two, each would learn the "
+                         "other's update from the sum) and --update-clip (it bounds the fixed-point range)")
     if min_clients > (per_round or len(nodes)):
         raise TrainError(f"--min-clients {min_clients} is more than the {per_round or len(nodes)} clients of a round")
     return {"parallelism": "federated", "rounds": rounds, "local_steps": local_steps, "clients_per_round": per_round,

@@ -136,6 +136,9 @@ class Coordinator:
             raise JobError(f"--clients-per-round {per_round} is more than the job's {len(spec.nodes)} nodes")
         if spec.min_clients > per_round:
             raise JobError(f"--min-clients {spec.min_clients} is more than the {per_round} clients of a round")
+        if spec.secure_aggregation and (per_round < 3 or not spec.update_clip):
+            raise JobError("--secure-aggregation needs at least 3 clients a round (with two, each would learn the "
+                           "other's update from the sum) and --update-clip (it bounds the fixed-point range)")
         strangers = [n.name for n in spec.nodes[1:] if self.service.keys.by_public_key(n.public_key) is None]
         if strangers:
             raise JobError(f"node(s) {', '.join(strangers)} are not authorized on the coordinator "

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dllmd.net.schema import Op, bounded
+from dllmd.train.federated.secagg.messages import (Advertisement, EncryptedShare, RevealedShare, SecAggConfig,
+                                                   UnmaskRequest)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class FedTrainArgs:
     proximal_mu: float = bounded(0.0, lo=0.0, hi=1e6)
     update_clip: float = bounded(0.0, lo=0.0, hi=1e9)
     weight: float = bounded(1.0, lo=0.0, hi=1.0)  # this client's share of the round's mean
+    secure: bool = False  # the update leaves only masked (secure aggregation): fed.update refuses it in clear
 
 
 @dataclass
@@ -84,6 +87,51 @@ class FedUpdateArgs:
 
 
 @dataclass
+class FedAdvertiseArgs:
+    """Secure aggregation, step 1: the round's configuration (the clients whose updates are summed)."""
+
+    job: str = bounded(max_len=64)
+    round: int = bounded(lo=0, hi=2**40)
+    config: SecAggConfig
+
+
+@dataclass
+class FedShareArgs:
+    """Step 2: every client's advertisement; the reply is this client's encrypted shares."""
+
+    job: str = bounded(max_len=64)
+    round: int = bounded(lo=0, hi=2**40)
+    roster: list[Advertisement] = bounded(max_len=4096)
+
+
+@dataclass
+class FedShares:
+    shares: list[EncryptedShare]
+
+
+@dataclass
+class FedMaskArgs:
+    """Step 3: the shares other clients sealed for this one; it masks its update, which ``fed.update``
+    then hands out (the masked vector only)."""
+
+    job: str = bounded(max_len=64)
+    round: int = bounded(lo=0, hi=2**40)
+    shares: list[EncryptedShare] = bounded(max_len=4096)
+
+
+@dataclass
+class FedUnmaskArgs:
+    job: str = bounded(max_len=64)
+    round: int = bounded(lo=0, hi=2**40)
+    request: UnmaskRequest
+
+
+@dataclass
+class FedReveals:
+    reveals: list[RevealedShare]
+
+
+@dataclass
 class FedJobArgs:
     job: str = bounded(max_len=64)
 
@@ -93,3 +141,7 @@ FED_LOAD = Op("fed.load", FedLoadArgs, dict)
 FED_TRAIN = Op("fed.train", FedTrainArgs, FedTrained)
 FED_UPDATE = Op("fed.update", FedUpdateArgs, dict)
 FED_RELEASE = Op("fed.release", FedJobArgs, dict)
+FED_ADVERTISE = Op("fed.secagg_advertise", FedAdvertiseArgs, Advertisement)
+FED_SHARE = Op("fed.secagg_share", FedShareArgs, FedShares)
+FED_MASK = Op("fed.secagg_mask", FedMaskArgs, dict)
+FED_UNMASK = Op("fed.secagg_unmask", FedUnmaskArgs, FedReveals)

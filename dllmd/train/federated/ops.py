@@ -24,6 +24,7 @@ from dllmd.net.keys import Role
 from dllmd.net.messages import federated as F
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
 from dllmd.net.wire import ErrorCode
+from dllmd.train.federated.secagg import Advertisement, FixedPoint, SecAggClient, SecAggError
 from dllmd.train.federated.client import ClientModel, LocalResult, LocalRound, parameter_count
 from dllmd.train.federated.weights import layout_digest
 from dllmd.train.model import TrainModelError
@@ -47,11 +48,26 @@ class FederatedClient:
     global_weights: torch.Tensor | None = None
     loaded: tuple[int, int] = (-1, 0)  # (round, elements received) of the global weights
     result: tuple[int, LocalResult] | None = None  # (round, its result) until the next round
+    secure: bool = False  # this round's update leaves only masked
+    update_bound: float = 0.0  # its elements' bound (the round's update clip): the fixed-point range
+    secagg: SecAggClient | None = None  # this round's secure-aggregation state
+    masked: torch.Tensor | None = None  # int32 view of the masked update, once masked
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
-        self.global_weights = self.result = None
+        self.global_weights = self.result = self.secagg = self.masked = None
+
+    def trained(self, round: int) -> LocalResult:
+        if self.result is None or self.result[0] != round:
+            raise ValueError(f"round {round} was not trained here")
+        return self.result[1]
+
+    def secure_round(self, round: int) -> SecAggClient:
+        self.trained(round)
+        if self.secagg is None or self.secagg.round.config.round != round:
+            raise ValueError(f"round {round} has no secure aggregation under way here")
+        return self.secagg
 
 
 class FederatedClientOps:
@@ -59,7 +75,9 @@ class FederatedClientOps:
         self.service = service
         self.clients: dict[str, FederatedClient] = {}
         self.handlers = ((F.FED_PREPARE, self.prepare), (F.FED_LOAD, self.load), (F.FED_TRAIN, self.train),
-                         (F.FED_UPDATE, self.update), (F.FED_RELEASE, self.release))
+                         (F.FED_UPDATE, self.update), (F.FED_RELEASE, self.release),
+                         (F.FED_ADVERTISE, self.advertise), (F.FED_SHARE, self.share), (F.FED_MASK, self.mask),
+                         (F.FED_UNMASK, self.unmask))
 
     def register(self, server: RpcServer) -> None:
         roles = allow(Role.ADMIN, Role.PEER, Role.FEDERATION)
@@ -75,6 +93,8 @@ class FederatedClientOps:
         async def run(call: Call):
             try:
                 return await handler(call.args, call.tensors, call.caller.role)
+            except SecAggError as exc:
+                raise HandlerError(ErrorCode.BAD_ARGS, f"secure aggregation: {exc.code}: {exc.message}") from None
             except (TrainModelError, ValueError, KeyError) as exc:
                 raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         return run
@@ -153,7 +173,10 @@ class FederatedClientOps:
                               micro_batch_size=spec.micro_batch_size, lr=a.lr, seed=a.seed,
                               weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, dtype=spec.dtype,
                               proximal_mu=a.proximal_mu, update_clip=a.update_clip, weight=a.weight)
-            client.result = None
+            if a.secure and not a.update_clip:
+                raise ValueError("secure aggregation needs an update clip: it bounds the fixed-point range")
+            client.result, client.secure, client.secagg, client.masked = None, a.secure, None, None
+            client.update_bound = a.update_clip
             started = time.perf_counter()
             result = await asyncio.to_thread(self._train_round, client, args)
             client.result = (a.round, result)
@@ -167,13 +190,50 @@ class FederatedClientOps:
         return client.model.train_round(client.shard, client.shard_key, client.global_weights, args)
 
     async def update(self, a: F.FedUpdateArgs, _tensors, _role) -> tuple[dict, list[torch.Tensor]]:
+        """A chunk of the round's update: in clear, or under secure aggregation only once masked."""
         client = self._client(a.job)
-        if client.result is None or client.result[0] != a.round:
-            raise ValueError(f"round {a.round} was not trained here")
-        update = client.result[1].update
+        update = client.trained(a.round).update
+        if client.secure:
+            if client.masked is None:
+                raise ValueError(f"round {a.round} runs secure aggregation: the update leaves only masked")
+            update = client.masked
         if a.offset >= update.numel():
             raise ValueError(f"offset {a.offset} is past the update's {update.numel()} elements")
         return {"total": update.numel()}, [update[a.offset:a.offset + min(a.count, CHUNK_ELEMENTS)].clone()]
+
+    # --- secure aggregation: the coordinator relays, the client keeps its secrets ------------------
+
+    async def advertise(self, a: F.FedAdvertiseArgs, _tensors, _role) -> Advertisement:
+        client = self._client(a.job)
+        config = a.config
+        me = self.service.identity.public_key
+        if not client.secure or config.job != a.job or config.round != a.round:
+            raise ValueError(f"round {a.round} of job {a.job} was not trained for secure aggregation")
+        if me not in config.clients:
+            raise ValueError("the round's configuration does not list this node")
+        if config.length != client.trained(a.round).update.numel():
+            raise ValueError(f"the round sums {config.length} elements, this client's update has "
+                             f"{client.trained(a.round).update.numel()}")
+        if config.bits != 32:
+            raise ValueError("updates are summed modulo 2**32")
+        client.secagg = SecAggClient(config, config.clients.index(me), self.service.identity)
+        return client.secagg.advertise()
+
+    async def share(self, a: F.FedShareArgs, _tensors, _role) -> F.FedShares:
+        return F.FedShares(self._client(a.job).secure_round(a.round).share_keys(a.roster))
+
+    async def mask(self, a: F.FedMaskArgs, _tensors, _role) -> dict:
+        client = self._client(a.job)
+        secagg = client.secure_round(a.round)
+        secagg.receive_shares(a.shares)
+        encoding = FixedPoint(client.update_bound, len(secagg.round.config.clients), secagg.round.config.bits)
+        masked = await asyncio.to_thread(lambda: secagg.masked_input(encoding.encode(client.trained(a.round).update)))
+        client.masked = to_int32(masked)
+        return {"length": client.masked.numel()}
+
+    async def unmask(self, a: F.FedUnmaskArgs, _tensors, _role) -> F.FedReveals:
+        failpoint("fed.unmask", a.round)
+        return F.FedReveals(self._client(a.job).secure_round(a.round).unmask(a.request))
 
     async def release(self, a: F.FedJobArgs, _tensors, _role) -> dict:
         return {"released": self.release_job(a.job)}
@@ -192,3 +252,12 @@ class FederatedClientOps:
                 log.warning("releasing federated client of job %s: no coordinator call for %d s", job, idle_s)
                 self.release_job(job)
 
+
+
+def to_int32(residues: torch.Tensor) -> torch.Tensor:
+    """Residues modulo 2**32 (int64 in [0, 2**32)) as the int32 with the same bits: 4 bytes an element."""
+    return residues.sub(residues.ge(2**31).long() << 32).to(torch.int32)
+
+
+def from_int32(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int64).bitwise_and_(0xFFFFFFFF)

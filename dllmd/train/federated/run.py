@@ -26,6 +26,7 @@ from dllmd.net.messages import training as S
 from dllmd.net.schema import to_wire
 from dllmd.train import schedule
 from dllmd.train.federated.ops import CHUNK_ELEMENTS
+from dllmd.train.federated.secure import SecureSum
 from dllmd.train.federated.strategy import ServerOptimizer, client_weights, sample_clients
 from dllmd.train.federated.weights import GlobalModel
 from dllmd.train.jobs import JobError, JobFailed
@@ -85,6 +86,7 @@ class FederatedRun(JobRun):
         self.server = ServerOptimizer(spec.strategy, spec.server_lr, spec.server_momentum, self.model.weights.numel())
         self._live = list(spec.nodes)
         self.failed_rounds = 0
+        self.secure = SecureSum(self)
 
     @property
     def live(self) -> list[S.NodeRef]:
@@ -107,7 +109,7 @@ class FederatedRun(JobRun):
         weights = client_weights(self.rows, sampled)
         train = F.FedTrainArgs(job=self.job, round=round, local_steps=self.spec.local_steps, lr=lr,
                                seed=self.spec.seed, proximal_mu=self.spec.proximal_mu,
-                               update_clip=self.spec.update_clip)
+                               update_clip=self.spec.update_clip, secure=self.spec.secure_aggregation)
         tasks = {k: asyncio.ensure_future(self._train(by_key[k], round, {**to_wire(train), "weight": weights[k]}))
                  for k in sampled}
         done, pending = await asyncio.wait(tasks.values(), timeout=self.spec.round_timeout)
@@ -129,8 +131,12 @@ class FederatedRun(JobRun):
             self.store.event(self.job, "client_dropped", f"round {round}: {by_key[key].name}: {tasks[key].exception()}")
         await self._drop_dead([by_key[k] for k in dropped])
         computed = time.perf_counter()
-        total, summed = await self._sum_updates(round, [k for k in sampled if k in answered], by_key)
-        for key in [k for k in answered if k not in summed]:
+        order = [k for k in sampled if k in answered]
+        if self.spec.secure_aggregation:
+            total, summed = await self.secure.sum(round, order, by_key)
+        else:
+            total, summed = await self._sum_updates(round, order, by_key)
+        for key in [k for k in answered if k not in summed and total is not None]:
             self.store.event(self.job, "client_dropped", f"round {round}: {by_key[key].name} trained but its "
                                                          f"update could not be fetched")
         if len(summed) < self.spec.min_clients:
@@ -148,6 +154,8 @@ class FederatedRun(JobRun):
         self.store.event(self.job, "round_failed", f"round {round}: {answered} update(s), fewer than --min-clients "
                                                    f"{self.spec.min_clients}; trying again")
         await self._drop_dead(list(self._live))
+        if self.spec.secure_aggregation and len(self.clients) < 3:
+            raise JobFailed(f"{len(self.clients)} client(s) left; secure aggregation needs at least 3")
         if len(self.clients) < self.spec.min_clients:
             raise JobFailed(f"{len(self.clients)} client(s) left, fewer than --min-clients {self.spec.min_clients}")
         if self.failed_rounds >= MAX_FAILED_ROUNDS:
@@ -174,19 +182,20 @@ class FederatedRun(JobRun):
         reply, _ = await self.c.service.invoke(node, F.FED_TRAIN, args, timeout=self.spec.round_timeout + 60)
         return reply
 
-    async def _fetch(self, node: S.NodeRef, round: int) -> torch.Tensor:
+    async def fetch(self, node: S.NodeRef, round: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``node``'s update of ``round``, chunk by chunk: fp32 in clear, int32 residues once masked."""
         numel = self.model.weights.numel()
-        update = torch.empty(numel)
+        update = torch.empty(numel, dtype=dtype)
         for offset in range(0, numel, CHUNK_ELEMENTS):
             result, tensors = await self.c.service.call(node, F.FED_UPDATE.name,
                                                         {"job": self.job, "round": round, "offset": offset,
                                                          "count": CHUNK_ELEMENTS}, timeout=CHUNK_TIMEOUT_S)
             end = min(offset + CHUNK_ELEMENTS, numel)
-            if (result.get("total") != numel or len(tensors) != 1 or tensors[0].dtype != torch.float32
+            if (result.get("total") != numel or len(tensors) != 1 or tensors[0].dtype != dtype
                     or tensors[0].shape != (end - offset,)):
                 raise CallError(f"{node.name} sent a malformed update")
             update[offset:end] = tensors[0]
-        if not torch.isfinite(update).all():
+        if dtype.is_floating_point and not torch.isfinite(update).all():
             raise CallError(f"{node.name} sent an update that is not finite")
         return update
 
@@ -195,10 +204,10 @@ class FederatedRun(JobRun):
         simulation adds the same floats in the same order); the next client's is fetched meanwhile."""
         total = torch.zeros(self.model.weights.numel())
         summed = []
-        fetches = [asyncio.ensure_future(self._fetch(by_key[k], round)) for k in order[:1]]
+        fetches = [asyncio.ensure_future(self.fetch(by_key[k], round)) for k in order[:1]]
         for i, key in enumerate(order):
             if i + 1 < len(order):
-                fetches.append(asyncio.ensure_future(self._fetch(by_key[order[i + 1]], round)))
+                fetches.append(asyncio.ensure_future(self.fetch(by_key[order[i + 1]], round)))
             try:
                 update = await fetches[i]
             except CallError as exc:
