@@ -156,6 +156,11 @@ class TrainOptions(BaseModel):
     dp: Optional[int] = Field(None, ge=1, le=256)
     stage_layers: Optional[list[int]] = Field(None, min_length=2, max_length=256)
     recompute: bool = False
+    # parallelism data: differential privacy (DP-SGD), as dllmctl train's --dp-* options
+    dp_clip: float = Field(0.0, ge=0.0, le=1e9)
+    dp_noise_multiplier: float = Field(0.0, ge=0.0, le=1e6)
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    dp_epsilon_budget: float = Field(0.0, ge=0.0, le=1e6)
 
 
 def train_options(config: str | dict) -> tuple[str, TrainOptions]:
@@ -299,7 +304,9 @@ class ClusterTools:
                             epochs=epochs or (0 if options.max_steps else 1), max_steps=options.max_steps or 0,
                             lr=options.lr, warmup_steps=options.warmup_steps, grad_clip=options.grad_clip,
                             weight_decay=options.weight_decay, checkpoint_every=options.checkpoint_every,
-                            seed=options.seed, dtype=options.dtype, backend=options.backend, **pipeline)
+                            seed=options.seed, dtype=options.dtype, backend=options.backend,
+                            dp_clip=options.dp_clip, dp_noise_multiplier=options.dp_noise_multiplier,
+                            dp_delta=options.dp_delta, dp_epsilon_budget=options.dp_epsilon_budget, **pipeline)
         except TrainError as exc:
             raise ToolError(str(exc)) from None
         to_ship = Manifest.from_bytes((directory / MANIFEST).read_bytes()).total_bytes * len(targets)
@@ -397,7 +404,9 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
                         "\"weight_decay\", \"checkpoint_every\", \"seed\", \"dtype\" (float32|bfloat16), \"backend\" "
                         "(zmq|torch), \"seq_len\" (must equal the dataset's); for parallelism model or hybrid also "
                         "\"schedule\" (1f1b|gpipe), \"pp\" (stages), \"dp\" (replicas, hybrid), \"stage_layers\" "
-                        "(layers per stage, default planned), \"recompute\"}")],
+                        "(layers per stage, default planned), \"recompute\"; for parallelism data, differential "
+                        "privacy: \"dp_clip\" (per-example gradient norm bound), \"dp_noise_multiplier\", "
+                        "\"dp_delta\" (default 1e-5), \"dp_epsilon_budget\" (0: none)}")],
         training_data: Annotated[str, Field(description="A dataset placed with llm_data_shard (training://data_shards)")],
         parallelism: Annotated[Literal[TRAIN_PARALLELISMS], Field(  # type: ignore[valid-type]
             description="'data' (a full replica per node, gradients all-reduced over an encrypted ring); "

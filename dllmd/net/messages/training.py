@@ -63,6 +63,24 @@ class JobSpec:
     replicas: int = bounded(1, lo=1, hi=256)
     schedule: str = bounded("1f1b", max_len=8)
     recompute: bool = False  # keep only each stage's inputs; run the forward again in the backward
+    # Differential privacy (DP-SGD, data parallelism; dllmd.train.privacy): each example's gradient
+    # clipped to dp_clip, N(0, (dp_noise_multiplier * dp_clip)^2) added to the sum; rows Poisson-sampled.
+    dp_clip: float = bounded(0.0, lo=0.0, hi=1e9)  # 0: differential privacy off
+    dp_noise_multiplier: float = bounded(0.0, lo=0.0, hi=1e6)
+    dp_delta: float = bounded(1e-5, lo=0.0, hi=1.0)
+    dp_epsilon_budget: float = bounded(0.0, lo=0.0, hi=1e6)  # 0: no budget; else the job ends before exceeding it
+    dp_seed: int = bounded(0, lo=0, hi=2**63 - 1)  # secret: sampling and noise; 0: the coordinator draws one
+
+
+@dataclass
+class PrivacyPlan:
+    """What a DP-SGD worker needs: the clip, the noise multiplier, the divisor of the noised sum
+    (the expected batch size), and the job's secret seed of the noise."""
+
+    clip: float = bounded(lo=0.0, hi=1e9)
+    noise_multiplier: float = bounded(lo=0.0, hi=1e6)
+    expected_batch_size: int = bounded(lo=1, hi=1_000_000)
+    seed: int = bounded(lo=0, hi=2**63 - 1)
 
 
 @dataclass
@@ -92,6 +110,7 @@ class WorkerPrepareArgs:
     plaintext: bool = False
     backend: str = bounded("zmq", max_len=8)
     stage: StagePlan | None = None  # a pipeline stage's span (None: a data-parallel replica)
+    privacy: PrivacyPlan | None = None  # DP-SGD (None: exact training)
 
 
 @dataclass
@@ -350,6 +369,19 @@ class StageNode:
 
 
 @dataclass
+class PrivacySpent:
+    """A DP job's guarantee so far: (epsilon, delta)-DP for each row of the dataset after ``steps`` steps."""
+
+    epsilon: float
+    delta: float
+    steps: int
+    clip: float
+    noise_multiplier: float
+    sample_rate: float  # each row's chance to be in a step's batch: batch size / rows
+    epsilon_budget: float  # 0: none
+
+
+@dataclass
 class JobDetail:
     job: str
     state: str
@@ -367,6 +399,7 @@ class JobDetail:
     checkpoints: list[CheckpointInfo]
     parallelism: str = "data"
     stages: list[StageNode] = bounded([], max_len=65536)  # pipeline jobs: every node, replica-major
+    privacy: PrivacySpent | None = None  # DP jobs
 
 
 @dataclass
@@ -389,6 +422,7 @@ class Metrics:
     step: int
     total_steps: int
     metrics: list[dict]  # one row per step: loss, lr, grad_norm, tokens_per_s, step_s, compute_s, comm_s, nodes
+    # (DP jobs also epsilon and delta)
 
 
 @dataclass
