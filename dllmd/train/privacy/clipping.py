@@ -50,16 +50,16 @@ def clip_factors(grads: Mapping[str, torch.Tensor], clip: float) -> tuple[torch.
 
 
 def add_clipped_sum(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
-                    clip: float) -> tuple[float, int, torch.Tensor]:
+                    clip: float) -> tuple[float, int]:
     """Add the micro-batch's clipped per-example gradients, summed, to the parameters' ``.grad``;
-    returns its summed token loss, its token count and each example's (unclipped) gradient norm."""
+    returns its summed token loss and its token count."""
     grads, totals, counts = per_example_gradients(model, tokens, labels)
-    norms, factors = clip_factors(grads, clip)
+    _, factors = clip_factors(grads, clip)
     with torch.no_grad():
         for name, param in parameters(model):
             clipped = torch.einsum("e,e...->...", factors, grads[name])
             param.grad = clipped if param.grad is None else param.grad.add_(clipped)
-    return float(totals.sum()), int(counts.sum()), norms
+    return float(totals.sum()), int(counts.sum())
 
 
 def clipped_gradient_sum(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -69,6 +69,6 @@ def clipped_gradient_sum(model: torch.nn.Module, batches: Sequence[tuple[torch.T
     model.zero_grad(set_to_none=True)
     total, count = 0.0, 0
     for tokens, labels in batches:
-        loss, n, _ = add_clipped_sum(model, tokens, labels, clip)
+        loss, n = add_clipped_sum(model, tokens, labels, clip)
         total, count = total + loss, count + n
     return total, count
