@@ -164,8 +164,8 @@ class Coordinator:
 
     async def _submit(self, spec: S.JobSpec, _tensors) -> dict:
         total = self._validate(spec)
-        if PrivacySettings.of(spec).enabled and not spec.dp_seed:
-            spec.dp_seed = secrets.randbits(63) or 1  # secret: settings.py says why
+        if PrivacySettings.of(spec).enabled:  # secret, and never the client's choice: settings.py says why
+            spec.dp_seed = secrets.randbits(63)
         job = time.strftime("job-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         await self._prepare(job, spec, spec.nodes)  # refuses (and cleans up) before the job exists
         self.store.create(job, to_wire(spec), total)

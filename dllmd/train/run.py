@@ -244,7 +244,8 @@ class DataParallelRun(JobRun):
     def step_metrics(self, step: int, lr: float, results: list[dict], seconds: float) -> dict:
         first = results[0]
         return {"loss": first["loss"], "lr": lr, "grad_norm": first["grad_norm"], "tokens": first["tokens"],
-                "rows": sum(r["rows"] for r in results), "step_s": seconds, "tokens_per_s": first["tokens"] / seconds if seconds else None,
+                "rows": sum(r["rows"] for r in results), "step_s": seconds,
+                "tokens_per_s": first["tokens"] / seconds if seconds else None,
                 "compute_s": max(r["compute_s"] for r in results), "comm_s": max(r["comm_s"] for r in results),
                 "nodes": {n.name: {"rows": r["rows"], "compute_s": r["compute_s"], "comm_s": r["comm_s"]}
                           for n, r in zip(self.live, results)}}

@@ -4,6 +4,9 @@ The coordinator drives it step by step. ``step`` computes the summed gradient of
 of the global batch (micro-batch by micro-batch) and all-reduces it; the result is kept, not
 applied. Only when every worker has reported its step does the coordinator send ``apply``, so a
 node dying mid-step leaves all survivors at the last completed step, with identical weights.
+
+A DP-SGD worker (``WorkerSpec.privacy``) sums clipped per-example gradients instead, and adds the
+step's seeded noise to the all-reduced sum before it keeps it (``dllmd.train.privacy``).
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class TrainWorker(TrainingState):
             flat = await asyncio.to_thread(self._gradients, rows)
             computed = time.perf_counter()
             await self.collective.allreduce(flat, step)
+            reduced = time.perf_counter()
             tokens = float(flat[-1])
             if self.spec.privacy is not None:  # the noise goes on the global sum, once: every worker holds it
                 await asyncio.to_thread(privatize, flat, self.spec.privacy, step)
@@ -110,7 +114,7 @@ class TrainWorker(TrainingState):
                 norm = math.sqrt(squared_norm(flat[:-2])) / tokens if tokens else None
             self._pending = (step, flat)
             return {"step": step, "rows": len(rows), "loss": batch_loss(flat), "tokens": int(tokens),
-                    "grad_norm": norm, "compute_s": computed - started, "comm_s": time.perf_counter() - computed}
+                    "grad_norm": norm, "compute_s": computed - started, "comm_s": reduced - computed}
 
     def _gradients(self, rows: list[tuple[str, int]]) -> torch.Tensor:
         """The summed loss gradient over this worker's rows (zero if it has none this step)."""

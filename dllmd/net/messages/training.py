@@ -69,7 +69,7 @@ class JobSpec:
     dp_noise_multiplier: float = bounded(0.0, lo=0.0, hi=1e6)
     dp_delta: float = bounded(1e-5, lo=0.0, hi=1.0)
     dp_epsilon_budget: float = bounded(0.0, lo=0.0, hi=1e6)  # 0: no budget; else the job ends before exceeding it
-    dp_seed: int = bounded(0, lo=0, hi=2**63 - 1)  # secret: sampling and noise; 0: the coordinator draws one
+    dp_seed: int = bounded(0, lo=0, hi=2**63 - 1)  # secret: sampling and noise; drawn by the coordinator at submit
 
 
 @dataclass
