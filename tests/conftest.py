@@ -154,3 +154,22 @@ def local_daemons(root: Path, count: int, settings: dict | None = None) -> Itera
         yield {"user": user, "registry": registry, "store": ModelStore(root / "models"), "root": root, "nodes": nodes}
     finally:
         local_cluster.down(root / "daemons", registry)
+
+
+@contextmanager
+def cli_user_cluster(root: Path, count: int) -> Iterator[Path]:
+    """A user whose config, data and cache dirs are under ``root`` (in the environment, so that CLI
+    subprocesses see them) and ``count`` local daemons (``dllmctl cluster up``); yields the cluster
+    directory and stops it afterwards. What module-scoped fixtures of CLI tests stand on: conftest's
+    ``user_env`` is function-scoped."""
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("config", "data", "cache"):
+            env.setenv(f"DLLM_{name.upper()}_DIR", str(root / name))
+        (root / "config").mkdir()
+        Identity.generate().save(root / "config" / "identity")
+        up = run_cli("dllmctl", "cluster", "up", "--local", str(count), "--dir", str(root / "c"), "--json")
+        assert up.returncode == 0, up.stderr
+        try:
+            yield root / "c"
+        finally:
+            run_cli("dllmctl", "cluster", "down", "--dir", str(root / "c"))

@@ -178,7 +178,9 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
     assert [c["node"] for c in shown["federation"]["clients"]] == ["local-1", "local-2"]
     for config, needle in (({"name": MODEL, "learning_rate": 1}, "learning_rate"),
                            ({"lr": 1e-4}, "must name a model"),
-                           ({"name": MODEL, "seq_len": 64}, "packed into sequences of 32")):
+                           ({"name": MODEL, "seq_len": 64}, "packed into sequences of 32"),
+                           ({"name": MODEL, "dp_clip": 1.0}, "clipping without noise is not differential privacy"),
+                           ({"name": MODEL, "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1.0}, "dp_delta")):
         text, error, _ = await s.call("llm_train_distributed", model_config=config, training_data="code")
         assert error and needle in text, (config, text)
     text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="nothing")

@@ -15,8 +15,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dllmd.net.identity import Identity
-from tests.conftest import run_cli
+from tests.conftest import cli_user_cluster, run_cli
 from tests.test_cli_inference import _ok
 from tests.test_train import LR, _corpus, _max_diff, _restart, _shards, _wait_exited, _wait_finished
 from dllmd.train.local import train_locally
@@ -32,24 +31,16 @@ def cluster(tmp_path_factory):
     """Four daemons, a user, the tiny Llama (tied; 5 layers) and an untied twin, and datasets of the
     same corpus on 2, 3 and 4 nodes; node name -> public key."""
     root = tmp_path_factory.mktemp("pipeline")
-    with pytest.MonkeyPatch.context() as env:
-        for name in ("config", "data", "cache"):
-            env.setenv(f"DLLM_{name.upper()}_DIR", str(root / name))
-        (root / "config").mkdir()
-        Identity.generate().save(root / "config" / "identity")
-        _ok(run_cli("dllmctl", "cluster", "up", "--local", "4", "--dir", str(root / "c"), "--json"))
-        try:
-            for name, tied in (("tiny", True), ("untied", False)):
-                source = make_tiny_model("llama", root / f"src-{name}", tie_word_embeddings=tied)
-                _ok(run_cli("dllmctl", "model", "import", str(source), "--name", name, "--json"))
-            corpus = _corpus(root / "repo")
-            for name, model, nodes in (("two", "tiny", 2), ("three", "tiny", 3), ("four", "tiny", 4),
-                                       ("two-u", "untied", 2), ("three-u", "untied", 3)):
-                _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", model, "--strategy", "random", "--seq-len",
-                            "32", "--nodes", ",".join(NODES.split(",")[:nodes]), "--name", name, "--json"))
-            yield root / "c"
-        finally:
-            run_cli("dllmctl", "cluster", "down", "--dir", str(root / "c"))
+    with cli_user_cluster(root, 4) as cluster:
+        for name, tied in (("tiny", True), ("untied", False)):
+            source = make_tiny_model("llama", root / f"src-{name}", tie_word_embeddings=tied)
+            _ok(run_cli("dllmctl", "model", "import", str(source), "--name", name, "--json"))
+        corpus = _corpus(root / "repo")
+        for name, model, nodes in (("two", "tiny", 2), ("three", "tiny", 3), ("four", "tiny", 4),
+                                   ("two-u", "untied", 2), ("three-u", "untied", 3)):
+            _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", model, "--strategy", "random", "--seq-len",
+                        "32", "--nodes", ",".join(NODES.split(",")[:nodes]), "--name", name, "--json"))
+        yield cluster
 
 
 def _keys(cluster: Path) -> dict[str, str]:

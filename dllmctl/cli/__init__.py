@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dllmd import __version__
-from dllmctl.cli import api, bench, cluster, data, deploy, eval, infer, model, nodes, plan, train
+from dllmctl.cli import api, bench, checkpoints, cluster, data, deploy, eval, infer, model, nodes, plan, train
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -26,7 +26,7 @@ app.command("shard-data")(data.shard_data_command)
 app.command("train")(train.train_command)
 app.command("metrics")(train.metrics_command)
 app.add_typer(train.jobs_app, name="jobs")
-app.add_typer(train.checkpoints_app, name="checkpoints")
+app.add_typer(checkpoints.checkpoints_app, name="checkpoints")
 app.command("plan")(plan.plan_command)
 app.command("rebalance")(plan.rebalance_command)
 app.command("serve")(api.serve_command)

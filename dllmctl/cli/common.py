@@ -85,6 +85,19 @@ def select_nodes(names: str | None, registry: Registry | None = None) -> list[No
         fail(str(exc))
 
 
+def locate_job(job: str) -> tuple[Identity, NodeEntry]:
+    """The user and the registered node that coordinates ``job``, or a one-line error."""
+    import asyncio
+
+    from dllmctl.training.jobs import TrainError, find_coordinator
+
+    user = load_user()
+    try:
+        return user, asyncio.run(find_coordinator(user, select_nodes(None), job))
+    except TrainError as exc:
+        fail(str(exc))
+
+
 def local_model(name: str) -> tuple[Path, Any]:
     """The directory and manifest of a model in the local store, or a one-line error."""
     from dllmd.models.store import ModelStoreError

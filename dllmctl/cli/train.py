@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from dllmctl.cli.common import JsonOpt, err, fail, human_bytes, load_user, local_model, out, print_json, select_nodes
+from dllmctl.cli.common import (JsonOpt, err, fail, human_bytes, load_user, local_model, locate_job, out, print_json,
+                                select_nodes)
 
 if TYPE_CHECKING:
     from dllmctl.cluster.registry import NodeEntry
 
 # The training client (zmq, keys, the protocol) is imported in the commands: 'dllmctl --help' loads this module.
 jobs_app = typer.Typer(help="Training jobs: list, show, stop, resume.", no_args_is_help=True)
-checkpoints_app = typer.Typer(help="Checkpoints of a job: list, show, export.", no_args_is_help=True)
 
 FOLLOW_POLL_S = 1.0
 
@@ -41,7 +41,8 @@ def train_command(
                                                   help="Sequences per forward/backward pass.")] = 1,
     lr: Annotated[float, typer.Option(min=0.0, max=10.0)] = 1e-4,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 0,
-    grad_clip: Annotated[float, typer.Option(min=0.0, help="Global gradient norm clip (0: none).")] = 1.0,
+    grad_clip: Annotated[float, typer.Option(min=0.0, help="Global gradient norm clip (0: none; not applied under "
+                                                           "--dp-clip).")] = 1.0,
     weight_decay: Annotated[float, typer.Option(min=0.0, max=10.0)] = 0.0,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Steps between checkpoints (0: on stop and at the end).")] = 0,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
@@ -77,6 +78,15 @@ def train_command(
                                                              "(0: none).")] = 0.0,
     secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation", help="Federated: the coordinator "
                                                      "learns only the sum of each round's updates.")] = False,
+    dp_clip: Annotated[float, typer.Option(help="Differential privacy (DP-SGD, --parallelism data): clip each "
+                                                "example's gradient to this L2 norm (0: off).")] = 0.0,
+    dp_noise_multiplier: Annotated[float, typer.Option(help="DP-SGD: each step's summed gradient gets Gaussian "
+                                                            "noise of std this x --dp-clip.")] = 0.0,
+    dp_delta: Annotated[float, typer.Option(help="DP-SGD: the delta epsilon is counted at (keep it well below "
+                                                 "1 / the dataset's rows).")] = 1e-5,
+    dp_epsilon_budget: Annotated[float, typer.Option(help="DP-SGD: end the job (done, with a checkpoint) before a "
+                                                          "step would spend more epsilon than this (0: no "
+                                                          "budget).")] = 0.0,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
     as_json: JsonOpt = False,
@@ -123,7 +133,8 @@ def train_command(
                         epochs=epochs or (0 if max_steps else 1), max_steps=max_steps or 0, lr=lr,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay,
                         checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, plaintext=plaintext, backend=backend,
-                        **pipeline)
+                        dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
+                        dp_epsilon_budget=dp_epsilon_budget, **pipeline)
     except TrainError as exc:
         fail(str(exc))
     try:
@@ -165,7 +176,7 @@ def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
                 status = asyncio.run(job_call(user, coordinator, S.JOBS_METRICS, {"job": job, "after_step": after}))
                 for row in status["metrics"]:
                     after = row["step"]
-                    bar.update(task, loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_s']:.0f}")
+                    bar.update(task, loss=_number(row["loss"], ".4f"), speed=f"{row['tokens_per_s']:.0f}")
                 bar.update(task, total=status["total_steps"], completed=status["step"])
                 if status["state"] in ("done", "stopped", "failed", "interrupted"):
                     break
@@ -183,18 +194,6 @@ def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
             print_json(shown)
         raise typer.Exit(1)
     return shown
-
-
-def _locate(job: str) -> tuple:
-    import asyncio
-
-    from dllmctl.training.jobs import TrainError, find_coordinator
-
-    user = load_user()
-    try:
-        return user, asyncio.run(find_coordinator(user, _nodes(None), job))
-    except TrainError as exc:
-        fail(str(exc))
 
 
 @jobs_app.command("list")
@@ -227,23 +226,27 @@ def _print_job(shown: dict) -> None:
         out.print(f"[red]{shown['error']}[/red]")
     last = shown.get("last_metrics")
     if last:
-        out.print(f"last step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
-                  f"compute {last['compute_s']:.2f} s, communication {last['comm_s']:.2f} s")
+        out.print(f"last step {last['step']}: loss {_number(last['loss'], '.4f')}, {last['tokens_per_s']:.0f} "
+                  f"tokens/s, compute {last['compute_s']:.2f} s, communication {last['comm_s']:.2f} s")
         if "bubble" in last:
             out.print(f"pipeline bubble {last['bubble']:.0%} (theory {last['bubble_theoretical']:.0%} for this "
                       f"schedule's micro-batches), {human_bytes(last['bytes_between_stages'])} between stages")
     federation = shown.get("federation")
     if federation:
-        privacy = f", epsilon {federation['epsilon']:.3g} at delta {federation['delta']:g}" \
-            if federation.get("epsilon") is not None else ""
         out.print(f"federated ({federation['strategy']}{', secure aggregation' if federation['secure_aggregation'] else ''}"
                   f"): round {federation['round']}/{federation['rounds']}, {federation['stragglers']} straggler(s), "
-                  f"{federation['dropouts']} dropout(s), {federation['failed_rounds']} round(s) retried{privacy}")
+                  f"{federation['dropouts']} dropout(s), {federation['failed_rounds']} round(s) retried")
         table = Table("client", "rows", "rounds", "last round", "loss there")
         for c in federation["clients"]:
             table.add_row(c["node"], str(c["rows"]), str(c["rounds"]), "-" if c["last_round"] is None else
                           str(c["last_round"]), "-" if c["last_loss"] is None else f"{c['last_loss']:.4f}")
         out.print(table)
+    privacy = shown.get("privacy")
+    if privacy:
+        budget = f", budget {privacy['epsilon_budget']:g}" if privacy["epsilon_budget"] else ""
+        out.print(f"differential privacy: epsilon {privacy['epsilon']:.4g} spent at delta {privacy['delta']:g} "
+                  f"after {privacy['steps']} steps{budget} (clip {privacy['clip']:g}, noise multiplier "
+                  f"{privacy['noise_multiplier']:g}, sample rate {privacy['sample_rate']:.4g})")
     if shown.get("stages"):
         table = Table("node", "replica", "stage", "layers", "memory (est.)", "compute s", "busy", "activations")
         for n in shown["stages"]:
@@ -265,7 +268,7 @@ def jobs_show(job: str, as_json: JsonOpt = False) -> None:
     from dllmd.net.messages import training as S
     from dllmctl.training.jobs import job_call
 
-    user, node = _locate(job)
+    user, node = locate_job(job)
     shown = asyncio.run(job_call(user, node, S.JOBS_SHOW, {"job": job}))
     if as_json:
         print_json({**shown, "coordinator": node.name})
@@ -281,7 +284,7 @@ def jobs_stop(job: str, as_json: JsonOpt = False) -> None:
     from dllmd.net.messages import training as S
     from dllmctl.training.jobs import job_call
 
-    user, node = _locate(job)
+    user, node = locate_job(job)
     result = asyncio.run(job_call(user, node, S.JOBS_STOP, {"job": job}))
     print_json(result) if as_json else out.print(f"{job}: {result['state']}")
 
@@ -296,7 +299,7 @@ def jobs_resume(job: str, follow: Annotated[bool, typer.Option("--follow/--detac
     from dllmd.net.messages import training as S
     from dllmctl.training.jobs import job_call
 
-    user, node = _locate(job)
+    user, node = locate_job(job)
     try:
         current = [{"name": n.name, "address": n.address, "public_key": n.public_key} for n in _nodes(None)]
         result = asyncio.run(job_call(user, node, S.JOBS_RESUME, {"job": job, "nodes": current}, timeout=900))
@@ -323,7 +326,7 @@ def metrics_command(
     from dllmd.net.messages import training as S
     from dllmctl.training.jobs import job_call
 
-    user, node = _locate(job)
+    user, node = locate_job(job)
     rows, after = [], -1
     try:
         while True:
@@ -361,13 +364,17 @@ def metrics_command(
         out.print(_rounds_table(rows))
         return
     pipeline = bool(rows) and "bubble" in rows[0]
+    private = bool(rows) and "epsilon" in rows[0]
     columns = ["step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s"]
-    table = Table(*columns, *(["bubble", "between stages"] if pipeline else []))
+    columns += (["bubble", "between stages"] if pipeline else []) + (["rows", "epsilon"] if private else [])
+    table = Table(*columns)
     for row in rows:
-        cells = [str(row["step"]), f"{row['loss']:.4f}", f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
+        cells = [str(row["step"]), _number(row["loss"], ".4f"), f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
                  f"{row['tokens_per_s']:.0f}", f"{row['step_s']:.3f}", f"{row['compute_s']:.3f}", f"{row['comm_s']:.3f}"]
         if pipeline:
             cells += [f"{row['bubble']:.0%}", human_bytes(row["bytes_between_stages"])]
+        if private:
+            cells += [str(row["rows"]), f"{row['epsilon']:.4g}"]
         table.add_row(*cells)
     out.print(table)
 
@@ -384,92 +391,17 @@ def _rounds_table(rows: list[dict]) -> Table:
 
 
 def _print_metric(row: dict) -> None:
+    epsilon = f", epsilon {row['epsilon']:.4g}" if "epsilon" in row else ""
     if "sampled" in row:  # a federated round: each client's loss on its own data
         clients = ", ".join(f"{name} {c['loss_before']:.4f}->{c['loss_after']:.4f}" for name, c in row["nodes"].items())
-        out.print(f"round {row['step']}: global loss {row['loss']:.4f} ({clients}); {row['tokens_per_s']:.0f} tok/s")
+        out.print(f"round {row['step']}: global loss {row['loss']:.4f} ({clients}); {row['tokens_per_s']:.0f} "
+                  f"tok/s{epsilon}")
         return
-    out.print(f"step {row['step']}: loss {row['loss']:.4f} lr {row['lr']:.2e} grad norm {row['grad_norm']:.3f} "
-              f"{row['tokens_per_s']:.0f} tok/s (compute {row['compute_s']:.2f} s, comm {row['comm_s']:.2f} s)")
+    out.print(f"step {row['step']}: loss {_number(row['loss'], '.4f')} lr {row['lr']:.2e} grad norm "
+              f"{row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s (compute {row['compute_s']:.2f} s, comm "
+              f"{row['comm_s']:.2f} s{epsilon})")
 
 
-@checkpoints_app.command("list")
-def checkpoints_list(job: str, as_json: JsonOpt = False) -> None:
-    """A job's checkpoints."""
-    import asyncio
-
-    from dllmd.net.messages import training as S
-    from dllmctl.training.jobs import job_call
-
-    user, node = _locate(job)
-    result = asyncio.run(job_call(user, node, S.CHECKPOINTS_LIST, {"job": job}))
-    if as_json:
-        print_json(result["checkpoints"])
-        return
-    table = Table("step", "loss", "size", "path")
-    for c in result["checkpoints"]:
-        table.add_row(str(c["step"]), f"{c['loss']:.4f}" if c.get("loss") is not None else "-", human_bytes(c["bytes"]),
-                      c["path"])
-    out.print(table)
-
-
-@checkpoints_app.command("show")
-def checkpoints_show(job: str, step: Annotated[Optional[int], typer.Option(help="Default: the latest.")] = None,
-                     as_json: JsonOpt = False) -> None:
-    """One checkpoint: its step, loss, files and where it lives."""
-    import asyncio
-
-    from dllmd.net.messages import training as S
-    from dllmctl.training.jobs import job_call
-
-    user, node = _locate(job)
-    result = asyncio.run(job_call(user, node, S.CHECKPOINTS_LIST, {"job": job}))
-    chosen = [c for c in result["checkpoints"] if step is None or c["step"] == step]
-    if not chosen:
-        fail(f"job {job} has no checkpoint" + (f" at step {step}" if step is not None else ""))
-    checkpoint = {**chosen[-1], "coordinator": node.name}
-    if as_json:
-        print_json(checkpoint)
-        return
-    for key, value in checkpoint.items():
-        out.print(f"{key}: {value}")
-
-
-@checkpoints_app.command("export")
-def checkpoints_export(
-    job: str,
-    name: Annotated[str, typer.Option(help="Name of the fine-tuned model in the local store.")],
-    step: Annotated[Optional[int], typer.Option(help="Default: the latest checkpoint.")] = None,
-    directory: Annotated[Optional[Path], typer.Option("--dir", help="Also keep the transformers directory here.")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Write a checkpoint as a transformers model directory and import it into the model store."""
-    import asyncio
-    import tempfile
-
-    from dllmd.net.client import CallError
-    from dllmd.net.messages import training as S
-    from dllmctl.models import local_store
-    from dllmctl.models.importer import ModelImportError, import_model
-    from dllmctl.training.export import export_checkpoint
-    from dllmctl.training.jobs import TrainError, job_call
-
-    user, node = _locate(job)
-    shown = asyncio.run(job_call(user, node, S.JOBS_SHOW, {"job": job}))
-    base, _ = local_model(shown["spec"]["model"])
-    with tempfile.TemporaryDirectory(prefix="dllm-export-") as tmp:
-        target = directory or Path(tmp) / "model"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            registered = {n.name: n.public_key for n in _nodes(None)}
-            signers = [registered[name] for name in shown["nodes"] if name in registered]  # pinned, not told
-            exported = asyncio.run(export_checkpoint(user, node, job, step, base, target, signers))
-            manifest = import_model(target, local_store(), user, name, force=True)
-        except (TrainError, CallError, ModelImportError, OSError) as exc:
-            fail(str(exc))
-    report = {**exported, "model": manifest.name, "params": manifest.params,
-              "directory": str(directory) if directory else None}
-    if as_json:
-        print_json(report)
-        return
-    out.print(f"exported step {exported['step']} of {job} as model {manifest.name} "
-              f"({manifest.params / 1e6:.1f}M params); deploy it with 'dllmctl deploy {manifest.name}'")
+def _number(value: float | None, spec: str) -> str:
+    """A metric that can be missing (the loss of a DP step whose Poisson batch was empty)."""
+    return "-" if value is None else format(value, spec)

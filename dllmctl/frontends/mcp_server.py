@@ -169,6 +169,11 @@ class TrainOptions(BaseModel):
     proximal_mu: float = Field(0.0, ge=0.0, le=1e6)
     update_clip: float = Field(0.0, ge=0.0, le=1e9)
     secure_aggregation: bool = False
+    # parallelism data: differential privacy (DP-SGD), as dllmctl train's --dp-* options
+    dp_clip: float = Field(0.0, ge=0.0, le=1e9)
+    dp_noise_multiplier: float = Field(0.0, ge=0.0, le=1e6)
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    dp_epsilon_budget: float = Field(0.0, ge=0.0, le=1e6)
 
 
 def train_options(config: str | dict) -> tuple[str, TrainOptions]:
@@ -324,7 +329,9 @@ class ClusterTools:
                             epochs=epochs or (0 if options.max_steps else 1), max_steps=options.max_steps or 0,
                             lr=options.lr, warmup_steps=options.warmup_steps, grad_clip=options.grad_clip,
                             weight_decay=options.weight_decay, checkpoint_every=options.checkpoint_every,
-                            seed=options.seed, dtype=options.dtype, backend=options.backend, **pipeline)
+                            seed=options.seed, dtype=options.dtype, backend=options.backend,
+                            dp_clip=options.dp_clip, dp_noise_multiplier=options.dp_noise_multiplier,
+                            dp_delta=options.dp_delta, dp_epsilon_budget=options.dp_epsilon_budget, **pipeline)
         except TrainError as exc:
             raise ToolError(str(exc)) from None
         to_ship = Manifest.from_bytes((directory / MANIFEST).read_bytes()).total_bytes * len(targets)
@@ -426,7 +433,9 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
                         "(required), \"local_steps\", \"clients_per_round\" (a count or a fraction), "
                         "\"min_clients\", \"round_timeout\" (s), \"strategy\" (fedavg|fedavgm|fedadam), "
                         "\"server_lr\", \"server_momentum\", \"proximal_mu\" (FedProx), \"update_clip\", "
-                        "\"secure_aggregation\"}")],
+                        "\"secure_aggregation\"; differential privacy (data: DP-SGD, per example; federated: per "
+                        "client): \"dp_clip\" (gradient or update norm bound), \"dp_noise_multiplier\", "
+                        "\"dp_delta\" (default 1e-5), \"dp_epsilon_budget\" (0: none)}")],
         training_data: Annotated[str, Field(description="A dataset placed with llm_data_shard (training://data_shards)")],
         parallelism: Annotated[Literal[TRAIN_PARALLELISMS], Field(  # type: ignore[valid-type]
             description="'data' (a full replica per node, gradients all-reduced over an encrypted ring); "

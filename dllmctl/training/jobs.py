@@ -17,6 +17,7 @@ from dllmd.net.messages import training as S
 from dllmd.net.messages.node import PING
 from dllmd.net.schema import Op, parse_args, parse_reply, to_wire
 from dllmd.net.wire import WireError
+from dllmd.train.privacy.settings import PrivacyError, PrivacySettings
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.models.deploy import Progress, ship_files
 
@@ -158,7 +159,8 @@ def federated_dataset(name: str, model: str) -> dict:
 
 
 def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
-    """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards."""
+    """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards.
+    Differential privacy settings are checked here too, so nothing is shipped for a job that is refused."""
     by_name = {n.name: n for n in nodes}
     shards = []
     for row in dataset["nodes"]:
@@ -171,8 +173,13 @@ def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.
     if dataset.get("model") and dataset["model"] != model:
         raise TrainError(f"dataset {dataset['dataset']} was tokenized for {dataset['model']}, not {model}: "
                          f"re-shard it with --model {model}")
-    return S.JobSpec(model=model, dataset=dataset["dataset"],
+    spec = S.JobSpec(model=model, dataset=dataset["dataset"],
                      nodes=[S.NodeRef(n.name, n.address, n.public_key) for n in nodes], shards=shards, **options)
+    try:
+        PrivacySettings.of(spec).check(spec.parallelism, spec.dtype)
+    except PrivacyError as exc:
+        raise TrainError(str(exc)) from None
+    return spec
 
 
 async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: S.JobSpec,

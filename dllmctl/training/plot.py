@@ -14,6 +14,7 @@ def loss_plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    rows = [r for r in rows if r["loss"] is not None]  # a DP step whose Poisson batch was empty has no loss
     axes.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue", linewidth=1.5)
     axes.set_xlabel("step")
     axes.set_ylabel("loss (mean over the global batch)")

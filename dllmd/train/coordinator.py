@@ -37,6 +37,8 @@ from dllmd.train.federated.weights import GlobalModel
 from dllmd.train.jobs import JobError, JobFailed, JobInterrupted, JobStore
 from dllmd.train.pipeline.parts import PartCheckpoints
 from dllmd.train.pipeline.run import PipelineRun
+from dllmd.train.privacy.job import JobPrivacy
+from dllmd.train.privacy.settings import PrivacyError, PrivacySettings
 from dllmd.train.run import PREPARE_TIMEOUT_S, DataParallelRun
 
 log = logging.getLogger("dllmd.coordinator")
@@ -119,6 +121,7 @@ class Coordinator:
             raise JobError("give --epochs or --max-steps")
         if spec.parallelism not in S.PARALLELISMS_BUILT:
             raise JobError(f"parallelism must be one of {', '.join(S.PARALLELISMS_BUILT)}, not {spec.parallelism!r}")
+        self._validate_privacy(spec)
         if spec.parallelism != "data":
             self._validate_pipeline(spec)
         return schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
@@ -136,14 +139,32 @@ class Coordinator:
             raise JobError(f"--clients-per-round {per_round} is more than the job's {len(spec.nodes)} nodes")
         if spec.min_clients > per_round:
             raise JobError(f"--min-clients {spec.min_clients} is more than the {per_round} clients of a round")
-        if spec.secure_aggregation and (per_round < 3 or not spec.update_clip):
+        if spec.secure_aggregation and (per_round < 3 or not (spec.update_clip or spec.dp_clip)):
             raise JobError("--secure-aggregation needs at least 3 clients a round (with two, each would learn the "
                            "other's update from the sum) and --update-clip (it bounds the fixed-point range)")
+        self._validate_privacy(spec)
+        if PrivacySettings.of(spec).enabled and spec.update_clip and spec.update_clip != spec.dp_clip:
+            raise JobError("under differential privacy each client's update is clipped to --dp-clip; leave "
+                           "--update-clip out")
         strangers = [n.name for n in spec.nodes[1:] if self.service.keys.by_public_key(n.public_key) is None]
         if strangers:
             raise JobError(f"node(s) {', '.join(strangers)} are not authorized on the coordinator "
                            f"{self.service.config.name}: authorize their keys (role peer or federation) first")
         return spec.rounds
+
+    @staticmethod
+    def _validate_privacy(spec: S.JobSpec) -> None:
+        """DP settings that are differential privacy, on a job DP-SGD is built for, with a budget that
+        allows a step."""
+        try:
+            PrivacySettings.of(spec).check(spec.parallelism, spec.dtype)
+        except PrivacyError as exc:
+            raise JobError(str(exc)) from None
+        privacy = JobPrivacy.of(spec)
+        refusal = privacy.over_budget(0) if privacy else None
+        if refusal:
+            raise JobError(f"--dp-epsilon-budget allows no step: {refusal}; raise the budget or "
+                           f"--dp-noise-multiplier, or lower --batch-size")
 
     def _validate_pipeline(self, spec: S.JobSpec) -> None:
         """Stages that cover the model's layers once, in order, on replicas x stages nodes."""
@@ -174,6 +195,8 @@ class Coordinator:
 
     async def _submit(self, spec: S.JobSpec, _tensors) -> dict:
         total = self._validate(spec)
+        if PrivacySettings.of(spec).enabled:  # secret, and never the client's choice: settings.py says why
+            spec.dp_seed = secrets.randbits(63)
         job = time.strftime("job-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         await self._prepare(job, spec, spec.nodes)  # refuses (and cleans up) before the job exists
         self.store.create(job, to_wire(spec), total)
@@ -187,14 +210,16 @@ class Coordinator:
         job = self.store.get(a.job)
         last = self.store.metrics(a.job, after_step=job["step"] - 2)
         store = self.checkpoints(a.job)
-        return S.JobDetail(**_summary(job), spec=job["spec"],
+        spec = _spec(job["spec"])
+        privacy = JobPrivacy.of(spec)
+        return S.JobDetail(**_summary(job), spec={k: v for k, v in job["spec"].items() if k != "dp_seed"},
                            events=[S.Event(**e) for e in self.store.events(a.job)],
                            last_metrics=last[-1] if last else None,
                            checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()],
-                           parallelism=job["spec"].get("parallelism", "data"),
-                           stages=self._stage_nodes(a.job, _spec(job["spec"]), last[-1] if last else None),
-                           federation=federation_status(self.store, job) if _spec(job["spec"]).parallelism
-                           == "federated" else None)
+                           parallelism=spec.parallelism,
+                           stages=self._stage_nodes(a.job, spec, last[-1] if last else None),
+                           federation=federation_status(self.store, job) if spec.parallelism == "federated" else None,
+                           privacy=privacy.spent(job["step"]) if privacy else None)
 
     def _stage_nodes(self, job: str, spec: S.JobSpec, last: dict | None) -> list[S.StageNode]:
         """A pipeline job's nodes, each with its stage, layers, memory estimate and latest step."""
@@ -277,6 +302,9 @@ class Coordinator:
         args = {"job": job, "model": spec.model, "dataset": spec.dataset, "dtype": spec.dtype,
                 "micro_batch_size": spec.micro_batch_size, "lr": spec.lr, "grad_clip": spec.grad_clip,
                 "weight_decay": spec.weight_decay, "plaintext": spec.plaintext, "backend": spec.backend}
+        privacy = JobPrivacy.of(spec)
+        if privacy:
+            args["privacy"] = to_wire(privacy.plan())
         results = await asyncio.gather(*(self.service.call(n, "train.prepare", {**args, "stage": _stage(spec, i)},
                                                            timeout=PREPARE_TIMEOUT_S)
                                          for i, n in enumerate(nodes)), return_exceptions=True)

@@ -46,7 +46,7 @@ def flatten_grads(model: torch.nn.Module, loss_sum: float, tokens: int) -> torch
 
 @dataclass
 class StepResult:
-    loss: float
+    loss: float | None  # None: a DP step whose Poisson batch was empty
     tokens: int
     grad_norm: float
 

@@ -20,6 +20,7 @@ from dllmd.net.messages import training as S
 from dllmd.net.schema import to_wire
 from dllmd.train import schedule
 from dllmd.train.jobs import JobFailed
+from dllmd.train.privacy.job import JobPrivacy
 
 log = logging.getLogger("dllmd.coordinator")
 
@@ -41,6 +42,7 @@ class JobRun:
         self.holders = {s: {s} for s in self.shard_ids}  # shard -> nodes holding its rows
         self.generation = 0
         self.total = schedule.total_steps(self.rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
+        self.privacy = JobPrivacy.of(spec)  # None: exact training
 
     @property
     def live(self) -> list[S.NodeRef]:
@@ -52,9 +54,13 @@ class JobRun:
         if resume_from is not None:
             step = await self.load_checkpoint(resume_from)
         await self.form()
-        failed_attempts, metrics = 0, None
+        failed_attempts, metrics, budget_spent = 0, None, None
         while step < self.total:
             if self.job in self.c.stopping:
+                break
+            budget_spent = self.privacy.over_budget(step) if self.privacy else None
+            if budget_spent:
+                self.store.event(self.job, "privacy_budget", budget_spent + ": the job ends here")
                 break
             failpoint("jobs.step", step)
             started = time.perf_counter()
@@ -70,12 +76,14 @@ class JobRun:
             if lost:  # they died between step and apply: those that applied carry on without them
                 await self.recover(lost)
             metrics = self.step_metrics(step, lr, results, time.perf_counter() - started)
+            if self.privacy:
+                metrics.update(self.privacy.metrics(step + 1))
             self.store.record_step(self.job, step, metrics)
             step += 1
             if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and step < self.total:
                 await self.checkpoint(step, metrics)
         await self.checkpoint(step, metrics)
-        if step >= self.total:
+        if step >= self.total or budget_spent:
             self.store.set_state(self.job, "done")
             self.store.event(self.job, "done", f"{step} steps")
         else:
@@ -142,8 +150,16 @@ class JobRun:
     def cursor(self, step: int) -> dict:
         """Where the data order stands after ``step`` steps, and the job: what every checkpoint records."""
         per_epoch = schedule.steps_per_epoch(self.rows, self.spec.batch_size)
+        privacy = {"privacy": to_wire(self.privacy.spent(step))} if self.privacy else {}
         return {"job": self.job, "seed": self.spec.seed, "epoch": step // per_epoch,
-                "step_in_epoch": step % per_epoch, "spec": to_wire(self.spec)}
+                "step_in_epoch": step % per_epoch, "spec": to_wire(self.spec), **privacy}
+
+    def batch(self, step: int) -> list[schedule.Row]:
+        """The global batch of ``step``: Poisson-sampled with the job's secret seed under DP, else the
+        next rows of the shuffled order."""
+        if self.privacy:
+            return schedule.poisson_batch(self.rows, self.privacy.sample_rate, self.privacy.seed, step)
+        return schedule.batch(self.rows, self.spec.batch_size, self.spec.seed, step)
 
 
 class DataParallelRun(JobRun):
@@ -190,7 +206,7 @@ class DataParallelRun(JobRun):
 
     async def compute(self, step: int) -> list[dict] | None:
         """Run ``train.step`` everywhere; on a failure, clean up and return None (the step is retried)."""
-        batch = schedule.batch(self.rows, self.spec.batch_size, self.spec.seed, step)
+        batch = self.batch(step)
         number = {s: i for i, s in enumerate(self.shard_ids)}
         per_node: dict[str, list[list[int]]] = {n.public_key: [] for n in self.live}
         for row in batch:
@@ -228,7 +244,8 @@ class DataParallelRun(JobRun):
     def step_metrics(self, step: int, lr: float, results: list[dict], seconds: float) -> dict:
         first = results[0]
         return {"loss": first["loss"], "lr": lr, "grad_norm": first["grad_norm"], "tokens": first["tokens"],
-                "step_s": seconds, "tokens_per_s": first["tokens"] / seconds if seconds else None,
+                "rows": sum(r["rows"] for r in results), "step_s": seconds,
+                "tokens_per_s": first["tokens"] / seconds if seconds else None,
                 "compute_s": max(r["compute_s"] for r in results), "comm_s": max(r["comm_s"] for r in results),
                 "nodes": {n.name: {"rows": r["rows"], "compute_s": r["compute_s"], "comm_s": r["comm_s"]}
                           for n, r in zip(self.live, results)}}

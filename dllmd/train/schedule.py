@@ -8,6 +8,9 @@ and the step waits for the slower). Step ``t`` of an epoch takes the next ``batc
 short last batch is dropped, so every step has the same global batch). A worker computes the rows whose shard it holds. The order does not depend on
 which worker holds which shard, so when a dead node's shard moves to a survivor the job still
 trains on exactly the same batches, and a resumed job ends where an uninterrupted one ends.
+
+A differentially private job samples instead (:func:`poisson_batch`): each row independently,
+with the rate the privacy accountant is told (:func:`sample_rate`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,27 @@ def batch(shard_rows: Mapping[str, int], batch_size: int, seed: int, step: int) 
     per_epoch = steps_per_epoch(shard_rows, batch_size)
     epoch, within = divmod(step, per_epoch)
     return list(_order(tuple(sorted(shard_rows.items())), epoch, seed)[within * batch_size:(within + 1) * batch_size])
+
+
+POISSON_STREAM = 0x706F6973  # keeps Poisson draws apart from the shuffles drawn from the same seed
+
+
+def sample_rate(shard_rows: Mapping[str, int], batch_size: int) -> float:
+    """DP-SGD's sampling rate q: each row's chance to be in a step, so that a batch holds ``batch_size``
+    rows on average (what the privacy accountant is told)."""
+    return batch_size / sum(shard_rows.values())
+
+
+def poisson_batch(shard_rows: Mapping[str, int], rate: float, seed: int, step: int) -> list[Row]:
+    """DP-SGD's batch of ``step``: every row of every shard joins independently with probability
+    ``rate``, drawn from (seed, step) alone. Its size varies from step to step (it can be empty): that
+    is the sampling the accountant's amplification assumes, where a fixed-size shuffled batch is not.
+    Like :func:`batch`, it does not depend on who holds which shard."""
+    rng = np.random.default_rng([seed, step, POISSON_STREAM])
+    rows = []
+    for shard, count in sorted(shard_rows.items()):  # one draw per row: a home dataset's rows, milliseconds
+        rows += [Row(shard, int(i)) for i in np.flatnonzero(rng.random(count) < rate)]
+    return rows
 
 
 def learning_rate(step: int, base: float, warmup_steps: int, total: int, final_fraction: float = 0.1) -> float:

@@ -49,11 +49,13 @@ Handler = Callable[[Any, list[torch.Tensor]], Awaitable[Any]]
 REFUSALS = (TrainModelError, ModelFileError, ShardError, RingError, LinkError, ValueError, KeyError)
 
 
-def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int) -> int:
+def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int,
+                  private: bool = False) -> int:
     """A rough peak for one AdamW replica: fp32 weights, gradients, two moments, the flat all-reduce
-    buffer and its copy, plus activations of one micro-batch (and its logits)."""
+    buffer and its copy, plus activations of one micro-batch (and its logits); DP-SGD also holds
+    every example's gradient of a micro-batch, and the step's noise."""
     activations = micro_batch * seq_len * (hidden * layers * 24 + vocab * 8)
-    return params * 4 * 6 + activations
+    return params * 4 * (6 + (micro_batch + 1 if private else 0)) + activations
 
 
 class TrainingService:
@@ -152,6 +154,9 @@ class TrainingService:
                              f"false in its node.toml)")
         if a.dtype not in TRAIN_DTYPES:
             raise ValueError(f"dtype must be {' or '.join(TRAIN_DTYPES)}, not {a.dtype!r}")
+        if a.privacy is not None and (a.stage is not None or a.dtype != "float32" or not a.privacy.clip
+                                      or not a.privacy.noise_multiplier):
+            raise ValueError("DP-SGD runs on data-parallel float32 replicas, with a clip and noise above 0")
         config_path = self.models.config_path(a.model)
         try:
             config = json.loads(config_path.read_text())
@@ -167,7 +172,7 @@ class TrainingService:
         manifest, files = await asyncio.to_thread(self.models.verified_span, a.model, 0, layers, True, True, admins)
         seq_len = shard.tokens.shape[1] if shard else 2048
         need = replica_bytes(manifest.params, a.micro_batch_size, seq_len, int(config.get("hidden_size", 0)), layers,
-                             int(config.get("vocab_size", 0)))
+                             int(config.get("vocab_size", 0)), private=a.privacy is not None)
         device = hardware.best_device()
         free = hardware.gpus()[0]["memory_free"] if device.type == "cuda" else psutil.virtual_memory().available
         if need > free:
@@ -184,7 +189,7 @@ class TrainingService:
         spec = WorkerSpec(job=a.job, model=a.model, dataset=a.dataset, dtype=a.dtype,
                           micro_batch_size=a.micro_batch_size,
                           optim=OptimConfig(lr=a.lr, grad_clip=a.grad_clip, weight_decay=a.weight_decay),
-                          plaintext=a.plaintext, backend=a.backend)
+                          plaintext=a.plaintext, backend=a.backend, privacy=a.privacy)
         try:
             worker = await asyncio.to_thread(TrainWorker.build, spec, config_path.parent, files, device, collective)
         except Exception:

@@ -4,6 +4,9 @@ The coordinator drives it step by step. ``step`` computes the summed gradient of
 of the global batch (micro-batch by micro-batch) and all-reduces it; the result is kept, not
 applied. Only when every worker has reported its step does the coordinator send ``apply``, so a
 node dying mid-step leaves all survivors at the last completed step, with identical weights.
+
+A DP-SGD worker (``WorkerSpec.privacy``) sums clipped per-example gradients instead, and adds the
+step's seeded noise to the all-reduced sum before it keeps it (``dllmd.train.privacy``).
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from dllmd.failpoints import failpoint
+from dllmd.net.messages.training import PrivacyPlan
 from dllmd.train.model import load_causal_lm, loss_sum, parameters, row_targets
 from dllmd.train.optim import OptimConfig, TrainingState, apply_update, flatten_grads, make_optimizer, squared_norm
+from dllmd.train.privacy.clipping import clipped_gradient_sum
+from dllmd.train.privacy.dpsgd import apply_private_update, batch_loss, privatize
 from dllmd.train.ring import RingMember
 
 
@@ -42,6 +48,21 @@ def micro_batch(shards: Mapping[str, ShardRows], rows: Sequence[tuple[str, int]]
     return torch.cat([tokens for tokens, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
+def micro_batches(shards: Mapping[str, ShardRows], rows: Sequence[tuple[str, int]],
+                  size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``rows`` as consecutive micro-batches of ``size`` rows."""
+    for start in range(0, len(rows), size):
+        yield micro_batch(shards, rows[start:start + size])
+
+
+def private_gradients(model: torch.nn.Module, shards: Mapping[str, ShardRows], rows: Sequence[tuple[str, int]],
+                      micro_batch_size: int, clip: float) -> torch.Tensor:
+    """DP-SGD's flat buffer of ``rows``: their clipped per-example gradients summed, the summed token
+    loss and the token count (all zero for no rows: a Poisson batch can miss a worker's shards)."""
+    total, count = clipped_gradient_sum(model, micro_batches(shards, rows, micro_batch_size), clip)
+    return flatten_grads(model, total, count)
+
+
 @dataclass
 class WorkerSpec:
     job: str
@@ -52,6 +73,7 @@ class WorkerSpec:
     optim: OptimConfig = field(default_factory=OptimConfig)
     plaintext: bool = False
     backend: str = "zmq"
+    privacy: PrivacyPlan | None = None  # DP-SGD: per-example clipping, seeded noise, no global clip
 
 
 class TrainWorker(TrainingState):
@@ -83,20 +105,25 @@ class TrainWorker(TrainingState):
             flat = await asyncio.to_thread(self._gradients, rows)
             computed = time.perf_counter()
             await self.collective.allreduce(flat, step)
-            self._pending = (step, flat)
+            reduced = time.perf_counter()
             tokens = float(flat[-1])
-            return {"step": step, "rows": len(rows), "loss": float(flat[-2]) / tokens if tokens else None,
-                    "tokens": int(tokens), "grad_norm": math.sqrt(squared_norm(flat[:-2])) / tokens
-                    if tokens else None, "compute_s": computed - started,
-                    "comm_s": time.perf_counter() - computed}
+            if self.spec.privacy is not None:  # the noise goes on the global sum, once: every worker holds it
+                await asyncio.to_thread(privatize, flat, self.spec.privacy, step)
+                norm = math.sqrt(squared_norm(flat[:-2]))
+            else:
+                norm = math.sqrt(squared_norm(flat[:-2])) / tokens if tokens else None
+            self._pending = (step, flat)
+            return {"step": step, "rows": len(rows), "loss": batch_loss(flat), "tokens": int(tokens),
+                    "grad_norm": norm, "compute_s": computed - started, "comm_s": reduced - computed}
 
     def _gradients(self, rows: list[tuple[str, int]]) -> torch.Tensor:
         """The summed loss gradient over this worker's rows (zero if it has none this step)."""
+        if self.spec.privacy is not None:
+            return private_gradients(self.model, self.shards, rows, self.spec.micro_batch_size,
+                                     self.spec.privacy.clip)
         self.optimizer.zero_grad(set_to_none=True)
         total, count = 0.0, 0
-        b = self.spec.micro_batch_size
-        for start in range(0, len(rows), b):
-            tokens, labels = micro_batch(self.shards, rows[start:start + b])
+        for tokens, labels in micro_batches(self.shards, rows, self.spec.micro_batch_size):
             loss, n = loss_sum(self.model, tokens, labels, self.spec.dtype)
             loss.backward()
             total += float(loss.detach())
@@ -109,7 +136,11 @@ class TrainWorker(TrainingState):
                 raise ValueError(f"step {step} was not computed here (or was reset); nothing to apply")
             _, flat = self._pending
             self._pending = None
-            result = await asyncio.to_thread(apply_update, self.model, self.optimizer, flat, lr, self.spec.optim.grad_clip)
+            if self.spec.privacy is not None:
+                result = await asyncio.to_thread(apply_private_update, self.model, self.optimizer, flat, lr)
+            else:
+                result = await asyncio.to_thread(apply_update, self.model, self.optimizer, flat, lr,
+                                                 self.spec.optim.grad_clip)
             return {"step": step, "loss": result.loss, "grad_norm": result.grad_norm}
 
     def reset(self, reason: str) -> None:

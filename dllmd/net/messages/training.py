@@ -76,6 +76,24 @@ class JobSpec:
     proximal_mu: float = bounded(0.0, lo=0.0, hi=1e6)  # FedProx: mu/2 ||w - w_global||^2 in the local loss
     update_clip: float = bounded(0.0, lo=0.0, hi=1e9)  # L2 bound on each client's update (0: none)
     secure_aggregation: bool = False  # the coordinator learns only the sum of the round's updates
+    # Differential privacy (DP-SGD, data parallelism; dllmd.train.privacy): each example's gradient
+    # clipped to dp_clip, N(0, (dp_noise_multiplier * dp_clip)^2) added to the sum; rows Poisson-sampled.
+    dp_clip: float = bounded(0.0, lo=0.0, hi=1e9)  # 0: differential privacy off
+    dp_noise_multiplier: float = bounded(0.0, lo=0.0, hi=1e6)
+    dp_delta: float = bounded(1e-5, lo=0.0, hi=1.0)
+    dp_epsilon_budget: float = bounded(0.0, lo=0.0, hi=1e6)  # 0: no budget; else the job ends before exceeding it
+    dp_seed: int = bounded(0, lo=0, hi=2**63 - 1)  # secret: sampling and noise; drawn by the coordinator at submit
+
+
+@dataclass
+class PrivacyPlan:
+    """What a DP-SGD worker needs: the clip, the noise multiplier, the divisor of the noised sum
+    (the expected batch size), and the job's secret seed of the noise."""
+
+    clip: float = bounded(lo=0.0, hi=1e9)
+    noise_multiplier: float = bounded(lo=0.0, hi=1e6)
+    expected_batch_size: int = bounded(lo=1, hi=1_000_000)
+    seed: int = bounded(lo=0, hi=2**63 - 1)
 
 
 @dataclass
@@ -105,6 +123,7 @@ class WorkerPrepareArgs:
     plaintext: bool = False
     backend: str = bounded("zmq", max_len=8)
     stage: StagePlan | None = None  # a pipeline stage's span (None: a data-parallel replica)
+    privacy: PrivacyPlan | None = None  # DP-SGD (None: exact training)
 
 
 @dataclass
@@ -383,8 +402,19 @@ class FederationStatus:
     dropouts: int  # times a client failed in a round
     failed_rounds: int  # rounds tried again for fewer than --min-clients updates
     secure_aggregation: bool
-    epsilon: float | None = None  # client-level DP: spent so far, at ``delta``
-    delta: float | None = None
+
+
+@dataclass
+class PrivacySpent:
+    """A DP job's guarantee so far: (epsilon, delta)-DP for each row of the dataset after ``steps`` steps."""
+
+    epsilon: float
+    delta: float
+    steps: int
+    clip: float
+    noise_multiplier: float
+    sample_rate: float  # each row's chance to be in a step's batch: batch size / rows
+    epsilon_budget: float  # 0: none
 
 
 @dataclass
@@ -406,6 +436,7 @@ class JobDetail:
     parallelism: str = "data"
     stages: list[StageNode] = bounded([], max_len=65536)  # pipeline jobs: every node, replica-major
     federation: FederationStatus | None = None  # federated jobs
+    privacy: PrivacySpent | None = None  # DP jobs
 
 
 @dataclass
@@ -428,6 +459,7 @@ class Metrics:
     step: int
     total_steps: int
     metrics: list[dict]  # one row per step: loss, lr, grad_norm, tokens_per_s, step_s, compute_s, comm_s, nodes
+    # (DP jobs also epsilon and delta)
 
 
 @dataclass

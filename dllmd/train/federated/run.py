@@ -276,9 +276,7 @@ def federation_status(store, job: dict) -> S.FederationStatus:
                                  last_round=taken[s["node"]][-1][0] if s["node"] in taken else None,
                                  last_loss=taken[s["node"]][-1][1] if s["node"] in taken else None)
                for s in spec.get("shards", [])]
-    last = rows[-1] if rows else {}
     return S.FederationStatus(round=job["step"], rounds=spec.get("rounds", 0), strategy=spec.get("strategy", "fedavg"),
                               clients=clients, stragglers=kinds.count("straggler"),
                               dropouts=kinds.count("client_dropped"), failed_rounds=kinds.count("round_failed"),
-                              secure_aggregation=bool(spec.get("secure_aggregation")),
-                              epsilon=last.get("epsilon"), delta=spec.get("dp_delta") if last.get("epsilon") else None)
+                              secure_aggregation=bool(spec.get("secure_aggregation")))
