@@ -27,6 +27,7 @@ from dllmd.train.optim import OptimConfig
 from dllmd.train.privacy.accountant import PrivacyAccountant
 from dllmd.train.privacy.clipping import clip_factors, clipped_gradient_sum, per_example_gradients
 from dllmd.train.privacy.noise import gaussian_noise
+from dllmd.train.worker import ShardRows
 from tests.conftest import cli_user_cluster, run_cli
 from tests.test_cli_inference import _ok
 from tests.test_train import LR, _corpus, _max_diff, _restart, _shards, _wait_exited
@@ -83,9 +84,13 @@ def test_noise_is_one_seeded_draw_and_poisson_batches_are_what_the_accountant_as
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> torch.nn.Module:
-    path = make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
-    return load_causal_lm(path, sorted(path.glob("*.safetensors")))
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir) -> torch.nn.Module:
+    return load_causal_lm(tiny_dir, sorted(tiny_dir.glob("*.safetensors")))
 
 
 def _rows(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +140,20 @@ def test_each_example_gets_its_own_gradient_and_an_outlier_moves_the_sum_by_at_m
     assert moved(1e9) == pytest.approx(raw, rel=1e-4)  # unclipped, it moves the sum by all of its gradient
 
 
+def test_a_step_whose_poisson_batch_is_empty_adds_noise_alone(tiny_dir):
+    tokens = torch.randint(0, 300, (20, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    rows = {"a": ShardRows(tokens, 20 * 32)}
+    seed = next(s for s in range(1, 100) if not schedule.poisson_batch({"a": 20}, 1 / 20, s, 0))  # step 0 is empty
+    seen = []
+    plan = S.PrivacyPlan(clip=CLIP, noise_multiplier=NOISE, expected_batch_size=1, seed=seed)
+    weights = train_locally(tiny_dir, rows, 1, 1, 1, OptimConfig(lr=LR), privacy=plan,
+                            on_step=lambda step, m: seen.append(m))
+    assert seen[0]["rows"] == 0 and seen[0]["tokens"] == 0 and seen[0]["loss"] is None
+    before = load_causal_lm(tiny_dir, sorted(tiny_dir.glob("*.safetensors")))
+    moved = [float((weights[n] - p).abs().max()) for n, p in parameters(before)]
+    assert all(math.isfinite(m) for m in moved) and min(moved) > 0  # the noise moved every weight
+
+
 # --- through two daemons --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -149,9 +168,9 @@ def cluster(tmp_path_factory):
         yield cluster
 
 
-def _train(*extra: str, steps: int = STEPS) -> dict:
+def _train(*extra: str, steps: int = STEPS, batch: int = BATCH, micro: int = MICRO) -> dict:
     return _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "two", "--nodes", NODES, "--max-steps", str(steps),
-                       "--batch-size", str(BATCH), "--micro-batch-size", str(MICRO), "--lr", str(LR), "--json", *extra,
+                       "--batch-size", str(batch), "--micro-batch-size", str(micro), "--lr", str(LR), "--json", *extra,
                        timeout=300))
 
 
@@ -218,7 +237,8 @@ def test_a_dp_job_on_two_nodes_equals_one_process_dp_training(cluster, tmp_path)
     table = run_cli("dllmctl", "metrics", job["job"], env={"COLUMNS": "200"})
     assert table.returncode == 0 and "epsilon" in table.stdout
     shown = run_cli("dllmctl", "jobs", "show", job["job"], env={"COLUMNS": "200"})
-    assert f"epsilon {privacy['epsilon']:.4g} spent at delta 1e-05 after {STEPS} steps" in " ".join(shown.stdout.split())
+    wanted = f"epsilon {privacy['epsilon']:.4g} spent at delta 1e-05 after {STEPS} steps"
+    assert wanted in " ".join(shown.stdout.split())
 
 
 def test_a_resumed_dp_job_continues_the_accounting_and_ends_with_one_process_weights(cluster, tmp_path):
@@ -242,17 +262,20 @@ def test_a_resumed_dp_job_continues_the_accounting_and_ends_with_one_process_wei
 
 
 def test_a_budget_ends_the_job_before_the_step_that_would_exceed_it(cluster):
-    rate = BATCH / sum(shard.tokens.shape[0] for shard in _dataset(cluster).values())
-    spent = [_opacus_epsilon(NOISE, rate, n, DELTA) for n in (3, 4)]
-    budget = (spent[0] + spent[1]) / 2  # three steps fit, the fourth would not
-    job = _train(*DP, "--dp-epsilon-budget", f"{budget:.6f}", steps=10)
-    assert job["state"] == "done" and job["step"] == 3 and job["total_steps"] == 10, job
+    # One row per step on average: most steps leave a worker without rows, some the whole batch.
+    rate = 1 / sum(shard.tokens.shape[0] for shard in _dataset(cluster).values())
+    spent = [_opacus_epsilon(NOISE, rate, n, DELTA) for n in (8, 9)]
+    budget = (spent[0] + spent[1]) / 2  # eight steps fit, the ninth would not
+    job = _train(*DP, "--dp-epsilon-budget", f"{budget:.9g}", steps=20, batch=1, micro=1)
+    assert job["state"] == "done" and job["step"] == 8 and job["total_steps"] == 20, job
     event = next(e for e in job["events"] if e["kind"] == "privacy_budget")
-    assert "in 3 steps" in event["message"] and "over the budget" in event["message"]
+    assert "in 8 steps" in event["message"] and "over the budget" in event["message"]
     assert job["privacy"]["epsilon"] == pytest.approx(spent[0]) and spent[0] <= budget
-    assert [c["step"] for c in job["checkpoints"]] == [3]
-    state = _checkpoint_state(cluster, job["job"], 3)
-    assert state["privacy"]["steps"] == 3 and state["privacy"]["epsilon"] == pytest.approx(spent[0])
+    assert [c["step"] for c in job["checkpoints"]] == [8]
+    state = _checkpoint_state(cluster, job["job"], 8)
+    assert state["privacy"]["steps"] == 8 and state["privacy"]["epsilon"] == pytest.approx(spent[0])
+    metrics = _ok(run_cli("dllmctl", "metrics", job["job"], "--json"))
+    assert len(metrics) == 8 and min(n["rows"] for m in metrics for n in m["nodes"].values()) == 0
 
 
 def test_what_is_not_built_or_not_private_is_refused_before_a_job_exists(cluster):
