@@ -23,10 +23,12 @@ from dllmd.net.identity import Identity
 from dllmd.net.messages import training as S
 from dllmd.net.schema import parse_args
 from dllmd.train.federated.simulate import simulate_rounds
+from dllmd.train.privacy.accountant import PrivacyAccountant
 from dllmd.train.worker import ShardRows
 from tests.conftest import run_cli
 from tests.test_cli_inference import _ok, cluster3  # noqa: F401  (fixture)
 from tests.test_train import _corpus, _max_diff, _pid, _wait_exited
+from tests.test_train_dp import _stored_spec
 from tests.tiny_models import make_tiny_model
 
 ORGS = ("local-2", "local-3")  # nodes that authorize the coordinator (local-1) with the federation role only
@@ -62,6 +64,10 @@ def _setup(cluster: Path, tmp_path: Path) -> dict[str, ShardRows]:
     for name in ("fed", "closed"):
         _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--strategy", "random", "--seq-len", "32",
                     "--nodes", "local-1,local-2,local-3", "--name", name, "--json"))
+    return _shards_of(cluster)
+
+
+def _shards_of(cluster: Path) -> dict[str, ShardRows]:
     shards = {}
     for name, node in _nodes(cluster).items():
         tokens, meta = read_shard(cluster / name / "datasets" / "fed" / "shard.safetensors")
@@ -197,6 +203,25 @@ def test_stragglers_are_left_out_and_bad_jobs_refused(cluster3, tmp_path):  # no
                           ((), "--rounds")):
         done = _train(*args)
         assert done.returncode != 0 and message in " ".join(done.stderr.split()), (args, done.stderr)
+    # Client-level DP: Poisson-sampled clients, updates clipped and noised; the job stops at its budget.
+    accountant = PrivacyAccountant(1.0, 2 / 3, 1e-5)
+    budget = (accountant.epsilon(3) + accountant.epsilon(4)) / 2
+    job = _ok(_train("--rounds", "6", "--clients-per-round", "2", "--dp-clip", "0.01", "--dp-noise-multiplier", "1.0",
+                     "--dp-epsilon-budget", str(budget)))
+    assert job["state"] == "done" and job["step"] == 3, job
+    assert any(e["kind"] == "privacy_budget" for e in job["events"])
+    assert job["privacy"]["epsilon"] == pytest.approx(accountant.epsilon(3), rel=1e-9)
+    assert job["privacy"]["sample_rate"] == pytest.approx(2 / 3) and "dp_seed" not in job["spec"]
+    metrics = _ok(run_cli("dllmctl", "metrics", job["job"], "--json"))
+    assert [m["epsilon"] for m in metrics] == pytest.approx([accountant.epsilon(r + 1) for r in range(3)], rel=1e-9)
+    assert all(c["clipped"] and c["weight"] == pytest.approx(0.5) for m in metrics for c in m["nodes"].values())
+    spec = parse_args(S.JobSpec, _stored_spec(cluster3, job["job"]))  # with the secret seed only the coordinator has
+    spec.rounds = 3  # what ran before the budget stopped it
+    _ok(run_cli("dllmctl", "checkpoints", "export", job["job"], "--name", "fed-dp", "--dir", str(tmp_path / "dp"),
+                "--json"))
+    reference = simulate_rounds(Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny", _shards_of(cluster3), spec)
+    assert _max_diff(load_file(str(tmp_path / "dp" / "model.safetensors")), reference) <= 1e-5
+
     # local-3 takes far longer than the round allows: the round closes with the two others.
     pid = _pid(cluster3, "local-3")
     os.kill(pid, 15)

@@ -78,14 +78,16 @@ def train_command(
                                                              "(0: none).")] = 0.0,
     secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation", help="Federated: the coordinator "
                                                      "learns only the sum of each round's updates.")] = False,
-    dp_clip: Annotated[float, typer.Option(help="Differential privacy (DP-SGD, --parallelism data): clip each "
-                                                "example's gradient to this L2 norm (0: off).")] = 0.0,
-    dp_noise_multiplier: Annotated[float, typer.Option(help="DP-SGD: each step's summed gradient gets Gaussian "
-                                                            "noise of std this x --dp-clip.")] = 0.0,
-    dp_delta: Annotated[float, typer.Option(help="DP-SGD: the delta epsilon is counted at (keep it well below "
-                                                 "1 / the dataset's rows).")] = 1e-5,
-    dp_epsilon_budget: Annotated[float, typer.Option(help="DP-SGD: end the job (done, with a checkpoint) before a "
-                                                          "step would spend more epsilon than this (0: no "
+    dp_clip: Annotated[float, typer.Option(help="Differential privacy: clip each example's gradient (DP-SGD, "
+                                                "--parallelism data) or each client's update (federated) to this "
+                                                "L2 norm (0: off).")] = 0.0,
+    dp_noise_multiplier: Annotated[float, typer.Option(help="DP: each step's summed gradient (each round's "
+                                                            "summed update) gets Gaussian noise of std this x "
+                                                            "--dp-clip.")] = 0.0,
+    dp_delta: Annotated[float, typer.Option(help="DP: the delta epsilon is counted at (keep it well below "
+                                                 "1 / the dataset's rows, or clients).")] = 1e-5,
+    dp_epsilon_budget: Annotated[float, typer.Option(help="DP: end the job (done, with a checkpoint) before a "
+                                                          "step or round would spend more epsilon than this (0: no "
                                                           "budget).")] = 0.0,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
@@ -125,7 +127,7 @@ def train_command(
         if parallelism == "federated":
             pipeline = federated_options(targets, rounds, local_steps, clients_per_round, min_clients, round_timeout,
                                          strategy, server_lr, server_momentum, proximal_mu, update_clip,
-                                         secure_aggregation)
+                                         secure_aggregation, dp_clip)
         else:
             pipeline = asyncio.run(pipeline_options(user, targets, directory, dataset, parallelism, dp, pp, schedule,
                                                     micro_batch_size, batch_size, layers, recompute))
@@ -381,12 +383,15 @@ def metrics_command(
 
 def _rounds_table(rows: list[dict]) -> Table:
     """A federated job's rounds: the global model's loss on the clients' data, theirs after training."""
-    table = Table("round", "global loss", "local loss", "lr", "clients", "left out", "tokens/s", "round s")
+    private = "epsilon" in rows[0]
+    table = Table("round", "global loss", "local loss", "lr", "clients", "left out", "tokens/s", "round s",
+                  *(["epsilon"] if private else []))
     for row in rows:
         missing = row["stragglers"] + row["dropped"]
-        table.add_row(str(row["step"]), f"{row['loss']:.4f}", f"{row['local_loss']:.4f}", f"{row['lr']:.2e}",
-                      ", ".join(row["nodes"]), ", ".join(missing) or "-", f"{row['tokens_per_s']:.0f}",
-                      f"{row['step_s']:.2f}")
+        table.add_row(str(row["step"]), _number(row["loss"], ".4f"), _number(row["local_loss"], ".4f"),
+                      f"{row['lr']:.2e}", ", ".join(row["nodes"]) or "-", ", ".join(missing) or "-",
+                      _number(row["tokens_per_s"], ".0f"), f"{row['step_s']:.2f}",
+                      *([f"{row['epsilon']:.4g}"] if private else []))
     return table
 
 
@@ -394,8 +399,8 @@ def _print_metric(row: dict) -> None:
     epsilon = f", epsilon {row['epsilon']:.4g}" if "epsilon" in row else ""
     if "sampled" in row:  # a federated round: each client's loss on its own data
         clients = ", ".join(f"{name} {c['loss_before']:.4f}->{c['loss_after']:.4f}" for name, c in row["nodes"].items())
-        out.print(f"round {row['step']}: global loss {row['loss']:.4f} ({clients}); {row['tokens_per_s']:.0f} "
-                  f"tok/s{epsilon}")
+        out.print(f"round {row['step']}: global loss {_number(row['loss'], '.4f')} ({clients}); "
+                  f"{_number(row['tokens_per_s'], '.0f')} tok/s{epsilon}")
         return
     out.print(f"step {row['step']}: loss {_number(row['loss'], '.4f')} lr {row['lr']:.2e} grad norm "
               f"{row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s (compute {row['compute_s']:.2f} s, comm "

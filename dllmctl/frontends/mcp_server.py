@@ -320,7 +320,7 @@ class ClusterTools:
                 pipeline = federated_options(targets, options.rounds, options.local_steps, options.clients_per_round,
                                              options.min_clients, options.round_timeout, options.strategy,
                                              options.server_lr, options.server_momentum, options.proximal_mu,
-                                             options.update_clip, options.secure_aggregation)
+                                             options.update_clip, options.secure_aggregation, options.dp_clip)
             else:
                 pipeline = await pipeline_options(self.user, targets, directory, dataset, parallelism, options.dp,
                                                   options.pp, options.schedule, options.micro_batch_size, batch_size,

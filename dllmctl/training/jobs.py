@@ -112,7 +112,7 @@ async def plan_pipeline(user: Identity, nodes: list[NodeEntry], model_dir: Path,
 def federated_options(nodes: list[NodeEntry], rounds: int | None, local_steps: int, clients_per_round: str | None,
                       min_clients: int, round_timeout: float, strategy: str, server_lr: float,
                       server_momentum: float, proximal_mu: float, update_clip: float,
-                      secure_aggregation: bool) -> dict:
+                      secure_aggregation: bool, dp_clip: float = 0.0) -> dict:
     """The :class:`JobSpec` fields of a federated job. ``clients_per_round`` is a count (``3``) or a
     fraction of the nodes (``0.5``, ``50%``)."""
     if not rounds:
@@ -120,7 +120,7 @@ def federated_options(nodes: list[NodeEntry], rounds: int | None, local_steps: i
     if strategy not in S.STRATEGIES:
         raise TrainError(f"--strategy must be one of {', '.join(S.STRATEGIES)}, not {strategy!r}")
     per_round = clients_per_round_count(clients_per_round, len(nodes))
-    if secure_aggregation and ((per_round or len(nodes)) < 3 or not update_clip):
+    if secure_aggregation and ((per_round or len(nodes)) < 3 or not (update_clip or dp_clip)):
         raise TrainError("--secure-aggregation needs at least 3 clients a round (with two, each would learn the "
                          "other's update from the sum) and --update-clip (it bounds the fixed-point range)")
     if min_clients > (per_round or len(nodes)):

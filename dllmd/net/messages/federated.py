@@ -60,6 +60,7 @@ class FedTrainArgs:
     update_clip: float = bounded(0.0, lo=0.0, hi=1e9)
     weight: float = bounded(1.0, lo=0.0, hi=1.0)  # this client's share of the round's mean
     secure: bool = False  # the update leaves only masked (secure aggregation): fed.update refuses it in clear
+    noise_std: float = bounded(0.0, lo=0.0, hi=1e9)  # DP with secure aggregation: this client's part of the noise
 
 
 @dataclass

@@ -11,6 +11,7 @@ that is not the same on every client.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from dllmd.train import schedule
 from dllmd.train.federated.weights import flat_weights, load_flat
 from dllmd.train.model import TrainModelError, loss_sum, parameters
+from dllmd.train.privacy.noise import gaussian_noise
 from dllmd.train.optim import (OptimConfig, clip_and_step, flatten_grads, make_optimizer, mean_gradients,
                                squared_norm)
 from dllmd.train.worker import ShardRows, micro_batch
@@ -44,6 +46,7 @@ class LocalRound:
     proximal_mu: float = 0.0  # FedProx
     update_clip: float = 0.0  # 0: the update is not clipped
     weight: float = 1.0  # the client's share of the round's mean update
+    noise_std: float = 0.0  # Gaussian noise added to the clipped update before weighting (DP under secagg)
 
 
 @dataclass
@@ -130,6 +133,8 @@ class ClientModel:
         clipped = bool(args.update_clip and norm > args.update_clip)
         if clipped:
             update.mul_(args.update_clip / (norm + 1e-6))
+        if args.noise_std:  # drawn from a seed nobody else knows: the coordinator must not subtract it
+            update.add_(gaussian_noise(update.numel(), args.noise_std, secrets.randbits(63), args.round))
         if args.weight != 1.0:
             update.mul_(args.weight)
         return LocalResult(update=update, rows=rows[shard_key], tokens=tokens, loss_before=losses[0],

@@ -172,11 +172,12 @@ class FederatedClientOps:
             args = LocalRound(round=a.round, local_steps=a.local_steps, batch_size=spec.batch_size,
                               micro_batch_size=spec.micro_batch_size, lr=a.lr, seed=a.seed,
                               weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, dtype=spec.dtype,
-                              proximal_mu=a.proximal_mu, update_clip=a.update_clip, weight=a.weight)
+                              proximal_mu=a.proximal_mu, update_clip=a.update_clip, weight=a.weight,
+                              noise_std=a.noise_std)
             if a.secure and not a.update_clip:
                 raise ValueError("secure aggregation needs an update clip: it bounds the fixed-point range")
             client.result, client.secure, client.secagg, client.masked = None, a.secure, None, None
-            client.update_bound = a.update_clip
+            client.update_bound = fixed_point_bound(a.update_clip, a.noise_std)
             started = time.perf_counter()
             result = await asyncio.to_thread(self._train_round, client, args)
             client.result = (a.round, result)
@@ -252,6 +253,12 @@ class FederatedClientOps:
                 log.warning("releasing federated client of job %s: no coordinator call for %d s", job, idle_s)
                 self.release_job(job)
 
+
+
+def fixed_point_bound(update_clip: float, noise_std: float) -> float:
+    """The elements' range of a masked update: a clipped update's elements are within its norm bound,
+    and its part of the DP noise adds at most 8 standard deviations (clamped beyond: p < 1e-15)."""
+    return update_clip + 8 * noise_std
 
 
 def to_int32(residues: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,9 @@ from dllmd.net.messages import federated as F
 from dllmd.net.messages import training as S
 from dllmd.net.schema import to_wire
 from dllmd.train import schedule
-from dllmd.train.federated.ops import CHUNK_ELEMENTS
+from dllmd.train.federated.ops import CHUNK_ELEMENTS, fixed_point_bound
 from dllmd.train.federated.secure import SecureSum
-from dllmd.train.federated.strategy import ServerOptimizer, client_weights, sample_clients
+from dllmd.train.federated.strategy import ServerOptimizer, mean_update, plan_round
 from dllmd.train.federated.weights import GlobalModel
 from dllmd.train.jobs import JobError, JobFailed
 from dllmd.train.model import load_causal_lm
@@ -105,14 +105,14 @@ class FederatedRun(JobRun):
         lr = schedule.learning_rate(round, self.spec.lr, self.spec.warmup_steps, self.total)
         keys = [n.public_key for n in self.clients]
         by_key = {n.public_key: n for n in self.clients}
-        sampled = sample_clients(keys, self.spec.clients_per_round, self.spec.seed, round)
-        weights = client_weights(self.rows, sampled)
+        plan = plan_round(self.spec, self.privacy, keys, self.rows, round)
+        sampled, weights = plan.sampled, plan.weights
         train = F.FedTrainArgs(job=self.job, round=round, local_steps=self.spec.local_steps, lr=lr,
-                               seed=self.spec.seed, proximal_mu=self.spec.proximal_mu,
-                               update_clip=self.spec.update_clip, secure=self.spec.secure_aggregation)
+                               seed=self.spec.seed, proximal_mu=self.spec.proximal_mu, update_clip=plan.update_clip,
+                               secure=self.spec.secure_aggregation, noise_std=plan.client_noise_std)
         tasks = {k: asyncio.ensure_future(self._train(by_key[k], round, {**to_wire(train), "weight": weights[k]}))
                  for k in sampled}
-        done, pending = await asyncio.wait(tasks.values(), timeout=self.spec.round_timeout)
+        done, pending = await asyncio.wait(tasks.values(), timeout=self.spec.round_timeout) if tasks else ((), ())
         for task in pending:
             task.cancel()
         answered, stragglers, dropped = {}, [], []
@@ -132,19 +132,22 @@ class FederatedRun(JobRun):
         await self._drop_dead([by_key[k] for k in dropped])
         computed = time.perf_counter()
         order = [k for k in sampled if k in answered]
-        if self.spec.secure_aggregation:
-            total, summed = await self.secure.sum(round, order, by_key)
+        if not sampled:  # Poisson sampling under DP drew nobody: the round is the noise alone
+            total, summed = torch.zeros(self.model.weights.numel()), []
+        elif self.spec.secure_aggregation:
+            total, summed = await self.secure.sum(round, order, by_key,
+                                                  fixed_point_bound(plan.update_clip, plan.client_noise_std))
         else:
             total, summed = await self._sum_updates(round, order, by_key)
         for key in [k for k in answered if k not in summed and total is not None]:
             self.store.event(self.job, "client_dropped", f"round {round}: {by_key[key].name} trained but its "
                                                          f"update could not be fetched")
-        if len(summed) < self.spec.min_clients:
+        if sampled and len(summed) < self.spec.min_clients:
             return await self._round_failed(round, len(summed), dropped + stragglers)
         self.failed_rounds = 0
-        share = sum(weights[k] for k in summed)
+        mean = mean_update(total, sum(weights[k] for k in summed), self.spec, self.privacy, round)
         replies = {k: answered[k] for k in summed}
-        return {"round": round, "lr": lr, "mean": total.div_(share), "replies": replies, "weights": weights,
+        return {"round": round, "lr": lr, "mean": mean, "replies": replies, "weights": weights,
                 "sampled": sampled, "stragglers": stragglers, "dropped": [k for k in sampled if k not in summed
                                                                           and k not in stragglers],
                 "compute_s": computed - started, "comm_s": time.perf_counter() - computed, "by_key": by_key}
@@ -229,8 +232,8 @@ class FederatedRun(JobRun):
         share = sum(weights[k] for k in replies)
         tokens = sum(r.tokens for r in replies.values())
         numel_bytes = self.model.weights.numel() * 4
-        return {"loss": sum(weights[k] * r.loss_before for k, r in replies.items()) / share,
-                "local_loss": sum(weights[k] * r.loss_after for k, r in replies.items()) / share,
+        return {"loss": sum(weights[k] * r.loss_before for k, r in replies.items()) / share if share else None,
+                "local_loss": sum(weights[k] * r.loss_after for k, r in replies.items()) / share if share else None,
                 "lr": lr, "tokens": tokens, "step_s": seconds, "tokens_per_s": tokens / seconds if seconds else None,
                 "compute_s": result["compute_s"], "comm_s": result["comm_s"],
                 "sampled": [by_key[k].name for k in result["sampled"]],
@@ -253,8 +256,9 @@ class FederatedRun(JobRun):
         self.store.event(self.job, "checkpoint", f"round {round} ({described['bytes']} bytes)")
 
     def cursor_federated(self, round: int) -> dict:
+        privacy = {"privacy": to_wire(self.privacy.spent(round))} if self.privacy else {}
         return {"job": self.job, "seed": self.spec.seed, "round": round, "spec": to_wire(self.spec),
-                "strategy": self.spec.strategy}
+                "strategy": self.spec.strategy, **privacy}
 
     async def load_checkpoint(self, round: int) -> int:
         tensors, state = await asyncio.to_thread(self.c.checkpoints(self.job).read, round)

@@ -31,9 +31,9 @@ class SecureSum:
     def __init__(self, run):
         self.run = run
 
-    async def sum(self, round: int, order: list[str], by_key) -> tuple[torch.Tensor | None, list[str]]:
+    async def sum(self, round: int, order: list[str], by_key, bound: float) -> tuple[torch.Tensor | None, list[str]]:
         """The sum of the updates of ``order``'s clients that made it through, and who they are (an empty
-        list if the round cannot be summed)."""
+        list if the round cannot be summed). ``bound``: the elements' range the clients encoded with."""
         run = self.run
         config = SecAggConfig(job=run.job, round=round, clients=list(order), graph_seed=os.urandom(32),
                               length=run.model.weights.numel())
@@ -71,7 +71,7 @@ class SecureSum:
             run.store.event(run.job, "secagg_failed", f"round {round}: {exc.code}: {exc.message}{who}")
             return None, []
         survivors = server.survivors
-        encoding = FixedPoint(run.spec.update_clip, len(order), config.bits)
+        encoding = FixedPoint(bound, len(order), config.bits)
         return encoding.decode_sum(total, len(survivors)), [order[i] for i in survivors]
 
     async def _each(self, nodes, op, round: int, args, only=None) -> dict[int, object]:

@@ -14,32 +14,36 @@ import torch
 from dllmd.net.messages import training as S
 from dllmd.train import schedule
 from dllmd.train.federated.client import ClientModel, LocalRound
-from dllmd.train.federated.strategy import ServerOptimizer, client_weights, sample_clients
+from dllmd.train.federated.strategy import ServerOptimizer, mean_update, plan_round
 from dllmd.train.federated.weights import GlobalModel
 from dllmd.train.model import load_causal_lm
+from dllmd.train.privacy.job import JobPrivacy
 from dllmd.train.worker import ShardRows
 
 
 def simulate_rounds(model_dir: Path, shards: dict[str, ShardRows], spec: S.JobSpec) -> dict[str, torch.Tensor]:
     """Run ``spec.rounds`` rounds over ``shards`` (client public key -> its rows; clients in the order
-    of ``spec.nodes``); returns the final global weights by parameter name."""
+    of ``spec.nodes``); returns the final global weights by parameter name. Secure aggregation is not
+    simulated: its sum equals the plain one within the fixed-point step (and under DP its noise is
+    drawn by the clients from seeds nobody keeps)."""
     files = sorted(model_dir.rglob("*.safetensors"))
     global_model = GlobalModel(load_causal_lm(model_dir, files))
     client = ClientModel(load_causal_lm(model_dir, files))
     server = ServerOptimizer(spec.strategy, spec.server_lr, spec.server_momentum, global_model.weights.numel())
     keys = [n.public_key for n in spec.nodes if n.public_key in shards]
+    privacy = JobPrivacy.of(spec)  # client-level DP: the job's secret dp_seed must be in ``spec``
     rows = {k: int(shards[k].tokens.shape[0]) for k in keys}
     for round in range(spec.rounds):
         lr = schedule.learning_rate(round, spec.lr, spec.warmup_steps, spec.rounds)
-        sampled = sample_clients(keys, spec.clients_per_round, spec.seed, round)
-        weights = client_weights(rows, sampled)
+        plan = plan_round(spec, privacy, keys, rows, round)
+        sampled, weights = plan.sampled, plan.weights
         total = torch.zeros_like(global_model.weights)
         for key in sampled:
             result = client.train_round(shards[key], key, global_model.weights, LocalRound(
                 round=round, local_steps=spec.local_steps, batch_size=spec.batch_size,
                 micro_batch_size=spec.micro_batch_size, lr=lr, seed=spec.seed, weight_decay=spec.weight_decay,
                 grad_clip=spec.grad_clip, dtype=spec.dtype, proximal_mu=spec.proximal_mu,
-                update_clip=spec.update_clip, weight=weights[key]))
+                update_clip=plan.update_clip, weight=weights[key]))
             total.add_(result.update)
-        server.step(global_model.weights, total.div_(sum(weights.values())))
+        server.step(global_model.weights, mean_update(total, sum(weights.values()), spec, privacy, round))
     return {name.removeprefix("model."): t.clone() for name, t in global_model.tensors().items()}

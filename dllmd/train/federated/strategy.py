@@ -7,10 +7,14 @@ clients are sampled for the same round, and the same sums are taken in the same 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from dllmd.net.messages.training import STRATEGIES
+from dllmd.train.privacy.noise import gaussian_noise
 
 ADAM_BETA2 = 0.99  # Reddi et al., "Adaptive Federated Optimization" (2021)
 ADAM_TAU = 1e-3  # their adaptivity: the v floor that keeps early steps from exploding
@@ -64,3 +68,51 @@ class ServerOptimizer:
             if name not in self.state or self.state[name].shape != tensor.shape:
                 raise ValueError(f"the checkpoint's server state {name!r} does not fit strategy {self.strategy}")
             self.state[name].copy_(tensor)
+
+
+CLIENT_STREAM = 0xC11E  # the Poisson client draws' stream of the job's secret DP seed
+NOISE_SALT = 0xFED  # the coordinator's aggregate noise, a stream apart from DP-SGD's
+
+
+def poisson_clients(clients: list[str], rate: float, seed: int, round: int) -> list[str]:
+    """Client-level DP's sampling: each client joins ``round`` independently with probability ``rate``,
+    drawn from the job's secret seed (the accountant's amplification assumes nobody knows who took part)."""
+    rng = np.random.default_rng([seed, round, CLIENT_STREAM])
+    return [c for c, draw in zip(clients, rng.random(len(clients))) if draw < rate]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who takes part in a round and how their updates enter the mean."""
+
+    sampled: list[str]
+    weights: dict[str, float]  # each client multiplies its (clipped) update by its weight
+    update_clip: float  # each client's update norm bound (0: none)
+    client_noise_std: float  # secure aggregation under DP: the noise each client adds before weighting
+
+
+def plan_round(spec, privacy, clients: list[str], rows: dict[str, int], round: int) -> RoundPlan:
+    """FedAvg: ``clients_per_round`` sampled with the job's seed, weighted by their rows. Under client-level
+    DP: Poisson sampling with the secret seed, every update clipped to ``dp_clip`` and weighted
+    1 / (expected clients), so one client moves the mean by at most ``dp_clip`` over that: the
+    sensitivity the noise is scaled to. With secure aggregation each client adds its part of the noise,
+    enough that ``min_clients`` parts make the whole: the coordinator never sees an un-noised sum."""
+    if privacy is None:
+        sampled = sample_clients(clients, spec.clients_per_round, spec.seed, round)
+        return RoundPlan(sampled, client_weights(rows, sampled), spec.update_clip, 0.0)
+    sampled = poisson_clients(clients, privacy.sample_rate, privacy.seed, round)
+    weight = 1.0 / privacy.batch_size
+    noise = spec.dp_noise_multiplier * spec.dp_clip / math.sqrt(spec.min_clients) if spec.secure_aggregation else 0.0
+    return RoundPlan(sampled, {c: weight for c in sampled}, spec.dp_clip, noise)
+
+
+def mean_update(total: torch.Tensor, share: float, spec, privacy, round: int) -> torch.Tensor:
+    """The round's mean update from the sum of the weighted updates (``share``: the weights summed). FedAvg
+    renormalises by the weights of those who answered; DP keeps the fixed denominator (already in the
+    weights) and, without secure aggregation, adds the Gaussian noise here, from the secret seed."""
+    if privacy is None:
+        return total.div_(share)
+    if not spec.secure_aggregation:
+        std = spec.dp_noise_multiplier * spec.dp_clip / privacy.batch_size
+        total.add_(gaussian_noise(total.numel(), std, privacy.seed, round, NOISE_SALT))
+    return total
