@@ -281,7 +281,7 @@ def test_a_budget_ends_the_job_before_the_step_that_would_exceed_it(cluster):
 def test_what_is_not_built_or_not_private_is_refused_before_a_job_exists(cluster):
     before = _ok(run_cli("dllmctl", "jobs", "list", "--json"))
     for args, needle in (
-            ([*DP, "--parallelism", "model"], "differential privacy is built for --parallelism data only"),
+            ([*DP, "--parallelism", "model"], "differential privacy is built for --parallelism data and federated"),
             ([*DP, "--dtype", "bfloat16"], "differential privacy runs in --dtype float32 only"),
             (["--dp-clip", "1"], "clipping without noise is not differential privacy"),
             (["--dp-noise-multiplier", "1"], "--dp-noise-multiplier needs --dp-clip"),
@@ -306,7 +306,7 @@ def test_what_is_not_built_or_not_private_is_refused_before_a_job_exists(cluster
             await client.invoke(S.JOBS_SUBMIT, spec, timeout=30)
 
     for extra, needle in (({"parallelism": "model", "stages": [S.StageSpan(0, 3), S.StageSpan(3, 5)]},
-                           "differential privacy is built for --parallelism data only"),
+                           "differential privacy is built for --parallelism data and federated"),
                           ({"dtype": "bfloat16"}, "differential privacy runs in --dtype float32 only"),
                           ({"dp_noise_multiplier": 0.0}, "clipping without noise")):
         spec = S.JobSpec(model="tiny", dataset="two", nodes=nodes, shards=shards, max_steps=2, batch_size=2,
