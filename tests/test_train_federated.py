@@ -273,3 +273,16 @@ def test_secure_aggregation_sums_recovers_a_death_after_masking_and_fails_cleanl
     assert shown["state"] == "failed" and "needs at least 3" in shown["error"], shown
     event = next(e for e in shown["events"] if e["kind"] == "secagg_failed")
     assert "round 0: too_few_shares" in event["message"] and "cannot be recovered" in event["message"], event
+
+
+def test_bench_federated_reports_bytes_secure_aggregation_cost_and_loss(user, tmp_path):
+    _ok(run_cli("dllmctl", "model", "import", str(make_tiny_model("llama", tmp_path / "src")), "--name", "tiny",
+                "--json"))
+    report = _ok(run_cli("dllmctl", "bench", "train", "-m", "tiny", "--parallelism", "federated", "--rounds", "2",
+                         "--local-steps", "2", "--seq-len", "32", "--json", timeout=300))
+    b = report["bytes_per_round_per_client"]
+    assert report["clients"] == 3 and b["plain"] > 0 and b["secure"] == b["plain"] + b["secure_aggregation_protocol"]
+    assert 0 < b["secure_aggregation_protocol"] < b["plain"] / 10
+    loss = report["heldout_loss"]
+    assert loss["federated"] < loss["untrained"] and loss["data_parallel"] < loss["untrained"]
+    assert loss["federated_secure"] == pytest.approx(loss["federated"], abs=1e-3)  # the masked sum is the sum

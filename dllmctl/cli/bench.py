@@ -383,11 +383,13 @@ def train(
     micro_batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 2,
     seq_len: Annotated[int, typer.Option(min=16, max=65536)] = 256,
     source: Annotated[Optional[str], typer.Option(help="Code to train on (default: parts of the stdlib).")] = None,
-    parallelism: Annotated[str, typer.Option(help="data, model (a pipeline) or hybrid.")] = "data",
+    parallelism: Annotated[str, typer.Option(help="data, model (a pipeline), hybrid or federated.")] = "data",
     schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
     pp: Annotated[Optional[int], typer.Option("--pp", min=2, max=16, help="Stages (default: 2).")] = None,
     dp: Annotated[Optional[int], typer.Option("--dp", min=1, max=16, help="Replicas (hybrid; default 2).")] = None,
     stage_layers: Annotated[Optional[str], typer.Option(help="Layers per stage, e.g. 16,14 (default: planned).")] = None,
+    rounds: Annotated[int, typer.Option(min=1, max=10_000, help="Federated: rounds.")] = 5,
+    local_steps: Annotated[int, typer.Option(min=1, max=10_000, help="Federated: local steps per round.")] = 4,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tuning on temporary local nodes (data-parallel, a pipeline or hybrid) vs the same steps in one
@@ -411,6 +413,10 @@ def train(
     if parallelism == "model":
         pp = pp or 2
     directory, _ = local_model(model)
+    if parallelism == "federated":
+        _bench_federated(model, directory, max(nodes, 3), rounds, local_steps, batch_size, micro_batch_size, seq_len,
+                         as_json)
+        return
     count = train_bench.node_count(parallelism, nodes, dp, pp)
     try:
         with err.status(f"training {steps} steps on {count} temporary node(s), then in one process..."):
@@ -586,3 +592,36 @@ def _print_quant(report: dict) -> None:
                       human_bytes(v["rss_growth_bytes"]), f"{v['rss_growth_ratio']:.3f}",
                       human_bytes(v["rss_beyond_params_bytes"]), f"<= {v['target_ratio']}", verdict(v["meets_target"]))
     out.print(table)
+
+
+def _bench_federated(model: str, directory, clients: int, rounds: int, local_steps: int, batch_size: int,
+                     micro_batch_size: int, seq_len: int, as_json: bool) -> None:
+    from dllmctl.bench import federated
+    from dllmctl.cluster.local import LocalClusterError
+    from dllmctl.data.push import PushError
+    from dllmctl.training.jobs import TrainError
+    from dllmd.data import DataError
+    from dllmd.net.client import CallError
+
+    try:
+        with err.status(f"{rounds} federated rounds on {clients} temporary clients, in clear and with secure "
+                        f"aggregation, then data parallelism in one process..."):
+            report = federated.run(load_user(), model, directory, clients, rounds, local_steps, batch_size,
+                                   micro_batch_size, seq_len)
+    except (DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+        return
+    b, loss = report["bytes_per_round_per_client"], report["heldout_loss"]
+    table = Table("", "federated", "secure aggregation", "data parallel (same tokens)")
+    table.add_row("bytes / round / client", human_bytes(b["plain"]),
+                  f"{human_bytes(b['secure'])} ({human_bytes(b['secure_aggregation_protocol'])} protocol)", "")
+    table.add_row("round s", f"{report['round_s']['plain']:.2f}",
+                  f"{report['round_s']['secure']:.2f} ({report['secure_aggregation_time_ratio']:.2f}x)", "")
+    table.add_row("held-out loss", f"{loss['federated']:.4f}", f"{loss['federated_secure']:.4f}",
+                  f"{loss['data_parallel']:.4f}")
+    out.print(table)
+    out.print(f"{report['model']}: {report['clients']} clients, {report['rounds']} rounds of {report['local_steps']} "
+              f"local steps, {report['tokens_per_round']} tokens a round; held-out loss untrained "
+              f"{loss['untrained']:.4f}; federated / data parallel {report['federated_vs_data_parallel_loss']}x")

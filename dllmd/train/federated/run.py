@@ -231,7 +231,8 @@ class FederatedRun(JobRun):
         replies, weights, by_key = result["replies"], result["weights"], result["by_key"]
         share = sum(weights[k] for k in replies)
         tokens = sum(r.tokens for r in replies.values())
-        numel_bytes = self.model.weights.numel() * 4
+        numel_bytes = self.model.weights.numel() * 4  # fp32 weights down; the update up (fp32, or int32 masked)
+        protocol = self.secure.protocol_bytes if self.spec.secure_aggregation else 0
         return {"loss": sum(weights[k] * r.loss_before for k, r in replies.items()) / share if share else None,
                 "local_loss": sum(weights[k] * r.loss_after for k, r in replies.items()) / share if share else None,
                 "lr": lr, "tokens": tokens, "step_s": seconds, "tokens_per_s": tokens / seconds if seconds else None,
@@ -239,7 +240,8 @@ class FederatedRun(JobRun):
                 "sampled": [by_key[k].name for k in result["sampled"]],
                 "stragglers": [by_key[k].name for k in result["stragglers"]],
                 "dropped": [by_key[k].name for k in result["dropped"]],
-                "bytes_per_client": {"down": numel_bytes, "up": numel_bytes},
+                "bytes_per_client": {"down": numel_bytes, "up": numel_bytes,
+                                     "secure_aggregation": protocol // max(1, len(result["sampled"]))},
                 "nodes": {by_key[k].name: {"rows": r.rows, "tokens": r.tokens, "loss_before": r.loss_before,
                                            "loss_after": r.loss_after, "update_norm": r.update_norm,
                                            "clipped": r.clipped, "compute_s": r.compute_s, "weight": weights[k]}

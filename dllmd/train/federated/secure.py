@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 
+import msgpack
 import torch
 
 from dllmd.net.client import CallError
@@ -30,11 +31,16 @@ CALL_TIMEOUT_S = 300.0  # masking expands one AES-CTR stream per neighbour over 
 class SecureSum:
     def __init__(self, run):
         self.run = run
+        self.protocol_bytes = 0  # keys, shares and reveals exchanged (msgpack), this round, all clients
+
+    def _count(self, message) -> None:
+        self.protocol_bytes += len(msgpack.packb(message if isinstance(message, dict) else to_wire(message)))
 
     async def sum(self, round: int, order: list[str], by_key, bound: float) -> tuple[torch.Tensor | None, list[str]]:
         """The sum of the updates of ``order``'s clients that made it through, and who they are (an empty
         list if the round cannot be summed). ``bound``: the elements' range the clients encoded with."""
         run = self.run
+        self.protocol_bytes = 0
         config = SecAggConfig(job=run.job, round=round, clients=list(order), graph_seed=os.urandom(32),
                               length=run.model.weights.numel())
         try:
@@ -81,7 +87,10 @@ class SecureSum:
         indices = sorted(only) if only is not None else range(len(nodes))
 
         async def one(i):
-            reply, _ = await run.c.service.call(nodes[i], op.name, {"job": run.job, "round": round, **args(i)}, timeout=CALL_TIMEOUT_S)
+            request = {"job": run.job, "round": round, **args(i)}
+            reply, _ = await run.c.service.call(nodes[i], op.name, request, timeout=CALL_TIMEOUT_S)
+            self._count(request)
+            self._count(reply)
             return parse_reply(op.reply, reply)
         results = await asyncio.gather(*(one(i) for i in indices), return_exceptions=True)
         answered = {}
