@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+import torch
 from safetensors.torch import load_file
 
 from dllmd.data.shards import read_shard
@@ -22,7 +23,9 @@ from dllmd.net.client import RemoteError, RpcClient
 from dllmd.net.identity import Identity
 from dllmd.net.messages import training as S
 from dllmd.net.schema import parse_args
+from dllmd.train.federated.client import ClientModel
 from dllmd.train.federated.simulate import simulate_rounds
+from dllmd.train.federated.weights import layout_digest
 from dllmd.train.privacy.accountant import PrivacyAccountant
 from dllmd.train.worker import ShardRows
 from tests.conftest import run_cli
@@ -149,6 +152,8 @@ def test_federation_role_reaches_only_federated_rounds_and_a_job_resumes(cluster
     nodes = _nodes(cluster3)
     coordinator = Identity.load(cluster3 / "local-1" / "identity")
     org = nodes["local-2"]
+    config = json.loads((Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny" / "config.json").read_text())
+    layout = layout_digest(ClientModel.from_config(config).model)
     forbidden = [("data.list", {}), ("model.offer", {"model": "x", "manifest": b"", "signature": b""}),
                  ("train.rows", {"job": "j", "shard": "s"}), ("train.prepare", {"job": "j", "model": "m",
                                                                                 "dataset": "fed"}),
@@ -170,6 +175,31 @@ def test_federation_role_reaches_only_federated_rounds_and_a_job_resumes(cluster
                 await client.call("fed.prepare", {"job": "j", "model": "tiny", "dataset": "fed",
                                                   "config": {"model_type": "evil_remote_code"}, "layout": ""})
             assert exc.value.code == "bad_args" and "model_type" in exc.value.message
+            huge = {**config, "hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 64}
+            with pytest.raises(RemoteError) as exc:  # counted on the meta device, refused before allocation
+                await client.call("fed.prepare", {"job": "j", "model": "tiny", "dataset": "fed", "config": huge,
+                                                  "layout": ""})
+            assert exc.value.code == "bad_args" and "GiB" in exc.value.message
+            prepared, _ = await client.call("fed.prepare", {"job": "j", "model": "tiny", "dataset": "fed",
+                                                            "config": config, "layout": layout})
+            numel = prepared["params"]
+            for op, args, tensors, needle in (
+                    ("fed.load", {"round": 0, "offset": 0, "total": numel + 1}, [torch.zeros(4)], "elements"),
+                    ("fed.load", {"round": 0, "offset": 0, "total": numel}, [torch.zeros(4, dtype=torch.int64)],
+                     "float32"),
+                    ("fed.load", {"round": 0, "offset": numel - 2, "total": numel}, [torch.zeros(4)], "past the end"),
+                    ("fed.load", {"round": 0, "offset": 8, "total": numel}, [torch.zeros(4)], "out of order"),
+                    ("fed.train", {"round": 0, "local_steps": 1, "lr": 0.1, "seed": 0}, [], "have not all arrived"),
+                    ("fed.update", {"round": 0, "offset": 0, "count": 4}, [], "not trained"),
+                    ("fed.secagg_share", {"round": 0, "roster": []}, [], "not trained"),
+                    ("fed.load", {"round": 0, "offset": 0, "total": numel}, [], "one flat float32")):
+                with pytest.raises(RemoteError) as exc:
+                    await client.call(op, {"job": "j", **args}, tensors)
+                assert exc.value.code == "bad_args" and needle in exc.value.message, (op, exc.value.message)
+            with pytest.raises(RemoteError) as exc:
+                await client.call("fed.train", {"job": "nope", "round": 0, "local_steps": 1, "lr": 0.1, "seed": 0})
+            assert exc.value.code == "bad_args" and "no federated client" in exc.value.message
+            assert (await client.call("fed.release", {"job": "j"}))[0]["released"]
             assert (await client.call("ping"))[0]["pong"]
 
     asyncio.run(scenario())
