@@ -32,7 +32,7 @@ from dllmd.net.identity import Identity, InvalidKey
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.messages import node as M
-from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.transport import KeyTableAuthenticator, bind_router
 from dllmd.net.wire import PROTOCOL_VERSION, ErrorCode, Limits
 from dllmd.sdnotify import notify
@@ -42,7 +42,6 @@ from dllmd.storage import atomic_write
 
 log = logging.getLogger("dllmd")
 
-ANY_ROLE = allow(Role.ADMIN, Role.CLIENT, Role.PEER)
 
 
 class StartupError(RuntimeError):
@@ -168,14 +167,13 @@ class Daemon:
     # --- operations ---------------------------------------------------------------------------
 
     def _register(self, server: RpcServer) -> None:
-        # A federated coordinator of another organization may see that the node is up, nothing more.
-        server.register(Operation(M.PING, self._ping, ANY_ROLE | {Role.FEDERATION}))
-        server.register(Operation(M.INFO, self._info, ANY_ROLE))
-        server.register(Operation(M.ECHO, self._echo, ANY_ROLE))
-        server.register(Operation(M.KEYS_LIST, self._keys_list, allow(Role.ADMIN)))
-        server.register(Operation(M.KEYS_AUTHORIZE, self._keys_authorize, allow(Role.ADMIN)))
-        server.register(Operation(M.KEYS_REVOKE, self._keys_revoke, allow(Role.ADMIN)))
-        server.register(Operation(M.PEERS_PING, self._peers_ping, allow(Role.ADMIN)))
+        server.register(Operation(M.PING, self._ping))
+        server.register(Operation(M.INFO, self._info))
+        server.register(Operation(M.ECHO, self._echo))
+        server.register(Operation(M.KEYS_LIST, self._keys_list))
+        server.register(Operation(M.KEYS_AUTHORIZE, self._keys_authorize))
+        server.register(Operation(M.KEYS_REVOKE, self._keys_revoke))
+        server.register(Operation(M.PEERS_PING, self._peers_ping))
 
     def _ping(self, call: Call) -> M.Pong:
         return M.Pong(pong=True, time=time.time())

@@ -18,14 +18,14 @@ RECV_TIMEOUT_MS = 5000
 
 @pytest.fixture(scope="module")
 def raw_peer(tmp_path_factory):
-    """One daemon for the module and a raw, authenticated DEALER that can send anything."""
+    """One daemon for the module and a raw, authenticated DEALER (an admin key: admin arguments are hostile too)."""
     from tests.conftest import make_home, start_daemon
     from dllmd.net.keys import AuthorizedKeys
 
     home = tmp_path_factory.mktemp("hostile") / "home"
     make_home(home, "target")
     me = Identity.generate()
-    AuthorizedKeys(home / "authorized_keys.toml").authorize(me.public_key, Role.CLIENT)
+    AuthorizedKeys(home / "authorized_keys.toml").authorize(me.public_key, Role.ADMIN)
     daemon = start_daemon(home)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

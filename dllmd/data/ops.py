@@ -16,10 +16,9 @@ import torch
 from dllmd.data import DataError, eos_id, load_data_tokenizer, pack, read_samples, tokenize_samples
 from dllmd.data.shards import ShardError, ShardStore, shard_payload
 from dllmd.net.chunked import int8_payload, receive_chunk
-from dllmd.net.keys import Role
 from dllmd.net.messages import data as M
 from dllmd.net.messages.transfer import PutArgs, PutReply
-from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 
 MAX_META_BYTES = 32 * 1024 * 1024  # the per-sample table of a big shard
@@ -33,11 +32,10 @@ class DataOps:
         self.shards = ShardStore(home / "datasets")
 
     def register(self, server: RpcServer) -> None:
-        admin = allow(Role.ADMIN)
         for op, handler in ((M.DATA_STAGE, self._stage), (M.DATA_PUT, self._put), (M.DATA_COMMIT, self._commit),
                             (M.DATA_ABORT, self._abort), (M.DATA_LIST, self._list), (M.DATA_REMOVE, self._remove),
                             (M.DATA_LOCAL, self._local)):
-            server.register(Operation(op, handler, admin))
+            server.register(Operation(op, handler))
 
     @staticmethod
     async def _run(fn, *args):

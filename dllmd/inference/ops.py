@@ -40,7 +40,7 @@ from dllmd.net.messages import inference as M
 from dllmd.net.messages import tensor as T
 from dllmd.net.messages.node import ServedSpan
 from dllmd.net.pool import ConnectionPool
-from dllmd.net.server import DEFERRED, Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.server import DEFERRED, Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 
 log = logging.getLogger("dllmd.inference")
@@ -103,11 +103,10 @@ class InferenceService:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def register(self, server: RpcServer) -> None:
-        anyone = allow(Role.ADMIN, Role.CLIENT, Role.PEER)
-        server.register(Operation(M.SESSION_OPEN, self._open, anyone))
-        server.register(Operation(M.SESSION_FORWARD, self._forward, anyone))
-        server.register(Operation(M.SESSION_CLOSE, self._close, anyone))
-        server.register(Operation(T.GROUP_CONNECT, self._connect_group, allow(Role.ADMIN)))
+        server.register(Operation(M.SESSION_OPEN, self._open))
+        server.register(Operation(M.SESSION_FORWARD, self._forward))
+        server.register(Operation(M.SESSION_CLOSE, self._close))
+        server.register(Operation(T.GROUP_CONNECT, self._connect_group))
 
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(self._sweep()), asyncio.ensure_future(self._run_passes())]

@@ -27,7 +27,7 @@ from dllmd.net.chunked import receive_chunk
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.messages import models as M
 from dllmd.net.messages.transfer import PutArgs, PutReply
-from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 
 
@@ -49,10 +49,9 @@ class ModelOps:
         self.inference = inference
 
     def register(self, server: RpcServer) -> None:
-        admin = allow(Role.ADMIN)
         for op, handler in ((M.MODEL_OFFER, self._offer), (M.MODEL_PUT, self._put), (M.MODEL_REMOVE, self._remove),
                             (M.SPAN_LOAD, self._load), (M.SPAN_UNLOAD, self._unload)):
-            server.register(Operation(op, handler, admin))
+            server.register(Operation(op, handler))
 
     def _admins(self) -> list[str]:
         return [k.public_key for k in self.keys.all() if k.role == Role.ADMIN]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import zmq
 
 from dllmd.net.keys import AuthorizedKey, AuthorizedKeys, Role
 from dllmd.net.reactor import SocketReactor
+from dllmd.net.roles import roles_of
 from dllmd.net.schema import Op, parse_args, to_wire
 from dllmd.net.wire import ErrorCode, Limits, Reply, Request, WireError, decode_request, encode_reply, error_reply
 
@@ -91,13 +92,21 @@ class HandlerError(Exception):
 
 @dataclass
 class Operation:
-    """A handler for one declared operation, and the roles allowed to call it. The handler returns the
-    op's reply dataclass (or ``(reply, tensors)``, or DEFERRED); a plain map is taken as it is, for the
-    operations whose replies are not typed yet."""
+    """A handler for one declared operation; the roles allowed to call it come from the role table
+    (``dllmd.net.roles``). The handler returns the op's reply dataclass (or ``(reply, tensors)``, or
+    DEFERRED); a plain map is taken as it is, for the operations whose replies are not typed yet."""
 
     op: Op
     handler: Handler
-    roles: frozenset[Role] = field(default_factory=lambda: frozenset(Role))
+    roles: frozenset[Role] | None = None  # given: checked against the table, which decides
+
+    def __post_init__(self) -> None:
+        table = roles_of(self.op.name)
+        if self.roles is not None and frozenset(self.roles) != table:
+            raise ValueError(f"operation {self.op.name!r} is registered for roles "
+                             f"{sorted(r.value for r in self.roles)}, the role table says "
+                             f"{sorted(r.value for r in table)}")
+        self.roles = table
 
     @property
     def name(self) -> str:
@@ -106,10 +115,6 @@ class Operation:
     @property
     def args(self) -> type:
         return self.op.args
-
-
-def allow(*roles: Role) -> frozenset[Role]:
-    return frozenset(roles)
 
 
 class RpcServer:

@@ -25,9 +25,8 @@ import torch
 from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.net.chunked import int8_tensor
 from dllmd.net.client import CallError, RpcClient
-from dllmd.net.keys import Role
 from dllmd.net.schema import to_wire
-from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
 from dllmd.net.messages import training as S
@@ -70,13 +69,10 @@ class Coordinator:
                                [n["public_key"] for n in spec["nodes"]])
 
     def register(self, server: RpcServer) -> None:
-        admin, readers = allow(Role.ADMIN), allow(Role.ADMIN, Role.CLIENT)
-        for op, handler, roles in (
-                (S.JOBS_SUBMIT, self._submit, admin), (S.JOBS_LIST, self._list, readers),
-                (S.JOBS_SHOW, self._show, readers), (S.JOBS_STOP, self._stop, admin),
-                (S.JOBS_RESUME, self._resume, admin), (S.JOBS_METRICS, self._metrics, readers),
-                (S.CHECKPOINTS_LIST, self._checkpoints, readers), (S.CHECKPOINTS_READ, self._read_checkpoint, admin)):
-            server.register(Operation(op, self._guard(handler), roles))
+        for op, handler in ((S.JOBS_SUBMIT, self._submit), (S.JOBS_LIST, self._list), (S.JOBS_SHOW, self._show),
+                            (S.JOBS_STOP, self._stop), (S.JOBS_RESUME, self._resume), (S.JOBS_METRICS, self._metrics),
+                            (S.CHECKPOINTS_LIST, self._checkpoints), (S.CHECKPOINTS_READ, self._read_checkpoint)):
+            server.register(Operation(op, self._guard(handler)))
 
     @staticmethod
     def _guard(handler):

@@ -28,9 +28,8 @@ import zmq
 
 from dllmd.config import WILDCARD_HOSTS, NodeConfig, bind_host, listen_host
 from dllmd.net.identity import Identity, InvalidKey, parse_public_key
-from dllmd.net.keys import Role
 from dllmd.net.messages.ringbench import RING_CLOSE, RING_FORM, RING_OPEN, RING_RUN, FormArgs, RunArgs
-from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.train.ring import RingError, RingMember, RingSocket, bucket_size, ring_allreduce
 
@@ -50,10 +49,9 @@ class RingBenchOps:
         self._spent = 0  # the generation of the last run on this socket: its stray data may still arrive
 
     def register(self, server: RpcServer) -> None:
-        admin = allow(Role.ADMIN)
         for op, handler in ((RING_OPEN, self._open), (RING_FORM, self._form), (RING_RUN, self._run),
                             (RING_CLOSE, self._close)):
-            server.register(Operation(op, handler, admin))
+            server.register(Operation(op, handler))
 
     def stop(self) -> None:
         """Close the ring socket, if one is open. The daemon calls this before ``ctx.term()``, which

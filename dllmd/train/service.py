@@ -29,7 +29,7 @@ from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import Op, parse_args, parse_reply, to_wire
-from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.net.messages import training as S
 from dllmd.train.model import TrainModelError
@@ -82,13 +82,12 @@ class TrainingService:
         self.coordinator = Coordinator(self)
 
     def register(self, server: RpcServer) -> None:
-        # Workers obey other daemons (the coordinator, ring peers) and admins.
-        peers = allow(Role.ADMIN, Role.PEER)
+        # Workers obey other daemons (the coordinator, ring peers) and admins: dllmd/net/roles.py.
         federated = {op.name for op, _ in self.federated.handlers}
         for op, handler in self.handlers.values():
             if op.name not in federated:
-                server.register(Operation(op, self._rpc(handler), peers))
-        self.stages.register(server, peers)
+                server.register(Operation(op, self._rpc(handler)))
+        self.stages.register(server)
         self.federated.register(server)
         self.coordinator.register(server)
 

@@ -22,7 +22,7 @@ from dllmd import hardware
 from dllmd.failpoints import failpoint
 from dllmd.net.keys import Role
 from dllmd.net.messages import federated as F
-from dllmd.net.server import Call, HandlerError, Operation, RpcServer, allow
+from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.train.federated.secagg import Advertisement, FixedPoint, SecAggClient, SecAggError
 from dllmd.train.federated.client import ClientModel, LocalResult, LocalRound, parameter_count
@@ -80,9 +80,8 @@ class FederatedClientOps:
                          (F.FED_UNMASK, self.unmask))
 
     def register(self, server: RpcServer) -> None:
-        roles = allow(Role.ADMIN, Role.PEER, Role.FEDERATION)
         for op, handler in self.handlers:
-            server.register(Operation(op, self._rpc(handler), roles))
+            server.register(Operation(op, self._rpc(handler)))
 
     def local_handlers(self):
         """(op, handler(args, tensors)) for the coordinator's calls to its own node: this node's owner."""

@@ -23,7 +23,6 @@ from dllmd import hardware
 from dllmd.config import bind_host
 from dllmd.models.span import LayerSpan, expected_weight_bytes
 from dllmd.net.chunked import int8_tensor
-from dllmd.net.keys import Role
 from dllmd.net.messages import training as S
 from dllmd.net.schema import Op
 from dllmd.net.server import Call, Operation, RpcServer
@@ -49,11 +48,11 @@ class StageOps:
                 (S.TRAIN_READ_PART, self.read_part), (S.TRAIN_FETCH_PART, self.fetch_part),
                 (S.TRAIN_LOAD_PART, self.load_part)]
 
-    def register(self, server: RpcServer, roles: frozenset[Role]) -> None:
+    def register(self, server: RpcServer) -> None:
         async def pipe(call: Call):
             return await self.service._rpc(functools.partial(self.pipe, sender=call.caller.public_key))(call)
 
-        server.register(Operation(S.TRAIN_PIPE, pipe, roles))
+        server.register(Operation(S.TRAIN_PIPE, pipe))
 
     def _stage(self, job: str) -> StageWorker:
         worker = self.service._worker(job)
