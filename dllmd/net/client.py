@@ -46,6 +46,10 @@ class NodeUnauthorized(CallError):
     pass
 
 
+class PeerNotAuthorized(CallError):
+    """This node refuses to dial a key it has not authorized for that traffic: nothing was sent."""
+
+
 class NodeKeyMismatch(CallError):
     pass
 

@@ -124,6 +124,12 @@ class AuthorizedKeys:
         self.refresh()
         return self._by_key.get(public_key)
 
+    def authorized_as(self, public_key: str, roles) -> bool:
+        """Whether ``public_key`` is authorized here with one of ``roles`` (what a node checks before it
+        dials a key: no outbound connection to a stranger)."""
+        entry = self.by_public_key(public_key)
+        return entry is not None and entry.role in roles
+
     def by_curve_key(self, z85_key: bytes) -> AuthorizedKey | None:
         """Look up a CURVE client key as ZAP presents it (z85). Handshakes are rare, so this always
         looks at the file: a key authorized a moment ago can connect at once."""

@@ -358,8 +358,8 @@ class Coordinator:
     async def alive(self, node: S.NodeRef) -> bool:
         if node.public_key == self.service.identity.public_key:
             return True
-        client: RpcClient = self.service.peers.get(node.address, node.public_key)
         try:
+            client: RpcClient = self.service.dial(node, "ping")
             await client.call("ping", timeout=PING_TIMEOUT_S)
             return True
         except CallError:

@@ -24,7 +24,7 @@ from dllmd.config import NodeConfig, bind_host
 from dllmd.data.shards import ShardError, ShardStore, read_shard
 from dllmd.models.received import ModelFileError, ReceivedModels
 from dllmd.models.dtypes import TRAIN_DTYPES
-from dllmd.net.client import CallError
+from dllmd.net.client import CallError, PeerNotAuthorized
 from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys, Role
 from dllmd.net.pool import ConnectionPool
@@ -42,6 +42,10 @@ from dllmd.train.worker import ShardRows, TrainWorker, WorkerSpec
 log = logging.getLogger("dllmd.train")
 
 ROWS_MESSAGE_BYTES = 32 * 1024 * 1024
+TRAINING_DIAL = frozenset({Role.PEER, Role.ADMIN})  # whom this node sends training traffic to
+FEDERATED_DIAL = frozenset({Role.PEER, Role.ADMIN, Role.FEDERATION})
+MAX_BACKUP_ROWS = 2**31
+MAX_SEQ_LEN = 1 << 20
 IDLE_REPLICA_TTL_S = 15 * 60  # a running job calls every worker at least once per step
 SWEEP_INTERVAL_S = 60
 Handler = Callable[[Any, list[torch.Tensor]], Awaitable[Any]]
@@ -96,9 +100,20 @@ class TrainingService:
         async def run(call: Call):
             try:
                 return await handler(call.args, call.tensors)
+            except PeerNotAuthorized as exc:
+                raise HandlerError(ErrorCode.FORBIDDEN, str(exc)) from None
             except REFUSALS as exc:
                 raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         return run
+
+    def dial(self, node: S.NodeRef, op: str):
+        """The connection to ``node`` for ``op``, once its key is known to be one this node may send that
+        to: a peer (or an admin's node) for training, also the federation role for federated rounds."""
+        roles = FEDERATED_DIAL if op.startswith("fed.") or op == "ping" else TRAINING_DIAL
+        if not self.keys.authorized_as(node.public_key, roles):
+            raise PeerNotAuthorized(f"{node.name}'s key is not authorized on node {self.config.name} as "
+                                    f"{' or '.join(sorted(r.value for r in roles))}; nothing was sent to it")
+        return self.peers.get(node.address, node.public_key)
 
     async def call(self, node: S.NodeRef, op: str, args: dict, tensors: list[torch.Tensor] | None = None,
                    timeout: float = 60.0) -> tuple[dict, list[torch.Tensor]]:
@@ -111,8 +126,7 @@ class TrainingService:
                 raise CallError(str(exc)) from None
             result, out = outcome if isinstance(outcome, tuple) else (outcome, [])
             return (result if isinstance(result, dict) else to_wire(result)), out  # as a remote reply reads
-        client = self.peers.get(node.address, node.public_key)
-        return await client.call(op, args, tensors or [], timeout=timeout)
+        return await self.dial(node, op).call(op, args, tensors or [], timeout=timeout)
 
     async def invoke(self, node: S.NodeRef, op: Op, args: dict, tensors: list[torch.Tensor] | None = None,
                      timeout: float = 60.0) -> tuple[Any, list[torch.Tensor]]:
@@ -210,8 +224,16 @@ class TrainingService:
         tokens, meta = read_shard(path)
         return ShardRows(tokens, int(meta["tokens"]))
 
+    def ring_members(self, members: list[S.NodeRef]) -> list[RingMember]:
+        """A ring's members, each of the others checked to be a key this node may connect its ring to."""
+        for m in members:
+            if m.public_key != self.identity.public_key and not self.keys.authorized_as(m.public_key, TRAINING_DIAL):
+                raise PeerNotAuthorized(f"ring member {m.name}'s key is not authorized on node {self.config.name} as "
+                                        f"peer; the ring was not formed")
+        return [RingMember(m.public_key, m.address) for m in members]
+
     async def form_ring(self, a: S.RingArgs, _tensors) -> dict:
-        members = [RingMember(m.public_key, m.address) for m in a.members]
+        members = self.ring_members(a.members)
         await self._worker(a.job).form_ring(a.generation, a.rank, members)
         return {"rank": a.rank, "size": len(members)}
 
@@ -221,7 +243,7 @@ class TrainingService:
         if a.shard in worker.shards:
             return {"rows": int(worker.shards[a.shard].tokens.shape[0])}
         first, _ = await self.call(a.holder, "train.rows", {"job": a.job, "shard": a.shard, "start": 0, "count": 1})
-        total, seq_len, valid = int(first["total"]), int(first["seq_len"]), int(first["valid_tokens"])
+        total, seq_len, valid = _bounded_rows(first, a.holder.name)
         per_message = max(1, ROWS_MESSAGE_BYTES // (4 * seq_len))
         parts = []
         for start in range(0, total, per_message):
@@ -308,3 +330,18 @@ class TrainingService:
             worker.close()
         self.workers.clear()
 
+
+
+def _bounded_rows(reply: dict, holder: str) -> tuple[int, int, int]:
+    """A holder's description of a shard, checked before anything is allocated for it: a hostile peer
+    must not make this node reserve memory without limit."""
+    try:
+        total, seq_len, valid = int(reply["total"]), int(reply["seq_len"]), int(reply["valid_tokens"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{holder} described the shard without total, seq_len and valid_tokens") from None
+    if not (0 <= total <= MAX_BACKUP_ROWS and 1 <= seq_len <= MAX_SEQ_LEN and 0 <= valid <= total * seq_len):
+        raise ValueError(f"{holder} described a shard of {total} rows of {seq_len} tokens: out of bounds")
+    need = total * seq_len * 4
+    if need > psutil.virtual_memory().available // 2:
+        raise ValueError(f"{holder}'s shard needs {need / 2**30:.1f} GiB, more than half this node's free memory")
+    return total, seq_len, valid

@@ -33,7 +33,7 @@ from dllmd.train.pipeline import schedule
 from dllmd.train.pipeline.links import SEND_TIMEOUT_S, PipeLinks
 from dllmd.train.pipeline.parts import part_root
 from dllmd.train.pipeline.stage import StageSpec, StageWorker, stage_memory_bytes
-from dllmd.train.ring import RingMember, RingSocket
+from dllmd.train.ring import RingSocket
 
 
 class StageOps:
@@ -138,7 +138,7 @@ class StageOps:
         if worker.tied is not None:
             if a.tied_rank < 0 or len(a.tied_members) != 2:
                 raise ValueError("a stage holding a tied embedding needs its two-member tied ring")
-            members = [RingMember(m.public_key, m.address) for m in a.tied_members]
+            members = self.service.ring_members(a.tied_members)
             await worker.tied.form(a.generation, a.tied_rank, members)
         return {"generation": a.generation}
 
