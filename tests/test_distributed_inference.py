@@ -249,3 +249,30 @@ def test_no_route_names_the_missing_layer(cluster):
     node = registry.nodes[sorted(registry.nodes)[0]]
     with pytest.raises(RouteError, match="no live replica serves layers 2-4 of m"):
         choose_route([Stage(node, Span(node.name, 0, 2, True, False))], 5, "m")
+
+
+def test_a_session_belongs_to_the_key_that_opened_it(cluster):
+    from dllmd.net.identity import Identity
+
+    name, _ = _import(cluster, "llama")
+    node = _deploy(cluster, name, _splits(5)[0])[0].node
+    user, intruder = cluster["user"], Identity.generate()
+    session = "owned-by-the-user-0001"
+
+    async def scenario():
+        async with RpcClient(user, node.address, node.public_key) as owner:
+            await owner.call("keys.authorize", {"public_key": intruder.public_key, "role": "client"})
+            stream = await owner.open_stream("session.open", {"session": session, "model": name, "start": 0,
+                                                              "end": 5, **RESERVE})
+            await stream.next(timeout=10)
+            async with RpcClient(intruder, node.address, node.public_key) as other:
+                for op, args, tensors in (("session.forward", {"items": [{"session": session, "step": 0, "start": 0}]},
+                                           [torch.tensor([[1, 2]])]), ("session.close", {"session": session}, [])):
+                    with pytest.raises(RemoteError) as exc:  # another client's session is not there for it
+                        await other.call(op, args, tensors)
+                    assert f"no session {session} here" in exc.value.message, (op, exc.value.message)
+            closed, _ = await owner.call("session.close", {"session": session})
+            assert closed["closed"]
+            await owner.call("keys.revoke", {"public_key": intruder.public_key})
+
+    asyncio.run(scenario())

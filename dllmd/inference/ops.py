@@ -370,7 +370,7 @@ class InferenceService:
         next_hop = NextHop(a.next_address, a.next_public_key) if a.next_address else None
         session = Session(a.session, a.model, span.new_cache(), call.responder, next_hop, a.sampling, a.logits,
                           a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching, hops=hops,
-                          prefix=prefix)
+                          prefix=prefix, owner=call.caller.public_key)
         try:
             self.sessions.add(session)
         except NoRoom as exc:
@@ -419,7 +419,7 @@ class InferenceService:
 
     def _close(self, call: Call) -> M.Closed:
         session = self.sessions.get(call.args.session)
-        if session is None or session.stream is DETACHED:
+        if session is None or session.stream is DETACHED or not session.reachable_by(call.caller):
             raise HandlerError(ErrorCode.NOT_FOUND, f"no session {call.args.session} here")
         self.sessions.pop(session.id)
         self._release_followers(session)
@@ -441,7 +441,8 @@ class InferenceService:
         for item, count in zip(items, counts):
             parts, offset = call.tensors[offset:offset + count], offset + count
             session = self.sessions.get(item.session)
-            if session is None or session.stream is DETACHED:  # a follower's share runs only as its leader says
+            # A follower's share runs only as its leader says; another client's session is not there for it.
+            if session is None or session.stream is DETACHED or not session.reachable_by(call.caller):
                 failures.append(f"no session {item.session} here (closed or expired)")
                 continue
             span = self.spans[session.model].span

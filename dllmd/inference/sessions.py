@@ -18,6 +18,7 @@ from dllmd.inference.memory import MemoryCap, NoRoom
 from dllmd.inference.prefix_cache import SessionPrefix
 from dllmd.models.cache import SpanCache
 from dllmd.net.codec import HopCodec
+from dllmd.net.keys import Role
 from dllmd.net.messages.inference import SamplingParams
 from dllmd.net.server import Responder
 
@@ -60,6 +61,12 @@ class Session:
     steps: int = 0
     queued_position: int = 0  # the position the next arriving step must start at (steps may be queued)
     prefix: SessionPrefix | None = None  # its use of the stage's prefix cache (None: not cached)
+    owner: str = ""  # the key that opened it: only it (or a peer stage feeding it) may step or close it
+
+    def reachable_by(self, caller) -> bool:
+        """Whether ``caller`` may step or close this session: its opener, or one of this node's peers (the
+        previous stage pushes its hidden states). Another client's session is not even visible."""
+        return caller.public_key == self.owner or caller.role == Role.PEER
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
