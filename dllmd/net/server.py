@@ -117,6 +117,16 @@ class Operation:
         return self.op.args
 
 
+# What one caller may have in progress on a node at once (requests whose handlers have not finished,
+# and the bytes they arrived with): one flooding key cannot hold the node's memory, and others are
+# still served. Clients get less than the owner's keys and its cluster's peers, whose training
+# traffic moves tens of MiB a message.
+CALLER_BUDGET: dict[Role | None, tuple[int, int]] = {
+    Role.ADMIN: (256, 1 << 30), Role.PEER: (256, 1 << 30),
+    None: (64, 128 << 20),  # clients, federated coordinators
+}
+
+
 class RpcServer:
     """Serves a table of operations on a bound ROUTER socket.
 
@@ -132,6 +142,7 @@ class RpcServer:
         self.max_in_flight = max_in_flight
         self.operations: dict[str, Operation] = {}
         self._in_flight: set[asyncio.Task] = set()
+        self._held: dict[str, list[int]] = {}  # caller key -> [requests in progress, their bytes]
         self._reactor: SocketReactor | None = None
         self.requests_served = 0
 
@@ -175,12 +186,28 @@ class RpcServer:
                 return
             if len(self._in_flight) >= self.max_in_flight:
                 raise WireError(ErrorCode.BUSY, "node is busy; retry later", request.id)
+            size = sum(len(f.buffer) for f in frames[1:])
+            held = self._held.setdefault(caller.public_key, [0, 0])
+            count_cap, bytes_cap = CALLER_BUDGET.get(caller.role, CALLER_BUDGET[None])
+            if held[0] >= count_cap or held[1] + size > bytes_cap:
+                raise WireError(ErrorCode.BUSY, f"your key has {held[0]} requests ({held[1] / 2**20:.0f} MiB) in "
+                                                f"progress here, its most; retry when they finish", request.id)
         except Exception as exc:
             self._fail(responder, exc)
             return
+        held[0] += 1
+        held[1] += size
         task = asyncio.ensure_future(self._run(op, call))
         self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(lambda t, key=caller.public_key, size=size: self._done(t, key, size))
+
+    def _done(self, task: asyncio.Task, key: str, size: int) -> None:
+        self._in_flight.discard(task)
+        held = self._held[key]
+        held[0] -= 1
+        held[1] -= size
+        if not held[0]:
+            del self._held[key]
 
     def _caller(self, frame: zmq.Frame) -> Caller | None:
         try:

@@ -10,6 +10,7 @@ and no request of it ever reaches a handler.
 from __future__ import annotations
 
 import logging
+import time
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -22,6 +23,10 @@ log = logging.getLogger("dllmd.net")
 
 ZAP_DOMAIN = "dllm"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+REFUSAL_LOG_INTERVAL_S = 60.0
+MAX_REFUSED_TRACKED = 4096
+HANDSHAKE_MS = 10_000  # a connection that has not finished CURVE's handshake by then is dropped
+ROUTER_HWM = 1_000  # messages queued per connection each way (zmq's default 1000; ours was 10000)
 
 
 class KeyTableAuthenticator(ThreadAuthenticator):
@@ -32,6 +37,7 @@ class KeyTableAuthenticator(ThreadAuthenticator):
     def __init__(self, context: zmq.Context, keys: AuthorizedKeys):
         super().__init__(context, log=logging.getLogger("dllmd.zap"))
         self.keys = keys
+        self._refused: dict[bytes, list[float]] = {}  # curve key -> [refusals since last logged, last logged at]
         self.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
@@ -41,8 +47,21 @@ class KeyTableAuthenticator(ThreadAuthenticator):
             log.error("cannot read authorized keys: %s", exc)
             return False
         if entry is None:
-            log.warning("refused unknown key (curve %s)", z85_key.decode(errors="replace"))
+            self._log_refusal(z85_key)
         return entry is not None
+
+    def _log_refusal(self, z85_key: bytes) -> None:
+        """One line per unknown key per minute at most, with the count: a stranger retrying in a loop
+        must not fill the disk with the daemon's log."""
+        now = time.monotonic()
+        if len(self._refused) > MAX_REFUSED_TRACKED:
+            self._refused.clear()
+        seen = self._refused.setdefault(z85_key, [0, float("-inf")])
+        seen[0] += 1
+        if now - seen[1] >= REFUSAL_LOG_INTERVAL_S:
+            log.warning("refused unknown key (curve %s)%s", z85_key.decode(errors="replace"),
+                        f", {seen[0]} times since the last report" if seen[0] > 1 else "")
+            seen[0], seen[1] = 0, now
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         entry = self.keys.by_curve_key(z85.encode(client_public_key))
@@ -73,6 +92,10 @@ def bind_router(
     _common_options(sock, max_message_bytes, heartbeat_ms, heartbeat_timeout_ms)
     # Without this a reply to a vanished client disappears silently; with it we get an error to log.
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # Per connection: what a caller that sends without reading (or never reads its replies) can park here.
+    sock.setsockopt(zmq.SNDHWM, ROUTER_HWM)
+    sock.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
     sock.curve_server = True
     sock.curve_secretkey = identity.curve_secret
     sock.curve_publickey = identity.curve_public
