@@ -60,6 +60,7 @@ class Session:
     steps: int = 0
     queued_position: int = 0  # the position the next arriving step must start at (steps may be queued)
     prefix: SessionPrefix | None = None  # its use of the stage's prefix cache (None: not cached)
+    private: bool = False  # hidden states in and out only (dllmd/inference/private.py)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
