@@ -9,6 +9,7 @@ three of them without embeddings or head.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from dllmctl.inference.private import load_private_ends
 from dllmctl.inference.session import DistributedSession
 from dllmctl.models.deploy import deploy
-from dllmctl.placement.layout import Span
+from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span
+from dllmctl.placement.planner import plan_private_layout
 from dllmctl.placement.routing import Stage, choose_route
 from dllmd.inference.sampling import sample_next
 from dllmd.net.client import RemoteError
@@ -135,3 +137,50 @@ def test_a_private_session_refuses_token_ids_and_spans_with_embeddings(cluster):
     with pytest.raises(RemoteError) as refused:
         asyncio.run(open_private())
     assert refused.value.code == ErrorCode.BAD_ARGS
+
+
+def test_a_private_plan_leaves_the_ends_and_the_first_layers_to_the_client():
+    model = ModelShape.uniform("m", 30, 14_000_000, 113_000_000, 113_000_000, tied=True)
+    nodes = [NodeCapacity("a", 10**9, 100.0), NodeCapacity("b", 10**9, 100.0)]
+    layout = plan_private_layout(model, nodes, 2)
+    assert [(s.start, s.end, s.embed, s.head) for s in layout.spans] == [(2, 16, False, False), (16, 30, False, False)]
+    assert Layout.from_json(layout.to_json(), "m", 30).spans == layout.spans  # a plan file deploys the same
+    with pytest.raises(PlanError):
+        plan_private_layout(model, nodes, 0)
+
+
+SECRET = ("My account number is 4417 and the biopsy came back positive; please draft a letter to my employer "
+          "explaining why I need three weeks off.")
+
+
+def _recovery(store, name: str, directory, layers: int) -> float:
+    from transformers import AutoTokenizer
+
+    from dllmctl.bench.private_recovery import nearest_token_recovery
+
+    ids = AutoTokenizer.from_pretrained(directory)(SECRET)["input_ids"]
+    return nearest_token_recovery(store, name, directory, layers, list(ids))
+
+
+def test_what_a_nearest_neighbour_lookup_recovers_from_the_first_nodes_input(cluster):
+    """K = 0 would send raw embeddings: every token comes back. The default K = 1 is reported (a tiny
+    random model's residual stream keeps much of its input, a trained model's far less)."""
+    name, _ = _import(cluster, "llama")
+    directory = cluster["store"].path(name)
+    raw, private = _recovery(cluster["store"], name, directory, 0), _recovery(cluster["store"], name, directory, 1)
+    print(f"\ntiny llama: nearest-neighbour recovery K=0 {raw:.1%}, K=1 {private:.1%}")
+    assert raw > 0.99 and private < raw
+
+
+SMOLLM2 = Path.home() / ".local/share/dllm/models"
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "smollm2-135m-instruct").exists(), reason="SmolLM2-135M is not in the local store")
+def test_smollm2_after_one_client_layer_gives_almost_no_token_away():
+    from dllmd.models.store import ModelStore
+
+    store = ModelStore(SMOLLM2)
+    directory = store.path("smollm2-135m-instruct")
+    raw, private = (_recovery(store, "smollm2-135m-instruct", directory, k) for k in (0, 1))
+    print(f"\nSmolLM2-135M: nearest-neighbour recovery K=0 {raw:.1%}, K=1 {private:.1%}")
+    assert raw > 0.99 and private < 0.1
