@@ -157,7 +157,7 @@ def local_daemons(root: Path, count: int, settings: dict | None = None) -> Itera
 
 
 @contextmanager
-def cli_user_cluster(root: Path, count: int) -> Iterator[Path]:
+def cli_user_cluster(root: Path, count: int, *up_options: str) -> Iterator[Path]:
     """A user whose config, data and cache dirs are under ``root`` (in the environment, so that CLI
     subprocesses see them) and ``count`` local daemons (``dllmctl cluster up``); yields the cluster
     directory and stops it afterwards. What module-scoped fixtures of CLI tests stand on: conftest's
@@ -167,7 +167,7 @@ def cli_user_cluster(root: Path, count: int) -> Iterator[Path]:
             env.setenv(f"DLLM_{name.upper()}_DIR", str(root / name))
         (root / "config").mkdir()
         Identity.generate().save(root / "config" / "identity")
-        up = run_cli("dllmctl", "cluster", "up", "--local", str(count), "--dir", str(root / "c"), "--json")
+        up = run_cli("dllmctl", "cluster", "up", "--local", str(count), "--dir", str(root / "c"), "--json", *up_options)
         assert up.returncode == 0, up.stderr
         try:
             yield root / "c"

@@ -62,11 +62,11 @@ def _deploy(cluster, name: str, cuts: list[tuple[int, int]]) -> list[Stage]:
 
 
 def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_tokens=NEW_TOKENS, logits="last",
-              hops=HopCodec()):
+              hops=HopCodec(), private=None):
     async def run():
         async with ConnectionPool(cluster["user"]) as pool, \
                 DistributedSession(pool, route, name, sampling, prompt_tokens=len(prompt), max_new_tokens=new_tokens,
-                                   logits=logits, hops=hops) as session:
+                                   logits=logits, hops=hops, private=private) as session:
             return await session.generate(prompt, new_tokens, set())
 
     return asyncio.run(run())

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dllmctl.cli.common import err, fail, load_registry, load_user
+from dllmctl.cli.common import PrivateLayersOpt, PrivateOpt, err, fail, load_registry, load_user
 
 MISSING_EXTRA = "this command needs the 'api' extra: pip install 'dllm[api]' (mcp, starlette, uvicorn)"
 
@@ -24,6 +24,8 @@ def serve_command(
         envvar="DLLM_API_KEY", help="Require 'Authorization: Bearer KEY' (or set DLLM_API_KEY, which keeps the key "
                                     "out of the process list).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level (access lines at info).")] = "info",
+    private: PrivateOpt = False,
+    private_layers: PrivateLayersOpt = 1,
 ) -> None:
     """Serve the cluster as an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
     try:
@@ -43,7 +45,7 @@ def serve_command(
     shown = f"[{host}]" if ":" in host else host
     # One line a script can read (tests do): the real port, also when --port 0 picked it.
     err.print(f"dllmctl serve: listening on http://{shown}:{sock.getsockname()[1]}/v1", highlight=False)
-    config = uvicorn.Config(make_app(user, api_key), log_level=log_level, loop="asyncio", lifespan="on",
+    config = uvicorn.Config(make_app(user, api_key, private_layers if private else 0), log_level=log_level, loop="asyncio", lifespan="on",
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 

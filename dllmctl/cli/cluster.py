@@ -21,6 +21,7 @@ DirOpt = Annotated[Optional[Path], typer.Option(
 def up(
     local: Annotated[int, typer.Option("--local", help="Number of daemons to start on 127.0.0.1.", min=1, max=64)],
     directory: DirOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="The daemons log at debug level.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Start N daemons, trust them with each other and with you, and register them."""
@@ -33,7 +34,7 @@ def up(
         with err.status("starting daemons...") as status:
             target = (directory or local_cluster.default_dir()).expanduser().resolve()
             nodes = local_cluster.up(local, target, user, registry, progress=lambda m: status.update(m),
-                                     remember=True)
+                                     remember=True, verbose=verbose)
     except (local_cluster.LocalClusterError, RegistryError) as exc:
         fail(str(exc))
     if as_json:

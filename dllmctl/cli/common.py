@@ -39,6 +39,12 @@ ActivationsOpt = Annotated[str, typer.Option(help=(
     "(blockwise, about a quarter)."))]
 ActivationBlockOpt = Annotated[int, typer.Option(min=1, max=65536, help="int8: values per scale (must divide the "
                                                                         "hidden size).")]
+PrivateOpt = Annotated[bool, typer.Option("--private", help=(
+    "Private mode: this machine runs the embeddings, the first --private-layers layers and the head, so the "
+    "nodes see hidden states only, never a token id (needs a layout deployed with --private)."))]
+PrivateLayersOpt = Annotated[int, typer.Option("--private-layers", min=1, help=(
+    "With --private: decoder layers run here before anything leaves this machine (K >= 1: raw embeddings "
+    "would give the prompt away)."))]
 
 STATUS_STYLE = {"up": "green", "down": "red", "unauthorized": "yellow", "key-mismatch": "yellow", "error": "red"}
 

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dllmctl.cli.common import (ActivationBlockOpt, ActivationsOpt, JsonOpt, TpOpt, fail, load_registry, load_user, local_model, print_generation_footer,
+from dllmctl.cli.common import (ActivationBlockOpt, ActivationsOpt, JsonOpt, PrivateLayersOpt, PrivateOpt, TpOpt, fail, load_registry, load_user, local_model, print_generation_footer,
                                 print_json)
 
 
@@ -38,6 +38,8 @@ def infer_command(
     prefix_cache: Annotated[bool, typer.Option(
         "--prefix-cache/--no-prefix-cache",
         help="Let the stages start from your earlier prompts' cached blocks (and cache this one's).")] = True,
+    private: PrivateOpt = False,
+    private_layers: PrivateLayersOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
@@ -48,7 +50,7 @@ def infer_command(
     request = GenerationRequest(model=model, prompt=prompt, raw=raw, system=system, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, parallelism=parallelism,
                                 activations=activations, activation_block=activation_block,
-                                prefix_cache=prefix_cache)
+                                prefix_cache=prefix_cache, private_layers=private_layers if private else 0)
     try:
         prepared = prepare(request)
     except GenerationError as exc:

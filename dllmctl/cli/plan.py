@@ -7,16 +7,19 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, NodesOpt, ReplicasOpt, TpOpt, fail, human_bytes,
+from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, NodesOpt, PrivateLayersOpt, PrivateOpt, ReplicasOpt,
+                                TpOpt, fail, human_bytes,
                                 layers_text, load_user, local_model, out, print_json, print_layout, select_nodes)
 
 ModelArg = Annotated[str, typer.Argument(help="Model name in the local store.")]
 
 
 def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt = 1,
-                 parallelism: LayoutOpt = "pipeline", tp: TpOpt = None, as_json: JsonOpt = False) -> None:
+                 parallelism: LayoutOpt = "pipeline", tp: TpOpt = None, private: PrivateOpt = False,
+                 private_layers: PrivateLayersOpt = 1, as_json: JsonOpt = False) -> None:
     """Layer spans per node (or tensor-parallel groups and each member's slice), sized by free memory
-    and measured throughput, with each part's expected compute per token."""
+    and measured throughput, with each part's expected compute per token. With --private the nodes
+    split layers K.. only: this machine holds the embeddings, the first K layers and the head."""
     import asyncio
 
     from dllmctl.models.layouts import plan_for
@@ -24,7 +27,8 @@ def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt 
 
     directory, manifest = local_model(model)
     try:
-        layout = asyncio.run(plan_for(load_user(), select_nodes(nodes), directory, manifest, parallelism, tp, replicas))
+        layout = asyncio.run(plan_for(load_user(), select_nodes(nodes), directory, manifest, parallelism, tp, replicas,
+                                      private_layers if private else 0))
     except PlanError as exc:
         fail(str(exc))
     if as_json:

@@ -122,7 +122,7 @@ def _share_hardware_measurement(homes: list[Path], progress: Callable[[str], Non
         shutil.copyfile(homes[0] / hardware.CACHE_FILE, home / hardware.CACHE_FILE)
 
 
-def _spawn(home: Path, threads: int) -> subprocess.Popen:
+def _spawn(home: Path, threads: int, verbose: bool = False) -> subprocess.Popen:
     log = open(home / "dllmd.log", "ab")
     # Daemons of a local cluster share the cores: OpenMP threads that spin after each op would
     # steal them from the next stage (measured: ~9% slower decode on SmolLM2 with 3 nodes, 2 cores).
@@ -133,7 +133,8 @@ def _spawn(home: Path, threads: int) -> subprocess.Popen:
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     try:
         # A session of its own: Ctrl+C in the user's terminal must not kill the cluster.
-        return subprocess.Popen([sys.executable, "-m", "dllmd", "start", "--home", str(home)], env=env,
+        return subprocess.Popen([sys.executable, "-m", "dllmd", "start", "--home", str(home),
+                                 *(["--verbose"] if verbose else [])], env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     finally:
         log.close()
@@ -161,11 +162,12 @@ def _wait_ready(home: Path, proc: subprocess.Popen, deadline: float) -> str:
 
 def up(count: int, directory: Path, user: Identity, registry: Registry,
        progress: Callable[[str], None] = lambda _: None, bench: bool = False,
-       remember: bool = False, settings: dict | None = None) -> list[LocalNode]:
+       remember: bool = False, settings: dict | None = None, verbose: bool = False) -> list[LocalNode]:
     """Start ``count`` daemons and register them. Refuses if this directory's cluster is running.
     ``bench``: the nodes serve the benchmark operations and may run a training ring unencrypted;
     ``remember``: later commands without ``--dir`` find this cluster (the user's own, not a benchmark's
-    temporary one); ``settings``: node.toml settings of new homes (e.g. a memory budget)."""
+    temporary one); ``settings``: node.toml settings of new homes (e.g. a memory budget); ``verbose``: the
+    daemons log at DEBUG (``dllmd start -v``)."""
     if count < 1 or count > 64:
         raise LocalClusterError("--local takes a node count between 1 and 64")
     running = [n for n in load_state(directory) if n.process()]
@@ -183,7 +185,7 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
             if other.public_key != identity.public_key:
                 keys.authorize(other.public_key, Role.PEER, name)
     progress(f"starting {count} daemon(s)")
-    procs = [_spawn(h, _threads_per_daemon(count)) for h in homes]
+    procs = [_spawn(h, _threads_per_daemon(count), verbose) for h in homes]
     nodes: list[LocalNode] = []
     deadline = time.monotonic() + START_TIMEOUT_S
     try:

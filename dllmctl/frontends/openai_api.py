@@ -265,8 +265,9 @@ def parse(body: dict, chat: bool) -> Parsed:
 class Api:
     """The handlers, sharing one connection pool (and replica load counts) across requests."""
 
-    def __init__(self, user: Identity, api_key: str | None):
+    def __init__(self, user: Identity, api_key: str | None, private_layers: int = 0):
         self.user = user
+        self.private_layers = private_layers  # every request in private mode (dllmctl serve --private)
         self.api_key = api_key.encode() if api_key else None
         self._pool: ConnectionPool | None = None
         self.assigned: dict[str, int] = {}  # node -> sessions running there, so requests spread over replicas
@@ -334,6 +335,7 @@ class Api:
 
     async def _complete(self, request: Request, chat: bool) -> Response:
         parsed = parse(await read_json(request), chat)
+        parsed.request.private_layers = self.private_layers
         # Rendering the chat template and tokenizing a prompt of megabytes takes a while: not on the
         # event loop, which serves every other request's stream.
         prepared = await asyncio.to_thread(_prepare, parsed.request, chat)
@@ -470,8 +472,8 @@ class Shape:
         return {**self._head(True), "choices": [], "usage": self.usage(result)}
 
 
-def make_app(user: Identity, api_key: str | None = None) -> Starlette:
-    api = Api(user, api_key)
+def make_app(user: Identity, api_key: str | None = None, private_layers: int = 0) -> Starlette:
+    api = Api(user, api_key, private_layers)
 
     def guarded(handler):
         async def endpoint(request: Request) -> Response:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from dllmd.net.messages.inference import SamplingParams
+from dllmctl.inference.private import PrivateEnds
 from dllmctl.inference.session import DistributedSession, Generation, StageFailure
 from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
@@ -66,7 +67,8 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                                  on_token: Callable[[int], None] = lambda _: None, bans: Bans | None = None,
                                  assigned: dict[str, int] | None = None, stages: list[Stage] | None = None,
                                  max_failovers: int = MAX_FAILOVERS, result: Generation | None = None,
-                                 hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = ()) -> Generation:
+                                 hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = (),
+                                 private: PrivateEnds | None = None) -> Generation:
     """Generate ``max_new_tokens`` after ``prompt_ids`` on the best route, failing over to replicas.
 
     ``assigned`` (node -> sessions this client runs there) is updated while the session runs, so
@@ -74,7 +76,10 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
     just made it; ``result`` lets the caller watch the routes and tokens while it runs; ``prefix`` names
     the prompt's blocks for the stages' prefix caches (replays use it too). After a failure the route
     is chosen again from what is known, minus the banned
-    nodes; the nodes are asked anew only when that is not enough. Raises RouteError when no replica is left for some span."""
+    nodes; the nodes are asked anew only when that is not enough. Raises RouteError when no replica is left for some span.
+    ``private``: the client runs the model's ends; the route covers the layers after them, and each new
+    session (a replay) rebuilds the client's own cache along with the stages'."""
+    first_layer = private.layers if private else 0
     bans = bans if bans is not None else Bans()
     assigned = assigned if assigned is not None else {}
     result = result or Generation(prompt_tokens=len(prompt_ids))
@@ -84,20 +89,21 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
     while True:
         try:
             route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned,
-                                 parallelism=parallelism)
+                                 parallelism=parallelism, first_layer=first_layer)
         except RouteError:
             # Perhaps a replica came back or the layout changed: ask the nodes (slow when some are
             # down, so only when what we knew is not enough).
             candidates = await find_stages()
             route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned,
-                                 parallelism=parallelism)
+                                 parallelism=parallelism, first_layer=first_layer)
         for stage in route:
             assigned[stage.node.name] = assigned.get(stage.node.name, 0) + 1
         try:
             done = len(result.token_ids)  # a replay prefills the prompt and these, then generates the rest
             async with DistributedSession(pool, route, model, sampling, prompt_tokens=len(prompt_ids) + done,
                                           max_new_tokens=max_new_tokens - done, logits=logits,
-                                          parallelism=parallelism, hops=hops, prefix=prefix) as session:
+                                          parallelism=parallelism, hops=hops, prefix=prefix,
+                                          private=private) as session:
                 tokens_before = len(result.token_ids)
 
                 def token_arrived(token: int) -> None:

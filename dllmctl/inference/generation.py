@@ -27,6 +27,7 @@ from dllmd.net.identity import Identity
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.failover import generate_with_failover
 from dllmctl.inference.prefix import prefix_hashes, prefix_key
+from dllmctl.inference.private import PrivateEnds, PrivateModeError, check_private_layers, load_private_ends
 from dllmctl.inference.session import PARALLELISMS, Generation
 from dllmd.net.pool import ConnectionPool
 from dllmctl.models import local_store
@@ -136,6 +137,9 @@ class GenerationRequest:
     activations: str = "fp32"  # how hidden states travel between stages: fp32 (exact), fp16, int8
     activation_block: int = DEFAULT_BLOCK  # int8's values per scale
     prefix_cache: bool = True  # let the stages reuse (and keep) this client's cached prompt prefixes
+    # Private mode: the client runs the embeddings, layers [0, private_layers) and the head itself, so
+    # the nodes see hidden states only (0: the ordinary mode). Needs a private deployment.
+    private_layers: int = 0
 
 
 @dataclass
@@ -147,6 +151,19 @@ class Prepared:
     parallelism: str
     hops: HopCodec = HopCodec()
     prefix_cache: bool = True
+    private_layers: int = 0
+
+
+def private_ends(model: LocalModel, layers: int) -> PrivateEnds:
+    """The client's ends of ``model`` for private mode, loaded once per model, manifest and K."""
+    key = (model.name, str(model.directory), layers)
+    cached = _private.get(key)
+    if cached is None or cached[0] is not model:
+        _private[key] = cached = (model, load_private_ends(local_store(), model.name, model.directory, layers))
+    return cached[1]
+
+
+_private: dict[tuple[str, str, int], tuple[LocalModel, PrivateEnds]] = {}
 
 
 def prepare(request: GenerationRequest) -> Prepared:
@@ -181,7 +198,16 @@ def prepare(request: GenerationRequest) -> Prepared:
         hops.check_width(model.hidden_size)
     except CodecError as exc:
         raise GenerationError(str(exc), "activations") from None
-    return Prepared(model, ids, wanted, sampling, request.parallelism, hops, request.prefix_cache)
+    if request.private_layers:
+        if request.parallelism not in ("pipeline", "model"):
+            raise GenerationError("private mode runs over pipeline or model parallelism", "parallelism")
+        try:
+            check_private_layers(request.private_layers, model.num_layers)
+        except PrivateModeError as exc:
+            raise GenerationError(str(exc), "private_layers") from None
+    # The prefix cache would let stages start where the client's own layers have no cache.
+    return Prepared(model, ids, wanted, sampling, request.parallelism, hops,
+                    request.prefix_cache and not request.private_layers, request.private_layers)
 
 
 def _check_sampling(s: SamplingParams) -> None:
@@ -265,10 +291,11 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
     own_pool = pool is None
     pool = pool or ConnectionPool(user)
     prefix = prefix_hashes(prepared.prompt_ids, prefix_key(user)) if prepared.prefix_cache else []
+    private = private_ends(model, prepared.private_layers) if prepared.private_layers else None
     task = asyncio.ensure_future(generate_with_failover(
         pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, prepared.prompt_ids,
         prepared.max_new_tokens, set(model.stop_ids), prepared.sampling, parallelism=prepared.parallelism,
-        on_token=arrived, assigned=assigned, hops=prepared.hops, prefix=prefix))
+        on_token=arrived, assigned=assigned, hops=prepared.hops, prefix=prefix, private=private))
     _running.add(task)
     task.add_done_callback(_running.discard)
     if own_pool:

@@ -27,7 +27,9 @@ from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import parse_reply, to_wire
 from dllmd.net.wire import ErrorCode, WireError
+from dllmd.inference.sampling import sample_next
 from dllmctl.inference.prefix import usable_cached_tokens
+from dllmctl.inference.private import PrivateEnds
 from dllmctl.placement.routing import Stage
 
 # pipeline: prompt chunks overlap across stages, decode batched with other sessions; model: one piece,
@@ -81,11 +83,15 @@ class DistributedSession:
 
     def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
                  prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = 600.0,
-                 parallelism: str = "pipeline", hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = ()):
+                 parallelism: str = "pipeline", hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = (),
+                 private: PrivateEnds | None = None):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
         stage reserves its KV cache for them when the session opens (and refuses it if they do not fit).
         ``prefix``: the chain hashes of the prompt's blocks (:mod:`dllmctl.inference.prefix`), so the
-        stages skip what their prefix caches hold and cache what this session computes."""
+        stages skip what their prefix caches hold and cache what this session computes.
+        ``private``: the client runs the embeddings, the first layers and the head itself (the route
+        starts at layer K and ends without the head); the session's front cache is its own, so a new
+        session (a failover's replay) rebuilds it with the stages'."""
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         self.pool, self.route, self.model = pool, route, model
@@ -99,6 +105,11 @@ class DistributedSession:
         self.position = 0  # tokens the stages hold in their caches
         self.prefix = list(prefix)
         self.cached_reported = [0] * len(route)  # leading prompt tokens each stage holds cached
+        self.private = private
+        self.front_cache = private.new_cache() if private else None
+        self.input_dtype = torch.float32  # what the first stage computes in (private: what to send it)
+        if private and self.prefix:
+            raise ValueError("a private session cannot use the prefix cache: the client's layers would miss it")
 
     async def __aenter__(self) -> "DistributedSession":
         try:
@@ -116,13 +127,16 @@ class DistributedSession:
                         next_address=nxt.address if nxt else "", next_public_key=nxt.public_key if nxt else "",
                         sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
                         batching=self.parallelism != "model", activations=self.hops.encoding,
-                        activation_block=self.hops.block, prefix=self.prefix)
+                        activation_block=self.hops.block, prefix=self.prefix, private=self.private is not None)
         try:
             stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), timeout=OPEN_TIMEOUT_S)
             self.streams[index] = stream
             stream.watch(lambda: self._arrivals.put_nowait(index))
             opened = await stream.next(timeout=OPEN_TIMEOUT_S)
-            self.cached_reported[index] = parse_reply(Opened, opened.result).cached_tokens
+            reply = parse_reply(Opened, opened.result)
+            self.cached_reported[index] = reply.cached_tokens
+            if index == 0:
+                self.input_dtype = _dtype(reply.dtype)
         except CallError as exc:
             raise self._failure(index, exc) from exc
         except WireError as exc:
@@ -165,9 +179,12 @@ class DistributedSession:
         first = self.clients[0]
         for n, chunk in enumerate(chunks):
             item = {"session": self.id, "step": step, "start": self.position, "final": n == len(chunks) - 1}
+            tensors = [torch.tensor([chunk], dtype=torch.int64)]
+            if self.private:  # hidden states after the client's layers, as the stages send them to each other
+                hidden = self.private.embed(chunk, self.position, self.front_cache, self.input_dtype)
+                item["encoding"], tensors = self.hops.encode(hidden)
             try:
-                await first.send_oneway(SESSION_FORWARD.name, {"items": [item]}, [torch.tensor([chunk], dtype=torch.int64)],
-                                        timeout=SEND_TIMEOUT_S)
+                await first.send_oneway(SESSION_FORWARD.name, {"items": [item]}, tensors, timeout=SEND_TIMEOUT_S)
             except CallError as exc:
                 raise self._failure(0, exc) from exc
             self.position += len(chunk)
@@ -175,9 +192,22 @@ class DistributedSession:
         logits: list[torch.Tensor] = []
         while True:
             reply = await self._next_from_last(timeout)
-            logits.extend(reply.tensors)
+            if self.private:
+                step_logits = self._private_logits(reply)
+                chunk_logits = [step_logits] if self.logits != "none" else []
+            else:
+                chunk_logits = reply.tensors
+            logits.extend(chunk_logits)
             if not reply.result.get("chunk"):
+                if self.private:  # sampled here, as the last stage would: same logits, same per-step seed
+                    return {**reply.result, "token": sample_next(step_logits[-1], self.sampling, step)}, logits
                 return reply.result, logits
+
+    def _private_logits(self, reply) -> torch.Tensor:
+        """The last stage's hidden states ``[seq, hidden]`` through the client's norm and head."""
+        if len(reply.tensors) != 1 or reply.tensors[0].dim() != 2:
+            raise StageFailure("the last stage sent no hidden state", [self.route[-1].node.name])
+        return self.private.logits(reply.tensors[0])
 
     def skippable(self, fed_tokens: int) -> int:
         """Leading tokens of the first feed the stages already hold (none when every position's logits
@@ -245,3 +275,10 @@ class DistributedSession:
             feed = [token]
         result.seconds = time.perf_counter() - started
         return result
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise BadReply(f"a stage reports an unknown dtype {name!r}")
+    return dtype

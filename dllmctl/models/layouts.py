@@ -19,7 +19,7 @@ from dllmctl.placement.capacity import (capacities_for, capped_note, current_rep
                                         unload_first)
 from dllmctl.placement.groups import plan_groups
 from dllmctl.placement.layout import Layout, ModelShape, PlanError, Span
-from dllmctl.placement.planner import plan_layout
+from dllmctl.placement.planner import plan_layout, plan_private_layout
 from dllmctl.placement.tensor import TensorShape
 from dllmctl.placement.rebalance import Rebalance, plan_rebalance
 
@@ -34,14 +34,19 @@ def _no_node_up() -> PlanError:
     return PlanError("no node is up; start some with 'dllmctl cluster up --local 3' or check 'dllmctl nodes list'")
 
 
-async def plan_on_live_nodes(user: Identity, entries: list[NodeEntry], manifest: Manifest, replicas: int) -> Layout:
-    """Contiguous spans of the model over those of ``entries`` that are up; PlanError if they cannot hold it."""
+async def plan_on_live_nodes(user: Identity, entries: list[NodeEntry], manifest: Manifest, replicas: int,
+                             private_layers: int = 0) -> Layout:
+    """Contiguous spans of the model over those of ``entries`` that are up; PlanError if they cannot hold it.
+    ``private_layers`` K > 0: layers K.. only, the client holding the rest (private mode)."""
     rows = await query_nodes(user, entries)
     capacities = node_capacities(rows)
     if not capacities:
         raise _no_node_up()
     try:
-        return plan_layout(ModelShape.from_manifest(manifest), capacities, replicas=replicas)
+        shape = ModelShape.from_manifest(manifest)
+        if private_layers:
+            return plan_private_layout(shape, capacities, private_layers, replicas=replicas)
+        return plan_layout(shape, capacities, replicas=replicas)
     except PlanError as exc:
         raise PlanError(str(exc) + _refusal_note(rows)) from None
 
@@ -140,12 +145,16 @@ async def apply_rebalance(user: Identity, entries: dict[str, NodeEntry], model_d
     return deployed, (await undeploy(user, dropped, model) if dropped else {})
 
 
-async def plan_for(user, entries, directory, manifest, parallelism: str, tp: int | None, replicas: int):
-    """The layout ``plan`` shows and ``deploy`` (and ``infer --deploy``) deploys, for ``--parallelism`` and ``--tp``."""
+async def plan_for(user, entries, directory, manifest, parallelism: str, tp: int | None, replicas: int,
+                   private_layers: int = 0):
+    """The layout ``plan`` shows and ``deploy`` (and ``infer --deploy``) deploys, for ``--parallelism`` and ``--tp``
+    (``private_layers`` K: a private-mode layout of layers K.. without embeddings or head)."""
     if parallelism in ("pipeline", "model"):
         if tp not in (None, 1):
             raise PlanError("--tp applies to --parallelism tensor or hybrid")
-        return await plan_on_live_nodes(user, entries, manifest, replicas)
+        return await plan_on_live_nodes(user, entries, manifest, replicas, private_layers)
+    if private_layers:
+        raise PlanError("a private layout is a pipeline of spans (--parallelism pipeline)")
     if parallelism not in ("tensor", "hybrid"):
         raise PlanError(f"--parallelism must be pipeline, tensor or hybrid, not {parallelism!r}")
     return await plan_groups_on_live_nodes(user, entries, directory, manifest, parallelism, tp, replicas)

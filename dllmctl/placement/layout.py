@@ -92,6 +92,8 @@ class Layout:
     replicas: int
     spans: list[Span] = field(default_factory=list)
     expected_ms: dict[str, float] = field(default_factory=dict)
+    # Private mode: the client holds the embeddings, layers [0, K) and the head; the spans cover the rest.
+    private_layers: int = 0
     """Node -> modelled compute of its span per decode token (what the planner balanced), where known."""
 
     def to_json(self) -> dict:
@@ -103,7 +105,10 @@ class Layout:
             if s.node in self.expected_ms:
                 doc["expected_ms"] = self.expected_ms[s.node]
             spans.append(doc)
-        return {"model": self.model, "replicas": self.replicas, "spans": spans}
+        doc = {"model": self.model, "replicas": self.replicas, "spans": spans}
+        if self.private_layers:
+            doc["private_layers"] = self.private_layers
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any, model: str, num_layers: int) -> "Layout":
@@ -115,13 +120,16 @@ class Layout:
         replicas = doc.get("replicas", 1)
         if type(replicas) is not int or replicas < 1:
             raise PlanError(f"'replicas' must be a positive integer, got {replicas!r}")
-        spans = [_span(i, raw, num_layers) for i, raw in enumerate(doc["spans"])]
+        private = doc.get("private_layers", 0)
+        if type(private) is not int or not 0 <= private < num_layers:
+            raise PlanError(f"'private_layers' must be an integer in [0, {num_layers}), got {private!r}")
+        spans = [_span(i, raw, num_layers, private) for i, raw in enumerate(doc["spans"])]
         nodes = [s.node for s in spans]
         if len(set(nodes)) != len(nodes):
             raise PlanError(f"a node holds one span of a model; {sorted({n for n in nodes if nodes.count(n) > 1})} "
                             f"appear more than once")
         check_groups(spans)
-        return cls(model, replicas, spans)
+        return cls(model, replicas, spans, private_layers=private)
 
     def groups(self) -> dict[str, list[Span]]:
         """Each tensor-parallel group's members, in rank order."""
@@ -163,7 +171,7 @@ def check_groups(spans: list[Span]) -> None:
                                 f"overlaps, got {bounds}")
 
 
-def _span(index: int, raw: Any, num_layers: int) -> Span:
+def _span(index: int, raw: Any, num_layers: int, private: int = 0) -> Span:
     where = f"spans[{index}]"
     if not isinstance(raw, Mapping):
         raise PlanError(f"{where} must be an object with node, start, end, embed, head")
@@ -175,8 +183,15 @@ def _span(index: int, raw: Any, num_layers: int) -> Span:
         raise PlanError(f"{where}: layers [{start!r}, {end!r}) are not a non-empty range inside the model's "
                         f"{num_layers} layers")
     # The ends of the model are implied by the layers: a plan cannot ask a middle span to hold the head.
-    embed, head = raw.get("embed", start == 0), raw.get("head", end == num_layers)
-    if embed is not (start == 0) or head is not (end == num_layers):
+    # A private plan's nodes hold neither end (the client does) and none of the client's first layers.
+    if private:
+        if start < private or raw.get("embed", False) is not False or raw.get("head", False) is not False:
+            raise PlanError(f"{where}: a private plan's spans start at layer {private} or later and hold neither "
+                            f"embeddings nor head")
+        embed = head = False
+    else:
+        embed, head = raw.get("embed", start == 0), raw.get("head", end == num_layers)
+    if not private and (embed is not (start == 0) or head is not (end == num_layers)):
         raise PlanError(f"{where}: embed must be true exactly when start is 0, head exactly when end is "
                         f"{num_layers}")
     size = raw.get("bytes", 0)

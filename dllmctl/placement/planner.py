@@ -12,6 +12,7 @@ whose share rounds to nothing gets no span at all.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from bisect import bisect_right
 from itertools import accumulate
 
@@ -39,6 +40,24 @@ def plan_layout(model: ModelShape, nodes: list[NodeCapacity], replicas: int = 1,
             advice = "add a node, free memory or lower --replicas" if replicas > 1 else "add a node or free memory"
             raise PlanError(f"{where}{exc}; {advice} (each node keeps {reserve_fraction:.0%} of its free memory "
                             f"for caches)") from None
+    layout.expected_ms = {s.node: expected_ms(model, s, speed[s.node]) for s in layout.spans}
+    return layout
+
+
+def plan_private_layout(model: ModelShape, nodes: list[NodeCapacity], private_layers: int, replicas: int = 1,
+                        reserve_fraction: float = DEFAULT_RESERVE_FRACTION) -> Layout:
+    """A private-mode layout: the client holds the embeddings, layers [0, K) and the head, so the nodes
+    split layers [K, n) alone, no span with embeddings or head (the last returns hidden states)."""
+    if not 1 <= private_layers < model.num_layers:
+        raise PlanError(f"--private-layers must be between 1 and {model.num_layers - 1} for {model.name}")
+    rest = replace(model, layer_bytes=model.layer_bytes[private_layers:], embed_bytes=0, head_bytes=0, tied=False)
+    planned = plan_layout(rest, nodes, replicas, reserve_fraction)
+    layout = Layout(model.name, replicas, private_layers=private_layers)
+    for s in planned.spans:
+        start, end = s.start + private_layers, s.end + private_layers
+        layout.spans.append(replace(s, start=start, end=end, embed=False, head=False,
+                                    bytes=sum(model.layer_bytes[start:end])))
+    speed = {node.name: node.gflops for node in nodes}
     layout.expected_ms = {s.node: expected_ms(model, s, speed[s.node]) for s in layout.spans}
     return layout
 

@@ -67,20 +67,24 @@ def fits(stage: Stage, parallelism: str, num_layers: int) -> bool:
 
 
 def choose_route(candidates: list[Stage], num_layers: int, model: str, banned: Collection[str] = (),
-                 assigned: Mapping[str, int] | None = None, parallelism: str = "pipeline") -> list[Stage]:
+                 assigned: Mapping[str, int] | None = None, parallelism: str = "pipeline",
+                 first_layer: int = 0) -> list[Stage]:
     """The cheapest chain covering layers [0, num_layers) that fits ``parallelism``. ``banned`` node
     names are skipped; ``assigned`` counts sessions this client has just placed on each node (not yet in
     the nodes' reports), so consecutive sessions spread over replicas. Ties go to node names, for
-    determinism."""
+    determinism. ``first_layer`` K > 0: a private route, over layers [K, num_layers) and through spans
+    without embeddings or head (the client runs those itself)."""
     assigned = assigned or {}
+    private = first_layer > 0
     usable = [c for c in candidates if c.node.name not in banned and c.span.end > c.span.start
-              and (c.span.start > 0 or c.span.embed) and (c.span.end < num_layers or c.span.head)
-              and fits(c, parallelism, num_layers)]
+              and fits(c, parallelism, num_layers) and (
+                  (c.span.start >= first_layer and not c.span.embed and not c.span.head) if private else
+                  (c.span.start > 0 or c.span.embed) and (c.span.end < num_layers or c.span.head))]
     starting: dict[int, list[Stage]] = {}
     for stage in usable:  # by first layer, once: a swarm's thousand spans are not scanned per layer
         starting.setdefault(stage.span.start, []).append(stage)
-    best: dict[int, tuple[float, list[str], list[Stage]]] = {0: (0.0, [], [])}
-    for position in range(num_layers):  # spans only move forward, so positions in order suffice
+    best: dict[int, tuple[float, list[str], list[Stage]]] = {first_layer: (0.0, [], [])}
+    for position in range(first_layer, num_layers):  # spans only move forward, so positions in order suffice
         if position not in best:
             continue
         cost, names, route = best[position]
@@ -91,7 +95,7 @@ def choose_route(candidates: list[Stage], num_layers: int, model: str, banned: C
             if current is None or option[:2] < current[:2]:
                 best[stage.span.end] = option
     if num_layers not in best:
-        raise RouteError(_uncovered(usable, best, num_layers, model, banned, parallelism))
+        raise RouteError(_uncovered(usable, best, num_layers, model, banned, parallelism, private))
     route = best[num_layers][2]
     if parallelism == "hybrid" and not any(stage.span.tensor_slice for stage in route):
         raise RouteError(f"no live hybrid layout of {model} (a chain of tensor-parallel groups); "
@@ -108,15 +112,16 @@ DEPLOY_HINT = {
 
 
 def _uncovered(usable: list[Stage], reached: Mapping[int, object], num_layers: int, model: str,
-               banned: Collection[str], parallelism: str) -> str:
+               banned: Collection[str], parallelism: str, private: bool = False) -> str:
     gap_start = max(reached)
     later = [c.span.start for c in usable if c.span.start > gap_start]
     gap_end = min(later) - 1 if later else num_layers - 1
     layers = f"layer {gap_start}" if gap_end == gap_start else f"layers {gap_start}-{gap_end}"
     why = f" (banned after failures: {', '.join(sorted(banned))})" if banned else ""
-    kind = {"tensor": " tensor-parallel", "hybrid": " hybrid"}.get(parallelism, "")
-    return (f"no live{kind} replica serves {layers} of {model}{why}; "
-            f"{DEPLOY_HINT.get(parallelism, DEPLOY_HINT['pipeline']).format(model=model)} or bring its nodes back")
+    kind = {"tensor": " tensor-parallel", "hybrid": " hybrid"}.get(parallelism, "") + (" private" if private else "")
+    hint = (f"deploy it with 'dllmctl deploy {model} --private' (the same --private-layers)" if private
+            else DEPLOY_HINT.get(parallelism, DEPLOY_HINT['pipeline']).format(model=model))
+    return f"no live{kind} replica serves {layers} of {model}{why}; {hint} or bring its nodes back"
 
 
 def route_counts(routes: list[list[Stage]]) -> Counter:

@@ -28,6 +28,7 @@ from dllmd.config import validate_endpoint
 from dllmd.inference.forwarding import Forwarder, Onward
 from dllmd.inference.memory import MemoryCap, NoRoom
 from dllmd.inference.prefix_cache import PrefixCache
+from dllmd.inference import private
 from dllmd.inference.sampling import sample_next
 from dllmd.inference.scheduler import PendingStep, StepScheduler, admit
 from dllmd.inference.sessions import DETACHED, NextHop, Session, SessionTable
@@ -346,8 +347,9 @@ class InferenceService:
                                                          f"re-plan")
         if self.sessions.get(a.session) is not None:
             raise HandlerError(ErrorCode.CONFLICT, f"session {a.session} is already open here")
-        if span.head == bool(a.next_address):
-            raise HandlerError(ErrorCode.BAD_ARGS, "the last stage takes no next hop; every other stage needs one")
+        if a.private:
+            private.check_private_open(span, a)
+        private.check_next_hop(span, a)
         if a.next_address:
             self._check_next_hop(a.next_address, a.next_public_key)
         positions = a.prompt_tokens + a.max_new_tokens
@@ -364,13 +366,14 @@ class InferenceService:
         reserve = span.kv_cache_bytes(positions)
         # Keyed by the caller: a client never hits (or times) another client's prompts.
         # Not behind lossy hops either: blocks computed from fp16/int8 hidden states must never serve a
-        # session that asked for exact ones (nor the other way round).
+        # session that asked for exact ones (nor the other way round). Nor for a private session: its
+        # client runs the first layers with a cache of its own, which a hit here would not fill.
         prefix = self.prefix.open_session(span, a.model, call.caller.public_key, a.prefix, a.prompt_tokens,
-                                          usable=loaded.group is None and hops.encoding == "fp32")
+                                          usable=loaded.group is None and hops.encoding == "fp32" and not a.private)
         next_hop = NextHop(a.next_address, a.next_public_key) if a.next_address else None
         session = Session(a.session, a.model, span.new_cache(), call.responder, next_hop, a.sampling, a.logits,
                           a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching, hops=hops,
-                          prefix=prefix, owner=call.caller.public_key)
+                          prefix=prefix, owner=call.caller.public_key, private=a.private)
         try:
             self.sessions.add(session)
         except NoRoom as exc:
@@ -380,7 +383,8 @@ class InferenceService:
         if loaded.group is not None:
             await self._open_on_followers(loaded, session)
         call.responder.send(M.Opened(opened=True, start=span.start, end=span.end, reserved_bytes=reserve,
-                                     cached_tokens=prefix.cached_tokens if prefix else 0))
+                                     cached_tokens=prefix.cached_tokens if prefix else 0,
+                                     dtype=str(span.dtype).removeprefix("torch.")))
         return DEFERRED
 
     def _check_group_leader(self, loaded: LoadedSpan) -> None:
@@ -448,6 +452,8 @@ class InferenceService:
             span = self.spans[session.model].span
             try:
                 # Shapes are checked before anything is dequantized: int8 grows 4x on the way to float32.
+                if session.private:
+                    private.refuse_token_ids(parts)
                 width = None if span.embed else span.config.hidden_size
                 inputs = decode(item.encoding, parts, span.dtype, width=width, max_tokens=M.MAX_STEP_TOKENS)
                 if session.prefix is not None and not session.prefix.begun:  # starts from cached blocks
@@ -570,7 +576,11 @@ class InferenceService:
             self.forwarder.push_in_order(hop, steps)
 
     def _reply(self, session: Session, item: M.StepItem, out: torch.Tensor | int, trace: dict) -> None:
-        """``out`` is the logits, or a token a tensor-parallel group already chose (greedy, no logits asked)."""
+        """``out`` is the logits, or a token a tensor-parallel group already chose (greedy, no logits asked);
+        for a private session, the last stage's hidden states (the client samples)."""
+        if session.private:
+            private.send_hidden(session.stream, item, out, session.logits, trace)
+            return
         logits = [] if session.logits == "none" or isinstance(out, int) else [out[0].cpu()]
         if not item.final:
             if session.logits == "all":  # the client collects every chunk's logits

@@ -62,6 +62,7 @@ class Session:
     queued_position: int = 0  # the position the next arriving step must start at (steps may be queued)
     prefix: SessionPrefix | None = None  # its use of the stage's prefix cache (None: not cached)
     owner: str = ""  # the key that opened it: only it (or a peer stage feeding it) may step or close it
+    private: bool = False  # hidden states in and out only (dllmd/inference/private.py)
 
     def reachable_by(self, caller) -> bool:
         """Whether ``caller`` may step or close this session: its opener, or one of this node's peers (the

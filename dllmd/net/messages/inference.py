@@ -50,6 +50,10 @@ class OpenArgs:
     # the tokens from them). The stage reports how many leading blocks it holds in its prefix cache,
     # and caches the blocks this session computes, for this client's later sessions.
     prefix: list[bytes] = bounded([], max_len=MAX_PREFIX_BLOCKS)
+    # Private mode (dllmd/inference/private.py): the client runs the embeddings, the first layers and
+    # the head itself. The stage then takes hidden states only (token ids are refused), and the last
+    # stage returns its hidden states instead of sampling a token.
+    private: bool = False
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Opened:
     # Leading prompt tokens (whole blocks of ``prefix``) this stage holds cached: the session's first
     # step may start at any block boundary up to here, and the stage starts its cache from them.
     cached_tokens: int = 0
+    # The span's dtype: what a private client must send the first stage its hidden states in.
+    dtype: str = "float32"
 
 
 @dataclass
