@@ -205,7 +205,7 @@ def test_bad_jobs_are_refused_before_anything_starts(cluster3, tmp_path):  # noq
     _setup(cluster3, tmp_path)
     for args, needle in (
             (["-d", "ghost"], "no dataset"),
-            (["-d", "two", "--parallelism", "federated"], "not built yet"),
+            (["-d", "two", "--parallelism", "federated"], "a federated job needs --nodes"),
             (["-d", "two", "--parallelism", "pipeline"], "must be one of"),
             (["-d", "two", "--batch-size", "5", "--micro-batch-size", "2"], "not divisible"),
             (["-d", "two", "--backend", "torch", "--plaintext"], "never encrypts"),
