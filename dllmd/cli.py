@@ -119,17 +119,21 @@ def authorize(
     public_key: Annotated[str, typer.Argument(help="The 64-hex-character public key to allow.")],
     role: Annotated[Role, typer.Option(help="admin, client, peer or federation (another organization's coordinator: federated rounds on the datasets federated_datasets lists, nothing else).")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated models this key may run here "
+                                                        "(default: every model the node serves).")] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Allow a key to talk to this node. A running daemon applies it at once."""
     keys = AuthorizedKeys(resolve_home(home) / "authorized_keys.toml")
     try:
-        entry = keys.authorize(public_key, role, name)
+        entry = keys.authorize(public_key, role, name, [m.strip() for m in models.split(",")] if models else None)
     except InvalidKey as exc:
         fail(str(exc))
-    _emit({"public_key": entry.public_key, "role": entry.role.value, "name": entry.name}, as_json,
-          f"authorized {entry.public_key} as {entry.role.value}")
+    _emit({"public_key": entry.public_key, "role": entry.role.value, "name": entry.name,
+           "models": None if entry.models is None else list(entry.models)}, as_json,
+          f"authorized {entry.public_key} as {entry.role.value}"
+          + (f" for {', '.join(entry.models) or 'no model'}" if entry.models is not None else ""))
 
 
 @app.command()

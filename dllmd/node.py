@@ -200,15 +200,15 @@ class Daemon:
         return M.PeerRtts(await self.links.measure(a.peers, a.count, a.max_age_s))
 
     async def _keys_list(self, call: Call) -> M.KeyList:
-        return M.KeyList([M.KeyEntry(k.public_key, k.role.value, k.name) for k in self.keys.all()])
+        return M.KeyList([M.KeyEntry(k.public_key, k.role.value, k.name, _listed(k.models)) for k in self.keys.all()])
 
     async def _keys_authorize(self, call: Call) -> M.KeyEntry:
         try:
-            entry = self.keys.authorize(call.args.public_key, call.args.role, call.args.name)
+            entry = self.keys.authorize(call.args.public_key, call.args.role, call.args.name, call.args.models)
         except (ValueError, InvalidKey) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         log.info("%s authorized %s as %s", call.caller.name or call.caller.public_key[:12], entry.public_key[:12], entry.role.value)
-        return M.KeyEntry(entry.public_key, entry.role.value, entry.name)
+        return M.KeyEntry(entry.public_key, entry.role.value, entry.name, _listed(entry.models))
 
     async def _keys_revoke(self, call: Call) -> M.Revoked:
         if call.args.public_key.lower() == call.caller.public_key:
@@ -220,3 +220,7 @@ class Daemon:
         if not removed:
             raise HandlerError(ErrorCode.NOT_FOUND, "that key is not authorized on this node")
         return M.Revoked(True)
+
+
+def _listed(models: tuple[str, ...] | None) -> list[str] | None:
+    return None if models is None else list(models)

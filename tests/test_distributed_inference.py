@@ -273,6 +273,15 @@ def test_a_session_belongs_to_the_key_that_opened_it(cluster):
                     assert f"no session {session} here" in exc.value.message, (op, exc.value.message)
             closed, _ = await owner.call("session.close", {"session": session})
             assert closed["closed"]
+            # Per-model access: the owner narrows the other key to a model this node does not run for it.
+            entry, _ = await owner.call("keys.authorize", {"public_key": intruder.public_key, "role": "client",
+                                                           "models": ["some-other-model"]})
+            assert entry["models"] == ["some-other-model"]
+            async with RpcClient(intruder, node.address, node.public_key) as other:
+                with pytest.raises(RemoteError) as exc:
+                    await other.call("session.open", {"session": "narrowed-key-session", "model": name, "start": 0,
+                                                      "end": 5, **RESERVE})
+                assert exc.value.code == "forbidden" and "has not allowed your key to run" in exc.value.message
             await owner.call("keys.revoke", {"public_key": intruder.public_key})
 
     asyncio.run(scenario())

@@ -77,7 +77,7 @@ def test_admin_manages_keys_remotely(daemon_factory, user):
         async with RpcClient(user, daemon.address, daemon.public_key) as admin:
             await admin.call("keys.authorize", {"public_key": newcomer.public_key, "role": "client", "name": "laptop"})
             listed, _ = await admin.call("keys.list")
-            assert {"public_key": newcomer.public_key, "role": "client", "name": "laptop"} in listed["keys"]
+            assert {"public_key": newcomer.public_key, "role": "client", "name": "laptop", "models": None} in listed["keys"]
             with pytest.raises(RemoteError) as exc:
                 await admin.call("keys.revoke", {"public_key": user.public_key})
             assert exc.value.code == "conflict"

@@ -336,6 +336,10 @@ class InferenceService:
             raise HandlerError(ErrorCode.BAD_ARGS, "session ids are 8-64 characters of [A-Za-z0-9_-]")
         if a.logits not in ("none", "last", "all"):
             raise HandlerError(ErrorCode.BAD_ARGS, "logits must be none, last or all")
+        entry = self.keys.by_public_key(call.caller.public_key)
+        if entry is not None and entry.role != Role.PEER and not entry.may_use(a.model):
+            raise HandlerError(ErrorCode.FORBIDDEN, f"this node's owner has not allowed your key to run {a.model!r} "
+                                                    f"here (allowed: {', '.join(entry.models) or 'none'})")
         loaded = self.spans.get(a.model)
         if loaded is None:
             raise HandlerError(ErrorCode.NOT_FOUND, f"this node does not serve {a.model!r}; deploy it first")

@@ -46,6 +46,10 @@ class AuthorizedKey:
     public_key: str
     role: Role
     name: str = ""
+    models: tuple[str, ...] | None = None  # the models this key may run here; None: every model
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 class AuthorizedKeys:
@@ -106,9 +110,10 @@ class AuthorizedKeys:
             try:
                 key = parse_public_key(str(entry.get("public_key", ""))).hex()
                 role = Role(entry.get("role"))
+                models = _models(entry.get("models"))
             except ValueError as exc:
                 raise InvalidKey(f"{self.path}: keys[{i}]: {exc}") from None
-            table[key] = AuthorizedKey(key, role, str(entry.get("name", "")))
+            table[key] = AuthorizedKey(key, role, str(entry.get("name", "")), models)
         return table
 
     def _set(self, table: dict[str, AuthorizedKey]) -> None:
@@ -138,9 +143,10 @@ class AuthorizedKeys:
 
     # --- writing (atomic; the daemon notices through refresh) -----------------------------------
 
-    def authorize(self, public_key: str, role: Role | str, name: str = "") -> AuthorizedKey:
+    def authorize(self, public_key: str, role: Role | str, name: str = "",
+                  models: list[str] | None = None) -> AuthorizedKey:
         key = parse_public_key(public_key).hex()
-        entry = AuthorizedKey(key, Role(role), name)
+        entry = AuthorizedKey(key, Role(role), name, _models(models))
         self.refresh(force=True)
         table = dict(self._by_key)
         table[key] = entry
@@ -159,10 +165,20 @@ class AuthorizedKeys:
     def _write(self, table: dict[str, AuthorizedKey]) -> None:
         doc = {
             "keys": [
-                {"public_key": e.public_key, "role": e.role.value, "name": e.name}
+                {"public_key": e.public_key, "role": e.role.value, "name": e.name,
+                 **({"models": list(e.models)} if e.models is not None else {})}
                 for e in sorted(table.values(), key=lambda e: e.public_key)
             ]
         }
         atomic_write(self.path, tomli_w.dumps(doc).encode(), mode=0o600)
         self._stamp = None
         self.refresh(force=True)
+
+
+def _models(value) -> tuple[str, ...] | None:
+    """A key's ``models`` list as stored (absent: every model)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
+        raise InvalidKey(f"models must be a list of model names, got {value!r}")
+    return tuple(sorted(set(value)))

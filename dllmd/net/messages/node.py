@@ -142,6 +142,7 @@ class AuthorizeArgs:
     public_key: str = bounded(max_len=64)
     role: str = bounded(max_len=16)
     name: str = bounded("", max_len=64)
+    models: list[str] | None = bounded(None, max_len=256)  # the models it may run here (None: all)
 
 
 @dataclass
@@ -149,6 +150,7 @@ class KeyEntry:
     public_key: str
     role: str
     name: str
+    models: list[str] | None = None  # the models it may run (None: every model)
 
 
 @dataclass
