@@ -145,6 +145,7 @@ class NodeConfig:
     ring_port: int = 0  # the training ring's socket, on the listen host; 0: a free port per job
     allow_plaintext_ring: bool = False  # trusted links only: lets a job ask for an unencrypted ring
     bench_operations: bool = False  # serve the benchmark-only operations (ring.*, dllmctl bench allreduce)
+    relay: bool = False  # pass sealed session traffic on for this node's clients (relay.forward)
     limits: ResourceLimits = field(default_factory=ResourceLimits)  # the [limits] table
     # Datasets a key with the federation role may train on here (federated rounds; the rows never leave).
     federated_datasets: list[str] = field(default_factory=list)
@@ -159,7 +160,7 @@ class NodeConfig:
                 value = getattr(self, f.name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ConfigError(f"{f.name} must be a non-negative integer, got {value!r}")
-        for flag in ("allow_plaintext_ring", "bench_operations"):
+        for flag in ("allow_plaintext_ring", "bench_operations", "relay"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not isinstance(self.federated_datasets, list) or not all(

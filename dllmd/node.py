@@ -24,6 +24,7 @@ from dllmd import __version__, hardware
 from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig, bind_host
 from dllmd.inference.memory import MemoryCap
 from dllmd.inference.ops import InferenceService
+from dllmd.inference.relay import RelayService
 from dllmd.inference.tensor_group import GroupChannel
 from dllmd.links import PeerLinks
 from dllmd.data.ops import DataOps
@@ -107,6 +108,7 @@ class Daemon:
         self.links = PeerLinks(peers, self.keys, self.identity.public_key)
         self._register(server)
         self.inference.register(server)
+        RelayService(self.identity, self.keys, peers, server, self.wire_limits, self.config.relay).register(server)
         self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
         self.training.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)

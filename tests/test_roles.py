@@ -24,7 +24,7 @@ def _state(home: Path) -> dict[str, bytes]:
 
 
 def test_every_operation_answers_exactly_the_roles_the_table_gives(daemon_factory, user):
-    keys = {role: Identity.generate() for role in (Role.CLIENT, Role.PEER, Role.FEDERATION)}
+    keys = {role: Identity.generate() for role in (Role.CLIENT, Role.PEER, Role.FEDERATION, Role.RELAY)}
     keys[Role.ADMIN] = user
     daemon = daemon_factory(keys={k.public_key: r for r, k in keys.items()}, config={"bench_operations": True})
     before = _state(daemon.home)
@@ -67,7 +67,7 @@ def test_an_operation_without_an_entry_cannot_be_served():
         return {}
 
     with pytest.raises(UnlistedOperation, match="role table"):
-        Operation(Op("relay.forward", NoArgs, dict), handler)
+        Operation(Op("pairing.offer", NoArgs, dict), handler)
     with pytest.raises(ValueError, match="role table says"):
         Operation(Op("keys.list", NoArgs, dict), handler, frozenset({Role.CLIENT}))
     assert Operation(Op("keys.list", NoArgs, dict), handler).roles == frozenset({Role.ADMIN})

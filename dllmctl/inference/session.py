@@ -29,7 +29,9 @@ from dllmd.net.schema import parse_reply, to_wire
 from dllmd.net.wire import ErrorCode, WireError
 from dllmd.inference.sampling import sample_next
 from dllmctl.inference.prefix import usable_cached_tokens
+from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.private import PrivateEnds
+from dllmctl.inference.relay import RelayedNode
 from dllmctl.placement.routing import Stage
 
 # pipeline: prompt chunks overlap across stages, decode batched with other sessions; model: one piece,
@@ -84,14 +86,16 @@ class DistributedSession:
     def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
                  prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = 600.0,
                  parallelism: str = "pipeline", hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = (),
-                 private: PrivateEnds | None = None):
+                 private: PrivateEnds | None = None, relays: Sequence[NodeEntry] = ()):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
         stage reserves its KV cache for them when the session opens (and refuses it if they do not fit).
         ``prefix``: the chain hashes of the prompt's blocks (:mod:`dllmctl.inference.prefix`), so the
         stages skip what their prefix caches hold and cache what this session computes.
         ``private``: the client runs the embeddings, the first layers and the head itself (the route
         starts at layer K and ends without the head); the session's front cache is its own, so a new
-        session (a failover's replay) rebuilds it with the stages'."""
+        session (a failover's replay) rebuilds it with the stages'.
+        ``relays``: every request to every stage goes through these relay nodes, sealed in one layer per
+        relay (:mod:`dllmctl.inference.relay`): the stages see the last relay's key, not this client's."""
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         self.pool, self.route, self.model = pool, route, model
@@ -99,7 +103,8 @@ class DistributedSession:
         self.sampling, self.logits, self.ttl_s, self.parallelism = sampling, logits, ttl_s, parallelism
         self.hops = hops
         self.id = secrets.token_hex(16)
-        self.clients = [pool.get(stage.node.address, stage.node.public_key) for stage in route]
+        self.clients = [RelayedNode(pool, relays, stage.node) if relays else
+                        pool.get(stage.node.address, stage.node.public_key) for stage in route]
         self.streams: list[ReplyStream | None] = [None] * len(route)
         self._arrivals: asyncio.Queue[int] = asyncio.Queue()  # which stream has a reply waiting
         self.position = 0  # tokens the stages hold in their caches

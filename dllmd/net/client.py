@@ -308,13 +308,18 @@ class ReplyStream:
         if isinstance(item, CallError):
             self.close()
             raise item
-        if item.error is not None:
-            self.close()
-            raise RemoteError(item.error["code"], item.error["message"])
-        if not item.more:
-            self.close()
-        return item
+        return settle(item, self.close)
 
     def close(self) -> None:
         self.finished = True
         self.client._streams.pop(self.request_id, None)
+
+
+def settle(reply: Reply, close: Callable[[], None]) -> Reply:
+    """One reply of a stream: raised as RemoteError if it is an error, ``close`` called if it is the last."""
+    if reply.error is not None:
+        close()
+        raise RemoteError(reply.error["code"], reply.error["message"])
+    if not reply.more:
+        close()
+    return reply

@@ -4,6 +4,7 @@ Roles:
     admin   deploy, train, manage keys (and everything a client may do)
     client  inference
     peer    another daemon: forwarding hidden states, all-reduce
+    relay   a relay node: passes sealed session traffic on (client rights, nothing else)
 
 The file (``authorized_keys.toml``) is edited by ``dllmd authorize/revoke`` while the daemon runs;
 the daemon re-reads it whenever it changes on disk. It looks (one ``stat``) at most every
@@ -39,6 +40,9 @@ class Role(str, Enum):
     # Another organization's coordinator: may drive federated rounds (``fed.*``) on the datasets the
     # owner opened to federation (``federated_datasets`` in node.toml), and nothing else.
     FEDERATION = "federation"
+    # A relay node (dllmd/inference/relay.py): its key carries other people's sealed session traffic,
+    # with a client's rights only, and may call nothing but the relay and session operations.
+    RELAY = "relay"
 
 
 @dataclass(frozen=True)

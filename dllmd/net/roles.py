@@ -8,7 +8,9 @@ it by construction.
 
 Roles: ``admin`` (the owner's keys), ``client`` (people and programs that run inference and read
 jobs), ``peer`` (the other daemons of the owner's cluster: stages, ring neighbours, coordinators),
-``federation`` (another organization's coordinator: federated rounds only). A key that is not
+``federation`` (another organization's coordinator: federated rounds only), ``relay`` (a relay node's
+key: it carries sealed session traffic for others with a client's rights, and may call only the
+relay and session operations, not even ``info``). A key that is not
 authorized gets no answer at all (ZAP refuses its handshake).
 """
 
@@ -16,13 +18,18 @@ from __future__ import annotations
 
 from dllmd.net.keys import Role
 
-A, C, P, F = Role.ADMIN, Role.CLIENT, Role.PEER, Role.FEDERATION
+A, C, P, F, R = Role.ADMIN, Role.CLIENT, Role.PEER, Role.FEDERATION, Role.RELAY
 
 _GROUPS: dict[frozenset[Role], tuple[str, ...]] = {
     # Liveness only: a federated coordinator may see that the node is up.
     frozenset({A, C, P, F}): ("ping",),
-    # What a client of the cluster does: inference sessions (a peer: the previous stage), the node's card.
-    frozenset({A, C, P}): ("info", "session.open", "session.forward", "session.close"),
+    # What a client of the cluster does: the node's card.
+    frozenset({A, C, P}): ("info",),
+    # Inference sessions: a client's (or a relay's, for the client behind it), a peer's (the previous stage).
+    frozenset({A, C, P, R}): ("session.open", "session.forward", "session.close"),
+    # Relayed session traffic (dllmd/inference/relay.py): from a client or the relay before; never from a
+    # peer, whose rights on sessions are wider than a client's.
+    frozenset({A, C, R}): ("relay.forward", "relay.deliver"),
     # Reading jobs on their coordinator.
     frozenset({A, C}): ("jobs.list", "jobs.show", "jobs.metrics", "checkpoints.list"),
     # The owner's: keys, models, data, deployments, jobs, benchmarks. echo (a payload mirrored back) is

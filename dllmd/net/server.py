@@ -45,6 +45,7 @@ class Responder:
 
     def __init__(self, server: "RpcServer", route: bytes, request_id: int, oneway: bool):
         self._server, self._route, self.request_id = server, route, request_id
+        self.oneway = oneway  # a relay passes a one-way request on as one-way
         self.closed = oneway
 
     def send(self, result, tensors: list[torch.Tensor] | None = None, more: bool = True) -> None:
@@ -200,6 +201,20 @@ class RpcServer:
         task = asyncio.ensure_future(self._run(op, call))
         self._in_flight.add(task)
         task.add_done_callback(lambda t, key=caller.public_key, size=size: self._done(t, key, size))
+
+    async def serve_as(self, caller: Caller, request: Request, responder) -> None:
+        """Run a request that arrived sealed inside another (``relay.deliver``) as if ``caller`` had sent it:
+        the same role table, argument checks and error handling as a request off the socket. ``responder``
+        is any object with Responder's ``send``/``fail``/``closed``/``request_id`` (one that seals replies)."""
+        try:
+            op = self._authorize(request, caller)
+            call = Call(caller, parse_args(op.args, request.args), request.tensors, responder)
+            outcome = op.handler(call)
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+            self._finish(responder, outcome)
+        except Exception as exc:
+            self._fail(responder, exc)
 
     def _done(self, task: asyncio.Task, key: str, size: int) -> None:
         self._in_flight.discard(task)
