@@ -194,3 +194,22 @@ def test_hostile_sealed_blobs_get_a_clear_error_and_the_relay_runs_on(net):
     asyncio.run(scenario())
     assert all(d.proc.poll() is None for d in net["daemons"].values())
     assert _generate(net, net["relays"][:1], new_tokens=2).token_ids  # and still relays
+
+
+def test_generation_with_failover_routes_around_the_relays_and_through_them(net):
+    """What ``dllmctl infer --relays`` runs: the route is chosen among the stages only (a relay is never
+    a stage, even when the relays are among the nodes asked), and every session goes through them."""
+    from dllmctl.inference.failover import generate_with_failover
+    from dllmctl.inference.stages import live_stages
+
+    nodes = [*net["registry"].select(None), *net["relays"]]
+
+    async def run(relays):
+        async with ConnectionPool(net["user"]) as pool:
+            return await generate_with_failover(pool, lambda: live_stages(net["user"], nodes, net["model"]),
+                                                net["model"], 5, PROMPT, NEW_TOKENS, set(), SamplingParams(),
+                                                relays=relays)
+
+    relayed = asyncio.run(run(net["relays"][:2]))
+    assert relayed.token_ids == _generate(net, []).token_ids
+    assert not {n.name for n in net["relays"]} & {s["node"] for r in relayed.routes for s in r}

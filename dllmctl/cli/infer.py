@@ -40,6 +40,9 @@ def infer_command(
         help="Let the stages start from your earlier prompts' cached blocks (and cache this one's).")] = True,
     private: PrivateOpt = False,
     private_layers: PrivateLayersOpt = 1,
+    relays: Annotated[Optional[str], typer.Option(help="Comma-separated relay nodes (relay = true in their "
+                                                       "node.toml) every request goes through, sealed per relay: "
+                                                       "the stages see the last relay, not you.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
@@ -50,7 +53,8 @@ def infer_command(
     request = GenerationRequest(model=model, prompt=prompt, raw=raw, system=system, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, parallelism=parallelism,
                                 activations=activations, activation_block=activation_block,
-                                prefix_cache=prefix_cache, private_layers=private_layers if private else 0)
+                                prefix_cache=prefix_cache, private_layers=private_layers if private else 0,
+                                relays=[r.strip() for r in relays.split(",") if r.strip()] if relays else [])
     try:
         prepared = prepare(request)
     except GenerationError as exc:

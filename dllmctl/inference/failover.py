@@ -68,7 +68,7 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                                  assigned: dict[str, int] | None = None, stages: list[Stage] | None = None,
                                  max_failovers: int = MAX_FAILOVERS, result: Generation | None = None,
                                  hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = (),
-                                 private: PrivateEnds | None = None) -> Generation:
+                                 private: PrivateEnds | None = None, relays: Sequence = ()) -> Generation:
     """Generate ``max_new_tokens`` after ``prompt_ids`` on the best route, failing over to replicas.
 
     ``assigned`` (node -> sessions this client runs there) is updated while the session runs, so
@@ -78,8 +78,10 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
     is chosen again from what is known, minus the banned
     nodes; the nodes are asked anew only when that is not enough. Raises RouteError when no replica is left for some span.
     ``private``: the client runs the model's ends; the route covers the layers after them, and each new
-    session (a replay) rebuilds the client's own cache along with the stages'."""
+    session (a replay) rebuilds the client's own cache along with the stages'. ``relays``: every session,
+    replays too, goes through these nodes, which are never chosen as stages."""
     first_layer = private.layers if private else 0
+    relay_names = {r.name for r in relays}  # a relay is never one of the session's stages
     bans = bans if bans is not None else Bans()
     assigned = assigned if assigned is not None else {}
     result = result or Generation(prompt_tokens=len(prompt_ids))
@@ -88,13 +90,15 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
     candidates = stages if stages is not None else await find_stages()
     while True:
         try:
-            route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned,
+            route = choose_route(candidates, num_layers, model, banned=bans.active() | relay_names,
+                                 assigned=assigned,
                                  parallelism=parallelism, first_layer=first_layer)
         except RouteError:
             # Perhaps a replica came back or the layout changed: ask the nodes (slow when some are
             # down, so only when what we knew is not enough).
             candidates = await find_stages()
-            route = choose_route(candidates, num_layers, model, banned=bans.active(), assigned=assigned,
+            route = choose_route(candidates, num_layers, model, banned=bans.active() | relay_names,
+                                 assigned=assigned,
                                  parallelism=parallelism, first_layer=first_layer)
         for stage in route:
             assigned[stage.node.name] = assigned.get(stage.node.name, 0) + 1
@@ -103,7 +107,7 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
             async with DistributedSession(pool, route, model, sampling, prompt_tokens=len(prompt_ids) + done,
                                           max_new_tokens=max_new_tokens - done, logits=logits,
                                           parallelism=parallelism, hops=hops, prefix=prefix,
-                                          private=private) as session:
+                                          private=private, relays=relays) as session:
                 tokens_before = len(result.token_ids)
 
                 def token_arrived(token: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -140,6 +140,9 @@ class GenerationRequest:
     # Private mode: the client runs the embeddings, layers [0, private_layers) and the head itself, so
     # the nodes see hidden states only (0: the ordinary mode). Needs a private deployment.
     private_layers: int = 0
+    # Relayed: every request to every stage goes through these nodes (names, in order), sealed in one
+    # layer per relay, so the stages see the last relay's key and not this client's.
+    relays: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -152,6 +155,7 @@ class Prepared:
     hops: HopCodec = HopCodec()
     prefix_cache: bool = True
     private_layers: int = 0
+    relays: list[str] = field(default_factory=list)
 
 
 def private_ends(model: LocalModel, layers: int) -> PrivateEnds:
@@ -206,8 +210,13 @@ def prepare(request: GenerationRequest) -> Prepared:
         except PrivateModeError as exc:
             raise GenerationError(str(exc), "private_layers") from None
     # The prefix cache would let stages start where the client's own layers have no cache.
+    if request.relays and len(set(request.relays)) != len(request.relays):
+        raise GenerationError("--relays names a node twice", "relays")
+    # The prefix cache would let stages start where the client's own layers have no cache; behind relays
+    # it would key everyone who shares the last relay together.
     return Prepared(model, ids, wanted, sampling, request.parallelism, hops,
-                    request.prefix_cache and not request.private_layers, request.private_layers)
+                    request.prefix_cache and not request.private_layers and not request.relays,
+                    request.private_layers, list(request.relays))
 
 
 def _check_sampling(s: SamplingParams) -> None:
@@ -292,10 +301,15 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
     pool = pool or ConnectionPool(user)
     prefix = prefix_hashes(prepared.prompt_ids, prefix_key(user)) if prepared.prefix_cache else []
     private = private_ends(model, prepared.private_layers) if prepared.private_layers else None
+    by_name = {n.name: n for n in nodes}
+    unknown = [r for r in prepared.relays if r not in by_name]
+    if unknown:
+        raise GenerationError(f"--relays names unknown node(s) {', '.join(unknown)}", "relays")
     task = asyncio.ensure_future(generate_with_failover(
         pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, prepared.prompt_ids,
         prepared.max_new_tokens, set(model.stop_ids), prepared.sampling, parallelism=prepared.parallelism,
-        on_token=arrived, assigned=assigned, hops=prepared.hops, prefix=prefix, private=private))
+        on_token=arrived, assigned=assigned, hops=prepared.hops, prefix=prefix, private=private,
+        relays=[by_name[r] for r in prepared.relays]))
     _running.add(task)
     task.add_done_callback(_running.discard)
     if own_pool:
