@@ -86,6 +86,31 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def default_data_roots(home: Path) -> list[Path]:
+    """Where ``data.local`` reads when node.toml sets no ``data_roots``: ``<home>/data`` and a
+    ``datasets`` folder beside the home. Not the home itself: it holds the node's secret key."""
+    return [home / "data", home.parent / "datasets"]
+
+
+def validate_data_roots(roots) -> None:
+    """``data_roots``: None (the defaults), or a list of absolute or ``~`` paths ([]: data.local off)."""
+    if roots is None:
+        return
+    if not isinstance(roots, list):
+        raise ConfigError(f"data_roots must be a list of directories such as [\"~/datasets\"], got {roots!r}")
+    for root in roots:
+        if not isinstance(root, str) or not root or "\0" in root:
+            raise ConfigError(f"data_roots entries must be non-empty path strings, got {root!r}")
+        if not (root.startswith("~") or Path(root).is_absolute()):
+            raise ConfigError(f"data_roots entry {root!r} must be an absolute path or start with ~ (a relative "
+                              f"path would depend on where dllmd was started)")
+        try:
+            Path(root).expanduser()
+        except RuntimeError:  # ~someone who has no account here
+            raise ConfigError(f"data_roots entry {root!r}: cannot expand {root.split('/')[0]!r} to a home "
+                              f"directory") from None
+
+
 @dataclass
 class ResourceLimits:
     """The ``[limits]`` table: what the machine's owner lets dllm use of it (a home machine is also
@@ -149,6 +174,8 @@ class NodeConfig:
     limits: ResourceLimits = field(default_factory=ResourceLimits)  # the [limits] table
     # Datasets a key with the federation role may train on here (federated rounds; the rows never leave).
     federated_datasets: list[str] = field(default_factory=list)
+    # Directories data.local (dllmctl shard-data --local-only) may read; None: DEFAULT_DATA_ROOTS.
+    data_roots: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, ResourceLimits):  # as TOML gives it
@@ -166,12 +193,19 @@ class NodeConfig:
         if not isinstance(self.federated_datasets, list) or not all(
                 isinstance(d, str) and _DATASET.match(d) for d in self.federated_datasets):
             raise ConfigError(f"federated_datasets must be a list of dataset names, got {self.federated_datasets!r}")
+        validate_data_roots(self.data_roots)
         if self.prefix_cache_percent > 100:
             raise ConfigError(f"prefix_cache_percent must be between 0 and 100, got {self.prefix_cache_percent}")
         if self.ring_port > 65535:
             raise ConfigError(f"ring_port must be a TCP port (0-65535), got {self.ring_port}")
         if self.max_header_bytes < 1024 or self.max_message_bytes < self.max_header_bytes:
             raise ConfigError("max_header_bytes must be >= 1024 and <= max_message_bytes")
+
+    def data_root_paths(self, home: Path) -> list[Path]:
+        """The directories ``data.local`` may read, ``~`` expanded, symlinks and ``..`` resolved (so a
+        root is compared as the place it really is)."""
+        roots = default_data_roots(home) if self.data_roots is None else [Path(r) for r in self.data_roots]
+        return [root.expanduser().resolve() for root in roots]
 
     @classmethod
     def load(cls, home: Path) -> "NodeConfig":
@@ -199,4 +233,6 @@ class NodeConfig:
             del data["limits"]
         if not self.federated_datasets:
             del data["federated_datasets"]
+        if self.data_roots is None:  # TOML has no null: absent means the default roots
+            del data["data_roots"]
         atomic_write(home / "node.toml", tomli_w.dumps(data).encode())

@@ -112,7 +112,7 @@ class Daemon:
         self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
         self.training.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)
-        DataOps(self.home).register(server)
+        DataOps(self.home, self.config.data_root_paths(self.home)).register(server)
         self.ring_bench = RingBenchOps(ctx, self.identity, self.config) if self.config.bench_operations else None
         if self.ring_bench is not None:  # benchmark-only: not part of what a production node answers
             self.ring_bench.register(server)

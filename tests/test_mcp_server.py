@@ -145,6 +145,12 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
                               ({"data_uri": str(corpus), "model_name": "ghost"}, "no model 'ghost'")):
         text, error, _ = await s.call("llm_data_shard", **{"model_name": MODEL, **arguments})
         assert error and needle in text, (arguments, text)
+    # local_only asks the nodes, which may run as someone else: they read only under their data_roots,
+    # and the corpus (or the nodes' own homes, their keys) is not under them.
+    for path in (corpus, corpus.parent / "cluster" / "local-1"):
+        text, error, _ = await s.call("llm_data_shard", data_uri=str(path), model_name=MODEL, local_only=True,
+                                      name="stolen")
+        assert error and "forbidden: " in text and "data_roots" in text and "no node's data was changed" in text, text
 
     # --- training: a federated job, a pipeline job, then a data-parallel job to the end ---
     text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="code",

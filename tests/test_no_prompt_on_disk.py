@@ -65,7 +65,7 @@ def test_no_log_home_or_state_file_holds_the_prompt_or_its_tokens(root):
     from dllmctl.paths import identity_path
     from dllmd.net.identity import Identity
 
-    with TestClient(make_app(Identity.load(identity_path()))) as api:
+    with TestClient(make_app(Identity.load(identity_path())), base_url="http://localhost") as api:
         reply = api.post("/v1/completions", json={"model": "tiny", "prompt": MARKER, "max_tokens": 8,
                                                   "temperature": 0})
     assert reply.status_code == 200, reply.text

@@ -5,6 +5,8 @@ requests get OpenAI-shaped errors while the server keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -26,16 +29,38 @@ KEY = "sk-test-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """The cluster, and ``dllmctl serve --port 0 --api-key KEY`` on it; yields (base URL, env)."""
+def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("openai")
     env = start_user_cluster(root)
-    log = open(root / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "dllmctl", "serve", "--port", "0", "--log-level", "warning"],
+    yield root, env
+    stop_user_cluster(root, env)
+
+
+@pytest.fixture(scope="module")
+def served(cluster):
+    """``dllmctl serve --port 0 --api-key KEY`` on the cluster, rates high enough for the tests' bursts;
+    yields (base URL, env)."""
+    root, env = cluster
+    with _serve(root / "serve.log", env, "--rate-limit", "1000/s", "--burst", "1000",
+                "--allowed-host", "dllm.example") as base:
+        yield base, env
+
+
+@pytest.fixture(scope="module")
+def strict(cluster):
+    """A second server on the same cluster with tight limits: 3 requests a minute, 0.2 s a completion."""
+    root, env = cluster
+    with _serve(root / "strict.log", env, "--rate-limit", "1/min", "--burst", "3", "--max-seconds", "0.2") as base:
+        yield base
+
+
+@contextlib.contextmanager
+def _serve(log_path: Path, env: dict, *args: str):
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "dllmctl", "serve", "--port", "0", "--log-level", "warning", *args],
                             stdout=log, stderr=log, env={**os.environ, **env, "DLLM_API_KEY": KEY})
     try:
-        base = _wait_for_url(proc, root / "serve.log")
-        yield base, env
+        yield _wait_for_url(proc, log_path)
     finally:
         proc.terminate()
         try:
@@ -43,7 +68,6 @@ def served(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        stop_user_cluster(root, env)
 
 
 def _wait_for_url(proc: subprocess.Popen, log: Path) -> str:
@@ -155,7 +179,7 @@ def test_errors_are_openai_shaped(served, client):
             ("/completions", json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "one text prompt"),
             ("/completions", json.dumps({"model": MODEL, "prompt": [1, 2, 3]}).encode(), 400, "one text prompt"),
             ("/completions", json.dumps({"model": 5, "prompt": "x"}).encode(), 400, "expected a string"),
-            ("/completions", b"x" * (9 * 1024 * 1024), 413, "larger than"),
+            ("/completions", b"x" * (1024 * 1024 + 1), 413, "larger than"),  # 1 MiB by default
             ("/nowhere", b"{}", 404, "Invalid URL")):
         got, error = _post(base, path, body)
         assert got == status and needle in error["message"], (path, body[:80], got, error)
@@ -167,15 +191,90 @@ def test_errors_are_openai_shaped(served, client):
     assert again.usage.completion_tokens >= 1
 
 
-def _post(base: str, path: str, body: bytes | None, key: str | None = KEY, method: str = "POST") -> tuple[int, dict]:
+def _post(base: str, path: str, body: bytes | None, key: str | None = KEY, method: str = "POST",
+          headers: dict | None = None) -> tuple[int, dict]:
+    return _call(base, path, body, key, method, headers)[:2]
+
+
+def _call(base: str, path: str, body: bytes | None, key: str | None = KEY, method: str = "POST",
+          headers: dict | None = None) -> tuple[int, dict, Message]:
     request = urllib.request.Request(base + path, data=body, method=method,
                                      headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+                                              **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
+            return response.status, json.loads(response.read()), response.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())["error"]
+        return exc.code, json.loads(exc.read())["error"], exc.headers  # names case-insensitive
+
+
+def test_what_a_request_may_be(served):
+    """Content type, Host, sizes: each refused in OpenAI's shape before any node is asked."""
+    base, _env = served
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers, status, code in (({"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+                                  ({"Content-Type": "application/x-www-form-urlencoded"}, 415,
+                                   "unsupported_media_type"),
+                                  # DNS rebinding: a page on evil.example whose name now points here.
+                                  ({"Host": "evil.example"}, 421, "host_not_allowed"),
+                                  ({"Host": "evil.example:8000"}, 421, "host_not_allowed"),
+                                  ({"Host": "localhost.evil.example"}, 421, "host_not_allowed")):
+        got, error = _post(base, "/chat/completions", json.dumps(chat).encode(), headers=headers)
+        assert got == status and error["code"] == code and set(error) == {"message", "type", "param", "code"}, \
+            (headers, got, error)
+    for host in ("localhost", "127.0.0.1:1", "DLLM.example", "[::1]:8000", "10.1.2.3"):  # names it is known by
+        got, done = _post(base, "/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode(),
+                          headers={"Host": host, "Content-Type": "application/json; charset=utf-8"})
+        assert got == 200 and done["usage"]["completion_tokens"] == 1, (host, done)
+    for body, param, needle in (({**chat, "max_tokens": 5000}, "max_tokens", "at most 4096"),
+                                ({**chat, "max_completion_tokens": 4097}, "max_completion_tokens", "at most 4096"),
+                                ({**chat, "messages": chat["messages"] * 513}, "messages", "at most 512 messages")):
+        got, error = _post(base, "/chat/completions", json.dumps(body).encode())
+        assert got == 400 and error["param"] == param and needle in error["message"], (param, error)
+    # A body declared over the limit is refused at its headers: the server answers without waiting
+    # for bytes that were never sent (reading first would hang here).
+    address = base.split("//", 1)[1].split("/", 1)[0]
+    conn = http.client.HTTPConnection(address, timeout=10)
+    conn.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}"),
+                        ("Content-Length", str(2 * 1024 * 1024))):
+        conn.putheader(name, value)
+    conn.endheaders(b"{")
+    response = conn.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    conn.close()
+
+
+def test_rate_and_time_are_bounded(strict):
+    """3 requests a minute per key (and per address without one), answered 429 with Retry-After;
+    a completion, streamed or not, ends at --max-seconds."""
+    client = openai.OpenAI(base_url=strict, api_key=KEY, max_retries=0, timeout=60)
+    started = time.monotonic()
+    try:  # 64 tokens in 0.2 s through three daemons: not on any machine we run on
+        chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=64,
+                                                temperature=0, stream=True))
+        raise AssertionError(f"the stream was not cut: {len(chunks)} chunks")
+    except openai.APIError as exc:  # 504 before the first token, or an error event after some
+        assert (getattr(exc, "status_code", None) == 504 and exc.code == "timeout") or \
+            (exc.body or {}).get("code") == "timeout", (exc, exc.body)
+    assert time.monotonic() - started < 30
+    for _ in range(2):  # the key's bucket: 3 in all
+        assert _post(strict, "/completions", b"{}", headers={"Content-Type": "text/plain"})[0] == 415
+    got, error, headers = _call(strict, "/completions", b"{}")
+    assert got == 429 and error["code"] == "rate_limit_exceeded" and error["type"] == "requests", error
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    # Wrong keys are counted by address, apart from the key's holders: guessing is limited too.
+    assert [_post(strict, "/models", None, key="sk-guess", method="GET")[0] for _ in range(4)] == [401, 401, 401, 429]
+
+
+def test_no_key_no_listening_beyond_this_machine(cluster):
+    _root, env = cluster
+    bare = {k: v for k, v in os.environ.items() if k != "DLLM_API_KEY"}
+    done = subprocess.run([sys.executable, "-m", "dllmctl", "serve", "--host", "0.0.0.0", "--port", "0"],
+                          env={**bare, **env}, capture_output=True, text=True, timeout=60)
+    said = " ".join(done.stderr.split())
+    assert done.returncode != 0 and "refusing to listen on 0.0.0.0 without --api-key" in said, said
+    assert "Traceback" not in done.stderr and "listening on http" not in said
 
 
 def test_stream_deltas_join_to_the_final_text():

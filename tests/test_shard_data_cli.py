@@ -41,10 +41,22 @@ def test_shard_data_places_verifies_and_removes(cluster3, tmp_path):  # noqa: F8
     assert [d["dataset"] for d in listed] == ["repo"]
     assert _ok(run_cli("dllmctl", "data", "show", "repo", "--json"))["nodes"] == report["nodes"]
 
-    # Local-only: every node reads its own path; same data here, so the same counts on each.
-    local = _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--local-only", "--name", "priv",
+    # Local-only: every node reads its own path, under its data roots (by default a 'datasets' folder
+    # beside its home: here all three share it); same data, so the same counts on each.
+    shared = _corpus(tmp_path / "c" / "datasets")
+    local = _ok(run_cli("dllmctl", "shard-data", str(shared), "-m", "tiny", "--local-only", "--name", "priv",
                         "--seq-len", "64", "--json"))
     assert local["strategy"] == "local" and [n["samples"] for n in local["nodes"]] == [13, 13, 13]
+    # Anything else is refused by every node before it reads a byte: outside the roots, through a
+    # symlink or '..' out of them, or the node's own home (its secret key).
+    (shared / "escape").symlink_to(corpus)
+    for path in (corpus, shared / "escape", shared / ".." / ".." / "repo", tmp_path / "c" / "local-1"):
+        done = run_cli("dllmctl", "shard-data", str(path), "-m", "tiny", "--local-only", "--name", "stolen",
+                       "--seq-len", "64")
+        said = " ".join(done.stderr.split())
+        assert done.returncode != 0 and "forbidden: " in said and "data_roots" in said, (path, said)
+        assert "no node's data was changed" in said
+        assert not any((tmp_path / "c" / f"local-{i}" / "datasets" / "stolen").exists() for i in (1, 2, 3))
 
     # A shard whose description (the per-sample table) is far over a message header's 64 KiB.
     records = tmp_path / "records.jsonl"

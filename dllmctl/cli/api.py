@@ -26,26 +26,46 @@ def serve_command(
     log_level: Annotated[str, typer.Option(help="uvicorn's log level (access lines at info).")] = "info",
     private: PrivateOpt = False,
     private_layers: PrivateLayersOpt = 1,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        help="Another name clients reach this server by (Host header), besides localhost and --host; "
+             "repeatable. IP addresses are always accepted.")] = None,
+    rate_limit: Annotated[str, typer.Option(help="Requests per API key (or client address without one), "
+                                                 "as N/s or N/min.")] = "10/s",
+    burst: Annotated[int, typer.Option(min=1, help="Requests a caller may make at once after being idle.")] = 20,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body.")] = 1024 * 1024,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may generate.")] = 4096,
+    max_messages: Annotated[int, typer.Option(min=1, help="Most messages in one chat request.")] = 512,
+    max_seconds: Annotated[float, typer.Option(min=0.01, help="Longest one completion may run, streamed or "
+                                                              "not.")] = 600.0,
 ) -> None:
     """Serve the cluster as an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
+    if api_key is not None and not api_key.strip():
+        fail("--api-key is empty")
+    if not api_key and not _is_loopback(host):
+        # Whoever reaches the port would use the cluster as you: no key, no listening beyond this machine.
+        fail(f"refusing to listen on {host} without --api-key (or DLLM_API_KEY): anyone who can reach this port "
+             f"could use your cluster as you; set a key, or listen on 127.0.0.1")
     try:
         import uvicorn
 
         from dllmctl.frontends.openai_api import make_app
+        from dllmctl.frontends.serve_limits import ServeLimits, allowed_hosts, parse_rate
     except ImportError:
         fail(MISSING_EXTRA)
+    try:
+        limits = ServeLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens, max_messages=max_messages,
+                             max_seconds=max_seconds, rate=parse_rate(rate_limit), burst=burst)
+    except ValueError as exc:
+        fail(f"--rate-limit: {exc}")
     user = load_user()
     load_registry()  # refuse a broken cluster.toml now rather than on the first request
-    if api_key is not None and not api_key.strip():
-        fail("--api-key is empty")
-    if not api_key and not _is_loopback(host):
-        err.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port "
-                  f"can use your cluster as you")
     sock = _listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     # One line a script can read (tests do): the real port, also when --port 0 picked it.
     err.print(f"dllmctl serve: listening on http://{shown}:{sock.getsockname()[1]}/v1", highlight=False)
-    config = uvicorn.Config(make_app(user, api_key, private_layers if private else 0), log_level=log_level, loop="asyncio", lifespan="on",
+    app = make_app(user, api_key, limits, allowed_hosts(host, allowed_host or []),
+                   private_layers if private else 0)
+    config = uvicorn.Config(app, log_level=log_level, loop="asyncio", lifespan="on",
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 

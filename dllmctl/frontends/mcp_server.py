@@ -399,7 +399,8 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
 
     async def llm_data_shard(
         data_uri: Annotated[str, Field(description="A directory (code repository), a .jsonl or a text file on this "
-                                                   "machine (file:// URIs too); with local_only: a path on every node")],
+                                                   "machine (file:// URIs too); with local_only: a path on every "
+                                                   "node, under that node's data_roots")],
         model_name: Annotated[str, Field(description="The model whose tokenizer to use (the one you will train)")],
         shard_strategy: Annotated[Literal[STRATEGIES], Field(  # type: ignore[valid-type]
             description="round_robin, hash (sha256 of the sample id), random (seeded, balanced by tokens), "

@@ -22,11 +22,8 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Annotated, Any, AsyncIterator, Callable
+from typing import AsyncIterator
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -37,6 +34,8 @@ from dllmd.models.store import ModelStoreError
 from dllmd.net.identity import Identity
 from dllmctl.cluster.registry import Registry, RegistryError
 from dllmctl.cluster.live import query_nodes
+from dllmctl.frontends.openai_requests import ApiError, bad_request, parse, read_json
+from dllmctl.frontends.serve_limits import LOOPBACK_NAMES, RateLimiter, ServeLimits, host_allowed, retry_after
 from dllmctl.placement.coverage import layer_coverage, uncovered
 from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, GenerationResult, ModelNotInStore, Prepared, load_model, prepare, run
 from dllmd.net.pool import ConnectionPool
@@ -45,230 +44,18 @@ from dllmctl.paths import cluster_file
 
 log = logging.getLogger("dllmctl.serve")
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; dllmctl infer's is 0 (greedy): pass temperature 0 to match it
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-# --- reading a request ---------------------------------------------------------------------------
-
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-async def read_json(request: Request) -> dict:
-    size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise ApiError(400, "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
-                            "using your HTTP library correctly. The OpenAI API expects a JSON payload.)") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
-    return body
-
-
-# Each endpoint's parameters as a pydantic model: strict JSON types (a bool is not an integer, a
-# string is not a number), null the same as absent, any other parameter refused by name, as OpenAI
-# does. A failed check raises PydanticCustomError(code, message): the ApiError's code and message.
-
-def _refusal(code: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError(code, "{message}", {"message": message})
-
-
-def _check(ok: Callable[[Any], bool], message: str | Callable[[Any], str], code: str = "invalid_value"):
-    def check(value: Any) -> Any:
-        if not ok(value):
-            raise _refusal(code, message(value) if callable(message) else message)
-        return value
-    return AfterValidator(check)
-
-
-def _unused(*values: Any, why: str):
-    """A parameter accepted only with a value that means "not used": same type and value (False is not 0)."""
-    return _check(lambda v: any(type(v) is type(u) and v == u for u in values), why, "unsupported_parameter")
-
-
-def _text(content: Any) -> str:
-    """A message's text: a string, or text parts (joined by newlines); images and audio are refused."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise _refusal("unsupported_value", "only text content parts are supported")
-        return "\n".join(p["text"] for p in content)
-    raise _refusal("invalid_type", "must be a string or an array of text parts")
-
-
-def _one_prompt(prompt: Any) -> str:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # one prompt in a list, as some clients send it
-    if isinstance(prompt, list):
-        raise _refusal("unsupported_value", "only one text prompt per request is supported (no batches, no token "
-                                            "arrays)")
-    if not isinstance(prompt, str) or not prompt:
-        raise _refusal("missing_required_parameter", "'prompt' must be a non-empty string")
-    return prompt
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_absent(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # a client's "name" and the like change nothing
-
-    role: Annotated[Any, _check(lambda r: isinstance(r, str) and r in CHAT_ROLES,
-                                lambda r: f"{r!r} is not supported; use one of {', '.join(CHAT_ROLES)} (tool and "
-                                          f"function messages are not supported)")]
-    content: Annotated[Any, AfterValidator(_text)]
-
-
-class _StreamOptions(_Body):
-    include_usage: bool = False
-
-
-MaxTokens = Annotated[int, _check(lambda n: n >= 1, lambda n: f"max_tokens must be at least 1, got {n}")]
-
-
-class _Completion(_Body):
-    """What both endpoints take (``top_k`` and ``parallelism`` are dllm's; vLLM takes top_k too)."""
-    model: Annotated[str, _check(bool, "you must provide a model parameter", "missing_required_parameter")]
-    max_tokens: MaxTokens | None = None
-    temperature: Annotated[float, _check(lambda t: 0.0 <= t <= 2.0,
-                                         lambda t: f"temperature must be between 0 and 2, got {t}")] = DEFAULT_TEMPERATURE
-    top_p: Annotated[float, _check(lambda p: 0.0 < p <= 1.0,
-                                   lambda p: f"top_p must be greater than 0 and at most 1, got {p}")] = 1.0
-    top_k: Annotated[int, _check(lambda k: k >= 0, "top_k must be 0 (no limit) or more")] = 0
-    seed: Annotated[int, _check(lambda s: 0 <= s < 2**63, "seed must be between 0 and 2**63 - 1")] | None = None
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    n: Annotated[int, _check(lambda n: n == 1, "only n=1 is supported: this server generates one choice per request",
-                             "unsupported_value")] = 1
-    user: str | None = None  # accepted, ignored
-    parallelism: str = "pipeline"
-    stop: Annotated[Any, _unused([], "", why="stop sequences are not supported; generation ends at the model's "
-                                             "end-of-sequence token or max_tokens")] = None
-    presence_penalty: Annotated[Any, _unused(0, 0.0, why="presence_penalty is not supported (only 0)")] = None
-    frequency_penalty: Annotated[Any, _unused(0, 0.0, why="frequency_penalty is not supported (only 0)")] = None
-    logit_bias: Annotated[Any, _unused({}, why="logit_bias is not supported")] = None
-    logprobs: Annotated[Any, _unused(False, 0, why="logprobs are not supported")] = None
-
-
-class ChatRequest(_Completion):
-    messages: Annotated[list[_Message], Field(min_length=1)]
-    max_completion_tokens: MaxTokens | None = None
-    top_logprobs: Annotated[Any, _unused(0, why="top_logprobs are not supported")] = None
-    tools: Annotated[Any, _unused([], why="tool calls are not supported")] = None
-    tool_choice: Annotated[Any, _unused("none", why="tool calls are not supported")] = None
-    functions: Annotated[Any, _unused([], why="function calls are not supported")] = None
-    function_call: Annotated[Any, _unused("none", why="function calls are not supported")] = None
-    parallel_tool_calls: Any = None
-    response_format: Annotated[Any, _check(lambda f: f == {"type": "text"},
-                                           'only response_format {"type": "text"} is supported',
-                                           "unsupported_parameter")] = None
-    store: Annotated[Any, _unused(False, why="stored completions are not supported")] = None
-    metadata: Any = None
-
-
-class CompletionRequest(_Completion):
-    prompt: Annotated[Any, AfterValidator(_one_prompt)]
-    echo: Annotated[Any, _unused(False, why="echo is not supported")] = None
-    suffix: Annotated[Any, _unused("", why="suffix (insertion) is not supported")] = None
-    best_of: Annotated[Any, _unused(1, why="best_of is not supported (only 1)")] = None
-
-
-_REQUIRED = {"model": "you must provide a model parameter", "messages": "'messages' must be a non-empty array",
-             "prompt": "'prompt' must be a non-empty string"}
-_EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "bool_type": "a boolean",
-             "list_type": "an array", "dict_type": "an object", "model_type": "an object"}
-_JSON_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
-               dict: "an object", type(None): "null"}
-_CODES = {"invalid_value", "invalid_type", "unsupported_value", "unsupported_parameter", "missing_required_parameter"}
-
-
-def _error(exc: ValidationError) -> ApiError:
-    """The first thing wrong with a request (an unknown parameter before all else), in OpenAI's terms."""
-    errors = exc.errors(include_url=False)
-    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    kind, loc = error["type"], error["loc"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if i else str(p) for i, p in enumerate(loc))
-    if kind == "extra_forbidden":
-        return _bad(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
-    if kind in ("missing", "too_short"):
-        return _bad(_REQUIRED.get(param, f"you must provide {param}"), param, "missing_required_parameter")
-    if kind in _EXPECTED:
-        got = _JSON_TYPES.get(type(error["input"]), type(error["input"]).__name__)
-        return _bad(f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {got} instead.", param,
-                    "invalid_type")
-    return _bad(f"{param}: {error['msg']}" if len(loc) > 1 else error["msg"], param,
-                kind if kind in _CODES else "invalid_value")
-
-
-@dataclass
-class Parsed:
-    request: GenerationRequest
-    stream: bool
-    include_usage: bool
-
-
-def parse(body: dict, chat: bool) -> Parsed:
-    """The request as :mod:`dllmctl.generation` takes it; a 400 for anything it cannot honour."""
-    try:
-        r = (ChatRequest if chat else CompletionRequest).model_validate(body)
-    except ValidationError as exc:
-        raise _error(exc) from None
-    options = r.stream_options
-    if options is not None and options.model_fields_set and not r.stream:
-        raise _bad("stream_options are only allowed when stream is true", "stream_options")
-    max_tokens = r.max_completion_tokens if chat and r.max_completion_tokens is not None else r.max_tokens
-    # Without a seed, sampling differs per request, as clients of OpenAI expect; with one it repeats.
-    seed = secrets.randbelow(2**31) if r.seed is None else r.seed
-    request = GenerationRequest(model=r.model, max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, seed=seed, parallelism=r.parallelism)
-    if chat:
-        request.messages = [{"role": CHAT_ROLES[m.role], "content": m.content} for m in r.messages]
-    else:
-        request.prompt, request.raw = r.prompt, True
-    return Parsed(request, r.stream, bool(options and options.include_usage))
-
-
 # --- the server ----------------------------------------------------------------------------------
 
 class Api:
     """The handlers, sharing one connection pool (and replica load counts) across requests."""
 
-    def __init__(self, user: Identity, api_key: str | None, private_layers: int = 0):
+    def __init__(self, user: Identity, api_key: str | None, limits: ServeLimits, hosts: frozenset[str],
+                 private_layers: int = 0):
         self.user = user
         self.private_layers = private_layers  # every request in private mode (dllmctl serve --private)
         self.api_key = api_key.encode() if api_key else None
+        self.limits, self.hosts = limits, hosts
+        self.rates = RateLimiter(limits.rate, limits.burst)
         self._pool: ConnectionPool | None = None
         self.assigned: dict[str, int] = {}  # node -> sessions running there, so requests spread over replicas
         self.background: set[asyncio.Task] = set()  # streaming generations, referenced until they end
@@ -283,14 +70,32 @@ class Api:
         if self._pool is not None:
             self._pool.close()
 
-    def check_key(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
-        if not hmac.compare_digest(given, self.api_key):  # constant time: the key cannot be guessed bytewise
+    def admit(self, request: Request) -> None:
+        """Before a request is read: a Host this server is known by (a page on another site that
+        rebinds its name to this address carries that name), the caller's rate, then its key."""
+        if not host_allowed(request.headers.get("host"), self.hosts):
+            raise ApiError(421, f"this server does not answer to the host {request.headers.get('host')!r}; "
+                                f"start it with --allowed-host NAME to use that name", code="host_not_allowed")
+        keyed = self._key_matches(request)
+        # The key's holders share one bucket; anyone else (no key configured, or a wrong one) is
+        # counted by address, so guessing keys is rate limited too.
+        caller = "key" if keyed else f"address {request.client.host if request.client else '?'}"
+        wait = self.rates.take(caller)
+        if wait:
+            raise ApiError(429, f"Rate limit reached: at most {self.limits.rate:g} requests/s (burst "
+                                f"{self.limits.burst}) per {'API key' if keyed else 'client address'}; retry in "
+                                f"{wait:.1f} s", type="requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": retry_after(wait)})
+        if self.api_key is not None and not keyed:
             raise ApiError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
                            code="invalid_api_key")
+
+    def _key_matches(self, request: Request) -> bool:
+        if self.api_key is None:
+            return False
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        return hmac.compare_digest(given, self.api_key)  # constant time: the key cannot be guessed bytewise
 
     @staticmethod
     def nodes():
@@ -334,21 +139,32 @@ class Api:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: Request, chat: bool) -> Response:
-        parsed = parse(await read_json(request), chat)
+        deadline = time.monotonic() + self.limits.max_seconds
+        parsed = parse(await read_json(request, self.limits.max_body_bytes), chat, self.limits)
         parsed.request.private_layers = self.private_layers
         # Rendering the chat template and tokenizing a prompt of megabytes takes a while: not on the
         # event loop, which serves every other request's stream.
         prepared = await asyncio.to_thread(_prepare, parsed.request, chat)
+        # Without max_tokens, generation would run to the end of the context: this server's bound instead.
+        prepared.max_new_tokens = min(prepared.max_new_tokens, self.limits.max_tokens)
         shape = Shape(chat, parsed.request.model, parsed.include_usage)
         if not parsed.stream:
             try:
-                result = await run(self.user, self.nodes(), prepared, pool=self.pool, assigned=self.assigned)
+                result = await asyncio.wait_for(run(self.user, self.nodes(), prepared, pool=self.pool,
+                                                    assigned=self.assigned), deadline - time.monotonic())
             except CLUSTER_ERRORS as exc:
                 raise _unavailable(exc) from None
+            except asyncio.TimeoutError:
+                raise self._too_long() from None
             return JSONResponse(shape.whole(result))
-        return await self._stream(prepared, shape)
+        return await self._stream(prepared, shape, deadline)
 
-    async def _stream(self, prepared: Prepared, shape: "Shape") -> Response:
+    def _too_long(self) -> ApiError:
+        return ApiError(504, f"the completion ran past this server's {self.limits.max_seconds:g} s "
+                             f"(dllmctl serve --max-seconds); ask for fewer max_tokens", type="server_error",
+                        code="timeout")
+
+    async def _stream(self, prepared: Prepared, shape: "Shape", deadline: float) -> Response:
         """Start generating, and answer only once the first text (or an error) is there: a cluster
         that cannot serve gets a proper error status, not a 200 with an error inside the stream."""
         events: asyncio.Queue = asyncio.Queue()
@@ -366,12 +182,20 @@ class Api:
                 log.exception("generation failed")
                 events.put_nowait(("error", ApiError(500, f"internal error: {exc}", type="server_error")))
 
+        async def next_event() -> tuple:
+            """The next event, or a timeout error at the deadline: a stream is bounded in time too."""
+            try:
+                return await asyncio.wait_for(events.get(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                task.cancel()  # run() closes its sessions on the nodes
+                return "error", self._too_long()
+
         task = asyncio.create_task(work())
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-        first = await events.get()
+        first = await next_event()
         if first[0] == "error":
-            await task
+            await asyncio.wait([task])  # ended or cancelled; wait() does not raise the latter
             return first[1].response()
 
         async def sse() -> AsyncIterator[str]:
@@ -390,7 +214,7 @@ class Api:
                     else:  # failed mid-stream: OpenAI's clients raise on an event carrying "error"
                         yield _event(value.body())
                         break
-                    event = await events.get()
+                    event = await next_event()
                 yield "data: [DONE]\n\n"
             finally:
                 if not task.done():
@@ -406,14 +230,14 @@ def _prepare(request: GenerationRequest, chat: bool) -> Prepared:
     try:
         model = load_model(request.model)
         if chat and not model.has_chat_template:
-            raise _bad(f"model {request.model!r} has no chat template; use /v1/completions with a plain prompt",
+            raise bad_request(f"model {request.model!r} has no chat template; use /v1/completions with a plain prompt",
                        "model", "unsupported_value")
         return prepare(request)
     except ModelNotInStore:
         raise _model_not_found(request.model) from None
     except GenerationError as exc:  # generation's names are dllmctl infer's; the API says max_tokens
         param = "max_tokens" if exc.param == "max_new_tokens" else exc.param
-        raise _bad(str(exc).replace("max_new_tokens", "max_tokens"), param, exc.code) from None
+        raise bad_request(str(exc).replace("max_new_tokens", "max_tokens"), param, exc.code) from None
 
 
 def _model_not_found(name: str) -> ApiError:
@@ -472,13 +296,16 @@ class Shape:
         return {**self._head(True), "choices": [], "usage": self.usage(result)}
 
 
-def make_app(user: Identity, api_key: str | None = None, private_layers: int = 0) -> Starlette:
-    api = Api(user, api_key, private_layers)
+def make_app(user: Identity, api_key: str | None = None, limits: ServeLimits = ServeLimits(),
+             hosts: frozenset[str] = LOOPBACK_NAMES, private_layers: int = 0) -> Starlette:
+    """The app: ``hosts`` are the names it answers to (IP literals always; see serve_limits); with
+    ``private_layers`` every request runs in private mode."""
+    api = Api(user, api_key, limits, hosts, private_layers)
 
     def guarded(handler):
         async def endpoint(request: Request) -> Response:
             try:
-                api.check_key(request)
+                api.admit(request)
                 return await handler(request)
             except ApiError as exc:
                 return exc.response()

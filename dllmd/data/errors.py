@@ -8,3 +8,7 @@ class DataError(ValueError):
 
 
 STRATEGIES = ("round_robin", "hash", "random", "semantic", "dht")  # see dllmd.data for why each exists
+
+
+class PathForbidden(DataError):
+    """A path outside the directories the node's owner lets ``data.local`` read (``data_roots``)."""

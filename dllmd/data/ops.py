@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from dllmd.data import DataError, eos_id, load_data_tokenizer, pack, read_samples, tokenize_samples
+from dllmd.data.errors import PathForbidden
 from dllmd.data.shards import ShardError, ShardStore, shard_payload
+from dllmd.data.sources import path_under
 from dllmd.net.chunked import int8_payload, receive_chunk
 from dllmd.net.messages import data as M
 from dllmd.net.messages.transfer import PutArgs, PutReply
@@ -28,8 +30,9 @@ TOKENIZER_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a plain na
 
 
 class DataOps:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, data_roots: list[Path]):
         self.shards = ShardStore(home / "datasets")
+        self.data_roots = data_roots  # resolved: what data.local may read (node.toml's data_roots)
 
     def register(self, server: RpcServer) -> None:
         for op, handler in ((M.DATA_STAGE, self._stage), (M.DATA_PUT, self._put), (M.DATA_COMMIT, self._commit),
@@ -88,6 +91,13 @@ class DataOps:
         the data never leaves the machine, only counts and the sha256 go back."""
         a: M.LocalArgs = call.args
         try:
+            # First, before anything is read or staged: the caller's path must be one the owner allowed.
+            source = await asyncio.to_thread(path_under, a.uri, self.data_roots)
+        except PathForbidden as exc:
+            raise HandlerError(ErrorCode.FORBIDDEN, str(exc)) from None
+        except DataError as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+        try:
             info = json.loads(a.info)
         except ValueError:
             info = None
@@ -100,12 +110,13 @@ class DataOps:
             raise HandlerError(ErrorCode.BAD_ARGS, "data.local carries one int8 [n] tensor per tokenizer file")
         files = {name: t.numpy().tobytes() for name, t in zip(a.tokenizer_files, call.tensors)}
         try:
-            return await asyncio.to_thread(self._shard_locally, a, info, files)
+            return await asyncio.to_thread(self._shard_locally, a, source, info, files)
         except (DataError, ShardError) as exc:
             raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
 
-    def _shard_locally(self, a: M.LocalArgs, info: dict, files: dict[str, bytes]) -> dict:
-        source = read_samples(a.uri, field=a.field, include=a.include or None, exclude=a.exclude, strict=a.strict)
+    def _shard_locally(self, a: M.LocalArgs, path: Path, info: dict, files: dict[str, bytes]) -> dict:
+        # The resolved path, not a.uri: what was checked is what is read (its symlinks resolved there).
+        source = read_samples(str(path), field=a.field, include=a.include or None, exclude=a.exclude, strict=a.strict)
         with tempfile.TemporaryDirectory() as directory:
             for name, blob in files.items():
                 (Path(directory) / name).write_bytes(blob)

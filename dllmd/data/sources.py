@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
-from dllmd.data.errors import DataError
+from dllmd.data.errors import DataError, PathForbidden
 from dllmd.data.ignore import PathPatterns
 
 DEFAULT_MAX_SAMPLE_BYTES = 10 * 2**20
@@ -105,6 +105,21 @@ def local_path(uri: str) -> Path:
         raise DataError(f"cannot read {uri}: only local paths and file:// URIs are supported; "
                         "download the data first and give its path")
     return Path(uri).expanduser()
+
+
+def path_under(uri: str, roots: Sequence[Path]) -> Path:
+    """The real path ``uri`` names (symlinks and ``..`` resolved) if it lies under one of ``roots``
+    (already resolved); :class:`PathForbidden` otherwise, whether or not it exists, so a refusal
+    says nothing about what is outside. A node reads what its owner allowed, not what its process can."""
+    path = local_path(uri)
+    if not path.is_absolute():  # relative to the daemon's working directory: nobody means that
+        raise PathForbidden(f"{uri} is not an absolute path; give the full path on the node")
+    real = path.resolve()
+    if not any(real.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots) or "none: data_roots = []"
+        raise PathForbidden(f"{uri} is outside the directories this node reads data from ({allowed}); its owner "
+                            f"can add one to data_roots in node.toml")
+    return real
 
 
 class _Report:
