@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from dllmd.data.shards import SHARD, ShardError, ShardStore
+from dllmd.data import TokenizedSample, pack
+from dllmd.data.pieces import piece_digest
+from dllmd.data.shards import SHARD, ShardError, ShardStore, read_shard, shard_payload
 
 BLOB = bytes(range(256)) * 40
 SHA = hashlib.sha256(BLOB).hexdigest()
@@ -83,3 +89,21 @@ def test_bad_sizes_and_hashes(tmp_path):
     with pytest.raises(ShardError, match="no staged shard"):
         store.put("other", 0, b"a")
     assert not (tmp_path / "ds" / SHARD).exists()
+
+
+def test_a_shard_is_the_same_bytes_in_every_process_and_lists_each_pieces_digest(tmp_path):
+    samples = [TokenizedSample("a", np.arange(1, 6, dtype=np.int32)), TokenizedSample("b", np.arange(7, 9, dtype=np.int32))]
+    blob, meta = shard_payload(pack(samples, seq_len=4, eos_id=0), dataset="ds")
+    # A node rebuilding a shard must arrive at the client's sha256: safetensors' own writer orders its
+    # metadata differently in every process.
+    code = ("import hashlib, numpy as np; from dllmd.data.shards import shard_blob; "
+            "print(hashlib.sha256(shard_blob(np.array([[1,2,3,4],[5,0,7,8],[0,0,0,0]], dtype=np.int32), 9)).hexdigest())")
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == hashlib.sha256(blob).hexdigest()
+    assert meta["samples"] == [["a", 0, 5, piece_digest(samples[0].ids)], ["b", 6, 2, piece_digest(samples[1].ids)]]
+    assert meta["eos_id"] == 0 and meta["tokens"] == 9 and meta["sequences"] == 3
+    (tmp_path / "shard.safetensors").write_bytes(blob)
+    (tmp_path / "shard.json").write_text(json.dumps(meta))
+    tokens, read = read_shard(tmp_path / "shard.safetensors")
+    assert tokens.tolist() == [[1, 2, 3, 4], [5, 0, 7, 8], [0, 0, 0, 0]] and read["seq_len"] == 4

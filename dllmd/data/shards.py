@@ -14,14 +14,20 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from dllmd.data.pieces import piece_digest
 from dllmd.storage import StagedFile, StagingError, atomic_write, recover_directories, remove_directory, replace_directory
 
 if TYPE_CHECKING:
     import torch
+
+    from dllmd.data.packing import Packed
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHARD, META, PART, INCOMING = "shard.safetensors", "shard.json", "shard.safetensors.part", ".incoming"
@@ -146,18 +152,30 @@ class ShardStore:
         return existed
 
 
-def shard_payload(packed, **info) -> tuple[bytes, dict]:
+def shard_payload(packed: Packed, **info) -> tuple[bytes, dict]:
     """A packed shard as the bytes of ``shard.safetensors`` (``tokens``: int32 [sequences, seq_len])
     and its ``shard.json`` description (``info`` plus counts and the per-sample table)."""
-    import torch
-    from safetensors.torch import save
-
-    tokens = packed.tokens.to(torch.int32).contiguous()
-    blob = save({"tokens": tokens}, metadata={"format": SHARD_FORMAT, "valid_tokens": str(packed.valid_tokens)})
-    meta = {**info, "format": SHARD_FORMAT, "seq_len": int(tokens.shape[1]) if tokens.dim() == 2 else 0,
-            "samples": [[s.sample_id, s.start, s.length] for s in packed.spans], "sample_count": len(packed.spans),
-            "tokens": int(packed.valid_tokens), "sequences": int(packed.rows)}
+    flat = packed.tokens.reshape(-1).numpy()
+    blob = shard_blob(packed.tokens.numpy(), packed.valid_tokens)
+    meta = {**info, "format": SHARD_FORMAT, "seq_len": int(packed.tokens.shape[1]) if packed.tokens.dim() == 2 else 0,
+            "eos_id": packed.eos_id,
+            # [id, start, length, digest]: the digest lets an update tell what this node already holds.
+            "samples": [[s.sample_id, s.start, s.length, piece_digest(flat[s.start:s.start + s.length])]
+                        for s in packed.spans],
+            "sample_count": len(packed.spans), "tokens": int(packed.valid_tokens), "sequences": int(packed.rows)}
     return blob, meta
+
+
+def shard_blob(tokens: np.ndarray, valid_tokens: int) -> bytes:
+    """``tokens`` (int32 ``[rows, seq_len]``) as a safetensors file, byte for byte the same wherever it
+    is written. safetensors' own writer orders the metadata by a hash map seeded per process, so the
+    same tokens would hash differently on the client and on a node that rebuilds its shard."""
+    data = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
+    header = json.dumps({"__metadata__": {"format": SHARD_FORMAT, "valid_tokens": str(int(valid_tokens))},
+                         "tokens": {"dtype": "I32", "shape": [int(n) for n in tokens.shape],
+                                    "data_offsets": [0, len(data)]}}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(header)) + header + data
 
 
 def read_shard(path: Path) -> tuple["torch.Tensor", dict]:
