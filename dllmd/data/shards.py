@@ -43,9 +43,9 @@ SHARD, META, PART, INCOMING = "shard.safetensors", "shard.json", "shard.safetens
 PATCH, PATCH_PART, PATCH_STATE = "patch.bin", "patch.bin.part", "patch.json"
 STALE_STAGE_S = 24 * 3600
 SHARD_FORMAT = "dllm-shard-1"
-# A patched shard is built in memory (the committed one read, the new one written); a larger shard
-# is pushed whole, which streams to disk in chunks.
-MAX_PATCHED_SHARD_BYTES = 4 * 2**30
+# A patched shard is built in memory (the committed one read, the new one written) while the last
+# data.put waits (120 s); a larger shard is pushed whole, which streams to disk in chunks.
+MAX_PATCHED_SHARD_BYTES = 2 * 2**30
 
 
 class ShardStore:
