@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.data.progress import ShardProgress
@@ -19,6 +21,10 @@ from dllmctl.data.sharding import ShardRequest, shard_and_push
 from dllmd.data import DataError, load_data_tokenizer, pack, read_samples, split_samples, tokenize_samples
 from dllmd.data.pieces import piece_digest
 from dllmd.data.shards import read_shard, shard_payload
+from dllmd.net.client import RemoteError, RpcClient
+from dllmd.net.messages import data as M
+from dllmd.net.messages.node import PING
+from dllmd.net.wire import ErrorCode
 from tests.conftest import local_daemons
 from tests.tiny_models import make_tiny_model
 
@@ -177,3 +183,47 @@ def test_a_node_that_lost_its_shard_gets_it_whole_and_a_stale_patch_falls_back(c
     asyncio.run(push_shards(cluster["user"], "lost", [upload]))
     assert upload.patch is None and upload.sent == len(blob)
     assert (cluster["homes"]["local-1"] / "datasets" / "lost" / "shard.safetensors").read_bytes() == blob
+
+
+def test_hostile_patches_are_refused_with_their_error_codes_and_the_node_keeps_serving(cluster, tmp_path):
+    shard(cluster, write_corpus(tmp_path / "repo"), "wire", "hash")
+    node = cluster["entries"][0]
+    empty = hashlib.sha256(b"").hexdigest()
+
+    async def run() -> dict[str, str]:
+        async with RpcClient(cluster["user"], node.address, node.public_key) as client:
+            reply, tensors = await client.invoke(M.DATA_DESCRIBE, M.DatasetArgs(dataset="wire"))
+            meta = json.loads(tensors[0].numpy().tobytes())
+            assert reply.sha256 == meta["sha256"] and all(len(row) == 4 for row in meta["samples"])
+
+            async def code(op, args, description=meta) -> str:
+                frame = torch.frombuffer(bytearray(json.dumps(description).encode()), dtype=torch.int8)
+                try:
+                    await client.invoke(op, args, [frame] if op is M.DATA_STAGE_PATCH else [])
+                except RemoteError as exc:
+                    return exc.code
+                return "accepted"
+
+            def patch(**fields) -> M.PatchArgs:
+                return M.PatchArgs(**{"dataset": "wire", "bytes": 0, "sha256": empty, "base": reply.sha256,
+                                      "shard_bytes": 4096, "shard_sha256": "0" * 64, **fields})
+
+            codes = {
+                "describe a dataset it does not hold": await code(M.DATA_DESCRIBE, M.DatasetArgs(dataset="ghost")),
+                "a base it does not hold": await code(M.DATA_STAGE_PATCH, patch(base="1" * 64)),
+                "a shard too large to build": await code(M.DATA_STAGE_PATCH, patch(shard_bytes=2**40)),
+                "half a token": await code(M.DATA_STAGE_PATCH, patch(bytes=3)),
+                "a piece of a billion tokens": await code(
+                    M.DATA_STAGE_PATCH, patch(), {**meta, "samples": [["x", 0, 10**9, "0" * 32]]}),
+                "rows that are not rows": await code(M.DATA_STAGE_PATCH, patch(), {**meta, "samples": [7, "x"]}),
+                "a shard that is not what it claims": await code(M.DATA_STAGE_PATCH, patch()),
+            }
+            await client.invoke(PING, timeout=5)
+            return codes
+
+    assert asyncio.run(run()) == {
+        "describe a dataset it does not hold": ErrorCode.NOT_FOUND, "a base it does not hold": ErrorCode.CONFLICT,
+        "a shard too large to build": ErrorCode.TOO_LARGE, "half a token": ErrorCode.BAD_ARGS,
+        "a piece of a billion tokens": ErrorCode.BAD_ARGS, "rows that are not rows": ErrorCode.BAD_ARGS,
+        "a shard that is not what it claims": ErrorCode.BAD_ARGS}
+    assert not (cluster["homes"][node.name] / "datasets" / ".incoming" / "wire" / "shard.safetensors").exists()
