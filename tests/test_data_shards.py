@@ -92,12 +92,14 @@ def test_bad_sizes_and_hashes(tmp_path):
 
 
 def test_a_shard_is_the_same_bytes_in_every_process_and_lists_each_pieces_digest(tmp_path):
-    samples = [TokenizedSample("a", np.arange(1, 6, dtype=np.int32)), TokenizedSample("b", np.arange(7, 9, dtype=np.int32))]
+    samples = [TokenizedSample("a", np.arange(1, 6, dtype=np.int32)),
+               TokenizedSample("b", np.arange(7, 9, dtype=np.int32))]
     blob, meta = shard_payload(pack(samples, seq_len=4, eos_id=0), dataset="ds")
     # A node rebuilding a shard must arrive at the client's sha256: safetensors' own writer orders its
     # metadata differently in every process.
     code = ("import hashlib, numpy as np; from dllmd.data.shards import shard_blob; "
-            "print(hashlib.sha256(shard_blob(np.array([[1,2,3,4],[5,0,7,8],[0,0,0,0]], dtype=np.int32), 9)).hexdigest())")
+            "tokens = np.array([[1, 2, 3, 4], [5, 0, 7, 8], [0, 0, 0, 0]], dtype=np.int32); "
+            "print(hashlib.sha256(shard_blob(tokens, 9)).hexdigest())")
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert done.stdout.strip() == hashlib.sha256(blob).hexdigest()

@@ -127,11 +127,13 @@ def test_an_update_moves_only_the_changed_pieces(cluster, tmp_path):
         assert read_shard(path)[0].shape[0] == row["sequences"]
 
     # Nothing changed: nothing is sent, no shard is rewritten.
-    mtimes = {n: (h / "datasets" / "code" / "shard.safetensors").stat().st_mtime_ns for n, h in cluster["homes"].items()}
+    def mtimes() -> dict[str, int]:
+        return {n: (h / "datasets" / "code" / "shard.safetensors").stat().st_mtime_ns
+                for n, h in cluster["homes"].items()}
+
+    written = mtimes()
     again = shard(cluster, source, "code", "hash")
-    assert again["bytes_sent"] == 0 and again["changes"]["unchanged"] == len(new)
-    assert mtimes == {n: (h / "datasets" / "code" / "shard.safetensors").stat().st_mtime_ns
-                      for n, h in cluster["homes"].items()}
+    assert again["bytes_sent"] == 0 and again["changes"]["unchanged"] == len(new) and mtimes() == written
 
     # An emptied source is refused before any node is touched.
     for path in source.iterdir():

@@ -41,8 +41,8 @@ def shard_data_command(
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed record.")] = False,
     local_only: Annotated[bool, typer.Option("--local-only", help="Each node shards DATA_URI on its own disk; "
                                                                   "the data never leaves it.")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Place every piece anew rather than keep pieces on the "
-                                                        "nodes holding them (still sends only what they lack).")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Place every piece anew rather than keep pieces on "
+                                                        "their nodes (still sends only what they lack).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Tokenize, pack and place training data on the nodes (all or nothing). Run again on a changed
