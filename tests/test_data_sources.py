@@ -187,3 +187,23 @@ def test_unusable_input_raises_a_clear_data_error(tmp_path, setup, uri, message)
     setup(tmp_path)
     with pytest.raises(DataError, match=message):
         read_samples(uri.format(tmp=tmp_path))
+
+
+def test_a_file_removed_while_the_walk_reads_the_source_is_reported_as_vanished(tmp_path, monkeypatch):
+    from dllmd.data import sources
+
+    root = tmp_path / "repo"
+    for name in ("a.py", "b.py", "c.py"):
+        write(root / name, f"# {name}\n")
+    read_file = sources._read_file
+
+    def removed_first(path, rel, limit):  # another process deletes b.py after the walk listed it
+        if rel == "b.py":
+            path.unlink()
+        return read_file(path, rel, limit)
+
+    monkeypatch.setattr(sources, "_read_file", removed_first)
+    result = read_samples(str(root))
+    assert [s.id for s in result.samples] == ["a.py", "c.py"]
+    [skipped] = result.skipped
+    assert (skipped.where, skipped.kind) == ("b.py", "vanished") and "counts as removed" in skipped.reason

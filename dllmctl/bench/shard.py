@@ -16,7 +16,7 @@ from pathlib import Path
 from dllmctl.cluster import local as local_cluster
 from dllmctl.cluster.registry import NodeEntry, Registry
 from dllmctl.data.sharding import ShardProgress, ShardRequest, place, prepare
-from dllmd.data import STRATEGIES
+from dllmd.data import STRATEGIES, split_samples
 from dllmd.net.identity import Identity
 
 
@@ -34,7 +34,8 @@ def run(user: Identity, model: str, model_dir: Path, source: str, nodes: int, st
     started = time.perf_counter()
     prepared = prepare(request, progress)
     read_tokenize_s = time.perf_counter() - started
-    tokens = sum(s.packed_tokens for s in prepared.samples)
+    # What the nodes get: ids and an EOS per piece (long files are cut into pieces of one sequence).
+    tokens = sum(p.packed_tokens for p in split_samples(prepared.samples, seq_len).samples)
     report: dict = {"source": source, "model": model, "nodes": nodes, "seq_len": seq_len,
                     "files": len(prepared.samples), "skipped": len(prepared.source.skipped), "tokens": tokens,
                     "read_tokenize_s": round(read_tokenize_s, 3),
@@ -56,7 +57,7 @@ def run(user: Identity, model: str, model_dir: Path, source: str, nodes: int, st
                     "strategy": strategy, "replicas": copies, "place_s": round(place_s, 3),
                     "tokens_per_second": round(tokens / total_s, 1),
                     "ratio_to_tokenize_only": round(read_tokenize_s / total_s, 3),
-                    "bytes_pushed": sum(row["bytes"] for row in result["nodes"]),
+                    "bytes_pushed": result["bytes_sent"],
                     "tokens_per_node": [row["tokens"] for row in result["nodes"]], "skew": result["skew"]})
         finally:
             local_cluster.down(Path(tmp), registry)

@@ -41,9 +41,12 @@ def shard_data_command(
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed record.")] = False,
     local_only: Annotated[bool, typer.Option("--local-only", help="Each node shards DATA_URI on its own disk; "
                                                                   "the data never leaves it.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Place every piece anew rather than keep pieces on "
+                                                        "their nodes (still sends only what they lack).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Tokenize, pack and place training data on the nodes (all or nothing)."""
+    """Tokenize, pack and place training data on the nodes (all or nothing). Run again on a changed
+    source, it updates the shards: unchanged pieces stay put and only what changed is sent."""
     from dllmd.data import DataError
     from dllmd.net.client import CallError
     from dllmctl.cli.common import RichShardProgress
@@ -58,7 +61,7 @@ def shard_data_command(
         request = ShardRequest(uri=data_uri, model=model, model_dir=directory, strategy=strategy,
                                name=dataset_name(data_uri, name), seq_len=seq_len, replicas=replicas, seed=seed,
                                field=field, include=split_names(include) or None, exclude=split_names(exclude), strict=strict,
-                               local_only=local_only)
+                               local_only=local_only, fresh=fresh)
     except (RegistryError, DataError) as exc:
         fail(str(exc))
     progress = RichShardProgress(transient=as_json)
@@ -80,13 +83,19 @@ def shard_data_command(
 
 
 def _print_report(report: dict) -> None:
-    table = Table("node", "samples", "tokens", "sequences", "bytes", "sha256")
+    table = Table("node", "samples", "tokens", "sequences", "bytes", "kept", "received", "dropped", "sent", "sha256")
     for row in report["nodes"]:
         table.add_row(row["node"], str(row["samples"]), str(row["tokens"]), str(row["sequences"]),
-                      human_bytes(row["bytes"]), row["sha256"][:16] + "...")
+                      human_bytes(row["bytes"]), *(str(row.get(k, "-")) for k in ("kept", "received", "dropped")),
+                      human_bytes(row.get("sent_bytes")), row["sha256"][:16] + "...")
     out.print(table)
     out.print(f"{report['dataset']}: {report['strategy']}, seq_len {report['seq_len']}, skew {report['skew']:.3f}"
               + (f", {report['tokens_per_second']:.0f} tokens/s" if report.get("tokens_per_second") else ""))
+    if "changes" in report:
+        changes = report["changes"]
+        out.print(f"{report['samples']} samples in {report['pieces']} pieces: " + ", ".join(
+            f"{changes[k]} {k}" for k in ("added", "removed", "edited", "moved", "unchanged"))
+            + f"; sent {human_bytes(report['bytes_sent'])} of {human_bytes(sum(r['bytes'] for r in report['nodes']))}")
     if report["skipped"]:
         kinds: dict[str, int] = {}
         for item in report["skipped"]:

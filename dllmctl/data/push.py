@@ -5,6 +5,10 @@ checks the sha256 when the last byte arrives). Only when every node holds a veri
 does phase 2 commit them. If any node is unreachable or refuses, every stage is aborted and no node
 changes what it serves: nothing is half-written anywhere. (A node that dies between two commits is
 the one window left; its peers' new shards are then removed again.)
+
+An update may stage a *patch* instead (only the pieces a node lacks; the node builds the shard, see
+:mod:`dllmd.data.patch`); a node that refuses it (its shard is not the base any more, or too large
+to build in memory) is sent the whole shard instead, in the same phase 1.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.transfer import upload
-from dllmd.net.client import CallError, RpcClient
+from dllmd.net.client import CallError, RemoteError, RpcClient
 from dllmd.net.identity import Identity
 from dllmd.net.messages import data as M
 from dllmd.net.messages.node import PING
+from dllmd.net.wire import ErrorCode
 
 Progress = Callable[[str, int], None]  # (node name, bytes just sent or found already there)
 
@@ -36,8 +42,13 @@ class ShardUpload:
     node: NodeEntry
     blob: bytes
     meta: dict
+    patch: bytes | None = None
+    """int32 tokens of the pieces the node's shard ``base`` lacks: sent instead of ``blob`` when set."""
+    base: str = ""
+    sent: int = 0
+    """Bytes sent (or found staged already): the patch's, or the whole shard's."""
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.blob).hexdigest()
 
@@ -47,11 +58,27 @@ async def _stage(client: RpcClient, dataset: str, shard: ShardUpload, progress: 
     import torch
 
     meta = torch.frombuffer(bytearray(json.dumps(shard.meta).encode()), dtype=torch.int8)
-    state, _ = await client.invoke(M.DATA_STAGE, M.StageArgs(dataset=dataset, bytes=len(shard.blob),
-                                                             sha256=shard.sha256), [meta], timeout=60)
-    progress(shard.node.name, state.received)
-    await upload(client, M.DATA_PUT, dataset, io.BytesIO(shard.blob), len(shard.blob), state.received,
-                 on_sent=lambda n: progress(shard.node.name, n))
+    payload = shard.blob
+    if shard.patch is not None:
+        try:
+            state, _ = await client.invoke(M.DATA_STAGE_PATCH, M.PatchArgs(
+                dataset=dataset, bytes=len(shard.patch), sha256=hashlib.sha256(shard.patch).hexdigest(),
+                base=shard.base, shard_bytes=len(shard.blob), shard_sha256=shard.sha256), [meta], timeout=60)
+            payload = shard.patch
+        except RemoteError as exc:
+            if exc.code not in (ErrorCode.CONFLICT, ErrorCode.TOO_LARGE):
+                raise
+            shard.patch = None  # the node cannot build it: the whole shard, then
+    if shard.patch is None:
+        state, _ = await client.invoke(M.DATA_STAGE, M.StageArgs(dataset=dataset, bytes=len(shard.blob),
+                                                                 sha256=shard.sha256), [meta], timeout=60)
+
+    def sent(count: int) -> None:
+        shard.sent += count
+        progress(shard.node.name, count)
+
+    sent(state.received)
+    await upload(client, M.DATA_PUT, dataset, io.BytesIO(payload), len(payload), state.received, on_sent=sent)
 
 
 async def push_shards(user: Identity, dataset: str, uploads: list[ShardUpload],

@@ -1,8 +1,10 @@
 """``dllmctl shard-data`` and the client's dataset records.
 
-Read, tokenize (the model's own tokenizer), assign samples to nodes by a strategy, pack each node's
-samples into rows of ``seq_len`` tokens, and place the shards with a two-phase push
-(:mod:`dllmctl.data_push`). With ``local_only`` every node reads a path on its own disk instead and
+Read, tokenize (the model's own tokenizer), cut long samples into pieces of one sequence, assign
+pieces to nodes by a strategy, pack each node's pieces into rows of ``seq_len`` tokens, and place
+the shards with a two-phase push (:mod:`dllmctl.data.push`). Run again on a changed source, it is
+an update: unchanged pieces stay where they are and only what changed is sent
+(:mod:`dllmctl.data.updates`). With ``local_only`` every node reads a path on its own disk instead and
 keeps all of it (federated learning: private data never leaves its machine); nothing but counts and
 hashes comes back.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -24,9 +27,10 @@ import torch
 
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.data.progress import ShardProgress
-from dllmctl.data.push import PushError, ShardUpload, push_shards
+from dllmctl.data.push import PushError, push_shards
+from dllmctl.data.updates import count_changes, describe_nodes, previous_placement, shard_upload
 from dllmd.data import (STRATEGIES, DataError, SourceResult, TokenizedSample, assign, eos_id, load_data_tokenizer,
-                        node_tokens, pack, read_samples, skew, tokenize_samples)
+                        node_tokens, pack, read_samples, skew, split_samples, tokenize_samples)
 from dllmd.data.shards import NAME, shard_payload
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
@@ -51,6 +55,9 @@ class ShardRequest:
     exclude: list[str] = dataclasses.field(default_factory=list)
     strict: bool = False
     local_only: bool = False
+    fresh: bool = False
+    """Place every piece anew instead of keeping pieces on the nodes holding them (what is sent is
+    still only what each node lacks)."""
 
 
 def dataset_name(uri: str, name: str | None) -> str:
@@ -109,27 +116,38 @@ def prepare(request: ShardRequest, progress: ShardProgress) -> Prepared:
 
 def place(user: Identity, nodes: list[NodeEntry], request: ShardRequest, prepared: Prepared,
           progress: ShardProgress) -> dict:
-    """Assign, pack and push prepared samples by ``request.strategy``; the dataset's report."""
+    """Cut, assign, pack and push prepared samples by ``request.strategy``, as an update of what the
+    nodes hold of ``request.name`` already (:mod:`dllmctl.data.updates`); the dataset's report."""
     progress.stage("assigning")
-    samples = prepared.samples
+    pieces = split_samples(prepared.samples, request.seq_len)
     ids = [n.public_key for n in nodes]  # stable node ids: names can be changed, keys cannot
-    by_id = assign(samples, ids, request.strategy, seed=request.seed, replicas=request.replicas)
+    held = asyncio.run(describe_nodes(user, nodes, request.name))
+    previous = {} if request.fresh else previous_placement(held, request.strategy, request.seed, request.replicas)
+    by_id = assign(pieces.samples, ids, request.strategy, seed=request.seed, replicas=request.replicas,
+                   groups=pieces.groups, previous=previous)
     progress.stage("packing", total=len(nodes))
-    uploads = []
+    shards, uploads = [], []
     for node in nodes:
-        # One node at a time: only one packed shard is held in memory besides its serialized blob.
-        packed = pack([samples[i] for i in by_id[node.public_key]], request.seq_len, prepared.eos_id)
-        blob, meta = shard_payload(packed, **_info(request, node))
-        uploads.append(ShardUpload(node, blob, meta))
+        chosen = [pieces.samples[i] for i in by_id[node.public_key]]
+        blob, meta = shard_payload(pack(chosen, request.seq_len, prepared.eos_id), **_info(request, node))
+        sha256 = hashlib.sha256(blob).hexdigest()
+        shards.append((node, meta, len(blob), sha256))
+        upload = shard_upload(node, blob, meta, chosen, held[node.public_key], sha256)
+        if upload is not None:
+            uploads.append(upload)
         progress.advance("packing", 1)
     for upload in uploads:
-        progress.stage(f"push {upload.node.name}", total=len(upload.blob), unit="bytes")
+        size = len(upload.patch if upload.patch is not None else upload.blob)
+        progress.stage(f"push {upload.node.name}", total=size, unit="bytes")
     asyncio.run(push_shards(user, request.name, uploads, lambda node, count: progress.advance(f"push {node}", count)))
-    rows = [_row(u.node.name, u.meta, len(u.blob), u.sha256) for u in uploads]
-    per_node = node_tokens(samples, by_id)
-    return _report(request, rows, skipped=[dataclasses.asdict(s) for s in prepared.source.skipped],
-                   skew_value=skew(list(per_node.values())), samples=len(samples),
-                   tokens=sum(s.packed_tokens for s in samples))
+    changes, per_node = count_changes(held, {node.public_key: meta for node, meta, _, _ in shards})
+    sent = {u.node.public_key: u.sent for u in uploads}
+    rows = [{**_row(node.name, meta, size, sha256), **per_node[node.public_key],
+             "sent_bytes": sent.get(node.public_key, 0)} for node, meta, size, sha256 in shards]
+    report = _report(request, rows, skipped=[dataclasses.asdict(s) for s in prepared.source.skipped],
+                     skew_value=skew(node_tokens(pieces.samples, by_id)), samples=len(prepared.samples),
+                     tokens=sum(p.packed_tokens for p in pieces.samples))
+    return {**report, "pieces": len(pieces.samples), "changes": changes, "bytes_sent": sum(sent.values())}
 
 
 def _info(request: ShardRequest, node: NodeEntry) -> dict:

@@ -5,17 +5,21 @@ The pipeline, one module a step::
     result = read_samples(uri, field="text", include=["*.py"], strict=False)    # sources.py
     tokenizer = load_data_tokenizer(model_dir)                                   # packing.py
     samples = tokenize_samples(tokenizer, result.samples)
-    assignment = assign(samples, node_ids, "dht", seed=0, replicas=2)             # strategies.py
-    shards = pack_shards(samples, assignment, seq_len=2048, eos_id=eos_id(tokenizer))
+    pieces = split_samples(samples, seq_len=2048)                                # pieces.py
+    assignment = assign(pieces.samples, node_ids, "dht", seed=0, replicas=2,     # strategies.py
+                        groups=pieces.groups)
+    shards = pack_shards(pieces.samples, assignment, seq_len=2048, eos_id=eos_id(tokenizer))
 
 * **read** (:mod:`.sources`): a directory (a code repository: ``.gitignore`` honoured, ``.git`` and
   binaries skipped), a JSONL file or a plain text file becomes :class:`Sample` s, each with a stable
   id (a relative path, a record id, ``NAME:LINE``). What cannot be used is listed in
   ``result.skipped`` with a reason, for the CLI to show as warnings; nothing here prints.
 * **tokenize** (:mod:`.packing`): the model's own tokenizer, in batches, no special tokens.
+* **split** (:mod:`.pieces`): a sample longer than one sequence becomes pieces ``ID#0``, ``ID#1`` ...
+  of one sequence each, so that placing pieces balances tokens, not files (:mod:`.balance`).
 * **assign** (:mod:`.strategies`): node id -> sample indices. Why each strategy exists:
 
-  - ``round_robin``: the simplest even split, when nothing else matters;
+  - ``round_robin``: the most even split by tokens, when nothing else matters;
   - ``hash``: a sample's node depends only on its id, so the split is the same across runs and
     independent of reading order, and new samples do not move old ones;
   - ``random``: a seeded IID split, balanced by tokens (the usual data-parallel assumption);
@@ -40,6 +44,7 @@ _HOME = {
     "STRATEGIES": "errors",
     **dict.fromkeys(("Packed", "SampleSpan", "TokenizedSample", "eos_id", "load_data_tokenizer", "pack", "pack_shards",
                      "tokenize_samples"), "packing"),
+    **dict.fromkeys(("Pieces", "piece_digest", "split_samples"), "pieces"),
     **dict.fromkeys(("Sample", "Skipped", "SourceResult", "read_samples"), "sources"),
     **dict.fromkeys(("assign", "node_tokens", "skew", "stable_hash"), "strategies"),
 }

@@ -1,5 +1,5 @@
-"""Dataset operations of a node: receive a shard in two phases (stage, put, commit / abort), list
-and remove shards. Admin only: pushing data is as privileged as deploying a model."""
+"""Dataset operations of a node: receive a shard in two phases (stage or stage a patch, put, commit /
+abort), describe, list and remove shards. Admin only: pushing data is as privileged as deploying a model."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from dllmd.data import DataError, eos_id, load_data_tokenizer, pack, read_samples, tokenize_samples
-from dllmd.data.errors import PathForbidden
+from dllmd.data.errors import PatchTooLarge, PathForbidden, StaleBase
 from dllmd.data.shards import ShardError, ShardStore, shard_payload
 from dllmd.data.sources import path_under
-from dllmd.net.chunked import int8_payload, receive_chunk
+from dllmd.net.chunked import int8_payload, int8_tensor, receive_chunk
 from dllmd.net.messages import data as M
 from dllmd.net.messages.transfer import PutArgs, PutReply
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer
@@ -26,7 +26,12 @@ from dllmd.net.wire import ErrorCode
 MAX_META_BYTES = 32 * 1024 * 1024  # the per-sample table of a big shard
 MAX_SKIPPED_REPORTED = 200  # the reply is a header (64 KiB); the count says how many there were
 TOKENIZER_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a plain name: no '..', no '/'
+# What a sender branches on: push the shard whole instead of a patch.
+SHARD_ERROR_CODES = {StaleBase: ErrorCode.CONFLICT, PatchTooLarge: ErrorCode.TOO_LARGE}
 
+
+def _handler_error(exc: ShardError) -> HandlerError:
+    return HandlerError(SHARD_ERROR_CODES.get(type(exc), ErrorCode.BAD_ARGS), str(exc))
 
 
 class DataOps:
@@ -35,9 +40,10 @@ class DataOps:
         self.data_roots = data_roots  # resolved: what data.local may read (node.toml's data_roots)
 
     def register(self, server: RpcServer) -> None:
-        for op, handler in ((M.DATA_STAGE, self._stage), (M.DATA_PUT, self._put), (M.DATA_COMMIT, self._commit),
-                            (M.DATA_ABORT, self._abort), (M.DATA_LIST, self._list), (M.DATA_REMOVE, self._remove),
-                            (M.DATA_LOCAL, self._local)):
+        for op, handler in ((M.DATA_STAGE, self._stage), (M.DATA_STAGE_PATCH, self._stage_patch),
+                            (M.DATA_PUT, self._put), (M.DATA_COMMIT, self._commit), (M.DATA_ABORT, self._abort),
+                            (M.DATA_LIST, self._list), (M.DATA_DESCRIBE, self._describe),
+                            (M.DATA_REMOVE, self._remove), (M.DATA_LOCAL, self._local)):
             server.register(Operation(op, handler))
 
     @staticmethod
@@ -45,10 +51,10 @@ class DataOps:
         try:
             return await asyncio.to_thread(fn, *args)
         except ShardError as exc:
-            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+            raise _handler_error(exc) from None
 
-    async def _stage(self, call: Call) -> PutReply:
-        a: M.StageArgs = call.args
+    @staticmethod
+    def _meta(call: Call) -> dict:
         # The description (with its per-sample table, megabytes for a big shard) rides as a tensor
         # frame: headers are limited to 64 KiB.
         blob = int8_payload(call, MAX_META_BYTES, "the shard's JSON description")
@@ -58,13 +64,22 @@ class DataOps:
             meta = None
         if not isinstance(meta, dict):
             raise HandlerError(ErrorCode.BAD_ARGS, "meta must be a JSON object")
-        return PutReply(**await self._run(self.shards.stage, a.dataset, meta, a.bytes, a.sha256))
+        return meta
+
+    async def _stage(self, call: Call) -> PutReply:
+        a: M.StageArgs = call.args
+        return PutReply(**await self._run(self.shards.stage, a.dataset, self._meta(call), a.bytes, a.sha256))
+
+    async def _stage_patch(self, call: Call) -> PutReply:
+        a: M.PatchArgs = call.args
+        meta = {**self._meta(call), "bytes": a.shard_bytes, "sha256": a.shard_sha256}
+        return PutReply(**await self._run(self.shards.stage_patch, a.dataset, meta, a.bytes, a.sha256, a.base))
 
     async def _put(self, call: Call) -> PutReply:
         try:
             return await receive_chunk(call, self._append)
         except ShardError as exc:
-            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
+            raise _handler_error(exc) from None
 
     def _append(self, a: PutArgs, chunk: bytes) -> PutReply:
         if a.path:
@@ -79,6 +94,13 @@ class DataOps:
 
     async def _list(self, call: Call) -> dict:
         return {"datasets": await self._run(self.shards.list)}
+
+    async def _describe(self, call: Call) -> tuple[M.DescribeReply, list[torch.Tensor]]:
+        meta = await self._run(self.shards.describe, call.args.dataset)
+        if meta is None:
+            raise HandlerError(ErrorCode.NOT_FOUND, f"no dataset {call.args.dataset!r} on this node")
+        return (M.DescribeReply(sha256=meta.get("sha256", ""), bytes=meta.get("bytes", 0)),
+                [int8_tensor(json.dumps(meta).encode())])
 
     async def _remove(self, call: Call) -> dict:
         removed = await self._run(self.shards.remove, call.args.dataset)

@@ -54,6 +54,8 @@ class Packed:
     """One per sample, in packing order."""
     valid_tokens: int
     """Length of the real stream; the EOS tokens after it only fill the last row."""
+    eos_id: int
+    """The separator after each sample (and the padding of the last row)."""
 
     @property
     def rows(self) -> int:
@@ -126,7 +128,7 @@ def pack(samples: Sequence[TokenizedSample], seq_len: int, eos_id: int) -> Packe
         flat[:offset] = np.concatenate(parts)
     import torch
 
-    return Packed(torch.from_numpy(flat.reshape(rows, seq_len)), spans, offset)
+    return Packed(torch.from_numpy(flat.reshape(rows, seq_len)), spans, offset, eos_id)
 
 
 def pack_shards(samples: Sequence[TokenizedSample], assignment: Mapping[str, Sequence[int]], seq_len: int,

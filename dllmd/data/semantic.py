@@ -10,6 +10,9 @@ k clusters onto nodes by size puts unrelated clusters together to fill them up. 
 2-means axis moves only the samples nearest the boundary, the least typical of either side, and
 every cut is balanced within one sample.
 
+An update (:func:`place_by_similarity`) keeps every sample in its group and adds each new one to the
+most similar group that has room, so similar code keeps landing together without moving anything.
+
 Memory: ``samples x VECTOR_DIM x 4`` bytes (4 KiB a sample), fine up to some 100 000 samples.
 """
 
@@ -44,6 +47,27 @@ def balanced_groups(vectors: np.ndarray, weights: np.ndarray, n_groups: int, see
     groups = np.zeros(len(vectors), dtype=np.int64)
     rng = np.random.default_rng(seed)
     _bisect(vectors, weights.astype(np.float64), np.arange(len(vectors)), 0, n_groups, groups, rng)
+    return groups
+
+
+def place_by_similarity(vectors: np.ndarray, weights: np.ndarray, held: np.ndarray, n_groups: int,
+                        slack: float) -> np.ndarray:
+    """Group per row for an update: rows with a group (``held`` >= 0) keep it; each new row, largest
+    first, joins the group whose rows are most like it (cosine to the sum of their vectors) among the
+    groups it fits in, up to ``1 + slack`` times the mean weight, or the lightest group when none has room."""
+    groups = held.copy()
+    kept = groups >= 0
+    loads = np.bincount(groups[kept], weights=weights[kept], minlength=n_groups).astype(np.float64)
+    sums = np.zeros((n_groups, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, groups[kept], vectors[kept])
+    capacity = float(weights.sum()) / n_groups * (1 + slack)
+    for row in sorted(np.flatnonzero(~kept), key=lambda r: (-weights[r], r)):
+        similarity = sums @ vectors[row] / np.maximum(np.linalg.norm(sums, axis=1), 1e-12)
+        fits = loads + weights[row] <= capacity
+        group = int(np.argmax(np.where(fits, similarity, -np.inf))) if fits.any() else int(np.argmin(loads))
+        groups[row] = group
+        loads[group] += weights[row]
+        sums[group] += vectors[row]
     return groups
 
 

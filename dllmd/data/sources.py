@@ -50,8 +50,9 @@ class Skipped:
     where: str
     """A path relative to the root, or ``NAME:LINE`` in a JSONL or text file."""
     kind: str
-    """binary, not-utf8, too-large, empty, unreadable, not-regular (a link, a device ...),
-    invalid-json, missing-field, bad-field (not a string, or a record that is no object), duplicate-id."""
+    """binary, not-utf8, too-large, empty, unreadable, vanished (removed while being read), not-regular
+    (a link, a device ...), invalid-json, missing-field, bad-field (not a string, or a record that is
+    no object), duplicate-id."""
     reason: str
     """A sentence for the user: what is wrong and what to do."""
 
@@ -215,6 +216,11 @@ def _read_file(path: Path, rel: str, limit: int) -> Sample | Skipped:
             return Skipped(rel, "too-large", f"{_size(info.st_size)}, over the {_size(limit)} sample limit; "
                                              "exclude it or raise the limit")
         data = path.read_bytes()
+    except FileNotFoundError:
+        # Listed by the walk, gone when read: removed meanwhile. It is treated as removed (an update
+        # takes its pieces off the nodes), so say so rather than call it unreadable.
+        return Skipped(rel, "vanished", "removed while shard-data was reading the source; it counts as removed "
+                                        "(run shard-data again if it comes back)")
     except OSError as exc:
         return Skipped(rel, "unreadable", f"cannot read it: {exc.strerror}")
     if b"\0" in data[:BINARY_SNIFF_BYTES]:

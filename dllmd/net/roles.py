@@ -36,7 +36,8 @@ _GROUPS: dict[frozenset[Role], tuple[str, ...]] = {
     # a debugging tool: a client could make the node hold and send whatever it sends.
     frozenset({A}): ("echo", "keys.list", "keys.authorize", "keys.revoke", "peers.ping",
                      "model.offer", "model.put", "model.remove", "span.load", "span.unload", "group.connect",
-                     "data.stage", "data.put", "data.commit", "data.abort", "data.list", "data.remove", "data.local",
+                     "data.stage", "data.stage_patch", "data.put", "data.commit", "data.abort", "data.list",
+                     "data.describe", "data.remove", "data.local",
                      "jobs.submit", "jobs.stop", "jobs.resume", "checkpoints.read",
                      "ring.open", "ring.form", "ring.run", "ring.close"),
     # A job's coordinator and its workers, within the owner's cluster.
