@@ -26,7 +26,7 @@ from dllmd.net.schema import Op
 from dllmd.net.wire import PROTOCOL_VERSION, decode_reply
 
 # The suite's share; DLLM_HOSTILE_FRAMES=10000 (or more) for the full run.
-FRAMES = int(os.environ.get("DLLM_HOSTILE_FRAMES", "2000"))
+FRAMES = int(os.environ.get("DLLM_HOSTILE_FRAMES", "5000"))
 # Operations whose admin handler acts on the machine outside the daemon's home with what it is given
 # (reads a path, dials endpoints, binds sockets); their refusals of hostile arguments are tested where
 # they are built (tests/test_roles.py, tests/test_shard_data_cli.py, tests/test_peer_links.py).
