@@ -89,6 +89,18 @@ def train_command(
     dp_epsilon_budget: Annotated[float, typer.Option(help="DP: end the job (done, with a checkpoint) before a "
                                                           "step or round would spend more epsilon than this (0: no "
                                                           "budget).")] = 0.0,
+    sync_every: Annotated[int, typer.Option(min=0, max=1_000_000, help="DiLoCo: each node takes this many AdamW "
+                                                                       "steps on its own rows, then the nodes average "
+                                                                       "how far they moved (0: sync every step).")] = 0,
+    outer_lr: Annotated[float, typer.Option(help="DiLoCo: the outer Nesterov step's learning rate.")] = 0.7,
+    outer_momentum: Annotated[float, typer.Option(help="DiLoCo: the outer step's momentum.")] = 0.9,
+    compress: Annotated[str, typer.Option(help="What the all-reduce sends: none, fp16, int8 (blockwise) or "
+                                               "powersgd:RANK, with error feedback (every step's gradient, or "
+                                               "DiLoCo's pseudo-gradient).")] = "none",
+    overlap: Annotated[bool, typer.Option("--overlap", help="All-reduce gradient buckets during the last "
+                                                             "micro-batch's backward (uncompressed, zmq ring).")] = False,
+    overlap_bucket_mb: Annotated[float, typer.Option(min=0.001, max=16384.0, help="--overlap: gradient MB per "
+                                                                                  "bucket.")] = 25.0,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
     as_json: JsonOpt = False,
@@ -136,7 +148,9 @@ def train_command(
                         warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay,
                         checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, plaintext=plaintext, backend=backend,
                         dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
-                        dp_epsilon_budget=dp_epsilon_budget, **pipeline)
+                        dp_epsilon_budget=dp_epsilon_budget, sync_every=sync_every, outer_lr=outer_lr,
+                        outer_momentum=outer_momentum, compress=compress, overlap=overlap,
+                        overlap_bucket_bytes=max(1024, int(overlap_bucket_mb * 2**20)), **pipeline)
     except TrainError as exc:
         fail(str(exc))
     try:
@@ -367,12 +381,20 @@ def metrics_command(
         return
     pipeline = bool(rows) and "bubble" in rows[0]
     private = bool(rows) and "epsilon" in rows[0]
-    columns = ["step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s"]
+    sent = bool(rows) and "bytes_sent" in rows[0]
+    outer = bool(rows) and "inner_steps" in rows[0]
+    columns = ["outer step" if outer else "step", "loss", "lr", "pseudo-grad norm" if outer else "grad norm",
+               "tokens/s", "step s", "compute s", "comm s"]
+    columns += (["exposed s", "sent"] if sent else []) + (["inner steps"] if outer else [])
     columns += (["bubble", "between stages"] if pipeline else []) + (["rows", "epsilon"] if private else [])
     table = Table(*columns)
     for row in rows:
         cells = [str(row["step"]), _number(row["loss"], ".4f"), f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
                  f"{row['tokens_per_s']:.0f}", f"{row['step_s']:.3f}", f"{row['compute_s']:.3f}", f"{row['comm_s']:.3f}"]
+        if sent:
+            cells += [f"{row['comm_exposed_s']:.3f}", human_bytes(row["bytes_sent"])]
+        if outer:
+            cells.append(str(row["inner_steps"]))
         if pipeline:
             cells += [f"{row['bubble']:.0%}", human_bytes(row["bytes_between_stages"])]
         if private:
@@ -402,9 +424,11 @@ def _print_metric(row: dict) -> None:
         out.print(f"round {row['step']}: global loss {_number(row['loss'], '.4f')} ({clients}); "
                   f"{_number(row['tokens_per_s'], '.0f')} tok/s{epsilon}")
         return
-    out.print(f"step {row['step']}: loss {_number(row['loss'], '.4f')} lr {row['lr']:.2e} grad norm "
+    sent = f", {human_bytes(row['bytes_sent'])} sent" if "bytes_sent" in row else ""
+    kind = f"outer step {row['step']} ({row['inner_steps']} inner)" if "inner_steps" in row else f"step {row['step']}"
+    out.print(f"{kind}: loss {_number(row['loss'], '.4f')} lr {row['lr']:.2e} grad norm "
               f"{row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s (compute {row['compute_s']:.2f} s, comm "
-              f"{row['comm_s']:.2f} s{epsilon})")
+              f"{row['comm_s']:.2f} s{sent}{epsilon})")
 
 
 def _number(value: float | None, spec: str) -> str:

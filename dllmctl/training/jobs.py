@@ -17,6 +17,7 @@ from dllmd.net.messages import training as S
 from dllmd.net.messages.node import PING
 from dllmd.net.schema import Op, parse_args, parse_reply, to_wire
 from dllmd.net.wire import WireError
+from dllmd.train.lowcomm import LowCommError, LowCommSettings
 from dllmd.train.privacy.settings import PrivacyError, PrivacySettings
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.models.deploy import Progress, ship_files
@@ -160,7 +161,8 @@ def federated_dataset(name: str, model: str) -> dict:
 
 def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
     """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards.
-    Differential privacy settings are checked here too, so nothing is shipped for a job that is refused."""
+    Differential privacy and communication settings (DiLoCo, compression, overlap) are checked here
+    too, so nothing is shipped for a job that is refused."""
     by_name = {n.name: n for n in nodes}
     shards = []
     for row in dataset["nodes"]:
@@ -176,8 +178,10 @@ def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.
     spec = S.JobSpec(model=model, dataset=dataset["dataset"],
                      nodes=[S.NodeRef(n.name, n.address, n.public_key) for n in nodes], shards=shards, **options)
     try:
-        PrivacySettings.of(spec).check(spec.parallelism, spec.dtype)
-    except PrivacyError as exc:
+        private = PrivacySettings.of(spec)
+        private.check(spec.parallelism, spec.dtype)
+        LowCommSettings.of(spec).check(spec.parallelism, spec.backend, private.enabled)
+    except (PrivacyError, LowCommError) as exc:
         raise TrainError(str(exc)) from None
     return spec
 

@@ -32,9 +32,11 @@ from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
 from dllmd.net.messages import training as S
 from dllmd.train.checkpoint import CheckpointError, Checkpoints
+from dllmd.train.diloco.run import DiLoCoRun, outer_steps
 from dllmd.train.federated.run import FederatedRun, federation_status, prepare_federated, release_clients
 from dllmd.train.federated.weights import GlobalModel
 from dllmd.train.jobs import JobError, JobFailed, JobInterrupted, JobStore
+from dllmd.train.lowcomm import LowCommError, LowCommSettings
 from dllmd.train.pipeline.parts import PartCheckpoints
 from dllmd.train.pipeline.run import PipelineRun
 from dllmd.train.privacy.job import JobPrivacy
@@ -122,9 +124,11 @@ class Coordinator:
         if spec.parallelism not in S.PARALLELISMS_BUILT:
             raise JobError(f"parallelism must be one of {', '.join(S.PARALLELISMS_BUILT)}, not {spec.parallelism!r}")
         self._validate_privacy(spec)
+        lowcomm = self._validate_lowcomm(spec)
         if spec.parallelism != "data":
             self._validate_pipeline(spec)
-        return schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
+        total = schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
+        return outer_steps(total, lowcomm.sync_every) if lowcomm.diloco else total
 
     def _validate_federated(self, spec: S.JobSpec) -> int:
         """Rounds that can run; every client's key authorized here (no outbound call to a stranger)."""
@@ -139,6 +143,7 @@ class Coordinator:
             raise JobError(f"--clients-per-round {per_round} is more than the job's {len(spec.nodes)} nodes")
         if spec.min_clients > per_round:
             raise JobError(f"--min-clients {spec.min_clients} is more than the {per_round} clients of a round")
+        self._validate_lowcomm(spec)
         if spec.secure_aggregation and (per_round < 3 or not (spec.update_clip or spec.dp_clip)):
             raise JobError("--secure-aggregation needs at least 3 clients a round (with two, each would learn the "
                            "other's update from the sum) and --update-clip (it bounds the fixed-point range)")
@@ -151,6 +156,16 @@ class Coordinator:
             raise JobError(f"node(s) {', '.join(strangers)} are not authorized on the coordinator "
                            f"{self.service.config.name}: authorize their keys (role peer or federation) first")
         return spec.rounds
+
+    @staticmethod
+    def _validate_lowcomm(spec: S.JobSpec) -> LowCommSettings:
+        """DiLoCo, compression and overlap only where they are built (``dllmd.train.lowcomm`` says why)."""
+        try:
+            settings = LowCommSettings.of(spec)
+            settings.check(spec.parallelism, spec.backend, PrivacySettings.of(spec).enabled)
+        except LowCommError as exc:
+            raise JobError(str(exc)) from None
+        return settings
 
     @staticmethod
     def _validate_privacy(spec: S.JobSpec) -> None:
@@ -305,6 +320,9 @@ class Coordinator:
         privacy = JobPrivacy.of(spec)
         if privacy:
             args["privacy"] = to_wire(privacy.plan())
+        lowcomm = LowCommSettings.of(spec)
+        if lowcomm.enabled:
+            args["comm"] = to_wire(lowcomm.plan(spec.seed))
         results = await asyncio.gather(*(self.service.call(n, "train.prepare", {**args, "stage": _stage(spec, i)},
                                                            timeout=PREPARE_TIMEOUT_S)
                                          for i, n in enumerate(nodes)), return_exceptions=True)
@@ -329,7 +347,7 @@ class Coordinator:
         await asyncio.gather(*(one(n) for n in nodes))
 
     async def _run(self, job: str, spec: S.JobSpec, resume_from: int | None) -> None:
-        runs = {"data": DataParallelRun, "federated": FederatedRun}
+        runs = {"data": DiLoCoRun if spec.sync_every else DataParallelRun, "federated": FederatedRun}
         run = runs.get(spec.parallelism, PipelineRun)(self, job, spec)
         try:
             await run.execute(resume_from)
