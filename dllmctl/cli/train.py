@@ -101,6 +101,9 @@ def train_command(
                                                              "micro-batch's backward (uncompressed, zmq ring).")] = False,
     overlap_bucket_mb: Annotated[float, typer.Option(min=0.001, max=16384.0, help="--overlap: gradient MB per "
                                                                                   "bucket.")] = 25.0,
+    eval_text: Annotated[Optional[Path], typer.Option(help="A held-out UTF-8 text whose loss the job scores at "
+                                                           "every checkpoint and at the end (metrics: heldout_loss).",
+                                                      exists=True, dir_okay=False, readable=True)] = None,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
     as_json: JsonOpt = False,
@@ -135,6 +138,7 @@ def train_command(
     except ValueError:
         fail(f"--stage-layers takes layer counts separated by commas, e.g. 3,2; got {stage_layers!r}")
     user = load_user()
+    heldout = _heldout_tokens(directory, eval_text) if eval_text is not None else {}
     try:
         if parallelism == "federated":
             pipeline = federated_options(targets, rounds, local_steps, clients_per_round, min_clients, round_timeout,
@@ -150,7 +154,7 @@ def train_command(
                         dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
                         dp_epsilon_budget=dp_epsilon_budget, sync_every=sync_every, outer_lr=outer_lr,
                         outer_momentum=outer_momentum, compress=compress, overlap=overlap,
-                        overlap_bucket_bytes=max(1024, int(overlap_bucket_mb * 2**20)), **pipeline)
+                        overlap_bucket_bytes=max(1024, int(overlap_bucket_mb * 2**20)), **heldout, **pipeline)
     except TrainError as exc:
         fail(str(exc))
     try:
@@ -169,6 +173,16 @@ def train_command(
     final = _follow(user, targets[0], result["job"], as_json)
     if as_json:
         print_json(final)
+
+
+def _heldout_tokens(model_dir: Path, text: Path) -> dict:
+    """The JobSpec fields of a held-out text: its first token ids and the window they are scored in."""
+    from dllmctl.training.jobs import TrainError, heldout_fields
+
+    try:
+        return heldout_fields(model_dir, text.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, TrainError) as exc:
+        fail(f"cannot use {text} as the held-out text: {exc}")
 
 
 def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
@@ -244,6 +258,8 @@ def _print_job(shown: dict) -> None:
     if last:
         out.print(f"last step {last['step']}: loss {_number(last['loss'], '.4f')}, {last['tokens_per_s']:.0f} "
                   f"tokens/s, compute {last['compute_s']:.2f} s, communication {last['comm_s']:.2f} s")
+        if "heldout_loss" in last:
+            out.print(f"held-out loss {last['heldout_loss']:.4f}")
         if "bubble" in last:
             out.print(f"pipeline bubble {last['bubble']:.0%} (theory {last['bubble_theoretical']:.0%} for this "
                       f"schedule's micro-batches), {human_bytes(last['bytes_between_stages'])} between stages")
@@ -385,7 +401,9 @@ def metrics_command(
     outer = bool(rows) and "inner_steps" in rows[0]
     columns = ["outer step" if outer else "step", "loss", "lr", "pseudo-grad norm" if outer else "grad norm",
                "tokens/s", "step s", "compute s", "comm s"]
+    heldout = any("heldout_loss" in row for row in rows)
     columns += (["exposed s", "sent"] if sent else []) + (["inner steps"] if outer else [])
+    columns += ["held-out loss"] if heldout else []
     columns += (["bubble", "between stages"] if pipeline else []) + (["rows", "epsilon"] if private else [])
     table = Table(*columns)
     for row in rows:
@@ -395,6 +413,8 @@ def metrics_command(
             cells += [f"{row['comm_exposed_s']:.3f}", human_bytes(row["bytes_sent"])]
         if outer:
             cells.append(str(row["inner_steps"]))
+        if heldout:
+            cells.append(_number(row.get("heldout_loss"), ".4f"))
         if pipeline:
             cells += [f"{row['bubble']:.0%}", human_bytes(row["bytes_between_stages"])]
         if private:

@@ -159,6 +159,22 @@ def federated_dataset(name: str, model: str) -> dict:
     return {"dataset": name, "model": model, "nodes": []}
 
 
+MAX_HELDOUT_TOKENS = 65536  # JobSpec.eval_tokens' bound
+HELDOUT_WINDOW = 256
+
+
+def heldout_fields(model_dir: Path, text: str) -> dict:
+    """The :class:`JobSpec` fields of a held-out text: its first token ids (by the model's tokenizer)
+    and the window they are scored in (at most the model's positions)."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"][:MAX_HELDOUT_TOKENS]
+    if len(ids) < 2:
+        raise TrainError("it holds fewer than 2 tokens")
+    positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", HELDOUT_WINDOW)
+    return {"eval_tokens": ids, "eval_window": min(HELDOUT_WINDOW, int(positions))}
+
+
 def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
     """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards.
     Differential privacy and communication settings (DiLoCo, compression, overlap) are checked here

@@ -46,6 +46,7 @@ from dllmd.train.run import PREPARE_TIMEOUT_S, DataParallelRun
 log = logging.getLogger("dllmd.coordinator")
 
 PING_TIMEOUT_S = 3.0
+HIDDEN_SPEC = ("dp_seed", "eval_tokens")  # not shown by jobs.show: a secret, and a held-out text's token ids
 
 
 class Coordinator:
@@ -127,6 +128,8 @@ class Coordinator:
         lowcomm = self._validate_lowcomm(spec)
         if spec.parallelism != "data":
             self._validate_pipeline(spec)
+        if spec.eval_tokens:
+            self._validate_heldout(spec)
         total = schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
         return outer_steps(total, lowcomm.sync_every) if lowcomm.diloco else total
 
@@ -156,6 +159,23 @@ class Coordinator:
             raise JobError(f"node(s) {', '.join(strangers)} are not authorized on the coordinator "
                            f"{self.service.config.name}: authorize their keys (role peer or federation) first")
         return spec.rounds
+
+    def _validate_heldout(self, spec: S.JobSpec) -> None:
+        """A held-out text the coordinator's whole replica can score: token ids of the model's vocabulary."""
+        if spec.parallelism != "data":
+            raise JobError(f"--eval-text is scored on the coordinator's whole replica: built for --parallelism data, "
+                           f"not {spec.parallelism}")
+        if len(spec.eval_tokens) < 2:
+            raise JobError("the held-out text must hold at least 2 tokens to score one")
+        try:
+            config = json.loads(self.service.models.config_path(spec.model).read_text())
+        except FileNotFoundError:
+            raise JobError(f"model {spec.model!r} has not been sent to the coordinator") from None
+        vocab = int(config["vocab_size"])
+        if not all(0 <= t < vocab for t in spec.eval_tokens):
+            raise JobError(f"the held-out text must be token ids of {spec.model}'s vocabulary (0-{vocab - 1})")
+        if not 1 < spec.eval_window <= int(config.get("max_position_embeddings", spec.eval_window)):
+            raise JobError(f"--eval-window {spec.eval_window} is more than {spec.model}'s positions")
 
     @staticmethod
     def _validate_lowcomm(spec: S.JobSpec) -> LowCommSettings:
@@ -227,7 +247,7 @@ class Coordinator:
         store = self.checkpoints(a.job)
         spec = _spec(job["spec"])
         privacy = JobPrivacy.of(spec)
-        return S.JobDetail(**_summary(job), spec={k: v for k, v in job["spec"].items() if k != "dp_seed"},
+        return S.JobDetail(**_summary(job), spec={k: v for k, v in job["spec"].items() if k not in HIDDEN_SPEC},
                            events=[S.Event(**e) for e in self.store.events(a.job)],
                            last_metrics=last[-1] if last else None,
                            checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()],

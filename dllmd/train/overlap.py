@@ -58,7 +58,7 @@ def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[Bucket]:
 @dataclass
 class OverlapStats:
     compute_s: float
-    comm_s: float  # from the first bucket's all-reduce to the last one's end
+    comm_s: float  # from the first bucket's all-reduce (or the backward's end, if later) to the last one's end
     exposed_s: float  # from the end of the backward to the last one's end
     bytes_sent: int
 
@@ -151,7 +151,7 @@ class OverlappedBackward:
             for task in current.tasks:
                 task.cancel()
         finished = max(t for _, t in done)
-        first = current.first_launch or computed
+        first = min(current.first_launch or computed, computed)  # a launch the loop ran late still waited
         return flat, OverlapStats(compute_s=computed - started, comm_s=finished - first,
                                   exposed_s=max(0.0, finished - computed), bytes_sent=sum(s for s, _ in done))
 

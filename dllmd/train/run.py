@@ -16,6 +16,7 @@ import time
 import torch
 
 from dllmd.failpoints import failpoint
+from dllmd.inference.perplexity import heldout_nll
 from dllmd.net.messages import training as S
 from dllmd.net.schema import to_wire
 from dllmd.train import schedule
@@ -79,6 +80,9 @@ class JobRun:
             metrics = self.step_metrics(step, lr, results, time.perf_counter() - started)
             if self.privacy:
                 metrics.update(self.privacy.metrics(step + 1))
+            if self.spec.eval_tokens and (step + 1 == self.total or (self.spec.checkpoint_every and
+                                                                      (step + 1) % self.spec.checkpoint_every == 0)):
+                metrics["heldout_loss"] = await self.heldout_loss()
             self.store.record_step(self.job, step, metrics)
             step += 1
             if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and step < self.total:
@@ -146,6 +150,10 @@ class JobRun:
         raise NotImplementedError
 
     async def load_checkpoint(self, step: int) -> int:
+        raise NotImplementedError
+
+    async def heldout_loss(self) -> float:
+        """The held-out text's mean token loss under the current weights (``JobSpec.eval_tokens``)."""
         raise NotImplementedError
 
     def cursor(self, step: int) -> dict:
@@ -275,6 +283,11 @@ class DataParallelRun(JobRun):
                  "owners": {shard_node(self.spec, s): self.node(o).name for s, o in self.owner.items()}}
         described = await asyncio.to_thread(self.c.checkpoints(self.job).write, step, tensors, config, state)
         self.store.event(self.job, "checkpoint", f"step {step} ({described['bytes']} bytes)")
+
+    async def heldout_loss(self) -> float:
+        model = self.c.service.workers[self.job].model  # the coordinator's replica: the weights every one holds
+        window = self.spec.eval_window
+        return await asyncio.to_thread(heldout_nll, model, self.spec.eval_tokens, window, max(1, window // 2))
 
     async def local_state(self, node: S.NodeRef) -> tuple[dict[str, torch.Tensor], int]:
         """A worker's own state tensors (``local.*``) and its optimizer's step count."""

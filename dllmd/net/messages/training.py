@@ -91,6 +91,10 @@ class JobSpec:
     compress: str = bounded("none", max_len=24)  # none, fp16, int8 or powersgd:RANK
     overlap: bool = False  # all-reduce gradient buckets during the last micro-batch's backward
     overlap_bucket_bytes: int = bounded(25 * 2**20, lo=1024, hi=2**34)
+    # A held-out text's token ids, scored on the coordinator's replica at every checkpoint and at the end:
+    # the metrics' heldout_loss (data parallelism; dllmd.inference.perplexity, windows of eval_window).
+    eval_tokens: list[int] = bounded([], max_len=65536)
+    eval_window: int = bounded(256, lo=2, hi=512)
 
 
 @dataclass
