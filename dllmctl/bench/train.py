@@ -71,7 +71,7 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int, steps: int, bat
             spec = job_spec(model, dataset, entries, batch_size=batch_size, micro_batch_size=micro_batch_size,
                             epochs=0, max_steps=steps, lr=lr, checkpoint_every=0, **pipeline)
             job = asyncio.run(submit(user, entries, model_dir, spec))["job"]
-            metrics = _wait(user, entries[0], job)
+            metrics = wait_done(user, entries[0], job)
             rss = {n.name: peak_rss(n.pid) for n in started}  # the daemons' high-water marks, still running
             shards = {}
             for node in started:
@@ -161,7 +161,8 @@ def reset_peak_rss() -> None:
         pass
 
 
-def _wait(user: Identity, coordinator: NodeEntry, job: str) -> list[dict]:
+def wait_done(user: Identity, coordinator: NodeEntry, job: str) -> list[dict]:
+    """A job's metrics once it is done (RuntimeError with its error if it failed or was interrupted)."""
     while True:
         status = asyncio.run(job_call(user, coordinator, S.JOBS_METRICS, {"job": job}))
         if status["state"] in ("failed", "interrupted"):
