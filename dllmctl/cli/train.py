@@ -370,10 +370,12 @@ def metrics_command(
             if follow:
                 for row in fresh:
                     print(json.dumps(row), flush=True) if as_json else _print_metric(row)
+                if status["more"]:
+                    continue
                 if status["state"] not in ("running", "stopping", "queued"):
                     break
                 time.sleep(FOLLOW_POLL_S)
-            elif len(fresh) < 1000:
+            elif not status["more"]:
                 break
     except KeyboardInterrupt:
         raise typer.Exit(0)

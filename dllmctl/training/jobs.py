@@ -159,7 +159,7 @@ def federated_dataset(name: str, model: str) -> dict:
     return {"dataset": name, "model": model, "nodes": []}
 
 
-MAX_HELDOUT_TOKENS = 65536  # JobSpec.eval_tokens' bound
+MAX_HELDOUT_TOKENS = 12288  # JobSpec.eval_tokens' bound: the spec travels in one message header
 HELDOUT_WINDOW = 256
 
 
@@ -272,6 +272,17 @@ async def job_call(user: Identity, node: NodeEntry, op: Op, args: dict, timeout:
     checked against the op's reply type, as the map the CLI prints and the MCP views show."""
     async with RpcClient(user, node.address, node.public_key) as client:
         return await _typed_call(client, op, args, timeout)
+
+
+async def job_metrics(user: Identity, node: NodeEntry, job: str, after_step: int = -1) -> dict:
+    """A job's metrics reply with every row after ``after_step``, however many replies they take."""
+    rows = []
+    while True:
+        page = await job_call(user, node, S.JOBS_METRICS, {"job": job, "after_step": after_step})
+        rows += page["metrics"]
+        if not page["more"] or not page["metrics"]:
+            return {**page, "metrics": rows, "more": False}
+        after_step = rows[-1]["step"]
 
 
 async def _typed_call(client: RpcClient, op: Op, args: dict, timeout: float) -> dict:

@@ -16,10 +16,9 @@ import time
 import torch
 
 from dllmd.failpoints import failpoint
-from dllmd.inference.perplexity import heldout_nll
 from dllmd.net.messages import training as S
 from dllmd.net.schema import to_wire
-from dllmd.train import schedule
+from dllmd.train import heldout, schedule
 from dllmd.train.jobs import JobFailed
 from dllmd.train.privacy.job import JobPrivacy
 
@@ -286,8 +285,7 @@ class DataParallelRun(JobRun):
 
     async def heldout_loss(self) -> float:
         model = self.c.service.workers[self.job].model  # the coordinator's replica: the weights every one holds
-        window = self.spec.eval_window
-        return await asyncio.to_thread(heldout_nll, model, self.spec.eval_tokens, window, max(1, window // 2))
+        return await asyncio.to_thread(heldout.score, model, self.spec)
 
     async def local_state(self, node: S.NodeRef) -> tuple[dict[str, torch.Tensor], int]:
         """A worker's own state tensors (``local.*``) and its optimizer's step count."""

@@ -93,7 +93,7 @@ class JobSpec:
     overlap_bucket_bytes: int = bounded(25 * 2**20, lo=1024, hi=2**34)
     # A held-out text's token ids, scored on the coordinator's replica at every checkpoint and at the end:
     # the metrics' heldout_loss (data parallelism; dllmd.inference.perplexity, windows of eval_window).
-    eval_tokens: list[int] = bounded([], max_len=65536)
+    eval_tokens: list[int] = bounded([], max_len=12288)  # msgpack: up to 3 bytes each, in a 64 KiB header
     eval_window: int = bounded(256, lo=2, hi=512)
 
 
@@ -529,6 +529,7 @@ class Metrics:
     metrics: list[dict]  # one row per step: loss, lr, grad_norm, tokens_per_s, step_s, compute_s, comm_s,
     # comm_exposed_s, bytes_sent, nodes (DP jobs also epsilon and delta; DiLoCo jobs: a row per outer
     # step, with inner_steps)
+    more: bool = False  # rows after these did not fit one reply: ask again after the last step here
 
 
 @dataclass
