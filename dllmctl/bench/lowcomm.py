@@ -54,9 +54,10 @@ class Mode:
     compress: str
     overlap: bool
 
-    def options(self) -> dict:
-        """The mode's :class:`JobSpec` fields."""
-        return {"sync_every": self.sync_every, "compress": self.compress, "overlap": self.overlap}
+    def options(self, outer_lr: float, outer_momentum: float) -> dict:
+        """The mode's :class:`JobSpec` fields (the outer step's only for DiLoCo: refused elsewhere)."""
+        outer = {"outer_lr": outer_lr, "outer_momentum": outer_momentum} if self.sync_every else {}
+        return {"sync_every": self.sync_every, "compress": self.compress, "overlap": self.overlap, **outer}
 
 
 def parse_modes(text: str, sync_every: int, compress: str) -> list[Mode]:
@@ -118,8 +119,8 @@ def run(user: Identity, model: str, model_dir: Path, modes: list[Mode], nodes: i
     source = source or stdlib_source()
     heldout = heldout_fields(model_dir, heldout_text(source))
     common = {"batch_size": batch_size, "micro_batch_size": micro_batch_size, "epochs": 0, "lr": lr,
-              "warmup_steps": warmup_steps, "checkpoint_every": 0, "outer_lr": outer_lr,
-              "outer_momentum": outer_momentum}
+              "warmup_steps": warmup_steps, "checkpoint_every": 0}
+    outer = (outer_lr, outer_momentum)
     ports = free_ports(nodes)
     results = []
     with tempfile.TemporaryDirectory(prefix="dllm-bench-lowcomm-") as tmp:
@@ -135,13 +136,14 @@ def run(user: Identity, model: str, model_dir: Path, modes: list[Mode], nodes: i
             with wan_links(entries, ports, wan_delay_ms, wan_mbit) as proxied:
                 for mode in modes:
                     progress(f"{mode.name}: {steps} steps")
-                    spec = job_spec(model, dataset, entries, max_steps=steps, **common, **mode.options(), **heldout)
+                    spec = job_spec(model, dataset, entries, max_steps=steps, **common, **mode.options(*outer),
+                                    **heldout)
                     metrics = _job(user, entries, model_dir, spec)
                     wan = None
                     if wan_steps:
                         inner = _wan_steps(mode, wan_steps)
                         progress(f"{mode.name}: {inner} steps through {wan_mbit:g} Mbit/s, {wan_delay_ms:g} ms links")
-                        wan = _wan(user, proxied, model_dir, model, dataset, inner, common, mode)
+                        wan = _wan(user, proxied, model_dir, model, dataset, inner, common, mode.options(*outer))
                     results.append(_figures(mode, metrics, wan))
         finally:
             local_cluster.down(Path(tmp), registry)
@@ -185,9 +187,9 @@ def wan_links(entries: list[NodeEntry], ring_ports: list[int], delay_ms: float, 
 
 
 def _wan(user: Identity, proxied: list[NodeEntry], model_dir: Path, model: str, dataset: dict, steps: int,
-         common: dict, mode: Mode) -> dict:
+         common: dict, options: dict) -> dict:
     """The same job, ``steps`` steps, with every link through a proxy: timed."""
-    spec = job_spec(model, dataset, proxied, max_steps=steps, **common, **mode.options())
+    spec = job_spec(model, dataset, proxied, max_steps=steps, **common, **options)
     metrics = _job(user, proxied, model_dir, spec)
     seconds = sum(m["step_s"] for m in metrics)
     tokens = sum(m["tokens"] for m in metrics)

@@ -140,14 +140,14 @@ class OverlappedBackward:
                 self._armed = None
             return time.perf_counter()
 
-        computed = await asyncio.to_thread(backward)
-        for param in self.params:  # a parameter no loss reached leaves its gradient zero (and any stale one dropped)
-            param.grad = None
-        for bucket in range(len(self.buckets)):  # those no hook completed (no rows here, or unused parameters)
-            self._start(current, bucket)
         try:
+            computed = await asyncio.to_thread(backward)
+            for param in self.params:  # a parameter no loss reached leaves its gradient zero (a stale one dropped)
+                param.grad = None
+            for bucket in range(len(self.buckets)):  # those no hook completed (no rows here, or unused parameters)
+                self._start(current, bucket)
             done = await asyncio.gather(*current.tasks)
-        finally:
+        finally:  # a failed backward or bucket: the others' all-reduces stop too
             for task in current.tasks:
                 task.cancel()
         finished = max(t for _, t in done)

@@ -4,7 +4,8 @@
 everywhere only when every part computed the step; metrics; checkpoints every K steps, on stop and
 at the end) and the cleanup of a failed step (ping everyone, reset the survivors, then drop the dead
 or form the collectives again and retry). :class:`DataParallelRun` is data parallelism (a replica per
-node, one ring); :class:`dllmd.train.pipeline.run.PipelineRun` pipelines and hybrids.
+node, one ring); :class:`dllmd.train.diloco.run.DiLoCoRun` its DiLoCo form (outer steps of local inner
+steps); :class:`dllmd.train.pipeline.run.PipelineRun` pipelines and hybrids.
 """
 
 from __future__ import annotations

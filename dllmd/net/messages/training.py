@@ -231,6 +231,11 @@ class Synced:
 
 
 @dataclass
+class OuterApplied:
+    step: int  # the outer step every worker now continues from
+
+
+@dataclass
 class LinksArgs:
     """A stage's neighbours in its pipeline (None at the ends), and for a model with tied embeddings,
     the two-member ring of its replica's first and last stage that sums their embedding gradients."""
@@ -559,7 +564,7 @@ TRAIN_LOAD_STATE = Op("train.load_state", LoadStateArgs, dict)
 TRAIN_RELEASE = Op("train.release", JobArgs, dict)
 TRAIN_INNER = Op("train.inner", InnerStepArgs, InnerStepped)
 TRAIN_SYNC = Op("train.sync", SyncArgs, Synced)
-TRAIN_OUTER = Op("train.outer", SyncArgs, dict)
+TRAIN_OUTER = Op("train.outer", SyncArgs, OuterApplied)
 TRAIN_LINKS = Op("train.links", LinksArgs, dict)
 TRAIN_PIPE = Op("train.pipe", PipeArgs, dict)
 TRAIN_STAGE_STEP = Op("train.stage_step", StageStepArgs, StageStepped)

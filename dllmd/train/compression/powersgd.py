@@ -24,6 +24,7 @@ it sums gradients, and the orthogonalization is the same deterministic arithmeti
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -89,35 +90,47 @@ class PowerSGDReducer(FeedbackReducer):
     async def reduce(self, flat: torch.Tensor, step: int) -> Reduced:
         started = time.perf_counter()
         values, extras = flat[:-2], flat[-2:]
-        x = self.feedback.add_to(values)
-        views = [x[m.offset:m.offset + m.rows * m.cols].view(m.rows, m.cols) for m in self.matrices]
-        qs = [orthogonalize(q.clone()) for q in (self.q or self._first_q())]
-        ps = [view @ q for view, q in zip(views, qs)]
-        side = torch.cat([*(x[o:o + c] for o, c in self.plain), *(p.reshape(-1) for p in ps), extras])
+        views = [values[m.offset:m.offset + m.rows * m.cols].view(m.rows, m.cols) for m in self.matrices]
+
+        def factor_p() -> torch.Tensor:
+            """This worker's P = M Q of every matrix, beside the values sent as they are."""
+            x = self.feedback.add_to(values)
+            qs = [orthogonalize(q.clone()) for q in (self.q or self._first_q())]
+            ps = [view @ q for view, q in zip(views, qs)]
+            return torch.cat([*(x[o:o + c] for o, c in self.plain), *(p.reshape(-1) for p in ps), extras])
+
+        def factor_q() -> tuple[list[torch.Tensor], torch.Tensor]:
+            """The summed P orthogonalized, and this worker's Q = M^T P (its residual kept)."""
+            offset = 0
+            for o, c in self.plain:
+                values[o:o + c].copy_(side[offset:offset + c])
+                offset += c
+            summed_ps = []
+            for m in self.matrices:
+                summed_ps.append(orthogonalize(side[offset:offset + m.rows * m.rank].view(m.rows, m.rank).clone()))
+                offset += m.rows * m.rank
+            local_qs = [view.T @ p for view, p in zip(views, summed_ps)]
+            lost = torch.zeros_like(values)
+            for m, view, p, q in zip(self.matrices, views, summed_ps, local_qs):
+                lost[m.offset:m.offset + m.rows * m.cols].view(m.rows, m.cols).copy_(view - p @ q.T)
+            self.feedback.keep(lost)
+            return summed_ps, torch.cat([q.reshape(-1) for q in local_qs]) if local_qs else torch.zeros(0)
+
+        def decode() -> None:
+            pending, offset = [], 0
+            for m, view, p in zip(self.matrices, views, summed_ps):
+                q = summed_qs[offset:offset + m.cols * m.rank].view(m.cols, m.rank)
+                offset += m.cols * m.rank
+                view.copy_(p @ q.T)
+                pending.append(q.clone())
+            self._pending_q = pending
+            extras.copy_(side[-2:])
+
+        side = await asyncio.to_thread(factor_p)  # the arithmetic runs beside the event loop
         sent = await self.collective.allreduce(side, call_tag(step, 0))
-        offset = 0
-        for o, c in self.plain:
-            x[o:o + c].copy_(side[offset:offset + c])
-            offset += c
-        summed_ps = []
-        for m in self.matrices:
-            summed_ps.append(orthogonalize(side[offset:offset + m.rows * m.rank].view(m.rows, m.rank).clone()))
-            offset += m.rows * m.rank
-        local_qs = [view.T @ p for view, p in zip(views, summed_ps)]
-        lost = torch.zeros_like(x)
-        for m, view, p, q in zip(self.matrices, views, summed_ps, local_qs):
-            lost[m.offset:m.offset + m.rows * m.cols].view(m.rows, m.cols).copy_(view - p @ q.T)
-        self.feedback.keep(lost)
-        summed_qs = torch.cat([q.reshape(-1) for q in local_qs]) if local_qs else torch.zeros(0)
+        summed_ps, summed_qs = await asyncio.to_thread(factor_q)
         sent += await self.collective.allreduce(summed_qs, call_tag(step, 1))
-        pending, offset = [], 0
-        for m, view, p in zip(self.matrices, views, summed_ps):
-            q = summed_qs[offset:offset + m.cols * m.rank].view(m.cols, m.rank)
-            offset += m.cols * m.rank
-            view.copy_(p @ q.T)
-            pending.append(q.clone())
-        self._pending_q = pending
-        extras.copy_(side[-2:])
+        await asyncio.to_thread(decode)
         return Reduced(sent, time.perf_counter() - started)
 
     def commit(self) -> None:

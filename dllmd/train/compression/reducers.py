@@ -25,6 +25,7 @@ in its fixed order, and every worker copies the same reduced chunks: identical r
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -156,12 +157,20 @@ class Fp16Reducer(FeedbackReducer):
     async def reduce(self, flat: torch.Tensor, step: int) -> Reduced:
         started = time.perf_counter()
         values, extras = flat[:-2], flat[-2:]
-        x = self.feedback.add_to(values)
-        side = torch.cat([x.abs().amax().reshape(1) if x.numel() else torch.zeros(1), extras])
+
+        def prepare() -> torch.Tensor:
+            x = self.feedback.add_to(values)
+            return torch.cat([x.abs().amax().reshape(1) if x.numel() else torch.zeros(1), extras])
+
+        def encode() -> tuple[torch.Tensor, float]:
+            scale = _power_of_two_scale(float(side[0]))
+            half = (values * scale).to(torch.float16)
+            self.feedback.keep(values - half.to(torch.float32) / scale)
+            return half, scale
+
+        side = await asyncio.to_thread(prepare)  # the arithmetic runs beside the event loop, as the backward does
         sent = await self.collective.allreduce(side, call_tag(step, 0))
-        scale = _power_of_two_scale(float(side[0]))
-        half = (x * scale).to(torch.float16)
-        self.feedback.keep(x - half.to(torch.float32) / scale)
+        half, scale = await asyncio.to_thread(encode)
         sent += await self.collective.allreduce(half, call_tag(step, 1))
         values.copy_(half.to(torch.float32) / scale)
         extras.copy_(side[1:])
@@ -187,17 +196,28 @@ class Int8Reducer(FeedbackReducer):
     async def reduce(self, flat: torch.Tensor, step: int) -> Reduced:
         started = time.perf_counter()
         values, extras = flat[:-2], flat[-2:]
-        x = self.feedback.add_to(values)
-        count, pad = x.numel(), -x.numel() % self.block
-        padded = torch.cat([x, torch.zeros(pad)]) if pad else x
-        side = torch.cat([block_absmax(padded, self.block), extras])
+        count, pad = values.numel(), -values.numel() % self.block
+
+        def prepare() -> tuple[torch.Tensor, torch.Tensor]:
+            x = self.feedback.add_to(values)
+            padded = torch.cat([x, torch.zeros(pad)]) if pad else x
+            return padded, torch.cat([block_absmax(padded, self.block), extras])
+
+        def encode() -> tuple[torch.Tensor, torch.Tensor]:
+            scales = (side[:-2] / agreed_levels(self.collective.size)).contiguous()
+            quantized, _ = quantize_blockwise(padded, self.block, scales)
+            self.feedback.keep((padded - dequantize_blockwise(quantized, scales))[:count])
+            return quantized, scales
+
+        def decode() -> None:
+            values.copy_(dequantize_blockwise(quantized, scales)[:count])
+            extras.copy_(side[-2:])
+
+        padded, side = await asyncio.to_thread(prepare)
         sent = await self.collective.allreduce(side, call_tag(step, 0))
-        scales = (side[:-2] / agreed_levels(self.collective.size)).contiguous()
-        quantized, _ = quantize_blockwise(padded, self.block, scales)
-        self.feedback.keep((padded - dequantize_blockwise(quantized, scales))[:count])
+        quantized, scales = await asyncio.to_thread(encode)
         sent += await self.collective.allreduce(quantized, call_tag(step, 1))
-        values.copy_(dequantize_blockwise(quantized, scales)[:count])
-        extras.copy_(side[-2:])
+        await asyncio.to_thread(decode)
         return Reduced(sent, time.perf_counter() - started)
 
 

@@ -31,5 +31,5 @@ class DiLoCoOps:
     async def sync(self, a: S.SyncArgs, _tensors) -> S.Synced:
         return await self._worker(a.job).sync(a.step)
 
-    async def outer(self, a: S.SyncArgs, _tensors) -> dict:
+    async def outer(self, a: S.SyncArgs, _tensors) -> S.OuterApplied:
         return await self._worker(a.job).outer_step(a.step)

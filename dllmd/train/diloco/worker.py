@@ -25,7 +25,7 @@ import time
 import torch
 
 from dllmd.failpoints import failpoint
-from dllmd.net.messages.training import InnerStepped, Synced
+from dllmd.net.messages.training import InnerStepped, OuterApplied, Synced
 from dllmd.train.diloco.outer import OuterOptimizer
 from dllmd.train.optim import TrainingState, apply_update, squared_norm
 from dllmd.train.worker import TrainWorker
@@ -76,7 +76,7 @@ class DiLoCoWorker(TrainWorker):
                           pseudo_grad_norm=math.sqrt(squared_norm(flat[:-2])), comm_s=reduced.seconds,
                           bytes_sent=reduced.bytes_sent)
 
-    async def outer_step(self, step: int) -> dict:
+    async def outer_step(self, step: int) -> OuterApplied:
         async with self.lock:
             if self._pending is None or self._pending[0] != step:
                 raise ValueError(f"outer step {step} was not synced here (or was reset); nothing to apply")
@@ -85,7 +85,7 @@ class DiLoCoWorker(TrainWorker):
             await asyncio.to_thread(self.outer.step, list(self.params.values()), flat[:-2])
             self.reducer.commit()
             self.round_tokens, self.round_loss = 0, 0.0
-            return {"step": step}
+            return OuterApplied(step)
 
     async def apply(self, step: int, lr: float) -> dict:
         raise ValueError("a DiLoCo worker applies its inner steps itself and its outer steps with train.outer")
