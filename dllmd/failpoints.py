@@ -15,7 +15,7 @@ reached in a worker thread, never on the event loop). The variable is read once,
 stops the start with an error naming it. Unset, as on every real node, ``failpoint`` is one dict
 lookup that finds nothing.
 
-Points: ``train.step`` (a worker starts computing a step; value: the step), ``train.stage_step``
+Points: ``train.step`` (a worker starts computing a step, or a DiLoCo inner step; value: the step), ``train.stage_step``
 (a pipeline stage starts a step; value: the step), ``fed.train`` (a federated client starts its
 local steps, in its training thread; value: the round) and ``jobs.step`` (a coordinator starts a step of
 a job's loop; value: the step).

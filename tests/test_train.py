@@ -34,14 +34,18 @@ def _corpus(root: Path) -> Path:
     return root
 
 
-def _setup(cluster: Path, tmp_path: Path) -> dict[str, str]:
-    """Import a tiny model, shard the corpus onto 2 and onto 3 nodes; node name -> public key."""
-    _ok(run_cli("dllmctl", "model", "import", str(make_tiny_model("llama", tmp_path / "src")), "--name", "tiny",
-                "--json"))
-    corpus = _corpus(tmp_path / "repo")
-    for name, nodes in (("two", "local-1,local-2"), ("three", "local-1,local-2,local-3")):
+def import_and_shard(root: Path, datasets: dict[str, str]) -> None:
+    """Import the tiny Llama as ``tiny`` and shard the corpus onto each dataset's nodes (name -> nodes)."""
+    _ok(run_cli("dllmctl", "model", "import", str(make_tiny_model("llama", root / "src")), "--name", "tiny", "--json"))
+    corpus = _corpus(root / "repo")
+    for name, nodes in datasets.items():
         _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--strategy", "random", "--seq-len", "32",
                     "--nodes", nodes, "--name", name, "--json"))
+
+
+def _setup(cluster: Path, tmp_path: Path) -> dict[str, str]:
+    """Import a tiny model, shard the corpus onto 2 and onto 3 nodes; node name -> public key."""
+    import_and_shard(tmp_path, {"two": "local-1,local-2", "three": "local-1,local-2,local-3"})
     state = json.loads((cluster / "cluster.json").read_text())["nodes"]
     return {n["name"]: n["public_key"] for n in state}
 

@@ -26,7 +26,7 @@ from dllmctl.bench.shard import stdlib_source
 from dllmctl.cluster import local as local_cluster
 from dllmctl.cluster.registry import NodeEntry, Registry
 from dllmctl.data.sharding import ShardRequest, shard_and_push
-from dllmctl.training.jobs import job_call, job_spec, pipeline_options, submit
+from dllmctl.training.jobs import job_call, job_metrics, job_spec, pipeline_options, submit
 from dllmd.data.shards import read_shard
 from dllmd.models.span import expected_weight_bytes
 from dllmd.net.identity import Identity
@@ -71,7 +71,7 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int, steps: int, bat
             spec = job_spec(model, dataset, entries, batch_size=batch_size, micro_batch_size=micro_batch_size,
                             epochs=0, max_steps=steps, lr=lr, checkpoint_every=0, **pipeline)
             job = asyncio.run(submit(user, entries, model_dir, spec))["job"]
-            metrics = _wait(user, entries[0], job)
+            metrics = wait_done(user, entries[0], job)
             rss = {n.name: peak_rss(n.pid) for n in started}  # the daemons' high-water marks, still running
             shards = {}
             for node in started:
@@ -161,13 +161,13 @@ def reset_peak_rss() -> None:
         pass
 
 
-def _wait(user: Identity, coordinator: NodeEntry, job: str) -> list[dict]:
+def wait_done(user: Identity, coordinator: NodeEntry, job: str) -> list[dict]:
+    """A job's metrics once it is done (RuntimeError with its error if it failed or was interrupted)."""
     while True:
-        status = asyncio.run(job_call(user, coordinator, S.JOBS_METRICS, {"job": job}))
+        status = asyncio.run(job_call(user, coordinator, S.JOBS_SHOW, {"job": job}))
         if status["state"] in ("failed", "interrupted"):
-            shown = asyncio.run(job_call(user, coordinator, S.JOBS_SHOW, {"job": job}))
-            raise RuntimeError(f"the benchmark job {status['state']}: {shown['error']}")
+            raise RuntimeError(f"the benchmark job {status['state']}: {status['error']}")
         if status["state"] == "done":
-            return status["metrics"]
+            return asyncio.run(job_metrics(user, coordinator, job))["metrics"]
         time.sleep(POLL_S)
 

@@ -378,7 +378,8 @@ def allreduce(
 def train(
     model: Annotated[str, typer.Option("--model", "-m", help="A model in the local store.")],
     nodes: Annotated[int, typer.Option(min=1, max=16, help="Temporary local nodes (data parallelism).")] = 2,
-    steps: Annotated[int, typer.Option(min=2, max=10_000)] = 6,
+    steps: Annotated[Optional[int], typer.Option(min=2, max=100_000, help="Steps (default 6; with --modes, 10 "
+                                                                         "outer steps).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 8,
     micro_batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 2,
     seq_len: Annotated[int, typer.Option(min=16, max=65536)] = 256,
@@ -390,10 +391,29 @@ def train(
     stage_layers: Annotated[Optional[str], typer.Option(help="Layers per stage, e.g. 16,14 (default: planned).")] = None,
     rounds: Annotated[int, typer.Option(min=1, max=10_000, help="Federated: rounds.")] = 5,
     local_steps: Annotated[int, typer.Option(min=1, max=10_000, help="Federated: local steps per round.")] = 4,
+    modes: Annotated[Optional[str], typer.Option(help="Compare ways to communicate, e.g. sync,diloco+int8: sync, "
+                                                      "diloco or overlap, each optionally +none/fp16/int8/"
+                                                      "powersgd:R (data parallelism).")] = None,
+    sync_every: Annotated[int, typer.Option(min=1, max=100_000, help="--modes: DiLoCo's inner steps per outer "
+                                                                      "step.")] = 30,
+    compress: Annotated[str, typer.Option(help="--modes: the compression of modes that name none.")] = "none",
+    lr: Annotated[Optional[float], typer.Option(min=0.0, max=10.0, help="Learning rate (default 1e-5; 1e-3 "
+                                                                         "with --modes).")] = None,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="--modes: linear warmup steps.")] = 0,
+    outer_lr: Annotated[float, typer.Option(min=0.0, max=100.0)] = 0.7,
+    outer_momentum: Annotated[float, typer.Option(min=0.0, max=0.9999)] = 0.9,
+    wan_steps: Annotated[int, typer.Option(min=0, max=10_000, help="--modes: steps of each mode's timed run "
+                                                                    "through WAN proxies (0: none; DiLoCo: whole "
+                                                                    "outer steps).")] = 3,
+    wan_delay_ms: Annotated[float, typer.Option(min=0.0, max=10_000.0, help="One-way delay of each WAN link.")] = 20.0,
+    wan_mbit: Annotated[float, typer.Option(min=0.01, max=100_000.0, help="Each WAN link's rate, each way.")] = 100.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tuning on temporary local nodes (data-parallel, a pipeline or hybrid) vs the same steps in one
-    process; for pipelines also the bubble, the bytes between stages and each stage's training state."""
+    process; for pipelines also the bubble, the bytes between stages and each stage's training state.
+    With --modes: each way of communicating trains the same model on the same tokens; bytes sent,
+    held-out loss, tokens/s, and a timed run through WAN links (targets: DiLoCo with int8 >= 100x fewer
+    bytes than sync, held-out loss within 3%)."""
     from dllmctl.bench import train as train_bench
     from dllmctl.cluster.local import LocalClusterError
     from dllmctl.data.push import PushError
@@ -410,6 +430,12 @@ def train(
         fail(str(exc))
     except ValueError:
         fail(f"--stage-layers takes layer counts separated by commas, e.g. 16,14; got {stage_layers!r}")
+    if modes is not None:
+        _train_modes(model, nodes, steps, batch_size, micro_batch_size, seq_len, source, parallelism, modes,
+                     sync_every, compress, lr, warmup_steps, outer_lr, outer_momentum, wan_steps, wan_delay_ms,
+                     wan_mbit, as_json)
+        return
+    steps = steps or 6
     if parallelism == "model":
         pp = pp or 2
     directory, _ = local_model(model)
@@ -421,8 +447,8 @@ def train(
     try:
         with err.status(f"training {steps} steps on {count} temporary node(s), then in one process..."):
             report = train_bench.run(load_user(), model, directory, nodes, steps, batch_size, micro_batch_size,
-                                     seq_len, source=source, parallelism=parallelism, schedule=schedule, dp=dp, pp=pp,
-                                     stage_layers=layers)
+                                     seq_len, source=source, lr=lr or 1e-5, parallelism=parallelism,
+                                     schedule=schedule, dp=dp, pp=pp, stage_layers=layers)
     except (DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError) as exc:
         fail(str(exc))
     if as_json:
@@ -442,6 +468,52 @@ def train(
               f"{report['seq_len']}); ratio {report['ratio_tokens_per_second']}x")
     if "pipeline" in report:
         _print_pipeline(report["pipeline"])
+
+
+def _train_modes(model: str, nodes: int, steps: int | None, batch_size: int, micro_batch_size: int, seq_len: int,
+                 source: str | None, parallelism: str, modes: str, sync_every: int, compress: str, lr: float | None,
+                 warmup_steps: int, outer_lr: float, outer_momentum: float, wan_steps: int, wan_delay_ms: float,
+                 wan_mbit: float, as_json: bool) -> None:
+    from dllmctl.bench import lowcomm
+    from dllmctl.cluster.local import LocalClusterError
+    from dllmctl.data.push import PushError
+    from dllmctl.training.jobs import TrainError
+    from dllmd.data import DataError
+    from dllmd.net.client import CallError
+
+    if parallelism != "data":
+        fail("--modes compares data-parallel jobs: DiLoCo, compression and overlap are built for --parallelism data")
+    if not 2 <= nodes <= 4:
+        fail("--modes runs on 2 to 4 temporary nodes")
+    try:
+        chosen = lowcomm.parse_modes(modes, sync_every, compress)
+    except TrainError as exc:
+        fail(str(exc))
+    steps = steps or 10 * sync_every
+    directory, _ = local_model(model)
+    try:
+        with err.status("comparing modes...") as status:
+            report = lowcomm.run(load_user(), model, directory, chosen, nodes, steps, batch_size, micro_batch_size,
+                                 seq_len, lr or 1e-3, warmup_steps, outer_lr, outer_momentum, wan_steps, wan_delay_ms,
+                                 wan_mbit, source=source, progress=lambda m: status.update(m + "..."))
+    except (DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+        return
+    table = Table("mode", "bytes sent", "fewer than first", "held-out loss", "vs first", "tokens/s",
+                  *(["WAN s/step", "WAN tokens/s"] if report["wan"] else []), "target")
+    for m in report["modes"]:
+        target = {True: "[green]met[/green]", False: "[red]not met[/red]"}.get(m.get("meets_target"), "")
+        wan = [f"{m['wan']['seconds_per_step']:.2f}", f"{m['wan']['tokens_per_second']:,.0f}"] if m["wan"] else []
+        table.add_row(m["mode"], human_bytes(m["bytes_sent"]), f"{m['bytes_ratio']:,.1f}x", f"{m['final_loss']:.4f}",
+                      f"{m['loss_vs_first']:+.1%}", f"{m['tokens_per_second']:,.0f}", *wan, target)
+    out.print(table)
+    wan = report["wan"]
+    out.print(f"{report['model']}: {report['steps']} steps of {report['batch_size']} x {report['seq_len']} tokens on "
+              f"{report['nodes']} nodes" + (f"; WAN: {wan['mbit_per_s']:g} Mbit/s, {wan['delay_ms_one_way']:g} ms "
+                                           f"each way" if wan else "") +
+              "; target: DiLoCo with int8 sends >= 100x fewer bytes than the first mode, held-out loss within 3%")
 
 
 def _print_pipeline(p: dict) -> None:

@@ -115,6 +115,11 @@ def local_model(name: str) -> tuple[Path, Any]:
         fail(str(exc))
 
 
+def maybe_number(value: float | None, spec: str) -> str:
+    """A metric that can be missing (the loss of a DP step whose Poisson batch was empty), formatted."""
+    return "-" if value is None else format(value, spec)
+
+
 def human_bytes(n: int | float | None) -> str:
     if n is None:
         return "-"

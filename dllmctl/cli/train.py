@@ -1,8 +1,7 @@
-"""``dllmctl train``, ``dllmctl jobs``, ``dllmctl metrics`` and ``dllmctl checkpoints``."""
+"""``dllmctl train`` and ``dllmctl jobs`` (``dllmctl metrics`` is :mod:`dllmctl.cli.metrics`)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -10,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from dllmctl.cli.common import (JsonOpt, err, fail, human_bytes, load_user, local_model, locate_job, out, print_json,
-                                select_nodes)
+from dllmctl.cli.common import (JsonOpt, err, fail, human_bytes, load_user, local_model, locate_job, maybe_number,
+                                out, print_json, select_nodes)
 
 if TYPE_CHECKING:
     from dllmctl.cluster.registry import NodeEntry
@@ -89,6 +88,21 @@ def train_command(
     dp_epsilon_budget: Annotated[float, typer.Option(help="DP: end the job (done, with a checkpoint) before a "
                                                           "step or round would spend more epsilon than this (0: no "
                                                           "budget).")] = 0.0,
+    sync_every: Annotated[int, typer.Option(min=0, max=1_000_000, help="DiLoCo: each node takes this many AdamW "
+                                                                       "steps on its own rows, then the nodes average "
+                                                                       "how far they moved (0: sync every step).")] = 0,
+    outer_lr: Annotated[float, typer.Option(help="DiLoCo: the outer Nesterov step's learning rate.")] = 0.7,
+    outer_momentum: Annotated[float, typer.Option(help="DiLoCo: the outer step's momentum.")] = 0.9,
+    compress: Annotated[str, typer.Option(help="What the all-reduce sends: none, fp16, int8 (blockwise) or "
+                                               "powersgd:RANK, with error feedback (every step's gradient, or "
+                                               "DiLoCo's pseudo-gradient).")] = "none",
+    overlap: Annotated[bool, typer.Option("--overlap", help="All-reduce gradient buckets during the last "
+                                                             "micro-batch's backward (uncompressed, zmq ring).")] = False,
+    overlap_bucket_mb: Annotated[float, typer.Option(min=0.001, max=16384.0, help="--overlap: gradient MB per "
+                                                                                  "bucket.")] = 25.0,
+    eval_text: Annotated[Optional[Path], typer.Option(help="A held-out UTF-8 text whose loss the job scores at "
+                                                           "every checkpoint and at the end (metrics: heldout_loss).",
+                                                      exists=True, dir_okay=False, readable=True)] = None,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
     as_json: JsonOpt = False,
@@ -123,6 +137,7 @@ def train_command(
     except ValueError:
         fail(f"--stage-layers takes layer counts separated by commas, e.g. 3,2; got {stage_layers!r}")
     user = load_user()
+    heldout = _heldout_tokens(directory, eval_text) if eval_text is not None else {}
     try:
         if parallelism == "federated":
             pipeline = federated_options(targets, rounds, local_steps, clients_per_round, min_clients, round_timeout,
@@ -136,7 +151,9 @@ def train_command(
                         warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay,
                         checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, plaintext=plaintext, backend=backend,
                         dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
-                        dp_epsilon_budget=dp_epsilon_budget, **pipeline)
+                        dp_epsilon_budget=dp_epsilon_budget, sync_every=sync_every, outer_lr=outer_lr,
+                        outer_momentum=outer_momentum, compress=compress, overlap=overlap,
+                        overlap_bucket_bytes=max(1024, int(overlap_bucket_mb * 2**20)), **heldout, **pipeline)
     except TrainError as exc:
         fail(str(exc))
     try:
@@ -155,6 +172,16 @@ def train_command(
     final = _follow(user, targets[0], result["job"], as_json)
     if as_json:
         print_json(final)
+
+
+def _heldout_tokens(model_dir: Path, text: Path) -> dict:
+    """The JobSpec fields of a held-out text: its first token ids and the window they are scored in."""
+    from dllmctl.training.jobs import TrainError, heldout_fields
+
+    try:
+        return heldout_fields(model_dir, text.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, TrainError) as exc:
+        fail(f"cannot use {text} as the held-out text: {exc}")
 
 
 def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
@@ -178,7 +205,7 @@ def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
                 status = asyncio.run(job_call(user, coordinator, S.JOBS_METRICS, {"job": job, "after_step": after}))
                 for row in status["metrics"]:
                     after = row["step"]
-                    bar.update(task, loss=_number(row["loss"], ".4f"), speed=f"{row['tokens_per_s']:.0f}")
+                    bar.update(task, loss=maybe_number(row["loss"], ".4f"), speed=f"{row['tokens_per_s']:.0f}")
                 bar.update(task, total=status["total_steps"], completed=status["step"])
                 if status["state"] in ("done", "stopped", "failed", "interrupted"):
                     break
@@ -228,8 +255,10 @@ def _print_job(shown: dict) -> None:
         out.print(f"[red]{shown['error']}[/red]")
     last = shown.get("last_metrics")
     if last:
-        out.print(f"last step {last['step']}: loss {_number(last['loss'], '.4f')}, {last['tokens_per_s']:.0f} "
+        out.print(f"last step {last['step']}: loss {maybe_number(last['loss'], '.4f')}, {last['tokens_per_s']:.0f} "
                   f"tokens/s, compute {last['compute_s']:.2f} s, communication {last['comm_s']:.2f} s")
+        if "heldout_loss" in last:
+            out.print(f"held-out loss {last['heldout_loss']:.4f}")
         if "bubble" in last:
             out.print(f"pipeline bubble {last['bubble']:.0%} (theory {last['bubble_theoretical']:.0%} for this "
                       f"schedule's micro-batches), {human_bytes(last['bytes_between_stages'])} between stages")
@@ -313,100 +342,3 @@ def jobs_resume(job: str, follow: Annotated[bool, typer.Option("--follow/--detac
             print_json(final)
         return
     print_json(result) if as_json else out.print(f"{job}: resumed from step {result['from_step']}")
-
-
-def metrics_command(
-    job: str,
-    follow: Annotated[bool, typer.Option("--follow", help="Keep printing new steps (NDJSON with --json).")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Write the loss curve to this PNG file.")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Per-step loss, learning rate, gradient norm, tokens/s and compute/communication time."""
-    import asyncio
-
-    from dllmd.net.client import CallError
-    from dllmd.net.messages import training as S
-    from dllmctl.training.jobs import job_call
-
-    user, node = locate_job(job)
-    rows, after = [], -1
-    try:
-        while True:
-            status = asyncio.run(job_call(user, node, S.JOBS_METRICS, {"job": job, "after_step": after}))
-            fresh = status["metrics"]
-            rows += fresh
-            if fresh:
-                after = fresh[-1]["step"]
-            if follow:
-                for row in fresh:
-                    print(json.dumps(row), flush=True) if as_json else _print_metric(row)
-                if status["state"] not in ("running", "stopping", "queued"):
-                    break
-                time.sleep(FOLLOW_POLL_S)
-            elif len(fresh) < 1000:
-                break
-    except KeyboardInterrupt:
-        raise typer.Exit(0)
-    except CallError as exc:
-        fail(str(exc))
-    if plot is not None:
-        from dllmctl.training.plot import loss_plot
-
-        try:
-            loss_plot(rows, plot, title=job)
-        except OSError as exc:
-            fail(f"cannot write {plot}: {exc}")
-        err.print(f"wrote {plot}")
-    if follow:
-        return
-    if as_json:
-        print_json(rows)
-        return
-    if rows and "sampled" in rows[0]:
-        out.print(_rounds_table(rows))
-        return
-    pipeline = bool(rows) and "bubble" in rows[0]
-    private = bool(rows) and "epsilon" in rows[0]
-    columns = ["step", "loss", "lr", "grad norm", "tokens/s", "step s", "compute s", "comm s"]
-    columns += (["bubble", "between stages"] if pipeline else []) + (["rows", "epsilon"] if private else [])
-    table = Table(*columns)
-    for row in rows:
-        cells = [str(row["step"]), _number(row["loss"], ".4f"), f"{row['lr']:.2e}", f"{row['grad_norm']:.3f}",
-                 f"{row['tokens_per_s']:.0f}", f"{row['step_s']:.3f}", f"{row['compute_s']:.3f}", f"{row['comm_s']:.3f}"]
-        if pipeline:
-            cells += [f"{row['bubble']:.0%}", human_bytes(row["bytes_between_stages"])]
-        if private:
-            cells += [str(row["rows"]), f"{row['epsilon']:.4g}"]
-        table.add_row(*cells)
-    out.print(table)
-
-
-def _rounds_table(rows: list[dict]) -> Table:
-    """A federated job's rounds: the global model's loss on the clients' data, theirs after training."""
-    private = "epsilon" in rows[0]
-    table = Table("round", "global loss", "local loss", "lr", "clients", "left out", "tokens/s", "round s",
-                  *(["epsilon"] if private else []))
-    for row in rows:
-        missing = row["stragglers"] + row["dropped"]
-        table.add_row(str(row["step"]), _number(row["loss"], ".4f"), _number(row["local_loss"], ".4f"),
-                      f"{row['lr']:.2e}", ", ".join(row["nodes"]) or "-", ", ".join(missing) or "-",
-                      _number(row["tokens_per_s"], ".0f"), f"{row['step_s']:.2f}",
-                      *([f"{row['epsilon']:.4g}"] if private else []))
-    return table
-
-
-def _print_metric(row: dict) -> None:
-    epsilon = f", epsilon {row['epsilon']:.4g}" if "epsilon" in row else ""
-    if "sampled" in row:  # a federated round: each client's loss on its own data
-        clients = ", ".join(f"{name} {c['loss_before']:.4f}->{c['loss_after']:.4f}" for name, c in row["nodes"].items())
-        out.print(f"round {row['step']}: global loss {_number(row['loss'], '.4f')} ({clients}); "
-                  f"{_number(row['tokens_per_s'], '.0f')} tok/s{epsilon}")
-        return
-    out.print(f"step {row['step']}: loss {_number(row['loss'], '.4f')} lr {row['lr']:.2e} grad norm "
-              f"{row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s (compute {row['compute_s']:.2f} s, comm "
-              f"{row['comm_s']:.2f} s{epsilon})")
-
-
-def _number(value: float | None, spec: str) -> str:
-    """A metric that can be missing (the loss of a DP step whose Poisson batch was empty)."""
-    return "-" if value is None else format(value, spec)

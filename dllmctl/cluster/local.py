@@ -162,12 +162,13 @@ def _wait_ready(home: Path, proc: subprocess.Popen, deadline: float) -> str:
 
 def up(count: int, directory: Path, user: Identity, registry: Registry,
        progress: Callable[[str], None] = lambda _: None, bench: bool = False,
-       remember: bool = False, settings: dict | None = None, verbose: bool = False) -> list[LocalNode]:
+       remember: bool = False, settings: dict | list[dict] | None = None, verbose: bool = False) -> list[LocalNode]:
     """Start ``count`` daemons and register them. Refuses if this directory's cluster is running.
     ``bench``: the nodes serve the benchmark operations and may run a training ring unencrypted;
     ``remember``: later commands without ``--dir`` find this cluster (the user's own, not a benchmark's
-    temporary one); ``settings``: node.toml settings of new homes (e.g. a memory budget); ``verbose``: the
-    daemons log at DEBUG (``dllmd start -v``)."""
+    temporary one); ``settings``: node.toml settings of new homes (e.g. a memory budget), the same for
+    every node or one map per node (e.g. each its own ring port); ``verbose``: the daemons log at DEBUG
+    (``dllmd start -v``)."""
     if count < 1 or count > 64:
         raise LocalClusterError("--local takes a node count between 1 and 64")
     running = [n for n in load_state(directory) if n.process()]
@@ -176,7 +177,8 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
                                 f"({', '.join(n.name for n in running)}); run 'dllmctl cluster down' first")
     names = [f"local-{i + 1}" for i in range(count)]
     homes = [directory / name for name in names]
-    identities = [_prepare_home(h, n, bench, settings) for h, n in zip(homes, names)]
+    per_node = settings if isinstance(settings, list) else [settings] * count
+    identities = [_prepare_home(h, n, bench, own) for h, n, own in zip(homes, names, per_node)]
     _share_hardware_measurement(homes, progress)
     for home, identity in zip(homes, identities):
         keys = AuthorizedKeys(home / "authorized_keys.toml")

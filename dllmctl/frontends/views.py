@@ -17,7 +17,7 @@ from dllmctl.cluster.live import LISTED_FIELDS, query_nodes
 from dllmctl.placement.coverage import layer_coverage, uncovered
 from dllmctl.data.records import DatasetRecords
 from dllmctl.models import local_store
-from dllmctl.training.jobs import find_coordinator, job_call, list_jobs
+from dllmctl.training.jobs import find_coordinator, job_call, job_metrics, list_jobs
 from dllmd.net.messages import training as S
 
 RECENT_JOBS = 20  # collections over jobs (checkpoints, metrics, training figures) look at the newest ones
@@ -135,14 +135,9 @@ async def metrics_view(user: Identity, nodes: list[NodeEntry], job: str | None =
     """One job's every step (loss, lr, grad norm, tokens/s, times), or the latest step of the newest jobs."""
     if job is not None:
         node = await locate_job(user, nodes, job)
-        rows, after = [], -1
-        while True:
-            page = await job_call(user, node, S.JOBS_METRICS, {"job": job, "after_step": after, "limit": 10000})
-            rows += page["metrics"]
-            if len(page["metrics"]) < 10000:
-                return {"job": job, "state": page["state"], "step": page["step"], "total_steps": page["total_steps"],
-                        "metrics": rows}
-            after = rows[-1]["step"]
+        page = await job_metrics(user, node, job)
+        return {"job": job, "state": page["state"], "step": page["step"], "total_steps": page["total_steps"],
+                "metrics": page["metrics"]}
     jobs, unreachable = await list_jobs(user, nodes)
     latest = []
     for entry in jobs[-RECENT_JOBS:]:

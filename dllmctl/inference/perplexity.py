@@ -1,10 +1,9 @@
 """Perplexity of a held-out text through the deployed cluster: how much a layout, a quantization or a
 compressed hop changes what the model predicts.
 
-The text is tokenized once and scored in sliding windows (transformers' documented method): each
-window of ``window`` tokens starts ``stride`` tokens after the previous one, and only the tokens no
-earlier window scored count, each predicted with up to ``window - stride`` tokens of context before
-it. Every window is one session whose last stage returns the logits of every position (as for
+The text is tokenized once and scored in sliding windows, as :mod:`dllmd.inference.perplexity`
+defines them (the one definition of a held-out loss, which training jobs score with too). Every
+window is one session whose last stage returns the logits of every position (as for
 ``logits="all"``); the client turns them into the target tokens' log-probabilities. The top-1
 prediction of every scored position is kept too, so two runs (a quantized model against the
 unquantized one) can be compared token by token.
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dllmd.inference import perplexity as heldout
+from dllmd.inference.perplexity import Window, score  # noqa: F401  (the scoring is dllmd's)
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.failover import generate_with_failover
 from dllmctl.inference.generation import GenerationError, load_model
@@ -29,7 +30,6 @@ from dllmd.net.pool import ConnectionPool
 
 DEFAULT_WINDOW = 256
 DEFAULT_STRIDE = 128
-MAX_WINDOW = 512  # the daemons return "all" logits for at most this many positions per step
 
 
 @dataclass(frozen=True)
@@ -61,38 +61,13 @@ class PerplexityResult:
                 "nll": round(self.nll, 6), "perplexity": round(self.perplexity, 4)}
 
 
-@dataclass(frozen=True)
-class Window:
-    begin: int
-    end: int
-    scored_from: int  # positions [scored_from, end) are targets; each is predicted from the one before
-
-
 def windows(tokens: int, window: int, stride: int) -> list[Window]:
-    """The sliding windows over ``tokens`` ids: every id but the first is a target exactly once."""
-    if not 2 <= window <= MAX_WINDOW:
-        raise GenerationError(f"the window must be 2-{MAX_WINDOW} tokens, got {window}", "window")
-    if not 1 <= stride <= window - 1:
-        raise GenerationError(f"the stride must be 1-{window - 1} tokens (less than the window), got {stride}",
-                              "stride")
-    if tokens < 2:
-        raise GenerationError("the text must hold at least 2 tokens to score one", "text")
-    out, scored_to, begin = [], 1, 0
-    while scored_to < tokens:
-        end = min(begin + window, tokens)
-        out.append(Window(begin, end, max(scored_to, begin + 1)))
-        scored_to = end
-        begin += stride
-    return out
-
-
-def score(logits: torch.Tensor, ids: list[int], w: Window) -> tuple[float, list[int]]:
-    """Sum of the targets' negative log-probabilities in window ``w`` and the top-1 ids there, from
-    the window's logits ``[positions, vocab]`` (position ``i`` predicts id ``begin + i + 1``)."""
-    rows = logits[w.scored_from - 1 - w.begin:w.end - 1 - w.begin].to(torch.float32)
-    targets = torch.tensor(ids[w.scored_from:w.end])
-    nll = torch.nn.functional.cross_entropy(rows, targets, reduction="sum")
-    return float(nll), rows.argmax(-1).tolist()
+    """The sliding windows over ``tokens`` ids (:func:`dllmd.inference.perplexity.windows`), refused as a
+    request's mistake."""
+    try:
+        return heldout.windows(tokens, window, stride)
+    except heldout.WindowError as exc:
+        raise GenerationError(str(exc), exc.field) from None
 
 
 def tokenize(request: PerplexityRequest) -> list[int]:

@@ -17,6 +17,7 @@ from dllmd.net.messages import training as S
 from dllmd.net.messages.node import PING
 from dllmd.net.schema import Op, parse_args, parse_reply, to_wire
 from dllmd.net.wire import WireError
+from dllmd.train.lowcomm import LowCommError, LowCommSettings
 from dllmd.train.privacy.settings import PrivacyError, PrivacySettings
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.models.deploy import Progress, ship_files
@@ -158,9 +159,26 @@ def federated_dataset(name: str, model: str) -> dict:
     return {"dataset": name, "model": model, "nodes": []}
 
 
+MAX_HELDOUT_TOKENS = 12288  # JobSpec.eval_tokens' bound: the spec travels in one message header
+HELDOUT_WINDOW = 256
+
+
+def heldout_fields(model_dir: Path, text: str) -> dict:
+    """The :class:`JobSpec` fields of a held-out text: its first token ids (by the model's tokenizer)
+    and the window they are scored in (at most the model's positions)."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"][:MAX_HELDOUT_TOKENS]
+    if len(ids) < 2:
+        raise TrainError("it holds fewer than 2 tokens")
+    positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", HELDOUT_WINDOW)
+    return {"eval_tokens": ids, "eval_window": min(HELDOUT_WINDOW, int(positions))}
+
+
 def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
     """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards.
-    Differential privacy settings are checked here too, so nothing is shipped for a job that is refused."""
+    Differential privacy and communication settings (DiLoCo, compression, overlap) are checked here
+    too, so nothing is shipped for a job that is refused."""
     by_name = {n.name: n for n in nodes}
     shards = []
     for row in dataset["nodes"]:
@@ -176,8 +194,10 @@ def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.
     spec = S.JobSpec(model=model, dataset=dataset["dataset"],
                      nodes=[S.NodeRef(n.name, n.address, n.public_key) for n in nodes], shards=shards, **options)
     try:
-        PrivacySettings.of(spec).check(spec.parallelism, spec.dtype)
-    except PrivacyError as exc:
+        private = PrivacySettings.of(spec)
+        private.check(spec.parallelism, spec.dtype)
+        LowCommSettings.of(spec).check(spec.parallelism, spec.backend, private.enabled)
+    except (PrivacyError, LowCommError) as exc:
         raise TrainError(str(exc)) from None
     return spec
 
@@ -252,6 +272,17 @@ async def job_call(user: Identity, node: NodeEntry, op: Op, args: dict, timeout:
     checked against the op's reply type, as the map the CLI prints and the MCP views show."""
     async with RpcClient(user, node.address, node.public_key) as client:
         return await _typed_call(client, op, args, timeout)
+
+
+async def job_metrics(user: Identity, node: NodeEntry, job: str, after_step: int = -1) -> dict:
+    """A job's metrics reply with every row after ``after_step``, however many replies they take."""
+    rows = []
+    while True:
+        page = await job_call(user, node, S.JOBS_METRICS, {"job": job, "after_step": after_step})
+        rows += page["metrics"]
+        if not page["more"] or not page["metrics"]:
+            return {**page, "metrics": rows, "more": False}
+        after_step = rows[-1]["step"]
 
 
 async def _typed_call(client: RpcClient, op: Op, args: dict, timeout: float) -> dict:

@@ -23,12 +23,29 @@ class CodecError(ValueError):
     """Parts that do not decode (wrong count, dtype or shape): the message says what was expected."""
 
 
-def quantize_blockwise(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [..., n] (n a multiple of ``block``) as int8 values [..., n] and float32 scales [..., n / block]."""
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     if x.shape[-1] % block:
         raise CodecError(f"a block of {block} does not divide the last dimension ({x.shape[-1]})")
-    blocks = x.detach().to(torch.float32).reshape(*x.shape[:-1], -1, block)
-    scales = blocks.abs().amax(dim=-1) / 127.0
+    return x.detach().to(torch.float32).reshape(*x.shape[:-1], -1, block)
+
+
+def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Each block's largest magnitude, float32 [..., n / block]: what a default scale is made of."""
+    return _blocks(x, block).abs().amax(dim=-1)
+
+
+def quantize_blockwise(x: torch.Tensor, block: int,
+                       scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [..., n] (n a multiple of ``block``) as int8 values [..., n] and float32 scales [..., n / block].
+
+    ``scales`` (float32 [..., n / block]) replaces each block's own largest magnitude / 127: peers that
+    agreed on one scale per block can add their int8 values without decoding them (gradient sums)."""
+    blocks = _blocks(x, block)
+    if scales is None:
+        scales = blocks.abs().amax(dim=-1) / 127.0
+    elif scales.dtype != torch.float32 or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise CodecError(f"scales must be float32 {list(blocks.shape[:-1])}, got {_name(scales.dtype)} "
+                         f"{list(scales.shape)}")
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block stays zero
     values = torch.round(blocks / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return values.reshape(x.shape), scales

@@ -44,7 +44,8 @@ _GROUPS: dict[frozenset[Role], tuple[str, ...]] = {
     frozenset({A, P}): ("train.prepare", "train.ring", "train.backup", "train.rows", "train.step", "train.apply",
                         "train.reset", "train.state", "train.load_state", "train.release", "train.links",
                         "train.pipe", "train.stage_step", "train.stage_apply", "train.save_part",
-                        "train.read_part", "train.fetch_part", "train.load_part"),
+                        "train.read_part", "train.fetch_part", "train.load_part",
+                        "train.inner", "train.sync", "train.outer"),
     # Federated rounds: the owner's coordinator or another organization's (datasets it opened only).
     frozenset({A, P, F}): ("fed.prepare", "fed.load", "fed.train", "fed.update", "fed.release",
                            "fed.secagg_advertise", "fed.secagg_share", "fed.secagg_mask", "fed.secagg_unmask"),

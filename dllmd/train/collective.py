@@ -1,7 +1,9 @@
 """How a worker sums gradients with its peers: the encrypted ring (``zmq``, the default) or
 torch.distributed (``torch``: gloo, or nccl on GPUs) for trusted datacenter links.
 
-Both expose the same three calls, so a job definition does not change with the backend. Only the
+Both expose the same calls, so a job definition does not change with the backend. ``allreduce``
+sums any contiguous 1-D CPU tensor in place (float32 gradients, but also the int8 and float16
+payloads of compressed jobs, ``dllmd.train.compression``) and answers the bytes this worker sent. Only the
 ring survives a lost node (it is re-formed by the coordinator); a torch process group cannot be
 re-formed with fewer ranks, so a torch job fails when a node dies and is resumed from its last
 checkpoint instead.
@@ -24,6 +26,11 @@ TORCH_TIMEOUT = timedelta(minutes=30)
 RING_TIMEOUT_S = 1800.0
 
 
+def ring_bytes(flat: torch.Tensor, size: int) -> int:
+    """What one member of a ring of ``size`` sends to sum ``flat``: 2(n-1)/n of it."""
+    return 2 * (size - 1) * (flat.numel() * flat.element_size()) // size if size > 1 else 0
+
+
 class RingCollective:
     name = "zmq"
 
@@ -39,8 +46,9 @@ class RingCollective:
         self.rank, self.size = rank, len(members)
         self.ring.form(generation, members[(rank - 1) % self.size], members[(rank + 1) % self.size])
 
-    async def allreduce(self, flat: torch.Tensor, step: int) -> None:
-        await ring_allreduce(self.ring, flat, self.rank, self.size, step, timeout=RING_TIMEOUT_S)
+    async def allreduce(self, flat: torch.Tensor, step: int) -> int:
+        stats = await ring_allreduce(self.ring, flat, self.rank, self.size, step, timeout=RING_TIMEOUT_S)
+        return stats.bytes_sent
 
     def abort(self, reason: str) -> None:
         self.ring.fail_pending(RingError(reason))
@@ -80,17 +88,20 @@ class TorchCollective:
         await asyncio.to_thread(dist.init_process_group, backend, init_method=master, rank=rank,
                                 world_size=self.size, timeout=TORCH_TIMEOUT)
 
-    async def allreduce(self, flat: torch.Tensor, step: int) -> None:
+    async def allreduce(self, flat: torch.Tensor, step: int) -> int:
+        """Sum ``flat``; the bytes a ring would send for it (gloo and nccl pick their own algorithm and
+        do not say what they sent: for a large buffer it is a ring's, or close to it)."""
         import torch.distributed as dist
 
         if self.size == 1:
-            return
+            return 0
         if torch.cuda.is_available():  # nccl reduces on the GPU
             on_gpu = flat.cuda()
             await asyncio.to_thread(dist.all_reduce, on_gpu)
             flat.copy_(on_gpu.cpu())
         else:
             await asyncio.to_thread(dist.all_reduce, flat)
+        return ring_bytes(flat, self.size)
 
     def abort(self, reason: str) -> None:
         pass  # gloo and nccl time out on their own
@@ -101,3 +112,50 @@ class TorchCollective:
         if dist.is_initialized():
             dist.destroy_process_group()
         TorchCollective.active = None
+
+
+class LocalGroup:
+    """Workers of one process summing with each other, for the one-process references
+    (:mod:`dllmd.train.diloco.simulate`) and tests: ``member(rank)`` is a collective like the ring's.
+
+    Each member awaits its ``allreduce`` until every member of the group gave its tensor of that tag;
+    the sum, taken in rank order, is then copied into every member's tensor (bitwise the same on
+    every member, as the ring's all-gather makes it)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._calls: dict[int, tuple[dict[int, torch.Tensor], asyncio.Event]] = {}
+
+    def member(self, rank: int) -> "LocalMember":
+        return LocalMember(self, rank)
+
+    async def _allreduce(self, rank: int, flat: torch.Tensor, tag: int) -> int:
+        given, done = self._calls.setdefault(tag, ({}, asyncio.Event()))
+        given[rank] = flat
+        if len(given) == self.size:
+            total = given[0].clone()
+            for other in range(1, self.size):
+                total.add_(given[other])
+            for tensor in given.values():
+                tensor.copy_(total)
+            del self._calls[tag]
+            done.set()
+        else:
+            await done.wait()
+        return ring_bytes(flat, self.size)
+
+
+class LocalMember:
+    name = "local"
+
+    def __init__(self, group: LocalGroup, rank: int):
+        self.group, self.rank, self.size = group, rank, group.size
+
+    async def allreduce(self, flat: torch.Tensor, step: int) -> int:
+        return await self.group._allreduce(self.rank, flat, step)
+
+    def abort(self, reason: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

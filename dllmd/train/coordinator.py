@@ -31,9 +31,12 @@ from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
 from dllmd.net.messages import training as S
 from dllmd.train.checkpoint import CheckpointError, Checkpoints
+from dllmd.train import admission
+from dllmd.train.diloco.run import DiLoCoRun, outer_steps
 from dllmd.train.federated.run import FederatedRun, federation_status, prepare_federated, release_clients
 from dllmd.train.federated.weights import GlobalModel
 from dllmd.train.jobs import JobError, JobFailed, JobInterrupted, JobStore
+from dllmd.train.lowcomm import LowCommSettings
 from dllmd.train.pipeline.parts import PartCheckpoints
 from dllmd.train.pipeline.run import PipelineRun
 from dllmd.train.privacy.job import JobPrivacy
@@ -43,6 +46,8 @@ from dllmd.train.run import PREPARE_TIMEOUT_S, DataParallelRun
 log = logging.getLogger("dllmd.coordinator")
 
 PING_TIMEOUT_S = 3.0
+METRICS_REPLY_BYTES = 48 * 1024  # a reply's header is at most 64 KiB (dllmd.net.wire)
+HIDDEN_SPEC = ("dp_seed", "eval_tokens")  # not shown by jobs.show: a secret, and a held-out text's token ids
 
 
 class Coordinator:
@@ -118,9 +123,15 @@ class Coordinator:
         if spec.parallelism not in S.PARALLELISMS_BUILT:
             raise JobError(f"parallelism must be one of {', '.join(S.PARALLELISMS_BUILT)}, not {spec.parallelism!r}")
         self._validate_privacy(spec)
+        lowcomm = admission.check_communication(spec)
         if spec.parallelism != "data":
-            self._validate_pipeline(spec)
-        return schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
+            admission.check_stages(spec, self._model_config(spec))
+        if len(spec.eval_tokens) == 1:
+            raise JobError("the held-out text must hold at least 2 tokens to score one")
+        if spec.eval_tokens:
+            admission.check_heldout(spec, self._model_config(spec))
+        total = schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
+        return outer_steps(total, lowcomm.sync_every) if lowcomm.diloco else total
 
     def _validate_federated(self, spec: S.JobSpec) -> int:
         """Rounds that can run; every client's key authorized here (no outbound call to a stranger)."""
@@ -135,6 +146,7 @@ class Coordinator:
             raise JobError(f"--clients-per-round {per_round} is more than the job's {len(spec.nodes)} nodes")
         if spec.min_clients > per_round:
             raise JobError(f"--min-clients {spec.min_clients} is more than the {per_round} clients of a round")
+        admission.check_communication(spec)
         if spec.secure_aggregation and (per_round < 3 or not (spec.update_clip or spec.dp_clip)):
             raise JobError("--secure-aggregation needs at least 3 clients a round (with two, each would learn the "
                            "other's update from the sum) and --update-clip (it bounds the fixed-point range)")
@@ -162,32 +174,11 @@ class Coordinator:
             raise JobError(f"--dp-epsilon-budget allows no step: {refusal}; raise the budget or "
                            f"--dp-noise-multiplier, or lower --batch-size")
 
-    def _validate_pipeline(self, spec: S.JobSpec) -> None:
-        """Stages that cover the model's layers once, in order, on replicas x stages nodes."""
-        if spec.backend != "zmq":
-            raise JobError("pipeline and hybrid jobs run on the encrypted peer connections and ring (--backend zmq); "
-                           "--backend torch is not built for them yet")
-        if spec.schedule not in S.SCHEDULES:
-            raise JobError(f"schedule must be one of {', '.join(S.SCHEDULES)}, not {spec.schedule!r}")
-        if len(spec.stages) < 2:
-            raise JobError("a pipeline needs at least two stages (one node holding every layer is --parallelism data)")
-        if spec.parallelism == "model" and spec.replicas != 1:
-            raise JobError("--parallelism model runs one pipeline; replicas of it are --parallelism hybrid")
-        if len(spec.nodes) != spec.replicas * len(spec.stages):
-            raise JobError(f"{spec.replicas} replica(s) of {len(spec.stages)} stages need "
-                           f"{spec.replicas * len(spec.stages)} nodes, not {len(spec.nodes)}")
+    def _model_config(self, spec: S.JobSpec) -> dict:
         try:
-            config = json.loads(self.service.models.config_path(spec.model).read_text())
+            return json.loads(self.service.models.config_path(spec.model).read_text())
         except FileNotFoundError:
             raise JobError(f"model {spec.model!r} has not been sent to the coordinator") from None
-        layers, start = int(config["num_hidden_layers"]), 0
-        for i, stage in enumerate(spec.stages):
-            if stage.start != start or stage.end <= stage.start:
-                raise JobError(f"stage {i} holds layers [{stage.start}, {stage.end}); stages must cover the layers "
-                               f"in order, each at least one (the previous ended at {start})")
-            start = stage.end
-        if start != layers:
-            raise JobError(f"the stages end at layer {start}, but {spec.model} has {layers} layers")
 
     async def _submit(self, spec: S.JobSpec, _tensors) -> dict:
         total = self._validate(spec)
@@ -208,7 +199,7 @@ class Coordinator:
         store = self.checkpoints(a.job)
         spec = _spec(job["spec"])
         privacy = JobPrivacy.of(spec)
-        return S.JobDetail(**_summary(job), spec={k: v for k, v in job["spec"].items() if k != "dp_seed"},
+        return S.JobDetail(**_summary(job), spec={k: v for k, v in job["spec"].items() if k not in HIDDEN_SPEC},
                            events=[S.Event(**e) for e in self.store.events(a.job)],
                            last_metrics=last[-1] if last else None,
                            checkpoints=[S.CheckpointInfo(**store.describe(s)) for s in store.steps()],
@@ -261,9 +252,17 @@ class Coordinator:
         return S.Resumed(a.job, "running", latest or 0)
 
     async def _metrics(self, a: S.MetricsArgs, _tensors) -> S.Metrics:
+        """Up to ``limit`` rows after ``after_step``, as many as fit one reply's header (``more``: ask again)."""
         job = self.store.get(a.job)
+        rows, size = [], 0
+        for row in self.store.metrics(a.job, a.after_step, a.limit):
+            size += len(json.dumps(row))  # msgpack is no larger than JSON for these rows
+            if rows and size > METRICS_REPLY_BYTES:
+                break
+            rows.append(row)
+        more = len(rows) < len(self.store.metrics(a.job, a.after_step, len(rows) + 1))
         return S.Metrics(job=a.job, state=job["state"], step=job["step"], total_steps=job["total_steps"],
-                         metrics=self.store.metrics(a.job, a.after_step, a.limit))
+                         metrics=rows, more=more)
 
     async def _checkpoints(self, a: S.JobArgs, _tensors) -> S.CheckpointList:
         self.store.get(a.job)
@@ -301,6 +300,9 @@ class Coordinator:
         privacy = JobPrivacy.of(spec)
         if privacy:
             args["privacy"] = to_wire(privacy.plan())
+        lowcomm = LowCommSettings.of(spec)
+        if lowcomm.enabled:
+            args["comm"] = to_wire(lowcomm.plan(spec.seed))
         results = await asyncio.gather(*(self.service.call(n, "train.prepare", {**args, "stage": _stage(spec, i)},
                                                            timeout=PREPARE_TIMEOUT_S)
                                          for i, n in enumerate(nodes)), return_exceptions=True)
@@ -325,7 +327,7 @@ class Coordinator:
         await asyncio.gather(*(one(n) for n in nodes))
 
     async def _run(self, job: str, spec: S.JobSpec, resume_from: int | None) -> None:
-        runs = {"data": DataParallelRun, "federated": FederatedRun}
+        runs = {"data": DiLoCoRun if spec.sync_every else DataParallelRun, "federated": FederatedRun}
         run = runs.get(spec.parallelism, PipelineRun)(self, job, spec)
         try:
             await run.execute(resume_from)

@@ -96,7 +96,9 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat:
 class TrainingState:
     """A worker's weights and AdamW moments as named tensors (``model.<name>``,
     ``optim.<name>.exp_avg`` / ``.exp_avg_sq``): what checkpoints hold and resumes load. A worker
-    sets ``state_params`` (name in the model's checkpoint -> parameter) and ``optimizer``."""
+    sets ``state_params`` (name in the model's checkpoint -> parameter) and ``optimizer``. A worker
+    whose own state differs from its peers' (error feedback, DiLoCo's inner AdamW) lists it apart,
+    as ``local.*`` names: checkpoints keep every worker's."""
 
     state_params: dict[str, torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -119,6 +121,17 @@ class TrainingState:
     def optimizer_step(self) -> int:
         states = [s for s in self.optimizer.state.values() if "step" in s]
         return int(states[0]["step"]) if states else 0
+
+    def local_state_names(self) -> list[str]:
+        """This worker's own state (``local.*``), which the other replicas do not share: none here."""
+        return []
+
+    def local_state_tensor(self, name: str) -> torch.Tensor:
+        raise ValueError(f"this worker keeps no {name}")
+
+    def load_local_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
+        if tensors:
+            raise ValueError(f"this worker keeps no {', '.join(sorted(tensors))}")
 
     def load_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
         with torch.no_grad():

@@ -4,7 +4,8 @@
 everywhere only when every part computed the step; metrics; checkpoints every K steps, on stop and
 at the end) and the cleanup of a failed step (ping everyone, reset the survivors, then drop the dead
 or form the collectives again and retry). :class:`DataParallelRun` is data parallelism (a replica per
-node, one ring); :class:`dllmd.train.pipeline.run.PipelineRun` pipelines and hybrids.
+node, one ring); :class:`dllmd.train.diloco.run.DiLoCoRun` its DiLoCo form (outer steps of local inner
+steps); :class:`dllmd.train.pipeline.run.PipelineRun` pipelines and hybrids.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from dllmd.failpoints import failpoint
 from dllmd.net.messages import training as S
 from dllmd.net.schema import to_wire
-from dllmd.train import schedule
+from dllmd.train import heldout, schedule
 from dllmd.train.jobs import JobFailed
 from dllmd.train.privacy.job import JobPrivacy
 
@@ -29,6 +30,7 @@ PREPARE_TIMEOUT_S = 600.0
 MAX_FAILED_ATTEMPTS = 3  # failed steps in a row with no node lost: give up (something else is wrong)
 STATE_MESSAGE_BYTES = 64 * 1024 * 1024
 STATE_MESSAGE_TENSORS = 48  # a message carries at most 64 tensors
+NODE_PREFIX = "optim.node."  # a checkpoint's copy of one worker's own state: optim.node.<key>.<name>
 
 
 class JobRun:
@@ -78,6 +80,9 @@ class JobRun:
             metrics = self.step_metrics(step, lr, results, time.perf_counter() - started)
             if self.privacy:
                 metrics.update(self.privacy.metrics(step + 1))
+            if self.spec.eval_tokens and (step + 1 == self.total or (self.spec.checkpoint_every and
+                                                                      (step + 1) % self.spec.checkpoint_every == 0)):
+                metrics["heldout_loss"] = await self.heldout_loss()
             self.store.record_step(self.job, step, metrics)
             step += 1
             if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and step < self.total:
@@ -147,6 +152,10 @@ class JobRun:
     async def load_checkpoint(self, step: int) -> int:
         raise NotImplementedError
 
+    async def heldout_loss(self) -> float:
+        """The held-out text's mean token loss under the current weights (``JobSpec.eval_tokens``)."""
+        raise NotImplementedError
+
     def cursor(self, step: int) -> dict:
         """Where the data order stands after ``step`` steps, and the job: what every checkpoint records."""
         per_epoch = schedule.steps_per_epoch(self.rows, self.spec.batch_size)
@@ -204,16 +213,21 @@ class DataParallelRun(JobRun):
         for shard, _, spare in copies:
             self.holders[shard].add(spare)
 
-    async def compute(self, step: int) -> list[dict] | None:
-        """Run ``train.step`` everywhere; on a failure, clean up and return None (the step is retried)."""
-        batch = self.batch(step)
+    def rows_of(self, step: int) -> dict[str, torch.Tensor]:
+        """Each live node's rows of global batch ``step`` (those of the shards it computes, in the
+        batch's order), as the int64 ``[rows, 2]`` tensor of (shard number, row) a step carries."""
         number = {s: i for i, s in enumerate(self.shard_ids)}
         per_node: dict[str, list[list[int]]] = {n.public_key: [] for n in self.live}
-        for row in batch:
+        for row in self.batch(step):
             per_node[self.owner[row.shard]].append([number[row.shard], row.index])
+        return {key: torch.tensor(rows, dtype=torch.int64).reshape(-1, 2) for key, rows in per_node.items()}
+
+    async def compute(self, step: int) -> list[dict] | None:
+        """Run ``train.step`` everywhere; on a failure, clean up and return None (the step is retried)."""
+        rows = self.rows_of(step)
         tasks = {n.public_key: asyncio.ensure_future(self.c.service.call(
-            n, "train.step", {"job": self.job, "step": step, "shards": self.shard_ids},
-            [torch.tensor(per_node[n.public_key], dtype=torch.int64).reshape(-1, 2)], timeout=STEP_TIMEOUT_S))
+            n, "train.step", {"job": self.job, "step": step, "shards": self.shard_ids}, [rows[n.public_key]],
+            timeout=STEP_TIMEOUT_S))
             for n in self.live}
         results = await self.all_or_cleanup(step, tasks)
         return None if results is None else [results[n.public_key] for n in self.live]
@@ -247,42 +261,79 @@ class DataParallelRun(JobRun):
                 "rows": sum(r["rows"] for r in results), "step_s": seconds,
                 "tokens_per_s": first["tokens"] / seconds if seconds else None,
                 "compute_s": max(r["compute_s"] for r in results), "comm_s": max(r["comm_s"] for r in results),
-                "nodes": {n.name: {"rows": r["rows"], "compute_s": r["compute_s"], "comm_s": r["comm_s"]}
+                "comm_exposed_s": max(r["comm_exposed_s"] for r in results),
+                "bytes_sent": sum(r["bytes_sent"] for r in results),
+                "nodes": {n.name: {"rows": r["rows"], "compute_s": r["compute_s"], "comm_s": r["comm_s"],
+                                   "bytes_sent": r["bytes_sent"]}
                           for n, r in zip(self.live, results)}}
 
     async def checkpoint(self, step: int, metrics: dict | None) -> None:
+        """The replicas' shared state from the coordinator's own, and every live worker's own state
+        (error feedback, DiLoCo's inner AdamW) as ``optim.node.<its key>.<name>``."""
         worker = self.c.service.workers[self.job]
         names = worker.state_names()
         tensors = {n: worker.state_tensor(n) for n in names}
+        local_steps = {}
+        for node in self.live:
+            own, local_steps[node.public_key] = await self.local_state(node)
+            tensors.update({f"{NODE_PREFIX}{node.public_key}.{name.removeprefix('local.')}": t for name, t in own.items()})
         config = self.c.service.models.config_path(self.spec.model).read_bytes()
         state = {**self.cursor(step), "optimizer_step": worker.optimizer_step(), "metrics": metrics or {},
-                 "torch_rng": torch.get_rng_state().numpy().tobytes().hex(),
+                 "torch_rng": torch.get_rng_state().numpy().tobytes().hex(), "local_steps": local_steps,
                  "owners": {shard_node(self.spec, s): self.node(o).name for s, o in self.owner.items()}}
         described = await asyncio.to_thread(self.c.checkpoints(self.job).write, step, tensors, config, state)
         self.store.event(self.job, "checkpoint", f"step {step} ({described['bytes']} bytes)")
 
+    async def heldout_loss(self) -> float:
+        model = self.c.service.workers[self.job].model  # the coordinator's replica: the weights every one holds
+        return await asyncio.to_thread(heldout.score, model, self.spec)
+
+    async def local_state(self, node: S.NodeRef) -> tuple[dict[str, torch.Tensor], int]:
+        """A worker's own state tensors (``local.*``) and its optimizer's step count."""
+        listed, _ = await self.c.service.call(node, "train.state", {"job": self.job, "names": [], "local": True})
+        tensors = {}
+        for batch in message_batches(listed["names"], listed["bytes"]):
+            _, got = await self.c.service.call(node, "train.state", {"job": self.job, "names": batch}, timeout=600)
+            tensors.update(zip(batch, got))
+        return tensors, int(listed["optimizer_step"])
+
     async def load_checkpoint(self, step: int) -> int:
         tensors, state = await asyncio.to_thread(self.c.checkpoints(self.job).read, step)
         torch.set_rng_state(torch.frombuffer(bytearray(bytes.fromhex(state["torch_rng"])), dtype=torch.uint8))
-        names = list(tensors)
-        batches, size, current = [], 0, []
-        for name in names:
-            current.append(name)
-            size += tensors[name].numel() * tensors[name].element_size()
-            if size >= STATE_MESSAGE_BYTES or len(current) >= STATE_MESSAGE_TENSORS:
-                batches.append(current)
-                current, size = [], 0
-        if current:
-            batches.append(current)
+        shared = {n: t for n, t in tensors.items() if not n.startswith(NODE_PREFIX)}
+        local_steps = state.get("local_steps", {})
 
-        async def send(node: S.NodeRef) -> None:
-            for batch in batches:
+        async def send(node: S.NodeRef, part: dict[str, torch.Tensor], optimizer_step: int) -> None:
+            names = list(part)
+            for batch in message_batches(names, [part[n].numel() * part[n].element_size() for n in names]):
                 await self.c.service.call(node, "train.load_state",
-                                          {"job": self.job, "names": batch, "optimizer_step": state["optimizer_step"]},
-                                          [tensors[n] for n in batch], timeout=600)
+                                          {"job": self.job, "names": batch, "optimizer_step": optimizer_step},
+                                          [part[n] for n in batch], timeout=600)
 
-        await asyncio.gather(*(send(n) for n in self.live))
+        async def load(node: S.NodeRef) -> None:
+            await send(node, shared, state["optimizer_step"])
+            prefix = f"{NODE_PREFIX}{node.public_key}."
+            own = {"local." + n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
+            if own:  # a node the checkpoint has none of (it was lost before) starts its own state afresh
+                await send(node, own, local_steps.get(node.public_key, 0))
+
+        await asyncio.gather(*(load(n) for n in self.live))
         return step
+
+
+def message_batches(names: list[str], sizes: list[int]) -> list[list[str]]:
+    """``names`` in batches of about :data:`STATE_MESSAGE_BYTES` (and at most
+    :data:`STATE_MESSAGE_TENSORS`): one message each."""
+    batches, size, current = [], 0, []
+    for name, nbytes in zip(names, sizes):
+        current.append(name)
+        size += nbytes
+        if size >= STATE_MESSAGE_BYTES or len(current) >= STATE_MESSAGE_TENSORS:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+    return batches
 
 
 def ring_member(node: S.NodeRef, port: int) -> dict:

@@ -35,6 +35,7 @@ from dllmd.net.messages import training as S
 from dllmd.train.model import TrainModelError
 from dllmd.train.optim import OptimConfig
 from dllmd.train.collective import RingCollective, TorchCollective
+from dllmd.train.diloco.worker import DiLoCoWorker
 from dllmd.train.pipeline.links import LinkError
 from dllmd.train.ring import RingError, RingMember, RingSocket
 from dllmd.train.worker import ShardRows, TrainWorker, WorkerSpec
@@ -54,12 +55,16 @@ REFUSALS = (TrainModelError, ModelFileError, ShardError, RingError, LinkError, V
 
 
 def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int,
-                  private: bool = False) -> int:
+                  private: bool = False, comm: S.CommPlan | None = None) -> int:
     """A rough peak for one AdamW replica: fp32 weights, gradients, two moments, the flat all-reduce
     buffer and its copy, plus activations of one micro-batch (and its logits); DP-SGD also holds
-    every example's gradient of a micro-batch, and the step's noise."""
+    every example's gradient of a micro-batch, and the step's noise; DiLoCo the outer weights and
+    their momentum; error feedback a residual and the next one."""
     activations = micro_batch * seq_len * (hidden * layers * 24 + vocab * 8)
-    return params * 4 * (6 + (micro_batch + 1 if private else 0)) + activations
+    copies = 6 + (micro_batch + 1 if private else 0)
+    if comm is not None:
+        copies += (2 if comm.sync_every else 0) + (2 if comm.compress != "none" else 0)
+    return params * 4 * copies + activations
 
 
 class TrainingService:
@@ -79,6 +84,8 @@ class TrainingService:
         from dllmd.train.pipeline.ops import StageOps  # pipeline stages: their own operations
         self.stages = StageOps(self)
         self.handlers.update({op.name: (op, handler) for op, handler in self.stages.handlers()})
+        from dllmd.train.diloco.ops import DiLoCoOps  # DiLoCo workers: inner steps, syncs, outer steps
+        self.handlers.update({op.name: (op, handler) for op, handler in DiLoCoOps(self).handlers()})
         from dllmd.train.federated.ops import FederatedClientOps  # federated clients: their own operations and roles
         self.federated = FederatedClientOps(self)
         self.handlers.update({op.name: (op, handler) for op, handler in self.federated.local_handlers()})
@@ -170,6 +177,10 @@ class TrainingService:
         if a.privacy is not None and (a.stage is not None or a.dtype != "float32" or not a.privacy.clip
                                       or not a.privacy.noise_multiplier):
             raise ValueError("DP-SGD runs on data-parallel float32 replicas, with a clip and noise above 0")
+        if a.comm is not None and (a.stage is not None or a.privacy is not None
+                                   or (a.backend != "zmq" and (a.comm.compress != "none" or a.comm.overlap))):
+            raise ValueError("--sync-every, --compress and --overlap run on data-parallel replicas without DP "
+                             "(compression and overlap on the zmq ring)")
         config_path = self.models.config_path(a.model)
         try:
             config = json.loads(config_path.read_text())
@@ -185,7 +196,7 @@ class TrainingService:
         manifest, files = await asyncio.to_thread(self.models.verified_span, a.model, 0, layers, True, True, admins)
         seq_len = shard.tokens.shape[1] if shard else 2048
         need = replica_bytes(manifest.params, a.micro_batch_size, seq_len, int(config.get("hidden_size", 0)), layers,
-                             int(config.get("vocab_size", 0)), private=a.privacy is not None)
+                             int(config.get("vocab_size", 0)), private=a.privacy is not None, comm=a.comm)
         device = hardware.best_device()
         free = hardware.gpus()[0]["memory_free"] if device.type == "cuda" else psutil.virtual_memory().available
         if need > free:
@@ -202,9 +213,10 @@ class TrainingService:
         spec = WorkerSpec(job=a.job, model=a.model, dataset=a.dataset, dtype=a.dtype,
                           micro_batch_size=a.micro_batch_size,
                           optim=OptimConfig(lr=a.lr, grad_clip=a.grad_clip, weight_decay=a.weight_decay),
-                          plaintext=a.plaintext, backend=a.backend, privacy=a.privacy)
+                          plaintext=a.plaintext, backend=a.backend, privacy=a.privacy, comm=a.comm)
+        kind = DiLoCoWorker if a.comm is not None and a.comm.sync_every else TrainWorker
         try:
-            worker = await asyncio.to_thread(TrainWorker.build, spec, config_path.parent, files, device, collective)
+            worker = await asyncio.to_thread(kind.build, spec, config_path.parent, files, device, collective)
         except Exception:
             collective.close()
             raise
@@ -270,6 +282,8 @@ class TrainingService:
         worker = self._worker(a.job)
         if not isinstance(worker, TrainWorker):
             raise ValueError(f"job {a.job} runs a pipeline stage on this node: its steps are train.stage_step")
+        if isinstance(worker, DiLoCoWorker):
+            raise ValueError(f"job {a.job} runs DiLoCo: its steps are train.inner, then train.sync")
         return await worker.step(a.step, self.step_rows(worker, a.step, a.shards, tensors))
 
     @staticmethod
@@ -298,22 +312,34 @@ class TrainingService:
         return {"reset": worker is not None}
 
     async def state(self, a: S.StateArgs, _tensors) -> tuple[dict, list[torch.Tensor]]:
-        """Without names: the names of every state tensor. With names: those tensors."""
+        """Without names: the names of every state tensor the replicas share (``local``: of this
+        worker's own, ``local.*``: error feedback, DiLoCo's inner AdamW). With names: those tensors."""
         worker = self._worker(a.job)
-        known = worker.state_names()
-        if any(n not in known for n in a.names):
+        shared, local = worker.state_names(), worker.local_state_names()
+        if any(n not in shared and n not in local for n in a.names):
             raise ValueError("train.state names a tensor this model does not have")
-        return ({"names": known if not a.names else a.names, "optimizer_step": worker.optimizer_step()},
-                [worker.state_tensor(n) for n in a.names])
+        def tensor(name: str) -> torch.Tensor:
+            return worker.local_state_tensor(name) if name in local else worker.state_tensor(name)
+
+        if a.names:
+            return {"names": a.names, "optimizer_step": worker.optimizer_step()}, [tensor(n) for n in a.names]
+        names = local if a.local else shared
+        sizes = [t.numel() * t.element_size() for t in map(tensor, names)]  # for the caller to batch by
+        return {"names": names, "bytes": sizes, "optimizer_step": worker.optimizer_step()}, []
 
     async def load_state(self, a: S.LoadStateArgs, tensors: list[torch.Tensor]) -> dict:
         if len(tensors) != len(a.names):
             raise ValueError("train.load_state carries one tensor per name")
         worker = self._worker(a.job)
         known = set(worker.state_names())
-        if any(n not in known for n in a.names):
+        local = {n: t for n, t in zip(a.names, tensors) if n.startswith("local.")}
+        if any(n not in known for n in a.names if n not in local):
             raise ValueError("train.load_state names a tensor this model does not have")
-        await asyncio.to_thread(worker.load_state, dict(zip(a.names, tensors)), a.optimizer_step)
+        if local:  # the reducer or the inner optimizer refuses what it does not keep
+            await asyncio.to_thread(worker.load_local_state, local, a.optimizer_step)
+        shared = {n: t for n, t in zip(a.names, tensors) if n not in local}
+        if shared:
+            await asyncio.to_thread(worker.load_state, shared, a.optimizer_step)
         return {"loaded": len(a.names)}
 
     async def release(self, a: S.JobArgs, _tensors) -> dict:

@@ -6,7 +6,10 @@ applied. Only when every worker has reported its step does the coordinator send 
 node dying mid-step leaves all survivors at the last completed step, with identical weights.
 
 A DP-SGD worker (``WorkerSpec.privacy``) sums clipped per-example gradients instead, and adds the
-step's seeded noise to the all-reduced sum before it keeps it (``dllmd.train.privacy``).
+step's seeded noise to the all-reduced sum before it keeps it (``dllmd.train.privacy``). A job that
+communicates less (``WorkerSpec.comm``) sums through a compressing reducer with error feedback
+(``dllmd.train.compression``), or bucket by bucket during the backward (``dllmd.train.overlap``);
+DiLoCo's worker is :class:`dllmd.train.diloco.worker.DiLoCoWorker`.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from dataclasses import dataclass, field
 import torch
 
 from dllmd.failpoints import failpoint
-from dllmd.net.messages.training import PrivacyPlan
+from dllmd.net.messages.training import CommPlan, PrivacyPlan
+from dllmd.train.compression import reducer_for
 from dllmd.train.model import load_causal_lm, loss_sum, parameters, row_targets
 from dllmd.train.optim import OptimConfig, TrainingState, apply_update, flatten_grads, make_optimizer, squared_norm
+from dllmd.train.overlap import OverlappedBackward
 from dllmd.train.privacy.clipping import clipped_gradient_sum
 from dllmd.train.privacy.dpsgd import apply_private_update, batch_loss, privatize
 from dllmd.train.ring import RingMember
@@ -74,6 +79,7 @@ class WorkerSpec:
     plaintext: bool = False
     backend: str = "zmq"
     privacy: PrivacyPlan | None = None  # DP-SGD: per-example clipping, seeded noise, no global clip
+    comm: CommPlan | None = None  # DiLoCo, compression, overlap (None: none of them)
 
 
 class TrainWorker(TrainingState):
@@ -84,6 +90,9 @@ class TrainWorker(TrainingState):
         self.state_params = self.params  # checkpoints name them as the model does
         self.optimizer = make_optimizer(model, spec.optim)
         self.collective = collective  # RingCollective or TorchCollective
+        self.reducer = reducer_for(spec.comm, collective, [p.shape for p in self.params.values()])
+        self.overlap = (OverlappedBackward(list(self.params.values()), collective, spec.comm.bucket_bytes)
+                        if spec.comm is not None and spec.comm.overlap else None)
         self.shards: dict[str, ShardRows] = {}
         self._pending: tuple[int, torch.Tensor] | None = None  # (step, summed buffer) awaiting apply
         self.lock = asyncio.Lock()  # one step or apply at a time
@@ -95,17 +104,27 @@ class TrainWorker(TrainingState):
 
     async def form_ring(self, generation: int, rank: int, members: list[RingMember]) -> None:
         self._pending = None
+        self.reducer.discard()
         await self.collective.form(generation, rank, members)
 
     async def step(self, step: int, rows: list[tuple[str, int]]) -> dict:
         async with self.lock:
             failpoint("train.step", step)
             self._pending = None
+            self.reducer.discard()
             started = time.perf_counter()
-            flat = await asyncio.to_thread(self._gradients, rows)
-            computed = time.perf_counter()
-            await self.collective.allreduce(flat, step)
-            reduced = time.perf_counter()
+            if self.overlap is not None:
+                batches = list(micro_batches(self.shards, rows, self.spec.micro_batch_size))
+                self.optimizer.zero_grad(set_to_none=True)
+                flat, overlapped = await self.overlap.gradients(self.model, batches, self.spec.dtype, step)
+                compute_s, comm_s, exposed_s, sent = (overlapped.compute_s, overlapped.comm_s, overlapped.exposed_s,
+                                                      overlapped.bytes_sent)
+            else:
+                flat = await asyncio.to_thread(self._gradients, rows)
+                compute_s = time.perf_counter() - started
+                reduced = await self.reducer.reduce(flat, step)
+                comm_s = exposed_s = reduced.seconds
+                sent = reduced.bytes_sent
             tokens = float(flat[-1])
             if self.spec.privacy is not None:  # the noise goes on the global sum, once: every worker holds it
                 await asyncio.to_thread(privatize, flat, self.spec.privacy, step)
@@ -114,7 +133,8 @@ class TrainWorker(TrainingState):
                 norm = math.sqrt(squared_norm(flat[:-2])) / tokens if tokens else None
             self._pending = (step, flat)
             return {"step": step, "rows": len(rows), "loss": batch_loss(flat), "tokens": int(tokens),
-                    "grad_norm": norm, "compute_s": computed - started, "comm_s": reduced - computed}
+                    "grad_norm": norm, "compute_s": compute_s, "comm_s": comm_s, "comm_exposed_s": exposed_s,
+                    "bytes_sent": sent}
 
     def _gradients(self, rows: list[tuple[str, int]]) -> torch.Tensor:
         """The summed loss gradient over this worker's rows (zero if it has none this step)."""
@@ -141,12 +161,27 @@ class TrainWorker(TrainingState):
             else:
                 result = await asyncio.to_thread(apply_update, self.model, self.optimizer, flat, lr,
                                                  self.spec.optim.grad_clip)
+            self.reducer.commit()
             return {"step": step, "loss": result.loss, "grad_norm": result.grad_norm}
 
     def reset(self, reason: str) -> None:
         """Drop a half-done step (a peer died): the replica stays at the last applied step."""
         self.collective.abort(reason)
         self._pending = None
+        self.reducer.discard()
+
+    # --- this worker's own state (error feedback; DiLoCo's inner AdamW): checkpoints hold every worker's
+
+    def local_state_names(self) -> list[str]:
+        return [f"local.{name}" for name in self.reducer.state()]
+
+    def local_state_tensor(self, name: str) -> torch.Tensor:
+        return self.reducer.state()[name.removeprefix("local.")].detach().cpu()
+
+    def load_local_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
+        self.reducer.load({name.removeprefix("local."): tensor for name, tensor in tensors.items()})
 
     def close(self) -> None:
+        if self.overlap is not None:
+            self.overlap.close()
         self.collective.close()

@@ -83,6 +83,18 @@ class JobSpec:
     dp_delta: float = bounded(1e-5, lo=0.0, hi=1.0)
     dp_epsilon_budget: float = bounded(0.0, lo=0.0, hi=1e6)  # 0: no budget; else the job ends before exceeding it
     dp_seed: int = bounded(0, lo=0, hi=2**63 - 1)  # secret: sampling and noise; drawn by the coordinator at submit
+    # Communicating less (data parallelism; dllmd.train.lowcomm): DiLoCo's local steps between syncs,
+    # compressed all-reduces, all-reduces overlapped with the backward pass.
+    sync_every: int = bounded(0, lo=0, hi=1_000_000)  # DiLoCo: inner steps per outer step (0: sync every step)
+    outer_lr: float = bounded(0.7, lo=0.0, hi=100.0)  # DiLoCo's outer Nesterov SGD
+    outer_momentum: float = bounded(0.9, lo=0.0, hi=0.9999)
+    compress: str = bounded("none", max_len=24)  # none, fp16, int8 or powersgd:RANK
+    overlap: bool = False  # all-reduce gradient buckets during the last micro-batch's backward
+    overlap_bucket_bytes: int = bounded(25 * 2**20, lo=1024, hi=2**34)
+    # A held-out text's token ids, scored on the coordinator's replica at every checkpoint and at the end:
+    # the metrics' heldout_loss (data parallelism; dllmd.inference.perplexity, windows of eval_window).
+    eval_tokens: list[int] = bounded([], max_len=12288)  # msgpack: up to 3 bytes each, in a 64 KiB header
+    eval_window: int = bounded(256, lo=2, hi=512)
 
 
 @dataclass
@@ -94,6 +106,22 @@ class PrivacyPlan:
     noise_multiplier: float = bounded(lo=0.0, hi=1e6)
     expected_batch_size: int = bounded(lo=1, hi=1_000_000)
     seed: int = bounded(lo=0, hi=2**63 - 1)
+
+
+@dataclass
+class CommPlan:
+    """How a data-parallel worker communicates: the gradient of every step, or DiLoCo's pseudo-gradient
+    every ``sync_every`` inner steps; exact or compressed; after the backward pass or during it."""
+
+    sync_every: int = bounded(0, lo=0, hi=1_000_000)  # 0: every step
+    outer_lr: float = bounded(0.7, lo=0.0, hi=100.0)
+    outer_momentum: float = bounded(0.9, lo=0.0, hi=0.9999)
+    compress: str = bounded("none", max_len=16)  # none, fp16, int8, powersgd
+    rank: int = bounded(0, lo=0, hi=4096)  # powersgd
+    block: int = bounded(64, lo=1, hi=65536)  # int8: values per scale
+    seed: int = bounded(0, lo=0, hi=2**32 - 1)  # PowerSGD's first Q, the same on every worker
+    overlap: bool = False
+    bucket_bytes: int = bounded(25 * 2**20, lo=1024, hi=2**34)  # overlap: gradient bytes per all-reduce
 
 
 @dataclass
@@ -124,6 +152,7 @@ class WorkerPrepareArgs:
     backend: str = bounded("zmq", max_len=8)
     stage: StagePlan | None = None  # a pipeline stage's span (None: a data-parallel replica)
     privacy: PrivacyPlan | None = None  # DP-SGD (None: exact training)
+    comm: CommPlan | None = None  # None: every step's gradient, exact, after the backward
 
 
 @dataclass
@@ -161,6 +190,49 @@ class ApplyArgs:
     job: str = bounded(max_len=64)
     step: int = bounded(lo=0, hi=2**40)
     lr: float = bounded(lo=0.0, hi=10.0)
+
+
+@dataclass
+class InnerStepArgs:
+    """A DiLoCo inner step: this worker's rows of global batch ``step``, applied here at once."""
+
+    job: str = bounded(max_len=64)
+    step: int = bounded(lo=0, hi=2**40)
+    lr: float = bounded(lo=0.0, hi=10.0)
+    shards: list[str] = bounded(max_len=256)  # the rows tensor's shard column indexes this list
+
+
+@dataclass
+class InnerStepped:
+    step: int
+    rows: int
+    tokens: int  # this worker's target tokens in the step
+    loss: float | None  # this worker's mean loss (None: it had no rows)
+    grad_norm: float | None  # of its local mean gradient, before clipping
+    compute_s: float
+
+
+@dataclass
+class SyncArgs:
+    """DiLoCo's outer step ``step``: all-reduce the pseudo-gradient since the last one (kept, not applied)."""
+
+    job: str = bounded(max_len=64)
+    step: int = bounded(lo=0, hi=2**40)
+
+
+@dataclass
+class Synced:
+    step: int
+    tokens: int  # every worker's target tokens since the last outer step: the weights of the mean
+    loss: float | None  # their mean inner loss
+    pseudo_grad_norm: float  # of the token-weighted mean pseudo-gradient (outer weights - inner weights)
+    comm_s: float
+    bytes_sent: int  # by this worker, for this all-reduce
+
+
+@dataclass
+class OuterApplied:
+    step: int  # the outer step every worker now continues from
 
 
 @dataclass
@@ -294,6 +366,7 @@ class ResumeArgs:
 class StateArgs:
     job: str = bounded(max_len=64)
     names: list[str] = bounded(max_len=4096)
+    local: bool = False  # without names: the names of this worker's own state (not the replicas' shared)
 
 
 @dataclass
@@ -458,8 +531,10 @@ class Metrics:
     state: str
     step: int
     total_steps: int
-    metrics: list[dict]  # one row per step: loss, lr, grad_norm, tokens_per_s, step_s, compute_s, comm_s, nodes
-    # (DP jobs also epsilon and delta)
+    metrics: list[dict]  # one row per step: loss, lr, grad_norm, tokens_per_s, step_s, compute_s, comm_s,
+    # comm_exposed_s, bytes_sent, nodes (DP jobs also epsilon and delta; DiLoCo jobs: a row per outer
+    # step, with inner_steps)
+    more: bool = False  # rows after these did not fit one reply: ask again after the last step here
 
 
 @dataclass
@@ -487,6 +562,9 @@ TRAIN_RESET = Op("train.reset", JobArgs, dict)
 TRAIN_STATE = Op("train.state", StateArgs, dict)
 TRAIN_LOAD_STATE = Op("train.load_state", LoadStateArgs, dict)
 TRAIN_RELEASE = Op("train.release", JobArgs, dict)
+TRAIN_INNER = Op("train.inner", InnerStepArgs, InnerStepped)
+TRAIN_SYNC = Op("train.sync", SyncArgs, Synced)
+TRAIN_OUTER = Op("train.outer", SyncArgs, OuterApplied)
 TRAIN_LINKS = Op("train.links", LinksArgs, dict)
 TRAIN_PIPE = Op("train.pipe", PipeArgs, dict)
 TRAIN_STAGE_STEP = Op("train.stage_step", StageStepArgs, StageStepped)
