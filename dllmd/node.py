@@ -108,11 +108,11 @@ class Daemon:
         self.links = PeerLinks(peers, self.keys, self.identity.public_key)
         self._register(server)
         self.inference.register(server)
-        self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
+        self.training = TrainingService(self.home, self.config, self.identity, self.keys, peers)
         self.training.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)
         DataOps(self.home).register(server)
-        self.ring_bench = RingBenchOps(ctx, self.identity, self.config) if self.config.bench_operations else None
+        self.ring_bench = RingBenchOps(self.identity, self.keys, self.config) if self.config.bench_operations else None
         if self.ring_bench is not None:  # benchmark-only: not part of what a production node answers
             self.ring_bench.register(server)
         self.inference.start()

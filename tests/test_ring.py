@@ -7,32 +7,25 @@ import asyncio
 
 import pytest
 import torch
-import zmq
 
 from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys, Role
-from dllmd.net.transport import KeyTableAuthenticator
 from dllmd.train.ring import RingError, RingMember, RingSocket, ring_allreduce
 
 
 def _ring(tmp_path, size: int, plaintext: bool):
-    ctx = zmq.Context()
     ids = [Identity.generate() for _ in range(size)]
     keys = AuthorizedKeys(tmp_path / "authorized_keys.toml")
     for identity in ids:
         keys.authorize(identity.public_key, Role.PEER)
-    auth = KeyTableAuthenticator(ctx, keys)
-    auth.start()
-    sockets = [RingSocket(ctx, identity, "127.0.0.1", plaintext=plaintext) for identity in ids]
+    sockets = [RingSocket(identity, "127.0.0.1", plaintext=plaintext, authorized=keys.admits) for identity in ids]
     members = [RingMember(identity.public_key, s.endpoint) for identity, s in zip(ids, sockets)]
     for rank, sock in enumerate(sockets):
-        sock.form(1, members[(rank - 1) % size], members[(rank + 1) % size])
+        sock.form(1, members[(rank - 1) % size], members[(rank + 1) % size], members, rank)
 
     def close():
         for sock in sockets:
             sock.close()
-        auth.stop()
-        ctx.term()
 
     return sockets, close
 
@@ -64,7 +57,7 @@ def test_reset_wakes_a_waiting_rank_with_an_error(tmp_path):
             # Rank 2 never joins: the others wait until the ring is reset under them.
             pending = [asyncio.ensure_future(ring_allreduce(sockets[r], torch.ones(100), r, 3, step=1))
                        for r in range(2)]
-            await _until(lambda: all(s._waiting for s in sockets[:2]))  # both are blocked on a receive
+            await _until(lambda: all(s.running for s in sockets[:2]))  # both are blocked on a receive
             for sock in sockets[:2]:
                 sock.fail_pending(RingError("peer died"))
             for task in pending:
