@@ -55,6 +55,7 @@ class RingCode(str, Enum):
     ABORTED = "ring_aborted"  # reset, re-formed or closed under a running collective
     TIMEOUT = "ring_timeout"
     NOT_FORMED = "ring_not_formed"
+    UNAUTHORIZED = "ring_unauthorized"  # the ring names a node whose key this node does not authorize
 
 
 class RingError(RuntimeError):
@@ -79,7 +80,7 @@ class _Slot:
     initiator: bool  # this side dials
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     link: BulkLink | None = None
-    error: BulkLinkError | None = None  # the last dial failure (final if PEER_MISMATCH)
+    error: Exception | None = None  # the last dial failure; final when ``ready`` is set without a link
     task: asyncio.Task | None = None
 
 
@@ -121,9 +122,13 @@ class RingSocket:
         loop = asyncio.get_running_loop()
         for key, member in peers.items():
             slot = _Slot(member, initiator=self.identity.public_key < key)
-            if slot.initiator:
-                slot.task = loop.create_task(self._dial(slot, generation))
             self._slots[key] = slot
+            if not self._authorized(key):  # neither dialled nor admitted: fail the ring's collectives at once
+                slot.error = RingError(f"ring member {key[:16]} is not an authorized key on this node",
+                                       RingCode.UNAUTHORIZED)
+                slot.ready.set()
+            elif slot.initiator:
+                slot.task = loop.create_task(self._dial(slot, generation))
 
     def fail_pending(self, error: Exception) -> None:
         """Wake everything waiting on this ring with ``error`` (a reset, or a dead peer). The
