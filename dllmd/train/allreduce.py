@@ -3,7 +3,8 @@
 ``allreduce(..., algorithm="auto")`` takes the ring for large buffers (bandwidth-optimal) and the
 tree (recursive doubling: floor(log2 n) messages deep, one more when n is not a power of two) for
 small ones, where the ring's 2(n-1) sequential hops cost more than its lower traffic saves.
-The threshold (``allreduce_plan.TREE_MAX_BYTES``) is measured: ``dllmctl bench allreduce --sweep``. Every rank computes the same choice from the same size, so they always agree.
+The threshold (``allreduce_plan.TREE_MAX_BYTES``) is measured: ``dllmctl bench allreduce --sweep``.
+Every rank computes the same choice from the same size, so they always agree.
 """
 
 from __future__ import annotations
