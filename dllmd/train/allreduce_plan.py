@@ -76,7 +76,7 @@ def split(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
 
 def choose(nbytes: int, size: int, tree_possible: bool = True) -> str:
     """The algorithm ``allreduce(..., algorithm="auto")`` takes: every rank computes the same."""
-    return "tree" if tree_possible and size > 2 and nbytes <= TREE_MAX_BYTES else "ring"
+    return "tree" if tree_possible and size >= 2 and nbytes <= TREE_MAX_BYTES else "ring"
 
 
 def ring_plan(rank: int, size: int, elements: int, bucket_elements: int, in_flight: int) -> Plan:
