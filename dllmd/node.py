@@ -109,11 +109,11 @@ class Daemon:
         self._register(server)
         self.inference.register(server)
         RelayService(self.identity, self.keys, peers, server, self.wire_limits, self.config.relay).register(server)
-        self.training = TrainingService(self.home, self.config, self.identity, self.keys, ctx, peers)
+        self.training = TrainingService(self.home, self.config, self.identity, self.keys, peers)
         self.training.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)
         DataOps(self.home, self.config.data_root_paths(self.home)).register(server)
-        self.ring_bench = RingBenchOps(ctx, self.identity, self.config) if self.config.bench_operations else None
+        self.ring_bench = RingBenchOps(self.identity, self.keys, self.config) if self.config.bench_operations else None
         if self.ring_bench is not None:  # benchmark-only: not part of what a production node answers
             self.ring_bench.register(server)
         self.inference.start()

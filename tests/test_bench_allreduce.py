@@ -1,5 +1,6 @@
-"""`dllmctl bench allreduce`: gloo and our ring (encrypted and plaintext) in one run, checked sums,
-figures and ratios; the daemon's ring.* operations refuse plaintext unless node.toml allows it."""
+"""`dllmctl bench allreduce`: gloo and our all-reduce (encrypted and plaintext) in one run, checked sums,
+figures and ratios, and a sweep of the ring against the tree by size; the daemon's ring.* operations
+refuse plaintext unless node.toml allows it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.conftest import run_cli
 
 def test_bench_allreduce_reports_gloo_and_both_rings(user_env, user):
     done = run_cli("dllmctl", "bench", "allreduce", "--size", "1MB", "--nodes", "3", "--iterations", "2", "--rounds",
-                   "2", "--json", timeout=120)
+                   "2", "--sweep", "4KB,1MB", "--json", timeout=180)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["nodes"] == 3 and report["bytes"] == 1_000_000 and report["elements"] == 250_000
@@ -28,16 +29,26 @@ def test_bench_allreduce_reports_gloo_and_both_rings(user_env, user):
         # bus bandwidth: 2(n-1)/n * bytes / seconds
         assert row["bus_gb_per_s"] == pytest.approx(4 / 3 * 1e6 / (row["median_ms"] / 1000) / 1e9, rel=1e-2)
     assert report["gloo"]["ratio_to_gloo"] == 1.0
-    assert report["encrypted"]["target_ratio"] == 0.5 and report["plaintext"]["target_ratio"] == 0.9
+    assert report["encrypted"]["target_ratio"] == 0.6 and report["plaintext"]["target_ratio"] == 0.9
     assert report["encrypted"]["bucket_bytes"] == 4 * 2**20 and report["plaintext"]["bucket_bytes"] == 16 * 2**20
+    assert report["algorithm"] == "auto" and report["encrypted"]["algorithm"] == "ring"  # 1 MB: above the tree's
+    # The sweep: gloo, the ring and the tree at each size, which was faster, and what auto takes there.
+    assert [row["bytes"] for row in report["sweep"]] == [4000, 1_000_000]
+    for row in report["sweep"]:
+        assert row["ring"]["algorithm"] == "ring" and row["tree"]["algorithm"] == "tree", row
+        assert row["faster"] == min(("ring", "tree"), key=lambda key: row[key]["median_ms"])
+        assert all(row[key]["median_ms"] > 0 for key in ("gloo", "ring", "tree"))
+    assert [row["auto"] for row in report["sweep"]] == ["tree", "ring"]
     for key in ("encrypted", "plaintext"):
         row = report[key]
         assert row["ratio_to_gloo"] == pytest.approx(report["gloo"]["median_ms"] / row["median_ms"], rel=1e-2)
         assert row["meets_target"] == (row["ratio_to_gloo"] >= row["target_ratio"])
 
-    # Bad sizes: a clear message before any node starts.
-    for size, needle in (("12XB", "like 64MB"), ("3GB", "between"), ("5", "multiple of 4")):
-        bad = run_cli("dllmctl", "bench", "allreduce", "--size", size)
+    # Bad options: a clear message before any node starts.
+    for option, size, needle in (("--size", "12XB", "like 64MB"), ("--size", "3GB", "between"),
+                                 ("--size", "5", "multiple of 4"), ("--sweep", "4KB,x", "like 64MB"),
+                                 ("--algorithm", "star", "one of auto, ring, tree")):
+        bad = run_cli("dllmctl", "bench", "allreduce", option, size)
         assert bad.returncode != 0 and needle in " ".join(bad.stderr.split()) and "Traceback" not in bad.stderr, \
             (size, bad.stderr)
 
@@ -66,6 +77,7 @@ def test_ring_ops_refuse_plaintext_unless_allowed_and_check_their_arguments(daem
                                    ({"iterations": 101}, "iterations must be <= 100"),
                                    ({"elements": 512 * 1024 * 1024 + 1}, "elements must be <="),
                                    ({"rank": 1}, "is not this node"),
+                                   ({"algorithm": "star"}, "algorithm must be one of"),
                                    ({"rank": 2}, "not below the member count"),
                                    ({"members": members[:1]}, "at least 2 members"),
                                    ({"members": [members[0], {**members[1], "public_key": "zz"}]}, "public_key"),

@@ -5,17 +5,22 @@ then measures, on the same buffer size and node count:
 
 * gloo: N worker processes (``dllmctl.bench.gloo_worker``), ``all_reduce`` over TCP on loopback,
   with the same OpenMP thread count per process as the daemons get;
-* our ring, CURVE-encrypted: every daemon binds a ring socket (``ring.open``), joins the ring
-  (``ring.form``, on all before any runs) and times all-reduces (``ring.run``);
-* our ring, plaintext: the same with encryption off (trusted links only).
+* ours, encrypted (AES-256-GCM bulk links): every daemon binds a ring socket (``ring.open``), joins
+  the ring (``ring.form``, on all before any runs) and times all-reduces (``ring.run``) by the
+  algorithm asked for (``auto``: what training takes for that size, the ring or the tree);
+* ours, plaintext: the same with encryption off (trusted links only).
+
+With ``sweep`` sizes it then measures, for each, gloo, our ring and our tree (encrypted), to show
+where each algorithm wins and what ``auto`` picks.
 
 The modes take turns, round after round, so that load from elsewhere on the machine falls on all
 of them alike. Every rank fills its buffer with ``rank + 1`` and checks the sum, n(n+1)/2, after
 each all-reduce; each round of each mode starts with one warm-up. An iteration's time is the
 slowest rank's (the collective is done when every rank is), and a mode's figure is the median over
 all its iterations. The bandwidth is the "bus bandwidth" of nccl-tests, 2(n-1)/n * bytes / seconds:
-what each link carries per second in a ring, comparable across node counts. Targets: the encrypted
-ring at >= 0.5x gloo, plaintext at >= 0.9x.
+what each link carries per second in a ring, comparable across node counts (and across algorithms:
+it is the same formula for the tree, whatever the tree really sends). Targets: the encrypted ring at
+>= 0.6x gloo, plaintext at >= 0.9x.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from dllmctl.cluster.registry import Registry
 from dllmd import units
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
+from dllmd.train.allreduce import ALGORITHMS
+from dllmd.train.allreduce_plan import TREE_MAX_BYTES, choose
 
-TARGET_ENCRYPTED = 0.5
+TARGET_ENCRYPTED = 0.6
 TARGET_PLAINTEXT = 0.9
 MAX_BYTES = 2 * 1024**3  # ring.run takes up to 512M float32 elements
 
@@ -112,11 +119,11 @@ class GlooGroup:
             self.lines.put((rank, line))
         self.lines.put((rank, None))
 
-    def round(self) -> list[list[float]]:
-        """One round: per-rank iteration seconds."""
+    def round(self, elements: int | None = None) -> list[list[float]]:
+        """One round (of ``elements``, if given: the size from then on): per-rank iteration seconds."""
         for proc in self.procs:
             try:
-                proc.stdin.write("go\n")
+                proc.stdin.write(f"go {elements}\n" if elements else "go\n")
                 proc.stdin.flush()
             except OSError:
                 pass  # it exited: reported below
@@ -164,9 +171,11 @@ def _ring_endpoint(opened: dict, node_address: str) -> str:
 
 
 async def run_ring(user: Identity, nodes: list[local_cluster.LocalNode], elements: int, iterations: int,
-                   plaintext: bool, bucket_bytes: int = 0, run_timeout: float = 600.0) -> tuple[list[list[float]], int]:
-    """Per-rank iteration seconds of our ring over the daemons' ``ring.*`` operations, and the
-    bucket size it used (``bucket_bytes`` 0: the ring's default, as training uses)."""
+                   plaintext: bool, bucket_bytes: int = 0, run_timeout: float = 600.0,
+                   algorithm: str = "auto") -> tuple[list[list[float]], dict]:
+    """Per-rank iteration seconds of our all-reduce over the daemons' ``ring.*`` operations, and
+    rank 0's reply (the bucket size and the algorithm it used; ``bucket_bytes`` 0: the ring's
+    default, as training uses)."""
     clients = [RpcClient(user, n.address, n.public_key) for n in nodes]
     try:
         opened = await asyncio.gather(*(c.call("ring.open", {"plaintext": plaintext}, timeout=30) for c in clients))
@@ -176,10 +185,10 @@ async def run_ring(user: Identity, nodes: list[local_cluster.LocalNode], element
         await asyncio.gather(*(c.call("ring.form", {"members": members, "rank": rank, "generation": 1}, timeout=30)
                                for rank, c in enumerate(clients)))
         args = {"members": members, "elements": elements, "iterations": iterations, "bucket_bytes": bucket_bytes,
-                "generation": 1}
+                "generation": 1, "algorithm": algorithm}
         results = await asyncio.gather(*(c.call("ring.run", {**args, "rank": rank}, timeout=run_timeout)
                                          for rank, c in enumerate(clients)))
-        return [result["seconds"] for result, _ in results], results[0][0]["bucket_bytes"]
+        return [result["seconds"] for result, _ in results], results[0][0]
     finally:
         await asyncio.gather(*(c.call("ring.close", timeout=10) for c in clients), return_exceptions=True)
         for c in clients:
@@ -196,44 +205,68 @@ def _figures(rounds: list[list[list[float]]], nbytes: int, nodes: int) -> dict:
             "rank_median_ms": [round(statistics.median(r) * 1000, 3) for r in ranks]}
 
 
+def _timeout(nbytes: int, iterations: int) -> float:
+    return 120.0 + (iterations + 1) * 2 * nbytes / 20e6  # generous: the slowest machines seal at tens of MB/s
+
+
 def run(user: Identity, nodes: int, nbytes: int, iterations: int, rounds: int = 2, bucket_bytes: int = 0,
-        progress: Callable[[str], None] = lambda _: None) -> dict:
+        progress: Callable[[str], None] = lambda _: None, algorithm: str = "auto", sweep: list[int] = ()) -> dict:
     if nodes < 2:
         raise BenchError("an all-reduce needs at least 2 nodes")
+    if algorithm not in ALGORITHMS:
+        raise BenchError(f"--algorithm is one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
     elements = nbytes // 4
-    # Generous: the slowest machines encrypt at tens of MB/s per core.
-    timeout = 120.0 + (iterations + 1) * 2 * nbytes / 20e6
     report: dict = {"nodes": nodes, "bytes": nbytes, "elements": elements, "iterations": iterations,
-                    "rounds": rounds, "cpu_count": os.cpu_count(),
-                    "omp_threads_per_process": int(worker_env(nodes)["OMP_NUM_THREADS"]),
+                    "rounds": rounds, "algorithm": algorithm, "tree_max_bytes": TREE_MAX_BYTES,
+                    "cpu_count": os.cpu_count(), "omp_threads_per_process": int(worker_env(nodes)["OMP_NUM_THREADS"]),
                     "timing": "per iteration the slowest rank's time; median over all iterations of all rounds",
                     "bus_bandwidth": "2(n-1)/n * bytes / seconds"}
-    measured: dict[str, list] = {"gloo": [], "encrypted": [], "plaintext": []}
-    buckets: dict[str, int] = {}
+    largest = max([nbytes, *sweep])
     with tempfile.TemporaryDirectory(prefix="dllm-bench-allreduce-") as tmp:
         registry = Registry(Path(tmp) / "cluster.toml")
         started = local_cluster.up(nodes, Path(tmp), user, registry, progress, bench=True)
         try:
-            gloo = GlooGroup(nodes, elements, iterations, rounds, timeout, Path(tmp))
+            gloo = GlooGroup(nodes, elements, iterations, rounds * (1 + len(sweep)), _timeout(largest, iterations),
+                             Path(tmp))
             try:
-                for r in range(rounds):  # the modes take turns
-                    progress(f"round {r + 1}/{rounds}: gloo, {nodes} processes")
-                    measured["gloo"].append(gloo.round())
-                    for key, plaintext in (("encrypted", False), ("plaintext", True)):
-                        progress(f"round {r + 1}/{rounds}: ring {key}, {nodes} daemons")
-                        per_rank, buckets[key] = asyncio.run(run_ring(user, started, elements, iterations, plaintext,
-                                                                      bucket_bytes, run_timeout=timeout))
-                        measured[key].append(per_rank)
+                modes = {"encrypted": (False, algorithm), "plaintext": (True, algorithm)}
+                report.update(_compare(gloo, user, started, nbytes, iterations, rounds, bucket_bytes, modes, progress))
+                for key, target in (("encrypted", TARGET_ENCRYPTED), ("plaintext", TARGET_PLAINTEXT)):
+                    ratio = report[key]["ratio_to_gloo"]
+                    report[key].update({"target_ratio": target, "meets_target": ratio >= target})
+                report["sweep"] = [
+                    {"bytes": size, "auto": choose(size, nodes),
+                     **_compare(gloo, user, started, size, iterations, rounds, bucket_bytes,
+                                {"ring": (False, "ring"), "tree": (False, "tree")}, progress)}
+                    for size in sweep]
+                for row in report["sweep"]:
+                    row["faster"] = "tree" if row["tree"]["median_ms"] < row["ring"]["median_ms"] else "ring"
             finally:
                 gloo.close()
         finally:
             local_cluster.down(Path(tmp), registry)
-    modes = {key: _figures(rounds_, nbytes, nodes) for key, rounds_ in measured.items()}
-    gloo_figures = modes["gloo"]
-    gloo_figures["ratio_to_gloo"] = 1.0
-    for key, target in (("encrypted", TARGET_ENCRYPTED), ("plaintext", TARGET_PLAINTEXT)):
-        ratio = gloo_figures["median_ms"] / modes[key]["median_ms"]  # = the ratio of bus bandwidths
-        modes[key].update({"bucket_bytes": buckets[key], "ratio_to_gloo": round(ratio, 3), "target_ratio": target,
-                           "meets_target": ratio >= target})
-    report.update(modes)
     return report
+
+
+def _compare(gloo: GlooGroup, user: Identity, nodes: list[local_cluster.LocalNode], nbytes: int, iterations: int,
+             rounds: int, bucket_bytes: int, modes: dict[str, tuple[bool, str]],
+             progress: Callable[[str], None]) -> dict:
+    """gloo and each of ``modes`` (name: (plaintext, algorithm)) on ``nbytes``, taking turns for
+    ``rounds`` rounds: their figures, with the ratio of each mode to gloo."""
+    elements, count = nbytes // 4, len(nodes)
+    measured: dict[str, list] = {"gloo": [], **{key: [] for key in modes}}
+    replies: dict[str, dict] = {}
+    for r in range(rounds):
+        progress(f"{nbytes:,} bytes, round {r + 1}/{rounds}: gloo, {count} processes")
+        measured["gloo"].append(gloo.round(elements))
+        for key, (plaintext, algorithm) in modes.items():
+            progress(f"{nbytes:,} bytes, round {r + 1}/{rounds}: {key}, {count} daemons")
+            per_rank, replies[key] = asyncio.run(run_ring(user, nodes, elements, iterations, plaintext, bucket_bytes,
+                                                          _timeout(nbytes, iterations), algorithm))
+            measured[key].append(per_rank)
+    figures = {key: _figures(rounds_, nbytes, count) for key, rounds_ in measured.items()}
+    figures["gloo"]["ratio_to_gloo"] = 1.0
+    for key in modes:
+        figures[key].update({"bucket_bytes": replies[key]["bucket_bytes"], "algorithm": replies[key]["algorithm"],
+                             "ratio_to_gloo": round(figures["gloo"]["median_ms"] / figures[key]["median_ms"], 3)})
+    return figures

@@ -3,10 +3,11 @@
 ``python -m dllmctl.bench.gloo_worker --rank R --world N --port P --elements E --iterations I [--rounds K]``
 
 Joins a torch.distributed gloo group on 127.0.0.1, then runs K rounds; each waits for a line on
-stdin (when K > 1, so the caller can interleave other measurements between rounds), runs one
-warm-up and I timed ``all_reduce`` calls of a float32 buffer of E elements filled with
-``rank + 1``, checks that the sum is n(n+1)/2 everywhere, and prints one JSON line:
-``{"rank": R, "round": k, "seconds": [...]}``. Exit status 2: a wrong sum.
+stdin (when K > 1, so the caller can interleave other measurements between rounds): ``go``, or
+``go ELEMENTS`` for another buffer size from then on (a size sweep). A round runs one warm-up and
+I timed ``all_reduce`` calls of a float32 buffer of E elements filled with ``rank + 1``, checks
+that the sum is n(n+1)/2 everywhere, and prints one JSON line: ``{"rank": R, "round": k,
+"seconds": [...]}``. Exit status 2: a wrong sum.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         buffer = torch.empty(a.elements, dtype=torch.float32)
         expected = a.world * (a.world + 1) / 2
         for round_ in range(a.rounds):
-            if a.rounds > 1 and not sys.stdin.readline():
-                return 3  # the caller went away
+            if a.rounds > 1:
+                line = sys.stdin.readline().split()
+                if not line:
+                    return 3  # the caller went away
+                if len(line) > 1 and int(line[1]) != buffer.numel():
+                    buffer = torch.empty(int(line[1]), dtype=torch.float32)
             seconds = []
             for i in range(1 + a.iterations):  # the first is the warm-up
                 buffer.fill_(a.rank + 1)

@@ -334,10 +334,15 @@ def allreduce(
         min=1, max=20, help="Rounds in which the modes take turns (evens out load from elsewhere).")] = 2,
     bucket: Annotated[Optional[str], typer.Option(
         help="The ring's bucket size (default: the ring's own, as training uses: 4MiB encrypted, 16MiB plaintext).")] = None,
+    algorithm: Annotated[str, typer.Option(
+        help="ring, tree, or auto (what training takes for the size: the tree for small buffers).")] = "auto",
+    sweep: Annotated[Optional[str], typer.Option(
+        help="Sizes to compare the ring and the tree (encrypted) on, e.g. 4KB,64KB,1MB,16MB.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Our ring all-reduce, CURVE-encrypted and plaintext, against torch.distributed gloo on temporary
-    local nodes: median time, bus bandwidth and the ratio to gloo (targets 0.5x and 0.9x)."""
+    """Our all-reduce, encrypted (AES-GCM links) and plaintext, against torch.distributed gloo on temporary
+    local nodes: median time, bus bandwidth and the ratio to gloo (targets 0.6x and 0.9x); with --sweep,
+    the ring against the tree by size."""
     from dllmctl.bench import allreduce as allreduce_bench
     from dllmctl.cluster.local import LocalClusterError
     from dllmctl.cluster.registry import RegistryError
@@ -346,13 +351,16 @@ def allreduce(
     try:
         nbytes = allreduce_bench.parse_size(size)
         bucket_bytes = allreduce_bench.parse_size(bucket, "--bucket", lo=4096, hi=256 * 2**20) if bucket else 0
+        sizes = [allreduce_bench.parse_size(s.strip(), "--sweep") for s in sweep.split(",")] if sweep else []
+        if algorithm not in allreduce_bench.ALGORITHMS:
+            raise ValueError(f"--algorithm is one of {', '.join(allreduce_bench.ALGORITHMS)}, not {algorithm!r}")
     except ValueError as exc:
         fail(str(exc))
     user = load_user()
     try:
         with err.status("benchmarking...") as status:
             report = allreduce_bench.run(user, nodes, nbytes, iterations, rounds, bucket_bytes,
-                                         progress=lambda text: status.update(text))
+                                         progress=lambda text: status.update(text), algorithm=algorithm, sweep=sizes)
     except (allreduce_bench.BenchError, CallError, LocalClusterError, RegistryError, OSError) as exc:
         fail(str(exc))
     if as_json:
@@ -361,16 +369,24 @@ def allreduce(
     out.print(f"all-reduce of {human_bytes(report['bytes'])} ({report['elements']:,} float32) over {report['nodes']} "
               f"local nodes, {report['rounds']} x {report['iterations']} iterations, {report['cpu_count']} cores, "
               f"{report['omp_threads_per_process']} OpenMP thread(s) per process")
-    table = Table("mode", "bucket", "median ms", "bus GB/s", "vs gloo", "target", "met")
-    for key, label in (("gloo", "gloo (baseline)"), ("encrypted", "ring encrypted (CURVE)"),
-                       ("plaintext", "ring plaintext")):
+    table = Table("mode", "algorithm", "bucket", "median ms", "bus GB/s", "vs gloo", "target", "met")
+    for key, label in (("gloo", "gloo (baseline)"), ("encrypted", "ours, encrypted (AES-GCM)"),
+                       ("plaintext", "ours, plaintext")):
         row = report[key]
         target = f">= {row['target_ratio']}x" if "target_ratio" in row else ""
         met = ("[green]yes[/green]" if row["meets_target"] else "[red]no[/red]") if "meets_target" in row else ""
-        bucket_text = human_bytes(row["bucket_bytes"]) if "bucket_bytes" in row else ""
-        table.add_row(label, bucket_text, f"{row['median_ms']:.1f}", f"{row['bus_gb_per_s']:.3f}", f"{row['ratio_to_gloo']:.2f}x",
-                      target, met)
+        bucket_text = human_bytes(row["bucket_bytes"]) if "bucket_bytes" in row and row["algorithm"] == "ring" else ""
+        table.add_row(label, row.get("algorithm", ""), bucket_text, f"{row['median_ms']:.1f}", f"{row['bus_gb_per_s']:.3f}",
+                      f"{row['ratio_to_gloo']:.2f}x", target, met)
     out.print(table)
+    if report["sweep"]:
+        sweep_table = Table("size", "gloo ms", "ring ms", "tree ms", "faster", "auto takes")
+        for row in report["sweep"]:
+            sweep_table.add_row(human_bytes(row["bytes"]), f"{row['gloo']['median_ms']:.2f}",
+                                f"{row['ring']['median_ms']:.2f}", f"{row['tree']['median_ms']:.2f}", row["faster"],
+                                row["auto"])
+        out.print(sweep_table)
+        out.print(f"auto takes the tree up to {human_bytes(report['tree_max_bytes'])} (encrypted links)")
     out.print("bus bandwidth = 2(n-1)/n x bytes / time; an iteration's time is its slowest rank's")
 
 

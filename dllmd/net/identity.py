@@ -57,6 +57,11 @@ def curve_public_z85(public_key: str) -> bytes:
     return _z85(bytes(verify.to_curve25519_public_key()))
 
 
+def curve_public_raw(public_key: str) -> bytes:
+    """The 32 raw bytes of the X25519 (Curve25519) public key that belongs to an Ed25519 public key string."""
+    return bytes(nacl.signing.VerifyKey(parse_public_key(public_key)).to_curve25519_public_key())
+
+
 def verify_signature(public_key: str, data: bytes, signature: bytes) -> bool:
     """True when ``signature`` over ``data`` was made by the holder of ``public_key``."""
     try:
@@ -93,6 +98,11 @@ class Identity:
     def curve_secret(self) -> bytes:
         """z85 CURVE secret key (what zmq's ``curve_secretkey`` takes)."""
         return _z85(bytes(self.signing_key.to_curve25519_private_key()))
+
+    @property
+    def curve_secret_raw(self) -> bytes:
+        """The 32 raw bytes of the X25519 secret key (the ring links' handshake takes it)."""
+        return bytes(self.signing_key.to_curve25519_private_key())
 
     def sign(self, data: bytes) -> bytes:
         """Detached Ed25519 signature (64 bytes) over ``data``."""

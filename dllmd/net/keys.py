@@ -139,6 +139,12 @@ class AuthorizedKeys:
         entry = self.by_public_key(public_key)
         return entry is not None and entry.role in roles
 
+    def admits(self, public_key: str) -> bool:
+        """Whether ``public_key`` may connect at all (any role), as ZAP decides for CURVE: the ring's
+        bulk links ask this at every handshake, so a revoked key cannot join a ring it is named in."""
+        self.refresh(force=True)
+        return public_key in self._by_key
+
     def by_curve_key(self, z85_key: bytes) -> AuthorizedKey | None:
         """Look up a CURVE client key as ZAP presents it (z85). Handshakes are rare, so this always
         looks at the file: a key authorized a moment ago can connect at once."""

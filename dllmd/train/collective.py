@@ -1,4 +1,5 @@
-"""How a worker sums gradients with its peers: the encrypted ring (``zmq``, the default) or
+"""How a worker sums gradients with its peers: the encrypted ring (``zmq``, the default; small
+buffers take the tree over the same links) or
 torch.distributed (``torch``: gloo, or nccl on GPUs) for trusted datacenter links.
 
 Both expose the same calls, so a job definition does not change with the backend. ``allreduce``
@@ -17,7 +18,8 @@ from datetime import timedelta
 
 import torch
 
-from dllmd.train.ring import RingError, RingMember, RingSocket, ring_allreduce
+from dllmd.train.allreduce import allreduce
+from dllmd.train.ring import RingError, RingMember, RingSocket
 
 TORCH_TIMEOUT = timedelta(minutes=30)
 # Waiting for a peer's chunk starts when this worker's compute ends, and a slower worker may still be
@@ -44,10 +46,10 @@ class RingCollective:
 
     async def form(self, generation: int, rank: int, members: list[RingMember]) -> None:
         self.rank, self.size = rank, len(members)
-        self.ring.form(generation, members[(rank - 1) % self.size], members[(rank + 1) % self.size])
+        self.ring.form(generation, members[(rank - 1) % self.size], members[(rank + 1) % self.size], members, rank)
 
     async def allreduce(self, flat: torch.Tensor, step: int) -> int:
-        stats = await ring_allreduce(self.ring, flat, self.rank, self.size, step, timeout=RING_TIMEOUT_S)
+        stats = await allreduce(self.ring, flat, self.rank, self.size, step, timeout=RING_TIMEOUT_S)
         return stats.bytes_sent
 
     def abort(self, reason: str) -> None:

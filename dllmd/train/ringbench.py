@@ -1,10 +1,10 @@
 """Admin-only operations that measure this node's training ring: ``dllmctl bench allreduce``.
 
-``ring.open`` binds a ring socket (CURVE, or plaintext where node.toml allows it) and says where;
-``ring.form`` joins the ring the caller describes; ``ring.run`` times all-reduces of a float32
-buffer, every rank filled with ``rank + 1`` so that the sum, n(n+1)/2, is checked on every element;
-``ring.close`` lets the socket go. The same ``RingSocket`` and ``ring_allreduce`` as a training job,
-so the figures are the ones training gets.
+``ring.open`` binds a ring socket (AES-GCM links, or plaintext where node.toml allows it) and says
+where; ``ring.form`` joins the ring the caller describes; ``ring.run`` times all-reduces of a float32
+buffer (by the ring, the tree, or whichever ``allreduce`` picks), every rank filled with ``rank + 1``
+so that the sum, n(n+1)/2, is checked on every element; ``ring.close`` lets the socket go. The same
+``RingSocket`` and ``allreduce`` as a training job, so the figures are the ones training gets.
 
 A rank drops ring data of a generation it has not joined, so a caller forms the ring on every
 member before it runs on any (as a training coordinator does). ``ring.run`` forms it too when
@@ -13,7 +13,7 @@ has joined by other means.
 
 A socket left open (a client that died between open and close) closes itself after
 ``IDLE_CLOSE_S`` without a run, and in any case when the daemon stops: an open socket would hold
-up the daemon's zmq context.
+up its port.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ import time
 
 import psutil
 import torch
-import zmq
 
 from dllmd.config import WILDCARD_HOSTS, NodeConfig, bind_host, listen_host
 from dllmd.net.identity import Identity, InvalidKey, parse_public_key
+from dllmd.net.keys import AuthorizedKeys
 from dllmd.net.messages.ringbench import RING_CLOSE, RING_FORM, RING_OPEN, RING_RUN, FormArgs, RunArgs
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
-from dllmd.train.ring import RingError, RingMember, RingSocket, bucket_size, ring_allreduce
+from dllmd.train.allreduce import ALGORITHMS, allreduce, pick
+from dllmd.train.ring import RingError, RingMember, RingSocket, bucket_size
 
 log = logging.getLogger("dllmd.ringbench")
 
@@ -40,8 +41,8 @@ IDLE_CLOSE_S = 120.0
 
 
 class RingBenchOps:
-    def __init__(self, ctx: zmq.Context, identity: Identity, config: NodeConfig):
-        self.ctx, self.identity, self.config = ctx, identity, config
+    def __init__(self, identity: Identity, keys: AuthorizedKeys, config: NodeConfig):
+        self.identity, self.keys, self.config = identity, keys, config
         self._ring: RingSocket | None = None
         self._running = False
         self._idle: asyncio.TimerHandle | None = None
@@ -54,8 +55,7 @@ class RingBenchOps:
             server.register(Operation(op, handler))
 
     def stop(self) -> None:
-        """Close the ring socket, if one is open. The daemon calls this before ``ctx.term()``, which
-        would otherwise wait forever for the open socket."""
+        """Close the ring socket, if one is open (the daemon calls this when it stops)."""
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
@@ -88,10 +88,9 @@ class RingBenchOps:
         self.stop()
         host = listen_host(self.config.listen)
         try:
-            self._ring = RingSocket(self.ctx, self.identity, bind_host(self.config.listen),
-                                    port=self.config.ring_port, plaintext=plaintext,
-                                    max_message_bytes=self.config.max_message_bytes)
-        except zmq.ZMQError as exc:
+            self._ring = RingSocket(self.identity, bind_host(self.config.listen), port=self.config.ring_port,
+                                    plaintext=plaintext, authorized=self.keys.admits)
+        except OSError as exc:
             raise HandlerError(ErrorCode.UNAVAILABLE, f"cannot bind the ring socket on {host}:"
                                                       f"{self.config.ring_port or '*'}: {exc}") from None
         self._arm_idle_close()
@@ -129,7 +128,7 @@ class RingBenchOps:
         formed = (generation, rank, tuple(members))
         if self._formed != formed:
             size = len(members)
-            ring.form(generation, members[(rank - 1) % size], members[(rank + 1) % size])
+            ring.form(generation, members[(rank - 1) % size], members[(rank + 1) % size], members, rank)
             self._formed = formed
 
     def _members(self, a: FormArgs | RunArgs) -> list[RingMember]:
@@ -160,6 +159,8 @@ class RingBenchOps:
         if 0 < a.bucket_bytes < MIN_BUCKET_BYTES:
             raise HandlerError(ErrorCode.BAD_ARGS, f"bucket_bytes must be 0 (the ring's default) or at least "
                                                    f"{MIN_BUCKET_BYTES}")
+        if a.algorithm not in ALGORITHMS:
+            raise HandlerError(ErrorCode.BAD_ARGS, f"algorithm must be one of {', '.join(ALGORITHMS)}")
         bucket_bytes = bucket_size(ring, a.bucket_bytes)
         nbytes = a.elements * 4
         available = psutil.virtual_memory().available
@@ -172,16 +173,18 @@ class RingBenchOps:
             self._idle.cancel()
         try:
             buffer = await asyncio.to_thread(torch.empty, a.elements, dtype=torch.float32)
+            algorithm = pick(ring, buffer, size, a.algorithm)
             expected = float(size * (size + 1) // 2)  # exact in float32 for any ring of <= 64 members
             seconds, bytes_sent = [], 0
             started = time.perf_counter()
             for i in range(1 + a.iterations):  # the first is a warm-up: connections, allocator
                 await asyncio.to_thread(buffer.fill_, rank + 1)
                 try:
-                    stats = await ring_allreduce(ring, buffer, rank, size, step=i, bucket_bytes=bucket_bytes,
-                                                 timeout=a.timeout_s)
-                except (RingError, zmq.ZMQError) as exc:  # a peer gone, or ring.close meanwhile
-                    raise HandlerError(ErrorCode.UNAVAILABLE, f"all-reduce {i} failed on rank {rank}: {exc}") from None
+                    stats = await allreduce(ring, buffer, rank, size, step=i, algorithm=algorithm,
+                                            bucket_bytes=bucket_bytes, timeout=a.timeout_s)
+                except RingError as exc:  # a peer gone, a chunk refused, or ring.close meanwhile
+                    raise HandlerError(ErrorCode.UNAVAILABLE, f"all-reduce {i} failed on rank {rank} ({exc.code}): "
+                                                              f"{exc}") from None
                 if not await asyncio.to_thread(lambda: bool(torch.all(buffer == expected))):
                     wrong = int((buffer != expected).sum())
                     raise HandlerError(ErrorCode.INTERNAL, f"all-reduce {i} gave a wrong sum on rank {rank}: "
@@ -190,7 +193,7 @@ class RingBenchOps:
                     seconds.append(stats.seconds)
                     bytes_sent += stats.bytes_sent
             return {"rank": rank, "size": size, "elements": a.elements, "bytes": nbytes, "plaintext": ring.plaintext,
-                    "bucket_bytes": bucket_bytes, "seconds": seconds, "bytes_sent": bytes_sent,
+                    "algorithm": algorithm, "bucket_bytes": bucket_bytes, "seconds": seconds, "bytes_sent": bytes_sent,
                     "wall_s": round(time.perf_counter() - started, 6)}
         finally:
             self._running = False

@@ -17,7 +17,6 @@ from typing import Any, Awaitable, Callable
 
 import psutil
 import torch
-import zmq
 
 from dllmd import hardware
 from dllmd.config import NodeConfig, bind_host
@@ -68,10 +67,9 @@ def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, laye
 
 
 class TrainingService:
-    def __init__(self, home: Path, config: NodeConfig, identity: Identity, keys: AuthorizedKeys, ctx: zmq.Context,
-                 peers: ConnectionPool):
+    def __init__(self, home: Path, config: NodeConfig, identity: Identity, keys: AuthorizedKeys, peers: ConnectionPool):
         self.home, self.config, self.identity, self.keys = home, config, identity, keys
-        self.ctx, self.peers = ctx, peers
+        self.peers = peers
         self.models = ReceivedModels(home / "models")
         self.shards = ShardStore(home / "datasets")
         self.workers: dict[str, TrainWorker] = {}
@@ -207,9 +205,8 @@ class TrainingService:
         if a.backend == "torch":
             collective = TorchCollective(host)
         else:
-            collective = RingCollective(RingSocket(self.ctx, self.identity, host, self.config.ring_port,
-                                                   plaintext=a.plaintext,
-                                                   max_message_bytes=self.config.max_message_bytes))
+            collective = RingCollective(RingSocket(self.identity, host, self.config.ring_port, plaintext=a.plaintext,
+                                                   authorized=self.keys.admits))
         spec = WorkerSpec(job=a.job, model=a.model, dataset=a.dataset, dtype=a.dtype,
                           micro_batch_size=a.micro_batch_size,
                           optim=OptimConfig(lr=a.lr, grad_clip=a.grad_clip, weight_decay=a.weight_decay),

@@ -37,7 +37,8 @@ class RunArgs:
     iterations: int = bounded(lo=1, hi=100)
     bucket_bytes: int = bounded(0, lo=0, hi=256 * 1024 * 1024)  # 0: the ring's default (as training uses)
     generation: int = bounded(1, lo=1, hi=2**62)  # the same on every rank of one run
-    timeout_s: float = bounded(60.0, lo=1.0, hi=600.0)  # for each piece of ring data
+    timeout_s: float = bounded(60.0, lo=1.0, hi=600.0)  # the longest wait without progress
+    algorithm: str = bounded("auto", max_len=8)  # ring, tree, or auto: what training would take
 
 
 RING_OPEN = Op("ring.open", OpenArgs, dict)

@@ -124,8 +124,8 @@ class StageOps:
     def _ring_socket(self, plaintext: bool, offset: int) -> RingSocket:
         config = self.service.config
         port = config.ring_port + offset if config.ring_port else 0  # the tied ring: the next port
-        return RingSocket(self.service.ctx, self.service.identity, bind_host(config.listen), port,
-                          plaintext=plaintext, max_message_bytes=config.max_message_bytes)
+        return RingSocket(self.service.identity, bind_host(config.listen), port, plaintext=plaintext,
+                          authorized=self.service.keys.admits)
 
     async def _send(self, node: S.NodeRef, args: dict, tensors: list[torch.Tensor]) -> None:
         await self.service.call(node, S.TRAIN_PIPE.name, args, tensors, timeout=SEND_TIMEOUT_S)
