@@ -39,6 +39,10 @@ class RingCollective:
     def __init__(self, ring: RingSocket):
         self.ring = ring
         self.rank, self.size = 0, 1
+        # One collective at a time on the ring's links, which carry their chunks in order: callers that
+        # start several at once (overlapped buckets, PowerSGD's two sums) do so in the same order on
+        # every rank, and the lock (first come, first served) keeps that order on the wire.
+        self._turn = asyncio.Lock()
 
     @property
     def port(self) -> int:
@@ -49,7 +53,8 @@ class RingCollective:
         self.ring.form(generation, members[(rank - 1) % self.size], members[(rank + 1) % self.size], members, rank)
 
     async def allreduce(self, flat: torch.Tensor, step: int) -> int:
-        stats = await allreduce(self.ring, flat, self.rank, self.size, step, timeout=RING_TIMEOUT_S)
+        async with self._turn:
+            stats = await allreduce(self.ring, flat, self.rank, self.size, step, timeout=RING_TIMEOUT_S)
         return stats.bytes_sent
 
     def abort(self, reason: str) -> None:
