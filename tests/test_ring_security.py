@@ -103,7 +103,8 @@ class Reordered:
 
 @pytest.mark.parametrize("mutation,code", [(lambda: tampered, BulkLinkCode.REJECTED),
                                            (lambda: replayed, BulkLinkCode.UNEXPECTED),
-                                           (Reordered, BulkLinkCode.REJECTED)], ids=["tampered", "replayed", "reordered"])
+                                           (Reordered, BulkLinkCode.REJECTED)],
+                         ids=["tampered", "replayed", "reordered"])
 def test_a_tampered_replayed_or_reordered_chunk_fails_the_all_reduce_with_its_code(tmp_path, mutation, code):
     async def main():
         sockets, members, close = make_ring(tmp_path, 3)  # generation 1, without a proxy
