@@ -103,7 +103,8 @@ class Reordered:
 
 @pytest.mark.parametrize("mutation,code", [(lambda: tampered, BulkLinkCode.REJECTED),
                                            (lambda: replayed, BulkLinkCode.UNEXPECTED),
-                                           (Reordered, BulkLinkCode.REJECTED)], ids=["tampered", "replayed", "reordered"])
+                                           (Reordered, BulkLinkCode.REJECTED)],
+                         ids=["tampered", "replayed", "reordered"])
 def test_a_tampered_replayed_or_reordered_chunk_fails_the_all_reduce_with_its_code(tmp_path, mutation, code):
     async def main():
         sockets, members, close = make_ring(tmp_path, 3)  # generation 1, without a proxy
@@ -254,7 +255,8 @@ def test_a_daemon_survives_a_tampered_ring_and_runs_the_next_one(daemon_factory)
                 daemon_view, local_view = [daemon, mine], [via, mine]
             local.form(1, local_view[0], local_view[0], local_view, 1)
             run = {"members": [{"public_key": m.public_key, "endpoint": m.endpoint} for m in daemon_view], "rank": 0,
-                   "elements": 40_000, "iterations": 1, "bucket_bytes": 8192, "generation": 1, "timeout_s": 10}
+                   "elements": 40_000, "iterations": 1, "bucket_bytes": 8192, "generation": 1, "timeout_s": 10,
+                   "algorithm": "ring"}
             remote = asyncio.ensure_future(c.call("ring.run", run, timeout=30))
             with pytest.raises(RingError):
                 await ring_allreduce(local, torch.full((40_000,), 2.0), 1, 2, step=0, bucket_bytes=8192, timeout=10)

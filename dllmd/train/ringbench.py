@@ -6,10 +6,10 @@ buffer (by the ring, the tree, or whichever ``allreduce`` picks), every rank fil
 so that the sum, n(n+1)/2, is checked on every element; ``ring.close`` lets the socket go. The same
 ``RingSocket`` and ``allreduce`` as a training job, so the figures are the ones training gets.
 
-A rank drops ring data of a generation it has not joined, so a caller forms the ring on every
-member before it runs on any (as a training coordinator does). ``ring.run`` forms it too when
-``ring.form`` did not form exactly that ring already: enough for a caller that knows every member
-has joined by other means.
+A rank accepts links only for the generation it has joined (a member that dials earlier is
+refused and dials again), so a caller forms the ring on every member before it runs on any (as a
+training coordinator does). ``ring.run`` forms it too when ``ring.form`` did not form exactly that
+ring already: enough for a caller that knows every member has joined by other means.
 
 A socket left open (a client that died between open and close) closes itself after
 ``IDLE_CLOSE_S`` without a run, and in any case when the daemon stops: an open socket would hold

@@ -1,0 +1,1 @@
+"""Bulk links between ring members: authenticated by node keys, sealed with per-link AES-GCM keys."""

@@ -93,7 +93,8 @@ def _hello_key(es: bytes, ss: bytes) -> bytes:
 
 
 def _session(hello: bytes, e_r: bytes, ee: bytes, es: bytes, se: bytes, ss: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """(initiator->responder key, responder->initiator key, mac_r key, mac_c key) and the transcript."""
+    """(initiator->responder key, responder->initiator key, mac_r key, mac_c key), salted with the
+    transcript: the keys belong to this HELLO and this REPLY only."""
     transcript = hashlib.sha256(hello + e_r).digest()
     okm = _hkdf(ee + es + se + ss, transcript, b"dllm bulk link v1", 128)
     return okm[:32], okm[32:64], okm[64:96], okm[96:]
@@ -111,15 +112,13 @@ class Initiator:
 
     def __init__(self, identity: Identity, responder_key: str, generation: int, mode: Mode):
         self._identity, self._responder = identity, responder_key
-        self._static_r = _peer_curve(responder_key)
+        static_r = _peer_curve(responder_key)
         self._ephemeral = nacl.public.PrivateKey.generate()
-        e_i = bytes(self._ephemeral.public_key)
-        es = _dh(bytes(self._ephemeral), self._static_r)
-        self._ss = _dh(identity.curve_secret_raw, self._static_r)
-        self._es = es
+        self._es = _dh(bytes(self._ephemeral), static_r)
+        self._ss = _dh(identity.curve_secret_raw, static_r)
         body = HELLO.pack(MAGIC, generation, mode, bytes.fromhex(identity.public_key), bytes.fromhex(responder_key),
-                          e_i, b"\0" * 32)[:-32]
-        self._hello = body + _mac(_hello_key(es, self._ss), body)
+                          bytes(self._ephemeral.public_key), b"\0" * 32)[:-32]
+        self._hello = body + _mac(_hello_key(self._es, self._ss), body)
 
     def hello(self) -> bytes:
         return self._hello
@@ -165,16 +164,15 @@ class Responder:
         _magic, _gen, _mode, _i, _r, e_i, mac_i = HELLO.unpack(hello.raw)
         static_i = _peer_curve(hello.initiator_key)
         secret = identity.curve_secret_raw
-        self._es, self._ss = _dh(secret, e_i), _dh(secret, static_i)
-        if not hmac.compare_digest(mac_i, _mac(_hello_key(self._es, self._ss), hello.raw[:-32])):
+        es, ss = _dh(secret, e_i), _dh(secret, static_i)
+        if not hmac.compare_digest(mac_i, _mac(_hello_key(es, ss), hello.raw[:-32])):
             raise HandshakeRefused("the handshake was not made with the initiator's key")
-        ephemeral = nacl.public.PrivateKey.generate()
-        self._e_r = bytes(ephemeral.public_key)
-        self._ee, self._se = _dh(bytes(ephemeral), e_i), _dh(bytes(ephemeral), static_i)
-        self._hello = hello.raw
-        i2r, r2i, k_r, self._k_c = _session(self._hello, self._e_r, self._ee, self._es, self._se, self._ss)
-        self._transcript = hashlib.sha256(self._hello + self._e_r).digest()
-        self._reply = REPLY.pack(self._e_r, _mac(k_r, self._transcript))
+        ephemeral = nacl.public.PrivateKey.generate()  # dropped at the end of this call: forward secrecy
+        e_r = bytes(ephemeral.public_key)
+        ee, se = _dh(bytes(ephemeral), e_i), _dh(bytes(ephemeral), static_i)
+        i2r, r2i, k_r, self._k_c = _session(hello.raw, e_r, ee, es, se, ss)
+        self._transcript = hashlib.sha256(hello.raw + e_r).digest()
+        self._reply = REPLY.pack(e_r, _mac(k_r, self._transcript))
         self._keys = LinkKeys(r2i, i2r, NONCE_PREFIX[False], NONCE_PREFIX[True])
 
     def reply(self) -> bytes:
