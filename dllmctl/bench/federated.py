@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from dllmctl.bench.shard import stdlib_source
-from dllmctl.bench.train import _wait
+from dllmctl.bench.train import wait_done
 from dllmctl.cluster import local as local_cluster
 from dllmctl.cluster.registry import NodeEntry, Registry
 from dllmctl.data.sharding import ShardRequest, shard_and_push
@@ -57,7 +57,7 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int = 3, rounds: int
                                 micro_batch_size=micro_batch_size, epochs=0, max_steps=0, lr=lr, **options)
                 job = asyncio.run(submit(user, entries, model_dir, spec))["job"]
                 checkpoint = Path(started[0].home) / "jobs" / job / "checkpoints" / f"step-{rounds:06d}"
-                runs[secure] = (_wait(user, entries[0], job), load_file(str(checkpoint / "model.safetensors")))
+                runs[secure] = (wait_done(user, entries[0], job), load_file(str(checkpoint / "model.safetensors")))
             shards = {n.public_key: _rows(Path(n.home), "bench") for n in started}
             heldout = _rows(Path(started[0].home), "heldout")
         finally:
