@@ -68,7 +68,7 @@ def test_a_flooding_client_cannot_hold_the_nodes_memory(daemon_factory, user):
           f"{peak / MIB:.0f} MiB at most; admin pings {max(pings):.2f} s at worst")
     assert sent >= 500, "the flood did not get going"
     assert peak - baseline <= 256 * MIB
-    assert daemon.proc.poll() is None and max(pings) < 10
+    assert daemon.proc.poll() is None and max(pings) < 30  # answered, not a speed target
 
 
 def test_each_caller_has_a_budget_of_requests_in_progress():
