@@ -431,11 +431,7 @@ def train(
     held-out loss, tokens/s, and a timed run through WAN links (targets: DiLoCo with int8 >= 100x fewer
     bytes than sync, held-out loss within 3%)."""
     from dllmctl.bench import train as train_bench
-    from dllmctl.cluster.local import LocalClusterError
-    from dllmctl.data.push import PushError
     from dllmctl.training.jobs import TrainError, check_parallelism
-    from dllmd.data import DataError
-    from dllmd.net.client import CallError
 
     if batch_size % micro_batch_size:
         fail("--batch-size must be divisible by --micro-batch-size")
@@ -465,7 +461,7 @@ def train(
             report = train_bench.run(load_user(), model, directory, nodes, steps, batch_size, micro_batch_size,
                                      seq_len, source=source, lr=lr or 1e-5, parallelism=parallelism,
                                      schedule=schedule, dp=dp, pp=pp, stage_layers=layers)
-    except (DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError) as exc:
+    except _training_bench_errors() as exc:
         fail(str(exc))
     if as_json:
         print_json(report)
@@ -491,11 +487,7 @@ def _train_modes(model: str, nodes: int, steps: int | None, batch_size: int, mic
                  warmup_steps: int, outer_lr: float, outer_momentum: float, wan_steps: int, wan_delay_ms: float,
                  wan_mbit: float, as_json: bool) -> None:
     from dllmctl.bench import lowcomm
-    from dllmctl.cluster.local import LocalClusterError
-    from dllmctl.data.push import PushError
     from dllmctl.training.jobs import TrainError
-    from dllmd.data import DataError
-    from dllmd.net.client import CallError
 
     if parallelism != "data":
         fail("--modes compares data-parallel jobs: DiLoCo, compression and overlap are built for --parallelism data")
@@ -512,7 +504,7 @@ def _train_modes(model: str, nodes: int, steps: int | None, batch_size: int, mic
             report = lowcomm.run(load_user(), model, directory, chosen, nodes, steps, batch_size, micro_batch_size,
                                  seq_len, lr or 1e-3, warmup_steps, outer_lr, outer_momentum, wan_steps, wan_delay_ms,
                                  wan_mbit, source=source, progress=lambda m: status.update(m + "..."))
-    except (DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError) as exc:
+    except _training_bench_errors() as exc:
         fail(str(exc))
     if as_json:
         print_json(report)
@@ -685,18 +677,13 @@ def _print_quant(report: dict) -> None:
 def _bench_federated(model: str, directory, clients: int, rounds: int, local_steps: int, batch_size: int,
                      micro_batch_size: int, seq_len: int, as_json: bool) -> None:
     from dllmctl.bench import federated
-    from dllmctl.cluster.local import LocalClusterError
-    from dllmctl.data.push import PushError
-    from dllmctl.training.jobs import TrainError
-    from dllmd.data import DataError
-    from dllmd.net.client import CallError
 
     try:
         with err.status(f"{rounds} federated rounds on {clients} temporary clients, in clear and with secure "
                         f"aggregation, then data parallelism in one process..."):
             report = federated.run(load_user(), model, directory, clients, rounds, local_steps, batch_size,
                                    micro_batch_size, seq_len)
-    except (DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError) as exc:
+    except _training_bench_errors() as exc:
         fail(str(exc))
     if as_json:
         print_json(report)
@@ -713,3 +700,15 @@ def _bench_federated(model: str, directory, clients: int, rounds: int, local_ste
     out.print(f"{report['model']}: {report['clients']} clients, {report['rounds']} rounds of {report['local_steps']} "
               f"local steps, {report['tokens_per_round']} tokens a round; held-out loss untrained "
               f"{loss['untrained']:.4f}; federated / data parallel {report['federated_vs_data_parallel_loss']}x")
+
+
+def _training_bench_errors() -> tuple[type[BaseException], ...]:
+    """What a training benchmark on temporary nodes fails with, said as one line (imported when needed:
+    'dllmctl --help' stays light)."""
+    from dllmctl.cluster.local import LocalClusterError
+    from dllmctl.data.push import PushError
+    from dllmctl.training.jobs import TrainError
+    from dllmd.data import DataError
+    from dllmd.net.client import CallError
+
+    return DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError
