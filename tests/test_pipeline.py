@@ -4,7 +4,8 @@
   enough to be prefilled in chunks) each produce exactly what they produce alone, and the stages
   really did batch them;
 - KV caches go back to zero when sessions close or are abandoned, and resident memory to its baseline;
-- kill -9 of a serving stage mid-generation with 2 replicas: 20 of 20 runs give the reference tokens.
+- kill -9 of a serving stage mid-generation with 2 replicas: 20 of 20 runs give the reference tokens;
+- the same in private mode (the client's ends replayed with the stages).
 """
 
 from __future__ import annotations
@@ -184,3 +185,39 @@ def test_kill_a_serving_stage_mid_generation_twenty_times(cluster):
         local_cluster.restart(daemons, killed[0], registry)
         _deploy(cluster, [span for span in layout if span[0] == killed[0]])
     assert all(s is not None for s in stalls)
+
+
+def test_a_private_session_survives_a_killed_stage(cluster):
+    """Private mode (the client runs embeddings, layer 0 and the head) over two replicas of layers 1..:
+    killing the first node of the route mid-generation replays the session, the client's own cache
+    included, on the replica, and the tokens are the local model's."""
+    from dllmctl.inference.private import load_private_ends
+
+    n = cluster["model"].config.num_hidden_layers
+    layout = [("local-1", 1, 2), ("local-2", 2, n), ("local-3", 1, 2), ("local-4", 2, n)]
+    asyncio.run(deploy(cluster["user"], cluster["registry"].nodes, cluster["store"].root / "pipe",
+                       [Span(node, a, b, False, False) for node, a, b in layout]))
+    registry, user, daemons = cluster["registry"], cluster["user"], cluster["root"] / "daemons"
+    ends = load_private_ends(cluster["store"], "pipe", cluster["store"].path("pipe"), 1)
+    prompt = [11, 3, 5, 8, 13, 21, 34]
+    result, killed = Generation(prompt_tokens=len(prompt)), []
+
+    def on_token(_token):
+        if len(result.token_ids) == 4 and not killed:
+            killed.append(result.routes[-1][0]["node"])
+            local_cluster.kill(daemons, killed[0])
+
+    async def go():
+        async with ConnectionPool(user) as pool:
+            await generate_with_failover(pool, lambda: live_stages(user, list(registry.nodes.values()), "pipe"),
+                                         "pipe", n, prompt, 10, set(), GREEDY, on_token=on_token, result=result,
+                                         private=ends)
+
+    try:
+        asyncio.run(go())
+        assert killed and result.failovers and result.failovers[0]["suspects"] == killed
+        assert killed[0] not in [s["node"] for s in result.routes[-1]]
+        assert result.token_ids == _reference(cluster["model"], prompt, 10)
+    finally:
+        if killed:
+            local_cluster.restart(daemons, killed[0], registry)
