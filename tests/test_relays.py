@@ -213,3 +213,14 @@ def test_generation_with_failover_routes_around_the_relays_and_through_them(net)
     relayed = asyncio.run(run(net["relays"][:2]))
     assert relayed.token_ids == _generate(net, []).token_ids
     assert not {n.name for n in net["relays"]} & {s["node"] for r in relayed.routes for s in r}
+
+
+def test_the_relay_benchmark_measures_relayed_tokens_equal_to_direct(net):
+    """``dllmctl bench relays`` on its own temporary daemons (two stages, one relay) with this module's model."""
+    from dllmctl.bench import relays as relay_bench
+
+    report = relay_bench.run(net["user"], net["model"], net["store"].path(net["model"]), 1, 4, None)
+    direct, relayed = report["loopback"]["runs"]
+    assert direct["relays"] == 0 and relayed["relays"] == 1
+    assert relayed["identical_to_direct"] and direct["per_token_ms"] > 0 and relayed["per_token_ms"] > 0
+    assert relayed["added_ms"] == round(relayed["per_token_ms"] - direct["per_token_ms"], 3)

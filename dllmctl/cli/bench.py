@@ -223,6 +223,42 @@ def _print_single(report: dict) -> None:
         out.print("tokens identical to local generate: " + ("[green]yes[/green]" if report["tokens_identical"] else "[red]no[/red]"))
 
 
+@app.command("relays")
+def relays(
+    model: Annotated[str, typer.Option("--model", "-m", help="A model in the local store.")],
+    relays: Annotated[int, typer.Option(min=1, max=4, help="Relay daemons (runs through 0..N of them).")] = 2,
+    new_tokens: Annotated[int, typer.Option(min=4, max=1024)] = 32,
+    wan_delay_ms: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1000.0, help="Also run with every node behind a delay proxy (one way, ms).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-token latency through 0..N relays on temporary local daemons (two stages), on loopback and
+    with --wan-delay-ms through delayed links: ms added per token and per relay, tokens checked equal."""
+    from dllmd.net.client import CallError
+    from dllmctl.bench import relays as relay_bench
+    from dllmctl.cluster.local import LocalClusterError
+    from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError
+
+    directory, _ = local_model(model)
+    try:
+        with err.status(f"benchmarking relays on temporary daemons ({relays} relay(s), 2 stages)..."):
+            report = relay_bench.run(load_user(), model, directory, relays, new_tokens, wan_delay_ms)
+    except (GenerationError, CallError, LocalClusterError, *CLUSTER_ERRORS) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+        return
+    table = Table("links", "relays", "ms/token", "added ms", "added ms/relay", "tokens = direct")
+    for links in ("loopback", "wan"):
+        for row in report.get(links, {}).get("runs", []):
+            table.add_row(links, str(row["relays"]), f"{row['per_token_ms']:.2f}", f"{row.get('added_ms', 0):.2f}",
+                          f"{row.get('added_ms_per_relay', 0):.2f}", "yes" if row["identical_to_direct"] else "[red]no[/red]")
+    out.print(table)
+    if "wan" in report:
+        out.print(f"WAN links: {report['wan']['delay_ms_one_way']} ms one way "
+                  f"(measured {report['wan']['measured_link_delay_ms']} ms)")
+
+
 @app.command("shard-data")
 def shard_data(
     model: Annotated[str, typer.Option("--model", "-m", help="The model whose tokenizer to use.")],
