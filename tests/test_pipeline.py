@@ -5,7 +5,7 @@
   really did batch them;
 - KV caches go back to zero when sessions close or are abandoned, and resident memory to its baseline;
 - kill -9 of a serving stage mid-generation with 2 replicas: 20 of 20 runs give the reference tokens;
-- the same in private mode (the client's ends replayed with the stages).
+- the same in private mode (the client's ends replayed with the stages), and private sessions batch.
 """
 
 from __future__ import annotations
@@ -187,18 +187,51 @@ def test_kill_a_serving_stage_mid_generation_twenty_times(cluster):
     assert all(s is not None for s in stalls)
 
 
+PRIVATE_LAYOUT = [("local-1", 1, 2), ("local-2", 2, None), ("local-3", 1, 2), ("local-4", 2, None)]
+
+
+def _deploy_private(cluster):
+    """Two replicas of layers 1.. with neither embeddings nor head; the client's ends (layer 0, head)."""
+    from dllmctl.inference.private import load_private_ends
+
+    n = cluster["model"].config.num_hidden_layers
+    spans = [Span(node, a, b or n, False, False) for node, a, b in PRIVATE_LAYOUT]
+    asyncio.run(deploy(cluster["user"], cluster["registry"].nodes, cluster["store"].root / "pipe", spans))
+    return load_private_ends(cluster["store"], "pipe", cluster["store"].path("pipe"), 1)
+
+
+def test_concurrent_private_sessions_are_batched_and_each_gives_its_own_tokens(cluster):
+    ends = _deploy_private(cluster)
+    n, user = cluster["model"].config.num_hidden_layers, cluster["user"]
+    nodes = list(cluster["registry"].nodes.values())
+    prompts = _prompts(6)
+
+    async def run_all(parallelism: str, concurrent: bool):
+        async with ConnectionPool(user) as pool:
+            stages = await live_stages(user, nodes, "pipe")
+
+            async def one(prompt):
+                return await generate_with_failover(pool, lambda: live_stages(user, nodes, "pipe"), "pipe", n, prompt,
+                                                    NEW_TOKENS, set(), GREEDY, parallelism=parallelism, stages=stages,
+                                                    private=ends)
+
+            if concurrent:
+                return await asyncio.gather(*(one(p) for p in prompts))
+            return [await one(p) for p in prompts]
+
+    together = asyncio.run(run_all("pipeline", concurrent=True))
+    for prompt, result in zip(prompts, together):
+        assert result.token_ids == _reference(cluster["model"], prompt), f"prompt {prompt}"
+    assert max(b for g in together for step in g.stage_batch for b in step) > 1, "the stages never batched"
+
+
 def test_a_private_session_survives_a_killed_stage(cluster):
     """Private mode (the client runs embeddings, layer 0 and the head) over two replicas of layers 1..:
     killing the first node of the route mid-generation replays the session, the client's own cache
     included, on the replica, and the tokens are the local model's."""
-    from dllmctl.inference.private import load_private_ends
-
+    ends = _deploy_private(cluster)
     n = cluster["model"].config.num_hidden_layers
-    layout = [("local-1", 1, 2), ("local-2", 2, n), ("local-3", 1, 2), ("local-4", 2, n)]
-    asyncio.run(deploy(cluster["user"], cluster["registry"].nodes, cluster["store"].root / "pipe",
-                       [Span(node, a, b, False, False) for node, a, b in layout]))
     registry, user, daemons = cluster["registry"], cluster["user"], cluster["root"] / "daemons"
-    ends = load_private_ends(cluster["store"], "pipe", cluster["store"].path("pipe"), 1)
     prompt = [11, 3, 5, 8, 13, 21, 34]
     result, killed = Generation(prompt_tokens=len(prompt)), []
 
