@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 
 from dllmd.net.client import BadReply, CallError, CallTimeout, RemoteError, ReplyStream, RpcClient
-from dllmd.net.messages.inference import (MAX_STEP_TOKENS, SESSION_CLOSE, SESSION_FORWARD, SESSION_OPEN, Opened,
-                                          OpenArgs, SamplingParams, SessionArgs)
+from dllmd.net.messages.inference import (MAX_STEP_TOKENS, SESSION_CLOSE, SESSION_FORWARD, SESSION_KEEPALIVE,
+                                          SESSION_OPEN, Opened, OpenArgs, SamplingParams, SessionArgs)
 from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import parse_reply, to_wire
@@ -41,6 +41,11 @@ PREFILL_CHUNK = 128  # tokens per prefill chunk: small enough that stages overla
 STEP_TIMEOUT_S = 60.0  # plus PREFILL_S_PER_TOKEN for each token of the step (long prompts on slow CPUs)
 PREFILL_S_PER_TOKEN = 0.05
 OPEN_TIMEOUT_S = 30.0
+# A stage frees a session idle this long: a client killed mid-generation (or a laptop closed) holds KV
+# memory on every stage for seconds, not the minutes a fixed TTL took. A live client's keepalives
+# (several per lease, so a lost one or a slow step does not end it) keep an idle session open.
+SESSION_LEASE_S = 15.0
+KEEPALIVES_PER_LEASE = 5
 # The session's connection to the first stage is up (it was opened on it): a send that cannot go out
 # this quickly means the node is gone, and failing over beats waiting.
 SEND_TIMEOUT_S = 2.0
@@ -84,7 +89,7 @@ class DistributedSession:
     """One generation session across a route of stages."""
 
     def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
-                 prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = 600.0,
+                 prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = SESSION_LEASE_S,
                  parallelism: str = "pipeline", hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = (),
                  private: PrivateEnds | None = None, relays: Sequence[NodeEntry] = ()):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
@@ -111,6 +116,7 @@ class DistributedSession:
         self.prefix = list(prefix)
         self.cached_reported = [0] * len(route)  # leading prompt tokens each stage holds cached
         self.private = private
+        self._keepalive: asyncio.Task | None = None
         self.front_cache = private.new_cache() if private else None
         self.input_dtype = torch.float32  # what the first stage computes in (private: what to send it)
         if private and self.prefix:
@@ -122,7 +128,19 @@ class DistributedSession:
         except BaseException:
             await self.close()
             raise
+        self._keepalive = asyncio.create_task(self._keep_alive())
         return self
+
+    async def _keep_alive(self) -> None:
+        """Tell every stage, several times a lease, that this client is still there (steps do too; this
+        covers the gaps: a long prefill upstream, a slow stage, the client's own work)."""
+        interval = self.ttl_s / KEEPALIVES_PER_LEASE
+        while True:
+            await asyncio.sleep(interval)
+            calls = [client.invoke(SESSION_KEEPALIVE, SessionArgs(self.id), timeout=interval)
+                     for client, stream in zip(self.clients, self.streams) if stream is not None and not stream.finished]
+            # A stage that fails to answer is the generation loop's to notice (it fails over).
+            await asyncio.gather(*calls, return_exceptions=True)
 
     async def _open(self, index: int) -> None:
         stage = self.route[index]
@@ -152,6 +170,8 @@ class DistributedSession:
 
     async def close(self) -> None:
         """Close the session on every stage still holding it (frees its KV caches now, not at TTL)."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         async def close_one(client: RpcClient, stream: ReplyStream | None) -> None:
             if stream is not None and not stream.finished:
                 stream.close()

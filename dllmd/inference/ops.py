@@ -107,6 +107,7 @@ class InferenceService:
         server.register(Operation(M.SESSION_OPEN, self._open))
         server.register(Operation(M.SESSION_FORWARD, self._forward))
         server.register(Operation(M.SESSION_CLOSE, self._close))
+        server.register(Operation(M.SESSION_KEEPALIVE, self._keepalive))
         server.register(Operation(T.GROUP_CONNECT, self._connect_group))
 
     def start(self) -> None:
@@ -425,10 +426,19 @@ class InferenceService:
         if entry is None or entry.role != Role.PEER:
             raise HandlerError(ErrorCode.FORBIDDEN, "the next stage's key is not authorized as a peer on this node")
 
-    def _close(self, call: Call) -> M.Closed:
+    def _callers_session(self, call: Call) -> Session:
         session = self.sessions.get(call.args.session)
         if session is None or session.stream is DETACHED or not session.reachable_by(call.caller):
             raise HandlerError(ErrorCode.NOT_FOUND, f"no session {call.args.session} here")
+        return session
+
+    def _keepalive(self, call: Call) -> M.KeptAlive:
+        session = self._callers_session(call)
+        session.touch()
+        return M.KeptAlive(steps=session.steps)
+
+    def _close(self, call: Call) -> M.Closed:
+        session = self._callers_session(call)
         self.sessions.pop(session.id)
         self._release_followers(session)
         session.stream.send({"closed": True}, more=False)

@@ -19,7 +19,7 @@ from dllmd.config import validate_endpoint
 from dllmd.net.client import CallError, CallTimeout, RemoteError
 from dllmd.net.identity import Identity, InvalidKey, parse_public_key
 from dllmd.net.keys import AuthorizedKeys, Role
-from dllmd.net.messages.inference import SESSION_CLOSE, SESSION_FORWARD, SESSION_OPEN
+from dllmd.net.messages.inference import SESSION_CLOSE, SESSION_FORWARD, SESSION_KEEPALIVE, SESSION_OPEN
 from dllmd.net.messages.relay import (RELAY_DELIVER, RELAY_FORWARD, HopLayer, InnerRequest, RelayArgs,
                                       RelayReply)
 from dllmd.net.pool import ConnectionPool
@@ -31,7 +31,7 @@ from dllmd.net.wire import ErrorCode, Limits, Reply, WireError, decode_request, 
 log = logging.getLogger("dllmd.relay")
 
 # What a relayed request may run at its stage: the session operations, nothing else.
-DELIVERABLE = frozenset({SESSION_OPEN.name, SESSION_FORWARD.name, SESSION_CLOSE.name})
+DELIVERABLE = frozenset({SESSION_OPEN.name, SESSION_FORWARD.name, SESSION_CLOSE.name, SESSION_KEEPALIVE.name})
 OPEN_TIMEOUT_S = 30.0
 ONEWAY_TIMEOUT_S = 2.0
 # A relayed stream with nothing for this long is over: no session outlives its TTL (at most an hour).

@@ -26,7 +26,7 @@ _GROUPS: dict[frozenset[Role], tuple[str, ...]] = {
     # What a client of the cluster does: the node's card.
     frozenset({A, C, P}): ("info",),
     # Inference sessions: a client's (or a relay's, for the client behind it), a peer's (the previous stage).
-    frozenset({A, C, P, R}): ("session.open", "session.forward", "session.close"),
+    frozenset({A, C, P, R}): ("session.open", "session.forward", "session.close", "session.keepalive"),
     # Relayed session traffic (dllmd/inference/relay.py): from a client or the relay before; never from a
     # peer, whose rights on sessions are wider than a client's.
     frozenset({A, C, R}): ("relay.forward", "relay.deliver"),

@@ -109,6 +109,13 @@ class Closed:
     steps: int
 
 
+@dataclass
+class KeptAlive:
+    steps: int  # steps the session has run here
+
+
 SESSION_OPEN = Op("session.open", OpenArgs, Opened)
 SESSION_FORWARD = Op("session.forward", ForwardArgs, Queued)
 SESSION_CLOSE = Op("session.close", SessionArgs, Closed)
+# The opener is still there: an idle session lives ttl_s past its last step or keepalive.
+SESSION_KEEPALIVE = Op("session.keepalive", SessionArgs, KeptAlive)

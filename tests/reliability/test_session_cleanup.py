@@ -1,0 +1,94 @@
+"""Nothing left behind: a client that stops mid-generation leaves no session on any stage.
+
+Ctrl+C during `dllmctl infer` closes the session on every stage before the command exits (130, no
+traceback); a client killed outright (kill -9: nothing of it runs) sends no keepalive, and every
+stage frees its session within the lease (`SESSION_LEASE_S`) and one sweep, not the old 600 s TTL.
+Real daemons and the real CLI, a tiny llama split over two nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dllmctl.cluster import local as local_cluster
+from dllmctl.cluster.live import query_nodes
+from dllmctl.cluster.registry import Registry
+from dllmctl.inference.session import SESSION_LEASE_S
+from dllmctl.models.deploy import deploy
+from dllmctl.paths import cluster_file, model_store_root
+from dllmctl.placement.layout import Span
+from dllmd.inference.ops import SWEEP_INTERVAL_S
+from tests.tiny_models import make_tiny_model
+
+CONTEXT = 4096
+
+
+@pytest.fixture
+def served(user_env, user, tmp_path):
+    """Two daemons serving a tiny llama (0-3 / 3-5), registered in the user's own files so that the
+    `dllmctl` subprocesses find them."""
+    from dllmctl.models.importer import import_model
+    from dllmd.models.store import ModelStore
+
+    registry = Registry(cluster_file())
+    local_cluster.up(2, tmp_path / "daemons", user, registry)
+    try:
+        store = ModelStore(model_store_root())
+        import_model(make_tiny_model("llama", tmp_path / "src", max_position_embeddings=CONTEXT), store, user,
+                     name="tiny")
+        spans = [Span("local-1", 0, 3, True, False), Span("local-2", 3, 5, False, True)]
+        asyncio.run(deploy(user, registry.nodes, store.root / "tiny", spans))
+        yield user, list(registry.nodes.values())
+    finally:
+        local_cluster.down(tmp_path / "daemons", registry)
+
+
+def _sessions(served) -> dict[str, int]:
+    rows = asyncio.run(query_nodes(*served))
+    return {r["name"]: sum(s["sessions"] for s in r["serving"]) for r in rows}
+
+
+def _start_long_generation(served) -> subprocess.Popen:
+    """A generation far longer than the test waits (a prompt whose greedy continuation has no end of
+    sequence), streaming; returns once every stage holds it."""
+    proc = subprocess.Popen([sys.executable, "-m", "dllmctl", "infer", "the cat sat on the mat", "-m", "tiny", "--raw",
+                             "--temperature", "0", "--max-new-tokens", str(CONTEXT - 16)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the generation ended early: {proc.communicate()}"
+        if all(n >= 1 for n in _sessions(served).values()):
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the stages never held the session")
+
+
+def _wait_for_no_sessions(served, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if not any(_sessions(served).values()):
+            return time.monotonic() - started
+        time.sleep(0.25)
+    raise AssertionError(f"sessions still open after {timeout:.0f} s: {_sessions(served)}")
+
+
+def test_ctrl_c_closes_the_session_on_every_stage_and_a_killed_client_is_freed_within_the_lease(served):
+    proc = _start_long_generation(served)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    # Closed by the client on its way out: gone at once, not at a lease's end.
+    assert _wait_for_no_sessions(served, timeout=3) < 3
+
+    proc = _start_long_generation(served)
+    proc.kill()
+    proc.communicate(timeout=30)
+    freed_after = _wait_for_no_sessions(served, timeout=SESSION_LEASE_S + 2 * SWEEP_INTERVAL_S + 5)
+    assert freed_after <= SESSION_LEASE_S + 2 * SWEEP_INTERVAL_S + 5
