@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from dllmd import __version__, hardware
-from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig, bind_host
+from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig, bind_host, metrics_address
 from dllmd.inference.memory import MemoryCap
 from dllmd.inference.ops import InferenceService
 from dllmd.inference.relay import RelayService
@@ -35,6 +35,7 @@ from dllmd.net.pool import ConnectionPool
 from dllmd.net.messages import node as M
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.transport import KeyTableAuthenticator, bind_router
+from dllmd.observe.exporter import MetricsEndpoint
 from dllmd.observe.metrics import NodeMetrics
 from dllmd.observe.stats import SAMPLE_INTERVAL_S, node_stats
 from dllmd.net.wire import PROTOCOL_VERSION, ErrorCode, Limits
@@ -64,6 +65,8 @@ class Daemon:
         self.endpoint = ""
         self.gflops = 0.0
         self.metrics = NodeMetrics()
+        self.inference: InferenceService | None = None  # built in run(), as is the training service
+        self.training: TrainingService | None = None
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
 
@@ -99,6 +102,13 @@ class Daemon:
             ctx.destroy(linger=0)
             raise StartupError(f"cannot listen on {self.config.listen}: {exc}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            exporter, metrics_at = self._serve_metrics(loop)
+        except StartupError:
+            sock.close(linger=0)
+            auth.stop()
+            ctx.destroy(linger=0)
+            raise
         server = RpcServer(sock, self.keys, self.wire_limits, metrics=self.metrics)
         peers = ConnectionPool(self.identity, ctx)
         group_host = bind_host(self.config.listen)
@@ -124,7 +134,7 @@ class Daemon:
         sampler = asyncio.ensure_future(self._sample())
         atomic_write(self.home / DAEMON_FILE, json.dumps({
             "pid": os.getpid(), "endpoint": self.endpoint, "public_key": self.identity.public_key,
-            "started_at": self.started_at, "version": __version__,
+            "started_at": self.started_at, "version": __version__, "metrics": metrics_at,
         }).encode())
         log.info("node %s (%s) listening on %s, public key %s",
                  self.config.name, self.identity.node_id, self.endpoint, self.identity.public_key)
@@ -136,6 +146,8 @@ class Daemon:
             notify("STOPPING=1")
             log.info("stopping")
             sampler.cancel()
+            if exporter is not None:
+                exporter.stop()
             self.inference.stop()
             await self.training.stop()
             if self.ring_bench is not None:
@@ -149,6 +161,26 @@ class Daemon:
             except FileNotFoundError:
                 pass
             log.info("stopped cleanly after serving %d requests", server.requests_served)
+
+    def _serve_metrics(self, loop: asyncio.AbstractEventLoop) -> tuple[MetricsEndpoint | None, str]:
+        """node.toml's metrics_listen: the Prometheus endpoint, and where it listens ("" when off)."""
+        if not self.config.metrics_listen:
+            return None, ""
+        host, port = metrics_address(self.config.metrics_listen, self.config.metrics_allow_remote)
+        exporter = MetricsEndpoint(self.metrics, self._live_stats, loop)
+        try:
+            port = exporter.start(host, port)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {self.config.metrics_listen}: {exc}") from None
+        at = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("metrics on http://%s/metrics", at)
+        return exporter, at
+
+    def _live_stats(self) -> M.NodeStats | None:
+        """What a scrape's live gauges show; None while the services are still being built."""
+        if self.training is None:
+            return None
+        return node_stats(self.config.name, self.metrics, self.inference, self.training)
 
     async def _sample(self) -> None:
         """The counters' rate window and the CPU figure, once a second (node.stats reads them)."""

@@ -145,8 +145,10 @@ class NodeMetrics:
                 (total(self.tokens_processed) - processed) / elapsed)
 
     def job_figure(self, key: str, job: str) -> float | None:
-        """The latest value of a per-job gauge (``JOB_GAUGES``' keys), None if never set."""
-        return self.registry.get_sample_value(JOB_GAUGES[key][0], {"job": job})
+        """The latest value of a per-job gauge (``JOB_GAUGES``' keys), None if never set. Read from the
+        gauge itself, not the registry: collecting the registry would also build the live gauges."""
+        return next((s.value for family in self.job_gauges[key].collect() for s in family.samples
+                     if s.labels.get("job") == job), None)
 
 
 def total(metric: Counter) -> float:
