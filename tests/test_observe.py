@@ -209,3 +209,29 @@ def test_a_taken_metrics_port_stops_the_daemon_with_a_message(tmp_path):
         done = run_cli("dllmd", "start", "--home", str(tmp_path / "home"), timeout=120)
     assert done.returncode != 0
     assert "cannot serve metrics on 127.0.0.1:" in done.stderr
+
+
+def test_job_store_events_and_steps_feed_bounded_series(tmp_path):
+    """The one place training figures come from: alert.<code> events count by code, per-job gauges are
+    kept for the latest jobs only."""
+    from dllmd.observe.metrics import MAX_JOB_SERIES, NodeMetrics
+    from dllmd.train.jobs import JobStore
+
+    metrics = NodeMetrics()
+    store = JobStore(tmp_path / "jobs.sqlite", metrics)
+    spec = {"nodes": [{"name": "a"}]}
+    for i in range(MAX_JOB_SERIES + 2):
+        store.create(f"job{i}", spec, 10)
+        store.record_step(f"job{i}", 0, {"loss": 2.0 + i, "eval_loss": 3.0, "epsilon": 0.5, "step_s": 0.2})
+    store.event("job0", "alert.loss_spike", "loss doubled")
+    store.event("job1", "alert.loss_spike", "again")
+    store.event("job1", "checkpoint", "step 1")
+    get = metrics.registry.get_sample_value
+    assert get("dllm_alerts_total", {"code": "loss_spike"}) == 2
+    assert get("dllm_train_steps_total") == MAX_JOB_SERIES + 2
+    newest = f"job{MAX_JOB_SERIES + 1}"
+    assert get("dllm_train_loss", {"job": newest}) == 2.0 + MAX_JOB_SERIES + 1
+    assert get("dllm_eval_loss", {"job": newest}) == 3.0 and get("dllm_train_epsilon", {"job": newest}) == 0.5
+    assert get("dllm_train_loss", {"job": "job0"}) is None  # dropped: only the latest jobs keep series
+    assert metrics.job_figure("step_s", newest) == 0.2
+    store.close()
