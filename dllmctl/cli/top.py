@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from dllmctl.cli.common import STATUS_STYLE, JsonOpt, err, fail, human_bytes, layers_text, load_registry, load_user, \
+from dllmctl.cli.common import STATUS_STYLE, JsonOpt, err, fail, layers_text, load_registry, load_user, \
     maybe_number, out, split_names
 
 
@@ -60,20 +60,19 @@ def top_command(
 
 def render(snap) -> Group:
     """The snapshot as two tables: nodes, then running jobs."""
-    nodes = Table("node", "status", "ms", "CPU", "RAM", "GPU", "serving", "sessions", "queued", "tok/s", "tokens",
-                  title=f"{snap.up}/{len(snap.nodes)} nodes up, {snap.tokens_per_s:.1f} tok/s generated "
+    nodes = Table(title=f"{snap.up}/{len(snap.nodes)} nodes up, {snap.tokens_per_s:.1f} tok/s generated "
                         f"({time.strftime('%H:%M:%S', time.localtime(snap.taken_at))})")
+    for name in ("node", "status", "ms", "CPU", "RAM", "GPU", "serving", "sess", "queue", "tok/s", "tokens"):
+        nodes.add_column(name, no_wrap=name in ("node", "status", "CPU", "RAM"))
     for n in snap.nodes:
-        style = STATUS_STYLE.get(n.status, "")
-        status = Text(n.status, style=style)
+        status = Text(n.status, style=STATUS_STYLE.get(n.status, ""))
         s = n.stats
         if s is None:
             nodes.add_row(n.name, status, "-", "-", "-", "-", Text(n.error or "", style="dim"), "-", "-", "-", "-")
             continue
-        nodes.add_row(n.name, status, maybe_number(n.latency_ms, ".1f"), f"{s.cpu_percent:.0f}% of {s.cpu_cores}",
-                      f"{human_bytes(s.ram_used_bytes)}/{human_bytes(s.ram_total_bytes)}", _gpus(s.gpus),
-                      _serving(s.serving), str(s.sessions), str(s.queued), f"{s.tokens_per_s:.1f}",
-                      str(s.tokens_generated))
+        nodes.add_row(n.name, status, maybe_number(n.latency_ms, ".1f"), f"{s.cpu_percent:.0f}%",
+                      _used_of(s.ram_used_bytes, s.ram_total_bytes), _gpus(s.gpus), _serving(s.serving),
+                      str(s.sessions), str(s.queued), f"{s.tokens_per_s:.1f}", str(s.tokens_generated))
     if not snap.jobs:
         return Group(nodes, Text("no running jobs", style="dim"))
     jobs = Table("job", "coordinator", "state", "step", "loss", "tok/s", "ETA", title="running jobs")
@@ -83,11 +82,16 @@ def render(snap) -> Group:
     return Group(nodes, jobs)
 
 
+def _used_of(used: int, total: int) -> str:
+    """``5.7/16G``: both in GiB, the total rounded (it is there for scale)."""
+    return f"{used / 2**30:.1f}/{total / 2**30:.0f}G"
+
+
 def _gpus(gpus) -> str:
     if not gpus:
         return "-"
     return ", ".join(f"{g.index}: {'' if g.util_percent is None else f'{g.util_percent:.0f}% '}"
-                     f"{human_bytes(g.memory_used_bytes)}/{human_bytes(g.memory_total_bytes)}" for g in gpus)
+                     f"{_used_of(g.memory_used_bytes, g.memory_total_bytes)}" for g in gpus)
 
 
 def _serving(spans) -> str:
