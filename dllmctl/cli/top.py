@@ -73,6 +73,9 @@ def render(snap) -> Group:
         nodes.add_row(n.name, status, maybe_number(n.latency_ms, ".1f"), f"{s.cpu_percent:.0f}%",
                       _used_of(s.ram_used_bytes, s.ram_total_bytes), _gpus(s.gpus), _serving(s.serving),
                       str(s.sessions), str(s.queued), f"{s.tokens_per_s:.1f}", str(s.tokens_generated))
+    if not snap.nodes:
+        return Group(Text("no nodes registered; add one with 'dllmctl nodes add' or start 'dllmctl cluster up "
+                          "--local 3'"))
     if not snap.jobs:
         return Group(nodes, Text("no running jobs", style="dim"))
     jobs = Table("job", "coordinator", "state", "step", "loss", "tok/s", "ETA", title="running jobs")
