@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -150,23 +151,45 @@ def _cli(cluster, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def test_training_job_steps_reach_the_coordinators_metrics(cluster):
+def test_a_running_job_shows_in_the_snapshot_and_its_steps_in_the_metrics(cluster):
+    from dllmd.net.messages import training as S
+    from dllmctl.training.jobs import job_call
+
     _cli(cluster, "shard-data", str(_corpus(cluster["root"] / "repo")), "-m", MODEL, "--seq-len", "32",
          "--nodes", "local-1,local-2", "--name", "code")
-    steps = 3
-    job = _cli(cluster, "train", "-m", MODEL, "-d", "code", "--nodes", "local-1,local-2", "--max-steps", str(steps),
-               "--batch-size", "4", "--micro-batch-size", "2")
-    assert job["state"] == "done", job
-    coordinator = _scrape(cluster["nodes"][0])
-    assert _value(coordinator, "dllm_train_steps", "dllm_train_steps_total") == steps
-    assert _value(coordinator, "dllm_train_step", job=job["job"]) == steps
-    loss = _value(coordinator, "dllm_train_loss", job=job["job"])
-    assert loss == pytest.approx(job["last_metrics"]["loss"])
-    assert _value(coordinator, "dllm_train_tokens_per_second", job=job["job"]) > 0
-    assert _value(coordinator, "dllm_train_step_seconds", "dllm_train_step_seconds_count") == steps
-    assert _value(coordinator, "dllm_allreduce_seconds", "dllm_allreduce_seconds_count") == steps
-    assert "dllm_train_epsilon" not in {s.name for s in coordinator.get("dllm_train_epsilon", [])}  # no DP here
-    assert _value(coordinator, "dllm_train_jobs_running") == 0
+    total = 500  # more than it runs: it is stopped once seen
+    job = _cli(cluster, "train", "-m", MODEL, "-d", "code", "--nodes", "local-1,local-2", "--max-steps", str(total),
+               "--batch-size", "4", "--micro-batch-size", "2", "--detach")["job"]
+    coordinator = cluster["registry"].nodes["local-1"]
+    seen = _poll(lambda: [j for j in asyncio.run(cluster_snapshot(cluster["user"], cluster["registry"])).jobs
+                          if j.step >= 2], "the job's second step in the snapshot")
+    view = seen[0]
+    assert (view.job, view.coordinator, view.state, view.total_steps) == (job, "local-1", "running", total)
+    assert view.loss > 0 and view.tokens_per_s > 0 and view.eta_s > 0
+    assert _value(_scrape(cluster["nodes"][0]), "dllm_train_jobs_running") == 1
+    asyncio.run(job_call(cluster["user"], coordinator, S.JOBS_STOP, {"job": job}))
+    shown = _poll(lambda: (lambda d: d if d["state"] == "stopped" else None)(
+        asyncio.run(job_call(cluster["user"], coordinator, S.JOBS_SHOW, {"job": job}))), "the job to stop")
+    steps = shown["step"]
+    metrics = _scrape(cluster["nodes"][0])
+    assert _value(metrics, "dllm_train_steps", "dllm_train_steps_total") == steps
+    assert _value(metrics, "dllm_train_step", job=job) == steps
+    assert _value(metrics, "dllm_train_loss", job=job) == pytest.approx(shown["last_metrics"]["loss"])
+    assert _value(metrics, "dllm_train_tokens_per_second", job=job) > 0
+    assert _value(metrics, "dllm_train_step_seconds", "dllm_train_step_seconds_count") == steps
+    assert _value(metrics, "dllm_allreduce_seconds", "dllm_allreduce_seconds_count") == steps
+    assert not metrics.get("dllm_train_epsilon")  # no DP here: no epsilon series
+    assert _value(metrics, "dllm_train_jobs_running") == 0
+
+
+def _poll(probe, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_top_once_json_shows_a_killed_node_down(cluster):
