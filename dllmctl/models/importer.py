@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from dllmd.models.dtypes import WEIGHT_DTYPES, torch_dtype
 from dllmd.models.families import adapter_for
@@ -33,7 +32,7 @@ from dllmd.models.quantization import QUANT_METHODS, Quantization, QuantizationE
 from dllmd.models.store import (MANIFEST, SIGNATURE, EmbedEntry, FileEntry, HeadEntry, LayerEntry, Manifest,
                                 ModelStore, ModelStoreError, check_model_name)
 from dllmd.net.identity import Identity
-from dllmd.storage import sha256_file
+from dllmd.storage import is_disk_full, save_tensors, sha256_file
 from dllmctl.models.catalog import PULLABLE, SMOLLM2, PipGguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -186,12 +185,18 @@ def _import(source: str | Path, store: ModelStore, identity: Identity, name: str
         checkpoint = _open_checkpoint(path, torch_dtype(dtype), handles, progress)
         grouping = _group(checkpoint)
         quantization = _quantization(checkpoint, grouping, quantize) if quantize else None
-        with store.staging(name) as work:
-            entries = _write_tensors(work, checkpoint, grouping, torch_dtype(dtype), progress, quantization)
-            _write_side_files(work, path, checkpoint, dtype)
-            manifest = _manifest(work, name, checkpoint.config, dtype, label, identity, entries, progress,
-                                 quantization)
-            return store.publish(work, manifest, identity, replace=force)
+        try:
+            with store.staging(name) as work:
+                entries = _write_tensors(work, checkpoint, grouping, torch_dtype(dtype), progress, quantization)
+                _write_side_files(work, path, checkpoint, dtype)
+                manifest = _manifest(work, name, checkpoint.config, dtype, label, identity, entries, progress,
+                                     quantization)
+                return store.publish(work, manifest, identity, replace=force)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise ModelImportError(f"{exc.strerror}. Nothing was imported and the store is as it was (its other "
+                                   f"models intact): free some space and import again") from exc
 
 
 def _resolve(source: str | Path) -> tuple[Path, str, str]:
@@ -425,7 +430,7 @@ def _save_tensors(path: Path, names: list[str], checkpoint: _Checkpoint, dtype: 
             continue
         tensors[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_tensors(tensors, path, f"the import's {path.parent.name}/{path.name}", metadata={"format": "pt"})
     return params, sum(t.numel() * t.element_size() for t in tensors.values())
 
 

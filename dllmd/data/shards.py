@@ -31,7 +31,8 @@ import numpy as np
 from dllmd.data.errors import PatchTooLarge, ShardError, StaleBase
 from dllmd.data.patch import apply_patch
 from dllmd.data.pieces import piece_digest
-from dllmd.storage import StagedFile, StagingError, atomic_write, recover_directories, remove_directory, replace_directory
+from dllmd.storage import (DiskFull, StagedFile, StagingError, atomic_write, ensure_room, recover_directories,
+                           remove_directory, replace_directory)
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +86,12 @@ class ShardStore:
             received = self._file(name, staged, meta).resume()
         except StagingError:
             received = 0  # complete but corrupt: its bytes are gone, send them again
+        if received < size:  # refused now, not when the disk fills halfway through (nothing staged is kept)
+            try:
+                ensure_room(staged, size - received, f"shard {name!r}")
+            except DiskFull:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
         return {"received": received, "complete": received == size}
 
     def stage_patch(self, name: str, meta: dict, size: int, sha256: str, base: str) -> dict:

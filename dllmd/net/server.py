@@ -22,6 +22,7 @@ from dllmd.net.roles import roles_of
 from dllmd.net.schema import Op, parse_args, to_wire
 from dllmd.net.wire import ErrorCode, Limits, Reply, Request, WireError, decode_request, encode_reply, error_reply
 from dllmd.observe.metrics import NodeMetrics
+from dllmd.storage.room import is_disk_full
 
 if TYPE_CHECKING:
     import torch
@@ -288,6 +289,11 @@ class RpcServer:
             if responder.closed:
                 log.info("one-way request failed: %s", exc.message)
             responder.fail(exc.code, exc.message)
+            return
+        if is_disk_full(exc):  # the owner's to fix (free space), not a bug: no traceback
+            log.warning("%s", exc)
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            responder.fail(ErrorCode.NO_SPACE, f"{exc.strerror}{where}")
             return
         log.error("operation failed", exc_info=exc)
         responder.fail(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -67,6 +67,9 @@ class ErrorCode:
     # The session's KV cache does not fit what this node may still reserve, or (span.load) the span's
     # weights do not fit the cap its owner set in node.toml.
     NO_MEMORY = "no_memory"
+    # A write that does not fit the node's disk (a shard, a span's files, a checkpoint): nothing of it
+    # was kept and what was there before is intact.
+    NO_SPACE = "no_space"
 
 
 class WireError(Exception):

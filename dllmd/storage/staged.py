@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dllmd.storage.atomic import fsync_dir
 from dllmd.storage.digest import sha256_file
+from dllmd.storage.room import DiskFull, ensure_room, free_bytes, is_disk_full
 
 
 class StagingError(ValueError):
@@ -76,6 +77,17 @@ class StagedFile:
         if not chunk:
             raise StagingError(f"{self.label}: an empty chunk carries nothing; send the bytes from {offset}")
         self.part.parent.mkdir(parents=True, exist_ok=True)
+        if offset == 0:  # refused before the first byte, not when the disk fills halfway through
+            ensure_room(self.part.parent, self.size, self.label)
+        try:
+            return self._append(offset, chunk)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self.discard()  # the space a part file took comes back; the sender starts again later
+            raise DiskFull(self.label, self.size, free_bytes(self.part.parent), self.part.parent) from exc
+
+    def _append(self, offset: int, chunk: bytes) -> int:
         with open(self.part, "ab") as f:
             # One writer at a time: a retried chunk racing its first attempt must not be written twice.
             fcntl.flock(f, fcntl.LOCK_EX)

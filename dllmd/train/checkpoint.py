@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dllmd.models.store import MANIFEST, SIGNATURE, FileEntry, ModelStoreError
 from dllmd.net.messages.training import CheckpointChunk
 from dllmd.net.identity import Identity
-from dllmd.storage import recover_directories, replace_directory, sha256_file
+from dllmd.storage import ensure_room, is_disk_full, recover_directories, replace_directory, save_tensors, sha256_file
+from dllmd.storage.room import tensor_bytes
 from dllmd.storage.signed import json_object, read_signature, signed_by, write_signed
 
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json", "state.json")
@@ -42,6 +43,11 @@ READ_CHUNK = 4 * 1024 * 1024  # bytes of a checkpoint file per message (exports,
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or fails verification."""
+
+
+class NoRoomForCheckpoint(CheckpointError):
+    """The disk cannot hold the next checkpoint; the earlier ones are intact (the job can resume from the
+    latest once there is room)."""
 
 
 @dataclass(frozen=True)
@@ -111,16 +117,27 @@ class Checkpoints:
         self.root.mkdir(parents=True, exist_ok=True)
         work = self.root / f".partial-{_dirname(step)}"
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
         model = {k.removeprefix("model."): v.contiguous() for k, v in tensors.items() if k.startswith("model.")}
         optim = {k.removeprefix("optim."): v.contiguous() for k, v in tensors.items() if k.startswith("optim.")}
-        save_file(model, str(work / "model.safetensors"), metadata={"format": "pt"})
-        save_file(optim, str(work / "optimizer.safetensors"))
-        (work / "config.json").write_bytes(config_json)
-        (work / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        manifest = CheckpointManifest(step=step, signer=self.identity.public_key, files={
-            name: FileEntry(sha256_file(work / name), (work / name).stat().st_size) for name in FILES})
-        write_signed(work / MANIFEST, work / SIGNATURE, manifest.to_dict(), self.identity)
+        try:
+            # All of it must fit: a checkpoint is useful whole or not at all.
+            ensure_room(self.root, tensor_bytes(model) + tensor_bytes(optim), f"the checkpoint at step {step}")
+            work.mkdir()
+            save_tensors(model, work / "model.safetensors", f"the checkpoint at step {step}", {"format": "pt"})
+            save_tensors(optim, work / "optimizer.safetensors", f"the checkpoint at step {step}")
+            (work / "config.json").write_bytes(config_json)
+            (work / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+            manifest = CheckpointManifest(step=step, signer=self.identity.public_key, files={
+                name: FileEntry(sha256_file(work / name), (work / name).stat().st_size) for name in FILES})
+            write_signed(work / MANIFEST, work / SIGNATURE, manifest.to_dict(), self.identity)
+        except OSError as exc:
+            shutil.rmtree(work, ignore_errors=True)  # its space comes back; the earlier checkpoints are untouched
+            if not is_disk_full(exc):
+                raise
+            kept = self.latest()
+            raise NoRoomForCheckpoint(f"{exc.strerror}; the checkpoint "
+                                  f"{f'at step {kept} is intact' if kept is not None else 'was not written'}: "
+                                  f"free some space") from exc
         replace_directory(work, self.root / _dirname(step))
         return self.describe(step)
 

@@ -30,7 +30,7 @@ from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
 from dllmd.net.messages import training as S
-from dllmd.train.checkpoint import CheckpointError, Checkpoints
+from dllmd.train.checkpoint import CheckpointError, Checkpoints, NoRoomForCheckpoint
 from dllmd.train import admission
 from dllmd.train.diloco.run import DiLoCoRun, outer_steps
 from dllmd.train.federated.run import FederatedRun, federation_status, prepare_federated, release_clients
@@ -334,7 +334,7 @@ class Coordinator:
         except asyncio.CancelledError:
             self.store.set_state(job, "interrupted", "the coordinator daemon stopped; resume with 'dllmctl jobs resume'")
             raise
-        except JobInterrupted as exc:
+        except (JobInterrupted, NoRoomForCheckpoint) as exc:  # resumable from the last checkpoint
             log.error("job %s interrupted: %s", job, exc)
             self.store.event(job, "interrupted", str(exc))
             self.store.set_state(job, "interrupted", str(exc))
