@@ -259,6 +259,43 @@ def relays(
                   f"(measured {report['wan']['measured_link_delay_ms']} ms)")
 
 
+@app.command("soak")
+def soak(
+    model: Annotated[str, typer.Option("--model", "-m", help="A deployed model.")],
+    clients: Annotated[int, typer.Option(min=1, max=256, help="Concurrent OpenAI clients.")] = 8,
+    requests: Annotated[int, typer.Option(min=1, max=100_000, help="Chat completions each client sends.")] = 100,
+    max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 16,
+    as_json: JsonOpt = False,
+) -> None:
+    """CLIENTS x REQUESTS chat completions through the OpenAI API against the registered nodes, after a
+    warm-up round of the same shape: errors (target 0), latency, every node's RSS growth (target <= 10%)
+    and the sessions left open after (target 0)."""
+    from dllmctl.bench import soak as soak_bench
+
+    local_model(model)
+    import importlib.util
+
+    if importlib.util.find_spec("uvicorn") is None:
+        fail("bench soak serves the OpenAI API: it needs the 'api' extra (pip install 'dllm[api]')")
+    with err.status("soaking...") as status:
+        report = soak_bench.run(load_user(), load_registry().select(None), model, clients, requests, max_tokens,
+                                progress=lambda message: status.update(f"soaking: {message}"))
+    if as_json:
+        print_json(report)
+        return
+    m = report["measured"]
+    out.print(f"{m['requests']} requests ({clients} clients), {m['errors']} errors {m['statuses']}, "
+              f"p50 {m['latency_p50_ms']} ms, p95 {m['latency_p95_ms']} ms, {m['tokens_per_second']} tok/s")
+    table = Table("node", "RSS before", "RSS after", "growth")
+    for name, r in report["rss"].items():
+        table.add_row(name, human_bytes(r["before"]), human_bytes(r["after"]),
+                      f"{r['growth'] * 100:+.1f}%" if r["growth"] is not None else "-")
+    out.print(table)
+    verdict = "[green]meets[/green]" if report["meets_target"] else "[red]misses[/red]"
+    out.print(f"sessions left open: {report['sessions_left']}; {verdict} the targets (0 errors, RSS growth <= "
+              f"{report['rss_growth_target'] * 100:.0f}%, no session left)")
+
+
 @app.command("shard-data")
 def shard_data(
     model: Annotated[str, typer.Option("--model", "-m", help="The model whose tokenizer to use.")],

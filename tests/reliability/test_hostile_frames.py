@@ -115,7 +115,7 @@ def frames(draw):
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
+def target(tmp_path_factory, report_figures):
     from dllmd.net.keys import AuthorizedKeys
     from tests.conftest import make_home, start_daemon
 
@@ -137,7 +137,9 @@ def target(tmp_path_factory):
         socks[role] = sock
     tally = collections.Counter()
     yield daemon, socks, tally
-    print(f"\nhostile frames: {sum(tally.values())} sent; answers by code: {dict(tally.most_common())}")
+    crashed = tally.get("internal", 0)
+    report_figures(f"hostile frames: {sum(tally.values())} sent, {crashed} crashes; answers by code: "
+                   f"{dict(tally.most_common())}")
     for sock in socks.values():
         sock.close()
     ctx.term()

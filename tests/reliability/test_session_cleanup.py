@@ -16,37 +16,20 @@ import time
 
 import pytest
 
-from dllmctl.cluster import local as local_cluster
 from dllmctl.cluster.live import query_nodes
-from dllmctl.cluster.registry import Registry
 from dllmctl.inference.session import SESSION_LEASE_S
-from dllmctl.models.deploy import deploy
-from dllmctl.paths import cluster_file, model_store_root
-from dllmctl.placement.layout import Span
 from dllmd.inference.ops import SWEEP_INTERVAL_S
-from tests.tiny_models import make_tiny_model
+from tests.reliability.conftest import MODEL, serving_cluster
 
 CONTEXT = 4096
 
 
 @pytest.fixture
 def served(user_env, user, tmp_path):
-    """Two daemons serving a tiny llama (0-3 / 3-5), registered in the user's own files so that the
-    `dllmctl` subprocesses find them."""
-    from dllmctl.models.importer import import_model
-    from dllmd.models.store import ModelStore
-
-    registry = Registry(cluster_file())
-    local_cluster.up(2, tmp_path / "daemons", user, registry)
-    try:
-        store = ModelStore(model_store_root())
-        import_model(make_tiny_model("llama", tmp_path / "src", max_position_embeddings=CONTEXT), store, user,
-                     name="tiny")
-        spans = [Span("local-1", 0, 3, True, False), Span("local-2", 3, 5, False, True)]
-        asyncio.run(deploy(user, registry.nodes, store.root / "tiny", spans))
-        yield user, list(registry.nodes.values())
-    finally:
-        local_cluster.down(tmp_path / "daemons", registry)
+    """Two daemons serving a tiny llama, registered in the user's own files so that the `dllmctl`
+    subprocesses find them."""
+    with serving_cluster(user, tmp_path, 2, context=CONTEXT) as served:
+        yield served
 
 
 def _sessions(served) -> dict[str, int]:
@@ -57,7 +40,7 @@ def _sessions(served) -> dict[str, int]:
 def _start_long_generation(served) -> subprocess.Popen:
     """A generation far longer than the test waits (a prompt whose greedy continuation has no end of
     sequence), streaming; returns once every stage holds it."""
-    proc = subprocess.Popen([sys.executable, "-m", "dllmctl", "infer", "the cat sat on the mat", "-m", "tiny", "--raw",
+    proc = subprocess.Popen([sys.executable, "-m", "dllmctl", "infer", "the cat sat on the mat", "-m", MODEL, "--raw",
                              "--temperature", "0", "--max-new-tokens", str(CONTEXT - 16)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -79,7 +62,7 @@ def _wait_for_no_sessions(served, timeout: float) -> float:
     raise AssertionError(f"sessions still open after {timeout:.0f} s: {_sessions(served)}")
 
 
-def test_ctrl_c_closes_the_session_on_every_stage_and_a_killed_client_is_freed_within_the_lease(served):
+def test_ctrl_c_closes_the_session_on_every_stage_and_a_killed_client_is_freed_within_the_lease(served, report_figures):
     proc = _start_long_generation(served)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
@@ -92,3 +75,5 @@ def test_ctrl_c_closes_the_session_on_every_stage_and_a_killed_client_is_freed_w
     proc.communicate(timeout=30)
     freed_after = _wait_for_no_sessions(served, timeout=SESSION_LEASE_S + 2 * SWEEP_INTERVAL_S + 5)
     assert freed_after <= SESSION_LEASE_S + 2 * SWEEP_INTERVAL_S + 5
+    report_figures(f"session cleanup: Ctrl+C -> 0 sessions on every stage at once; kill -9 -> freed after "
+                   f"{freed_after:.1f} s (lease {SESSION_LEASE_S:g} s)")
