@@ -154,8 +154,8 @@ class SealedChannel:
         """The sealed message of kind ``expected``. A clear frame is the other end's ``PairingError``
         (it could not open ours); a sealed one that does not open raises ``wrong``."""
         if not frame.sealed:
-            unpack(frame.body, PairingError)  # a PairingError raises; anything else is out of turn
-            raise PairingFailed(PairingErrorCode.BAD_MESSAGE, "a clear message where a sealed one was due")
+            refusal = unpack(frame.body, PairingError)  # anything else in the clear is out of turn
+            raise PairingFailed(refusal.code, refusal.message, refusal.attempts_left)
         try:
             blob = self._recv.decrypt(frame.body, self._nonce(self._received))
         except (nacl.exceptions.CryptoError, ValueError):
