@@ -19,6 +19,7 @@ import msgpack
 import pytest
 
 from dllmd import hardware
+from dllmd.config import NodeConfig
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys
@@ -26,6 +27,7 @@ from dllmd.net.messages.node import PEERS_PING, PeerArgs, PingPeersArgs
 from dllmd.pairing.channel import PairingFailed
 from dllmd.pairing.code import InviteCode, InviteCodeError
 from dllmd.pairing.join import join
+from dllmctl.cluster.discover import discover
 from dllmctl.cluster.registry import Registry
 from tests.conftest import cli_user_cluster, run_cli, start_daemon
 
@@ -83,11 +85,18 @@ def test_invite_and_join_a_running_daemon(cluster, tmp_path):
     old_keys = {name: Identity.load(home / "identity").public_key for name, home in old.items()}
     home = tmp_path / "newbie"
     new = _ok(run_cli("dllmd", "init", "--home", str(home), "--listen", "tcp://127.0.0.1:0", "--name", "newbie", "--json"))
+    # Announced over mDNS, on loopback only.
+    dataclasses.replace(NodeConfig.load(home), discoverable=True, discovery_interfaces=["127.0.0.1"]).save(home)
     # Same machine as the cluster's daemons: share their hardware measurement (as 'cluster up' does).
     shutil.copyfile(old["local-1"] / hardware.CACHE_FILE, home / hardware.CACHE_FILE)
     daemon = start_daemon(home)
     invite = Invite("--role", "peer", "--expires", "60s")
     try:
+        # Announced, not registered: discovery shows it and grants nothing.
+        seen = [r for r in discover(Registry(cluster["root"] / "config" / "cluster.toml"), 3.0, ["127.0.0.1"])
+                if r.node_id == new["node_id"]]
+        assert [(r.name, r.endpoint, r.registered_as) for r in seen] == [("newbie", daemon.address, "")]
+        assert _roles(home) == {}
         joined = _ok(run_cli("dllmd", "join", invite.shown["code"], "--home", str(home), "--json"))
         rc, out, err = invite.finish()
         assert rc == 0, err
@@ -106,6 +115,9 @@ def test_invite_and_join_a_running_daemon(cluster, tmp_path):
         # The running daemon picked the keys up: the admin reaches it, and so does a peer link both ways.
         rows = {r["name"]: r for r in _ok(run_cli("dllmctl", "nodes", "list", "--json"))}
         assert rows["newbie"]["status"] == "up"
+        found = _ok(run_cli("dllmctl", "nodes", "discover", "--interface", "127.0.0.1", "--timeout", "2", "--json"))
+        assert {"name": "newbie", "node_id": new["node_id"], "endpoint": daemon.address, "registered_as": "newbie",
+                "address_matches": True} in found
 
         async def ping_newbie_from_local_1():
             local_1 = Registry(cluster["root"] / "config" / "cluster.toml").nodes["local-1"]

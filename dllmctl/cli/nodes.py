@@ -135,6 +135,40 @@ def invite(
         out.print(f"[yellow]not authorized on {f.node}: {f.error}[/yellow]", highlight=False)
 
 
+@app.command("discover")
+def discover(
+    timeout: Annotated[float, typer.Option(help="Seconds to listen for announcements.", min=0.5, max=60)] = 3.0,
+    interface: Annotated[Optional[list[str]], typer.Option(
+        "--interface", help="An address to browse on (repeat; default: every interface).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Daemons announcing themselves on the LAN (node.toml: discoverable = true), marked when registered.
+    An announcement is never trusted: pair with 'dllmctl nodes invite' to add one."""
+    from dataclasses import asdict
+
+    from dllmctl.cluster.discover import discover as browse
+
+    registry = load_registry()
+    with err.status(f"listening for dllm daemons for {timeout:g}s..."):
+        try:
+            rows = browse(registry, timeout, interface or None)
+        except (OSError, ValueError) as exc:
+            fail(f"mDNS browsing failed: {exc}")
+    if as_json:
+        print_json([asdict(r) for r in rows])
+        return
+    if not rows:
+        out.print("no daemon announced itself (they announce only with 'discoverable = true' in node.toml)")
+        return
+    from rich.table import Table
+
+    table = Table("name", "id", "endpoint", "registered")
+    for r in rows:
+        table.add_row(r.name, r.node_id, r.endpoint, (r.registered_as + ("" if r.address_matches else " (other address)"))
+                      if r.registered_as else "[yellow]no[/yellow]: 'dllmctl nodes invite' to pair it")
+    out.print(table)
+
+
 @app.command("remove")
 def remove(name: str, as_json: JsonOpt = False) -> None:
     """Forget a node (the node itself is not touched)."""
