@@ -19,7 +19,7 @@ import msgpack
 import pytest
 
 from dllmd import hardware
-from dllmd.config import NodeConfig
+from dllmd.config import ConfigError, NodeConfig
 from dllmd.net.client import RpcClient
 from dllmd.net.identity import Identity
 from dllmd.net.keys import AuthorizedKeys
@@ -254,3 +254,38 @@ def test_code_round_trips_and_refuses_typos():
             InviteCode.decode(typo)
     with pytest.raises(InviteCodeError):
         InviteCode.decode("x" * 10_000)
+
+
+def test_joiner_refuses_an_inviter_whose_key_is_not_the_codes(tmp_path):
+    """An inviter that holds the secret but answers with another admin key than the code pins: the
+    joiner writes nothing and says why; the invite stays pending."""
+    from dllmctl.cluster.invite import PairingServer
+    from dllmd.net.keys import Role
+    from dllmd.pairing.code import key_fingerprint
+
+    async def scenario():
+        server = PairingServer(Identity.generate(), tmp_path / "cluster.toml", Role.PEER, 30, "127.0.0.1", 0)
+        code = await server.start()
+        server.code = dataclasses.replace(code, fingerprint=key_fingerprint(Identity.generate().public_key))
+        try:
+            with pytest.raises(PairingFailed) as failed:
+                await join(server.code, tmp_path, Identity.generate(), "j", "tcp://127.0.0.1:9")
+            for _ in range(100):  # the joiner's refusal (a sealed JoinAck) reaches the inviter
+                if server.state == "pending" and server.outcome.refused:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await server.stop()
+        return failed.value, server.state, server.outcome.refused
+
+    failure, state, refused = asyncio.run(scenario())
+    assert failure.code == "refused" and "fingerprint" in failure.message
+    assert state == "pending" and refused == {"refused": 1} and not (tmp_path / "authorized_keys.toml").exists()
+
+
+def test_discovery_settings_are_checked():
+    for bad in ("127.0.0.1", [], ["not-an-ip"], [1]):
+        with pytest.raises(ConfigError, match="discovery_interfaces"):
+            NodeConfig(name="n", discovery_interfaces=bad)
+    with pytest.raises(ConfigError, match="discoverable"):
+        NodeConfig(name="n", discoverable="yes")

@@ -97,6 +97,7 @@ class PairingServer:
         self._bucket = _Bucket(RATE_PER_S, BURST)
         self._done = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task] = set()  # the connections being handled
 
     async def start(self) -> InviteCode:
         """Bind the pairing socket and make the code (which names the port it bound)."""
@@ -120,8 +121,15 @@ class PairingServer:
                     pass
             if not self._done.is_set():
                 self._end("expired")
-        self._server.close()
+        await self.stop()
         return self.outcome
+
+    async def stop(self) -> None:
+        """Stop listening and drop the connections still open."""
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _end(self, state: str) -> None:
         self.state = self.outcome.state = state
@@ -130,6 +138,7 @@ class PairingServer:
     # --- one connection ---------------------------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(asyncio.current_task())
         admitted = self._active < MAX_CONNECTIONS and self._bucket.take()
         self._active += 1
         try:
@@ -142,7 +151,12 @@ class PairingServer:
             await _send_quietly(writer, False, pack(exc.to_message()))
         except (ConnectionError, OSError) as exc:
             log.info("pairing connection lost: %s", exc)
+        except asyncio.CancelledError:
+            # The invite ended (wait() cancels what is left): the connection is dropped. Ending the task
+            # normally keeps asyncio's stream callback from logging the cancellation as an error.
+            pass
         finally:
+            self._tasks.discard(asyncio.current_task())
             self._active -= 1
             if self.state == "claimed":  # the join did not finish: the invite is still pending
                 self.state = "pending"
