@@ -218,12 +218,12 @@ class PairingServer:
             raise PairingFailed(PairingErrorCode.REFUSED, "the joining node's key is the admin's own")
         try:
             entry = make_entry(request.name, request.endpoint, request.public_key)
-            registry = Registry(self.registry_path)
-            taken = registry.nodes.get(entry.name)
-            if taken is not None and taken.public_key != entry.public_key:
-                raise PairingFailed(PairingErrorCode.CONFLICT, f"a node named {entry.name!r} is already registered; "
-                                                               f"join with another --name")
-            if self.role == Role.PEER:
+            if self.role == Role.PEER:  # a client is not registered: its name is only a label on the nodes
+                registry = Registry(self.registry_path)
+                taken = registry.nodes.get(entry.name)
+                if taken is not None and taken.public_key != entry.public_key:
+                    raise PairingFailed(PairingErrorCode.CONFLICT, f"a node named {entry.name!r} is already "
+                                                                   f"registered; rename this node in its node.toml")
                 registry.add(entry, replace=True)  # what saving it would say (the key under another name...)
         except RegistryError as exc:
             raise PairingFailed(PairingErrorCode.REFUSED, str(exc)) from None
