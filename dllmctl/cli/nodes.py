@@ -110,7 +110,7 @@ def invite(
             print(json.dumps(shown), flush=True)
         else:
             out.print(f"invite code ([bold]{role}[/bold], expires {time.strftime('%H:%M:%S', time.localtime(code.expires_at))}):\n"
-                      f"\n    [bold]{shown['code']}[/bold]\n\non the new machine: dllmd join {shown['code']}", highlight=False)
+                      f"\n    [bold]{shown['code']}[/bold]\n\non the new machine:\n\n    dllmd join {shown['code']}\n", highlight=False, soft_wrap=True)
             out.file.flush()
         with err.status(f"waiting for a machine to join on {code.address}..."):
             return await server.wait()
