@@ -52,30 +52,97 @@ def _id_doc(home: Path, identity: Identity, config: NodeConfig) -> dict:
             "address": config.listen, "home": str(home)}
 
 
+AdvertiseOpt = Annotated[Optional[str], typer.Option(
+    "--advertise", help="With a join: the host the cluster reaches this daemon at (needed where it listens on 0.0.0.0).")]
+
+
 @app.command()
 def init(
     home: HomeOpt = None,
     listen: Annotated[str, typer.Option(help="ZeroMQ endpoint to bind; port 0 picks a free one.")] = DEFAULT_LISTEN,
     name: Annotated[Optional[str], typer.Option(help="Node name (default: the host name).")] = None,
+    join_code: Annotated[Optional[str], typer.Option("--join", help="Then join a cluster with this invite code "
+                                                                    "('dllmctl nodes invite' prints one).")] = None,
+    advertise: AdvertiseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create the node's home, node.toml and Ed25519 identity. Never overwrites an identity."""
     import socket
 
+    code = _decode_code(join_code) if join_code else None  # a bad code changes nothing, not even the home
     home = resolve_home(home)
     if (home / "identity").exists():
         fail(f"{home} already holds an identity; refusing to overwrite it (use another --home)")
     try:
         config = NodeConfig(name=validate_name(name or socket.gethostname().split(".")[0]), listen=validate_endpoint(listen))
+        if code is not None:  # a join it could not finish (no reachable host, a free port) creates nothing
+            from dllmd.pairing.join import daemon_endpoint
+
+            daemon_endpoint(home, config, advertise)
     except ConfigError as exc:
         fail(str(exc))
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = Identity.generate()
     identity.save(home / "identity")
     config.save(home)
+    if code is not None:
+        _join(home, code, advertise, as_json)
+        return
     _emit(_id_doc(home, identity, config), as_json,
           f"node [bold]{config.name}[/bold] ({identity.node_id})\npublic key  {identity.public_key}\n"
           f"address     {config.listen}\nhome        {home}")
+
+
+@app.command()
+def join(
+    code: Annotated[str, typer.Argument(help="The invite code 'dllmctl nodes invite' printed.")],
+    home: HomeOpt = None,
+    advertise: AdvertiseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Join a cluster with a one-time invite code: trust its admin (and, as a peer, its nodes) and be
+    authorized on every node. Works whether the daemon runs or not (a running one applies it at once)."""
+    parsed = _decode_code(code)
+    _join(resolve_home(home), parsed, advertise, as_json)
+
+
+def _decode_code(text: str):
+    from dllmd.pairing.code import InviteCodeError
+    from dllmd.pairing.join import decode_code
+
+    try:
+        return decode_code(text)
+    except InviteCodeError as exc:
+        fail(str(exc))
+
+
+def _join(home: Path, code, advertise: Optional[str], as_json: bool) -> None:
+    from dllmd.pairing.channel import PairingFailed
+    from dllmd.pairing.join import daemon_endpoint, join as run_join
+
+    try:
+        config = NodeConfig.load(home)
+        endpoint = daemon_endpoint(home, config, advertise)
+    except ConfigError as exc:
+        fail(str(exc))
+    identity = _load_identity(home)
+    try:
+        with err.status(f"joining through {code.address}..."):
+            outcome = asyncio.run(run_join(code, home, identity, config.name, endpoint))
+    except PairingFailed as exc:
+        left = f" ({exc.attempts_left} attempt(s) left)" if exc.attempts_left > 0 else ""
+        fail(f"the pairing failed ({exc.code}): {exc.message}{left}; nothing was trusted here")
+    result = outcome.result
+    doc = {"node_id": identity.node_id, "name": config.name, "endpoint": endpoint, "role": outcome.role,
+           "admin_key": outcome.admin_key, "trusted": outcome.trusted, "registered_as": result.registered_as,
+           "authorized_on": result.authorized_on, "failed": [{"node": f.node, "error": f.error} for f in result.failed]}
+    lines = [f"joined as [bold]{outcome.role}[/bold] ({endpoint})",
+             f"trusts the admin {outcome.admin_key[:12]} and {len(outcome.trusted) - 1} node(s) as peers",
+             f"authorized on {', '.join(result.authorized_on) or 'no node'}"]
+    lines += [f"[yellow]not authorized on {f.node}: {f.error}[/yellow]" for f in result.failed]
+    if result.registered_as:
+        lines.append(f"registered as {result.registered_as}")
+    _emit(doc, as_json, "\n".join(lines))
 
 
 @app.command()

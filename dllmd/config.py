@@ -12,6 +12,7 @@ Layout of a home::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -108,6 +109,14 @@ def validate_name(name: str) -> str:
     return name
 
 
+def _ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _count(value) -> bool:
     """A non-negative integer (TOML's true is not 1)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -201,6 +210,11 @@ class NodeConfig:
     # Prometheus' /metrics over plain HTTP (docs/observability.md), e.g. "127.0.0.1:9740"; "": off.
     metrics_listen: str = ""
     metrics_allow_remote: bool = False  # let metrics_listen bind a non-loopback address (unauthenticated!)
+    # Announce this daemon on the LAN over mDNS (dllmd/discovery.py) so 'dllmctl nodes discover' lists it.
+    # Off by default: an announcement tells the network a dllm node runs here. It never grants trust.
+    discoverable: bool = False
+    # The addresses mDNS runs on; None: every interface ("127.0.0.1" keeps it on this machine).
+    discovery_interfaces: list[str] | None = None
     limits: ResourceLimits = field(default_factory=ResourceLimits)  # the [limits] table
     # Datasets a key with the federation role may train on here (federated rounds; the rows never leave).
     federated_datasets: list[str] = field(default_factory=list)
@@ -217,7 +231,12 @@ class NodeConfig:
                 value = getattr(self, f.name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ConfigError(f"{f.name} must be a non-negative integer, got {value!r}")
-        for flag in ("allow_plaintext_ring", "bench_operations", "relay", "metrics_allow_remote"):
+        if self.discovery_interfaces is not None and not (
+                isinstance(self.discovery_interfaces, list) and self.discovery_interfaces
+                and all(isinstance(a, str) and _ip(a) for a in self.discovery_interfaces)):
+            raise ConfigError(f"discovery_interfaces must be a list of IP addresses such as [\"192.168.1.20\"], "
+                              f"got {self.discovery_interfaces!r}")
+        for flag in ("allow_plaintext_ring", "bench_operations", "relay", "metrics_allow_remote", "discoverable"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not isinstance(self.federated_datasets, list) or not all(
@@ -269,4 +288,6 @@ class NodeConfig:
             del data["federated_datasets"]
         if self.data_roots is None:  # TOML has no null: absent means the default roots
             del data["data_roots"]
+        if self.discovery_interfaces is None:
+            del data["discovery_interfaces"]
         atomic_write(home / "node.toml", tomli_w.dumps(data).encode())

@@ -140,6 +140,7 @@ class Daemon:
                  self.config.name, self.identity.node_id, self.endpoint, self.identity.public_key)
         server.start()
         notify("READY=1")
+        announcing = self._announce()
         try:
             await self._stop.wait()
         finally:
@@ -148,6 +149,10 @@ class Daemon:
             sampler.cancel()
             if exporter is not None:
                 exporter.stop()
+            if announcing is not None:
+                advertiser, registered = announcing
+                await registered
+                await asyncio.to_thread(advertiser.stop)
             self.inference.stop()
             await self.training.stop()
             if self.ring_bench is not None:
@@ -187,6 +192,20 @@ class Daemon:
         while True:
             self.metrics.sample()
             await asyncio.sleep(SAMPLE_INTERVAL_S)
+    def _announce(self):
+        """With ``discoverable = true``: announce the node over mDNS in the background (probing the
+        name takes a moment); returns the advertiser and its registration task, or None."""
+        if not self.config.discoverable:
+            return None
+        from dllmd.discovery import Advertiser
+
+        try:
+            advertiser = Advertiser(self.config.name, self.identity.node_id, self.endpoint,
+                                    self.config.discovery_interfaces)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot announce this node over mDNS: %s", exc)
+            return None
+        return advertiser, asyncio.create_task(asyncio.to_thread(advertiser.start))
 
     def _apply_limits(self) -> None:
         """What node.toml's [limits] asks of this process (``dllmd start`` hid the other GPUs before

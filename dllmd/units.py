@@ -1,4 +1,5 @@
-"""Sizes as people write them: ``64MB``, ``512KiB``, ``6GiB``, ``4M``, ``4096`` (node.toml, CLI options)."""
+"""Sizes and durations as people write them: ``64MB``, ``512KiB``, ``6GiB``, ``4M``, ``4096``; ``90s``,
+``10m``, ``2h`` (node.toml, CLI options)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ def parse_size(text: str) -> int:
     if match is None or unit not in UNITS:
         raise ValueError(f"expected a size like 512MiB, 6GiB or 64MB, got {text!r}")
     return int(float(match.group(1)) * UNITS[unit])
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration: ``90``, ``90s``, ``10m``, ``2h``. ValueError if it is not one."""
+    match = _DURATION.match((text or "").lower())
+    if match is None:
+        raise ValueError(f"expected a duration like 90s, 10m or 2h, got {text!r}")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
 
 
 def mib(n: int | float) -> str:

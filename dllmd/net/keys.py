@@ -155,13 +155,19 @@ class AuthorizedKeys:
 
     def authorize(self, public_key: str, role: Role | str, name: str = "",
                   models: list[str] | None = None) -> AuthorizedKey:
-        key = parse_public_key(public_key).hex()
-        entry = AuthorizedKey(key, Role(role), name, _models(models))
+        return self.authorize_all([(public_key, role, name, models)])[0]
+
+    def authorize_all(self, grants: list[tuple[str, Role | str, str, list[str] | None]]) -> list[AuthorizedKey]:
+        """Authorize several keys (public key, role, name, models) in one atomic write: a pairing trusts
+        its admin and the cluster's nodes at once, or none of them. Every key is checked before anything
+        is written."""
+        entries = [AuthorizedKey(parse_public_key(key).hex(), Role(role), name, _models(models))
+                   for key, role, name, models in grants]
         self.refresh(force=True)
         table = dict(self._by_key)
-        table[key] = entry
+        table.update((e.public_key, e) for e in entries)
         self._write(table)
-        return entry
+        return entries
 
     def revoke(self, public_key: str) -> bool:
         key = parse_public_key(public_key).hex()
