@@ -13,10 +13,10 @@ import errno
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # torch is not imported by what merely lists things (dllmctl nodes list stays fast)
+    import torch
 
 # Left free beyond the write itself: filesystems and the sqlite journal need a little room to work.
 SLACK_BYTES = 1 << 20
@@ -64,6 +64,9 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, what: str, metadata: dict | None = None) -> None:
     """``safetensors.torch.save_file`` that checks for room first and removes a file a full disk cut
     short (safetensors reports that as a plain ``SafetensorError``: the disk is measured to tell)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     path = Path(path)
     need = tensor_bytes(tensors) + SAFETENSORS_HEADER_SLACK
     ensure_room(path.parent, need, what)
