@@ -1,0 +1,138 @@
+"""``dllmctl serve --dashboard`` in a real browser (Debian's chromium, driven by playwright) against
+two real local daemons serving a tiny model: the page asks for the API key, refuses a wrong one
+without showing data, shows which node holds which layers (what ``dllmctl nodes list`` says), and its
+chat box streams the answer the API gives non-streamed; the data endpoints take the key as /v1 does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+from email.message import Message
+
+import pytest
+
+from tests.api_cluster import MODEL, _ok, serve_api, start_user_cluster, stop_user_cluster
+from tests.conftest import run_cli
+
+KEY = "sk-dash-0123456789abcdef"
+MAX_TOKENS = 12
+UI_TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Two daemons with the tiny model deployed across them, and the API with its dashboard on them;
+    yields (server root URL, env)."""
+    root = tmp_path_factory.mktemp("dashboard")
+    env = start_user_cluster(root, nodes=2)
+    try:
+        with serve_api(root / "serve.log", env, KEY, "--dashboard") as v1:
+            yield v1.removesuffix("/v1"), env
+    finally:
+        stop_user_cluster(root, env)
+
+
+def _get(url: str, key: str | None = KEY) -> tuple[int, Message, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read().decode()
+
+
+def _code(body: str) -> str:
+    return json.loads(body)["error"]["code"]
+
+
+def test_data_endpoints_take_the_key_and_the_page_holds_none(served):
+    base, env = served
+    for path in ("/dashboard/api/snapshot", "/dashboard/api/jobs/job-1/metrics"):
+        for key in (None, "sk-wrong"):
+            status, _, body = _get(base + path, key)
+            assert (status, _code(body)) == (401, "invalid_api_key"), (path, key)
+            assert "local-" not in body  # no node name leaks with the refusal
+
+    status, headers, page = _get(base + "/dashboard/", key=None)
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "script-src 'self'" in headers["Content-Security-Policy"] and KEY not in page
+    for name in ("dashboard.js", "dashboard.css"):
+        assert _get(f"{base}/dashboard/static/{name}", key=None)[0] == 200
+    for path in ("/dashboard/static/..%2Fdata.py", "/dashboard/static/routes.py"):
+        assert _get(base + path, key=None)[0] == 404
+
+    status, _, body = _get(base + "/dashboard/api/snapshot")
+    snapshot = json.loads(body)
+    assert status == 200 and [n["name"] for n in snapshot["nodes"]] == ["local-1", "local-2"]
+    assert [m["name"] for m in snapshot["models"]] == [MODEL] and snapshot["models"][0]["can_generate"]
+    assert snapshot["jobs"] == [] and snapshot["events"] == []
+
+    # Hostile paths and parameters: a clear 4xx, and the server keeps serving.
+    assert _code(_get(base + "/dashboard/api/jobs/" + "x" * 200 + "/metrics")[2]) == "invalid_value"
+    assert _code(_get(base + "/dashboard/api/jobs/job-1/metrics?after_step=abc")[2]) == "invalid_value"
+    status, _, body = _get(base + "/dashboard/api/jobs/job-nope/metrics")
+    assert (status, _code(body)) == (404, "job_not_found")
+    assert _get(base + "/dashboard/api/snapshot")[0] == 200
+
+
+def _chromium():
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it in CI)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    return sync_api
+
+
+def _non_streamed(base: str, content: str) -> str:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}],
+                       "max_tokens": MAX_TOKENS, "temperature": 0}).encode()
+    request = urllib.request.Request(base + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())["choices"][0]["message"]["content"]
+
+
+def test_page_asks_for_the_key_shows_the_layers_and_streams_a_chat(served):
+    sync_api = _chromium()
+    base, env = served
+    listed = _ok(run_cli("dllmctl", "nodes", "list", "--json", env=env))
+    held = {row["name"]: ", ".join(f"{s['model']} {s['start']}-{s['end'] - 1}" for s in row["serving"])
+            for row in listed}
+    assert all(held.values())  # every node holds some layers of the tiny model
+    want = _non_streamed(base, "Hello there")
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"))
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(base + "/dashboard/")
+
+            sync_api.expect(page.locator("#key-form")).to_be_visible()  # no key yet: it asks for one
+            page.fill("#key-input", "sk-wrong")
+            page.click("#key-form button")
+            sync_api.expect(page.locator("#key-error")).to_contain_text("refused")
+            sync_api.expect(page.locator("#main")).to_be_hidden()
+            assert page.locator("#nodes tbody tr").count() == 0  # a wrong key shows no data
+            assert page.evaluate("sessionStorage.getItem('dllm.dashboard.key')") is None
+
+            page.fill("#key-input", KEY)
+            page.click("#key-form button")
+            for name, layers in held.items():
+                sync_api.expect(page.locator(f"#nodes tr[data-node='{name}'] td.layers")).to_have_text(layers)
+                sync_api.expect(page.locator(f"#nodes tr[data-node='{name}'] td.status-up")).to_have_text("up")
+            sync_api.expect(page.locator(f"#layers svg[data-model='{MODEL}'] rect.held")).to_have_count(
+                sum(s["end"] - s["start"] for row in listed for s in row["serving"]))
+            assert page.evaluate("sessionStorage.getItem('dllm.dashboard.key')") == KEY  # kept for the tab
+
+            sync_api.expect(page.locator("#chat-model option")).to_have_text([MODEL])
+            page.fill("#chat-max-tokens", str(MAX_TOKENS))
+            page.fill("#chat-input", "Hello there")
+            page.click("#chat-send")
+            answer = page.locator(".message.assistant[data-done='true']")
+            sync_api.expect(answer).to_have_count(1)
+            assert answer.text_content() == want and want  # streamed, greedy: the non-streamed text
+            assert page.locator("#chat-error").text_content() == ""
+        finally:
+            browser.close()
