@@ -1,7 +1,9 @@
 """``dllmctl serve --dashboard`` in a real browser (Debian's chromium, driven by playwright) against
-two real local daemons serving a tiny model: the page asks for the API key, refuses a wrong one
-without showing data, shows which node holds which layers (what ``dllmctl nodes list`` says), and its
-chat box streams the answer the API gives non-streamed; the data endpoints take the key as /v1 does."""
+two real local daemons serving a tiny model, one of which has run a short training job: the page asks
+for the API key, refuses a wrong one without showing data, shows which node holds which layers (what
+``dllmctl nodes list`` says), the job with its loss chart (what ``dllmctl metrics`` says) and events,
+and its chat box streams the answer the API gives non-streamed; the data endpoints take the key as
+/v1 does."""
 
 from __future__ import annotations
 
@@ -18,20 +20,35 @@ from tests.conftest import run_cli
 
 KEY = "sk-dash-0123456789abcdef"
 MAX_TOKENS = 12
+STEPS = 3
 UI_TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Two daemons with the tiny model deployed across them, and the API with its dashboard on them;
-    yields (server root URL, env)."""
+    """Two daemons with the tiny model deployed across them, a finished 3-step training job on the
+    first, and the API with its dashboard on them; yields (server root URL, env, job name)."""
     root = tmp_path_factory.mktemp("dashboard")
     env = start_user_cluster(root, nodes=2)
     try:
+        job = _train(root, env)
         with serve_api(root / "serve.log", env, KEY, "--dashboard") as v1:
-            yield v1.removesuffix("/v1"), env
+            yield v1.removesuffix("/v1"), env, job
     finally:
         stop_user_cluster(root, env)
+
+
+def _train(root, env: dict) -> str:
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 5}\n" * 3)
+    _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", MODEL, "--strategy", "random", "--seq-len", "32",
+                "--nodes", "local-1", "--name", "code", "--json", env=env))
+    done = _ok(run_cli("dllmctl", "train", "-m", MODEL, "-d", "code", "--nodes", "local-1", "--max-steps", str(STEPS),
+                       "--batch-size", "2", "--micro-batch-size", "2", "--follow", "--json", env=env, timeout=300))
+    assert done["state"] == "done", done
+    return done["job"]
 
 
 def _get(url: str, key: str | None = KEY) -> tuple[int, Message, str]:
@@ -48,7 +65,7 @@ def _code(body: str) -> str:
 
 
 def test_data_endpoints_take_the_key_and_the_page_holds_none(served):
-    base, env = served
+    base, env, job = served
     for path in ("/dashboard/api/snapshot", "/dashboard/api/jobs/job-1/metrics"):
         for key in (None, "sk-wrong"):
             status, _, body = _get(base + path, key)
@@ -67,7 +84,17 @@ def test_data_endpoints_take_the_key_and_the_page_holds_none(served):
     snapshot = json.loads(body)
     assert status == 200 and [n["name"] for n in snapshot["nodes"]] == ["local-1", "local-2"]
     assert [m["name"] for m in snapshot["models"]] == [MODEL] and snapshot["models"][0]["can_generate"]
-    assert snapshot["jobs"] == [] and snapshot["events"] == []
+    assert [(j["job"], j["state"], j["step"], j["coordinator"]) for j in snapshot["jobs"]] == [
+        (job, "done", STEPS, "local-1")]
+    assert {"submitted", "done"} <= {e["kind"] for e in snapshot["events"] if e["job"] == job}
+    assert not any(e["alert"] for e in snapshot["events"])  # only alert.* kinds are alerts
+
+    want = _ok(run_cli("dllmctl", "metrics", job, "--json", env=env))
+    status, _, body = _get(f"{base}/dashboard/api/jobs/{job}/metrics")
+    assert status == 200 and [(r["step"], r["loss"]) for r in json.loads(body)["metrics"]] == [
+        (r["step"], r["loss"]) for r in want]
+    later = json.loads(_get(f"{base}/dashboard/api/jobs/{job}/metrics?after_step={want[0]['step']}")[2])
+    assert [r["step"] for r in later["metrics"]] == [r["step"] for r in want[1:]]
 
     # Hostile paths and parameters: a clear 4xx, and the server keeps serving.
     assert _code(_get(base + "/dashboard/api/jobs/" + "x" * 200 + "/metrics")[2]) == "invalid_value"
@@ -95,7 +122,7 @@ def _non_streamed(base: str, content: str) -> str:
 
 def test_page_asks_for_the_key_shows_the_layers_and_streams_a_chat(served):
     sync_api = _chromium()
-    base, env = served
+    base, env, job = served
     listed = _ok(run_cli("dllmctl", "nodes", "list", "--json", env=env))
     held = {row["name"]: ", ".join(f"{s['model']} {s['start']}-{s['end'] - 1}" for s in row["serving"])
             for row in listed}
@@ -125,6 +152,10 @@ def test_page_asks_for_the_key_shows_the_layers_and_streams_a_chat(served):
             sync_api.expect(page.locator(f"#layers svg[data-model='{MODEL}'] rect.held")).to_have_count(
                 sum(s["end"] - s["start"] for row in listed for s in row["serving"]))
             assert page.evaluate("sessionStorage.getItem('dllm.dashboard.key')") == KEY  # kept for the tab
+
+            sync_api.expect(page.locator(f"#jobs tr[data-job='{job}'].selected td").nth(1)).to_have_text("done")
+            sync_api.expect(page.locator("#loss-chart circle")).to_have_count(STEPS)  # a point per step
+            sync_api.expect(page.locator("#events li[data-kind='done']")).to_contain_text(job)
 
             sync_api.expect(page.locator("#chat-model option")).to_have_text([MODEL])
             page.fill("#chat-max-tokens", str(MAX_TOKENS))
