@@ -73,6 +73,33 @@ def validate_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+LOOPBACK_NAMES = ("localhost",)
+
+
+def metrics_address(listen: str, allow_remote: bool = False) -> tuple[str, int]:
+    """``metrics_listen`` as (host, port): ``HOST:PORT`` (``[::1]:9740`` for IPv6; port 0 binds a free
+    one). The endpoint is plain, unauthenticated HTTP, so the host must be a loopback address unless
+    ``allow_remote`` (node.toml's ``metrics_allow_remote``) says the owner means to expose it."""
+    import ipaddress
+
+    match = _HOST_PORT.match(listen or "")
+    if not match or int(match.group(2)) > 65535:
+        raise ConfigError(f"metrics_listen must look like HOST:PORT (127.0.0.1:9740, [::1]:9740), got {listen!r}")
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    if host.lower() in LOOPBACK_NAMES:
+        return host, port
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"metrics_listen's host must be an IP address or localhost, got {host!r}") from None
+    if not address.is_loopback and not allow_remote:
+        raise ConfigError(f"metrics_listen {listen!r} is not a loopback address: the metrics endpoint has no "
+                          f"authentication or encryption, so anyone who reaches it reads what the node runs. "
+                          f"Scrape it locally (127.0.0.1), or set metrics_allow_remote = true to expose it")
+    return host, port
+
+
 def validate_name(name: str) -> str:
     if not _NAME.match(name or ""):
         raise ConfigError(
@@ -171,6 +198,9 @@ class NodeConfig:
     allow_plaintext_ring: bool = False  # trusted links only: lets a job ask for an unencrypted ring
     bench_operations: bool = False  # serve the benchmark-only operations (ring.*, dllmctl bench allreduce)
     relay: bool = False  # pass sealed session traffic on for this node's clients (relay.forward)
+    # Prometheus' /metrics over plain HTTP (docs/observability.md), e.g. "127.0.0.1:9740"; "": off.
+    metrics_listen: str = ""
+    metrics_allow_remote: bool = False  # let metrics_listen bind a non-loopback address (unauthenticated!)
     limits: ResourceLimits = field(default_factory=ResourceLimits)  # the [limits] table
     # Datasets a key with the federation role may train on here (federated rounds; the rows never leave).
     federated_datasets: list[str] = field(default_factory=list)
@@ -187,13 +217,17 @@ class NodeConfig:
                 value = getattr(self, f.name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ConfigError(f"{f.name} must be a non-negative integer, got {value!r}")
-        for flag in ("allow_plaintext_ring", "bench_operations", "relay"):
+        for flag in ("allow_plaintext_ring", "bench_operations", "relay", "metrics_allow_remote"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not isinstance(self.federated_datasets, list) or not all(
                 isinstance(d, str) and _DATASET.match(d) for d in self.federated_datasets):
             raise ConfigError(f"federated_datasets must be a list of dataset names, got {self.federated_datasets!r}")
         validate_data_roots(self.data_roots)
+        if not isinstance(self.metrics_listen, str):
+            raise ConfigError(f"metrics_listen must be a string such as \"127.0.0.1:9740\", got {self.metrics_listen!r}")
+        if self.metrics_listen:
+            metrics_address(self.metrics_listen, self.metrics_allow_remote)
         if self.prefix_cache_percent > 100:
             raise ConfigError(f"prefix_cache_percent must be between 0 and 100, got {self.prefix_cache_percent}")
         if self.ring_port > 65535:

@@ -101,6 +101,15 @@ def gpus() -> list[dict]:
     return out
 
 
+def gpu_utilization(i: int) -> float | None:
+    """GPU ``i``'s recent compute use in percent, or None where the driver's counters cannot be read
+    (torch asks NVML, which the ``nvidia-ml-py`` package provides)."""
+    try:
+        return float(torch.cuda.utilization(i))
+    except Exception:  # no NVML, a driver without the counter, a non-NVIDIA device: unknown, not an error
+        return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

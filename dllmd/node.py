@@ -1,8 +1,8 @@
 """The daemon: lifecycle (lock, bind, ready, stop), and the node's own operations.
 
 Subsystems (inference, training) register their operations on the same ``RpcServer``; this file
-holds only what every node does: ``ping``, ``info``, ``echo``, remote key management and round trips to
-its peers (``peers.ping``, :mod:`dllmd.links`).
+holds only what every node does: ``ping``, ``info``, ``node.stats`` (:mod:`dllmd.observe`), ``echo``,
+remote key management and round trips to its peers (``peers.ping``, :mod:`dllmd.links`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from dllmd import __version__, hardware
-from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig, bind_host
+from dllmd.config import DAEMON_FILE, LOCK_FILE, NodeConfig, bind_host, metrics_address
 from dllmd.inference.memory import MemoryCap
 from dllmd.inference.ops import InferenceService
 from dllmd.inference.relay import RelayService
@@ -35,6 +35,9 @@ from dllmd.net.pool import ConnectionPool
 from dllmd.net.messages import node as M
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.transport import KeyTableAuthenticator, bind_router
+from dllmd.observe.exporter import MetricsEndpoint
+from dllmd.observe.metrics import NodeMetrics
+from dllmd.observe.stats import SAMPLE_INTERVAL_S, node_stats
 from dllmd.net.wire import PROTOCOL_VERSION, ErrorCode, Limits
 from dllmd.sdnotify import notify
 from dllmd.train.ringbench import RingBenchOps
@@ -61,6 +64,9 @@ class Daemon:
         self.started_at = time.time()
         self.endpoint = ""
         self.gflops = 0.0
+        self.metrics = NodeMetrics()
+        self.inference: InferenceService | None = None  # built in run(), as is the training service
+        self.training: TrainingService | None = None
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
 
@@ -96,7 +102,14 @@ class Daemon:
             ctx.destroy(linger=0)
             raise StartupError(f"cannot listen on {self.config.listen}: {exc}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        server = RpcServer(sock, self.keys, self.wire_limits)
+        try:
+            exporter, metrics_at = self._serve_metrics(loop)
+        except StartupError:
+            sock.close(linger=0)
+            auth.stop()
+            ctx.destroy(linger=0)
+            raise
+        server = RpcServer(sock, self.keys, self.wire_limits, metrics=self.metrics)
         peers = ConnectionPool(self.identity, ctx)
         group_host = bind_host(self.config.listen)
         budget = self._kv_budget()
@@ -104,12 +117,12 @@ class Daemon:
             peers, self.keys, budget, own_key=self.identity.public_key,
             group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes),
             memory_cap=MemoryCap(self.config.limits.memory),
-            prefix_cache_bytes=budget * self.config.prefix_cache_percent // 100)
+            prefix_cache_bytes=budget * self.config.prefix_cache_percent // 100, metrics=self.metrics)
         self.links = PeerLinks(peers, self.keys, self.identity.public_key)
         self._register(server)
         self.inference.register(server)
         RelayService(self.identity, self.keys, peers, server, self.wire_limits, self.config.relay).register(server)
-        self.training = TrainingService(self.home, self.config, self.identity, self.keys, peers)
+        self.training = TrainingService(self.home, self.config, self.identity, self.keys, peers, self.metrics)
         self.training.register(server)
         ModelOps(self.home, self.keys, self.inference).register(server)
         DataOps(self.home, self.config.data_root_paths(self.home)).register(server)
@@ -118,9 +131,10 @@ class Daemon:
             self.ring_bench.register(server)
         self.inference.start()
         self.training.start()
+        sampler = asyncio.ensure_future(self._sample())
         atomic_write(self.home / DAEMON_FILE, json.dumps({
             "pid": os.getpid(), "endpoint": self.endpoint, "public_key": self.identity.public_key,
-            "started_at": self.started_at, "version": __version__,
+            "started_at": self.started_at, "version": __version__, "metrics": metrics_at,
         }).encode())
         log.info("node %s (%s) listening on %s, public key %s",
                  self.config.name, self.identity.node_id, self.endpoint, self.identity.public_key)
@@ -131,6 +145,9 @@ class Daemon:
         finally:
             notify("STOPPING=1")
             log.info("stopping")
+            sampler.cancel()
+            if exporter is not None:
+                exporter.stop()
             self.inference.stop()
             await self.training.stop()
             if self.ring_bench is not None:
@@ -144,6 +161,32 @@ class Daemon:
             except FileNotFoundError:
                 pass
             log.info("stopped cleanly after serving %d requests", server.requests_served)
+
+    def _serve_metrics(self, loop: asyncio.AbstractEventLoop) -> tuple[MetricsEndpoint | None, str]:
+        """node.toml's metrics_listen: the Prometheus endpoint, and where it listens ("" when off)."""
+        if not self.config.metrics_listen:
+            return None, ""
+        host, port = metrics_address(self.config.metrics_listen, self.config.metrics_allow_remote)
+        exporter = MetricsEndpoint(self.metrics, self._live_stats, loop)
+        try:
+            port = exporter.start(host, port)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {self.config.metrics_listen}: {exc}") from None
+        at = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("metrics on http://%s/metrics", at)
+        return exporter, at
+
+    def _live_stats(self) -> M.NodeStats | None:
+        """What a scrape's live gauges show; None while the services are still being built."""
+        if self.training is None:
+            return None
+        return node_stats(self.config.name, self.metrics, self.inference, self.training)
+
+    async def _sample(self) -> None:
+        """The counters' rate window and the CPU figure, once a second (node.stats reads them)."""
+        while True:
+            self.metrics.sample()
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     def _apply_limits(self) -> None:
         """What node.toml's [limits] asks of this process (``dllmd start`` hid the other GPUs before
@@ -171,6 +214,7 @@ class Daemon:
     def _register(self, server: RpcServer) -> None:
         server.register(Operation(M.PING, self._ping))
         server.register(Operation(M.INFO, self._info))
+        server.register(Operation(M.NODE_STATS, self._stats))
         server.register(Operation(M.ECHO, self._echo))
         server.register(Operation(M.KEYS_LIST, self._keys_list))
         server.register(Operation(M.KEYS_AUTHORIZE, self._keys_authorize))
@@ -196,6 +240,10 @@ class Daemon:
             limits=M.NodeLimits(memory_bytes=limits.memory, threads=limits.threads, gpus=limits.gpus),
             memory_used_bytes=self.inference.memory_used_bytes(),
             prefix_cache_limit_bytes=self.inference.prefix.limit_bytes, peer_rtts=self.links.remembered())
+
+    def _stats(self, call: Call) -> M.NodeStats:
+        return node_stats(self.config.name, self.metrics, self.inference, self.training,
+                          prefix_stats=call.caller.role == Role.ADMIN)
 
     async def _peers_ping(self, call: Call) -> M.PeerRtts:
         a: M.PingPeersArgs = call.args

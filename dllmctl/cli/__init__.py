@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dllmd import __version__
-from dllmctl.cli import api, bench, checkpoints, cluster, data, deploy, eval, infer, metrics, model, nodes, plan, train
+from dllmctl.cli import api, bench, checkpoints, cluster, data, deploy, eval, infer, metrics, model, nodes, plan, top, train
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -25,6 +25,7 @@ app.command("infer")(infer.infer_command)
 app.command("shard-data")(data.shard_data_command)
 app.command("train")(train.train_command)
 app.command("metrics")(metrics.metrics_command)
+app.command("top")(top.top_command)
 app.add_typer(train.jobs_app, name="jobs")
 app.add_typer(checkpoints.checkpoints_app, name="checkpoints")
 app.command("plan")(plan.plan_command)

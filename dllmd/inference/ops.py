@@ -43,6 +43,7 @@ from dllmd.net.messages.node import ServedSpan
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.server import DEFERRED, Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
+from dllmd.observe.metrics import NodeMetrics
 
 log = logging.getLogger("dllmd.inference")
 
@@ -84,8 +85,9 @@ class LoadedSpan:
 class InferenceService:
     def __init__(self, peers: ConnectionPool, keys: AuthorizedKeys, memory_budget_bytes: int,
                  group_channel: Callable[[], GroupChannel] | None = None, own_key: str = "",
-                 memory_cap: MemoryCap = MemoryCap(), prefix_cache_bytes: int = 0):
+                 memory_cap: MemoryCap = MemoryCap(), prefix_cache_bytes: int = 0, metrics: NodeMetrics | None = None):
         self.keys = keys
+        self.metrics = metrics or NodeMetrics()  # passes and generated tokens (node.stats, Prometheus)
         self.own_key = own_key  # this node's Ed25519 public key (hex): its entry in a group's member list
         self.group_channel = group_channel  # opens a tensor-parallel member's sockets
         self.spans: dict[str, LoadedSpan] = {}
@@ -275,7 +277,7 @@ class InferenceService:
             outputs = run_step(loaded.span, spec, inputs, [x.cache for x in sessions])
             for session in sessions:
                 session.touch()
-            self._account(loaded, spec.mode, inputs.shape[1] * len(sessions), (time.perf_counter() - started) * 1000)
+            self._account(loaded, spec.mode, len(sessions), inputs.shape[1] * len(sessions), (time.perf_counter() - started) * 1000)
             return outputs
 
         try:
@@ -518,7 +520,7 @@ class InferenceService:
                           f"layers [{loaded.span.start}, {loaded.span.end}) failed: {exc}")
             return
         mode = "one" if len(batch) == 1 else "batch" if all(p.tokens == 1 for p in batch) else "packed"
-        self._account(loaded, mode, sum(p.tokens for p in batch), compute_ms)
+        self._account(loaded, mode, len(batch), sum(p.tokens for p in batch), compute_ms)
         self._deliver(batch, outputs, compute_ms)
 
     @staticmethod
@@ -553,8 +555,8 @@ class InferenceService:
             torch.cuda.synchronize(first.device)
         return outputs, (time.perf_counter() - started) * 1000
 
-    @staticmethod
-    def _account(loaded: LoadedSpan, mode: str, tokens: int, compute_ms: float) -> None:
+    def _account(self, loaded: LoadedSpan, mode: str, batch: int, tokens: int, compute_ms: float) -> None:
+        self.metrics.pass_done(loaded.model, compute_ms / 1000, batch, tokens)
         loaded.busy_s += compute_ms / 1000
         loaded.passes += 1
         loaded.tokens += tokens
@@ -582,6 +584,8 @@ class InferenceService:
     def _reply(self, session: Session, item: M.StepItem, out: torch.Tensor | int, trace: dict) -> None:
         """``out`` is the logits, or a token a tensor-parallel group already chose (greedy, no logits asked);
         for a private session, the last stage's hidden states (the client samples)."""
+        if item.final:
+            self.metrics.token_generated(session.model)
         if session.private:
             private.send_hidden(session.stream, item, out, session.logits, trace)
             return

@@ -30,8 +30,8 @@ _GROUPS: dict[frozenset[Role], tuple[str, ...]] = {
     # Relayed session traffic (dllmd/inference/relay.py): from a client or the relay before; never from a
     # peer, whose rights on sessions are wider than a client's.
     frozenset({A, C, R}): ("relay.forward", "relay.deliver"),
-    # Reading jobs on their coordinator.
-    frozenset({A, C}): ("jobs.list", "jobs.show", "jobs.metrics", "checkpoints.list"),
+    # Reading jobs on their coordinator; what the node is doing now (load, tokens, traffic: 'dllmctl top').
+    frozenset({A, C}): ("node.stats", "jobs.list", "jobs.show", "jobs.metrics", "checkpoints.list"),
     # The owner's: keys, models, data, deployments, jobs, benchmarks. echo (a payload mirrored back) is
     # a debugging tool: a client could make the node hold and send whatever it sends.
     frozenset({A}): ("echo", "keys.list", "keys.authorize", "keys.revoke", "peers.ping",

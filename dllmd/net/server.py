@@ -21,6 +21,7 @@ from dllmd.net.reactor import SocketReactor
 from dllmd.net.roles import roles_of
 from dllmd.net.schema import Op, parse_args, to_wire
 from dllmd.net.wire import ErrorCode, Limits, Reply, Request, WireError, decode_request, encode_reply, error_reply
+from dllmd.observe.metrics import NodeMetrics
 
 if TYPE_CHECKING:
     import torch
@@ -41,29 +42,42 @@ class Responder:
     """Sends replies to one request, now or later: a final reply, or a stream of them.
 
     A handler that returns ``DEFERRED`` keeps its responder and answers later (a session's stream
-    of generated tokens). For a one-way request every send is a no-op."""
+    of generated tokens). For a one-way request every send is a no-op, but its outcome is still counted."""
 
-    def __init__(self, server: "RpcServer", route: bytes, request_id: int, oneway: bool):
+    def __init__(self, server: "RpcServer", route: bytes, request_id: int, oneway: bool, peer: str = ""):
         self._server, self._route, self.request_id = server, route, request_id
         self.oneway = oneway  # a relay passes a one-way request on as one-way
         self.closed = oneway
+        self.peer = peer  # the caller, as the metrics name it
+        self.op = UNROUTED  # the operation's name once the request is known to be one this node serves
+        self._counted = False
+
+    def _outcome(self, code: str | None) -> None:
+        if not self._counted:
+            self._counted = True
+            self._server.metrics.answered(self.op, code)
 
     def send(self, result, tensors: list[torch.Tensor] | None = None, more: bool = True) -> None:
         """``result`` is a reply dataclass or a plain map."""
+        if not more:
+            self._outcome(None)
         if self.closed:
             return
         self.closed = not more
         if not isinstance(result, dict):
             result = to_wire(result)
-        self._server._reply(self._route, Reply(id=self.request_id, result=result, tensors=tensors or [], more=more))
+        self._server._reply(self._route, Reply(id=self.request_id, result=result, tensors=tensors or [], more=more),
+                            self.peer)
 
     def fail(self, code: str, message: str) -> None:
+        self._outcome(code)
         if self.closed:
             return
         self.closed = True
-        self._server._reply(self._route, error_reply(self.request_id, code, message))
+        self._server._reply(self._route, error_reply(self.request_id, code, message), self.peer)
 
 
+UNROUTED = "unknown"  # the op label of a request that never reached an operation (undecodable, unknown op)
 DEFERRED = object()  # returned by a handler that will answer through its Responder later
 
 
@@ -122,6 +136,8 @@ class Operation:
 # and the bytes they arrived with): one flooding key cannot hold the node's memory, and others are
 # still served. Clients get less than the owner's keys and its cluster's peers, whose training
 # traffic moves tens of MiB a message.
+PEER_LABEL_HEX = 12  # an unnamed key's metrics label: a fingerprint, as 'dllmd keys' shows it
+
 CALLER_BUDGET: dict[Role | None, tuple[int, int]] = {
     Role.ADMIN: (256, 1 << 30), Role.PEER: (256, 1 << 30),
     None: (64, 128 << 20),  # clients, federated coordinators
@@ -136,8 +152,10 @@ class RpcServer:
     gets a task of its own, so slow operations never hold up the socket.
     """
 
-    def __init__(self, sock: zmq.Socket, keys: AuthorizedKeys, limits: Limits, max_in_flight: int = 256):
+    def __init__(self, sock: zmq.Socket, keys: AuthorizedKeys, limits: Limits, max_in_flight: int = 256,
+                 metrics: NodeMetrics | None = None):
         self.sock = sock
+        self.metrics = metrics or NodeMetrics()  # requests, errors and bytes, counted here once for every op
         self.keys = keys
         self.limits = limits
         self.max_in_flight = max_in_flight
@@ -176,18 +194,21 @@ class RpcServer:
         if caller is None:
             # A key revoked after its connection was made: treat it like an unknown key, say nothing.
             return
-        responder = Responder(self, route, 0, oneway=False)
+        peer = caller.name or caller.public_key[:PEER_LABEL_HEX]
+        size = sum(len(f.buffer) for f in frames[1:])
+        self.metrics.traffic(peer, received=size)
+        responder = Responder(self, route, 0, oneway=False, peer=peer)
         try:
             request = decode_request(frames[1:], self.limits)
-            responder = Responder(self, route, request.id, request.oneway)
+            responder = Responder(self, route, request.id, request.oneway, peer)
             op = self._authorize(request, caller)
+            responder.op = op.name
             call = Call(caller, parse_args(op.args, request.args), request.tensors, responder)
             if not inspect.iscoroutinefunction(op.handler):
                 self._finish(responder, op.handler(call))
                 return
             if len(self._in_flight) >= self.max_in_flight:
                 raise WireError(ErrorCode.BUSY, "node is busy; retry later", request.id)
-            size = sum(len(f.buffer) for f in frames[1:])
             held = self._held.setdefault(caller.public_key, [0, 0])
             count_cap, bytes_cap = CALLER_BUDGET.get(caller.role, CALLER_BUDGET[None])
             if held[0] >= count_cap or held[1] + size > bytes_cap:
@@ -271,13 +292,14 @@ class RpcServer:
         log.error("operation failed", exc_info=exc)
         responder.fail(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def _reply(self, route: bytes, reply: Reply) -> None:
+    def _reply(self, route: bytes, reply: Reply, peer: str) -> None:
         self.requests_served += 1
         try:
             frames = encode_reply(reply)
         except Exception as exc:  # e.g. a handler returned a tensor dtype the wire cannot carry
             log.exception("could not encode a reply")
             frames = encode_reply(error_reply(reply.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        self.metrics.traffic(peer, sent=sum(memoryview(f).nbytes for f in frames))
         try:
             self._reactor.send([route, *frames])
         except zmq.ZMQError as exc:

@@ -53,7 +53,7 @@ HIDDEN_SPEC = ("dp_seed", "eval_tokens")  # not shown by jobs.show: a secret, an
 class Coordinator:
     def __init__(self, service):
         self.service = service
-        self.store = JobStore(service.home / "jobs.sqlite")
+        self.store = JobStore(service.home / "jobs.sqlite", service.metrics)
         interrupted = self.store.mark_interrupted()
         if interrupted:
             log.warning("jobs interrupted by the last stop (resume them with 'dllmctl jobs resume'): %s",

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+from dllmd.observe.metrics import NodeMetrics
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -57,8 +59,12 @@ class JobInterrupted(RuntimeError):
 
 
 class JobStore:
-    def __init__(self, path: Path):
+    """``metrics``: the node's counters, told of every step and event recorded here (the one place the
+    training figures of ``node.stats`` and the Prometheus endpoint come from)."""
+
+    def __init__(self, path: Path, metrics: NodeMetrics | None = None):
         self.path = path
+        self.observer = metrics
         self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -99,6 +105,8 @@ class JobStore:
                              (job, step, now, json.dumps(metrics)))
             self._db.execute("UPDATE jobs SET step = ?, updated = ? WHERE id = ?", (step + 1, now, job))
             self._db.execute("COMMIT")
+        if self.observer is not None:
+            self.observer.training_step(job, step, metrics)
 
     def rewind(self, job: str, step: int) -> None:
         """Back to ``step`` completed steps (resuming from a checkpoint): later metrics are dropped."""
@@ -115,6 +123,8 @@ class JobStore:
 
     def event(self, job: str, kind: str, message: str) -> None:
         self._run("INSERT INTO events (job, time, kind, message) VALUES (?, ?, ?, ?)", (job, time.time(), kind, message))
+        if self.observer is not None:
+            self.observer.job_event(job, kind)
 
     def events(self, job: str) -> list[dict]:
         rows = self._run("SELECT time, kind, message FROM events WHERE job = ? ORDER BY seq", (job,))

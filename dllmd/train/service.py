@@ -31,6 +31,7 @@ from dllmd.net.schema import Op, parse_args, parse_reply, to_wire
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.net.messages import training as S
+from dllmd.observe.metrics import NodeMetrics
 from dllmd.train.model import TrainModelError
 from dllmd.train.optim import OptimConfig
 from dllmd.train.collective import RingCollective, TorchCollective
@@ -67,8 +68,10 @@ def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, laye
 
 
 class TrainingService:
-    def __init__(self, home: Path, config: NodeConfig, identity: Identity, keys: AuthorizedKeys, peers: ConnectionPool):
+    def __init__(self, home: Path, config: NodeConfig, identity: Identity, keys: AuthorizedKeys, peers: ConnectionPool,
+                 metrics: NodeMetrics | None = None):
         self.home, self.config, self.identity, self.keys = home, config, identity, keys
+        self.metrics = metrics or NodeMetrics()  # the coordinator's job store reports steps and events to it
         self.peers = peers
         self.models = ReceivedModels(home / "models")
         self.shards = ShardStore(home / "datasets")

@@ -1,5 +1,6 @@
-"""What every node answers: ``ping``, ``echo``, ``info`` (hardware and what it serves), ``keys.*``, and
-``peers.ping`` (round trips to its peers, measured and remembered)."""
+"""What every node answers: ``ping``, ``echo``, ``info`` (hardware and what it serves), ``node.stats`` (what it
+is doing now: load, traffic, jobs), ``keys.*``, and ``peers.ping`` (round trips to its peers, measured and
+remembered)."""
 
 from __future__ import annotations
 
@@ -133,6 +134,56 @@ class Info:
 
 
 @dataclass
+class GpuLoad:
+    """One GPU's load now; ``util_percent`` is None where the driver's counters cannot be read (no NVML)."""
+
+    index: int
+    name: str
+    memory_used_bytes: int
+    memory_total_bytes: int
+    util_percent: float | None = None
+
+
+@dataclass
+class RunningJob:
+    """A training job this node coordinates that has not finished, with its latest step's figures."""
+
+    job: str
+    state: str
+    step: int  # steps completed
+    total_steps: int
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    step_s: float | None = None
+
+
+@dataclass
+class NodeStats:
+    """What a node is doing now (``node.stats``): the same counters its Prometheus endpoint exports
+    (dllmd/observe/), so a live view and a scrape never disagree."""
+
+    name: str
+    uptime_s: float
+    cpu_percent: float  # the whole machine, over the last sampling second
+    cpu_cores: int
+    ram_used_bytes: int  # the whole machine
+    ram_total_bytes: int
+    rss_bytes: int  # this daemon
+    gpus: list[GpuLoad] = field(default_factory=list)  # empty on a CPU-only node
+    serving: list[ServedSpan] = field(default_factory=list)  # what 'nodes list' shows (spans, tensor slices, load)
+    sessions: int = 0  # open inference sessions
+    queued: int = 0  # steps waiting for a pass
+    tokens_generated: int = 0  # sampled by this node's last stages since it started
+    tokens_per_s: float = 0.0  # of those, over the last ~10 s
+    tokens_processed: int = 0  # token positions run through this node's layers (prefill and decode)
+    processed_per_s: float = 0.0  # of those, over the last ~10 s
+    requests: int = 0  # answered since start
+    errors: int = 0  # of those, answered with an error
+    jobs: list[RunningJob] = field(default_factory=list)
+    train_workers: list[str] = field(default_factory=list)  # jobs this node holds a replica or stage of
+
+
+@dataclass
 class KeyArgs:
     public_key: str = bounded(max_len=64)
 
@@ -166,6 +217,7 @@ class Revoked:
 PING = Op("ping", NoArgs, Pong)
 ECHO = Op("echo", NoArgs, NoArgs)  # the tensors come back as they went
 INFO = Op("info", NoArgs, Info)
+NODE_STATS = Op("node.stats", NoArgs, NodeStats)
 KEYS_LIST = Op("keys.list", NoArgs, KeyList)
 KEYS_AUTHORIZE = Op("keys.authorize", AuthorizeArgs, KeyEntry)
 KEYS_REVOKE = Op("keys.revoke", KeyArgs, Revoked)
