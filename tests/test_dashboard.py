@@ -8,6 +8,7 @@ and its chat box streams the answer the API gives non-streamed; the data endpoin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -83,6 +84,7 @@ def test_data_endpoints_take_the_key_and_the_page_holds_none(served):
     status, _, body = _get(base + "/dashboard/api/snapshot")
     snapshot = json.loads(body)
     assert status == 200 and [n["name"] for n in snapshot["nodes"]] == ["local-1", "local-2"]
+    assert snapshot["up"] == 2 and all(n["cpu_cores"] >= 1 and n["ram_total_bytes"] > 0 for n in snapshot["nodes"])
     assert [m["name"] for m in snapshot["models"]] == [MODEL] and snapshot["models"][0]["can_generate"]
     assert [(j["job"], j["state"], j["step"], j["coordinator"]) for j in snapshot["jobs"]] == [
         (job, "done", STEPS, "local-1")]
@@ -165,5 +167,8 @@ def test_page_asks_for_the_key_shows_the_layers_and_streams_a_chat(served):
             sync_api.expect(answer).to_have_count(1)
             assert answer.text_content() == want and want  # streamed, greedy: the non-streamed text
             assert page.locator("#chat-error").text_content() == ""
+            # The nodes' 10 s token rate, polled every 3 s, shows the tokens just generated.
+            sync_api.expect(page.locator("#total-rate")).not_to_have_text(re.compile(r"^0\.0 tokens/s"),
+                                                                          timeout=UI_TIMEOUT_MS)
         finally:
             browser.close()

@@ -10,7 +10,6 @@ const SVG = "http://www.w3.org/2000/svg";
 const state = {
   key: sessionStorage.getItem(KEY_SLOT),
   timer: null,
-  previous: null,      // the last snapshot, for tokens/s from the counters' growth
   job: null,           // the job whose loss chart is shown
   loss: [],            // its metric rows so far
   messages: [],        // the chat so far
@@ -125,57 +124,15 @@ async function refresh() {
 }
 
 function render(snapshot) {
-  const rates = tokenRates(snapshot);
-  state.previous = snapshot;
-  renderNodes(snapshot.nodes, rates);
+  renderNodes(snapshot.nodes);
   renderLayers(snapshot.models, snapshot.nodes);
   renderJobs(snapshot.jobs);
   renderEvents(snapshot.events);
-  renderTotal(snapshot, rates);
+  $("total-rate").textContent = snapshot.tokens_per_s.toFixed(1) + " tokens/s, " + snapshot.up + "/" +
+    snapshot.nodes.length + " nodes up";
 }
 
-function spanKey(node, span) { return node.name + "|" + span.model + "|" + span.start + "|" + span.end; }
-
-// Positions each span processed per second since the last poll (its `tokens` counter grows).
-function tokenRates(snapshot) {
-  const rates = new Map();
-  const before = new Map();
-  const seconds = state.previous ? snapshot.time - state.previous.time : 0;
-  if (state.previous) {
-    for (const node of state.previous.nodes) for (const span of node.spans) before.set(spanKey(node, span), span.tokens);
-  }
-  for (const node of snapshot.nodes) {
-    for (const span of node.spans) {
-      const then = before.get(spanKey(node, span));
-      if (seconds > 0 && then !== undefined && span.tokens >= then) rates.set(spanKey(node, span), (span.tokens - then) / seconds);
-    }
-  }
-  return rates;
-}
-
-function nodeRate(node, rates) {
-  if (node.tokens_per_s !== undefined) return node.tokens_per_s;
-  let total = null;
-  for (const span of node.spans) {
-    const rate = rates.get(spanKey(node, span));
-    if (rate !== undefined) total = (total || 0) + rate;
-  }
-  return total;
-}
-
-function renderTotal(snapshot, rates) {
-  // A generated token passes every stage: count it once, where the model's last layers are
-  // (and once per tensor-parallel group: at its rank 0).
-  let total = 0;
-  for (const node of snapshot.nodes) {
-    for (const span of node.spans) {
-      if (span.head && !span.rank) total += rates.get(spanKey(node, span)) || 0;
-    }
-  }
-  $("total-rate").textContent = state.previous ? total.toFixed(1) + " tokens/s" : "";
-}
-
-function renderNodes(nodes, rates) {
+function renderNodes(nodes) {
   const body = $("nodes").tBodies[0];
   body.replaceChildren();
   for (const node of nodes) {
@@ -183,10 +140,13 @@ function renderNodes(nodes, rates) {
     row.dataset.node = node.name;
     const layers = node.spans.map((s) => s.model + " " + s.start + "-" + (s.end - 1) +
       (s.group ? " (group " + s.group + " rank " + s.rank + "/" + s.group_size + ")" : "")).join(", ");
-    const sessions = node.spans.reduce((sum, s) => sum + (s.sessions || 0), 0);
-    const cells = [node.name, node.status, node.device || "-", node.cpu_cores ?? "-", bytes(node.ram_available),
-                   number(node.latency_ms, 1), layers || "-", sessions, number(nodeRate(node, rates), 1)];
-    cells.forEach((text, i) => row.append(el("td", text)));
+    const up = node.status === "up";
+    const gpus = (node.gpus || []).map((g) => bytes(g.memory_used_bytes) + "/" + bytes(g.memory_total_bytes) +
+      (g.util_percent === null ? "" : " " + g.util_percent.toFixed(0) + "%")).join(", ");
+    const cells = [node.name, node.status, up ? number(node.cpu_percent, 0) + "% of " + node.cpu_cores : "-",
+                   up ? bytes(node.ram_used_bytes) + "/" + bytes(node.ram_total_bytes) : "-", gpus || "-",
+                   number(node.latency_ms, 1), layers || "-", up ? node.sessions : "-", number(node.tokens_per_s, 1)];
+    cells.forEach((text) => row.append(el("td", text)));
     row.cells[1].className = "status-" + node.status;
     row.cells[6].className = "layers";
     if (node.error) row.title = node.error;
