@@ -1,9 +1,9 @@
 """``dllmctl serve --dashboard`` in a real browser (Debian's chromium, driven by playwright) against
-two real local daemons serving a tiny model, one of which has run a short training job: the page asks
-for the API key, refuses a wrong one without showing data, shows which node holds which layers (what
-``dllmctl nodes list`` says), the job with its loss chart (what ``dllmctl metrics`` says) and events,
-and its chat box streams the answer the API gives non-streamed; the data endpoints take the key as
-/v1 does."""
+two real local daemons serving a tiny model, one of which has run a short training job (with an
+alert event in its record): the page asks for the API key, refuses a wrong one without showing data,
+shows which node holds which layers (what ``dllmctl nodes list`` says), the job with its loss chart
+(what ``dllmctl metrics`` says) and its events (the alert highlighted), and its chat box streams the
+answer the API gives non-streamed; the data endpoints take the key as /v1 does."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from email.message import Message
 
 import pytest
 
+from dllmd.train.jobs import JobStore
 from tests.api_cluster import MODEL, _ok, serve_api, start_user_cluster, stop_user_cluster
 from tests.conftest import run_cli
 
@@ -49,6 +50,12 @@ def _train(root, env: dict) -> str:
     done = _ok(run_cli("dllmctl", "train", "-m", MODEL, "-d", "code", "--nodes", "local-1", "--max-steps", str(STEPS),
                        "--batch-size", "2", "--micro-batch-size", "2", "--follow", "--json", env=env, timeout=300))
     assert done["state"] == "done", done
+    # An alert, recorded the way the coordinator's alert watcher records one: an event of the job,
+    # kind alert.<code>, the alert's JSON as its message, in the coordinator's own job store.
+    store = JobStore(root / "cluster" / "local-1" / "jobs.sqlite")
+    store.event(done["job"], "alert.loss_diverged", json.dumps(
+        {"code": "loss_diverged", "severity": "critical", "job": done["job"], "node": "local-1",
+         "message": "loss rose 3x over 2 steps", "time": 0, "details": {}}))
     return done["job"]
 
 
@@ -89,7 +96,7 @@ def test_data_endpoints_take_the_key_and_the_page_holds_none(served):
     assert [(j["job"], j["state"], j["step"], j["coordinator"]) for j in snapshot["jobs"]] == [
         (job, "done", STEPS, "local-1")]
     assert {"submitted", "done"} <= {e["kind"] for e in snapshot["events"] if e["job"] == job}
-    assert not any(e["alert"] for e in snapshot["events"])  # only alert.* kinds are alerts
+    assert [e["kind"] for e in snapshot["events"] if e["alert"]] == ["alert.loss_diverged"]  # alert.* kinds only
 
     want = _ok(run_cli("dllmctl", "metrics", job, "--json", env=env))
     status, _, body = _get(f"{base}/dashboard/api/jobs/{job}/metrics")
@@ -157,7 +164,9 @@ def test_page_asks_for_the_key_shows_the_layers_and_streams_a_chat(served):
 
             sync_api.expect(page.locator(f"#jobs tr[data-job='{job}'].selected td").nth(1)).to_have_text("done")
             sync_api.expect(page.locator("#loss-chart circle")).to_have_count(STEPS)  # a point per step
-            sync_api.expect(page.locator("#events li[data-kind='done']")).to_contain_text(job)
+            sync_api.expect(page.locator("#events li[data-kind='done']:not(.alert)")).to_contain_text(job)
+            sync_api.expect(page.locator("#events li.alert.critical")).to_have_text(
+                re.compile(r"critical .*alert\.loss_diverged on local-1: loss rose 3x over 2 steps$"))
 
             sync_api.expect(page.locator("#chat-model option")).to_have_text([MODEL])
             page.fill("#chat-max-tokens", str(MAX_TOKENS))

@@ -256,14 +256,30 @@ function drawLoss(rows) {
 
 // --- events -------------------------------------------------------------------------------------
 
+// An alert event's message is the alert's JSON (severity, node, message, details): its words are shown.
+function describe(event) {
+  if (event.alert) {
+    try {
+      const alert = JSON.parse(event.message);
+      if (alert && typeof alert.message === "string") {
+        return { severity: String(alert.severity || ""),
+                 text: event.job + " " + event.kind + (alert.node ? " on " + alert.node : "") + ": " + alert.message };
+      }
+    } catch (error) { /* not an alert's JSON: shown as it is */ }
+  }
+  return { severity: "", text: event.job + " " + event.kind + ": " + event.message };
+}
+
 function renderEvents(events) {
   const list = $("events");
   list.replaceChildren();
   for (const event of events) {
-    const item = el("li", undefined, event.alert ? "alert" : "");
+    const shown = describe(event);
+    const item = el("li", undefined, event.alert ? "alert " + shown.severity.replace(/[^a-z]/g, "") : "");
     item.dataset.kind = event.kind;
-    item.append(el("time", new Date(event.time * 1000).toLocaleTimeString()),
-                el("span", event.job + " " + event.kind + ": " + event.message));
+    item.append(el("time", new Date(event.time * 1000).toLocaleTimeString()));
+    if (shown.severity) item.append(el("strong", shown.severity + " "));
+    item.append(el("span", shown.text));
     list.append(item);
   }
   if (!events.length) list.append(el("li", "no events", "hint"));
