@@ -181,3 +181,21 @@ def test_page_asks_for_the_key_shows_the_layers_and_streams_a_chat(served):
                                                                           timeout=UI_TIMEOUT_MS)
         finally:
             browser.close()
+
+
+def test_without_a_key_a_loopback_server_shows_data_and_still_checks_the_host(user):
+    """No key configured (loopback only): the data needs none; the page still refuses a foreign Host
+    (DNS rebinding), and without --dashboard there is no page."""
+    from starlette.testclient import TestClient
+
+    from dllmctl.frontends.openai_api import make_app
+
+    with TestClient(make_app(user, None, dashboard=True), base_url="http://localhost") as api:
+        snapshot = api.get("/dashboard/api/snapshot").json()
+        assert (snapshot["nodes"], snapshot["jobs"], snapshot["up"]) == ([], [], 0)  # nobody registered
+        assert api.get("/dashboard").url.path == "/dashboard/"
+        refused = api.get("/dashboard/", headers={"Host": "rebound.example"})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (421, "host_not_allowed")
+    with TestClient(make_app(user, None), base_url="http://localhost") as api:
+        assert api.get("/dashboard/").status_code == 404
+        assert api.get("/dashboard/api/snapshot").status_code == 404
