@@ -107,7 +107,8 @@ def test_data_endpoints_take_the_key_and_the_page_holds_none(served):
 
     # Hostile paths and parameters: a clear 4xx, and the server keeps serving.
     assert _code(_get(base + "/dashboard/api/jobs/" + "x" * 200 + "/metrics")[2]) == "invalid_value"
-    assert _code(_get(base + "/dashboard/api/jobs/job-1/metrics?after_step=abc")[2]) == "invalid_value"
+    for after in ("abc", "--5", "1e9", "-2", str(2**41)):
+        assert _code(_get(f"{base}/dashboard/api/jobs/job-1/metrics?after_step={after}")[2]) == "invalid_value"
     status, _, body = _get(base + "/dashboard/api/jobs/job-nope/metrics")
     assert (status, _code(body)) == (404, "job_not_found")
     assert _get(base + "/dashboard/api/snapshot")[0] == 200

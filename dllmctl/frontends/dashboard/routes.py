@@ -4,8 +4,9 @@ which take the API key exactly as ``/v1`` does. The chat box talks to ``/v1/chat
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -16,6 +17,10 @@ from dllmctl.frontends.dashboard import data
 from dllmctl.frontends.openai_requests import ApiError, bad_request
 from dllmctl.training.jobs import TrainError
 
+if TYPE_CHECKING:  # openai_api imports this module when it builds the app
+    from dllmctl.frontends.openai_api import Api
+
+STEP = re.compile(r"^-?[0-9]{1,13}$")
 STATIC_TYPES = {"index.html": "text/html; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8",
                 "dashboard.css": "text/css; charset=utf-8"}
 # The page runs only its own script and talks only to this server: a script injected through a
@@ -32,7 +37,7 @@ def static_files() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in STATIC_TYPES}
 
 
-def dashboard_routes(api, guarded: Callable) -> list[Route]:
+def dashboard_routes(api: "Api", guarded: Callable) -> list[Route]:
     """``api``: the server's :class:`~dllmctl.frontends.openai_api.Api` (user, registry, limits);
     ``guarded(handler, need_key)``: its admission and error handling, shared with ``/v1``."""
     static = static_files()
@@ -51,7 +56,7 @@ def dashboard_routes(api, guarded: Callable) -> list[Route]:
         if not data.JOB_NAME.match(job):
             raise bad_request(f"{job[:80]!r} is not a job name (letters, digits, '.', '_', '-'; at most 64)", "job")
         after = request.query_params.get("after_step", "-1")
-        if not after.lstrip("-").isdigit() or not -1 <= int(after) < 2**40:
+        if not STEP.match(after) or not -1 <= int(after) < 2**40:
             raise bad_request(f"after_step must be a step number (or -1 for all), not {after[:40]!r}", "after_step")
         try:
             metrics = await data.metrics(api.user, api.nodes(), job, int(after))
