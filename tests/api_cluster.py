@@ -4,8 +4,12 @@ function-scoped ``user_env``, so the environment is passed to every CLI call exp
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 from dllmd.net.identity import Identity
@@ -40,3 +44,33 @@ def stop_user_cluster(root: Path, env: dict) -> None:
 
 def infer(env: dict, prompt: str, *args: str) -> dict:
     return _ok(run_cli("dllmctl", "infer", prompt, "-m", MODEL, "--json", *args, env=env))
+
+
+@contextlib.contextmanager
+def serve_api(log_path: Path, env: dict, key: str, *args: str):
+    """``dllmctl serve --port 0`` with ``key`` (in DLLM_API_KEY, as a user keeps it out of the process
+    list) and ``args``; yields its base URL (``http://127.0.0.1:PORT/v1``), stops it afterwards."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "dllmctl", "serve", "--port", "0", "--log-level", "warning", *args],
+                            stdout=log, stderr=log, env={**os.environ, **env, "DLLM_API_KEY": key})
+    try:
+        yield _wait_for_url(proc, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _wait_for_url(proc: subprocess.Popen, log: Path) -> str:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if "listening on http://" in line:
+                return line.split("listening on ", 1)[1].strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"dllmctl serve exited: {log.read_text()}")
+        time.sleep(0.1)
+    raise RuntimeError(f"dllmctl serve did not start: {log.read_text()}")

@@ -5,7 +5,6 @@ requests get OpenAI-shaped errors while the server keeps serving."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -16,11 +15,10 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
-from pathlib import Path
 
 import pytest
 
-from tests.api_cluster import MODEL, infer, start_user_cluster, stop_user_cluster
+from tests.api_cluster import MODEL, infer, serve_api, start_user_cluster, stop_user_cluster
 from tests.tiny_models import make_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -41,7 +39,7 @@ def served(cluster):
     """``dllmctl serve --port 0 --api-key KEY`` on the cluster, rates high enough for the tests' bursts;
     yields (base URL, env)."""
     root, env = cluster
-    with _serve(root / "serve.log", env, "--rate-limit", "1000/s", "--burst", "1000",
+    with serve_api(root / "serve.log", env, KEY, "--rate-limit", "1000/s", "--burst", "1000",
                 "--allowed-host", "dllm.example") as base:
         yield base, env
 
@@ -50,36 +48,8 @@ def served(cluster):
 def strict(cluster):
     """A second server on the same cluster with tight limits: 3 requests a minute, 0.2 s a completion."""
     root, env = cluster
-    with _serve(root / "strict.log", env, "--rate-limit", "1/min", "--burst", "3", "--max-seconds", "0.2") as base:
+    with serve_api(root / "strict.log", env, KEY, "--rate-limit", "1/min", "--burst", "3", "--max-seconds", "0.2") as base:
         yield base
-
-
-@contextlib.contextmanager
-def _serve(log_path: Path, env: dict, *args: str):
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "dllmctl", "serve", "--port", "0", "--log-level", "warning", *args],
-                            stdout=log, stderr=log, env={**os.environ, **env, "DLLM_API_KEY": KEY})
-    try:
-        yield _wait_for_url(proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def _wait_for_url(proc: subprocess.Popen, log: Path) -> str:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if "listening on http://" in line:
-                return line.split("listening on ", 1)[1].strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"dllmctl serve exited: {log.read_text()}")
-        time.sleep(0.1)
-    raise RuntimeError(f"dllmctl serve did not start: {log.read_text()}")
 
 
 @pytest.fixture(scope="module")

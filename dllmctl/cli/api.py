@@ -37,6 +37,9 @@ def serve_command(
     max_messages: Annotated[int, typer.Option(min=1, help="Most messages in one chat request.")] = 512,
     max_seconds: Annotated[float, typer.Option(min=0.01, help="Longest one completion may run, streamed or "
                                                               "not.")] = 600.0,
+    dashboard: Annotated[bool, typer.Option("--dashboard", help="Also serve a web page at /dashboard/: nodes and "
+                                                                "their layers, tokens/s, jobs, events, a chat box "
+                                                                "(its data takes the API key too).")] = False,
 ) -> None:
     """Serve the cluster as an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
     if api_key is not None and not api_key.strip():
@@ -62,9 +65,12 @@ def serve_command(
     sock = _listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     # One line a script can read (tests do): the real port, also when --port 0 picked it.
-    err.print(f"dllmctl serve: listening on http://{shown}:{sock.getsockname()[1]}/v1", highlight=False)
+    base = f"http://{shown}:{sock.getsockname()[1]}"
+    err.print(f"dllmctl serve: listening on {base}/v1", highlight=False)
+    if dashboard:
+        err.print(f"dllmctl serve: dashboard on {base}/dashboard/", highlight=False)
     app = make_app(user, api_key, limits, allowed_hosts(host, allowed_host or []),
-                   private_layers if private else 0)
+                   private_layers if private else 0, dashboard)
     config = uvicorn.Config(app, log_level=log_level, loop="asyncio", lifespan="on",
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -70,9 +70,10 @@ class Api:
         if self._pool is not None:
             self._pool.close()
 
-    def admit(self, request: Request) -> None:
+    def admit(self, request: Request, need_key: bool = True) -> None:
         """Before a request is read: a Host this server is known by (a page on another site that
-        rebinds its name to this address carries that name), the caller's rate, then its key."""
+        rebinds its name to this address carries that name), the caller's rate, then its key
+        (``need_key`` false: the dashboard's static page, which holds no data)."""
         if not host_allowed(request.headers.get("host"), self.hosts):
             raise ApiError(421, f"this server does not answer to the host {request.headers.get('host')!r}; "
                                 f"start it with --allowed-host NAME to use that name", code="host_not_allowed")
@@ -86,7 +87,7 @@ class Api:
                                 f"{self.limits.burst}) per {'API key' if keyed else 'client address'}; retry in "
                                 f"{wait:.1f} s", type="requests", code="rate_limit_exceeded",
                            headers={"Retry-After": retry_after(wait)})
-        if self.api_key is not None and not keyed:
+        if need_key and self.api_key is not None and not keyed:
             raise ApiError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
                            code="invalid_api_key")
 
@@ -297,15 +298,16 @@ class Shape:
 
 
 def make_app(user: Identity, api_key: str | None = None, limits: ServeLimits = ServeLimits(),
-             hosts: frozenset[str] = LOOPBACK_NAMES, private_layers: int = 0) -> Starlette:
+             hosts: frozenset[str] = LOOPBACK_NAMES, private_layers: int = 0, dashboard: bool = False) -> Starlette:
     """The app: ``hosts`` are the names it answers to (IP literals always; see serve_limits); with
-    ``private_layers`` every request runs in private mode."""
+    ``private_layers`` every request runs in private mode; ``dashboard`` adds the web page and its
+    data endpoints (:mod:`dllmctl.frontends.dashboard`)."""
     api = Api(user, api_key, limits, hosts, private_layers)
 
-    def guarded(handler):
+    def guarded(handler, need_key: bool = True):
         async def endpoint(request: Request) -> Response:
             try:
-                api.admit(request)
+                api.admit(request, need_key)
                 return await handler(request)
             except ApiError as exc:
                 return exc.response()
@@ -328,4 +330,8 @@ def make_app(user: Identity, api_key: str | None = None, limits: ServeLimits = S
               Route("/v1/models/{model:path}", guarded(api.get_model), methods=["GET"]),
               Route("/v1/chat/completions", guarded(api.chat_completions), methods=["POST"]),
               Route("/v1/completions", guarded(api.completions), methods=["POST"])]
+    if dashboard:
+        from dllmctl.frontends.dashboard.routes import dashboard_routes
+
+        routes += dashboard_routes(api, guarded)
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)

@@ -35,8 +35,13 @@ async def nodes_view(user: Identity, nodes: list[NodeEntry]) -> list[dict]:
 async def models_view(user: Identity, nodes: list[NodeEntry]) -> list[dict]:
     """Models in the local store and models served by nodes that are up: who serves which layers,
     whether every layer is covered (only then can it generate), and how many copies each layer has."""
+    return models_of(await query_nodes(user, nodes, NODE_TIMEOUT_S))
+
+
+def models_of(rows: list[dict]) -> list[dict]:
+    """:func:`models_view` of node rows already asked (``query_nodes``)."""
     served: dict[str, list[dict]] = {}
-    for row in await query_nodes(user, nodes, NODE_TIMEOUT_S):
+    for row in rows:
         if row["status"] == "up":
             for span in row["serving"]:
                 served.setdefault(span["model"], []).append(
@@ -74,7 +79,7 @@ async def performance_view(user: Identity, nodes: list[NodeEntry], recent_infere
     jobs, unreachable = await list_jobs(user, nodes)
     training = []
     for job in jobs[-RECENT_JOBS:]:
-        shown = await _show(user, nodes, job)
+        shown = await show_job(user, nodes, job)
         last = (shown or {}).get("last_metrics") or {}
         training.append({"job": job["job"], "state": job["state"], "model": job["model"], "nodes": job["nodes"],
                          "step": job["step"], "total_steps": job["total_steps"],
@@ -88,7 +93,8 @@ async def performance_view(user: Identity, nodes: list[NodeEntry], recent_infere
                        "tokens_per_s": "training tokens per second of the job's latest step"}}
 
 
-async def _show(user: Identity, nodes: list[NodeEntry], job: dict) -> dict | None:
+async def show_job(user: Identity, nodes: list[NodeEntry], job: dict) -> dict | None:
+    """``jobs.show`` of a ``list_jobs`` entry at its coordinator; None when it cannot be asked."""
     node = next((n for n in nodes if n.name == job["coordinator"]), None)
     if node is None:
         return None
@@ -141,7 +147,7 @@ async def metrics_view(user: Identity, nodes: list[NodeEntry], job: str | None =
     jobs, unreachable = await list_jobs(user, nodes)
     latest = []
     for entry in jobs[-RECENT_JOBS:]:
-        shown = await _show(user, nodes, entry)
+        shown = await show_job(user, nodes, entry)
         latest.append({"job": entry["job"], "state": entry["state"], "step": entry["step"],
                        "total_steps": entry["total_steps"], "last": (shown or {}).get("last_metrics")})
     return {"jobs": latest, "unreachable": unreachable}
