@@ -93,7 +93,7 @@ def test_text_equals_dllmctl_infer(served, client):
     assert client.models.retrieve(MODEL).id == MODEL
 
     # Chat: the prompt goes through the chat template, as 'dllmctl infer' does without --raw.
-    want = infer(env, "Hello there", "--max-new-tokens", "12")
+    want = infer(env, "Hello there", "--max-new-tokens", "12", "--temperature", "0")
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello there"}],
                                           max_tokens=12, temperature=0)
     assert chat.choices[0].message.content == want["text"] and chat.choices[0].message.role == "assistant"
@@ -279,7 +279,7 @@ def test_no_key_no_listening_beyond_this_machine(cluster):
 
 def test_stream_deltas_join_to_the_final_text():
     """Byte-level BPE splits an emoji over several tokens: no delta may carry a half character."""
-    from dllmctl.inference.generation import TextStream
+    from dllmctl.inference.text import TextStream
 
     tokenizer = make_tokenizer()
     text = "Robots 🤖 dream of électricité — 電気羊? Hello!"
