@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,7 +36,6 @@ from dllmctl.inference.defaults import SamplingDefaults, model_defaults
 from dllmctl.inference.text import TextStream, check_stops
 from dllmctl.inference.tokens import PromptError, encode_prompt, load_tokenizer, stop_ids
 
-log = logging.getLogger("dllmctl.generation")
 _running: set[asyncio.Task] = set()  # generations in flight, kept referenced until they finish
 
 # What front ends let a caller name. A parallelism is served only by a layout of its own kind (a
