@@ -66,7 +66,7 @@ def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_token
     async def run():
         async with ConnectionPool(cluster["user"]) as pool, \
                 DistributedSession(pool, route, name, sampling, prompt_tokens=len(prompt), max_new_tokens=new_tokens,
-                                   logits=logits, hops=hops, private=private) as session:
+                                   logits=logits, hops=hops, private=private, history=prompt) as session:
             return await session.generate(prompt, new_tokens, set())
 
     return asyncio.run(run())

@@ -117,6 +117,8 @@ class DistributedSession:
         self.front_cache = private.new_cache() if private else None
         self.input_dtype = torch.float32  # what the first stage computes in (private: what to send it)
         self.history = list(history) if penalized(sampling) else []
+        if penalized(sampling) and len(self.history) != prompt_tokens:
+            raise ValueError("a session with penalties needs its tokens so far: history = the prompt_tokens ids")
         self.replayed = replayed if self.history else 0
         # A private client samples, so it keeps the history the last stage would.
         self.token_history = (TokenHistory.of(self.history[:len(self.history) - self.replayed],
