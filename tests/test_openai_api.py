@@ -131,45 +131,51 @@ def test_text_equals_dllmctl_infer(served, client):
 
 def test_defaults_sample_reproducibly_penalties_and_stop_strings(cluster, served, client):
     """A new user's infer samples (the model's defaults, else 0.7/0.9/50) with seed 0, the same text every
-    run; temperature 0 is greedy; a repetition penalty is transformers'; a stop string ends the text
-    before it, through the CLI and the API alike."""
+    run; temperature 0 is the local model's greedy text; a repetition penalty is transformers' (greedy and
+    penalized: generate's tokens); a stop string ends the text before it, through the CLI and the API alike."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root, _ = cluster
     _base, env = served
     prompt = ["The quick brown fox", "--raw", "--max-new-tokens", "12"]
     first, again = infer(env, *prompt), infer(env, *prompt)
-    greedy = infer(env, *prompt, "--temperature", "0")
-    assert first["token_ids"] == again["token_ids"] != greedy["token_ids"]
+    assert first["token_ids"] == again["token_ids"]
     assert {k: first["sampling"][k] for k in ("temperature", "top_p", "top_k", "seed")} == {
         "temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 0}  # the tiny model sets no sampling defaults
 
     tokenizer = AutoTokenizer.from_pretrained(root / "src")
     model = AutoModelForCausalLM.from_pretrained(root / "src").eval()
     ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
-    penalized = infer(env, *prompt, "--temperature", "0", "--repetition-penalty", "1.5")
-    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                          repetition_penalty=1.5, eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
-    assert penalized["token_ids"] == want != greedy["token_ids"][:len(want)]
 
-    text = greedy["text"]
+    def local(**sampling) -> list[int]:
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id, **sampling)[0, ids.shape[1]:].tolist()
+
+    def complete(**kwargs):
+        return client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, **kwargs)
+
+    greedy, penalized = local(), local(repetition_penalty=1.5)
+    assert first["token_ids"] != greedy != penalized
+    assert complete(temperature=0).choices[0].text == tokenizer.decode(greedy, skip_special_tokens=True)
+    got = complete(temperature=0, extra_body={"repetition_penalty": 1.5})  # vLLM's extension, as dllmctl's
+    assert got.choices[0].text == tokenizer.decode(penalized, skip_special_tokens=True)
+    assert got.usage.completion_tokens == len(penalized)
+
+    text = first["text"]
     stop = text[len(text) // 2:len(text) // 2 + 3]
     cut = text[:text.index(stop)]
-    stopped = infer(env, *prompt, "--temperature", "0", f"--stop={stop}", "--stop=\u2603never")
+    stopped = infer(env, *prompt, f"--stop={stop}", "--stop=\u2603never")
     assert stopped["text"] == cut and stopped["finish_reason"] == "stop"
-    assert stopped["token_ids"] == greedy["token_ids"][:len(stopped["token_ids"])]
-    assert len(stopped["token_ids"]) < len(greedy["token_ids"])  # generation ended there, not at max tokens
-    done = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0,
-                                     stop=stop)
+    assert stopped["token_ids"] == first["token_ids"][:len(stopped["token_ids"])]
+    assert len(stopped["token_ids"]) < len(first["token_ids"])  # generation ended there, not at max tokens
+    done = complete(seed=0, stop=stop)  # the API's defaults are the CLI's; without a seed it draws one
     assert done.choices[0].text == cut and done.choices[0].finish_reason == "stop"
     assert done.usage.completion_tokens == len(stopped["token_ids"])
-    streamed = list(client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12,
-                                              temperature=0, stop=[stop], stream=True))
+    streamed = list(complete(seed=0, stop=[stop], stream=True))
     assert "".join(c.choices[0].text for c in streamed) == cut and streamed[-1].choices[0].finish_reason == "stop"
     # OpenAI's additive penalties reach the sampler: a strong frequency penalty changes the greedy text.
-    freq = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0,
-                                     frequency_penalty=2.0, presence_penalty=1.0)
-    assert freq.choices[0].text != text
+    freq = complete(temperature=0, frequency_penalty=2.0, presence_penalty=1.0)
+    assert freq.choices[0].text != tokenizer.decode(greedy, skip_special_tokens=True)
 
 
 def test_errors_are_openai_shaped(served, client):

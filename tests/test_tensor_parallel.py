@@ -112,9 +112,9 @@ def test_tensor_parallel_groups_generate_like_the_full_model(cluster, family):
             for logits in ("last", "none"):
                 got = _generate(cluster, name, model, prompt, "tensor", logits)
                 _check_exact(model, prompt, got, f"{family} {label} {prompt_label} logits={logits}")
-        # Greedy with a penalty: the group gathers whole logits, the leader penalizes them as transformers does.
-        got = _generate(cluster, name, model, PROMPTS["long"], "tensor", "none", sampling=PENALIZED)
-        _check_exact(model, PROMPTS["long"], got, f"{family} {label} penalized", PENALIZED.repetition_penalty)
+    # Greedy with a penalty: the group gathers whole logits, the leader penalizes them as transformers does.
+    got = _generate(cluster, name, model, PROMPTS["long"], "tensor", "none", sampling=PENALIZED)
+    _check_exact(model, PROMPTS["long"], got, f"{family} penalized", PENALIZED.repetition_penalty)
 
 
 def test_compressed_partial_sums_stay_within_the_codecs_error(cluster):
