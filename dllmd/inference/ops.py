@@ -596,7 +596,8 @@ class InferenceService:
                 session.stream.send({"step": item.step, "chunk": True, **trace}, logits)
             return
         try:
-            token = out if isinstance(out, int) else sample_next(out[0, -1], session.sampling, item.step, session.history)
+            token = out if isinstance(out, int) else sample_next(out[0, -1], session.sampling, item.step,
+                                                                 session.history)
         except (ValueError, RuntimeError) as exc:
             self._end(session, ErrorCode.BAD_ARGS, f"sampling failed: {exc}")
             return
