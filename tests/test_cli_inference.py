@@ -47,7 +47,7 @@ def test_tiny_model_through_the_cli(cluster3, tmp_path):
     assert sorted((s["start"], s["end"]) for r in rows for s in r["serving"]) == [(0, 1), (1, 5), (5, 7)]
 
     result = _ok(run_cli("dllmctl", "infer", "The quick brown fox", "-m", "tiny", "--raw", "--max-new-tokens", "12",
-                         "--json"))
+                         "--temperature", "0", "--json"))
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source).eval()
     ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
@@ -57,7 +57,8 @@ def test_tiny_model_through_the_cli(cluster3, tmp_path):
     assert result["prompt_tokens"] == ids.shape[1] and result["new_tokens"] == len(want)
     assert [r["node"] for r in result["route"]] == ["local-1", "local-2", "local-3"]
     assert set(result) == {"text", "token_ids", "prompt_tokens", "new_tokens", "seconds", "tokens_per_second", "route",
-                           "failovers", "ttft_ms", "cached_tokens"}
+                           "failovers", "ttft_ms", "cached_tokens", "finish_reason", "sampling"}
+    assert result["sampling"]["temperature"] == 0 and result["sampling"]["seed"] == 0
     assert result["ttft_ms"] > 0 and result["cached_tokens"] == 0
     assert result["failovers"] == []
 
@@ -96,7 +97,7 @@ def test_smollm2_three_nodes_matches_local_generate(cluster3, smollm2_gguf, user
     assert max(times) <= 1.15 * sum(times) / 3, times
     _ok(run_cli("dllmctl", "deploy", "smollm2-135m-instruct", "--json"))
     result = _ok(run_cli("dllmctl", "infer", "Generate a story about a robot", "-m", "smollm2-135m-instruct",
-                         "--max-new-tokens", "24", "--json"))
+                         "--max-new-tokens", "24", "--temperature", "0", "--json"))
     model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                                  dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
@@ -120,7 +121,7 @@ def test_tensor_parallel_through_the_cli(cluster3, tmp_path):
     refused = run_cli("dllmctl", "plan", "tp", "--parallelism", "tensor", "--tp", "7")
     assert refused.returncode != 0 and "1 to 6 members" in " ".join(refused.stderr.split())
 
-    prompt = ["The quick brown fox", "-m", "tp", "--raw", "--max-new-tokens", "8", "--json"]
+    prompt = ["The quick brown fox", "-m", "tp", "--raw", "--max-new-tokens", "8", "--temperature", "0", "--json"]
     missing = run_cli("dllmctl", "infer", *prompt, "--parallelism", "tensor")
     assert missing.returncode != 0 and "dllmctl deploy tp --parallelism tensor" in " ".join(missing.stderr.split())
     result = _ok(run_cli("dllmctl", "infer", *prompt, "--parallelism", "tensor", "--deploy", "--tp", "2"))

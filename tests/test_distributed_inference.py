@@ -66,7 +66,7 @@ def _generate(cluster, route, name, prompt, sampling=SamplingParams(), new_token
     async def run():
         async with ConnectionPool(cluster["user"]) as pool, \
                 DistributedSession(pool, route, name, sampling, prompt_tokens=len(prompt), max_new_tokens=new_tokens,
-                                   logits=logits, hops=hops, private=private) as session:
+                                   logits=logits, hops=hops, private=private, history=prompt) as session:
             return await session.generate(prompt, new_tokens, set())
 
     return asyncio.run(run())
@@ -187,6 +187,18 @@ def test_bad_input_gets_clear_errors_and_nodes_keep_serving(cluster):
                 with pytest.raises(RemoteError) as exc:
                     await client.call("session.open", request)
                 assert exc.value.code == code
+            # A penalized session hands the last stage its tokens so far: exactly [prompt_tokens] int64 ids in
+            # the vocabulary; a penalty out of range is refused by the schema.
+            penalized = {"session": "penalized1", "model": name, "start": 2, "end": 5, **RESERVE,
+                         "sampling": {"repetition_penalty": 1.3}}
+            for tensors, needle in (([], "needs its tokens"), ([torch.arange(3)], "int64 tensor [16]"),
+                                    ([torch.full((16,), 10**6)], "token ids must be in")):
+                with pytest.raises(RemoteError) as exc:
+                    await client.call("session.open", penalized, tensors)
+                assert exc.value.code == "bad_args" and needle in exc.value.message
+            with pytest.raises(RemoteError) as exc:
+                await client.call("session.open", {**penalized, "sampling": {"frequency_penalty": 3.0}})
+            assert exc.value.code == "bad_args" and "frequency_penalty" in exc.value.message
             # A wrong dtype on the wire ends the session with a message naming what was expected.
             stream = await client.open_stream("session.open", {"session": "wrongdtype1", "model": name,
                                                                "start": 2, "end": 5, **RESERVE})

@@ -128,6 +128,17 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
     assert all(n["matmul_gflops"] > 0 and n["latency_ms"] > 0 for n in performance["nodes"])
     assert all(sp["passes"] > 0 and sp["step_ms"] > 0 for n in performance["nodes"] for sp in n["spans"])
     assert performance["inference"]["count"] == 1 and performance["inference"]["median_tokens_per_second"] > 0
+    # The sampling parameters are dllmctl infer's: greedy with a penalty, cut at a stop string.
+    full, error, _ = await s.call("llm_inference_distributed", prompt="Hello there", model_name=MODEL,
+                                  max_new_tokens=10, temperature=0, repetition_penalty=1.5)
+    assert not error, full
+    stop = full["text"][len(full["text"]) // 2:][:3]
+    cut, error, _ = await s.call("llm_inference_distributed", prompt="Hello there", model_name=MODEL,
+                                 max_new_tokens=10, temperature=0, repetition_penalty=1.5, stop=[stop])
+    assert not error and cut["finish_reason"] == "stop" and cut["text"] == full["text"][:full["text"].index(stop)]
+    assert cut["token_ids"] == full["token_ids"][:len(cut["token_ids"])] and cut["seed"] == 0
+    text, error, _ = await s.call("llm_inference_distributed", prompt="hi", model_name=MODEL, stop=["a"] * 5)
+    assert error and "stop" in text, text
 
     # --- data: shard a code directory onto two nodes ----------------------------------------------
     out, error, progress = await s.call("llm_data_shard", data_uri=str(corpus), model_name=MODEL,

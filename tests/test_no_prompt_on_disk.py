@@ -53,9 +53,10 @@ def test_no_log_home_or_state_file_holds_the_prompt_or_its_tokens(root):
     prompt_ids = AutoTokenizer.from_pretrained(source)(MARKER)["input_ids"]
     assert len(prompt_ids) >= 4
 
-    plain = _ok(run_cli("dllmctl", "infer", MARKER, "-m", "tiny", "--raw", "--max-new-tokens", "8", "--json"))
+    plain = _ok(run_cli("dllmctl", "infer", MARKER, "-m", "tiny", "--raw", "--max-new-tokens", "8",
+                        "--temperature", "0", "--json"))
     private = _ok(run_cli("dllmctl", "infer", MARKER, "-m", "tiny-private", "--private", "--raw",
-                          "--max-new-tokens", "8", "--json"))
+                          "--max-new-tokens", "8", "--temperature", "0", "--json"))
     assert private["token_ids"] == plain["token_ids"] and private["prompt_tokens"] == len(prompt_ids)
     assert all(r["start"] >= 1 for r in private["route"])
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
 
 import pytest
+import torch
 
 from tests.api_cluster import MODEL, infer, serve_api, start_user_cluster, stop_user_cluster
 from tests.tiny_models import make_tokenizer
@@ -63,7 +64,7 @@ def test_text_equals_dllmctl_infer(served, client):
     assert client.models.retrieve(MODEL).id == MODEL
 
     # Chat: the prompt goes through the chat template, as 'dllmctl infer' does without --raw.
-    want = infer(env, "Hello there", "--max-new-tokens", "12")
+    want = infer(env, "Hello there", "--max-new-tokens", "12", "--temperature", "0")
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello there"}],
                                           max_tokens=12, temperature=0)
     assert chat.choices[0].message.content == want["text"] and chat.choices[0].message.role == "assistant"
@@ -98,6 +99,55 @@ def test_text_equals_dllmctl_infer(served, client):
     assert streamed[-1].choices[0].finish_reason == done.choices[0].finish_reason
 
 
+def test_defaults_sample_reproducibly_penalties_and_stop_strings(cluster, served, client):
+    """A new user's infer samples (the model's defaults, else 0.7/0.9/50) with seed 0, the same text every
+    run; temperature 0 is the local model's greedy text; a repetition penalty is transformers' (greedy and
+    penalized: generate's tokens); a stop string ends the text before it, through the CLI and the API alike."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, _ = cluster
+    _base, env = served
+    prompt = ["The quick brown fox", "--raw", "--max-new-tokens", "12"]
+    first, again = infer(env, *prompt), infer(env, *prompt)
+    assert first["token_ids"] == again["token_ids"]
+    assert {k: first["sampling"][k] for k in ("temperature", "top_p", "top_k", "seed")} == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 0}  # the tiny model sets no sampling defaults
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "src")
+    model = AutoModelForCausalLM.from_pretrained(root / "src").eval()
+    ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
+
+    def local(**sampling) -> list[int]:
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id, **sampling)[0, ids.shape[1]:].tolist()
+
+    def complete(**kwargs):
+        return client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, **kwargs)
+
+    greedy, penalized = local(), local(repetition_penalty=1.5)
+    assert first["token_ids"] != greedy != penalized
+    assert complete(temperature=0).choices[0].text == tokenizer.decode(greedy, skip_special_tokens=True)
+    got = complete(temperature=0, extra_body={"repetition_penalty": 1.5})  # vLLM's extension, as dllmctl's
+    assert got.choices[0].text == tokenizer.decode(penalized, skip_special_tokens=True)
+    assert got.usage.completion_tokens == len(penalized)
+
+    text = first["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = text[:text.index(stop)]
+    stopped = infer(env, *prompt, f"--stop={stop}", "--stop=\u2603never")
+    assert stopped["text"] == cut and stopped["finish_reason"] == "stop"
+    assert stopped["token_ids"] == first["token_ids"][:len(stopped["token_ids"])]
+    assert len(stopped["token_ids"]) < len(first["token_ids"])  # generation ended there, not at max tokens
+    done = complete(seed=0, stop=stop)  # the API's defaults are the CLI's; without a seed it draws one
+    assert done.choices[0].text == cut and done.choices[0].finish_reason == "stop"
+    assert done.usage.completion_tokens == len(stopped["token_ids"])
+    streamed = list(complete(seed=0, stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut and streamed[-1].choices[0].finish_reason == "stop"
+    # OpenAI's additive penalties reach the sampler: a strong frequency penalty changes the greedy text.
+    freq = complete(temperature=0, frequency_penalty=2.0, presence_penalty=1.0)
+    assert freq.choices[0].text != tokenizer.decode(greedy, skip_special_tokens=True)
+
+
 def test_errors_are_openai_shaped(served, client):
     base, _env = served
     with pytest.raises(openai.AuthenticationError) as caught:
@@ -111,7 +161,8 @@ def test_errors_are_openai_shaped(served, client):
     assert caught.value.code == "model_not_found" and caught.value.param == "model"
     for kwargs, param, needle in (
             ({"n": 2}, "n", "only n=1"),
-            ({"stop": ["\n"]}, "stop", "stop sequences are not supported"),
+            ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop strings"),
+            ({"frequency_penalty": 2.5}, "frequency_penalty", "between -2 and 2"),
             ({"temperature": 3}, "temperature", "between 0 and 2"),
             ({"max_tokens": 0}, "max_tokens", "at least 1"),
             ({"max_tokens": 1000}, "max_tokens", "exceeds the model's context"),
@@ -249,7 +300,7 @@ def test_no_key_no_listening_beyond_this_machine(cluster):
 
 def test_stream_deltas_join_to_the_final_text():
     """Byte-level BPE splits an emoji over several tokens: no delta may carry a half character."""
-    from dllmctl.inference.generation import TextStream
+    from dllmctl.inference.text import TextStream
 
     tokenizer = make_tokenizer()
     text = "Robots 🤖 dream of électricité — 電気羊? Hello!"

@@ -32,6 +32,9 @@ from tests.tiny_models import make_tiny_model
 NEW_TOKENS = 8
 GREEDY = SamplingParams()
 SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=99)
+GREEDY_PENALIZED = SamplingParams(repetition_penalty=1.5)
+SEEDED_PENALIZED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=99, repetition_penalty=1.3,
+                                  frequency_penalty=0.5, presence_penalty=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +159,14 @@ def test_kill_a_serving_stage_mid_generation_twenty_times(cluster):
     registry, user, daemons = cluster["registry"], cluster["user"], cluster["root"] / "daemons"
     prompt = [9, 8, 7, 6, 5, 4]
     expected = {"greedy": _reference(cluster["model"], prompt, 12)}
+    # With penalties the stage that samples keeps the session's token history: a replay rebuilds it there.
+    samplings = {"greedy": GREEDY, "seeded": SEEDED, "greedy-penalized": GREEDY_PENALIZED,
+                 "seeded-penalized": SEEDED_PENALIZED}
+    ids = torch.tensor([prompt])
+    expected["greedy-penalized"] = cluster["model"].generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+        repetition_penalty=GREEDY_PENALIZED.repetition_penalty)[0, len(prompt):].tolist()
+    assert expected["greedy-penalized"] != expected["greedy"]
 
     async def generate(sampling, kill_at=None, victim_index=0):
         result, killed = Generation(prompt_tokens=len(prompt)), []
@@ -172,11 +183,14 @@ def test_kill_a_serving_stage_mid_generation_twenty_times(cluster):
         return result, killed
 
     expected["seeded"] = asyncio.run(generate(SEEDED))[0].token_ids
+    expected["seeded-penalized"] = asyncio.run(generate(SEEDED_PENALIZED))[0].token_ids
+    assert expected["seeded-penalized"] != expected["seeded"]
+    assert asyncio.run(generate(GREEDY_PENALIZED))[0].token_ids == expected["greedy-penalized"]
     stalls = []
     for run in range(20):
-        kind = "greedy" if run % 2 == 0 else "seeded"
-        result, killed = asyncio.run(generate(GREEDY if kind == "greedy" else SEEDED, kill_at=3 + run % 4,
-                                              victim_index=(run // 2) % 2))
+        kind = list(samplings)[run % 4]  # each kind loses its first stage, then its last, at varying tokens
+        result, killed = asyncio.run(generate(samplings[kind], kill_at=3 + (run // 2) % 4,
+                                              victim_index=(run // 4) % 2))
         assert killed, f"run {run}: nothing was killed"
         assert result.token_ids == expected[kind], f"run {run}: killed {killed[0]}"
         assert result.failovers and result.failovers[0]["suspects"] == killed

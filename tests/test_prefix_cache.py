@@ -354,7 +354,8 @@ def test_infer_reports_time_to_first_token_and_cached_tokens(cluster, monkeypatc
     results = []
     for question, cache in (("Hello!", True), ("What is the capital of France?", True),
                             ("What is the capital of France?", False)):
-        request = GenerationRequest(model=name, prompt=question, system=system, max_new_tokens=4, prefix_cache=cache)
+        request = GenerationRequest(model=name, prompt=question, system=system, max_new_tokens=4, prefix_cache=cache,
+                                    temperature=0.0)
         results.append(asyncio.run(run(cluster["user"], cluster["registry"].select(None), prepare(request))))
     first, second, uncached = (r.generation for r in results)
     assert first.cached_tokens == 0 and second.cached_tokens >= 32 and uncached.cached_tokens == 0

@@ -21,7 +21,7 @@ from dllmctl.models.deploy import deploy
 from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span
 from dllmctl.placement.planner import plan_private_layout
 from dllmctl.placement.routing import Stage, choose_route
-from dllmd.inference.sampling import sample_next
+from dllmd.inference.sampling import TokenHistory, sample_next
 from dllmd.net.client import RemoteError
 from dllmd.net.messages.inference import SESSION_FORWARD, SamplingParams
 from dllmd.net.pool import ConnectionPool
@@ -100,6 +100,16 @@ def test_seeded_sampling_and_more_client_layers_match_the_local_model(cluster):
             ids.append(want[-1])
     assert got.token_ids == want
     assert got.logits == []
+    # With penalties the private client keeps the token history the last stage would have kept.
+    penalized = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234, repetition_penalty=1.3,
+                               frequency_penalty=0.4, presence_penalty=0.2)
+    got = _generate_private(cluster, route, name, 2, sampling=penalized, logits="none")
+    ids, want, history = list(PROMPT), [], TokenHistory.of(PROMPT)
+    with torch.no_grad():
+        for step in range(NEW_TOKENS):
+            want.append(sample_next(model(torch.tensor([ids])).logits[0, -1], penalized, step, history))
+            ids.append(want[-1])
+    assert got.token_ids == want
 
 
 def test_a_private_session_refuses_token_ids_and_spans_with_embeddings(cluster):

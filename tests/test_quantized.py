@@ -317,7 +317,7 @@ def test_quantized_models_generate_through_daemons_as_they_do_locally(cluster, m
     spans = [s for r in rows for s in r["serving"] if s["model"] == name]
     assert len(spans) == 2 and sorted((s["start"], s["end"]) for s in spans)[0][0] == 0
     got = _ok(run_cli("dllmctl", "infer", "The quick brown fox", "-m", name, "--raw", "--max-new-tokens", "10",
-                      "--parallelism", "model", "--json", env=cluster["env"]))
+                      "--temperature", "0", "--parallelism", "model", "--json", env=cluster["env"]))
     from transformers import AutoTokenizer
 
     prompt = AutoTokenizer.from_pretrained(cluster["source"])("The quick brown fox")["input_ids"]

@@ -12,7 +12,8 @@ from tests.conftest import run_cli
 from tests.test_cli_inference import cluster3  # noqa: F401 (a fixture)
 from tests.tiny_models import make_tiny_model
 
-PROMPT = ["infer", "The quick brown fox", "-m", "tiny", "--raw", "--max-new-tokens", "8", "--json"]
+PROMPT = ["infer", "The quick brown fox", "-m", "tiny", "--raw", "--max-new-tokens", "8", "--temperature", "0",
+          "--json"]
 
 
 def _ok(*args):

@@ -67,21 +67,21 @@ def _deploy(cluster, name: str, spans: list[Span]) -> None:
 
 
 def _generate(cluster, name: str, model, prompt: list[int], parallelism: str, logits: str = "last",
-              hops: HopCodec = HopCodec()):
+              hops: HopCodec = HopCodec(), sampling: SamplingParams = SamplingParams()):
     nodes = list(cluster["registry"].nodes.values())
 
     async def run():
         async with ConnectionPool(cluster["user"]) as pool:
             return await generate_with_failover(
                 pool, lambda: live_stages(cluster["user"], nodes, name), name, model.config.num_hidden_layers,
-                prompt, NEW_TOKENS, set(), SamplingParams(), parallelism=parallelism, logits=logits, hops=hops)
+                prompt, NEW_TOKENS, set(), sampling, parallelism=parallelism, logits=logits, hops=hops)
 
     return asyncio.run(run())
 
 
-def _check_exact(model, prompt: list[int], got, label: str) -> None:
+def _check_exact(model, prompt: list[int], got, label: str, repetition_penalty: float = 1.0) -> None:
     want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                          do_sample=False)[0, len(prompt):].tolist()
+                          do_sample=False, repetition_penalty=repetition_penalty)[0, len(prompt):].tolist()
     assert got.token_ids == want, label
     if got.logits:
         with torch.no_grad():
@@ -91,6 +91,7 @@ def _check_exact(model, prompt: list[int], got, label: str) -> None:
             assert diff < LOGITS_TOLERANCE, f"{label} step {k}: logits differ by {diff}"
 
 
+PENALIZED = SamplingParams(repetition_penalty=1.5)
 PROMPTS = {"one-token": [7], "long": [(i * 37 + 11) % 300 + 5 for i in range(23)]}  # longer than the windows
 
 
@@ -111,6 +112,9 @@ def test_tensor_parallel_groups_generate_like_the_full_model(cluster, family):
             for logits in ("last", "none"):
                 got = _generate(cluster, name, model, prompt, "tensor", logits)
                 _check_exact(model, prompt, got, f"{family} {label} {prompt_label} logits={logits}")
+    # Greedy with a penalty: the group gathers whole logits, the leader penalizes them as transformers does.
+    got = _generate(cluster, name, model, PROMPTS["long"], "tensor", "none", sampling=PENALIZED)
+    _check_exact(model, PROMPTS["long"], got, f"{family} penalized", PENALIZED.repetition_penalty)
 
 
 def test_compressed_partial_sums_stay_within_the_codecs_error(cluster):

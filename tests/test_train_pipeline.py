@@ -91,7 +91,8 @@ def test_pipelines_equal_single_process_training(cluster, tmp_path):
     # The merged checkpoint is a model like any other: transformers loads it, dllmctl serves it.
     exported = tmp_path / "export-2"
     _ok(run_cli("dllmctl", "deploy", "pipe-2", "--json"))
-    answer = _ok(run_cli("dllmctl", "infer", "def f(x):", "-m", "pipe-2", "--raw", "--max-new-tokens", "4", "--json"))
+    answer = _ok(run_cli("dllmctl", "infer", "def f(x):", "-m", "pipe-2", "--raw", "--max-new-tokens", "4",
+                         "--temperature", "0", "--json"))
     tokenizer = AutoTokenizer.from_pretrained(exported)
     ids = tokenizer("def f(x):", return_tensors="pt")["input_ids"]
     want = AutoModelForCausalLM.from_pretrained(exported).eval().generate(

@@ -83,9 +83,9 @@ def _round(user: Identity, nodes: list[NodeEntry], model: str, local: LocalModel
     def request(question: str, cache: bool = True) -> GenerationRequest:
         if not local.has_chat_template:
             return GenerationRequest(model=model, prompt=f"{system}\n{question}", raw=True, max_new_tokens=new_tokens,
-                                     parallelism=parallelism, prefix_cache=cache)
+                                     parallelism=parallelism, prefix_cache=cache, temperature=0.0)
         return GenerationRequest(model=model, prompt=question, system=system, max_new_tokens=new_tokens,
-                                 parallelism=parallelism, prefix_cache=cache)
+                                 parallelism=parallelism, prefix_cache=cache, temperature=0.0)  # greedy: comparable
 
     warm = replace(request("Hello."), system=None, prompt="Hello.", prefix_cache=False)  # connections, first passes
     _, first, second, uncached = asyncio.run(_requests(user, nodes, [warm, request(QUESTIONS[0]), request(QUESTIONS[1]),

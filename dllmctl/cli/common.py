@@ -207,7 +207,7 @@ def print_generation_footer(result) -> None:
     cached = (f", {generation.cached_tokens}/{result.prompt_tokens} prompt tokens cached"
               if generation.cached_tokens else "")
     err.print(f"[dim]{result.completion_tokens} tokens in {generation.seconds:.2f}s ({rate:.1f} tok/s; first after "
-              f"{generation.time_to_first_token_s * 1000:.0f} ms{cached}) via "
+              f"{generation.time_to_first_token_s * 1000:.0f} ms{cached}; seed {result.seed}) via "
               + " -> ".join(f"{s['node']}[{s['start']}-{s['end']})" for s in route) + "[/dim]")
     for failover in generation.failovers:
         err.print(f"[yellow]failover at token {failover['step']}: {failover['error']}[/yellow]")

@@ -19,10 +19,20 @@ def infer_command(
     prompt: Annotated[str, typer.Argument(help="The prompt (a user message unless --raw).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (see 'dllmctl model list').")],
     max_new_tokens: Annotated[int, typer.Option(min=1, max=100_000)] = 128,
-    temperature: Annotated[float, typer.Option(min=0.0, max=100.0, help="0 means greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    top_k: Annotated[int, typer.Option(min=0)] = 0,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    temperature: Annotated[Optional[float], typer.Option(
+        min=0.0, max=100.0, help="0: greedy (exact). Default: the model's generation_config.json, else 0.7.",
+        show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Default: the model's, else 0.9.",
+                                                   show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option(min=0, help="0: no limit. Default: the model's, else 50.",
+                                                 show_default=False)] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        min=0.01, max=100.0, help="As transformers': logits of tokens already in the prompt or output divided by "
+                                  "it (above 1 discourages repeats; 1: off). Default: the model's, else 1.",
+        show_default=False)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help="End the text before this string (repeatable, at most 4).")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds sampling: the same seed gives the same text.")] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Tokenize the prompt as is, without the chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="A system message (chat models).")] = None,
     parallelism: Annotated[str, typer.Option(
@@ -51,7 +61,9 @@ def infer_command(
     from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
 
     request = GenerationRequest(model=model, prompt=prompt, raw=raw, system=system, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, parallelism=parallelism,
+                                temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed,
+                                parallelism=parallelism,
                                 activations=activations, activation_block=activation_block,
                                 prefix_cache=prefix_cache, private_layers=private_layers if private else 0,
                                 relays=[r.strip() for r in relays.split(",") if r.strip()] if relays else [])
@@ -66,6 +78,7 @@ def infer_command(
             sys.stdout.write(delta)
             sys.stdout.flush()
 
+    from dllmd.net.schema import to_wire
     from dllmctl.placement.routing import RouteError
 
     try:
@@ -82,6 +95,7 @@ def infer_command(
     route = generation.routes[-1]
     if as_json:
         print_json({"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+                    "finish_reason": result.finish_reason, "sampling": to_wire(prepared.sampling),
                     "new_tokens": result.completion_tokens, "seconds": round(generation.seconds, 4),
                     "tokens_per_second": round(result.completion_tokens / generation.seconds, 3)
                     if generation.seconds else None,

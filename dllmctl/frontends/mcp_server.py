@@ -39,6 +39,7 @@ from dllmctl.cluster.registry import NodeEntry, Registry, RegistryError
 from dllmctl.data.push import PushError
 from dllmctl.data.sharding import ShardProgress, ShardRequest, dataset_name, shard_and_push
 from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
+from dllmctl.inference.text import MAX_STOP_CHARS, MAX_STOPS
 from dllmd.net.pool import ConnectionPool
 from dllmctl.data.records import dataset_records
 from dllmctl.models import local_model
@@ -220,11 +221,11 @@ class ClusterTools:
     # --- tools -------------------------------------------------------------------------------
 
     async def infer(self, prompt: str, model_name: str, parallelism: str, nodes: list[str] | None,
-                    max_new_tokens: int, temperature: float, seed: int, raw: bool, system: str | None,
-                    ctx: Context) -> dict[str, Any]:
+                    max_new_tokens: int, raw: bool, system: str | None, ctx: Context,
+                    **sampling: Any) -> dict[str, Any]:
+        """``sampling``: GenerationRequest's sampling fields (temperature, ..., seed, stop)."""
         request = GenerationRequest(model=model_name, prompt=prompt, raw=raw, system=system,
-                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                    parallelism=parallelism)
+                                    max_new_tokens=max_new_tokens, parallelism=parallelism, **sampling)
         try:
             prepared = prepare(request)
         except GenerationError as exc:
@@ -260,7 +261,8 @@ class ClusterTools:
                             "tokens_per_second": rate, "route": g.routes[-1], "failovers": len(g.failovers)})
         return {"text": result.text, "model": model_name, "parallelism": parallelism,
                 "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                "finish_reason": result.finish_reason, "token_ids": result.token_ids, "seconds": round(g.seconds, 4),
+                "finish_reason": result.finish_reason, "token_ids": result.token_ids, "seed": result.seed,
+                "seconds": round(g.seconds, 4),
                 "tokens_per_second": rate, "route": g.routes[-1], "failovers": g.failovers}
 
     async def _deploy_layout(self, model_name: str, parallelism: str, targets: list[NodeEntry]) -> None:
@@ -387,15 +389,31 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
                         "first")] = "pipeline",
         nodes: NodesArg = None,
         max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 128,
-        temperature: Annotated[float, Field(ge=0.0, le=100.0, description="0: greedy")] = 0.0,
-        seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="Seeds sampling (temperature > 0)")] = 0,
+        temperature: Annotated[Optional[float], Field(ge=0.0, le=100.0, description=(
+            "0: greedy (exact). Default: the model's generation_config.json, else 0.7"))] = None,
+        top_p: Annotated[Optional[float], Field(gt=0.0, le=1.0, description="Default: the model's, else 0.9")] = None,
+        top_k: Annotated[Optional[int], Field(ge=0, le=1_000_000, description=(
+            "0: no limit. Default: the model's, else 50"))] = None,
+        repetition_penalty: Annotated[Optional[float], Field(ge=0.01, le=100.0, description=(
+            "transformers': logits of tokens already in the prompt or output divided by it (above 1 discourages "
+            "repeats). Default: the model's, else 1 (off)"))] = None,
+        frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, description=(
+            "OpenAI's: subtracted from a token's logit once per time it was generated"))] = 0.0,
+        presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, description=(
+            "OpenAI's: subtracted from the logit of every token generated at least once"))] = 0.0,
+        stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(
+            max_length=MAX_STOPS, description="Strings that end the text (not included in it)")] = [],
+        seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="Seeds sampling: the same seed, the same "
+                                                                    "text")] = 0,
         raw: Annotated[bool, Field(description="Tokenize the prompt as is, without the chat template")] = False,
         system: Annotated[Optional[str], Field(description="A system message (chat template)")] = None,
         ctx: Context = None,
     ) -> dict[str, Any]:
         """Generate text with a model split across the cluster's nodes (what 'dllmctl infer' prints)."""
-        return await tools.infer(prompt, model_name, parallelism, nodes, max_new_tokens, temperature, seed, raw,
-                                 system, ctx)
+        return await tools.infer(prompt, model_name, parallelism, nodes, max_new_tokens, raw, system, ctx,
+                                 temperature=temperature, top_p=top_p, top_k=top_k,
+                                 repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                                 presence_penalty=presence_penalty, stop=list(stop), seed=seed)
 
     async def llm_data_shard(
         data_uri: Annotated[str, Field(description="A directory (code repository), a .jsonl or a text file on this "

@@ -6,9 +6,10 @@ completion goes through :mod:`dllmctl.generation`, the code ``dllmctl infer`` ru
 the one ``dllmctl infer`` prints for the same request (chat: the chat template; completions: the
 prompt as is, like ``--raw``).
 
-Requests are checked whole before any node is asked; what this server cannot honour (n > 1, stop
-sequences, tools, penalties, logprobs, ...) is refused with a 400 naming the parameter, never
-silently ignored. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Requests are checked whole before any node is asked; what this server cannot honour (n > 1, tools,
+logit_bias, logprobs, ...) is refused with a 400 naming the parameter, never silently ignored.
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. Stop strings and the
+penalties are honoured (:mod:`dllmctl.inference.text`, :mod:`dllmd.inference.sampling`).
 Each endpoint's body is a pydantic model (``ChatRequest``, ``CompletionRequest``). Starlette, uvicorn
 and pydantic are the mcp SDK's own dependencies (the ``api`` extra).
 """

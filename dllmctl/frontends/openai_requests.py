@@ -16,8 +16,7 @@ from starlette.responses import JSONResponse
 
 from dllmctl.frontends.serve_limits import ServeLimits
 from dllmctl.inference.generation import GenerationRequest
-
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; dllmctl infer's is 0 (greedy): pass temperature 0 to match it
+from dllmctl.inference.text import check_stops
 
 
 class ApiError(Exception):
@@ -141,15 +140,37 @@ class _StreamOptions(_Body):
 MaxTokens = Annotated[int, _check(lambda n: n >= 1, lambda n: f"max_tokens must be at least 1, got {n}")]
 
 
+def _stops(stop: Any) -> list[str]:
+    """OpenAI's ``stop``: a string or an array of up to 4."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list):
+        raise _refusal("invalid_type", "stop must be a string or an array of strings")
+    problem = check_stops(stops)
+    if problem:
+        raise _refusal("invalid_value", problem)
+    return stops
+
+
+Penalty = Annotated[float, _check(lambda v: -2.0 <= v <= 2.0, lambda v: f"must be between -2 and 2, got {v}")]
+
+
 class _Completion(_Body):
-    """What both endpoints take (``top_k`` and ``parallelism`` are dllm's; vLLM takes top_k too)."""
+    """What both endpoints take (``top_k``, ``repetition_penalty`` and ``parallelism`` are dllm's; vLLM
+    takes the first two too). Sampling left unset is the model's default (dllmctl.inference.defaults),
+    as with dllmctl infer."""
     model: Annotated[str, _check(bool, "you must provide a model parameter", "missing_required_parameter")]
     max_tokens: MaxTokens | None = None
     temperature: Annotated[float, _check(lambda t: 0.0 <= t <= 2.0,
-                                         lambda t: f"temperature must be between 0 and 2, got {t}")] = DEFAULT_TEMPERATURE
+                                         lambda t: f"temperature must be between 0 and 2, got {t}")] | None = None
     top_p: Annotated[float, _check(lambda p: 0.0 < p <= 1.0,
-                                   lambda p: f"top_p must be greater than 0 and at most 1, got {p}")] = 1.0
-    top_k: Annotated[int, _check(lambda k: k >= 0, "top_k must be 0 (no limit) or more")] = 0
+                                   lambda p: f"top_p must be greater than 0 and at most 1, got {p}")] | None = None
+    top_k: Annotated[int, _check(lambda k: 0 <= k <= 1_000_000, "top_k must be between 0 (no limit) and "
+                                                                "1000000")] | None = None
+    repetition_penalty: Annotated[float, _check(lambda v: 0.01 <= v <= 100.0,
+                                                lambda v: f"must be between 0.01 and 100, got {v}")] | None = None
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    stop: Annotated[Any, AfterValidator(_stops)] = []
     seed: Annotated[int, _check(lambda s: 0 <= s < 2**63, "seed must be between 0 and 2**63 - 1")] | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
@@ -157,10 +178,6 @@ class _Completion(_Body):
                              "unsupported_value")] = 1
     user: str | None = None  # accepted, ignored
     parallelism: str = "pipeline"
-    stop: Annotated[Any, _unused([], "", why="stop sequences are not supported; generation ends at the model's "
-                                             "end-of-sequence token or max_tokens")] = None
-    presence_penalty: Annotated[Any, _unused(0, 0.0, why="presence_penalty is not supported (only 0)")] = None
-    frequency_penalty: Annotated[Any, _unused(0, 0.0, why="frequency_penalty is not supported (only 0)")] = None
     logit_bias: Annotated[Any, _unused({}, why="logit_bias is not supported")] = None
     logprobs: Annotated[Any, _unused(False, 0, why="logprobs are not supported")] = None
 
@@ -242,7 +259,9 @@ def parse(body: dict, chat: bool, limits: ServeLimits = ServeLimits()) -> Parsed
     # Without a seed, sampling differs per request, as clients of OpenAI expect; with one it repeats.
     seed = secrets.randbelow(2**31) if r.seed is None else r.seed
     request = GenerationRequest(model=r.model, max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, seed=seed, parallelism=r.parallelism)
+                                top_k=r.top_k, repetition_penalty=r.repetition_penalty,
+                                frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty,
+                                stop=r.stop, seed=seed, parallelism=r.parallelism)
     if chat:
         request.messages = [{"role": CHAT_ROLES[m.role], "content": m.content} for m in r.messages]
     else:

@@ -68,7 +68,8 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                                  assigned: dict[str, int] | None = None, stages: list[Stage] | None = None,
                                  max_failovers: int = MAX_FAILOVERS, result: Generation | None = None,
                                  hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = (),
-                                 private: PrivateEnds | None = None, relays: Sequence = ()) -> Generation:
+                                 private: PrivateEnds | None = None, relays: Sequence = (),
+                                 stop_when: Callable[[], bool] = lambda: False) -> Generation:
     """Generate ``max_new_tokens`` after ``prompt_ids`` on the best route, failing over to replicas.
 
     ``assigned`` (node -> sessions this client runs there) is updated while the session runs, so
@@ -79,7 +80,9 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
     nodes; the nodes are asked anew only when that is not enough. Raises RouteError when no replica is left for some span.
     ``private``: the client runs the model's ends; the route covers the layers after them, and each new
     session (a replay) rebuilds the client's own cache along with the stages'. ``relays``: every session,
-    replays too, goes through these nodes, which are never chosen as stages."""
+    replays too, goes through these nodes, which are never chosen as stages. ``stop_when`` is asked after
+    every token (a stop string in the text). A replay hands the penalties the prompt and the tokens so far,
+    so they see what one session would have."""
     first_layer = private.layers if private else 0
     relay_names = {r.name for r in relays}  # a relay is never one of the session's stages
     bans = bans if bans is not None else Bans()
@@ -107,7 +110,8 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
             async with DistributedSession(pool, route, model, sampling, prompt_tokens=len(prompt_ids) + done,
                                           max_new_tokens=max_new_tokens - done, logits=logits,
                                           parallelism=parallelism, hops=hops, prefix=prefix,
-                                          private=private, relays=relays) as session:
+                                          private=private, relays=relays,
+                                          history=list(prompt_ids) + result.token_ids, replayed=done) as session:
                 tokens_before = len(result.token_ids)
 
                 def token_arrived(token: int) -> None:
@@ -119,7 +123,7 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                         failed_at = None
                     on_token(token)
 
-                await session.generate(prompt_ids, max_new_tokens, stop_ids, token_arrived, result)
+                await session.generate(prompt_ids, max_new_tokens, stop_ids, token_arrived, result, stop_when)
                 if len(result.token_ids) > tokens_before:
                     for stage in route:
                         bans.forgive(stage.node.name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,9 +32,10 @@ from dllmd.net.pool import ConnectionPool
 from dllmctl.models import local_store
 from dllmctl.placement.routing import RouteError
 from dllmctl.inference.stages import live_stages
+from dllmctl.inference.defaults import SamplingDefaults, model_defaults
+from dllmctl.inference.text import TextStream, check_stops
 from dllmctl.inference.tokens import PromptError, encode_prompt, load_tokenizer, stop_ids
 
-log = logging.getLogger("dllmctl.generation")
 _running: set[asyncio.Task] = set()  # generations in flight, kept referenced until they finish
 
 # What front ends let a caller name. A parallelism is served only by a layout of its own kind (a
@@ -74,6 +74,7 @@ class LocalModel:
     stop_ids: frozenset[int]
     context: int | None  # max_position_embeddings; None when the config does not say
     hidden_size: int = 0  # what crosses each hop (0: the config does not say; the stages check)
+    defaults: SamplingDefaults = SamplingDefaults()  # for what a request leaves unset
 
     @property
     def has_chat_template(self) -> bool:
@@ -108,7 +109,7 @@ def load_model(name: str) -> LocalModel:
     except (ModelStoreError, PromptError, OSError, ValueError) as exc:
         raise GenerationError(f"model {name!r} cannot be used: {exc}", "model") from None
     model = LocalModel(name, directory, manifest.num_layers, tokenizer, frozenset(stop_ids(tokenizer, directory)),
-                       config.get("max_position_embeddings"), config.get("hidden_size", 0))
+                       config.get("max_position_embeddings"), config.get("hidden_size", 0), model_defaults(directory))
     _loaded[name] = (stamp, model)
     return model
 
@@ -129,10 +130,15 @@ class GenerationRequest:
     raw: bool = False
     system: str | None = None
     max_new_tokens: int | None = 128  # None: as many as the model's context leaves
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
+    # Sampling; None: the model's default (dllmctl.inference.defaults). Temperature 0 is greedy and exact.
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # 0: no limit
+    repetition_penalty: float | None = None  # transformers' (multiplicative, prompt and output; 1: off)
+    frequency_penalty: float = 0.0  # OpenAI's (additive, over the output)
+    presence_penalty: float = 0.0
     seed: int = 0
+    stop: list[str] = field(default_factory=list)  # strings that end the text (not included in it)
     parallelism: str = "pipeline"
     activations: str = "fp32"  # how hidden states travel between stages: fp32 (exact), fp16, int8
     activation_block: int = DEFAULT_BLOCK  # int8's values per scale
@@ -156,6 +162,7 @@ class Prepared:
     prefix_cache: bool = True
     private_layers: int = 0
     relays: list[str] = field(default_factory=list)
+    stop: tuple[str, ...] = ()
 
 
 def private_ends(model: LocalModel, layers: int) -> PrivateEnds:
@@ -175,10 +182,11 @@ def prepare(request: GenerationRequest) -> Prepared:
     check_parallelism(request.parallelism)
     if request.max_new_tokens is not None and not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
         raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}", "max_new_tokens")
-    sampling = SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                              seed=request.seed)
-    _check_sampling(sampling)
+    problem = check_stops(request.stop)
+    if problem:
+        raise GenerationError(problem, "stop")
     model = load_model(request.model)
+    sampling = _sampling(request, model.defaults)
     try:
         if request.messages is not None:
             if request.raw:
@@ -216,62 +224,41 @@ def prepare(request: GenerationRequest) -> Prepared:
     # it would key everyone who shares the last relay together.
     return Prepared(model, ids, wanted, sampling, request.parallelism, hops,
                     request.prefix_cache and not request.private_layers and not request.relays,
-                    request.private_layers, list(request.relays))
+                    request.private_layers, list(request.relays), tuple(request.stop))
 
 
-def _check_sampling(s: SamplingParams) -> None:
-    """The daemon checks these too, but only once the session opens; say it before."""
+def _sampling(request: GenerationRequest, defaults: SamplingDefaults) -> SamplingParams:
+    """The request's sampling, the model's defaults for what it leaves unset. The daemon checks these
+    too, but only once the session opens; say it before."""
+    def given(value, default):
+        return default if value is None else value
+
+    s = SamplingParams(temperature=given(request.temperature, defaults.temperature),
+                       top_p=given(request.top_p, defaults.top_p), top_k=given(request.top_k, defaults.top_k),
+                       seed=request.seed, repetition_penalty=given(request.repetition_penalty,
+                                                                    defaults.repetition_penalty),
+                       frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty)
     for ok, param, message in ((0.0 <= s.temperature <= 100.0, "temperature", "between 0 and 100 (0: greedy)"),
                                (0.0 < s.top_p <= 1.0, "top_p", "greater than 0 and at most 1"),
                                (0 <= s.top_k <= 1_000_000, "top_k", "between 0 (no limit) and 1000000"),
-                               (0 <= s.seed < 2**63, "seed", "between 0 and 2**63 - 1")):
+                               (0 <= s.seed < 2**63, "seed", "between 0 and 2**63 - 1"),
+                               (0.01 <= s.repetition_penalty <= 100.0, "repetition_penalty",
+                                "between 0.01 and 100 (1: off; above 1 discourages repeats)"),
+                               (-2.0 <= s.frequency_penalty <= 2.0, "frequency_penalty", "between -2 and 2"),
+                               (-2.0 <= s.presence_penalty <= 2.0, "presence_penalty", "between -2 and 2")):
         if not ok:
             raise GenerationError(f"{param} must be {message}", param)
-
-
-class TextStream:
-    """Text deltas as tokens arrive: the decoded text so far minus what was already handed out.
-
-    Decoding token by token would be wrong: byte-level BPE splits a character such as an emoji over
-    several tokens, and one token alone decodes to U+FFFD. So the whole sequence is decoded each
-    time, and text is handed out only when it does not end in U+FFFD (a character still incomplete)
-    and extends what was handed out. For tokenizers whose decoding of a prefix is a prefix of the
-    decoding (byte-level BPE, SentencePiece), the deltas joined equal the final text.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self._text()
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-    def finish(self) -> str:
-        """What is left once generation ended (an incomplete character at the very end included)."""
-        text = self._text()
-        if not text.startswith(self.sent):
-            log.warning("this tokenizer's decoding changed text already streamed; the final text differs")
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+    return s
 
 
 @dataclass
 class GenerationResult:
     text: str
-    token_ids: list[int]  # generated ids, the stop id included when the model ended
+    token_ids: list[int]  # generated ids, the stop id (or the tokens of a stop string) included
     prompt_tokens: int
-    finish_reason: str  # "stop": the model emitted a stop id; "length": max_new_tokens reached
+    finish_reason: str  # "stop": a stop id or stop string ended it; "length": max_new_tokens reached
     generation: Generation  # timings, routes, failovers
+    seed: int = 0  # what reproduces the run
 
     @property
     def completion_tokens(self) -> int:
@@ -287,14 +274,15 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
     concurrent requests over replicas. Raises RouteError / CallError (CLUSTER_ERRORS) when the
     cluster cannot serve it."""
     model = prepared.model
-    stream = TextStream(model.tokenizer)
+    stream = TextStream(model.tokenizer, prepared.stop)
+    watch = on_text is not None or bool(prepared.stop)  # the text is decoded as it grows only when needed
 
     def arrived(token: int) -> None:
         if on_token is not None:
             on_token(token)
-        if on_text is not None:
+        if watch:
             delta = stream.push(token)
-            if delta:
+            if delta and on_text is not None:
                 on_text(delta)
 
     own_pool = pool is None
@@ -309,7 +297,7 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
         pool, lambda: live_stages(user, nodes, model.name), model.name, model.num_layers, prepared.prompt_ids,
         prepared.max_new_tokens, set(model.stop_ids), prepared.sampling, parallelism=prepared.parallelism,
         on_token=arrived, assigned=assigned, hops=prepared.hops, prefix=prefix, private=private,
-        relays=[by_name[r] for r in prepared.relays]))
+        relays=[by_name[r] for r in prepared.relays], stop_when=lambda: stream.stopped))
     _running.add(task)
     task.add_done_callback(_running.discard)
     if own_pool:
@@ -323,15 +311,18 @@ async def run(user: Identity, nodes: list[NodeEntry], prepared: Prepared,
         # the generation runs in a task of its own, cancelled here once, and closes its sessions.
         task.cancel()
         raise
-    if on_text is not None:
-        tail = stream.finish()
-        if tail:
-            on_text(tail)
     ids = generation.token_ids
-    return GenerationResult(text=model.tokenizer.decode(ids, skip_special_tokens=True), token_ids=list(ids),
-                            prompt_tokens=len(prepared.prompt_ids),
-                            finish_reason="stop" if ids and ids[-1] in model.stop_ids else "length",
-                            generation=generation)
+    if watch:
+        tail = stream.finish()
+        if tail and on_text is not None:
+            on_text(tail)
+        text = stream.sent
+    else:
+        text = model.tokenizer.decode(ids, skip_special_tokens=True)
+    stopped = stream.stopped or bool(ids and ids[-1] in model.stop_ids)
+    return GenerationResult(text=text, token_ids=list(ids), prompt_tokens=len(prepared.prompt_ids),
+                            finish_reason="stop" if stopped else "length", generation=generation,
+                            seed=prepared.sampling.seed)
 
 
 async def generate(user: Identity, nodes: list[NodeEntry], request: GenerationRequest,

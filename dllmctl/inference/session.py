@@ -27,7 +27,7 @@ from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import parse_reply, to_wire
 from dllmd.net.wire import ErrorCode, WireError
-from dllmd.inference.sampling import sample_next
+from dllmd.inference.sampling import TokenHistory, penalized, sample_next
 from dllmctl.inference.prefix import usable_cached_tokens
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.private import PrivateEnds
@@ -91,7 +91,8 @@ class DistributedSession:
     def __init__(self, pool: ConnectionPool, route: list[Stage], model: str, sampling: SamplingParams, *,
                  prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = SESSION_LEASE_S,
                  parallelism: str = "pipeline", hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = (),
-                 private: PrivateEnds | None = None, relays: Sequence[NodeEntry] = ()):
+                 private: PrivateEnds | None = None, relays: Sequence[NodeEntry] = (),
+                 history: Sequence[int] = (), replayed: int = 0):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
         stage reserves its KV cache for them when the session opens (and refuses it if they do not fit).
         ``prefix``: the chain hashes of the prompt's blocks (:mod:`dllmctl.inference.prefix`), so the
@@ -100,7 +101,9 @@ class DistributedSession:
         starts at layer K and ends without the head); the session's front cache is its own, so a new
         session (a failover's replay) rebuilds it with the stages'.
         ``relays``: every request to every stage goes through these relay nodes, sealed in one layer per
-        relay (:mod:`dllmctl.inference.relay`): the stages see the last relay's key, not this client's."""
+        relay (:mod:`dllmctl.inference.relay`): the stages see the last relay's key, not this client's.
+        ``history``: with penalties, the session's tokens so far (the prompt, then the ``replayed`` tokens an
+        earlier session generated), handed to whoever samples: the last stage at the open, or this client."""
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         self.pool, self.route, self.model = pool, route, model
@@ -119,6 +122,14 @@ class DistributedSession:
         self._keepalive: asyncio.Task | None = None
         self.front_cache = private.new_cache() if private else None
         self.input_dtype = torch.float32  # what the first stage computes in (private: what to send it)
+        self.history = list(history) if penalized(sampling) else []
+        if penalized(sampling) and len(self.history) != prompt_tokens:
+            raise ValueError("a session with penalties needs its tokens so far: history = the prompt_tokens ids")
+        self.replayed = replayed if self.history else 0
+        # A private client samples, so it keeps the history the last stage would.
+        self.token_history = (TokenHistory.of(self.history[:len(self.history) - self.replayed],
+                                              self.history[len(self.history) - self.replayed:])
+                              if private and self.history else None)
         if private and self.prefix:
             raise ValueError("a private session cannot use the prefix cache: the client's layers would miss it")
 
@@ -151,8 +162,13 @@ class DistributedSession:
                         sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
                         batching=self.parallelism != "model", activations=self.hops.encoding,
                         activation_block=self.hops.block, prefix=self.prefix, private=self.private is not None)
+        tensors = []
+        if nxt is None and self.history and not self.private:  # the stage that samples
+            args.replayed = self.replayed
+            tensors = [torch.tensor(self.history, dtype=torch.int64)]
         try:
-            stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), timeout=OPEN_TIMEOUT_S)
+            stream = await self.clients[index].open_stream(SESSION_OPEN.name, to_wire(args), tensors,
+                                                           timeout=OPEN_TIMEOUT_S)
             self.streams[index] = stream
             stream.watch(lambda: self._arrivals.put_nowait(index))
             opened = await stream.next(timeout=OPEN_TIMEOUT_S)
@@ -225,7 +241,8 @@ class DistributedSession:
             logits.extend(chunk_logits)
             if not reply.result.get("chunk"):
                 if self.private:  # sampled here, as the last stage would: same logits, same per-step seed
-                    return {**reply.result, "token": sample_next(step_logits[-1], self.sampling, step)}, logits
+                    return {**reply.result, "token": sample_next(step_logits[-1], self.sampling, step,
+                                                                      self.token_history)}, logits
                 return reply.result, logits
 
     def _private_logits(self, reply) -> torch.Tensor:
@@ -268,8 +285,10 @@ class DistributedSession:
             return reply
 
     async def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int],
-                       on_token: Callable[[int], None] = lambda _: None, result: Generation | None = None) -> Generation:
-        """Prefill then decode. With ``result`` holding tokens from an earlier (failed) session, the
+                       on_token: Callable[[int], None] = lambda _: None, result: Generation | None = None,
+                       stop_when: Callable[[], bool] = lambda: False) -> Generation:
+        """Prefill then decode, until a stop id, ``max_new_tokens`` or ``stop_when()`` (asked after each
+        token: a stop string). With ``result`` holding tokens from an earlier (failed) session, the
         prompt and those tokens are replayed as one prefill and generation goes on where it stopped:
         step numbers (and so seeded sampling) continue, so the output is what one session gives."""
         result = result or Generation(prompt_tokens=len(prompt_ids))
@@ -295,7 +314,7 @@ class DistributedSession:
             result.token_ids.append(token)
             on_token(token)
             result.seconds = time.perf_counter() - started
-            if token in stop_ids:
+            if token in stop_ids or stop_when():
                 break
             feed = [token]
         result.seconds = time.perf_counter() - started

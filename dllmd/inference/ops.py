@@ -29,7 +29,7 @@ from dllmd.inference.forwarding import Forwarder, Onward
 from dllmd.inference.memory import MemoryCap, NoRoom
 from dllmd.inference.prefix_cache import PrefixCache
 from dllmd.inference import private
-from dllmd.inference.sampling import sample_next
+from dllmd.inference.sampling import opened_history, penalized, sample_next
 from dllmd.inference.scheduler import PendingStep, StepScheduler, admit
 from dllmd.inference.sessions import DETACHED, NextHop, Session, SessionTable
 from dllmd.inference.tensor_group import GroupChannel, GroupError, GroupMember, PassSpec, TensorGroup
@@ -377,10 +377,15 @@ class InferenceService:
         # client runs the first layers with a cache of its own, which a hit here would not fill.
         prefix = self.prefix.open_session(span, a.model, call.caller.public_key, a.prefix, a.prompt_tokens,
                                           usable=loaded.group is None and hops.encoding == "fp32" and not a.private)
+        try:
+            history = opened_history(a.sampling, not a.next_address and not a.private, call.tensors, a.prompt_tokens,
+                                     a.replayed, span.vocab_size)
+        except ValueError as exc:
+            raise HandlerError(ErrorCode.BAD_ARGS, str(exc)) from None
         next_hop = NextHop(a.next_address, a.next_public_key) if a.next_address else None
         session = Session(a.session, a.model, span.new_cache(), call.responder, next_hop, a.sampling, a.logits,
                           a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching, hops=hops,
-                          prefix=prefix, owner=call.caller.public_key, private=a.private)
+                          prefix=prefix, owner=call.caller.public_key, private=a.private, history=history)
         try:
             self.sessions.add(session)
         except NoRoom as exc:
@@ -605,7 +610,8 @@ class InferenceService:
                 session.stream.send({"step": item.step, "chunk": True, **trace}, logits)
             return
         try:
-            token = out if isinstance(out, int) else sample_next(out[0, -1], session.sampling, item.step)
+            token = out if isinstance(out, int) else sample_next(out[0, -1], session.sampling, item.step,
+                                                                 session.history)
         except (ValueError, RuntimeError) as exc:
             self._end(session, ErrorCode.BAD_ARGS, f"sampling failed: {exc}")
             return
@@ -620,7 +626,8 @@ def pass_spec(batch: list[PendingStep], head: bool) -> PassSpec:
     hops = hops.pop() if len(hops) == 1 else HopCodec()
     wants = None
     if head:
-        wants = ["token" if p.session.logits == "none" and p.session.sampling.temperature == 0 else "logits"
+        wants = ["token" if p.session.logits == "none" and p.session.sampling.temperature == 0
+                 and not penalized(p.session.sampling) else "logits"
                  for p in batch]
     if len(batch) == 1:
         pending = batch[0]

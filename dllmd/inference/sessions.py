@@ -16,6 +16,7 @@ from typing import Callable
 
 from dllmd.inference.memory import MemoryCap, NoRoom
 from dllmd.inference.prefix_cache import SessionPrefix
+from dllmd.inference.sampling import TokenHistory
 from dllmd.models.cache import SpanCache
 from dllmd.net.codec import HopCodec
 from dllmd.net.keys import Role
@@ -63,6 +64,7 @@ class Session:
     prefix: SessionPrefix | None = None  # its use of the stage's prefix cache (None: not cached)
     owner: str = ""  # the key that opened it: only it (or a peer stage feeding it) may step or close it
     private: bool = False  # hidden states in and out only (dllmd/inference/private.py)
+    history: TokenHistory | None = None  # what the penalties look at (the stage that samples, penalties only)
 
     def reachable_by(self, caller) -> bool:
         """Whether ``caller`` may step or close this session: its opener, or one of this node's peers (the

@@ -24,6 +24,11 @@ class SamplingParams:
     top_p: float = bounded(1.0, lo=1e-6, hi=1.0)
     top_k: int = bounded(0, lo=0, hi=1_000_000)  # 0: no limit
     seed: int = bounded(0, lo=0, hi=2**63 - 1)
+    # Penalties (dllmd/inference/sampling.py): transformers' multiplicative one over prompt and output
+    # (1: off), OpenAI's additive ones over the output (0: off).
+    repetition_penalty: float = bounded(1.0, lo=0.01, hi=100.0)
+    frequency_penalty: float = bounded(0.0, lo=-2.0, hi=2.0)
+    presence_penalty: float = bounded(0.0, lo=-2.0, hi=2.0)
 
 
 @dataclass
@@ -54,6 +59,10 @@ class OpenArgs:
     # the head itself. The stage then takes hidden states only (token ids are refused), and the last
     # stage returns its hidden states instead of sampling a token.
     private: bool = False
+    # With penalties, the stage that samples (the last) gets the session's tokens so far with the open, as
+    # one int64 tensor [prompt_tokens]: the prompt, then the ``replayed`` tokens an earlier session of the
+    # same generation produced (a failover's replay), which the additive penalties count as generated.
+    replayed: int = bounded(0, lo=0, hi=MAX_POSITIONS)
 
 
 @dataclass
