@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dllmd import __version__
-from dllmctl.cli import api, bench, checkpoints, cluster, data, deploy, eval, infer, metrics, model, nodes, plan, top, train
+from dllmctl.cli import api, bench, bench_serving, bench_train, checkpoints, cluster, data, deploy, eval, infer, metrics, model, nodes, plan, top, train
 from dllmctl.cli.demo import demo
 from dllmctl.cli.common import JsonOpt, out, print_json
 from dllmctl.paths import identity_path
@@ -14,6 +14,10 @@ app = typer.Typer(help="dllmctl: drive a dllm cluster (distributed LLM inference
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(nodes.app, name="nodes")
 app.add_typer(cluster.app, name="cluster")
+# The bench app's commands live in three modules by what they measure; registered here, where every
+# cli module comes together (cli modules import only cli.common).
+for command in (bench_serving.relays, bench_serving.soak, bench_train.allreduce, bench_train.train):
+    bench.app.command(command.__name__)(command)
 app.add_typer(bench.app, name="bench")
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
