@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
@@ -200,12 +201,13 @@ def test_errors_are_openai_shaped(served, client):
             ("/completions", json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "one text prompt"),
             ("/completions", json.dumps({"model": MODEL, "prompt": [1, 2, 3]}).encode(), 400, "one text prompt"),
             ("/completions", json.dumps({"model": 5, "prompt": "x"}).encode(), 400, "expected a string"),
-            ("/completions", b"x" * (1024 * 1024 + 1), 413, "larger than"),  # 1 MiB by default
             ("/nowhere", b"{}", 404, "Invalid URL")):
         got, error = _post(base, path, body)
         assert got == status and needle in error["message"], (path, body[:80], got, error)
         assert set(error) == {"message", "type", "param", "code"}
     assert _post(base, "/chat/completions", None, method="GET")[0] == 405
+    status, error = _post_too_large(base, "/completions", b"x" * (1024 * 1024 + 1))  # 1 MiB by default
+    assert status == 413 and "larger than" in error["message"] and set(error) == {"message", "type", "param", "code"}
 
     # Still serving after all that.
     again = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0)
@@ -215,6 +217,27 @@ def test_errors_are_openai_shaped(served, client):
 def _post(base: str, path: str, body: bytes | None, key: str | None = KEY, method: str = "POST",
           headers: dict | None = None) -> tuple[int, dict]:
     return _call(base, path, body, key, method, headers)[:2]
+
+
+def _post_too_large(base: str, path: str, body: bytes) -> tuple[int, dict]:
+    """POST a body the server refuses from its Content-Length alone: it answers 413 and closes without
+    reading the rest, so the send may break off (EPIPE) while the answer is already there to read."""
+    url = urllib.parse.urlsplit(base + path)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        connection.putrequest("POST", url.path)
+        for name, value in (("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}"),
+                            ("Content-Length", str(len(body)))):
+            connection.putheader(name, value)
+        connection.endheaders()
+        try:
+            connection.sock.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())["error"]
+    finally:
+        connection.close()
 
 
 def _call(base: str, path: str, body: bytes | None, key: str | None = KEY, method: str = "POST",
