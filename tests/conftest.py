@@ -46,19 +46,20 @@ class RunningDaemon:
         return self.proc.returncode
 
 
-def make_home(home: Path, name: str, **config) -> Identity:
+def make_home(home: Path, name: str, listen: str = "tcp://127.0.0.1:0", **config) -> Identity:
     """A node home with a fresh identity; ``config``: node.toml settings beyond name and listen."""
     home.mkdir(parents=True)
     identity = Identity.generate()
     identity.save(home / "identity")
-    NodeConfig(name=name, listen="tcp://127.0.0.1:0", **config).save(home)
+    NodeConfig(name=name, listen=listen, **config).save(home)
     return identity
 
 
-def start_daemon(home: Path, env: dict | None = None) -> RunningDaemon:
-    """Start ``dllmd start`` on an existing home and wait until it has bound its port."""
+def start_daemon(home: Path, env: dict | None = None, prefix: tuple[str, ...] = ()) -> RunningDaemon:
+    """Start ``dllmd start`` on an existing home and wait until it has bound its port. ``prefix``: a
+    command that execs the daemon (e.g. ``ip netns exec NS``: same pid, another network)."""
     log = open(home / "dllmd.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "dllmd", "start", "--home", str(home)],
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "dllmd", "start", "--home", str(home)],
                             stdout=log, stderr=log, env={**os.environ, **(env or {})})
     log.close()
     deadline = time.monotonic() + START_TIMEOUT_S

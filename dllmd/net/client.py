@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -193,6 +193,14 @@ class RpcClient:
         self, op: str, args: dict | None = None, tensors: Sequence[torch.Tensor] = (), timeout: float = 10.0
     ) -> Reply:
         """Send one request and wait for its reply (success or structured error)."""
+        return await (await self.request_sent(op, args, tensors, timeout))
+
+    async def request_sent(
+        self, op: str, args: dict | None = None, tensors: Sequence[torch.Tensor] = (), timeout: float = 10.0
+    ) -> Awaitable[Reply]:
+        """Send one request; once it is sent, return what awaits its reply (``request``'s errors, its
+        ``timeout`` counted from now). Requests sent one after another on this connection arrive in
+        that order, so a caller can send the next before the last is answered."""
         if self.failure is not None and not self.handshake_ok:
             raise self.failure
         request_id = next(self._ids)
@@ -201,20 +209,38 @@ class RpcClient:
         frames = encode_request(Request(id=request_id, op=op, args=args or {}, tensors=list(tensors)))
         deadline = self.loop.time() + timeout
         expiry = self.loop.call_at(deadline, lambda: fut.done() or fut.set_exception(TimeoutError()))
-        try:
-            await self._send(frames, deadline)
-            return await fut
-        except TimeoutError:
-            if self.failure is not None:
-                raise self.failure from None
-            if not self.handshake_ok:
-                raise NodeUnreachable(f"no connection to {self.address} within {timeout:g}s: is the node up?") from None
-            raise CallTimeout(f"{self.address} did not answer '{op}' within {timeout:g}s") from None
-        finally:
+
+        def done() -> None:
             expiry.cancel()
             self._pending.pop(request_id, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()  # failed while we were still sending: mark the error as seen
+
+        def timed_out() -> CallError:
+            if self.failure is not None:
+                return self.failure
+            if not self.handshake_ok:
+                return NodeUnreachable(f"no connection to {self.address} within {timeout:g}s: is the node up?")
+            return CallTimeout(f"{self.address} did not answer '{op}' within {timeout:g}s")
+
+        try:
+            await self._send(frames, deadline)
+        except TimeoutError:
+            done()
+            raise timed_out() from None
+        except BaseException:
+            done()
+            raise
+
+        async def reply() -> Reply:
+            try:
+                return await fut
+            except TimeoutError:
+                raise timed_out() from None
+            finally:
+                done()
+
+        return reply()
 
     async def call(
         self, op: str, args: dict | None = None, tensors: Sequence[torch.Tensor] = (), timeout: float = 10.0
