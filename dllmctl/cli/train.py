@@ -103,6 +103,17 @@ def train_command(
     eval_text: Annotated[Optional[Path], typer.Option(help="A held-out UTF-8 text whose loss the job scores at "
                                                            "every checkpoint and at the end (metrics: heldout_loss).",
                                                       exists=True, dir_okay=False, readable=True)] = None,
+    eval_fraction: Annotated[Optional[float], typer.Option(help="Hold out this fraction of every shard's rows (0-0.5, "
+                                                                "drawn with --seed), never trained on; metrics: "
+                                                                "eval_loss, eval_perplexity, eval_accuracy.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(help="Score every row of this other sharded dataset instead "
+                                                          "(on the job's nodes).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, max=100_000_000, help="Evaluate every this many steps "
+                                                                                   "(default: at every checkpoint) "
+                                                                                   "and at the end.")] = None,
+    alert_command: Annotated[Optional[str], typer.Option(help="While following: run this command (no shell) on each "
+                                                              "alert of the job, the alert's JSON on its stdin.")] = None,
+    alert_webhook: Annotated[Optional[str], typer.Option(help="While following: POST each alert's JSON here.")] = None,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
     as_json: JsonOpt = False,
@@ -114,8 +125,8 @@ def train_command(
     from dllmd.data import DataError
     from dllmd.net.client import CallError
     from dllmctl.data.records import dataset_records
-    from dllmctl.training.jobs import (TrainError, check_parallelism, federated_dataset, federated_options, job_spec,
-                                       pipeline_options, submit)
+    from dllmctl.training.jobs import (TrainError, check_parallelism, eval_options, federated_dataset,
+                                       federated_options, job_spec, pipeline_options, submit)
 
     try:
         check_parallelism(parallelism)
@@ -138,7 +149,10 @@ def train_command(
         fail(f"--stage-layers takes layer counts separated by commas, e.g. 3,2; got {stage_layers!r}")
     user = load_user()
     heldout = _heldout_tokens(directory, eval_text) if eval_text is not None else {}
+    sink = _alert_sink(alert_command, alert_webhook)
     try:
+        heldout.update(eval_options(eval_fraction, eval_data, eval_every, model, parallelism,
+                                    heldout=bool(heldout)))
         if parallelism == "federated":
             pipeline = federated_options(targets, rounds, local_steps, clients_per_round, min_clients, round_timeout,
                                          strategy, server_lr, server_momentum, proximal_mu, update_clip,
@@ -169,7 +183,7 @@ def train_command(
                       f"{result['coordinator']}; follow it with 'dllmctl metrics {result['job']} --follow'")
         return
     err.print(f"job {result['job']} started ({result['total_steps']} steps); Ctrl+C detaches, the job goes on")
-    final = _follow(user, targets[0], result["job"], as_json)
+    final = _follow(user, targets[0], result["job"], as_json, sink)
     if as_json:
         print_json(final)
 
