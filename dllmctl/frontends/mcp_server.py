@@ -517,6 +517,9 @@ def _add_resources(server: MCPServer, tools: ClusterTools) -> None:
     async def job_metrics(job_id: str) -> str:
         return await guarded(views.metrics_view(tools.user, tools.nodes(), job_id))
 
+    async def serving_alerts() -> str:
+        return dump(views.serving_alerts_view())
+
     add("llm://models", "Models in the local store and on the nodes: spans per node, layer coverage, can_generate",
         models)
     add("llm://nodes", "Every registered node asked now: status, latency, hardware, served spans", nodes)
@@ -528,8 +531,10 @@ def _add_resources(server: MCPServer, tools: ClusterTools) -> None:
     add("training://data_shards/{dataset}", "One dataset's shards", data_shard)
     add("training://checkpoints", "Checkpoints of the newest jobs", checkpoints)
     add("training://checkpoints/{job_id}", "One job's checkpoints", job_checkpoints)
-    add("training://metrics", "The latest step of the newest jobs", metrics)
-    add("training://metrics/{job_id}", "Every step of one job: loss, lr, grad norm, tokens/s, times", job_metrics)
+    add("training://metrics", "The latest step, latest held-out evaluation and alerts of the newest jobs", metrics)
+    add("training://metrics/{job_id}", "Every step of one job: loss, lr, grad norm, tokens/s, times, held-out "
+                                       "eval_loss/eval_perplexity/eval_accuracy, and the job's alerts", job_metrics)
+    add("llm://alerts", "Serving alerts of this client: stages inference failover dropped", serving_alerts)
 
 
 def serve_stdio(user: Identity) -> None:

@@ -222,7 +222,8 @@ class Coordinator:
                            parallelism=spec.parallelism,
                            stages=self._stage_nodes(a.job, spec, last[-1] if last else None),
                            federation=federation_status(self.store, job) if spec.parallelism == "federated" else None,
-                           privacy=privacy.spent(job["step"]) if privacy else None)
+                           privacy=privacy.spent(job["step"]) if privacy else None,
+                           last_eval=self.store.last_with(a.job, "eval_loss"))
 
     def _stage_nodes(self, job: str, spec: S.JobSpec, last: dict | None) -> list[S.StageNode]:
         """A pipeline job's nodes, each with its stage, layers, memory estimate and latest step."""

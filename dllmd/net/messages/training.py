@@ -539,6 +539,7 @@ class JobDetail:
     stages: list[StageNode] = bounded([], max_len=65536)  # pipeline jobs: every node, replica-major
     federation: FederationStatus | None = None  # federated jobs
     privacy: PrivacySpent | None = None  # DP jobs
+    last_eval: dict | None = None  # the latest metrics row with a held-out evaluation (eval_loss ...)
 
 
 @dataclass
