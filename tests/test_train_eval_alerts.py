@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -131,19 +132,26 @@ def test_eval_data_pipeline_and_federated_jobs_evaluate(cluster, tmp_path):
     _assert_same_eval(rounds[-1], _local_eval(model, _shards(cluster, keys, "three"), FRACTION))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--eval-fraction", "0.6"), "must be in (0, 0.5]"),
-    (("--eval-fraction", "0"), "must be in (0, 0.5]"),
-    (("--eval-every", "0"), "0"),
-    (("--eval-every", "2"), "held-out data"),
-    (("--eval-data", "missing"), "no dataset 'missing'"),
-    (("--eval-data", "other", "--eval-fraction", "0.1"), "not both"),
-    (("--eval-data", "other", "--parallelism", "model"), "use --eval-fraction for pipeline"),
-    (("--alert-command", "'unclosed"), "--alert-command"),
+@pytest.mark.parametrize("fraction, dataset, every, message", [
+    (0.6, None, None, "must be in (0, 0.5]"),
+    (0.0, None, None, "must be in (0, 0.5]"),
+    (None, None, 2, "held-out data"),
+    (None, "missing", None, "no dataset 'missing'"),
+    (0.1, "other", None, "not both"),
 ])
-def test_bad_eval_settings_are_refused(cluster, extra, message):
-    done = _train("two", "local-1,local-2", *extra, check=False)
-    assert done.returncode != 0 and message in done.stderr + done.stdout, done.stderr
+def test_bad_eval_settings_are_refused_by_the_client(cluster, fraction, dataset, every, message):
+    from dllmctl.training.jobs import TrainError, eval_options
+
+    with pytest.raises(TrainError, match=re.escape(message)):
+        eval_options(fraction, dataset, every, "tiny", "data")
+
+
+def test_bad_eval_and_alert_settings_are_refused_by_the_cli_and_the_coordinator(cluster):
+    for extra, message in ((("--eval-every", "0"), "greater than or equal to 1"),
+                           (("--alert-command", "'unclosed"), "--alert-command"),
+                           (("--eval-data", "other", "--parallelism", "model"), "use --eval-fraction for pipeline")):
+        done = _train("two", "local-1,local-2", *extra, check=False)
+        assert done.returncode != 0 and message in done.stderr + done.stdout, done.stderr
 
 
 def _alerts(directory: Path) -> list[dict]:
