@@ -14,6 +14,7 @@ own `dllmctl jobs watch --alert-command`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -26,6 +27,10 @@ import tomli_w
 import torch
 
 from dllmd.alerts import CODES
+from dllmd.net.client import RemoteError, RpcClient
+from dllmd.net.identity import Identity
+from dllmd.net.messages import training as S
+from dllmd.net.wire import ErrorCode
 from dllmd.train.heldout import EvalSums, score_rows, split
 from dllmd.train.local import train_locally
 from dllmd.train.model import load_causal_lm
@@ -152,6 +157,23 @@ def test_bad_eval_and_alert_settings_are_refused_by_the_cli_and_the_coordinator(
                            (("--eval-data", "other", "--parallelism", "model"), "use --eval-fraction for pipeline")):
         done = _train("two", "local-1,local-2", *extra, check=False)
         assert done.returncode != 0 and message in done.stderr + done.stdout, done.stderr
+    # A client that skips dllmctl's checks meets the coordinator's, as bad_args; no job is created.
+    nodes = [S.NodeRef(n["name"], n["address"], n["public_key"])
+             for n in json.loads((cluster / "cluster.json").read_text())["nodes"]][:2]
+    shards = [S.ShardRef(id=n.public_key, node=n.name, rows=10) for n in nodes]
+    user = Identity.load(cluster.parent / "config" / "identity")
+
+    async def submit(spec: S.JobSpec) -> None:
+        async with RpcClient(user, nodes[0].address, nodes[0].public_key) as client:
+            await client.invoke(S.JOBS_SUBMIT, spec, timeout=30)
+
+    for extra, needle in (({"eval_fraction": 0.7}, "must be in (0, 0.5]"), ({"eval_every": 3}, "held-out data"),
+                          ({"eval_dataset": "other", "eval_shards": [S.ShardRef(id="x" * 64, node="far", rows=5)]},
+                           "not in the job")):
+        spec = S.JobSpec(model="tiny", dataset="two", nodes=nodes, shards=shards, max_steps=2, batch_size=2, **extra)
+        with pytest.raises(RemoteError) as refused:
+            asyncio.run(submit(spec))
+        assert refused.value.code == ErrorCode.BAD_ARGS and needle in str(refused.value), str(refused.value)
 
 
 def _alerts(directory: Path) -> list[dict]:

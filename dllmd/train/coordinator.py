@@ -168,7 +168,7 @@ class Coordinator:
             raise JobError("the held-out text must hold at least 2 tokens to score one")
         if not (spec.eval_tokens or spec.eval_fraction or spec.eval_dataset or spec.eval_every):
             return
-        admission.check_heldout(spec, self._model_config(spec))
+        admission.check_heldout(spec, self._model_config(spec) if spec.eval_tokens else {})
         outside = [s.node for s in spec.eval_shards if s.id not in keys and s.rows]
         if outside:
             raise JobError(f"--eval-data {spec.eval_dataset} has shards on {', '.join(outside)}, which are not in "
