@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -139,6 +139,24 @@ class HeldOut:
             return False
         every = self.spec.eval_every or self.spec.checkpoint_every
         return step + 1 == total or bool(every and (step + 1) % every == 0)
+
+
+def held_rows(spec: JobSpec, heldout: HeldOut, shard_ids: list[str],
+              owner_of: Callable[[str], object]) -> tuple[list[str], dict]:
+    """The held-out rows to score and who scores them: (the shards the rows tensors number, owner -> its
+    int64 ``[rows, 2]`` tensor of (shard number, row)); ``owner_of(shard)`` names who holds a shard's
+    rows now (None: nobody, it is not scored)."""
+    if spec.eval_dataset:  # every row of every shard of the other dataset, on its own node
+        refs = [s for s in spec.eval_shards if s.rows]
+        shards, rows = [s.id for s in refs], {s.id: range(s.rows) for s in refs}
+    else:
+        shards, rows = shard_ids, {s: heldout.held[s].tolist() for s in shard_ids}
+    per_owner: dict = {}
+    for number, shard in enumerate(shards):
+        owner = owner_of(shard)
+        if owner is not None:
+            per_owner.setdefault(owner, []).extend([number, int(i)] for i in rows[shard])
+    return shards, {o: torch.tensor(r, dtype=torch.int64).reshape(-1, 2) for o, r in per_owner.items()}
 
 
 def refusal(spec: JobSpec, config: dict) -> str | None:

@@ -20,7 +20,7 @@ from dllmd.failpoints import failpoint
 from dllmd.net.messages import training as S
 from dllmd.net.schema import to_wire
 from dllmd.train import heldout, schedule
-from dllmd.train.heldout import EvalSums, HeldOut
+from dllmd.train.heldout import EvalSums, HeldOut, held_rows
 from dllmd.train.jobs import JobFailed
 from dllmd.train.privacy.job import JobPrivacy
 from dllmd.train.watch import JobWatch
@@ -198,22 +198,6 @@ class JobRun:
             return None
         return sum((EvalSums(r.nll, r.tokens, r.correct) for r, _ in replies), EvalSums())
 
-    def held_rows(self, owner_of) -> tuple[list[str], dict]:
-        """The held-out rows to score and who scores them: (the shards the rows tensor numbers, owner ->
-        its int64 ``[rows, 2]`` tensor), ``owner_of(shard)`` naming who holds a shard's rows."""
-        if self.spec.eval_dataset:  # every row of every shard of the other dataset, on its own node
-            refs = [s for s in self.spec.eval_shards if s.rows]
-            shards, rows = [s.id for s in refs], {s.id: range(s.rows) for s in refs}
-        else:
-            shards = self.shard_ids
-            rows = {s: self.heldout.held[s].tolist() for s in shards}
-        per_owner: dict = {}
-        for number, shard in enumerate(shards):
-            owner = owner_of(shard)
-            if owner is not None:
-                per_owner.setdefault(owner, []).extend([number, int(i)] for i in rows[shard])
-        return shards, {o: torch.tensor(r, dtype=torch.int64).reshape(-1, 2) for o, r in per_owner.items()}
-
     def cursor(self, step: int) -> dict:
         """Where the data order stands after ``step`` steps, and the job: what every checkpoint records."""
         per_epoch = schedule.steps_per_epoch(self.rows, self.spec.batch_size)
@@ -352,10 +336,8 @@ class DataParallelRun(JobRun):
         """Each live worker scores the held-out rows of the shards it computes (of ``--eval-data``: its
         own shard of it); the replicas are identical, so the sums are those of one model."""
         live = {n.public_key for n in self.live}
-        if self.spec.eval_dataset:
-            shards, rows = self.held_rows(lambda shard: shard if shard in live else None)
-        else:
-            shards, rows = self.held_rows(lambda shard: self.owner[shard])
+        own = (lambda shard: shard if shard in live else None) if self.spec.eval_dataset else self.owner.get
+        shards, rows = held_rows(self.spec, self.heldout, self.shard_ids, own)
         return await self.gather_sums([self.c.service.invoke(
             self.node(key), S.TRAIN_EVALUATE, {"job": self.job, "shards": shards,
                                                 "eval_data": bool(self.spec.eval_dataset)}, [t], timeout=STEP_TIMEOUT_S)

@@ -26,7 +26,7 @@ from dllmd.net.schema import to_wire
 from dllmd.train.jobs import JobFailed, JobInterrupted
 from dllmd.train.pipeline import schedule
 from dllmd.train.run import STEP_TIMEOUT_S, JobRun, ring_member, shard_node
-from dllmd.train.heldout import EvalSums
+from dllmd.train.heldout import EvalSums, held_rows
 
 PART_TIMEOUT_S = 1800.0
 
@@ -128,7 +128,7 @@ class PipelineRun(JobRun):
     async def score_heldout(self, step: int) -> EvalSums | None:
         """Each live replica scores the held-out rows of the shards it owns, forward only through its
         stages (``train.stage_evaluate``): the exact model of the step, which no single node holds."""
-        shards, rows = self.held_rows(lambda shard: self.owner[shard])
+        shards, rows = held_rows(self.spec, self.heldout, self.shard_ids, lambda shard: self.owner[shard])
         calls = []
         for r, held in rows.items():
             micro = -(-held.shape[0] // self.spec.micro_batch_size)
