@@ -47,7 +47,7 @@ from dllmctl.placement.layout import PlanError
 from dllmctl.placement.routing import RouteError
 from dllmctl.paths import cluster_file
 from dllmctl.training.jobs import (PARALLELISMS as TRAIN_PARALLELISMS, TrainError, federated_dataset, federated_options,
-                                   job_spec, pipeline_options, submit)
+                                   eval_options, job_spec, pipeline_options, submit)
 
 log = logging.getLogger("dllmctl.mcp")
 
@@ -174,6 +174,10 @@ class TrainOptions(BaseModel):
     dp_noise_multiplier: float = Field(0.0, ge=0.0, le=1e6)
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
     dp_epsilon_budget: float = Field(0.0, ge=0.0, le=1e6)
+    # held-out evaluation, as dllmctl train's --eval-* options (checked by eval_options)
+    eval_fraction: float | None = None
+    eval_data: str | None = None
+    eval_every: int | None = None
 
 
 def train_options(config: str | dict) -> tuple[str, TrainOptions]:
@@ -325,6 +329,8 @@ class ClusterTools:
                 pipeline = await pipeline_options(self.user, targets, directory, dataset, parallelism, options.dp,
                                                   options.pp, options.schedule, options.micro_batch_size, batch_size,
                                                   options.stage_layers, options.recompute)
+            pipeline.update(eval_options(options.eval_fraction, options.eval_data, options.eval_every, model,
+                                         parallelism))
             spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=options.micro_batch_size,
                             epochs=epochs or (0 if options.max_steps else 1), max_steps=options.max_steps or 0,
                             lr=options.lr, warmup_steps=options.warmup_steps, grad_clip=options.grad_clip,
@@ -436,7 +442,9 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
                         "\"server_lr\", \"server_momentum\", \"proximal_mu\" (FedProx), \"update_clip\", "
                         "\"secure_aggregation\"; differential privacy (data: DP-SGD, per example; federated: per "
                         "client): \"dp_clip\" (gradient or update norm bound), \"dp_noise_multiplier\", "
-                        "\"dp_delta\" (default 1e-5), \"dp_epsilon_budget\" (0: none)}")],
+                        "\"dp_delta\" (default 1e-5), \"dp_epsilon_budget\" (0: none); held-out evaluation "
+                        "(training://metrics: eval_loss, eval_perplexity, eval_accuracy): \"eval_fraction\" (0-0.5 "
+                        "of every shard, never trained on) or \"eval_data\" (another dataset), \"eval_every\"}")],
         training_data: Annotated[str, Field(description="A dataset placed with llm_data_shard (training://data_shards)")],
         parallelism: Annotated[Literal[TRAIN_PARALLELISMS], Field(  # type: ignore[valid-type]
             description="'data' (a full replica per node, gradients all-reduced over an encrypted ring); "
