@@ -35,6 +35,7 @@ from dllmd.train.heldout import EvalSums, score_rows, split
 from dllmd.train.local import train_locally
 from dllmd.train.model import load_causal_lm
 from dllmd.train.optim import OptimConfig
+from dllmd.train.privacy.accountant import PrivacyAccountant
 from tests.conftest import cli_user_cluster, run_cli
 from tests.test_cli_inference import _ok
 from tests.test_train import _corpus, _max_diff, _restart, _shards, _wait_finished
@@ -207,8 +208,11 @@ def test_alerts_reach_the_coordinators_command_and_the_users(cluster, tmp_path):
     assert by_code["node_hung"][0]["node"] == "local-2" and by_code["loss_nan"][0]["details"]["step"] == 1
     assert all(a["job"] == shown["job"] and a["severity"] and a["time"] > 0 for a in _alerts(received))
 
+    rows = _shards(cluster, _keys(cluster), "one")
+    accountant = PrivacyAccountant(1.0, BATCH / sum(r.tokens.shape[0] for r in rows.values()), 1e-5)
+    budget = accountant.epsilon(3) * 1.2  # three steps spend 83% of it: past the alert's 50%, within the budget
     private = _train("one", "local-1", "--dp-clip", "1.0", "--dp-noise-multiplier", "1.0", "--dp-epsilon-budget",
-                     "3", steps=40)
+                     f"{budget:.6f}", steps=3)
     assert any(e["kind"] == "alert.epsilon_budget" for e in private["events"])
 
     mine = tmp_path / "mine"
