@@ -124,6 +124,9 @@ def test_eval_data_pipeline_and_federated_jobs_evaluate(cluster, tmp_path):
     model = _export(job["job"], tmp_path / "other-eval")
     _assert_same_eval(job["last_metrics"], _local_eval(model, _shards(cluster, keys, "other"), None))
 
+    diloco = _train("two", "local-1,local-2", "--sync-every", "2", "--eval-fraction", str(FRACTION), steps=4)
+    assert diloco["state"] == "done" and diloco["last_eval"]["step"] == 1  # the second outer step
+
     pipe = _train("two", "local-1,local-2", "--parallelism", "model", "--eval-fraction", str(FRACTION), steps=2)
     assert pipe["state"] == "done" and "eval_loss" in pipe["last_metrics"]
     model = _export(pipe["job"], tmp_path / "pipe-eval")  # the stages' parts merged: the whole model
@@ -235,3 +238,46 @@ def test_eval_sums_add_up_to_the_token_weighted_mean():
     total = (a + b).metrics()
     assert total["eval_loss"] == 2.0 and total["eval_accuracy"] == 0.5 and total["eval_perplexity"] == math.exp(2.0)
     assert EvalSums().metrics() == {}
+
+
+def test_delivery_to_a_webhook_and_a_command_and_the_serving_log(tmp_path):
+    import http.server
+    import threading
+
+    from dllmd.alerts import Alert, AlertError, AlertSettings, AlertSink
+    from dllmctl.alerts import recent, record
+
+    bodies = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        sink = AlertSink.of(AlertSettings(command=f"{sys.executable} -c \"{RECORDER}\" {out}",
+                                          webhook=f"http://127.0.0.1:{server.server_port}/hook"))
+        alert = Alert.of("node_lost", "tiny", "stage local-2 failed", node="local-2", step=3)
+        sink.deliver_now(alert)
+        assert bodies == _alerts(out) == [json.loads(alert.to_json())]
+        AlertSink(command=f"{sys.executable} -c \"import sys; sys.exit(3)\"", webhook="http://127.0.0.1:9/x",
+                  timeout_s=2).deliver_now(alert)  # failures are logged, never raised
+    finally:
+        server.shutdown()
+    record(alert, tmp_path / "alerts.jsonl")
+    (tmp_path / "alerts.jsonl").open("a").write("not json\n")
+    record(Alert.of("node_lost", "tiny", "again"), tmp_path / "alerts.jsonl")
+    assert [a.message for a in recent(path=tmp_path / "alerts.jsonl")] == ["stage local-2 failed", "again"]
+    for bad, needle in (({"command": "'open"}, "alerts.command"), ({"webhook": "ftp://x"}, "alerts.webhook"),
+                        ({"stall_factor": 1.0}, "above 1"), ({"disk_min_free_mb": -1}, "non-negative"),
+                        ({"epsilon_fraction": 2.0}, "epsilon_fraction")):
+        with pytest.raises(AlertError, match=re.escape(needle)):
+            AlertSettings(**bad)
