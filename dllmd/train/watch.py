@@ -45,7 +45,7 @@ class JobWatch:
         self.run = run
         self.settings = run.c.service.config.alerts
         self.sink = run.c.alert_sink
-        self.loop = asyncio.get_event_loop()
+        self.loop = asyncio.get_running_loop()  # where the node_hung pings run
         self.min_loss = math.inf
         self.high_steps = 0
         self.diverged = False
