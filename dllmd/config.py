@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import tomli_w
 
+from dllmd.alerts import AlertError, AlertSettings
 from dllmd.storage import atomic_write
 from dllmd.units import parse_size
 
@@ -220,10 +221,16 @@ class NodeConfig:
     federated_datasets: list[str] = field(default_factory=list)
     # Directories data.local (dllmctl shard-data --local-only) may read; None: DEFAULT_DATA_ROOTS.
     data_roots: list[str] | None = None
+    alerts: AlertSettings = field(default_factory=AlertSettings)  # the [alerts] table (dllmd.alerts)
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, ResourceLimits):  # as TOML gives it
             self.limits = ResourceLimits.from_toml(self.limits)
+        if not isinstance(self.alerts, AlertSettings):
+            try:
+                self.alerts = AlertSettings.from_toml(self.alerts)
+            except AlertError as exc:
+                raise ConfigError(str(exc)) from None
         validate_name(self.name)
         validate_endpoint(self.listen)
         for f in fields(self):
@@ -281,9 +288,11 @@ class NodeConfig:
             raise ConfigError(f"{path}: {exc}") from None
 
     def save(self, home: Path) -> None:
-        data = {**asdict(self), "limits": self.limits.to_toml()}
+        data = {**asdict(self), "limits": self.limits.to_toml(), "alerts": self.alerts.to_toml()}
         if self.limits == ResourceLimits():  # nothing capped: node.toml reads as it did before [limits]
             del data["limits"]
+        if not data["alerts"]:
+            del data["alerts"]
         if not self.federated_datasets:
             del data["federated_datasets"]
         if self.data_roots is None:  # TOML has no null: absent means the default roots

@@ -10,12 +10,16 @@ named points, and a daemon started with ``DLLMD_FAILPOINTS`` in its environment 
 Each entry is ``NAME[@VALUE]=ACTION``: ``NAME`` is a point (below); ``VALUE`` the value it must be
 called with (compared as text; without ``@VALUE``, any value); ``ACTION`` is ``exit``: log one line,
 then ``os._exit(137)`` (no cleanup, nothing flushed or removed, sockets dropped by the kernel: what
-SIGKILL leaves), or ``sleep:SECONDS``: a node that is slow there (a straggler; the point must be
-reached in a worker thread, never on the event loop). The variable is read once, when ``dllmd start`` begins (``load``); a malformed one
+SIGKILL leaves), ``sleep:SECONDS``: a node that is slow there (in a worker thread: a straggler; on
+the event loop: a hung daemon, which answers nothing meanwhile), or ``scale:FACTOR``: ``failpoint``
+returns FACTOR (``nan`` and ``inf`` too) for the caller to multiply what it reports by (a diverging or
+NaN loss). The variable is read once, when ``dllmd start`` begins (``load``); a malformed one
 stops the start with an error naming it. Unset, as on every real node, ``failpoint`` is one dict
 lookup that finds nothing.
 
-Points: ``train.step`` (a worker starts computing a step, or a DiLoCo inner step; value: the step), ``train.stage_step``
+Points: ``train.step`` (a worker starts computing a step, or a DiLoCo inner step, on its event loop;
+value: the step), ``train.compute`` (the same, in its compute thread), ``train.loss`` (the loss a
+worker reports for a step: ``scale``), ``train.stage_step``
 (a pipeline stage starts a step; value: the step), ``fed.train`` (a federated client starts its
 local steps, in its training thread; value: the round) and ``jobs.step`` (a coordinator starts a step of
 a job's loop; value: the step).
@@ -51,7 +55,7 @@ def parse(spec: str) -> dict[str, dict[str | None, str]]:
         action, name, value = action.strip(), name.strip(), value.strip()
         if not has_action or not name or (has_value and not value) or not _valid(action):
             raise FailpointError(f"{ENV}: {entry!r} is neither NAME=ACTION nor NAME@VALUE=ACTION "
-                                 f"(ACTION: {', '.join(ACTIONS)} or sleep:SECONDS)")
+                                 f"(ACTION: {', '.join(ACTIONS)}, sleep:SECONDS or scale:FACTOR)")
         armed.setdefault(name, {})[value if has_value else None] = action
     return armed
 
@@ -59,11 +63,12 @@ def parse(spec: str) -> dict[str, dict[str | None, str]]:
 def _valid(action: str) -> bool:
     if action in ACTIONS:
         return True
-    kind, _, seconds = action.partition(":")
+    kind, _, number = action.partition(":")
     try:
-        return kind == "sleep" and 0 <= float(seconds) <= 3600
+        value = float(number)
     except ValueError:
         return False
+    return (kind == "sleep" and 0 <= value <= 3600) or kind == "scale"
 
 
 def load(environ: Mapping[str, str] = os.environ) -> dict[str, dict[str | None, str]]:
@@ -75,18 +80,22 @@ def load(environ: Mapping[str, str] = os.environ) -> dict[str, dict[str | None, 
     return _armed
 
 
-def failpoint(name: str, value: object = None) -> None:
-    """Act here if a failpoint is armed for ``name`` (and this ``value``)."""
+def failpoint(name: str, value: object = None) -> float | None:
+    """Act here if a failpoint is armed for ``name`` (and this ``value``); a ``scale`` action's factor."""
     points = _armed.get(name)
     if not points:
-        return
+        return None
     action = points.get(str(value), points.get(None))
+    if action and action.startswith("scale:"):
+        log.warning("failpoint %s@%s: scaling by %s", name, value, action[6:])
+        return float(action[6:])
     if action and action.startswith("sleep:"):
         log.warning("failpoint %s@%s: sleeping %s s", name, value, action[6:])
         time.sleep(float(action[6:]))
-        return
+        return None
     if action == "exit":
         log.warning("failpoint %s@%s: exiting with %d, as kill -9 would", name, value, EXIT_CODE)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(EXIT_CODE)
+    return None

@@ -24,7 +24,7 @@ from mcp.shared.exceptions import MCPError  # noqa: E402
 
 TOOLS = {"llm_inference_distributed", "llm_train_distributed", "llm_data_shard"}
 RESOURCES = {"llm://models", "llm://nodes", "llm://performance", "training://jobs", "training://data_shards",
-             "training://checkpoints", "training://metrics"}
+             "training://checkpoints", "training://metrics", "llm://alerts"}
 TEMPLATES = {"training://jobs/{job_id}", "training://data_shards/{dataset}", "training://checkpoints/{job_id}",
              "training://metrics/{job_id}"}
 
@@ -197,7 +197,8 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
                            ({"lr": 1e-4}, "must name a model"),
                            ({"name": MODEL, "seq_len": 64}, "packed into sequences of 32"),
                            ({"name": MODEL, "dp_clip": 1.0}, "clipping without noise is not differential privacy"),
-                           ({"name": MODEL, "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1.0}, "dp_delta")):
+                           ({"name": MODEL, "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1.0}, "dp_delta"),
+                           ({"name": MODEL, "eval_fraction": 0.9}, "--eval-fraction must be in (0, 0.5]")):
         text, error, _ = await s.call("llm_train_distributed", model_config=config, training_data="code")
         assert error and needle in text, (config, text)
     text, error, _ = await s.call("llm_train_distributed", model_config=MODEL, training_data="nothing")
@@ -205,7 +206,7 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
 
     out, error, progress = await s.call("llm_train_distributed", training_data="code", batch_size=4,
                                         model_config={"name": MODEL, "max_steps": 3, "checkpoint_every": 2,
-                                                      "micro_batch_size": 2, "seq_len": 32})
+                                                      "micro_batch_size": 2, "seq_len": 32, "eval_fraction": 0.2})
     assert not error, out
     job = out["job"]
     assert out["total_steps"] == 3 and out["coordinator"] == "local-1" and out["nodes"] == ["local-1", "local-2"]
@@ -219,6 +220,8 @@ async def _check(s: Session, want: dict, corpus: Path) -> None:
     assert job in {j["job"] for j in (await s.read("training://jobs"))["jobs"]}
     metrics = await s.read(f"training://metrics/{job}")
     assert [m["step"] for m in metrics["metrics"]] == [0, 1, 2]
+    assert ["eval_loss" in m for m in metrics["metrics"]] == [False, True, True] and metrics["alerts"] == []
+    assert math.isfinite(metrics["metrics"][-1]["eval_perplexity"]) and (await s.read("llm://alerts"))["alerts"] == []
     assert all(math.isfinite(m["loss"]) and m["loss"] > 0 and m["tokens_per_s"] > 0 for m in metrics["metrics"])
     latest = {j["job"]: j for j in (await s.read("training://metrics"))["jobs"]}
     assert latest[job]["last"]["step"] == 2

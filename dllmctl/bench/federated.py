@@ -5,7 +5,7 @@ runs the same rounds twice, in clear and with secure aggregation, then the same 
 data-parallel run (in this process, ``dllmd.train.local``: equal to a data-parallel job). Figures:
 bytes per round per client (the weights down, the update up, the secure-aggregation protocol's
 keys and shares), seconds per round both ways (what secure aggregation costs), and the held-out loss
-(``dllmd.train.evaluate``, on rows no run trained on) of the untrained model, after R federated
+(``dllmd.train.heldout.rows_loss``, on rows no run trained on) of the untrained model, after R federated
 rounds and after data-parallel training on as many tokens.
 """
 
@@ -26,7 +26,7 @@ from dllmctl.data.sharding import ShardRequest, shard_and_push
 from dllmctl.training.jobs import federated_dataset, federated_options, job_spec, submit
 from dllmd.data.shards import read_shard
 from dllmd.net.identity import Identity
-from dllmd.train.evaluate import heldout_loss
+from dllmd.train.heldout import rows_loss as heldout_loss
 from dllmd.train.local import train_locally
 from dllmd.train.model import load_causal_lm
 from dllmd.train.optim import OptimConfig

@@ -103,6 +103,17 @@ def train_command(
     eval_text: Annotated[Optional[Path], typer.Option(help="A held-out UTF-8 text whose loss the job scores at "
                                                            "every checkpoint and at the end (metrics: heldout_loss).",
                                                       exists=True, dir_okay=False, readable=True)] = None,
+    eval_fraction: Annotated[Optional[float], typer.Option(help="Hold out this fraction of every shard's rows (0-0.5, "
+                                                                "drawn with --seed), never trained on; metrics: "
+                                                                "eval_loss, eval_perplexity, eval_accuracy.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(help="Score every row of this other sharded dataset instead "
+                                                          "(on the job's nodes).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, max=100_000_000, help="Evaluate every this many steps "
+                                                                                   "(default: at every checkpoint) "
+                                                                                   "and at the end.")] = None,
+    alert_command: Annotated[Optional[str], typer.Option(help="While following: run this command (no shell) on each "
+                                                              "alert of the job, the alert's JSON on its stdin.")] = None,
+    alert_webhook: Annotated[Optional[str], typer.Option(help="While following: POST each alert's JSON here.")] = None,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Show progress until the job ends "
                                                                    "(Ctrl+C detaches; the job goes on).")] = True,
     as_json: JsonOpt = False,
@@ -114,8 +125,8 @@ def train_command(
     from dllmd.data import DataError
     from dllmd.net.client import CallError
     from dllmctl.data.records import dataset_records
-    from dllmctl.training.jobs import (TrainError, check_parallelism, federated_dataset, federated_options, job_spec,
-                                       pipeline_options, submit)
+    from dllmctl.training.jobs import (TrainError, check_parallelism, eval_options, federated_dataset,
+                                       federated_options, job_spec, pipeline_options, submit)
 
     try:
         check_parallelism(parallelism)
@@ -138,7 +149,10 @@ def train_command(
         fail(f"--stage-layers takes layer counts separated by commas, e.g. 3,2; got {stage_layers!r}")
     user = load_user()
     heldout = _heldout_tokens(directory, eval_text) if eval_text is not None else {}
+    sink = _alert_sink(alert_command, alert_webhook)
     try:
+        heldout.update(eval_options(eval_fraction, eval_data, eval_every, model, parallelism,
+                                    heldout=bool(heldout)))
         if parallelism == "federated":
             pipeline = federated_options(targets, rounds, local_steps, clients_per_round, min_clients, round_timeout,
                                          strategy, server_lr, server_momentum, proximal_mu, update_clip,
@@ -169,7 +183,7 @@ def train_command(
                       f"{result['coordinator']}; follow it with 'dllmctl metrics {result['job']} --follow'")
         return
     err.print(f"job {result['job']} started ({result['total_steps']} steps); Ctrl+C detaches, the job goes on")
-    final = _follow(user, targets[0], result["job"], as_json)
+    final = _follow(user, targets[0], result["job"], as_json, sink)
     if as_json:
         print_json(final)
 
@@ -184,16 +198,31 @@ def _heldout_tokens(model_dir: Path, text: Path) -> dict:
         fail(f"cannot use {text} as the held-out text: {exc}")
 
 
-def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
-    """A progress bar with loss and tokens/s until the job ends; Ctrl+C only stops watching."""
+def _alert_sink(command: Optional[str], webhook: Optional[str]):
+    """This user's own delivery of a job's alerts (None: none asked for); refused if it cannot run."""
+    if not command and not webhook:
+        return None
+    from dllmd.alerts import AlertError, AlertSettings, AlertSink
+
+    try:
+        return AlertSink.of(AlertSettings(command=command or "", webhook=webhook or ""))
+    except AlertError as exc:
+        fail(str(exc).replace("alerts.command", "--alert-command").replace("alerts.webhook", "--alert-webhook"))
+
+
+def _follow(user, coordinator: NodeEntry, job: str, as_json: bool, sink=None) -> dict:
+    """A progress bar with loss and tokens/s until the job ends; Ctrl+C only stops watching. With a
+    ``sink``, every alert of the job is delivered to it as it appears."""
     import asyncio
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dllmd.net.client import CallError
     from dllmd.net.messages import training as S
+    from dllmctl.alerts import AlertFollower
     from dllmctl.training.jobs import job_call
 
+    follower = AlertFollower(sink) if sink is not None else None
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                    TimeElapsedColumn(), console=err, transient=as_json)
@@ -207,6 +236,10 @@ def _follow(user, coordinator: NodeEntry, job: str, as_json: bool) -> dict:
                     after = row["step"]
                     bar.update(task, loss=maybe_number(row["loss"], ".4f"), speed=f"{row['tokens_per_s']:.0f}")
                 bar.update(task, total=status["total_steps"], completed=status["step"])
+                if follower is not None:
+                    events = asyncio.run(job_call(user, coordinator, S.JOBS_SHOW, {"job": job}))["events"]
+                    for alert in follower.feed(events):
+                        err.print(f"[yellow]alert {alert.code}[/yellow]: {alert.message}")
                 if status["state"] in ("done", "stopped", "failed", "interrupted"):
                     break
                 time.sleep(FOLLOW_POLL_S)
@@ -259,6 +292,11 @@ def _print_job(shown: dict) -> None:
                   f"tokens/s, compute {last['compute_s']:.2f} s, communication {last['comm_s']:.2f} s")
         if "heldout_loss" in last:
             out.print(f"held-out loss {last['heldout_loss']:.4f}")
+        evaluated = _last_eval(shown)
+        if evaluated:
+            out.print(f"held-out rows after step {evaluated['step']}: loss {evaluated['eval_loss']:.4f}, perplexity "
+                      f"{evaluated['eval_perplexity']:.2f}, next-token accuracy {evaluated['eval_accuracy']:.1%} "
+                      f"({evaluated['eval_tokens']} tokens)")
         if "bubble" in last:
             out.print(f"pipeline bubble {last['bubble']:.0%} (theory {last['bubble_theoretical']:.0%} for this "
                       f"schedule's micro-batches), {human_bytes(last['bytes_between_stages'])} between stages")
@@ -287,8 +325,19 @@ def _print_job(shown: dict) -> None:
                           f"{n['busy']:.0%}" if n["busy"] is not None else "-",
                           human_bytes(n["activation_bytes"]))
         out.print(table)
+    from dllmd.alerts import Alert
+
     for event in shown.get("events", []):
-        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['kind']}: {event['message']}")
+        alert = Alert.from_event(event)
+        message = (f"[{'red' if alert.severity == 'critical' else 'yellow'}]{alert.severity}[/]: {alert.message}"
+                   if alert else event["message"])
+        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['kind']}: {message}")
+
+
+def _last_eval(shown: dict) -> dict | None:
+    """The latest held-out evaluation a job reports (``jobs show``'s ``last_eval``, or its last step)."""
+    row = shown.get("last_eval") or shown.get("last_metrics") or {}
+    return row if "eval_loss" in row else None
 
 
 @jobs_app.command("show")
@@ -305,6 +354,40 @@ def jobs_show(job: str, as_json: JsonOpt = False) -> None:
         print_json({**shown, "coordinator": node.name})
         return
     _print_job(shown)
+
+
+@jobs_app.command("watch")
+def jobs_watch(job: str,
+               alert_command: Annotated[Optional[str], typer.Option(help="Run this command (no shell) on each alert, "
+                                                                        "the alert's JSON on its stdin.")] = None,
+               alert_webhook: Annotated[Optional[str], typer.Option(help="POST each alert's JSON here.")] = None,
+               as_json: JsonOpt = False) -> None:
+    """Follow a job's alerts until it ends (NDJSON with --json), delivering each with your own command or
+    webhook; alerts raised before watching started are delivered too."""
+    import asyncio
+
+    from dllmd.alerts import AlertSink
+    from dllmd.net.client import CallError
+    from dllmd.net.messages import training as S
+    from dllmctl.alerts import AlertFollower
+    from dllmctl.training.jobs import job_call
+
+    follower = AlertFollower(_alert_sink(alert_command, alert_webhook) or AlertSink())
+    user, node = locate_job(job)
+    try:
+        while True:
+            shown = asyncio.run(job_call(user, node, S.JOBS_SHOW, {"job": job}))
+            for alert in follower.feed(shown["events"]):
+                print(alert.to_json(), flush=True) if as_json else out.print(
+                    f"{time.strftime('%H:%M:%S', time.localtime(alert.time))} {alert.code} ({alert.severity})"
+                    f"{' ' + alert.node if alert.node else ''}: {alert.message}")
+            if shown["state"] not in ("running", "stopping", "queued"):
+                break
+            time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+    except CallError as exc:
+        fail(f"lost contact with the coordinator: {exc}")
 
 
 @jobs_app.command("stop")

@@ -48,7 +48,7 @@ from dllmctl.placement.layout import PlanError
 from dllmctl.placement.routing import RouteError
 from dllmctl.paths import cluster_file
 from dllmctl.training.jobs import (PARALLELISMS as TRAIN_PARALLELISMS, TrainError, federated_dataset, federated_options,
-                                   job_spec, pipeline_options, submit)
+                                   eval_options, job_spec, pipeline_options, submit)
 
 log = logging.getLogger("dllmctl.mcp")
 
@@ -175,6 +175,10 @@ class TrainOptions(BaseModel):
     dp_noise_multiplier: float = Field(0.0, ge=0.0, le=1e6)
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
     dp_epsilon_budget: float = Field(0.0, ge=0.0, le=1e6)
+    # held-out evaluation, as dllmctl train's --eval-* options (checked by eval_options)
+    eval_fraction: float | None = None
+    eval_data: str | None = None
+    eval_every: int | None = None
 
 
 def train_options(config: str | dict) -> tuple[str, TrainOptions]:
@@ -327,6 +331,8 @@ class ClusterTools:
                 pipeline = await pipeline_options(self.user, targets, directory, dataset, parallelism, options.dp,
                                                   options.pp, options.schedule, options.micro_batch_size, batch_size,
                                                   options.stage_layers, options.recompute)
+            pipeline.update(eval_options(options.eval_fraction, options.eval_data, options.eval_every, model,
+                                         parallelism))
             spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=options.micro_batch_size,
                             epochs=epochs or (0 if options.max_steps else 1), max_steps=options.max_steps or 0,
                             lr=options.lr, warmup_steps=options.warmup_steps, grad_clip=options.grad_clip,
@@ -454,7 +460,9 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
                         "\"server_lr\", \"server_momentum\", \"proximal_mu\" (FedProx), \"update_clip\", "
                         "\"secure_aggregation\"; differential privacy (data: DP-SGD, per example; federated: per "
                         "client): \"dp_clip\" (gradient or update norm bound), \"dp_noise_multiplier\", "
-                        "\"dp_delta\" (default 1e-5), \"dp_epsilon_budget\" (0: none)}")],
+                        "\"dp_delta\" (default 1e-5), \"dp_epsilon_budget\" (0: none); held-out evaluation "
+                        "(training://metrics: eval_loss, eval_perplexity, eval_accuracy): \"eval_fraction\" (0-0.5 "
+                        "of every shard, never trained on) or \"eval_data\" (another dataset), \"eval_every\"}")],
         training_data: Annotated[str, Field(description="A dataset placed with llm_data_shard (training://data_shards)")],
         parallelism: Annotated[Literal[TRAIN_PARALLELISMS], Field(  # type: ignore[valid-type]
             description="'data' (a full replica per node, gradients all-reduced over an encrypted ring); "
@@ -535,6 +543,9 @@ def _add_resources(server: MCPServer, tools: ClusterTools) -> None:
     async def job_metrics(job_id: str) -> str:
         return await guarded(views.metrics_view(tools.user, tools.nodes(), job_id))
 
+    async def serving_alerts() -> str:
+        return dump(views.serving_alerts_view())
+
     add("llm://models", "Models in the local store and on the nodes: spans per node, layer coverage, can_generate",
         models)
     add("llm://nodes", "Every registered node asked now: status, latency, hardware, served spans", nodes)
@@ -546,8 +557,10 @@ def _add_resources(server: MCPServer, tools: ClusterTools) -> None:
     add("training://data_shards/{dataset}", "One dataset's shards", data_shard)
     add("training://checkpoints", "Checkpoints of the newest jobs", checkpoints)
     add("training://checkpoints/{job_id}", "One job's checkpoints", job_checkpoints)
-    add("training://metrics", "The latest step of the newest jobs", metrics)
-    add("training://metrics/{job_id}", "Every step of one job: loss, lr, grad norm, tokens/s, times", job_metrics)
+    add("training://metrics", "The latest step, latest held-out evaluation and alerts of the newest jobs", metrics)
+    add("training://metrics/{job_id}", "Every step of one job: loss, lr, grad norm, tokens/s, times, held-out "
+                                       "eval_loss/eval_perplexity/eval_accuracy, and the job's alerts", job_metrics)
+    add("llm://alerts", "Serving alerts of this client: stages inference failover dropped", serving_alerts)
 
 
 def serve_stdio(user: Identity) -> None:

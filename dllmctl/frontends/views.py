@@ -6,12 +6,14 @@ records, which say so); nothing is estimated or invented.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from typing import Any
 
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.identity import Identity
+from dllmctl.alerts import job_alerts
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.cluster.live import LISTED_FIELDS, query_nodes
 from dllmctl.placement.coverage import layer_coverage, uncovered
@@ -142,14 +144,16 @@ async def metrics_view(user: Identity, nodes: list[NodeEntry], job: str | None =
     if job is not None:
         node = await locate_job(user, nodes, job)
         page = await job_metrics(user, node, job)
+        shown = await job_call(user, node, S.JOBS_SHOW, {"job": job})
         return {"job": job, "state": page["state"], "step": page["step"], "total_steps": page["total_steps"],
-                "metrics": page["metrics"]}
+                "metrics": page["metrics"], "alerts": job_alerts(shown)}
     jobs, unreachable = await list_jobs(user, nodes)
     latest = []
     for entry in jobs[-RECENT_JOBS:]:
         shown = await show_job(user, nodes, entry)
         latest.append({"job": entry["job"], "state": entry["state"], "step": entry["step"],
-                       "total_steps": entry["total_steps"], "last": (shown or {}).get("last_metrics")})
+                       "total_steps": entry["total_steps"], "last": (shown or {}).get("last_metrics"),
+                       "last_eval": (shown or {}).get("last_eval"), "alerts": job_alerts(shown or {})})
     return {"jobs": latest, "unreachable": unreachable}
 
 
@@ -184,3 +188,9 @@ async def _held_shards(user: Identity, nodes: list[NodeEntry]) -> dict[str, dict
 
     return {name: held for name, held in await asyncio.gather(*(one(n) for n in nodes)) if held is not None}
 
+
+def serving_alerts_view() -> dict:
+    """This client's serving alerts (stages failover dropped), newest last."""
+    from dllmctl.alerts import recent
+
+    return {"alerts": [json.loads(a.to_json()) for a in recent()]}

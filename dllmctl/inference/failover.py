@@ -17,7 +17,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from dllmd.alerts import Alert
 from dllmd.net.messages.inference import SamplingParams
+from dllmctl.alerts import record
 from dllmctl.inference.private import PrivateEnds
 from dllmctl.inference.session import DistributedSession, Generation, StageFailure
 from dllmd.net.codec import HopCodec
@@ -142,6 +144,9 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                             name, failure, seconds)
                 node = next(s.node for s in route if s.node.name == name)
                 pool.drop(node.address, node.public_key)
+                record(Alert.of("node_lost", model, f"stage {name} failed during a generation ({failure}); "
+                                                    f"banned for {seconds:.0f} s, going on on a replica",
+                                node=name, step=len(result.token_ids)))
         finally:
             for stage in route:
                 assigned[stage.node.name] -= 1

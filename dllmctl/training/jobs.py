@@ -175,11 +175,34 @@ def heldout_fields(model_dir: Path, text: str) -> dict:
     return {"eval_tokens": ids, "eval_window": min(HELDOUT_WINDOW, int(positions))}
 
 
-def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
-    """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards.
-    Differential privacy and communication settings (DiLoCo, compression, overlap) are checked here
-    too, so nothing is shipped for a job that is refused."""
-    by_name = {n.name: n for n in nodes}
+def eval_options(fraction: float | None, dataset: str | None, every: int | None, model: str, parallelism: str,
+                 heldout: bool = False) -> dict:
+    """The :class:`JobSpec` fields of held-out rows (``--eval-fraction`` or ``--eval-data``, ``--eval-every``),
+    checked: a fraction in (0, 0.5], a dataset that exists here (a federated one lives with its clients)
+    and was tokenized for ``model``, evaluation every K >= 1 steps of held-out data."""
+    from dllmd.train.heldout import MAX_FRACTION
+
+    if fraction is not None and not 0 < fraction <= MAX_FRACTION:
+        raise TrainError(f"--eval-fraction must be in (0, {MAX_FRACTION}], not {fraction:g}")
+    if fraction is not None and dataset:
+        raise TrainError("give --eval-fraction or --eval-data, not both")
+    if every is not None and (every < 1 or not (fraction or dataset or heldout)):
+        raise TrainError("--eval-every K takes K >= 1 and held-out data: --eval-fraction, --eval-data or --eval-text")
+    if dataset and parallelism != "federated":
+        from dllmd.data import DataError
+        from dllmctl.data.records import dataset_records
+
+        try:
+            record = dataset_records().load(dataset)
+        except DataError as exc:
+            raise TrainError(f"--eval-data: {exc}") from None
+        if record.get("model") and record["model"] != model:
+            raise TrainError(f"--eval-data {dataset} was tokenized for {record['model']}, not {model}")
+    return {"eval_fraction": fraction or 0.0, "eval_dataset": dataset or "", "eval_every": every or 0}
+
+
+def _shard_refs(dataset: dict, by_name: dict[str, NodeEntry]) -> list[S.ShardRef]:
+    """A dataset record's shards on the job's nodes; one with rows elsewhere is refused."""
     shards = []
     for row in dataset["nodes"]:
         node = by_name.get(row["node"])
@@ -188,9 +211,22 @@ def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.
                              f"job's nodes ({', '.join(by_name)}): add it with --nodes")
         if node is not None:
             shards.append(S.ShardRef(id=node.public_key, node=node.name, rows=row["sequences"], sha256=row["sha256"]))
+    return shards
+
+
+def job_spec(model: str, dataset: dict, nodes: list[NodeEntry], **options) -> S.JobSpec:
+    """The job as the coordinator receives it: nodes (the first coordinates) and the dataset's shards
+    (and ``--eval-data``'s). Differential privacy and communication settings (DiLoCo, compression,
+    overlap) are checked here too, so nothing is shipped for a job that is refused."""
+    by_name = {n.name: n for n in nodes}
+    shards = _shard_refs(dataset, by_name)
     if dataset.get("model") and dataset["model"] != model:
         raise TrainError(f"dataset {dataset['dataset']} was tokenized for {dataset['model']}, not {model}: "
                          f"re-shard it with --model {model}")
+    if options.get("eval_dataset") and options.get("parallelism", "data") != "federated":
+        from dllmctl.data.records import dataset_records
+
+        options["eval_shards"] = _shard_refs(dataset_records().load(options["eval_dataset"]), by_name)
     spec = S.JobSpec(model=model, dataset=dataset["dataset"],
                      nodes=[S.NodeRef(n.name, n.address, n.public_key) for n in nodes], shards=shards, **options)
     try:

@@ -45,9 +45,9 @@ _GROUPS: dict[frozenset[Role], tuple[str, ...]] = {
                         "train.reset", "train.state", "train.load_state", "train.release", "train.links",
                         "train.pipe", "train.stage_step", "train.stage_apply", "train.save_part",
                         "train.read_part", "train.fetch_part", "train.load_part",
-                        "train.inner", "train.sync", "train.outer"),
+                        "train.inner", "train.sync", "train.outer", "train.evaluate", "train.stage_evaluate"),
     # Federated rounds: the owner's coordinator or another organization's (datasets it opened only).
-    frozenset({A, P, F}): ("fed.prepare", "fed.load", "fed.train", "fed.update", "fed.release",
+    frozenset({A, P, F}): ("fed.prepare", "fed.load", "fed.train", "fed.update", "fed.release", "fed.evaluate",
                            "fed.secagg_advertise", "fed.secagg_share", "fed.secagg_mask", "fed.secagg_unmask"),
 }
 

@@ -46,7 +46,7 @@ def check_communication(spec: S.JobSpec) -> LowCommSettings:
 
 
 def check_heldout(spec: S.JobSpec, config: dict) -> None:
-    """A held-out text the coordinator's whole replica can score."""
+    """Held-out settings that make sense together, and a held-out text the coordinator's replica can score."""
     refused = heldout.refusal(spec, config)
     if refused:
         raise JobError(refused)

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from dllmd.alerts import AlertSink
 from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.net.chunked import int8_tensor
 from dllmd.net.client import CallError, RpcClient
@@ -35,6 +36,7 @@ from dllmd.train import admission
 from dllmd.train.diloco.run import DiLoCoRun, outer_steps
 from dllmd.train.federated.run import FederatedRun, federation_status, prepare_federated, release_clients
 from dllmd.train.federated.weights import GlobalModel
+from dllmd.train.heldout import HeldOut
 from dllmd.train.jobs import JobError, JobFailed, JobInterrupted, JobStore
 from dllmd.train.lowcomm import LowCommSettings
 from dllmd.train.pipeline.parts import PartCheckpoints
@@ -64,6 +66,7 @@ class Coordinator:
         self.tied_ports: dict[str, dict[str, int]] = {}  # pipeline jobs: node key -> its tied ring's port
         self.memory_needed: dict[str, dict[str, int]] = {}  # job -> node key -> its estimate at prepare
         self.federated_models: dict[str, GlobalModel] = {}  # federated jobs: the global weights
+        self.alert_sink = AlertSink.of(service.config.alerts)  # this node owner's [alerts], for every job here
 
     def checkpoints(self, job: str) -> Checkpoints | PartCheckpoints:
         """A job's complete checkpoints: whole (data parallelism) or one part per stage (pipelines)."""
@@ -114,10 +117,12 @@ class Coordinator:
         if outside:
             raise JobError(f"dataset {spec.dataset} has shards on {', '.join(outside)}, which are not in the job: "
                            f"add them with --nodes or re-shard onto the job's nodes")
-        rows = {s.id: s.rows for s in spec.shards}
+        self._validate_heldout(spec, keys)
+        rows = HeldOut(spec).train_counts
         if schedule.steps_per_epoch(rows, spec.batch_size) < 1:
-            raise JobError(f"dataset {spec.dataset} has {sum(rows.values())} sequences, fewer than one global batch "
-                           f"of {spec.batch_size}: lower --batch-size or --seq-len when sharding")
+            raise JobError(f"dataset {spec.dataset} has {sum(rows.values())} sequences to train on, fewer than one "
+                           f"global batch of {spec.batch_size}: lower --batch-size (or --eval-fraction), or "
+                           f"--seq-len when sharding")
         if not spec.epochs and not spec.max_steps:
             raise JobError("give --epochs or --max-steps")
         if spec.parallelism not in S.PARALLELISMS_BUILT:
@@ -126,10 +131,6 @@ class Coordinator:
         lowcomm = admission.check_communication(spec)
         if spec.parallelism != "data":
             admission.check_stages(spec, self._model_config(spec))
-        if len(spec.eval_tokens) == 1:
-            raise JobError("the held-out text must hold at least 2 tokens to score one")
-        if spec.eval_tokens:
-            admission.check_heldout(spec, self._model_config(spec))
         total = schedule.total_steps(rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
         return outer_steps(total, lowcomm.sync_every) if lowcomm.diloco else total
 
@@ -147,6 +148,7 @@ class Coordinator:
         if spec.min_clients > per_round:
             raise JobError(f"--min-clients {spec.min_clients} is more than the {per_round} clients of a round")
         admission.check_communication(spec)
+        self._validate_heldout(spec, [n.public_key for n in spec.nodes])
         if spec.secure_aggregation and (per_round < 3 or not (spec.update_clip or spec.dp_clip)):
             raise JobError("--secure-aggregation needs at least 3 clients a round (with two, each would learn the "
                            "other's update from the sum) and --update-clip (it bounds the fixed-point range)")
@@ -159,6 +161,20 @@ class Coordinator:
             raise JobError(f"node(s) {', '.join(strangers)} are not authorized on the coordinator "
                            f"{self.service.config.name}: authorize their keys (role peer or federation) first")
         return spec.rounds
+
+    def _validate_heldout(self, spec: S.JobSpec, keys: list[str]) -> None:
+        """Held-out data that can be scored where it lies: on the job's nodes, by a model they hold."""
+        if len(spec.eval_tokens) == 1:
+            raise JobError("the held-out text must hold at least 2 tokens to score one")
+        if not (spec.eval_tokens or spec.eval_fraction or spec.eval_dataset or spec.eval_every):
+            return
+        admission.check_heldout(spec, self._model_config(spec) if spec.eval_tokens else {})
+        outside = [s.node for s in spec.eval_shards if s.id not in keys and s.rows]
+        if outside:
+            raise JobError(f"--eval-data {spec.eval_dataset} has shards on {', '.join(outside)}, which are not in "
+                           f"the job: a shard is scored on the node holding it")
+        if spec.eval_dataset and spec.parallelism != "federated" and not any(s.rows for s in spec.eval_shards):
+            raise JobError(f"--eval-data {spec.eval_dataset} has no rows on the job's nodes")
 
     @staticmethod
     def _validate_privacy(spec: S.JobSpec) -> None:
@@ -206,7 +222,8 @@ class Coordinator:
                            parallelism=spec.parallelism,
                            stages=self._stage_nodes(a.job, spec, last[-1] if last else None),
                            federation=federation_status(self.store, job) if spec.parallelism == "federated" else None,
-                           privacy=privacy.spent(job["step"]) if privacy else None)
+                           privacy=privacy.spent(job["step"]) if privacy else None,
+                           last_eval=self.store.last_with(a.job, "eval_loss"))
 
     def _stage_nodes(self, job: str, spec: S.JobSpec, last: dict | None) -> list[S.StageNode]:
         """A pipeline job's nodes, each with its stage, layers, memory estimate and latest step."""
@@ -296,7 +313,8 @@ class Coordinator:
             return
         args = {"job": job, "model": spec.model, "dataset": spec.dataset, "dtype": spec.dtype,
                 "micro_batch_size": spec.micro_batch_size, "lr": spec.lr, "grad_clip": spec.grad_clip,
-                "weight_decay": spec.weight_decay, "plaintext": spec.plaintext, "backend": spec.backend}
+                "weight_decay": spec.weight_decay, "plaintext": spec.plaintext, "backend": spec.backend,
+                "eval_dataset": spec.eval_dataset}
         privacy = JobPrivacy.of(spec)
         if privacy:
             args["privacy"] = to_wire(privacy.plan())

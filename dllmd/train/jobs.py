@@ -121,6 +121,12 @@ class JobStore:
                          (job, after_step, limit))
         return [{"step": step, "time": t, **json.loads(data)} for step, t, data in rows]
 
+    def last_with(self, job: str, key: str) -> dict | None:
+        """The latest metrics row that has ``key`` (a held-out evaluation is not in every step's row)."""
+        rows = self._run("SELECT step, time, data FROM metrics WHERE job = ? AND data LIKE ? ORDER BY step DESC "
+                         "LIMIT 1", (job, f'%"{key}"%'))
+        return {"step": rows[0][0], "time": rows[0][1], **json.loads(rows[0][2])} if rows else None
+
     def event(self, job: str, kind: str, message: str) -> None:
         self._run("INSERT INTO events (job, time, kind, message) VALUES (?, ?, ?, ?)", (job, time.time(), kind, message))
         if self.observer is not None:

@@ -20,8 +20,10 @@ from dllmd.failpoints import failpoint
 from dllmd.net.messages import training as S
 from dllmd.net.schema import to_wire
 from dllmd.train import heldout, schedule
+from dllmd.train.heldout import EvalSums, HeldOut, held_rows
 from dllmd.train.jobs import JobFailed
 from dllmd.train.privacy.job import JobPrivacy
+from dllmd.train.watch import JobWatch
 
 log = logging.getLogger("dllmd.coordinator")
 
@@ -39,7 +41,8 @@ class JobRun:
     def __init__(self, coordinator, job: str, spec: S.JobSpec):
         self.c, self.job, self.spec = coordinator, job, spec
         self.store = coordinator.store
-        self.rows = {s.id: s.rows for s in spec.shards if s.rows}
+        self.heldout = HeldOut(spec)
+        self.rows = self.heldout.train_counts  # rows per shard the batches are drawn from
         self.shard_ids = sorted(self.rows)
         self.holders = {s: {s} for s in self.shard_ids}  # shard -> nodes holding its rows
         self.generation = 0
@@ -51,6 +54,13 @@ class JobRun:
         raise NotImplementedError
 
     async def execute(self, resume_from: int | None) -> None:
+        self.watch = JobWatch(self)
+        try:
+            await self._execute(resume_from)
+        finally:
+            self.watch.close()
+
+    async def _execute(self, resume_from: int | None) -> None:
         self.store.set_state(self.job, "running")
         step = 0
         if resume_from is not None:
@@ -80,10 +90,10 @@ class JobRun:
             metrics = self.step_metrics(step, lr, results, time.perf_counter() - started)
             if self.privacy:
                 metrics.update(self.privacy.metrics(step + 1))
-            if self.spec.eval_tokens and (step + 1 == self.total or (self.spec.checkpoint_every and
-                                                                      (step + 1) % self.spec.checkpoint_every == 0)):
-                metrics["heldout_loss"] = await self.heldout_loss()
+            if self.heldout.due(step, self.total):
+                metrics.update(await self.evaluate(step))
             self.store.record_step(self.job, step, metrics)
+            self.watch.step_done(step, metrics)
             step += 1
             if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and step < self.total:
                 await self.checkpoint(step, metrics)
@@ -105,6 +115,7 @@ class JobRun:
         """Wait for a step's calls (``key -> task``); their replies by key, or after the first failure
         None, once the failure is cleaned up: survivors reset (their half-done step is discarded,
         nothing was applied), then the dead dropped or, with none dead, the collectives formed again."""
+        self.watch.pending = {self.node_name(key): task for key, task in tasks.items()}
         done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
         if not pending and all(t.exception() is None for t in done):
             return {key: task.result()[0] for key, task in tasks.items()}
@@ -128,6 +139,10 @@ class JobRun:
             self.store.event(self.job, "step_failed", f"step {step}: {first}; retrying")
             await self.form()
         return None
+
+    def node_name(self, key) -> str:
+        """The name of the node a step's call ``key`` (its public key) went to."""
+        return next((n.name for n in self.spec.nodes if n.public_key == key), str(key))
 
     # --- what a parallelism says -----------------------------------------------------------------
 
@@ -156,6 +171,33 @@ class JobRun:
         """The held-out text's mean token loss under the current weights (``JobSpec.eval_tokens``)."""
         raise NotImplementedError
 
+    async def score_heldout(self, step: int) -> EvalSums | None:
+        """The held-out rows' sums under the current weights, added over their scorers; None when a
+        scorer failed (the rows' owner is gone: the next step notices and recovers)."""
+        raise NotImplementedError
+
+    async def evaluate(self, step: int) -> dict:
+        """The metrics of the held-out text and rows after ``step``."""
+        out = {}
+        if self.spec.eval_tokens:
+            out["heldout_loss"] = await self.heldout_loss()
+        if self.heldout.scores_rows:
+            sums = await self.score_heldout(step)
+            if sums is None:
+                self.store.event(self.job, "eval_skipped", f"step {step}: a scorer of the held-out rows failed")
+            else:
+                out.update(sums.metrics())
+        return out
+
+    async def gather_sums(self, calls: list) -> EvalSums | None:
+        """Every scorer's :class:`S.Evaluated` (``invoke`` coroutines), added up; None if one failed."""
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        failed = next((r for r in replies if isinstance(r, BaseException)), None)
+        if failed is not None:
+            log.warning("job %s: held-out evaluation failed: %s", self.job, failed)
+            return None
+        return sum((EvalSums(r.nll, r.tokens, r.correct) for r, _ in replies), EvalSums())
+
     def cursor(self, step: int) -> dict:
         """Where the data order stands after ``step`` steps, and the job: what every checkpoint records."""
         per_epoch = schedule.steps_per_epoch(self.rows, self.spec.batch_size)
@@ -167,8 +209,9 @@ class JobRun:
         """The global batch of ``step``: Poisson-sampled with the job's secret seed under DP, else the
         next rows of the shuffled order."""
         if self.privacy:
-            return schedule.poisson_batch(self.rows, self.privacy.sample_rate, self.privacy.seed, step)
-        return schedule.batch(self.rows, self.spec.batch_size, self.spec.seed, step)
+            return self.heldout.trained(schedule.poisson_batch(self.rows, self.privacy.sample_rate,
+                                                               self.privacy.seed, step))
+        return self.heldout.trained(schedule.batch(self.rows, self.spec.batch_size, self.spec.seed, step))
 
 
 class DataParallelRun(JobRun):
@@ -241,6 +284,7 @@ class DataParallelRun(JobRun):
         self._live = [n for n in self.live if n.public_key not in gone]
         for node in dead:
             self.store.event(self.job, "node_lost", f"{node.name} stopped answering; continuing without it")
+            self.watch.node_lost(node.name, "stopped answering; the job goes on without it")
         if not self.live or self.live[0].public_key != self.c.service.identity.public_key:
             raise JobFailed("the coordinator's own replica is gone")
         keys = [n.public_key for n in self.live]
@@ -287,6 +331,17 @@ class DataParallelRun(JobRun):
     async def heldout_loss(self) -> float:
         model = self.c.service.workers[self.job].model  # the coordinator's replica: the weights every one holds
         return await asyncio.to_thread(heldout.score, model, self.spec)
+
+    async def score_heldout(self, step: int) -> EvalSums | None:
+        """Each live worker scores the held-out rows of the shards it computes (of ``--eval-data``: its
+        own shard of it); the replicas are identical, so the sums are those of one model."""
+        live = {n.public_key for n in self.live}
+        own = (lambda shard: shard if shard in live else None) if self.spec.eval_dataset else self.owner.get
+        shards, rows = held_rows(self.spec, self.heldout, self.shard_ids, own)
+        return await self.gather_sums([self.c.service.invoke(
+            self.node(key), S.TRAIN_EVALUATE, {"job": self.job, "shards": shards,
+                                                "eval_data": bool(self.spec.eval_dataset)}, [t], timeout=STEP_TIMEOUT_S)
+            for key, t in rows.items()])
 
     async def local_state(self, node: S.NodeRef) -> tuple[dict[str, torch.Tensor], int]:
         """A worker's own state tensors (``local.*``) and its optimizer's step count."""

@@ -81,7 +81,7 @@ class TrainingService:
             (S.TRAIN_PREPARE, self.prepare), (S.TRAIN_RING, self.form_ring), (S.TRAIN_BACKUP, self.backup),
             (S.TRAIN_ROWS, self.rows), (S.TRAIN_STEP, self.step), (S.TRAIN_APPLY, self.apply),
             (S.TRAIN_RESET, self.reset), (S.TRAIN_STATE, self.state), (S.TRAIN_LOAD_STATE, self.load_state),
-            (S.TRAIN_RELEASE, self.release))}
+            (S.TRAIN_RELEASE, self.release), (S.TRAIN_EVALUATE, self.evaluate))}
         from dllmd.train.pipeline.ops import StageOps  # pipeline stages: their own operations
         self.stages = StageOps(self)
         self.handlers.update({op.name: (op, handler) for op, handler in self.stages.handlers()})
@@ -222,6 +222,9 @@ class TrainingService:
             raise
         if shard is not None:
             worker.shards[self.identity.public_key] = shard
+        eval_shard = await asyncio.to_thread(self._own_shard, a.eval_dataset) if a.eval_dataset else None
+        if eval_shard is not None:
+            worker.eval_shards[self.identity.public_key] = eval_shard
         self.workers[a.job] = worker
         # Only the port: peers reach the ring at the host they already know this node by.
         return {"ring_port": collective.port,
@@ -284,19 +287,20 @@ class TrainingService:
             raise ValueError(f"job {a.job} runs a pipeline stage on this node: its steps are train.stage_step")
         if isinstance(worker, DiLoCoWorker):
             raise ValueError(f"job {a.job} runs DiLoCo: its steps are train.inner, then train.sync")
-        return await worker.step(a.step, self.step_rows(worker, a.step, a.shards, tensors))
+        return await worker.step(a.step, self.step_rows(worker.shards, a.step, a.shards, tensors))
 
     @staticmethod
-    def step_rows(worker, step: int, shards: list[str], tensors: list[torch.Tensor]) -> list[tuple[str, int]]:
+    def step_rows(held: dict[str, ShardRows], step: int, shards: list[str],
+                  tensors: list[torch.Tensor]) -> list[tuple[str, int]]:
         """A step's rows as (shard, row) pairs, from its int64 ``[rows, 2]`` tensor of (shard number in
-        ``shards``, row index); refused unless the worker holds every one."""
+        ``shards``, row index); refused unless ``held`` (the worker's shards) holds every one."""
         if len(tensors) != 1 or tensors[0].dtype != torch.int64 or tensors[0].dim() != 2 or tensors[0].shape[1] != 2:
             raise ValueError("a step carries one int64 [rows, 2] tensor of (shard number, row index)")
         rows = []
         for shard_number, index in tensors[0].tolist():
-            if not 0 <= shard_number < len(shards) or shards[shard_number] not in worker.shards:
+            if not 0 <= shard_number < len(shards) or shards[shard_number] not in held:
                 raise ValueError(f"step {step} names a shard this node does not hold")
-            shard = worker.shards[shards[shard_number]]
+            shard = held[shards[shard_number]]
             if not 0 <= index < shard.tokens.shape[0]:
                 raise ValueError(f"row {index} is outside shard {shards[shard_number][:12]}")
             rows.append((shards[shard_number], index))
@@ -304,6 +308,16 @@ class TrainingService:
 
     async def apply(self, a: S.ApplyArgs, _tensors) -> dict:
         return await self._worker(a.job).apply(a.step, a.lr)
+
+    async def evaluate(self, a: S.EvaluateArgs, tensors: list[torch.Tensor]) -> S.Evaluated:
+        """Score held-out rows with this replica's current weights (forward only; nothing is kept)."""
+        worker = self._worker(a.job)
+        if not isinstance(worker, TrainWorker):
+            raise ValueError(f"job {a.job} runs a pipeline stage on this node: it evaluates with train.stage_evaluate")
+        shards = worker.eval_shards if a.eval_data else worker.shards
+        rows = self.step_rows(shards, -1, a.shards, tensors)
+        sums = await worker.evaluate(shards, rows)
+        return S.Evaluated(sums.nll, sums.tokens, sums.correct)
 
     async def reset(self, a: S.JobArgs, _tensors) -> dict:
         worker = self.workers.get(a.job)

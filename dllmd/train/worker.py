@@ -25,6 +25,7 @@ import torch
 from dllmd.failpoints import failpoint
 from dllmd.net.messages.training import CommPlan, PrivacyPlan
 from dllmd.train.compression import reducer_for
+from dllmd.train.heldout import EvalSums, score_rows
 from dllmd.train.model import load_causal_lm, loss_sum, parameters, row_targets
 from dllmd.train.optim import OptimConfig, TrainingState, apply_update, flatten_grads, make_optimizer, squared_norm
 from dllmd.train.overlap import OverlappedBackward
@@ -35,15 +36,23 @@ from dllmd.train.ring import RingMember
 
 @dataclass
 class ShardRows:
-    """A shard's packed rows in memory: int32 ``[rows, seq_len]`` and where its real stream ends."""
+    """A shard's packed rows in memory: int32 ``[rows, seq_len]`` and where its real stream ends;
+    ``origin``: for a subset of a shard (a federated client's trained or held-out rows), each row's index
+    in the whole shard, which says where its targets stop."""
     tokens: torch.Tensor
     valid_tokens: int
+    origin: torch.Tensor | None = None
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.tensor(indices, dtype=torch.long)
         tokens = self.tokens[index]
-        offsets = index * self.tokens.shape[1]
+        offsets = (index if self.origin is None else self.origin[index]) * self.tokens.shape[1]
         return tokens, row_targets(tokens, offsets, torch.full_like(offsets, self.valid_tokens))
+
+    def subset(self, indices) -> "ShardRows":
+        index = torch.as_tensor(indices, dtype=torch.long)
+        origin = index if self.origin is None else self.origin[index]
+        return ShardRows(self.tokens[index], self.valid_tokens, origin)
 
 
 def micro_batch(shards: Mapping[str, ShardRows], rows: Sequence[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +103,7 @@ class TrainWorker(TrainingState):
         self.overlap = (OverlappedBackward(list(self.params.values()), collective, spec.comm.bucket_bytes)
                         if spec.comm is not None and spec.comm.overlap else None)
         self.shards: dict[str, ShardRows] = {}
+        self.eval_shards: dict[str, ShardRows] = {}  # this node's shard of --eval-data, never trained on
         self._pending: tuple[int, torch.Tensor] | None = None  # (step, summed buffer) awaiting apply
         self.lock = asyncio.Lock()  # one step or apply at a time
         self.last_used = time.monotonic()
@@ -120,7 +130,7 @@ class TrainWorker(TrainingState):
                 compute_s, comm_s, exposed_s, sent = (overlapped.compute_s, overlapped.comm_s, overlapped.exposed_s,
                                                       overlapped.bytes_sent)
             else:
-                flat = await asyncio.to_thread(self._gradients, rows)
+                flat = await asyncio.to_thread(self._gradients, rows, step)
                 compute_s = time.perf_counter() - started
                 reduced = await self.reducer.reduce(flat, step)
                 comm_s = exposed_s = reduced.seconds
@@ -132,12 +142,22 @@ class TrainWorker(TrainingState):
             else:
                 norm = math.sqrt(squared_norm(flat[:-2])) / tokens if tokens else None
             self._pending = (step, flat)
-            return {"step": step, "rows": len(rows), "loss": batch_loss(flat), "tokens": int(tokens),
+            loss, scale = batch_loss(flat), failpoint("train.loss", step)
+            if scale is not None and loss is not None:
+                loss *= scale
+            return {"step": step, "rows": len(rows), "loss": loss, "tokens": int(tokens),
                     "grad_norm": norm, "compute_s": compute_s, "comm_s": comm_s, "comm_exposed_s": exposed_s,
                     "bytes_sent": sent}
 
-    def _gradients(self, rows: list[tuple[str, int]]) -> torch.Tensor:
+    async def evaluate(self, shards: Mapping[str, ShardRows], rows: list[tuple[str, int]]) -> EvalSums:
+        """Held-out rows under the current weights (between steps: the lock keeps a step out)."""
+        async with self.lock:
+            return await asyncio.to_thread(score_rows, self.model, shards, rows, self.spec.micro_batch_size,
+                                           self.spec.dtype)
+
+    def _gradients(self, rows: list[tuple[str, int]], step: int) -> torch.Tensor:
         """The summed loss gradient over this worker's rows (zero if it has none this step)."""
+        failpoint("train.compute", step)
         if self.spec.privacy is not None:
             return private_gradients(self.model, self.shards, rows, self.spec.micro_batch_size,
                                      self.spec.privacy.clip)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dllmd.net.messages.training import Evaluated
 from dllmd.net.schema import Op, bounded
 from dllmd.train.federated.secagg.messages import (Advertisement, EncryptedShare, RevealedShare, SecAggConfig,
                                                    UnmaskRequest)
@@ -28,11 +29,24 @@ class FedPrepareArgs:
     batch_size: int = bounded(8, lo=1, hi=1_000_000)
     weight_decay: float = bounded(0.0, lo=0.0, hi=10.0)
     grad_clip: float = bounded(1.0, lo=0.0, hi=1e9)
+    # Held-out rows, scored here and never sent (dllmd.train.heldout): a seeded fraction of this client's
+    # rows (never trained on), or every row of its shard of another dataset.
+    eval_fraction: float = bounded(0.0, lo=0.0, hi=0.5)
+    seed: int = bounded(0, lo=0, hi=2**32 - 1)
+    eval_dataset: str = bounded("", max_len=128)
+
+
+@dataclass
+class FedEvaluateArgs:
+    """Score this client's held-out rows with the global weights of ``round`` (sent with fed.load)."""
+
+    job: str = bounded(max_len=64)
+    round: int = bounded(lo=0, hi=2**40)
 
 
 @dataclass
 class FedPrepared:
-    rows: int  # sequences of this client's shard: its weight in FedAvg
+    rows: int  # sequences of this client's shard it trains on: its weight in FedAvg
     seq_len: int
     params: int
     memory_needed: int
@@ -142,6 +156,7 @@ FED_LOAD = Op("fed.load", FedLoadArgs, dict)
 FED_TRAIN = Op("fed.train", FedTrainArgs, FedTrained)
 FED_UPDATE = Op("fed.update", FedUpdateArgs, dict)
 FED_RELEASE = Op("fed.release", FedJobArgs, dict)
+FED_EVALUATE = Op("fed.evaluate", FedEvaluateArgs, Evaluated)
 FED_ADVERTISE = Op("fed.secagg_advertise", FedAdvertiseArgs, Advertisement)
 FED_SHARE = Op("fed.secagg_share", FedShareArgs, FedShares)
 FED_MASK = Op("fed.secagg_mask", FedMaskArgs, dict)

@@ -11,7 +11,7 @@ PARALLELISMS_BUILT = ("data", "model", "hybrid", "federated")
 STRATEGIES = ("fedavg", "fedavgm", "fedadam")  # federated: how the coordinator applies the mean update
 BACKENDS = ("zmq", "torch")
 SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules (dllmd.train.pipeline.schedule)
-PIPE_KINDS = ("activation", "gradient")  # what crosses a stage boundary: forward, backward
+PIPE_KINDS = ("activation", "gradient", "evaluation")  # across a stage boundary: forward, backward, forward only
 
 
 @dataclass
@@ -95,6 +95,13 @@ class JobSpec:
     # the metrics' heldout_loss (data parallelism; dllmd.inference.perplexity, windows of eval_window).
     eval_tokens: list[int] = bounded([], max_len=12288)  # msgpack: up to 3 bytes each, in a 64 KiB header
     eval_window: int = bounded(256, lo=2, hi=512)
+    # Held-out rows (dllmd.train.heldout): a seeded fraction of every shard, never trained on, or every row
+    # of another sharded dataset (its shards, on the job's nodes); scored every eval_every steps (0: at
+    # every checkpoint) and at the end: the metrics' eval_loss, eval_perplexity, eval_accuracy.
+    eval_fraction: float = bounded(0.0, lo=0.0, hi=1.0)  # 0: none; the coordinator refuses more than 0.5
+    eval_dataset: str = bounded("", max_len=128)
+    eval_shards: list[ShardRef] = bounded([], max_len=256)
+    eval_every: int = bounded(0, lo=0, hi=100_000_000)
 
 
 @dataclass
@@ -153,6 +160,7 @@ class WorkerPrepareArgs:
     stage: StagePlan | None = None  # a pipeline stage's span (None: a data-parallel replica)
     privacy: PrivacyPlan | None = None  # DP-SGD (None: exact training)
     comm: CommPlan | None = None  # None: every step's gradient, exact, after the backward
+    eval_dataset: str = bounded("", max_len=128)  # held-out rows: this node's shard of it, if it has one
 
 
 @dataclass
@@ -183,6 +191,27 @@ class StepArgs:
     job: str = bounded(max_len=64)
     step: int = bounded(lo=0, hi=2**40)
     shards: list[str] = bounded(max_len=256)  # the rows tensor's shard column indexes this list
+
+
+@dataclass
+class EvaluateArgs:
+    """Score rows forward only: one int64 ``[rows, 2]`` tensor of (shard number in ``shards``, row), of the
+    training dataset's shards or (``eval_data``) of the held-out dataset's."""
+
+    job: str = bounded(max_len=64)
+    step: int = bounded(0, lo=0, hi=2**40)  # the steps trained so far: keys a pipeline's messages
+    shards: list[str] = bounded([], max_len=256)
+    eval_data: bool = False
+    micro_batches: int = bounded(0, lo=0, hi=1_000_000)  # pipeline stages after the first: how many arrive
+
+
+@dataclass
+class Evaluated:
+    """A scorer's sums (dllmd.train.heldout.EvalSums): the coordinator adds them up and divides once."""
+
+    nll: float
+    tokens: int
+    correct: int
 
 
 @dataclass
@@ -510,6 +539,7 @@ class JobDetail:
     stages: list[StageNode] = bounded([], max_len=65536)  # pipeline jobs: every node, replica-major
     federation: FederationStatus | None = None  # federated jobs
     privacy: PrivacySpent | None = None  # DP jobs
+    last_eval: dict | None = None  # the latest metrics row with a held-out evaluation (eval_loss ...)
 
 
 @dataclass
@@ -562,6 +592,8 @@ TRAIN_RESET = Op("train.reset", JobArgs, dict)
 TRAIN_STATE = Op("train.state", StateArgs, dict)
 TRAIN_LOAD_STATE = Op("train.load_state", LoadStateArgs, dict)
 TRAIN_RELEASE = Op("train.release", JobArgs, dict)
+TRAIN_EVALUATE = Op("train.evaluate", EvaluateArgs, Evaluated)
+TRAIN_STAGE_EVALUATE = Op("train.stage_evaluate", EvaluateArgs, Evaluated)
 TRAIN_INNER = Op("train.inner", InnerStepArgs, InnerStepped)
 TRAIN_SYNC = Op("train.sync", SyncArgs, Synced)
 TRAIN_OUTER = Op("train.outer", SyncArgs, OuterApplied)

@@ -26,7 +26,7 @@ class DiLoCoOps:
 
     async def inner(self, a: S.InnerStepArgs, tensors: list[torch.Tensor]) -> S.InnerStepped:
         worker = self._worker(a.job)
-        return await worker.inner_step(a.step, self.service.step_rows(worker, a.step, a.shards, tensors), a.lr)
+        return await worker.inner_step(a.step, self.service.step_rows(worker.shards, a.step, a.shards, tensors), a.lr)
 
     async def sync(self, a: S.SyncArgs, _tensors) -> S.Synced:
         return await self._worker(a.job).sync(a.step)

@@ -47,7 +47,7 @@ class DiLoCoWorker(TrainWorker):
                 return self._last_inner
             failpoint("train.step", step)
             started = time.perf_counter()
-            flat = await asyncio.to_thread(self._gradients, rows)
+            flat = await asyncio.to_thread(self._gradients, rows, step)
             tokens, loss, norm = int(flat[-1]), None, None
             if tokens:
                 result = await asyncio.to_thread(apply_update, self.model, self.optimizer, flat, lr,

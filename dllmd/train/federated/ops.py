@@ -26,7 +26,9 @@ from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.train.federated.secagg import Advertisement, FixedPoint, SecAggClient, SecAggError
 from dllmd.train.federated.client import ClientModel, LocalResult, LocalRound, parameter_count
-from dllmd.train.federated.weights import layout_digest
+from dllmd.net.messages.training import Evaluated
+from dllmd.train.federated.weights import layout_digest, load_flat
+from dllmd.train.heldout import score_rows, split
 from dllmd.train.model import TrainModelError
 from dllmd.train.worker import ShardRows
 
@@ -45,6 +47,7 @@ class FederatedClient:
     shard: ShardRows
     model: ClientModel
     spec: F.FedPrepareArgs
+    heldout: ShardRows | None = None  # rows scored by fed.evaluate, never trained on, never sent
     global_weights: torch.Tensor | None = None
     loaded: tuple[int, int] = (-1, 0)  # (round, elements received) of the global weights
     result: tuple[int, LocalResult] | None = None  # (round, its result) until the next round
@@ -75,7 +78,7 @@ class FederatedClientOps:
         self.service = service
         self.clients: dict[str, FederatedClient] = {}
         self.handlers = ((F.FED_PREPARE, self.prepare), (F.FED_LOAD, self.load), (F.FED_TRAIN, self.train),
-                         (F.FED_UPDATE, self.update), (F.FED_RELEASE, self.release),
+                         (F.FED_UPDATE, self.update), (F.FED_RELEASE, self.release), (F.FED_EVALUATE, self.evaluate),
                          (F.FED_ADVERTISE, self.advertise), (F.FED_SHARE, self.share), (F.FED_MASK, self.mask),
                          (F.FED_UNMASK, self.unmask))
 
@@ -117,6 +120,7 @@ class FederatedClientOps:
         shard = await asyncio.to_thread(self.service._own_shard, a.dataset)
         if shard is None or shard.tokens.shape[0] == 0:
             raise ValueError(f"node {config.name} holds no rows of dataset {a.dataset!r}")
+        shard, heldout = await self._held_out(a, shard, role)
         model_type = a.config.get("model_type")
         params = await asyncio.to_thread(parameter_count, a.config)
         from dllmd.train.service import replica_bytes
@@ -136,10 +140,43 @@ class FederatedClientOps:
         if layout_digest(model.model) != a.layout:
             raise ValueError(f"node {config.name} builds {a.model} with other parameters than the coordinator "
                              f"(transformers versions differ?)")
-        self.clients[a.job] = FederatedClient(a.job, a.dataset, self.service.identity.public_key, shard, model, a)
+        self.clients[a.job] = FederatedClient(a.job, a.dataset, self.service.identity.public_key, shard, model, a,
+                                              heldout)
         log.info("federated job %s: %d rows of %s, %d parameters", a.job, shard.tokens.shape[0], a.dataset, params)
         return F.FedPrepared(rows=int(shard.tokens.shape[0]), seq_len=seq_len, params=model.numel,
                              memory_needed=need, device=str(device))
+
+    async def _held_out(self, a: F.FedPrepareArgs, shard: ShardRows,
+                        role: Role | None) -> tuple[ShardRows, ShardRows | None]:
+        """(the rows this client trains on, those it scores): the seeded split of its shard, or its shard of
+        another dataset (open to federation like the training dataset), or no held-out rows."""
+        if a.eval_fraction:
+            train, held = split(a.seed, self.service.identity.public_key, int(shard.tokens.shape[0]), a.eval_fraction)
+            return shard.subset(train), shard.subset(held)
+        if not a.eval_dataset:
+            return shard, None
+        if role == Role.FEDERATION and a.eval_dataset not in self.service.config.federated_datasets:
+            raise HandlerError(ErrorCode.FORBIDDEN, f"dataset {a.eval_dataset!r} is not open to federation on node "
+                                                    f"{self.service.config.name} (federated_datasets in node.toml)")
+        return shard, await asyncio.to_thread(self.service._own_shard, a.eval_dataset)
+
+    async def evaluate(self, a: F.FedEvaluateArgs, _tensors, _role) -> Evaluated:
+        """The held-out rows' sums under the global weights of ``a.round``: only the sums leave."""
+        client = self._client(a.job)
+        async with client.lock:
+            if client.loaded != (a.round, client.model.numel):
+                raise ValueError(f"the global weights of round {a.round} have not all arrived")
+            if client.heldout is None:
+                return Evaluated(0.0, 0, 0)
+            sums = await asyncio.to_thread(self._score, client)
+        return Evaluated(sums.nll, sums.tokens, sums.correct)
+
+    @staticmethod
+    def _score(client: FederatedClient):
+        load_flat(client.model.model, client.global_weights)
+        rows = [("held", i) for i in range(client.heldout.tokens.shape[0])]
+        return score_rows(client.model.model, {"held": client.heldout}, rows, client.spec.micro_batch_size,
+                          client.spec.dtype)
 
     async def load(self, a: F.FedLoadArgs, tensors: list[torch.Tensor], _role) -> dict:
         client = self._client(a.job)

@@ -29,6 +29,7 @@ from dllmd.train.federated.ops import CHUNK_ELEMENTS, fixed_point_bound
 from dllmd.train.federated.secure import SecureSum
 from dllmd.train.federated.strategy import ServerOptimizer, mean_update, plan_round
 from dllmd.train.federated.weights import GlobalModel
+from dllmd.train.heldout import EvalSums
 from dllmd.train.jobs import JobError, JobFailed
 from dllmd.train.model import load_causal_lm
 from dllmd.train.run import PREPARE_TIMEOUT_S, JobRun
@@ -55,7 +56,8 @@ async def prepare_federated(coordinator, job: str, spec: S.JobSpec) -> GlobalMod
     model = GlobalModel(await asyncio.to_thread(load_causal_lm, config_path.parent, files))
     args = F.FedPrepareArgs(job=job, model=spec.model, dataset=spec.dataset, config=config, layout=model.digest,
                             dtype=spec.dtype, micro_batch_size=spec.micro_batch_size, batch_size=spec.batch_size,
-                            weight_decay=spec.weight_decay, grad_clip=spec.grad_clip)
+                            weight_decay=spec.weight_decay, grad_clip=spec.grad_clip,
+                            eval_fraction=spec.eval_fraction, seed=spec.seed, eval_dataset=spec.eval_dataset)
     results = await asyncio.gather(*(service.invoke(n, F.FED_PREPARE, to_wire(args), timeout=PREPARE_TIMEOUT_S)
                                      for n in spec.nodes), return_exceptions=True)
     failures = [f"{n.name}: {r}" for n, r in zip(spec.nodes, results) if isinstance(r, BaseException)]
@@ -84,6 +86,7 @@ class FederatedRun(JobRun):
         self.total = spec.rounds
         self.model: GlobalModel = coordinator.federated_models[job]
         self.server = ServerOptimizer(spec.strategy, spec.server_lr, spec.server_momentum, self.model.weights.numel())
+        self.rows = {s.id: s.rows for s in spec.shards if s.rows}  # the clients split their own rows
         self._live = list(spec.nodes)
         self.failed_rounds = 0
         self.secure = SecureSum(self)
@@ -127,6 +130,8 @@ class FederatedRun(JobRun):
         for key in stragglers:
             self.store.event(self.job, "straggler", f"round {round}: {by_key[key].name} did not answer within "
                                                     f"{self.spec.round_timeout:g} s; the round closed without it")
+            self.watch.raise_alert("straggler", f"round {round}: {by_key[key].name} missed the round's "
+                                                f"{self.spec.round_timeout:g} s", node=by_key[key].name, step=round)
         for key in dropped:
             self.store.event(self.job, "client_dropped", f"round {round}: {by_key[key].name}: {tasks[key].exception()}")
         await self._drop_dead([by_key[k] for k in dropped])
@@ -173,17 +178,30 @@ class FederatedRun(JobRun):
             if not ok and node in self._live:
                 self._live.remove(node)
                 self.store.event(self.job, "node_lost", f"{node.name} stopped answering; continuing without it")
+                self.watch.node_lost(node.name, "stopped answering; the rounds go on without it")
 
-    async def _train(self, node: S.NodeRef, round: int, args: dict) -> F.FedTrained:
-        """Send ``node`` the global weights, then have it train the round."""
+    async def _send_weights(self, node: S.NodeRef, round: int) -> None:
         weights = self.model.weights
         for offset in range(0, weights.numel(), CHUNK_ELEMENTS):
             chunk = weights[offset:offset + CHUNK_ELEMENTS]
             await self.c.service.call(node, F.FED_LOAD.name, {"job": self.job, "round": round, "offset": offset,
                                                               "total": weights.numel()}, [chunk],
                                       timeout=CHUNK_TIMEOUT_S)
+
+    async def _train(self, node: S.NodeRef, round: int, args: dict) -> F.FedTrained:
+        """Send ``node`` the global weights, then have it train the round."""
+        await self._send_weights(node, round)
         reply, _ = await self.c.service.invoke(node, F.FED_TRAIN, args, timeout=self.spec.round_timeout + 60)
         return reply
+
+    async def score_heldout(self, round: int) -> EvalSums | None:
+        """Every live client scores its own held-out rows with the new global weights (sent to it for
+        that): the rows never leave it, only their sums, which add up to the token-weighted mean."""
+        async def one(node: S.NodeRef):
+            await self._send_weights(node, round)
+            return await self.c.service.invoke(node, F.FED_EVALUATE, {"job": self.job, "round": round},
+                                               timeout=self.spec.round_timeout + 60)
+        return await self.gather_sums([one(n) for n in self._live])
 
     async def fetch(self, node: S.NodeRef, round: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``node``'s update of ``round``, chunk by chunk: fp32 in clear, int32 residues once masked."""

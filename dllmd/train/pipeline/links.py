@@ -58,10 +58,11 @@ class PipeLinks:
         from another node than the neighbour it must come from refused."""
         if generation != self.generation:
             return
-        expected = self.previous if kind == "activation" else self.next
+        backward = kind == "gradient"
+        expected = self.next if backward else self.previous
         if expected is None or sender != expected.public_key:
             raise ValueError(f"a pipeline {kind} from a node that is not this stage's "
-                             f"{'previous' if kind == 'activation' else 'next'} stage")
+                             f"{'next' if backward else 'previous'} stage")
         key = (step, micro, kind)
         future = self._waiting.pop(key, None)
         if future is not None and not future.done():
@@ -85,7 +86,7 @@ class PipeLinks:
 
     def send(self, kind: str, step: int, micro: int, tensors: list[torch.Tensor]) -> None:
         """Queue micro-batch ``micro``'s activations (to the next stage) or gradient (to the previous)."""
-        node = self.next if kind == "activation" else self.previous
+        node = self.previous if kind == "gradient" else self.next
         if node is None:
             raise LinkError(f"this stage has no neighbour to send a {kind} to")
         args = {"job": self.job, "generation": self.generation, "step": step, "micro": micro, "kind": kind}

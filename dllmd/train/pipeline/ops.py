@@ -46,7 +46,7 @@ class StageOps:
         return [(S.TRAIN_LINKS, self.links), (S.TRAIN_STAGE_STEP, self.step),
                 (S.TRAIN_STAGE_APPLY, self.apply), (S.TRAIN_SAVE_PART, self.save_part),
                 (S.TRAIN_READ_PART, self.read_part), (S.TRAIN_FETCH_PART, self.fetch_part),
-                (S.TRAIN_LOAD_PART, self.load_part)]
+                (S.TRAIN_LOAD_PART, self.load_part), (S.TRAIN_STAGE_EVALUATE, self.evaluate)]
 
     def register(self, server: RpcServer) -> None:
         async def pipe(call: Call):
@@ -150,11 +150,19 @@ class StageOps:
 
     async def step(self, a: S.StageStepArgs, tensors: list[torch.Tensor]) -> S.StageStepped:
         worker = self._stage(a.job)
-        rows = self.service.step_rows(worker, a.step, a.shards, tensors) if worker.spec.first else []
+        rows = self.service.step_rows(worker.shards, a.step, a.shards, tensors) if worker.spec.first else []
         return await worker.step(a.step, a.micro_batches, rows)
 
     async def apply(self, a: S.StageApplyArgs, _tensors) -> dict:
         return await self._stage(a.job).apply(a.step, a.lr, a.grad_norm)
+
+    async def evaluate(self, a: S.EvaluateArgs, tensors: list[torch.Tensor]) -> S.Evaluated:
+        worker = self._stage(a.job)
+        if a.eval_data:
+            raise ValueError("a pipeline scores held-out rows of its own dataset (--eval-fraction) only")
+        rows = self.service.step_rows(worker.shards, a.step, a.shards, tensors) if worker.spec.first else []
+        sums = await worker.evaluate(a.step, a.micro_batches, rows)
+        return S.Evaluated(sums.nll, sums.tokens, sums.correct)
 
     # --- checkpoint parts ------------------------------------------------------------------------
 

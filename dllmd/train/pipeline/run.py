@@ -26,7 +26,7 @@ from dllmd.net.schema import to_wire
 from dllmd.train.jobs import JobFailed, JobInterrupted
 from dllmd.train.pipeline import schedule
 from dllmd.train.run import STEP_TIMEOUT_S, JobRun, ring_member, shard_node
-from dllmd.train import schedule as data_schedule
+from dllmd.train.heldout import EvalSums, held_rows
 
 PART_TIMEOUT_S = 1800.0
 
@@ -106,7 +106,7 @@ class PipelineRun(JobRun):
     async def compute(self, step: int) -> dict[int, list[S.StageStepped]] | None:
         """``train.stage_step`` on every stage of every live replica; replica -> its stages' replies, or
         None after a failure was cleaned up (the step is run again)."""
-        batch = data_schedule.batch(self.rows, self.spec.batch_size, self.spec.seed, step)
+        batch = self.batch(step)
         number = {s: i for i, s in enumerate(self.shard_ids)}
         per_replica: dict[int, list[list[int]]] = {r: [] for r in self.alive}
         for row in batch:
@@ -125,9 +125,27 @@ class PipelineRun(JobRun):
             return None
         return {r: [results[(r, s)] for s in range(self.stages)] for r in self.alive}
 
+    async def score_heldout(self, step: int) -> EvalSums | None:
+        """Each live replica scores the held-out rows of the shards it owns, forward only through its
+        stages (``train.stage_evaluate``): the exact model of the step, which no single node holds."""
+        shards, rows = held_rows(self.spec, self.heldout, self.shard_ids, lambda shard: self.owner[shard])
+        calls = []
+        for r, held in rows.items():
+            micro = -(-held.shape[0] // self.spec.micro_batch_size)
+            for s, node in enumerate(self.replicas[r]):
+                calls.append(self.c.service.invoke(
+                    node, S.TRAIN_STAGE_EVALUATE, {"job": self.job, "step": step, "micro_batches": micro,
+                                                   "shards": shards if s == 0 else []},
+                    [held] if s == 0 else [], timeout=STEP_TIMEOUT_S))
+        return await self.gather_sums(calls)
+
     async def apply(self, step: int, lr: float, results: dict[int, list[S.StageStepped]]) -> list[S.NodeRef]:
         return await self.apply_everywhere(S.TRAIN_STAGE_APPLY.name, {"job": self.job, "step": step, "lr": lr,
                                                                       "grad_norm": self.grad_norm(results)})
+
+    def node_name(self, key: tuple[int, int]) -> str:
+        replica, stage = key
+        return self.replicas[replica][stage].name
 
     def where(self, node: S.NodeRef) -> tuple[int, int]:
         """(replica, stage) of a node of the job."""
@@ -148,6 +166,7 @@ class PipelineRun(JobRun):
         lost = sorted({self.where(n)[0] for n in dead} & set(self.alive))
         for node in dead:
             self.store.event(self.job, "stage_lost", f"{self.describe(node)} stopped answering")
+            self.watch.node_lost(node.name, f"({self.describe(node)}) stopped answering")
         remaining = [r for r in self.alive if r not in lost]
         if not remaining:
             names = ", ".join(self.describe(n) for n in dead)

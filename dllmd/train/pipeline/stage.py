@@ -25,6 +25,7 @@ import torch
 from dllmd.failpoints import failpoint
 from dllmd.models.span import LayerSpan
 from dllmd.net.messages import training as S
+from dllmd.train.heldout import EvalSums, token_sums
 from dllmd.train.memory import SavedActivations
 from dllmd.train.model import autocast, parameters, summed_cross_entropy
 from dllmd.train.optim import OptimConfig, TrainingState, clip_and_step, flatten_grads, make_optimizer, mean_gradients, squared_norm
@@ -32,7 +33,7 @@ from dllmd.train.pipeline import schedule
 from dllmd.train.pipeline.links import LinkError, PipeLinks
 from dllmd.train.worker import ShardRows, micro_batch
 
-ACTIVATION, GRADIENT = S.PIPE_KINDS
+ACTIVATION, GRADIENT, EVALUATION = S.PIPE_KINDS
 
 
 @dataclass
@@ -170,8 +171,44 @@ class StageWorker(TrainingState):
                                   compute_s=clock.compute_s, wait_s=clock.wait_s, pipeline_s=pipeline_s, comm_s=comm_s,
                                   bytes_sent=sent, activation_bytes=peak)
 
-    async def _activation(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = await self.links.receive(step, micro, ACTIVATION)
+    async def evaluate(self, step: int, micro_batches: int, rows: list[tuple[str, int]]) -> EvalSums:
+        """A forward-only pass of held-out rows through the pipeline, micro-batch by micro-batch: the
+        first stage embeds its rows, each stage passes its output on (kind ``evaluation``), the last
+        scores the logits. The last stage's sums are the whole model's (every stage holds the weights of
+        the same step); the others return zeros."""
+        async with self.lock:
+            b = self.spec.micro_batch_size
+            if self.spec.first:
+                micro_batches = (len(rows) + b - 1) // b
+            total = EvalSums()
+            for i in range(micro_batches):
+                if self.spec.first:
+                    ids, labels = micro_batch(self.shards, rows[i * b:(i + 1) * b])
+                    inputs = ids.long()
+                else:
+                    inputs, labels = await self._activation(step, i, EVALUATION)
+                output = await asyncio.to_thread(self._score, inputs, labels)
+                if self.spec.last:
+                    total = total + output
+                else:
+                    self.links.send(EVALUATION, step, i, [output, labels])
+            await self.links.flush()
+            return total
+
+    @torch.no_grad()
+    def _score(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | EvalSums:
+        """One micro-batch forward, no graph: hidden states, or on the last stage its sums."""
+        positions = torch.arange(inputs.shape[1])[None]
+        self.span.eval()
+        try:
+            with autocast(self.span.device, self.spec.dtype):
+                output = self.span.forward_training(inputs, positions)
+        finally:
+            self.span.train()
+        return token_sums(output, labels) if self.spec.last else output
+
+    async def _activation(self, step: int, micro: int, kind: str = ACTIVATION) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = await self.links.receive(step, micro, kind)
         hidden_size = self.span.config.hidden_size
         if (len(tensors) != 2 or tensors[0].dim() != 3 or tensors[0].shape[-1] != hidden_size
                 or not tensors[0].is_floating_point() or tensors[1].dtype != torch.int64
