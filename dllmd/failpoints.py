@@ -10,7 +10,8 @@ named points, and a daemon started with ``DLLMD_FAILPOINTS`` in its environment 
 Each entry is ``NAME[@VALUE]=ACTION``: ``NAME`` is a point (below); ``VALUE`` the value it must be
 called with (compared as text; without ``@VALUE``, any value); ``ACTION`` is ``exit``: log one line,
 then ``os._exit(137)`` (no cleanup, nothing flushed or removed, sockets dropped by the kernel: what
-SIGKILL leaves), ``sleep:SECONDS``: a node that is slow there (in a worker thread: a straggler; on
+SIGKILL leaves), ``stop``: the whole process stops as SIGSTOP stops it (alive, its connections
+open, answering nothing: a hung node), ``sleep:SECONDS``: a node that is slow there (in a worker thread: a straggler; on
 the event loop: a hung daemon, which answers nothing meanwhile), or ``scale:FACTOR``: ``failpoint``
 returns FACTOR (``nan`` and ``inf`` too) for the caller to multiply what it reports by (a diverging or
 NaN loss). The variable is read once, when ``dllmd start`` begins (``load``); a malformed one
@@ -29,13 +30,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from typing import Mapping
 
 log = logging.getLogger("dllmd.failpoints")
 
 ENV = "DLLMD_FAILPOINTS"
-ACTIONS = ("exit",)
+ACTIONS = ("exit", "stop")
 EXIT_CODE = 137  # what a shell reports for a process killed by SIGKILL
 
 _armed: dict[str, dict[str | None, str]] = {}  # name -> value (None: any) -> action
@@ -98,4 +100,9 @@ def failpoint(name: str, value: object = None) -> float | None:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(EXIT_CODE)
+    if action == "stop":
+        log.warning("failpoint %s@%s: stopping this process, as SIGSTOP would", name, value)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
     return None

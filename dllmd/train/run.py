@@ -11,6 +11,7 @@ steps); :class:`dllmd.train.pipeline.run.PipelineRun` pipelines and hybrids.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import logging
 import time
 
@@ -28,6 +29,9 @@ from dllmd.train.watch import JobWatch
 log = logging.getLogger("dllmd.coordinator")
 
 STEP_TIMEOUT_S = 3600.0
+# A step unanswered for HUNG_FACTOR x the median of the last HUNG_WINDOW steps (at least HUNG_MIN_S):
+# the nodes are pinged, those that do not answer dropped, and the job goes on.
+HUNG_FACTOR, HUNG_MIN_S, HUNG_WINDOW = 3.0, 30.0, 20
 PREPARE_TIMEOUT_S = 600.0
 MAX_FAILED_ATTEMPTS = 3  # failed steps in a row with no node lost: give up (something else is wrong)
 STATE_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -116,10 +120,13 @@ class JobRun:
         None, once the failure is cleaned up: survivors reset (their half-done step is discarded,
         nothing was applied), then the dead dropped or, with none dead, the collectives formed again."""
         self.watch.pending = {self.node_name(key): task for key, task in tasks.items()}
-        done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
+        deadline = self.step_deadline_s()
+        done, pending = await asyncio.wait(tasks.values(), timeout=deadline, return_when=asyncio.FIRST_EXCEPTION)
         if not pending and all(t.exception() is None for t in done):
             return {key: task.result()[0] for key, task in tasks.items()}
-        first = next(t.exception() for t in done if t.exception() is not None)
+        first = next((t.exception() for t in done if t.exception() is not None), None) or (
+            f"no answer from {', '.join(sorted({self.node_name(k) for k, t in tasks.items() if not t.done()}))} "
+            f"within {deadline:.0f} s (3x the usual step, at least {HUNG_MIN_S:.0f} s)")
         log.warning("job %s step %d failed: %s", self.job, step, first)
         nodes = self.live
         alive = await asyncio.gather(*(self.c.alive(n) for n in nodes))
@@ -127,7 +134,10 @@ class JobRun:
         survivors = [n for n, ok in zip(nodes, alive) if ok]
         await asyncio.gather(*(self.c.service.call(n, S.TRAIN_RESET.name, {"job": self.job}, timeout=10)
                                for n in survivors), return_exceptions=True)
-        await asyncio.wait(list(tasks.values()), timeout=30)
+        # The survivors' calls end once reset; a hung node's never does: it is not waited for.
+        dead_names = {n.name for n in dead}
+        await asyncio.wait([t for k, t in tasks.items() if self.node_name(k) not in dead_names] or
+                           list(tasks.values()), timeout=30)
         for task in tasks.values():
             if not task.done():
                 task.cancel()
@@ -139,6 +149,15 @@ class JobRun:
             self.store.event(self.job, "step_failed", f"step {step}: {first}; retrying")
             await self.form()
         return None
+
+    def step_deadline_s(self) -> float | None:
+        """How long a step's calls may go unanswered before the nodes are checked (a node that no longer
+        answers a ping is then dropped as dead: SIGSTOPped, swapping to death, a stuck driver): 3x the
+        median step, at least 30 s. None until two steps are measured (the first ones warm up)."""
+        recent = list(self.watch.step_times)[-HUNG_WINDOW:]
+        if len(recent) < 2:
+            return None
+        return max(HUNG_MIN_S, HUNG_FACTOR * statistics.median(recent))
 
     def node_name(self, key) -> str:
         """The name of the node a step's call ``key`` (its public key) went to."""
