@@ -123,7 +123,11 @@ def partitioned(tmp_path_factory):
                 daemon.stop()
 
 
-def test_a_link_cut_between_two_stages_mid_generation_gives_the_fault_free_tokens(partitioned, report_figures):
+def test_a_link_cut_between_two_stages_mid_generation_gives_the_fault_free_tokens(partitioned, report_figures,
+                                                                                  monkeypatch, tmp_path):
+    from dllmctl.alerts import recent
+
+    monkeypatch.setenv("DLLM_DATA_DIR", str(tmp_path / "data"))  # where this client keeps its serving alerts
     user, nodes, model = partitioned["user"], list(partitioned["nodes"].values()), partitioned["model"]
     prompt, new_tokens = [9, 8, 7, 6, 5, 4], 12
     ids = torch.tensor([prompt])
@@ -154,5 +158,7 @@ def test_a_link_cut_between_two_stages_mid_generation_gives_the_fault_free_token
     # 60 s step timeout, and blames the node behind the cut only (it alone holds the first layers).
     stall = times[1] - times[0]
     assert result.failovers[0]["suspects"] == cut and stall < 15, (stall, result.failovers)
+    # The client that generated keeps the serving alert (dllmctl alerts, llm://alerts).
+    assert [(a.code, a.node) for a in recent()] == [("node_lost", cut[0])]
     report_figures(f"partition: a link cut between two stages mid-generation: same tokens, failed over in "
                    f"{stall:.1f} s (cut to next token) around {cut[0]}")
