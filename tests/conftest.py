@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -174,3 +175,26 @@ def cli_user_cluster(root: Path, count: int, *up_options: str) -> Iterator[Path]
             yield root / "c"
         finally:
             run_cli("dllmctl", "cluster", "down", "--dir", str(root / "c"))
+
+
+def assert_coordinator_refuses(cluster: Path, cases) -> None:
+    """Jobs sent straight to the coordinator of a CLI-made local cluster (``cluster up --dir``), skipping
+    dllmctl's checks: each ``(JobSpec fields, words)`` of ``cases`` is refused with bad_args and its words."""
+    from dllmd.net.client import RemoteError, RpcClient
+    from dllmd.net.messages import training as S
+    from dllmd.net.wire import ErrorCode
+
+    nodes = [S.NodeRef(n["name"], n["address"], n["public_key"])
+             for n in json.loads((cluster / "cluster.json").read_text())["nodes"]][:2]
+    shards = [S.ShardRef(id=n.public_key, node=n.name, rows=10) for n in nodes]
+    user = Identity.load(cluster.parent / "config" / "identity")
+
+    async def submit(spec: S.JobSpec) -> None:
+        async with RpcClient(user, nodes[0].address, nodes[0].public_key) as client:
+            await client.invoke(S.JOBS_SUBMIT, spec, timeout=30)
+
+    for extra, needle in cases:
+        spec = S.JobSpec(model="tiny", dataset="two", nodes=nodes, shards=shards, max_steps=2, batch_size=2, **extra)
+        with pytest.raises(RemoteError) as refused:
+            asyncio.run(submit(spec))
+        assert refused.value.code == ErrorCode.BAD_ARGS and needle in str(refused.value), str(refused.value)

@@ -230,8 +230,8 @@ def test_a_hung_node_is_dropped_within_the_step_deadline_and_the_job_goes_on(clu
         [["local-1", "local-2", "local-3"]] * 3 + [["local-1", "local-2"]] * (steps - 3)
     node_lost = next(e for e in shown["events"] if e["kind"] == "node_lost")
     assert "local-3" in node_lost["message"]
-    # Dropped within the deadline (plus the ping's 3 s and this machine's slack), not STEP_TIMEOUT_S's hour.
-    assert node_lost["time"] - metrics[2]["time"] <= HUNG_MIN_S + 20, (node_lost, metrics[2])
+    # Dropped at the deadline (plus the ping's 3 s and a loaded machine's slack), not STEP_TIMEOUT_S's hour.
+    assert node_lost["time"] - metrics[2]["time"] <= HUNG_MIN_S + 90, (node_lost, metrics[2])
     weights = _export(started["job"], "after-hang", tmp_path / "export")
     store_dir = Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny"
     assert _max_diff(weights, _reference(store_dir, _shards(cluster3, keys, "three"), steps)) <= 1e-5

@@ -14,7 +14,6 @@ own `dllmctl jobs watch --alert-command`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -27,16 +26,13 @@ import tomli_w
 import torch
 
 from dllmd.alerts import CODES
-from dllmd.net.client import RemoteError, RpcClient
-from dllmd.net.identity import Identity
 from dllmd.net.messages import training as S
-from dllmd.net.wire import ErrorCode
 from dllmd.train.heldout import EvalSums, score_rows, split
 from dllmd.train.local import train_locally
 from dllmd.train.model import load_causal_lm
 from dllmd.train.optim import OptimConfig
 from dllmd.train.privacy.accountant import PrivacyAccountant
-from tests.conftest import cli_user_cluster, run_cli
+from tests.conftest import assert_coordinator_refuses, cli_user_cluster, run_cli
 from tests.test_cli_inference import _ok
 from tests.test_train import _corpus, _max_diff, _restart, _shards, _wait_finished
 from tests.tiny_models import make_tiny_model
@@ -162,22 +158,9 @@ def test_bad_eval_and_alert_settings_are_refused_by_the_cli_and_the_coordinator(
         done = _train("two", "local-1,local-2", *extra, check=False)
         assert done.returncode != 0 and message in done.stderr + done.stdout, done.stderr
     # A client that skips dllmctl's checks meets the coordinator's, as bad_args; no job is created.
-    nodes = [S.NodeRef(n["name"], n["address"], n["public_key"])
-             for n in json.loads((cluster / "cluster.json").read_text())["nodes"]][:2]
-    shards = [S.ShardRef(id=n.public_key, node=n.name, rows=10) for n in nodes]
-    user = Identity.load(cluster.parent / "config" / "identity")
-
-    async def submit(spec: S.JobSpec) -> None:
-        async with RpcClient(user, nodes[0].address, nodes[0].public_key) as client:
-            await client.invoke(S.JOBS_SUBMIT, spec, timeout=30)
-
-    for extra, needle in (({"eval_fraction": 0.7}, "must be in (0, 0.5]"), ({"eval_every": 3}, "held-out data"),
-                          ({"eval_dataset": "other", "eval_shards": [S.ShardRef(id="x" * 64, node="far", rows=5)]},
-                           "not in the job")):
-        spec = S.JobSpec(model="tiny", dataset="two", nodes=nodes, shards=shards, max_steps=2, batch_size=2, **extra)
-        with pytest.raises(RemoteError) as refused:
-            asyncio.run(submit(spec))
-        assert refused.value.code == ErrorCode.BAD_ARGS and needle in str(refused.value), str(refused.value)
+    assert_coordinator_refuses(cluster, (
+        ({"eval_fraction": 0.7}, "must be in (0, 0.5]"), ({"eval_every": 3}, "held-out data"),
+        ({"eval_dataset": "other", "eval_shards": [S.ShardRef(id="x" * 64, node="far", rows=5)]}, "not in the job")))
 
 
 def _alerts(directory: Path) -> list[dict]:

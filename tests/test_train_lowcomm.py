@@ -13,10 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dllmd.net.client import RemoteError, RpcClient
-from dllmd.net.identity import Identity
-from dllmd.net.messages import training as S
-from dllmd.net.wire import ErrorCode
 from dllmd.train.collective import LocalGroup
 from dllmd.train.compression.powersgd import PowerSGDReducer, orthogonalize
 from dllmd.train.compression.reducers import Fp16Reducer, Int8Reducer, Reducer, agreed_levels
@@ -24,7 +20,7 @@ from dllmd.train.diloco.local import train_diloco_locally
 from dllmd.train.local import train_locally
 from dllmd.train.optim import OptimConfig
 from dllmd.train.overlap import plan_buckets
-from tests.conftest import cli_user_cluster, run_cli
+from tests.conftest import assert_coordinator_refuses, cli_user_cluster, run_cli
 from tests.test_cli_inference import _ok
 from tests.test_train import LR, _max_diff, _restart, _shards, _wait_exited, _wait_finished, import_and_shard
 
@@ -270,21 +266,9 @@ def test_what_is_not_built_is_refused_before_a_job_exists(cluster):
         assert done.returncode == 1 and needle in message and "Traceback" not in done.stderr, (args, message)
 
     # A client that skips dllmctl's checks meets the coordinator's: the same words, code bad_args.
-    nodes = [S.NodeRef(n["name"], n["address"], n["public_key"])
-             for n in json.loads((cluster / "cluster.json").read_text())["nodes"]][:2]
-    shards = [S.ShardRef(id=n.public_key, node=n.name, rows=10) for n in nodes]
-    user = Identity.load(cluster.parent / "config" / "identity")
-
-    async def submit(spec: S.JobSpec) -> None:
-        async with RpcClient(user, nodes[0].address, nodes[0].public_key) as client:
-            await client.invoke(S.JOBS_SUBMIT, spec, timeout=30)
-
-    for extra, needle in (({"sync_every": 2, "dp_clip": 1.0, "dp_noise_multiplier": 1.0}, "differential privacy"),
-                          ({"compress": "powersgd:0"}, "needs a rank from 1"),
-                          ({"overlap": True, "backend": "torch"}, "--overlap is built on the zmq ring"),
-                          ({"eval_tokens": [1]}, "at least 2 tokens")):
-        spec = S.JobSpec(model="tiny", dataset="two", nodes=nodes, shards=shards, max_steps=2, batch_size=2, **extra)
-        with pytest.raises(RemoteError) as refused:
-            asyncio.run(submit(spec))
-        assert refused.value.code == ErrorCode.BAD_ARGS and needle in str(refused.value), str(refused.value)
+    assert_coordinator_refuses(cluster, (
+        ({"sync_every": 2, "dp_clip": 1.0, "dp_noise_multiplier": 1.0}, "differential privacy"),
+        ({"compress": "powersgd:0"}, "needs a rank from 1"),
+        ({"overlap": True, "backend": "torch"}, "--overlap is built on the zmq ring"),
+        ({"eval_tokens": [1]}, "at least 2 tokens")))
     assert _ok(run_cli("dllmctl", "jobs", "list", "--json")) == before

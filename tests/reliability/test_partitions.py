@@ -157,7 +157,7 @@ def test_a_link_cut_between_two_stages_mid_generation_gives_the_fault_free_token
     # The stage before the cut says so when its push goes unanswered (PUSH_TIMEOUT_S), not the client's
     # 60 s step timeout, and blames the node behind the cut only (it alone holds the first layers).
     stall = times[1] - times[0]
-    assert result.failovers[0]["suspects"] == cut and stall < 15, (stall, result.failovers)
+    assert result.failovers[0]["suspects"] == cut and stall < 40, (stall, result.failovers)  # not the 60 s timeout
     # The client that generated keeps the serving alert (dllmctl alerts, llm://alerts).
     assert [(a.code, a.node) for a in recent()] == [("node_lost", cut[0])]
     report_figures(f"partition: a link cut between two stages mid-generation: same tokens, failed over in "
