@@ -78,7 +78,7 @@ def test_bad_requests_are_refused():
 
 MB = 2**20
 MODEL = ModelShape.uniform("m", 12, 10 * MB, 20 * MB, 20 * MB)  # fp32 bytes
-LOAD = TrainingLoad(tokens_per_micro_batch=512, in_flight=2, hidden=256, vocab=1000)
+LOAD = TrainingLoad(tokens_per_micro_batch=512, in_flight=2, activation_bytes_per_token=256 * 24, vocab=1000)
 
 
 def _nodes(*specs):
@@ -90,8 +90,55 @@ def test_training_holds_five_fp32_copies_and_the_activations_in_flight():
     activations = 2 * 512 * 256 * 24
     assert shape.layer_bytes == (50 * MB + activations,) * 12
     assert shape.embed_bytes == 100 * MB and shape.head_bytes == 100 * MB + 512 * 1000 * 8
-    half = training_shape(MODEL, TrainingLoad(512, 2, 256, 1000, weight_itemsize=2))  # bf16 stored: fp32 trained
+    half = training_shape(MODEL, TrainingLoad(512, 2, 256 * 24, 1000, weight_itemsize=2))  # bf16 stored: fp32 trained
     assert half.layer_bytes[0] - activations == 100 * MB
+
+
+def test_a_layer_s_estimated_activations_are_what_autograd_saves():
+    """The planner's per-token estimate against autograd's saved tensors of real Llama layers (the
+    difference of a 3-layer and a 1-layer model: one layer's share), within 2%."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dllmd.train.footprint import layer_activation_bytes
+    from dllmd.train.memory import SavedActivations
+
+    config = LlamaConfig(hidden_size=96, intermediate_size=256, num_attention_heads=6, num_key_value_heads=2,
+                         vocab_size=300, max_position_embeddings=64)
+    saved = {}
+    for layers in (1, 3):
+        config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        with SavedActivations(model.parameters()).counting() as seen:
+            model(torch.randint(0, 300, (2, 32)), labels=torch.randint(0, 300, (2, 32)))
+        saved[layers] = sum(seen.values())
+    per_token = (saved[3] - saved[1]) / 2 / 64
+    assert layer_activation_bytes(config.to_dict()) == pytest.approx(per_token, rel=0.02)
+
+
+def test_memory_balanced_stages_even_out_each_stage_s_share_of_its_memory():
+    """Untied, 1F1B: stage 0 keeps two micro-batches in flight, stage 1 one. Balanced by memory the
+    worst stage fills less of its node than under the compute plan, and no split does better."""
+    from dllmctl.placement.layout import span_bytes
+    from dllmctl.placement.training import plan_stages_by_memory
+
+    nodes = [_nodes((4096, 100), (4096, 100))]
+    held = [2, 1]
+    spans = plan_stages_by_memory(MODEL, LOAD, held, nodes)
+    shapes = [training_shape(MODEL, LOAD, h) for h in held]
+
+    def worst(split):
+        return max(span_bytes(shapes[s], a, b) for s, (a, b) in enumerate(split))
+
+    every = [[(0, k), (k, 12)] for k in range(1, 12)]
+    assert worst(spans) == min(worst(split) for split in every)
+    assert worst(spans) < worst(plan_stages(training_shape(MODEL, LOAD), nodes))
+    # A node with half the memory gets about half the bytes.
+    small = plan_stages_by_memory(MODEL, LOAD, held, [_nodes((2048, 100), (4096, 100))])
+    assert small[0][1] < spans[0][1]
+    with pytest.raises(PlanError, match="does not fit"):
+        plan_stages_by_memory(MODEL, LOAD, held, [_nodes((300, 100), (300, 100))])
 
 
 @pytest.mark.parametrize("replicas, want", [
@@ -154,3 +201,4 @@ def test_links_take_messages_in_any_order_only_from_the_right_neighbour_of_this_
             await links.receive(0, 3, "activation", timeout=0.01)
 
     asyncio.run(scenario())
+

@@ -111,6 +111,35 @@ def test_hybrid_replicas_of_a_pipeline_equal_single_process_training(cluster, tm
     assert _max_diff(weights, _reference(cluster, "tiny", "four")) <= 1e-5
 
 
+def test_torch_distributed_pipelines_equal_single_process_training(cluster, tmp_path):
+    """--backend torch: the same stages over one gloo process group (point-to-point activations, a
+    group per stage and per tied pair) end with the weights of one process, as the zmq links do."""
+    for name, dataset, nodes, extra in (
+            ("torch-pipe", "three", 3, ["--parallelism", "model", "--stage-layers", "2,2,1"]),
+            ("torch-hybrid", "four", 4, ["--parallelism", "hybrid", "--pp", "2", "--schedule", "gpipe",
+                                         "--stage-layers", "3,2"])):
+        job = _train("tiny", dataset, nodes, "--backend", "torch", *extra)
+        assert job["state"] == "done" and job["step"] == STEPS, job
+        assert job["last_metrics"]["bytes_between_stages"] > 0
+        weights = _export(job["job"], name, tmp_path / name)
+        assert _max_diff(weights, _reference(cluster, "tiny", dataset)) <= 1e-5, name
+
+    # A process group cannot lose a rank: a dead stage interrupts the job, and resume (a new group)
+    # ends with the weights of one process.
+    steps, common = 6, ("--parallelism", "model", "--stage-layers", "3,2", "--checkpoint-every", "2", "--backend",
+                        "torch")
+    lost = _restart(cluster, "local-2", failpoints="train.stage_step@4=exit")
+    job = _train("tiny", "two", 2, *common, "--detach", steps=steps)["job"]
+    shown = _wait_finished(job)
+    _wait_exited(lost)
+    assert shown["state"] == "interrupted" and shown["step"] == 4, shown
+    _restart(cluster, "local-2")
+    resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--follow", "--json", timeout=300))
+    assert resumed["state"] == "done" and resumed["step"] == steps, resumed
+    weights = _export(job, "torch-resumed", tmp_path / "resumed")
+    assert _max_diff(weights, _reference(cluster, "tiny", "two", steps)) <= 1e-5
+
+
 def test_a_killed_stage_interrupts_the_job_and_resume_ends_where_an_uninterrupted_run_ends(cluster, tmp_path):
     steps = 12
     common = ("--parallelism", "model", "--stage-layers", "3,2", "--checkpoint-every", "4")
@@ -156,8 +185,6 @@ def test_bad_pipeline_jobs_are_refused_before_anything_starts(cluster):
             (["-d", "two", "--parallelism", "model", "--stage-layers", "3,3"], "adds up to 6 layers"),
             (["-d", "two", "--parallelism", "model", "--stage-layers", "a,b"], "layer counts"),
             (["-d", "two", "--parallelism", "model", "--stage-layers", "5", "--pp", "2"], "gives 1 stages"),
-            (["-d", "two", "--parallelism", "model", "--backend", "torch", "--stage-layers", "3,2"],
-             "not built for them yet"),
             (["-d", "two", "--parallelism", "model", "--schedule", "zb", "--stage-layers", "3,2"],
              "schedule must be one of"),
             (["-d", "two", "--parallelism", "hybrid"], "needs --pp"),

@@ -52,7 +52,7 @@ def node_count(parallelism: str, nodes: int, dp: int | None, pp: int | None) -> 
 def run(user: Identity, model: str, model_dir: Path, nodes: int, steps: int, batch_size: int, micro_batch_size: int,
         seq_len: int, source: str | None = None, include: list[str] | None = None, lr: float = 1e-5,
         parallelism: str = "data", schedule: str = "1f1b", dp: int | None = None, pp: int | None = None,
-        stage_layers: list[int] | None = None) -> dict:
+        stage_layers: list[int] | None = None, balance: str = "compute") -> dict:
     source = source or stdlib_source()
     include = include or ["json/*.py", "email/*.py"]
     nodes = node_count(parallelism, nodes, dp, pp)
@@ -67,7 +67,7 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int, steps: int, bat
                                    seq_len=seq_len, include=include, exclude=["site-packages/"])
             dataset = shard_and_push(user, entries, request)
             pipeline = asyncio.run(pipeline_options(user, entries, model_dir, dataset, parallelism, dp, pp, schedule,
-                                                    micro_batch_size, batch_size, stage_layers, False))
+                                                    micro_batch_size, batch_size, stage_layers, False, balance))
             spec = job_spec(model, dataset, entries, batch_size=batch_size, micro_batch_size=micro_batch_size,
                             epochs=0, max_steps=steps, lr=lr, checkpoint_every=0, **pipeline)
             job = asyncio.run(submit(user, entries, model_dir, spec))["job"]

@@ -91,6 +91,7 @@ def train(
     pp: Annotated[Optional[int], typer.Option("--pp", min=2, max=16, help="Stages (default: 2).")] = None,
     dp: Annotated[Optional[int], typer.Option("--dp", min=1, max=16, help="Replicas (hybrid; default 2).")] = None,
     stage_layers: Annotated[Optional[str], typer.Option(help="Layers per stage, e.g. 16,14 (default: planned).")] = None,
+    balance: Annotated[str, typer.Option(help="Planned stages balance compute or memory.")] = "compute",
     rounds: Annotated[int, typer.Option(min=1, max=10_000, help="Federated: rounds.")] = 5,
     local_steps: Annotated[int, typer.Option(min=1, max=10_000, help="Federated: local steps per round.")] = 4,
     modes: Annotated[Optional[str], typer.Option(help="Compare ways to communicate, e.g. sync,diloco+int8: sync, "
@@ -146,7 +147,7 @@ def train(
         with err.status(f"training {steps} steps on {count} temporary node(s), then in one process..."):
             report = train_bench.run(load_user(), model, directory, nodes, steps, batch_size, micro_batch_size,
                                      seq_len, source=source, lr=lr or 1e-5, parallelism=parallelism,
-                                     schedule=schedule, dp=dp, pp=pp, stage_layers=layers)
+                                     schedule=schedule, dp=dp, pp=pp, stage_layers=layers, balance=balance)
     except _training_bench_errors() as exc:
         fail(str(exc))
     if as_json:

@@ -58,6 +58,11 @@ def train_command(
                                                               "the nodes' free memory and speed).")] = None,
     recompute: Annotated[bool, typer.Option("--recompute", help="Pipeline stages keep only their inputs and run the "
                                                                  "forward again in the backward (less memory).")] = False,
+    balance: Annotated[str, typer.Option(help="Planned stages balance compute (the smallest bubble) or memory "
+                                              "(the smallest share of any node's memory).")] = "compute",
+    shard_copies: Annotated[int, typer.Option(min=1, max=16, help="Spare copies of each shard, on disk on other "
+                                                                 "nodes: the job survives that many nodes lost "
+                                                                 "at once.")] = 2,
     rounds: Annotated[Optional[int], typer.Option(min=1, max=10_000_000, help="Federated: rounds to run.")] = None,
     local_steps: Annotated[int, typer.Option(min=1, max=1_000_000, help="Federated: each client's AdamW steps "
                                                                         "per round.")] = 1,
@@ -159,12 +164,12 @@ def train_command(
                                          secure_aggregation, dp_clip)
         else:
             pipeline = asyncio.run(pipeline_options(user, targets, directory, dataset, parallelism, dp, pp, schedule,
-                                                    micro_batch_size, batch_size, layers, recompute))
+                                                    micro_batch_size, batch_size, layers, recompute, balance))
         spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         epochs=epochs or (0 if max_steps else 1), max_steps=max_steps or 0, lr=lr,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay,
                         checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, plaintext=plaintext, backend=backend,
-                        dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
+                        shard_copies=shard_copies, dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
                         dp_epsilon_budget=dp_epsilon_budget, sync_every=sync_every, outer_lr=outer_lr,
                         outer_momentum=outer_momentum, compress=compress, overlap=overlap,
                         overlap_bucket_bytes=max(1024, int(overlap_bucket_mb * 2**20)), **heldout, **pipeline)

@@ -158,6 +158,8 @@ class TrainOptions(BaseModel):
     dp: Optional[int] = Field(None, ge=1, le=256)
     stage_layers: Optional[list[int]] = Field(None, min_length=2, max_length=256)
     recompute: bool = False
+    balance: Literal["compute", "memory"] = "compute"
+    shard_copies: int = Field(2, ge=1, le=16)
     # parallelism federated: the rounds (dllmctl train's --rounds, --local-steps, ...)
     rounds: Optional[int] = Field(None, ge=1, le=10_000_000)
     local_steps: int = Field(1, ge=1, le=1_000_000)
@@ -330,7 +332,7 @@ class ClusterTools:
             else:
                 pipeline = await pipeline_options(self.user, targets, directory, dataset, parallelism, options.dp,
                                                   options.pp, options.schedule, options.micro_batch_size, batch_size,
-                                                  options.stage_layers, options.recompute)
+                                                  options.stage_layers, options.recompute, options.balance)
             pipeline.update(eval_options(options.eval_fraction, options.eval_data, options.eval_every, model,
                                          parallelism))
             spec = job_spec(model, dataset, targets, batch_size=batch_size, micro_batch_size=options.micro_batch_size,
@@ -338,7 +340,7 @@ class ClusterTools:
                             lr=options.lr, warmup_steps=options.warmup_steps, grad_clip=options.grad_clip,
                             weight_decay=options.weight_decay, checkpoint_every=options.checkpoint_every,
                             seed=options.seed, dtype=options.dtype, backend=options.backend,
-                            dp_clip=options.dp_clip, dp_noise_multiplier=options.dp_noise_multiplier,
+                            shard_copies=options.shard_copies, dp_clip=options.dp_clip, dp_noise_multiplier=options.dp_noise_multiplier,
                             dp_delta=options.dp_delta, dp_epsilon_budget=options.dp_epsilon_budget, **pipeline)
         except TrainError as exc:
             raise ToolError(str(exc)) from None
@@ -452,9 +454,10 @@ def _add_tools(server: MCPServer, tools: ClusterTools) -> None:
             description="The model to fine-tune: a model name in the local store, or an object {\"name\", and "
                         "optionally \"lr\", \"max_steps\", \"micro_batch_size\", \"warmup_steps\", \"grad_clip\", "
                         "\"weight_decay\", \"checkpoint_every\", \"seed\", \"dtype\" (float32|bfloat16), \"backend\" "
-                        "(zmq|torch), \"seq_len\" (must equal the dataset's); for parallelism model or hybrid also "
+                        "(zmq|torch), \"shard_copies\" (spare copies of each shard, default 2), \"seq_len\" (must equal the dataset's); for parallelism model or hybrid also "
                         "\"schedule\" (1f1b|gpipe), \"pp\" (stages), \"dp\" (replicas, hybrid), \"stage_layers\" "
-                        "(layers per stage, default planned), \"recompute\"; for parallelism federated \"rounds\" "
+                        "(layers per stage, default planned), \"recompute\", \"balance\" (compute|memory: what planned "
+                        "stages even out); for parallelism federated \"rounds\" "
                         "(required), \"local_steps\", \"clients_per_round\" (a count or a fraction), "
                         "\"min_clients\", \"round_timeout\" (s), \"strategy\" (fedavg|fedavgm|fedadam), "
                         "\"server_lr\", \"server_momentum\", \"proximal_mu\" (FedProx), \"update_clip\", "

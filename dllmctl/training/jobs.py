@@ -60,31 +60,37 @@ def pipeline_shape(parallelism: str, nodes: int, dp: int | None, pp: int | None)
 
 async def pipeline_options(user: Identity, nodes: list[NodeEntry], model_dir: Path, dataset: dict, parallelism: str,
                            dp: int | None, pp: int | None, schedule: str, micro_batch_size: int, batch_size: int,
-                           stage_layers: list[int] | None, recompute: bool) -> dict:
+                           stage_layers: list[int] | None, recompute: bool, balance: str = "compute") -> dict:
     """The :class:`JobSpec` fields of a pipeline or hybrid job (none for data parallelism): its
     replicas, stages and their layers, schedule. What ``dllmctl train`` and the MCP tool both submit."""
     if parallelism == "data":
         return {}
     replicas, stages = pipeline_shape(parallelism, len(nodes), dp, pp)
     spans = await plan_pipeline(user, nodes, model_dir, dataset, replicas, stages, schedule, micro_batch_size,
-                                batch_size, stage_layers)
+                                batch_size, stage_layers, balance)
     return {"parallelism": parallelism, "replicas": replicas, "stages": spans, "schedule": schedule,
             "recompute": recompute}
 
 
 async def plan_pipeline(user: Identity, nodes: list[NodeEntry], model_dir: Path, dataset: dict, replicas: int,
                         stages: int, schedule: str, micro_batch_size: int, batch_size: int,
-                        stage_layers: list[int] | None = None) -> list[S.StageSpan]:
+                        stage_layers: list[int] | None = None, balance: str = "compute") -> list[S.StageSpan]:
     """The stages' layer spans: as given (``--stage-layers``), else planned from the live nodes' free
-    memory and speed for what training holds (weights, gradients, moments, in-flight activations)."""
+    memory and speed for what training holds (weights, gradients, moments, in-flight activations):
+    balanced by compute (``balance="compute"``, the smallest bubble) or by memory (``"memory"``: the
+    smallest peak share of any node's memory)."""
     from dllmctl.cluster.live import query_nodes
     from dllmctl.placement.capacity import node_capacities
     from dllmctl.placement.layout import ModelShape, PlanError
-    from dllmctl.placement.training import TrainingLoad, plan_stages, stages_from_counts, training_shape
-    from dllmd.train.pipeline.schedule import max_in_flight
+    from dllmctl.placement.training import (BALANCES, TrainingLoad, plan_stages, plan_stages_by_memory,
+                                            stages_from_counts, training_shape)
+    from dllmd.train.footprint import layer_activation_bytes
+    from dllmd.train.pipeline.schedule import actions, in_flight, max_in_flight
 
     if schedule not in S.SCHEDULES:
         raise TrainError(f"--schedule must be one of {', '.join(S.SCHEDULES)}, not {schedule!r}")
+    if balance not in BALANCES:
+        raise TrainError(f"--balance must be one of {', '.join(BALANCES)}, not {balance!r}")
     manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
     try:
         if stage_layers:
@@ -100,11 +106,15 @@ async def plan_pipeline(user: Identity, nodes: list[NodeEntry], model_dir: Path,
             micro_batches = -(-batch_size // micro_batch_size)
             load = TrainingLoad(tokens_per_micro_batch=micro_batch_size * int(dataset.get("seq_len") or 2048),
                                 in_flight=max_in_flight(schedule, stages, micro_batches),
-                                hidden=int(config["hidden_size"]), vocab=int(config["vocab_size"]),
+                                activation_bytes_per_token=layer_activation_bytes(config),
+                                vocab=int(config["vocab_size"]),
                                 weight_itemsize={"float32": 4, "float16": 2, "bfloat16": 2}.get(manifest.dtype, 4))
-            shape = training_shape(ModelShape.from_manifest(manifest), load)
-            spans = plan_stages(shape, [[capacity[n.name] for n in nodes[r * stages:(r + 1) * stages]]
-                                        for r in range(replicas)])
+            positions = [[capacity[n.name] for n in nodes[r * stages:(r + 1) * stages]] for r in range(replicas)]
+            if balance == "memory":
+                held = [in_flight(actions(schedule, s, stages, micro_batches)) for s in range(stages)]
+                spans = plan_stages_by_memory(ModelShape.from_manifest(manifest), load, held, positions)
+            else:
+                spans = plan_stages(training_shape(ModelShape.from_manifest(manifest), load), positions)
     except PlanError as exc:
         raise TrainError(str(exc)) from None
     return [S.StageSpan(start, end) for start, end in spans]

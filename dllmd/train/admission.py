@@ -13,9 +13,6 @@ from dllmd.train.privacy.settings import PrivacySettings
 
 def check_stages(spec: S.JobSpec, config: dict) -> None:
     """Stages that cover the model's layers once, in order, on replicas x stages nodes."""
-    if spec.backend != "zmq":
-        raise JobError("pipeline and hybrid jobs run on the encrypted peer connections and ring (--backend zmq); "
-                       "--backend torch is not built for them yet")
     if spec.schedule not in S.SCHEDULES:
         raise JobError(f"schedule must be one of {', '.join(S.SCHEDULES)}, not {spec.schedule!r}")
     if len(spec.stages) < 2:

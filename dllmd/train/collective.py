@@ -64,6 +64,18 @@ class RingCollective:
         self.ring.close()
 
 
+def torch_all_reduce(flat: torch.Tensor, group=None) -> None:
+    """Sum ``flat`` in place over ``group`` (the whole process group by default), on the GPU under nccl."""
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():  # nccl reduces on the GPU
+        on_gpu = flat.cuda()
+        dist.all_reduce(on_gpu, group=group)
+        flat.copy_(on_gpu.cpu())
+    else:
+        dist.all_reduce(flat, group=group)
+
+
 class TorchCollective:
     """One torch.distributed process group per daemon process: a node runs one torch-backend job at a time."""
 
@@ -98,16 +110,9 @@ class TorchCollective:
     async def allreduce(self, flat: torch.Tensor, step: int) -> int:
         """Sum ``flat``; the bytes a ring would send for it (gloo and nccl pick their own algorithm and
         do not say what they sent: for a large buffer it is a ring's, or close to it)."""
-        import torch.distributed as dist
-
         if self.size == 1:
             return 0
-        if torch.cuda.is_available():  # nccl reduces on the GPU
-            on_gpu = flat.cuda()
-            await asyncio.to_thread(dist.all_reduce, on_gpu)
-            flat.copy_(on_gpu.cpu())
-        else:
-            await asyncio.to_thread(dist.all_reduce, flat)
+        await asyncio.to_thread(torch_all_reduce, flat)
         return ring_bytes(flat, self.size)
 
     def abort(self, reason: str) -> None:

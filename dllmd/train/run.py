@@ -260,14 +260,18 @@ class DataParallelRun(JobRun):
         if len(self.live) < 2:
             return
         keys = [n.public_key for n in self.live]
+        wanted = 1 + min(self.spec.shard_copies, len(keys) - 1)  # the owner and its spares
         copies = []
         for shard in self.shard_ids:
             holders = self.holders[shard] & set(keys)
-            if len(holders) >= 2:
-                continue
             owner = self.owner[shard]
-            spare = keys[(keys.index(owner) + 1) % len(keys)]  # the owner's ring successor
-            copies.append((shard, owner, spare))
+            at = keys.index(owner)
+            for spare in (keys[(at + d) % len(keys)] for d in range(1, len(keys))):  # the owner's successors
+                if len(holders) >= wanted:
+                    break
+                if spare not in holders:
+                    copies.append((shard, owner, spare))
+                    holders.add(spare)
         await asyncio.gather(*(self.c.service.call(self.node(spare), "train.backup",
                                                    {"job": self.job, "shard": shard,
                                                     "holder": to_wire(self.node(owner))}, timeout=PREPARE_TIMEOUT_S)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -32,6 +33,7 @@ from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.net.messages import training as S
 from dllmd.observe.metrics import NodeMetrics
+from dllmd.train.footprint import LOGITS_BYTES_PER_VOCAB, layer_activation_bytes
 from dllmd.train.model import TrainModelError
 from dllmd.train.optim import OptimConfig
 from dllmd.train.collective import RingCollective, TorchCollective
@@ -54,13 +56,14 @@ Handler = Callable[[Any, list[torch.Tensor]], Awaitable[Any]]
 REFUSALS = (TrainModelError, ModelFileError, ShardError, RingError, LinkError, ValueError, KeyError)
 
 
-def replica_bytes(params: int, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int,
-                  private: bool = False, comm: S.CommPlan | None = None) -> int:
+def replica_bytes(params: int, micro_batch: int, seq_len: int, config: dict, private: bool = False,
+                  comm: S.CommPlan | None = None) -> int:
     """A rough peak for one AdamW replica: fp32 weights, gradients, two moments, the flat all-reduce
     buffer and its copy, plus activations of one micro-batch (and its logits); DP-SGD also holds
     every example's gradient of a micro-batch, and the step's noise; DiLoCo the outer weights and
     their momentum; error feedback a residual and the next one."""
-    activations = micro_batch * seq_len * (hidden * layers * 24 + vocab * 8)
+    layers, vocab = int(config.get("num_hidden_layers") or 0), int(config.get("vocab_size") or 0)
+    activations = micro_batch * seq_len * (layer_activation_bytes(config) * layers + vocab * LOGITS_BYTES_PER_VOCAB)
     copies = 6 + (micro_batch + 1 if private else 0)
     if comm is not None:
         copies += (2 if comm.sync_every else 0) + (2 if comm.compress != "none" else 0)
@@ -168,6 +171,7 @@ class TrainingService:
 
     async def prepare(self, a: S.WorkerPrepareArgs, _tensors) -> dict:
         """Load a replica of the model and this node's shard of the dataset; bind a ring socket."""
+        spares = self.spares_directory(a.job)  # checks the job id before anything is loaded
         if a.job in self.workers:
             self.workers.pop(a.job).close()
         if a.plaintext and not self.config.allow_plaintext_ring:
@@ -191,13 +195,11 @@ class TrainingService:
         admins = [k.public_key for k in self.keys.all() if k.role == Role.ADMIN]
         shard = await asyncio.to_thread(self._own_shard, a.dataset)
         if a.stage is not None:
-            if a.backend != "zmq":
-                raise ValueError("pipeline stages talk over the encrypted peer connections and ring (--backend zmq)")
             return await self.stages.prepare(a, config_path, shard, admins)
         manifest, files = await asyncio.to_thread(self.models.verified_span, a.model, 0, layers, True, True, admins)
         seq_len = shard.tokens.shape[1] if shard else 2048
-        need = replica_bytes(manifest.params, a.micro_batch_size, seq_len, int(config.get("hidden_size", 0)), layers,
-                             int(config.get("vocab_size", 0)), private=a.privacy is not None, comm=a.comm)
+        need = replica_bytes(manifest.params, a.micro_batch_size, seq_len, config, private=a.privacy is not None,
+                             comm=a.comm)
         device = hardware.best_device()
         free = hardware.gpus()[0]["memory_free"] if device.type == "cuda" else psutil.virtual_memory().available
         if need > free:
@@ -220,6 +222,7 @@ class TrainingService:
         except Exception:
             collective.close()
             raise
+        worker.shards.directory = spares
         if shard is not None:
             worker.shards[self.identity.public_key] = shard
         eval_shard = await asyncio.to_thread(self._own_shard, a.eval_dataset) if a.eval_dataset else None
@@ -230,6 +233,13 @@ class TrainingService:
         return {"ring_port": collective.port,
                 "rows": int(shard.tokens.shape[0]) if shard else 0, "seq_len": seq_len, "device": str(device),
                 "params": sum(p.numel() for p in worker.model.parameters()), "memory_needed": need}
+
+    def spares_directory(self, job: str) -> Path:
+        """Where this node keeps its spare copies of a job's other shards (:mod:`dllmd.train.spares`);
+        the job id (a peer's word) must be a plain name: the directory is removed with the job."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", job) or ".." in job:
+            raise ValueError(f"a job id is letters, digits, '-', '_' and '.', not {job[:64]!r}")
+        return self.home / "jobs" / job / "spares"
 
     def _own_shard(self, dataset: str) -> ShardRows | None:
         try:
@@ -256,7 +266,7 @@ class TrainingService:
         """Copy a shard's rows from the node holding them, so this node can take the shard over."""
         worker = self._worker(a.job)
         if a.shard in worker.shards:
-            return {"rows": int(worker.shards[a.shard].tokens.shape[0])}
+            return {"rows": worker.shards.row_count(a.shard)}
         first, _ = await self.call(a.holder, "train.rows", {"job": a.job, "shard": a.shard, "start": 0, "count": 1})
         total, seq_len, valid = _bounded_rows(first, a.holder.name)
         per_message = max(1, ROWS_MESSAGE_BYTES // (4 * seq_len))
@@ -270,7 +280,7 @@ class TrainingService:
         rows = torch.cat(parts) if parts else torch.zeros(0, seq_len, dtype=torch.int32)
         if rows.shape[0] != total:
             raise ValueError(f"got {rows.shape[0]} rows of shard {a.shard[:12]} from {a.holder.name}, expected {total}")
-        worker.shards[a.shard] = ShardRows(rows, valid)
+        await asyncio.to_thread(worker.shards.keep_spare, a.shard, ShardRows(rows, valid))
         return {"rows": total}
 
     async def rows(self, a: S.RowsArgs, _tensors) -> tuple[dict, list[torch.Tensor]]:

@@ -32,6 +32,7 @@ from dllmd.train.overlap import OverlappedBackward
 from dllmd.train.privacy.clipping import clipped_gradient_sum
 from dllmd.train.privacy.dpsgd import apply_private_update, batch_loss, privatize
 from dllmd.train.ring import RingMember
+from dllmd.train.spares import ShardSet
 
 
 @dataclass
@@ -102,7 +103,7 @@ class TrainWorker(TrainingState):
         self.reducer = reducer_for(spec.comm, collective, [p.shape for p in self.params.values()])
         self.overlap = (OverlappedBackward(list(self.params.values()), collective, spec.comm.bucket_bytes)
                         if spec.comm is not None and spec.comm.overlap else None)
-        self.shards: dict[str, ShardRows] = {}
+        self.shards = ShardSet()  # the service gives it the job's spares directory
         self.eval_shards: dict[str, ShardRows] = {}  # this node's shard of --eval-data, never trained on
         self._pending: tuple[int, torch.Tensor] | None = None  # (step, summed buffer) awaiting apply
         self.lock = asyncio.Lock()  # one step or apply at a time
@@ -202,6 +203,7 @@ class TrainWorker(TrainingState):
         self.reducer.load({name.removeprefix("local."): tensor for name, tensor in tensors.items()})
 
     def close(self) -> None:
+        self.shards.close()
         if self.overlap is not None:
             self.overlap.close()
         self.collective.close()

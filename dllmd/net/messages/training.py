@@ -64,6 +64,9 @@ class JobSpec:
     replicas: int = bounded(1, lo=1, hi=256)
     schedule: str = bounded("1f1b", max_len=8)
     recompute: bool = False  # keep only each stage's inputs; run the forward again in the backward
+    # Spare copies of each shard's rows, on disk on the owner's next ring members (data parallelism) or
+    # the next replicas' first stages (hybrid): the job survives that many nodes lost at once.
+    shard_copies: int = bounded(2, lo=1, hi=16)
     # federated: rounds of local training on every client's own data (``nodes``; the first coordinates)
     rounds: int = bounded(0, lo=0, hi=10_000_000)
     local_steps: int = bounded(1, lo=1, hi=1_000_000)  # each client's AdamW steps per round

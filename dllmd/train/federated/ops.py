@@ -126,8 +126,7 @@ class FederatedClientOps:
         from dllmd.train.service import replica_bytes
 
         seq_len = int(shard.tokens.shape[1])
-        need = replica_bytes(params, a.micro_batch_size, seq_len, int(a.config.get("hidden_size", 0)),
-                             int(a.config.get("num_hidden_layers", 0)), int(a.config.get("vocab_size", 0)))
+        need = replica_bytes(params, a.micro_batch_size, seq_len, a.config)
         device = hardware.best_device()
         free = hardware.gpus()[0]["memory_free"] if device.type == "cuda" else psutil.virtual_memory().available
         cap = config.limits.memory

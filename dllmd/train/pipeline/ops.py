@@ -33,6 +33,7 @@ from dllmd.train.pipeline import schedule
 from dllmd.train.pipeline.links import SEND_TIMEOUT_S, PipeLinks
 from dllmd.train.pipeline.parts import part_root
 from dllmd.train.pipeline.stage import StageSpec, StageWorker, stage_memory_bytes
+from dllmd.train.pipeline.torchdist import TorchPipelineGroup
 from dllmd.train.ring import RingSocket
 
 
@@ -85,8 +86,8 @@ class StageOps:
         seq_len = shard.tokens.shape[1] if shard else 2048
         in_flight = schedule.in_flight(schedule.actions(plan.schedule, plan.index, plan.count, plan.micro_batches))
         params = expected_weight_bytes(config, plan.start, plan.end, embed=embed, head=head, dtype=torch.float32) // 4
-        need = stage_memory_bytes(params, in_flight, a.micro_batch_size, seq_len, int(config.hidden_size),
-                                  plan.end - plan.start, int(config.vocab_size), head, plan.recompute)
+        need = stage_memory_bytes(params, in_flight, a.micro_batch_size, seq_len, config.to_dict(),
+                                  plan.end - plan.start, head, plan.recompute)
         device = hardware.best_device()
         free = hardware.gpus()[0]["memory_free"] if device.type == "cuda" else psutil.virtual_memory().available
         name = self.service.config.name
@@ -95,12 +96,16 @@ class StageOps:
                              f"(layers {plan.start}-{plan.end - 1}) with AdamW needs about {need / 2**30:.1f} GiB: "
                              f"add stages, lower --micro-batch-size, use --schedule 1f1b or --recompute")
         tied = bool(getattr(config, "tie_word_embeddings", False)) and (embed or head)
-        sockets = [self._ring_socket(a.plaintext, offset) for offset in range(2 if tied else 1)]
-        collectives = [RingCollective(s) for s in sockets]
+        if a.backend == "torch":
+            group = TorchPipelineGroup(bind_host(self.service.config.listen), plan.count, plan.index, tied)
+            collectives, links, ports = [group.ring] + ([group.tied] if tied else []), group.links, [group.port] * 2
+        else:
+            sockets = [self._ring_socket(a.plaintext, offset) for offset in range(2 if tied else 1)]
+            collectives, links = [RingCollective(s) for s in sockets], PipeLinks(a.job, self._send)
+            ports = [c.port for c in collectives] + [0]
         spec = StageSpec(job=a.job, model=a.model, dataset=a.dataset, plan=plan, dtype=a.dtype,
                          micro_batch_size=a.micro_batch_size,
                          optim=OptimConfig(lr=a.lr, grad_clip=a.grad_clip, weight_decay=a.weight_decay))
-        links = PipeLinks(a.job, self._send)
         source = self.service.models.tensor_source(a.model, files)
 
         def build() -> StageWorker:
@@ -114,10 +119,11 @@ class StageOps:
             for collective in collectives:
                 collective.close()
             raise
+        worker.shards.directory = self.service.spares_directory(a.job)
         if shard is not None:
             worker.shards[self.service.identity.public_key] = shard
         self.service.workers[a.job] = worker
-        return {"ring_port": collectives[0].port, "tied_port": collectives[1].port if tied else 0,
+        return {"ring_port": ports[0], "tied_port": ports[1] if tied else 0,
                 "rows": int(shard.tokens.shape[0]) if shard else 0, "seq_len": seq_len, "device": str(device),
                 "params": sum(p.numel() for p in worker.params.values()), "memory_needed": need}
 

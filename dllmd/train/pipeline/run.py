@@ -55,11 +55,21 @@ class PipelineRun(JobRun):
 
     async def form(self) -> None:
         """Number the replicas' stages, link each stage to its neighbours, form one ring per stage over
-        its replicas (and each replica's tied pair), and place every shard's rows where they are needed."""
+        its replicas (and each replica's tied pair), and place every shard's rows where they are needed.
+        Under ``--backend torch`` the rings are groups of one process group over the job's nodes
+        (:mod:`dllmd.train.pipeline.torchdist`)."""
         self.generation += 1
         ports, tied_ports = self.c.ring_ports[self.job], self.c.tied_ports[self.job]
         calls = []
-        for s in range(self.stages):
+        if self.spec.backend == "torch":
+            # One process group over the whole job, joined once: every node is told its rank in it.
+            if self.generation > 1:
+                raise JobInterrupted(f"a torch.distributed pipeline cannot be formed again without the nodes it "
+                                     f"lost; resume it with 'dllmctl jobs resume {self.job}'")
+            world = [ring_member(n, ports[n.public_key]) for n in self.live]
+            calls = [(n, S.TRAIN_RING.name, {"job": self.job, "generation": self.generation, "rank": rank,
+                                             "members": world}) for rank, n in enumerate(self.live)]
+        for s in range(self.stages if self.spec.backend == "zmq" else 0):
             members = [ring_member(self.replicas[r][s], ports[self.replicas[r][s].public_key]) for r in self.alive]
             for rank, r in enumerate(self.alive):
                 calls.append((self.replicas[r][s], S.TRAIN_RING.name,
@@ -79,16 +89,17 @@ class PipelineRun(JobRun):
         await self.place_rows()
 
     async def place_rows(self) -> None:
-        """Every shard's rows on its owner's first stage, and (with two replicas or more) a spare copy
-        on the next replica's first stage, which takes the shard over if the owner is lost."""
+        """Every shard's rows on its owner's first stage, and (with two replicas or more) spare copies
+        on the next replicas' first stages (``shard_copies`` of them), which take the shard over if the
+        owner is lost."""
         live = {n.public_key for n in self.live}
         copies = []
+        spares = min(self.spec.shard_copies, len(self.alive) - 1)
         for shard in self.shard_ids:
             self.holders[shard] &= live
             owner = self.owner[shard]
-            wanted = [self.first(owner)]
-            if len(self.alive) > 1:
-                wanted.append(self.first(self.alive[(self.alive.index(owner) + 1) % len(self.alive)]))
+            at = self.alive.index(owner)
+            wanted = [self.first(self.alive[(at + d) % len(self.alive)]) for d in range(spares + 1)]
             for node in wanted:
                 if node.public_key not in self.holders[shard]:
                     if not self.holders[shard]:

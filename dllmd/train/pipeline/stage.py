@@ -25,13 +25,15 @@ import torch
 from dllmd.failpoints import failpoint
 from dllmd.models.span import LayerSpan
 from dllmd.net.messages import training as S
+from dllmd.train.footprint import LOGITS_BYTES_PER_VOCAB, layer_activation_bytes
 from dllmd.train.heldout import EvalSums, token_sums
 from dllmd.train.memory import SavedActivations
 from dllmd.train.model import autocast, parameters, summed_cross_entropy
 from dllmd.train.optim import OptimConfig, TrainingState, clip_and_step, flatten_grads, make_optimizer, mean_gradients, squared_norm
 from dllmd.train.pipeline import schedule
 from dllmd.train.pipeline.links import LinkError, PipeLinks
-from dllmd.train.worker import ShardRows, micro_batch
+from dllmd.train.spares import ShardSet
+from dllmd.train.worker import micro_batch
 
 ACTIVATION, GRADIENT, EVALUATION = S.PIPE_KINDS
 
@@ -55,16 +57,16 @@ class StageSpec:
         return self.plan.index == self.plan.count - 1
 
 
-def stage_memory_bytes(params: int, in_flight: int, micro_batch: int, seq_len: int, hidden: int, layers: int,
-                       vocab: int, head: bool, recompute: bool) -> int:
+def stage_memory_bytes(params: int, in_flight: int, micro_batch: int, seq_len: int, config: dict, layers: int,
+                       head: bool, recompute: bool) -> int:
     """A rough peak for one stage: fp32 weights, gradients, two moments and the flat buffer the
     gradients are summed in, plus the saved activations of its in-flight micro-batches (only their
     inputs when recomputing, and one micro-batch's whole graph during its backward) and the head's
     logits."""
-    per_micro = micro_batch * seq_len * hidden * layers * 24
-    inputs = micro_batch * seq_len * hidden * 4
+    per_micro = micro_batch * seq_len * layer_activation_bytes(config) * layers
+    inputs = micro_batch * seq_len * int(config["hidden_size"]) * 4
     activations = (in_flight * inputs + per_micro) if recompute else in_flight * per_micro
-    logits = micro_batch * seq_len * vocab * 8 if head else 0
+    logits = micro_batch * seq_len * int(config["vocab_size"]) * LOGITS_BYTES_PER_VOCAB if head else 0
     return params * 4 * 5 + activations + logits
 
 
@@ -87,7 +89,7 @@ class StageWorker(TrainingState):
         self.collective = collective  # the ring over this stage's replicas
         self.tied = tied  # the ring of this replica's first and last stage (tied embeddings), or None
         self.links = links
-        self.shards: dict[str, ShardRows] = {}
+        self.shards = ShardSet()  # the service gives it the job's spares directory
         # Parameter name -> its name in the model's checkpoint (a tied head is the embedding matrix).
         names = {f"parts.{key}": name for key, name in span.parts.checkpoint_names(span.config).items()}
         self.state_params = {names[n]: p for n, p in self.params.items()}
@@ -281,6 +283,7 @@ class StageWorker(TrainingState):
         self._pending = None
 
     def close(self) -> None:
+        self.shards.close()
         self.links.fail_pending(RuntimeError("the stage was released"))
         self.collective.close()
         if self.tied is not None:
