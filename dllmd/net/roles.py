@@ -42,7 +42,7 @@ _GROUPS: dict[frozenset[Role], tuple[str, ...]] = {
                      "ring.open", "ring.form", "ring.run", "ring.close"),
     # A job's coordinator and its workers, within the owner's cluster.
     frozenset({A, P}): ("train.prepare", "train.ring", "train.backup", "train.rows", "train.step", "train.apply",
-                        "train.reset", "train.state", "train.load_state", "train.release", "train.links",
+                        "train.reset", "train.probe", "train.state", "train.load_state", "train.release", "train.links",
                         "train.pipe", "train.stage_step", "train.stage_apply", "train.save_part",
                         "train.read_part", "train.fetch_part", "train.load_part",
                         "train.inner", "train.sync", "train.outer", "train.evaluate", "train.stage_evaluate"),

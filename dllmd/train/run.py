@@ -143,12 +143,40 @@ class JobRun:
                 task.cancel()
             elif not task.cancelled():
                 task.exception()  # seen
+        cut_off = [] if dead else await self.cut_off(survivors)
         if dead:
             await self.recover(dead)
+        elif cut_off:
+            await self.recover(cut_off)
+            await self.c._release(self.job, cut_off)
         else:
             self.store.event(self.job, "step_failed", f"step {step}: {first}; retrying")
             await self.form()
         return None
+
+    async def cut_off(self, nodes: list[S.NodeRef]) -> list[S.NodeRef]:
+        """With every node answering the coordinator, a step can still fail on a cut link between two
+        of them (a ring neighbour's chunks never come): each node pings the others (``train.probe``),
+        and of every pair that cannot reach each other one is dropped, as a dead node would be: the
+        node cut from the most others first, never the coordinator, else the later in the job's order.
+        An event names each cut link."""
+        replies = await asyncio.gather(*(self.c.service.invoke(n, S.TRAIN_PROBE, {
+            "job": self.job, "members": [to_wire(m) for m in nodes]}, timeout=30) for n in nodes),
+            return_exceptions=True)
+        order = {n.public_key: i for i, n in enumerate(nodes)}
+        cut = {frozenset((n.public_key, key)) for n, reply in zip(nodes, replies)
+               if not isinstance(reply, BaseException) for key in reply[0].unreachable if key in order}
+        for pair in sorted(cut, key=lambda p: sorted(order[k] for k in p)):
+            a, b = sorted(pair, key=order.get)
+            self.store.event(self.job, "link_lost", f"{nodes[order[a]].name} and {nodes[order[b]].name} cannot reach "
+                                                    f"each other")
+        me, dropped = self.c.service.identity.public_key, []
+        while cut:
+            count = {key: sum(key in pair for pair in cut) for pair in cut for key in pair}
+            victim = max((k for k in count if k != me), key=lambda k: (count[k], order[k]))
+            dropped.append(nodes[order[victim]])
+            cut = {pair for pair in cut if victim not in pair}
+        return dropped
 
     def step_deadline_s(self) -> float | None:
         """How long a step's calls may go unanswered before the nodes are checked (a node that no longer

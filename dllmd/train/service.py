@@ -49,6 +49,7 @@ TRAINING_DIAL = frozenset({Role.PEER, Role.ADMIN})  # whom this node sends train
 FEDERATED_DIAL = frozenset({Role.PEER, Role.ADMIN, Role.FEDERATION})
 MAX_BACKUP_ROWS = 2**31
 MAX_SEQ_LEN = 1 << 20
+PROBE_TIMEOUT_S = 3.0  # a job member that does not answer a ping in this long is cut off from this node
 IDLE_REPLICA_TTL_S = 15 * 60  # a running job calls every worker at least once per step
 SWEEP_INTERVAL_S = 60
 Handler = Callable[[Any, list[torch.Tensor]], Awaitable[Any]]
@@ -83,7 +84,7 @@ class TrainingService:
         self.handlers: dict[str, tuple[Op, Handler]] = {op.name: (op, handler) for op, handler in (
             (S.TRAIN_PREPARE, self.prepare), (S.TRAIN_RING, self.form_ring), (S.TRAIN_BACKUP, self.backup),
             (S.TRAIN_ROWS, self.rows), (S.TRAIN_STEP, self.step), (S.TRAIN_APPLY, self.apply),
-            (S.TRAIN_RESET, self.reset), (S.TRAIN_STATE, self.state), (S.TRAIN_LOAD_STATE, self.load_state),
+            (S.TRAIN_RESET, self.reset), (S.TRAIN_PROBE, self.probe), (S.TRAIN_STATE, self.state), (S.TRAIN_LOAD_STATE, self.load_state),
             (S.TRAIN_RELEASE, self.release), (S.TRAIN_EVALUATE, self.evaluate))}
         from dllmd.train.pipeline.ops import StageOps  # pipeline stages: their own operations
         self.stages = StageOps(self)
@@ -261,6 +262,20 @@ class TrainingService:
         members = self.ring_members(a.members)
         await self._worker(a.job).form_ring(a.generation, a.rank, members)
         return {"rank": a.rank, "size": len(members)}
+
+    async def probe(self, a: S.ProbeArgs, _tensors) -> S.Probed:
+        """Ping each of ``members`` (only keys this node may dial); the ones that do not answer."""
+        others = [m for m in a.members if m.public_key != self.identity.public_key]
+
+        async def answers(node: S.NodeRef) -> bool:
+            try:
+                await self.dial(node, "ping").call("ping", timeout=PROBE_TIMEOUT_S)
+                return True
+            except CallError:
+                return False
+
+        reached = await asyncio.gather(*(answers(m) for m in others))
+        return S.Probed([m.public_key for m, ok in zip(others, reached) if not ok])
 
     async def backup(self, a: S.BackupArgs, _tensors) -> dict:
         """Copy a shard's rows from the node holding them, so this node can take the shard over."""

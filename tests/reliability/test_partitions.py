@@ -1,5 +1,6 @@
 """Partitions: a link cut between two stages mid-generation, with a replica elsewhere, gives the
-fault-free tokens.
+fault-free tokens; a link cut between two training workers mid-job drops one of them, as a dead node
+would be, and the job ends with the weights of one process.
 
 Each daemon runs in a network namespace of its own (``ip netns``), with its own address on a veth
 pair to this namespace, which routes between them; the test process is the client. Cutting the link
@@ -54,6 +55,7 @@ class Namespaces:
         self.tag = f"dllm{os.getpid() % 100000}"
         self.names = [f"{self.tag}-{i}" for i in range(1, count + 1)]
         self.forwarding = FORWARDING.read_text().strip()
+        self.cuts: set[tuple[int, int]] = set()
 
     def __enter__(self) -> "Namespaces":
         try:
@@ -81,6 +83,15 @@ class Namespaces:
         """No packet between nodes a and b, either way; both still reach (and are reached by) the rest."""
         _ip("-n", self.names[a - 1], "route", "add", "blackhole", f"{_address(b)}/32")
         _ip("-n", self.names[b - 1], "route", "add", "blackhole", f"{_address(a)}/32")
+        self.cuts.add((a, b))
+
+    def heal(self) -> None:
+        """Every cut link mended."""
+        for a, b in self.cuts:
+            for x, y in ((a, b), (b, a)):
+                subprocess.run(["ip", "-n", self.names[x - 1], "route", "del", "blackhole", f"{_address(y)}/32"],
+                               capture_output=True)
+        self.cuts.clear()
 
     def __exit__(self, *exc) -> None:
         for i, ns in enumerate(self.names, 1):
@@ -117,7 +128,8 @@ def partitioned(tmp_path_factory):
             spans = [Span("n1", 0, 2, True, False), Span("n2", 2, 5, False, True), Span("n3", 2, 5, False, True)]
             asyncio.run(deploy(user, nodes, store.root / "tiny", spans))
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-            yield {"user": user, "nodes": nodes, "namespaces": namespaces, "model": model}
+            yield {"user": user, "nodes": nodes, "namespaces": namespaces, "model": model, "source": source,
+                   "store": store, "root": root}
         finally:
             for daemon in daemons.values():
                 daemon.stop()
@@ -162,3 +174,57 @@ def test_a_link_cut_between_two_stages_mid_generation_gives_the_fault_free_token
     assert [(a.code, a.node) for a in recent()] == [("node_lost", cut[0])]
     report_figures(f"partition: a link cut between two stages mid-generation: same tokens, failed over in "
                    f"{stall:.1f} s (cut to next token) around {cut[0]}")
+
+
+def test_a_link_cut_between_two_training_workers_drops_one_and_the_job_ends_with_one_process_weights(
+        partitioned, report_figures):
+    """Data parallelism on n1 (the coordinator), n2, n3; the n2-n3 link (ring neighbours) cut after
+    step 3. Every node still answers the coordinator, so the stalled step is found by its deadline,
+    the nodes ping each other (train.probe), the pair that cannot is reported (link_lost) and n3 is
+    dropped; its shard moves to a spare holder and the job finishes on n1 and n2."""
+    from safetensors.torch import load_file
+
+    from dllmctl.data.sharding import ShardRequest, shard_and_push
+    from dllmctl.training.jobs import job_call, job_metrics, job_spec, submit
+    from dllmd.data.shards import read_shard
+    from dllmd.net.messages import training as S
+    from dllmd.train.local import train_locally
+    from dllmd.train.optim import OptimConfig
+    from dllmd.train.worker import ShardRows
+    from tests.test_train import _corpus, _max_diff
+
+    user, namespaces, root = partitioned["user"], partitioned["namespaces"], partitioned["root"]
+    namespaces.heal()  # the generation test above cut a link of its own
+    entries = list(partitioned["nodes"].values())
+    model_dir = partitioned["store"].root / "tiny"
+    dataset = shard_and_push(user, entries, ShardRequest(uri=str(_corpus(root / "repo")), model="tiny",
+                                                         model_dir=model_dir, strategy="random", name="three",
+                                                         seq_len=32))
+    steps, batch, micro, lr = 12, 6, 2, 1e-4
+    spec = job_spec("tiny", dataset, entries, batch_size=batch, micro_batch_size=micro, epochs=0, max_steps=steps,
+                    lr=lr, checkpoint_every=0)
+    job = asyncio.run(submit(user, entries, model_dir, spec))["job"]
+    coordinator, cut_at, started = entries[0], None, time.monotonic()
+    while (shown := asyncio.run(job_call(user, coordinator, S.JOBS_SHOW, {"job": job})))["state"] in ("queued",
+                                                                                                      "running"):
+        assert time.monotonic() - started < 300, shown
+        if cut_at is None and shown["step"] >= 3:
+            namespaces.cut(2, 3)
+            cut_at = time.time()  # the events' clock
+        time.sleep(0.2)
+    assert cut_at is not None, "the job ended before the link was cut"
+    assert shown["state"] == "done" and shown["step"] == steps, shown
+    link_lost = [e for e in shown["events"] if e["kind"] == "link_lost"]
+    assert [e["message"] for e in link_lost] == ["n2 and n3 cannot reach each other"]
+    recovered = next(e for e in shown["events"] if e["kind"] == "shard_moved")["time"]
+    metrics = asyncio.run(job_metrics(user, coordinator, job))["metrics"]
+    assert sorted(metrics[-1]["nodes"]) == ["n1", "n2"]
+    shards = {}
+    for i, entry in enumerate(entries, 1):
+        tokens, meta = read_shard(root / f"n{i}" / "datasets" / "three" / "shard.safetensors")
+        shards[entry.public_key] = ShardRows(tokens, int(meta["tokens"]))
+    weights = load_file(str(root / "n1" / "jobs" / job / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
+    assert _max_diff(weights, train_locally(model_dir, shards, steps, batch, micro, OptimConfig(lr=lr))) <= 1e-5
+    namespaces.heal()
+    report_figures(f"partition: a link cut between two training workers: n3 dropped and its shard moved "
+                   f"{recovered - cut_at:.1f} s after the cut, weights equal one process's")

@@ -175,6 +175,19 @@ class RingArgs:
 
 
 @dataclass
+class ProbeArgs:
+    """Which of ``members`` this node can reach (a step failed with every node answering the
+    coordinator: a link between two of them may be cut)."""
+    job: str = bounded(max_len=64)
+    members: list[NodeRef] = bounded(max_len=256)
+
+
+@dataclass
+class Probed:
+    unreachable: list[str] = bounded([], max_len=256)  # public keys that did not answer a ping
+
+
+@dataclass
 class BackupArgs:
     job: str = bounded(max_len=64)
     shard: str = bounded(max_len=64)
@@ -592,6 +605,7 @@ TRAIN_ROWS = Op("train.rows", RowsArgs, dict)
 TRAIN_STEP = Op("train.step", StepArgs, dict)
 TRAIN_APPLY = Op("train.apply", ApplyArgs, dict)
 TRAIN_RESET = Op("train.reset", JobArgs, dict)
+TRAIN_PROBE = Op("train.probe", ProbeArgs, Probed)
 TRAIN_STATE = Op("train.state", StateArgs, dict)
 TRAIN_LOAD_STATE = Op("train.load_state", LoadStateArgs, dict)
 TRAIN_RELEASE = Op("train.release", JobArgs, dict)
