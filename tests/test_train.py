@@ -208,14 +208,17 @@ def test_two_nodes_killed_at_once_mid_job_are_survived(cluster3, tmp_path):  # n
     _restart(cluster3, "local-2")
 
 
-def test_a_hung_node_is_dropped_within_the_step_deadline_and_the_job_goes_on(cluster3, tmp_path):  # noqa: F811
-    """local-3 stops (as SIGSTOP stops a process: alive, connected, answering nothing) as it starts
-    step 3: the others wait for it in the ring until the coordinator's step deadline (3x the usual
-    step, at least 30 s) passes, it does not answer a ping, and the job goes on without it."""
-    from dllmd.train.run import HUNG_MIN_S
+def test_hung_nodes_are_dropped_within_the_step_deadline_and_the_job_goes_on(cluster3, tmp_path):  # noqa: F811
+    """As they start step 3, local-3 stops (as SIGSTOP stops a process: alive, connected, answering
+    nothing) and local-2's compute thread sleeps for ten minutes (its daemon answers pings: a stuck
+    GPU, a deadlocked thread). The others wait in the ring until the coordinator's step deadline (3x
+    the usual step, at least 30 s) passes; local-3 does not answer a ping, local-2 does but its step
+    does not end after the reset: both are dropped and local-1 finishes the job from its spares."""
+    from dllmd.train.run import HUNG_MIN_S, RESET_GRACE_MIN_S
 
     keys = _setup(cluster3, tmp_path)
     steps = 8
+    stuck = _restart(cluster3, "local-2", failpoints="train.compute@3=sleep:600")
     hung = _restart(cluster3, "local-3", failpoints="train.step@3=stop")
     try:
         started = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "three", "--nodes", "local-1,local-2,local-3",
@@ -224,20 +227,23 @@ def test_a_hung_node_is_dropped_within_the_step_deadline_and_the_job_goes_on(clu
         shown = _wait_finished(started["job"])
         assert psutil.Process(hung).status() == psutil.STATUS_STOPPED  # it really hung, it did not die
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(hung, signal.SIGKILL)
-        _wait_exited(hung)
+        for pid in (hung, stuck):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_exited(pid)
     assert shown["state"] == "done" and shown["step"] == steps, shown
     metrics = _ok(run_cli("dllmctl", "metrics", started["job"], "--json"))
-    assert [sorted(m["nodes"]) for m in metrics] == \
-        [["local-1", "local-2", "local-3"]] * 3 + [["local-1", "local-2"]] * (steps - 3)
-    node_lost = next(e for e in shown["events"] if e["kind"] == "node_lost")
-    assert "local-3" in node_lost["message"]
-    # Dropped at the deadline (plus the ping's 3 s and a loaded machine's slack), not STEP_TIMEOUT_S's hour.
-    assert node_lost["time"] - metrics[2]["time"] <= HUNG_MIN_S + 90, (node_lost, metrics[2])
+    assert [sorted(m["nodes"]) for m in metrics] == [["local-1", "local-2", "local-3"]] * 3 + [["local-1"]] * (steps - 3)
+    node_lost = next(e for e in shown["events"] if e["kind"] == "node_lost" and "local-3" in e["message"])
+    node_hung = next(e for e in shown["events"] if e["kind"] == "alert.node_hung")
+    assert json.loads(node_hung["message"])["node"] == "local-2"
+    # Dropped at the deadline (plus the ping's 3 s, the reset's grace and a loaded machine's slack), not
+    # STEP_TIMEOUT_S's hour.
+    assert node_lost["time"] - metrics[2]["time"] <= HUNG_MIN_S + RESET_GRACE_MIN_S + 90, (node_lost, metrics[2])
     weights = _export(started["job"], "after-hang", tmp_path / "export")
     store_dir = Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny"
     assert _max_diff(weights, _reference(store_dir, _shards(cluster3, keys, "three"), steps)) <= 1e-5
+    _restart(cluster3, "local-2")
 
 
 def test_bad_jobs_are_refused_before_anything_starts(cluster3, tmp_path):  # noqa: F811

@@ -32,6 +32,7 @@ STEP_TIMEOUT_S = 3600.0
 # A step unanswered for HUNG_FACTOR x the median of the last HUNG_WINDOW steps (at least HUNG_MIN_S):
 # the nodes are pinged, those that do not answer dropped, and the job goes on.
 HUNG_FACTOR, HUNG_MIN_S, HUNG_WINDOW = 3.0, 30.0, 20
+RESET_GRACE_MIN_S = 10.0
 PREPARE_TIMEOUT_S = 600.0
 MAX_FAILED_ATTEMPTS = 3  # failed steps in a row with no node lost: give up (something else is wrong)
 STATE_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -134,15 +135,25 @@ class JobRun:
         survivors = [n for n, ok in zip(nodes, alive) if ok]
         await asyncio.gather(*(self.c.service.call(n, S.TRAIN_RESET.name, {"job": self.job}, timeout=10)
                                for n in survivors), return_exceptions=True)
-        # The survivors' calls end once reset; a hung node's never does: it is not waited for.
+        # The survivors' calls end once reset (a node mid-compute at most one step later); a dead
+        # node's is not waited for. One still running then answers pings but does not finish its
+        # step (a stuck GPU, a thread in a deadlock): it is dropped as a dead node is.
         dead_names = {n.name for n in dead}
         await asyncio.wait([t for k, t in tasks.items() if self.node_name(k) not in dead_names] or
-                           list(tasks.values()), timeout=30)
+                           list(tasks.values()), timeout=self.reset_grace_s())
+        stuck_names = {self.node_name(k) for k, t in tasks.items() if not t.done()} - dead_names
         for task in tasks.values():
             if not task.done():
                 task.cancel()
             elif not task.cancelled():
                 task.exception()  # seen
+        stuck = [n for n in survivors if n.name in stuck_names]
+        for node in stuck:
+            self.watch.raise_alert("node_hung", f"{node.name} answers pings but did not finish step {step} after a "
+                                                f"reset; the job goes on without it", node=node.name, step=step)
+        if stuck:
+            dead = dead + stuck
+            await self.c._release(self.job, stuck)
         cut_off = [] if dead else await self.cut_off(survivors)
         if dead:
             await self.recover(dead)
@@ -186,6 +197,13 @@ class JobRun:
         if len(recent) < 2:
             return None
         return max(HUNG_MIN_S, HUNG_FACTOR * statistics.median(recent))
+
+    def reset_grace_s(self) -> float:
+        """How long the survivors' step calls may take to end after a reset: a node mid-compute
+        finishes its pass first. The median step, at least RESET_GRACE_MIN_S (30 s before two steps
+        are measured)."""
+        recent = list(self.watch.step_times)[-HUNG_WINDOW:]
+        return max(RESET_GRACE_MIN_S, statistics.median(recent)) if len(recent) >= 2 else 30.0
 
     def node_name(self, key) -> str:
         """The name of the node a step's call ``key`` (its public key) went to."""
