@@ -130,15 +130,25 @@ def test_resume_ends_where_an_uninterrupted_run_ends(cluster3, tmp_path):  # noq
     job = started["job"]
     _wait_exited(coordinator)
     assert "failpoint jobs.step@30" in (cluster3 / "local-1" / "dllmd.log").read_text()
+    # While the coordinator is down, the other worker goes for good: the resumed job goes on without it,
+    # its shard read from the spare the coordinator's node kept on disk through its own crash.
+    worker = _pid(cluster3, "local-2")
+    os.kill(worker, signal.SIGKILL)
+    _wait_exited(worker)
+    assert list((cluster3 / "local-1" / "jobs" / job / "spares").glob("*.safetensors"))
     _restart(cluster3, "local-1")  # disarmed; the restart marks the job interrupted
     shown = _ok(run_cli("dllmctl", "jobs", "show", job, "--json"))
     assert shown["state"] == "interrupted" and shown["step"] == 30, shown
     resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--follow", "--json", timeout=300))
     assert resumed["state"] == "done" and resumed["step"] == steps
+    kinds = [e["kind"] for e in resumed["events"]]
     assert any(e["kind"] == "resumed" and e["message"] == "from step 20" for e in resumed["events"])
+    assert "resumed_without" in kinds and "shard_moved" in kinds
+    assert sorted(resumed["last_metrics"]["nodes"]) == ["local-1"]
     a = _export(straight["job"], "straight", tmp_path / "a")
     b = _export(job, "resumed", tmp_path / "b")
     assert _max_diff(a, b) <= 1e-6
+    _restart(cluster3, "local-2")
 
 
 def _pid(cluster: Path, name: str) -> int:

@@ -16,7 +16,8 @@ app.add_typer(nodes.app, name="nodes")
 app.add_typer(cluster.app, name="cluster")
 # The bench app's commands live in three modules by what they measure; registered here, where every
 # cli module comes together (cli modules import only cli.common).
-for command in (bench_serving.relays, bench_serving.soak, bench_train.allreduce, bench_train.train):
+for command in (bench_serving.relays, bench_serving.soak, bench_train.allreduce, bench_train.train,
+                bench_train.chaos):
     bench.app.command(command.__name__)(command)
 app.add_typer(bench.app, name="bench")
 app.add_typer(model.app, name="model")

@@ -269,3 +269,49 @@ def _training_bench_errors() -> tuple[type[BaseException], ...]:
     from dllmd.net.client import CallError
 
     return DataError, PushError, CallError, LocalClusterError, TrainError, RuntimeError, OSError
+
+
+def chaos(
+    model: Annotated[str, typer.Option("--model", "-m", help="A model in the local store.")],
+    nodes: Annotated[int, typer.Option(min=2, max=16, help="Temporary local nodes (the first coordinates).")] = 4,
+    steps: Annotated[int, typer.Option(min=8, max=100_000)] = 40,
+    faults: Annotated[int, typer.Option(min=0, max=64, help="Faults to strike, spread over the job.")] = 3,
+    kinds: Annotated[str, typer.Option(help="Kinds of fault to draw from: kill, stop, coordinator.")] =
+        "kill,stop,coordinator",
+    seed: Annotated[int, typer.Option(min=0, help="Draws the faults' kinds and victims.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 8,
+    micro_batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 2,
+    seq_len: Annotated[int, typer.Option(min=16, max=65536)] = 64,
+    checkpoint_every: Annotated[int, typer.Option(min=1, max=100_000)] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """A data-parallel job on temporary local nodes while workers are killed, hung (SIGSTOP) and the
+    coordinator killed and resumed: what each fault cost, and whether the final weights still equal the
+    same steps in one process (target: max abs difference <= 1e-5)."""
+    from dllmctl.bench import chaos as chaos_bench
+
+    if batch_size % micro_batch_size:
+        fail("--batch-size must be divisible by --micro-batch-size")
+    drawn = [k.strip() for k in kinds.split(",") if k.strip()]
+    if not drawn or any(k not in chaos_bench.KINDS for k in drawn):
+        fail(f"--kinds takes some of {', '.join(chaos_bench.KINDS)}, comma-separated; got {kinds!r}")
+    directory, _ = local_model(model)
+    try:
+        with err.status("chaos...") as status:
+            report = chaos_bench.run(load_user(), model, directory, nodes, steps, faults, drawn, seed, batch_size,
+                                     micro_batch_size, seq_len, checkpoint_every,
+                                     progress=lambda message: status.update(f"chaos: {message}"))
+    except _training_bench_errors() as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+        return
+    table = Table("fault", "node", "at step", "struck at", "next step after")
+    for f in report["faults"]:
+        table.add_row(f["kind"], f["node"], str(f["at_step"]), str(f["struck_at_step"]),
+                      "never" if f["recovered_s"] is None else f"{f['recovered_s']:.1f} s")
+    out.print(table)
+    diff = report["max_abs_difference"]
+    out.print(f"job {report['job_state']} at step {report['job_step']}/{report['steps']} in {report['job_seconds']:.0f} s; "
+              f"weights vs one process: {'-' if diff is None else f'{diff:.2g}'} "
+              f"({'exact' if report['exact'] else 'NOT exact'}); survived: {report['survived']}")

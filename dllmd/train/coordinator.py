@@ -65,6 +65,8 @@ class Coordinator:
         self.ring_ports: dict[str, dict[str, int]] = {}  # job -> node key -> its ring socket's port
         self.tied_ports: dict[str, dict[str, int]] = {}  # pipeline jobs: node key -> its tied ring's port
         self.memory_needed: dict[str, dict[str, int]] = {}  # job -> node key -> its estimate at prepare
+        self.spares: dict[str, dict[str, list[str]]] = {}  # job -> node key -> shards it keeps spares of
+        self.absent: dict[str, list[S.NodeRef]] = {}  # a resumed data-parallel job: nodes that did not answer
         self.federated_models: dict[str, GlobalModel] = {}  # federated jobs: the global weights
         self.alert_sink = AlertSink.of(service.config.alerts)  # this node owner's [alerts], for every job here
 
@@ -262,7 +264,13 @@ class Coordinator:
         for node in spec.nodes:
             node.address = moved.get(node.public_key, node.address)
         latest = self.checkpoints(a.job).latest()
-        await self._prepare(a.job, spec, spec.nodes)
+        nodes = spec.nodes
+        if spec.parallelism == "data":
+            # A data-parallel job goes on without nodes that are gone: their shards come from spares.
+            alive = await asyncio.gather(*(self.alive(n) for n in spec.nodes))
+            nodes = [n for n, ok in zip(spec.nodes, alive) if ok]
+            self.absent[a.job] = [n for n, ok in zip(spec.nodes, alive) if not ok]
+        await self._prepare(a.job, spec, nodes)
         self.store.rewind(a.job, latest or 0)
         self.store.event(a.job, "resumed", f"from step {latest or 0}")
         self._start(a.job, spec, resume_from=latest)
@@ -331,6 +339,7 @@ class Coordinator:
         self.ring_ports[job] = {n.public_key: r[0]["ring_port"] for n, r in zip(nodes, results)}
         self.tied_ports[job] = {n.public_key: r[0].get("tied_port", 0) for n, r in zip(nodes, results)}
         self.memory_needed[job] = {n.public_key: r[0]["memory_needed"] for n, r in zip(nodes, results)}
+        self.spares[job] = {n.public_key: list(r[0].get("spares", [])) for n, r in zip(nodes, results)}
 
     async def _release(self, job: str, nodes: list[S.NodeRef]) -> None:
         if job in self.federated_models:

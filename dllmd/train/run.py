@@ -58,6 +58,9 @@ class JobRun:
     def live(self) -> list[S.NodeRef]:
         raise NotImplementedError
 
+    async def begin(self) -> None:
+        """Before the first step (or the first after a resume)."""
+
     async def execute(self, resume_from: int | None) -> None:
         self.watch = JobWatch(self)
         try:
@@ -68,6 +71,7 @@ class JobRun:
     async def _execute(self, resume_from: int | None) -> None:
         self.store.set_state(self.job, "running")
         step = 0
+        await self.begin()
         if resume_from is not None:
             step = await self.load_checkpoint(resume_from)
         await self.form()
@@ -287,6 +291,19 @@ class DataParallelRun(JobRun):
         super().__init__(coordinator, job, spec)
         self._live: list[S.NodeRef] = list(spec.nodes)
         self.owner = {s: s for s in self.shard_ids}  # shard -> the node computing its rows
+        for key, shards in coordinator.spares.pop(job, {}).items():  # spares the replicas kept on disk
+            for shard in shards:
+                if shard in self.holders:
+                    self.holders[shard].add(key)
+
+    async def begin(self) -> None:
+        """A resumed job without the nodes that did not answer: dropped as if they had died now."""
+        absent = self.c.absent.pop(self.job, [])
+        gone = {n.public_key for n in absent}
+        if absent:
+            self.store.event(self.job, "resumed_without", ", ".join(n.name for n in absent) + " did not answer")
+            self._live = [n for n in self._live if n.public_key not in gone]
+            await self.recover(absent, form=False)
 
     @property
     def live(self) -> list[S.NodeRef]:
@@ -347,7 +364,7 @@ class DataParallelRun(JobRun):
     async def apply(self, step: int, lr: float, results: list[dict]) -> list[S.NodeRef]:
         return await self.apply_everywhere("train.apply", {"job": self.job, "step": step, "lr": lr})
 
-    async def recover(self, dead: list[S.NodeRef]) -> None:
+    async def recover(self, dead: list[S.NodeRef], form: bool = True) -> None:
         """Drop dead nodes, move their shards to nodes holding copies, re-form the ring."""
         gone = {n.public_key for n in dead}
         self._live = [n for n in self.live if n.public_key not in gone]
@@ -366,7 +383,8 @@ class DataParallelRun(JobRun):
                 self.store.event(self.job, "shard_moved", f"shard of {shard_node(self.spec, shard)} now computed by "
                                                           f"{self.node(new).name}")
                 self.owner[shard] = new
-        await self.form()
+        if form:
+            await self.form()
 
     def step_metrics(self, step: int, lr: float, results: list[dict], seconds: float) -> dict:
         first = results[0]

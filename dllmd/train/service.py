@@ -174,7 +174,7 @@ class TrainingService:
         """Load a replica of the model and this node's shard of the dataset; bind a ring socket."""
         spares = self.spares_directory(a.job)  # checks the job id before anything is loaded
         if a.job in self.workers:
-            self.workers.pop(a.job).close()
+            self.workers.pop(a.job).close(keep_spares=True)
         if a.plaintext and not self.config.allow_plaintext_ring:
             raise ValueError(f"node {self.config.name} does not allow a plaintext ring (allow_plaintext_ring = "
                              f"false in its node.toml)")
@@ -224,6 +224,7 @@ class TrainingService:
             collective.close()
             raise
         worker.shards.directory = spares
+        held = await asyncio.to_thread(worker.shards.adopt)
         if shard is not None:
             worker.shards[self.identity.public_key] = shard
         eval_shard = await asyncio.to_thread(self._own_shard, a.eval_dataset) if a.eval_dataset else None
@@ -231,7 +232,7 @@ class TrainingService:
             worker.eval_shards[self.identity.public_key] = eval_shard
         self.workers[a.job] = worker
         # Only the port: peers reach the ring at the host they already know this node by.
-        return {"ring_port": collective.port,
+        return {"ring_port": collective.port, "spares": held,
                 "rows": int(shard.tokens.shape[0]) if shard else 0, "seq_len": seq_len, "device": str(device),
                 "params": sum(p.numel() for p in worker.model.parameters()), "memory_needed": need}
 
@@ -392,7 +393,7 @@ class TrainingService:
             self._sweeper.cancel()
         await self.coordinator.stop()
         for worker in self.workers.values():
-            worker.close()
+            worker.close(keep_spares=True)  # a job resumed later may need them
         self.workers.clear()
 
 

@@ -5,7 +5,9 @@ next ring members), so that the shards of nodes that die together move to one th
 spare is read only if this node takes its shard over; until then it costs disk, not memory, and a
 node keeps as many as the job asks without running short of RAM. Spares are written atomically (a
 temporary file renamed; room checked first: a full disk refuses the copy with ``no_space`` and
-keeps what was there) under ``<home>/jobs/<job>/spares/`` and removed with the job's replica.
+keeps what was there) under ``<home>/jobs/<job>/spares/`` and removed when the job releases its
+replica (done, failed, or idle for 15 minutes); a daemon that stops, or a job prepared again to
+resume, keeps them, so a resumed job can go on without a node that is gone for good.
 """
 
 from __future__ import annotations
@@ -77,15 +79,32 @@ class ShardSet(MutableMapping[str, "ShardRows"]):
         path = self.directory / f"{hashlib.sha256(shard.encode()).hexdigest()[:32]}.safetensors"
         temporary = path.with_suffix(".partial")
         save_tensors({"tokens": rows.tokens.contiguous()}, temporary, "a spare copy of a training shard",
-                     metadata={"valid_tokens": str(rows.valid_tokens)})
+                     metadata={"valid_tokens": str(rows.valid_tokens), "shard": shard})
         os.replace(temporary, path)
         self._spares[shard] = (path, int(rows.tokens.shape[0]))
 
-    def close(self) -> None:
-        """Forget every shard and remove the spares' files."""
+    def adopt(self) -> list[str]:
+        """Take up the spares a replica of this job left in the directory before (the daemon stopped,
+        or the job is prepared again to resume): the shards they hold."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        from safetensors import SafetensorError, safe_open
+
+        for path in sorted(self.directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    shard, rows = f.metadata()["shard"], f.get_slice("tokens").get_shape()[0]
+            except (SafetensorError, OSError, KeyError, TypeError):
+                path.unlink(missing_ok=True)  # cut short or not ours: a spare is only ever a copy
+                continue
+            self._spares.setdefault(shard, (path, int(rows)))
+        return sorted(self._spares)
+
+    def close(self, keep_spares: bool = False) -> None:
+        """Forget every shard; remove the spares' files unless ``keep_spares`` (the job may resume)."""
         self._rows.clear()
         self._spares.clear()
-        if self.directory is not None:
+        if self.directory is not None and not keep_spares:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 

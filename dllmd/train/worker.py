@@ -202,8 +202,8 @@ class TrainWorker(TrainingState):
     def load_local_state(self, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
         self.reducer.load({name.removeprefix("local."): tensor for name, tensor in tensors.items()})
 
-    def close(self) -> None:
-        self.shards.close()
+    def close(self, keep_spares: bool = False) -> None:
+        self.shards.close(keep_spares)
         if self.overlap is not None:
             self.overlap.close()
         self.collective.close()

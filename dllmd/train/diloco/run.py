@@ -83,12 +83,12 @@ class DiLoCoRun(DataParallelRun):
             self.store.event(self.job, "step_failed", f"inner step {step}: {failed[0][1]}; retrying")
         raise JobFailed(f"inner step {step} failed {MAX_FAILED_ATTEMPTS} times with every node alive")
 
-    async def recover(self, dead: list[S.NodeRef]) -> None:
+    async def recover(self, dead: list[S.NodeRef], form: bool = True) -> None:
         for node in dead:
             self.store.event(self.job, "inner_progress_lost",
                              f"{node.name}'s inner steps since outer step {self._current.index if self._current else 0} "
                              f"are not in the next sync")
-        await super().recover(dead)
+        await super().recover(dead, form)
 
     async def apply(self, step: int, lr: float, results) -> list[S.NodeRef]:
         return await self.apply_everywhere("train.outer", {"job": self.job, "step": step})

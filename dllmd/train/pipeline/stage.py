@@ -282,8 +282,8 @@ class StageWorker(TrainingState):
         self.links.fail_pending(LinkError(reason))
         self._pending = None
 
-    def close(self) -> None:
-        self.shards.close()
+    def close(self, keep_spares: bool = False) -> None:
+        self.shards.close(keep_spares)
         self.links.fail_pending(RuntimeError("the stage was released"))
         self.collective.close()
         if self.tied is not None:
