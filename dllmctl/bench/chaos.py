@@ -10,7 +10,8 @@ step reached), then struck:
   checkpoint (``jobs.resume`` with the nodes' new addresses).
 
 At most ``nodes - 1`` workers are struck (the coordinator and at least itself must remain). Figures:
-each fault (kind, node, the step it struck at, seconds until the job made its next step), the job's
+each fault (kind, node, the step it struck at, seconds until the job was past that step: after a
+resume, replayed from the checkpoint), the job's
 wall time and state, and whether the final weights equal the same steps in one process
 (``dllmd.train.local``; the target: max abs difference <= 1e-5, as in the tests). A fault the job
 did not survive is the result, not an exception.
@@ -47,7 +48,7 @@ class Fault:
     node: str
     at_step: int
     struck_at_step: int = -1
-    recovered_s: float | None = None  # until the job's next step; None: it never made one
+    recovered_s: float | None = None  # until the job was past the step it struck at; None: it never was
 
 
 def schedule(kinds: list[str], faults: int, nodes: int, steps: int, seed: int) -> list[tuple[str, int]]:
@@ -130,7 +131,8 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int = 4, steps: int 
         from dllmd.train.optim import OptimConfig
 
         progress("the same steps in one process")
-        reference = train_locally(model_dir, shards, steps, batch_size, micro_batch_size, OptimConfig(lr=lr))
+        reference = train_locally(model_dir, shards, steps, batch_size, micro_batch_size, OptimConfig(lr=lr),
+                                  seed=seed)
         diff = max(float((weights[k] - reference[k]).abs().max()) for k in reference)
         report.update(max_abs_difference=diff, exact=diff <= EXACT_TOLERANCE)
     else:
