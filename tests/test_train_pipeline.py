@@ -1,7 +1,8 @@
 """`dllmctl train --parallelism model|hybrid` through four real daemons: pipelines of 2 and 3 stages
 (GPipe and 1F1B, tied and untied embeddings) and a 2 x 2 hybrid end with the weights of
 single-process training; the two schedules give bitwise the same weights; a killed stage interrupts
-the job and `jobs resume` ends bitwise where an uninterrupted run ends; a killed replica of a hybrid
+the job and `jobs resume` (the stage moved onto another node) ends bitwise where an uninterrupted run
+ends; a killed replica of a hybrid
 job is dropped and the job finishes; the exported checkpoint loads in transformers and serves
 `dllmctl infer`. Deaths are failpoints at an exact step, not kills racing the job."""
 
@@ -152,13 +153,19 @@ def test_a_killed_stage_interrupts_the_job_and_resume_ends_where_an_uninterrupte
     assert shown["state"] == "interrupted" and shown["step"] == 6, shown
     stage_lost = next(e for e in shown["events"] if e["kind"] == "stage_lost")
     assert stage_lost["message"].startswith("stage 1 (local-2, layers 3-4)")
-    _restart(cluster, "local-2")  # back, disarmed
-    resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--follow", "--json", timeout=300))
-    assert resumed["state"] == "done" and resumed["step"] == steps
+    # local-2 stays down: stage 1 moves to local-3, which loads its part of step 4 from the coordinator's
+    # copy (signed by local-2, still trusted as a retired node of the job).
+    resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--replace", "local-2=local-3", "--follow", "--json",
+                          timeout=300))
+    assert resumed["state"] == "done" and resumed["step"] == steps, resumed["events"][-6:]
     assert any(e["kind"] == "resumed" and e["message"] == "from step 4" for e in resumed["events"])
+    moved = next(e for e in resumed["events"] if e["kind"] == "stage_moved")
+    assert moved["message"] == "stage 1 (layers 3-4) moved from local-2 to local-3"
+    assert [n["name"] for n in resumed["spec"]["nodes"]] == ["local-1", "local-3"]
     a = _export(straight["job"], "straight", tmp_path / "a")
     b = _export(job, "resumed", tmp_path / "b")
     assert _max_diff(a, b) == 0
+    _restart(cluster, "local-2")  # back, disarmed, for the tests after
 
 
 def test_a_killed_replica_of_a_hybrid_job_is_dropped_and_the_job_finishes(cluster, tmp_path):

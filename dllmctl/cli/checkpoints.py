@@ -82,7 +82,9 @@ def checkpoints_export(
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             registered = {n.name: n.public_key for n in select_nodes(None)}
-            signers = [registered[name] for name in shown["nodes"] if name in registered]  # pinned, not told
+            # Pinned, not told: the job's nodes, and those a resume moved its stages away from.
+            names = shown["nodes"] + [n["name"] for n in shown["spec"].get("retired", [])]
+            signers = [registered[name] for name in names if name in registered]
             exported = asyncio.run(export_checkpoint(user, node, job, step, base, target, signers))
             manifest = import_model(target, local_store(), user, name, force=True)
         except (TrainError, CallError, ModelImportError, OSError) as exc:

@@ -410,19 +410,36 @@ def jobs_stop(job: str, as_json: JsonOpt = False) -> None:
 
 @jobs_app.command("resume")
 def jobs_resume(job: str, follow: Annotated[bool, typer.Option("--follow/--detach")] = False,
+                replace: Annotated[Optional[str], typer.Option(
+                    help="Move stages onto other nodes: OLD=NEW[,OLD=NEW] (pipeline and hybrid jobs; the same "
+                         "layers, from the checkpoint's parts).")] = None,
                 as_json: JsonOpt = False) -> None:
-    """Continue a stopped, interrupted or failed job from its latest checkpoint."""
+    """Continue a stopped, interrupted or failed job from its latest checkpoint (a data-parallel job goes
+    on without nodes that are gone)."""
     import asyncio
 
     from dllmd.net.client import CallError
     from dllmd.net.messages import training as S
-    from dllmctl.training.jobs import job_call
+    from dllmctl.training.jobs import TrainError, job_call, prepare_replacements
 
     user, node = locate_job(job)
+    registered = {n.name: n for n in _nodes(None)}
     try:
-        current = [{"name": n.name, "address": n.address, "public_key": n.public_key} for n in _nodes(None)]
-        result = asyncio.run(job_call(user, node, S.JOBS_RESUME, {"job": job, "nodes": current}, timeout=900))
-    except CallError as exc:
+        pairs = []
+        for pair in filter(None, (p.strip() for p in (replace or "").split(","))):
+            old, sep, new = pair.partition("=")
+            if not sep or new.strip() not in registered:
+                fail(f"--replace takes OLD=NEW pairs of node names, NEW a registered node; got {pair!r}")
+            pairs.append((old.strip(), registered[new.strip()]))
+        moves = []
+        if pairs:
+            shown = asyncio.run(job_call(user, node, S.JOBS_SHOW, {"job": job}))
+            directory, _ = local_model(shown["spec"]["model"])
+            moves = asyncio.run(prepare_replacements(user, shown["spec"], directory, pairs))
+        current = [{"name": n.name, "address": n.address, "public_key": n.public_key} for n in registered.values()]
+        result = asyncio.run(job_call(user, node, S.JOBS_RESUME, {"job": job, "nodes": current, "replace": moves},
+                                      timeout=900))
+    except (CallError, TrainError) as exc:
         fail(str(exc))
     if follow:
         final = _follow(user, node, job, as_json)

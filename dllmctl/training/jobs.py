@@ -273,6 +273,32 @@ async def submit(user: Identity, nodes: list[NodeEntry], model_dir: Path, spec: 
             client.close()
 
 
+async def prepare_replacements(user: Identity, spec: dict, model_dir: Path,
+                               pairs: list[tuple[str, NodeEntry]]) -> list[dict]:
+    """``jobs resume --replace OLD=NEW``: send each new node the model files of the stage it takes over
+    (from the local store), and the resume's ``replace`` list. OLD is a node name of the job."""
+    job_spec_ = parse_args(S.JobSpec, spec)
+    if job_spec_.parallelism not in ("model", "hybrid"):
+        raise TrainError("--replace moves pipeline stages; a data-parallel job resumes without the nodes that "
+                         "are gone")
+    manifest = Manifest.from_bytes((model_dir / MANIFEST).read_bytes())
+    names = [n.name for n in job_spec_.nodes]
+    replace = []
+    for old, new in pairs:
+        if old not in names:
+            raise TrainError(f"{old} is not a node of this job (its nodes: {', '.join(names)})")
+        files = node_files(manifest, job_spec_, names.index(old))
+        async with RpcClient(user, new.address, new.public_key) as client:
+            try:
+                await client.call("ping", timeout=FIND_TIMEOUT_S)
+            except CallError:
+                raise TrainError(f"{new.name} did not answer: nothing was moved") from None
+            await ship_files(client, new.name, model_dir, files)
+        replace.append({"old": job_spec_.nodes[names.index(old)].public_key,
+                        "new": {"name": new.name, "address": new.address, "public_key": new.public_key}})
+    return replace
+
+
 def node_files(manifest: Manifest, spec: S.JobSpec, index: int) -> list[str]:
     """The model files node ``index`` of the job loads (replica-major stages in a pipeline job)."""
     if spec.parallelism in ("data", "federated"):

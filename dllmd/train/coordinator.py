@@ -27,6 +27,7 @@ from dllmd.models.dtypes import TRAIN_DTYPES
 from dllmd.net.chunked import int8_tensor
 from dllmd.net.client import CallError, RpcClient
 from dllmd.net.schema import to_wire
+from dllmd.train.service import TRAINING_DIAL
 from dllmd.net.server import Call, HandlerError, Operation, RpcServer
 from dllmd.net.wire import ErrorCode
 from dllmd.train import schedule
@@ -76,7 +77,7 @@ class Coordinator:
         if spec.get("parallelism", "data") in ("data", "federated"):
             return Checkpoints(self.service.home / "jobs" / job / "checkpoints", self.service.identity)
         return PartCheckpoints(self.service.home, job, len(spec["stages"]), self.service.identity,
-                               [n["public_key"] for n in spec["nodes"]])
+                               [n["public_key"] for n in spec["nodes"] + spec.get("retired", [])])
 
     def register(self, server: RpcServer) -> None:
         for op, handler in ((S.JOBS_SUBMIT, self._submit), (S.JOBS_LIST, self._list), (S.JOBS_SHOW, self._show),
@@ -263,6 +264,8 @@ class Coordinator:
         moved = {n.public_key: n.address for n in a.nodes}
         for node in spec.nodes:
             node.address = moved.get(node.public_key, node.address)
+        if a.replace:
+            self._replace_nodes(a.job, spec, a.replace)
         latest = self.checkpoints(a.job).latest()
         nodes = spec.nodes
         if spec.parallelism == "data":
@@ -275,6 +278,33 @@ class Coordinator:
         self.store.event(a.job, "resumed", f"from step {latest or 0}")
         self._start(a.job, spec, resume_from=latest)
         return S.Resumed(a.job, "running", latest or 0)
+
+    def _replace_nodes(self, job: str, spec: S.JobSpec, replace: list[S.Replacement]) -> None:
+        """Move stages of a pipeline or hybrid job onto other nodes (the same layers: each new node loads
+        its stage's checkpoint part from the coordinator's copy). The spec is saved with the moved-away
+        nodes as ``retired``: the parts they signed stay trusted."""
+        if spec.parallelism not in ("model", "hybrid"):
+            raise JobError("--replace moves pipeline stages; a data-parallel job resumes without the nodes that "
+                           "are gone (their shards come from spares)")
+        keys = [n.public_key for n in spec.nodes]
+        for r in replace:
+            if r.old not in keys:
+                raise JobError(f"{r.old[:16]}... is not a node of job {job}")
+            if r.new.public_key in keys:
+                raise JobError(f"{r.new.name} is already a node of job {job}")
+            index = keys.index(r.old)
+            if index == 0:
+                raise JobError("the coordinator's own stage cannot move: resume the job from its node")
+            if not self.service.keys.authorized_as(r.new.public_key, TRAINING_DIAL):
+                raise JobError(f"{r.new.name}'s key is not authorized on node {self.service.config.name} as peer")
+            old = spec.nodes[index]
+            spec.retired.append(old)
+            spec.nodes[index] = r.new
+            keys[index] = r.new.public_key
+            stage = spec.stages[index % len(spec.stages)]
+            self.store.event(job, "stage_moved", f"stage {index % len(spec.stages)} (layers {stage.start}-"
+                                                 f"{stage.end - 1}) moved from {old.name} to {r.new.name}")
+        self.store.update_spec(job, to_wire(spec))
 
     async def _metrics(self, a: S.MetricsArgs, _tensors) -> S.Metrics:
         """Up to ``limit`` rows after ``after_step``, as many as fit one reply's header (``more``: ask again)."""
@@ -341,14 +371,14 @@ class Coordinator:
         self.memory_needed[job] = {n.public_key: r[0]["memory_needed"] for n, r in zip(nodes, results)}
         self.spares[job] = {n.public_key: list(r[0].get("spares", [])) for n, r in zip(nodes, results)}
 
-    async def _release(self, job: str, nodes: list[S.NodeRef]) -> None:
+    async def _release(self, job: str, nodes: list[S.NodeRef], keep_spares: bool = False) -> None:
         if job in self.federated_models:
             self.federated_models.pop(job)
             await release_clients(self.service, job, nodes)
             return
         async def one(node):
             try:
-                await self.service.call(node, "train.release", {"job": job}, timeout=10)
+                await self.service.call(node, "train.release", {"job": job, "keep_spares": keep_spares}, timeout=10)
             except CallError:
                 pass
         await asyncio.gather(*(one(n) for n in nodes))
@@ -373,7 +403,8 @@ class Coordinator:
             log.exception("job %s crashed", job)
             self.store.set_state(job, "failed", f"{type(exc).__name__}: {exc}")
         finally:
-            await asyncio.shield(self._release(job, run.live))
+            resumable = self.store.get(job)["state"] == "interrupted"  # its spares stay for the resume
+            await asyncio.shield(self._release(job, run.live, keep_spares=resumable))
             self.stopping.discard(job)
 
     async def stop(self) -> None:

@@ -93,6 +93,10 @@ class JobStore:
                          "ORDER BY created")
         return [_job(r) for r in rows]
 
+    def update_spec(self, job: str, spec: dict) -> None:
+        """The job's spec as it now runs (a resume moved stages to other nodes)."""
+        self._run("UPDATE jobs SET spec = ?, updated = ? WHERE id = ?", (json.dumps(spec), time.time(), job))
+
     def set_state(self, job: str, state: str, error: str | None = None) -> None:
         self._run("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?", (state, error, time.time(), job))
 

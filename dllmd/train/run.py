@@ -50,6 +50,10 @@ class JobRun:
         self.rows = self.heldout.train_counts  # rows per shard the batches are drawn from
         self.shard_ids = sorted(self.rows)
         self.holders = {s: {s} for s in self.shard_ids}  # shard -> nodes holding its rows
+        for key, shards in coordinator.spares.pop(job, {}).items():  # spares the nodes kept on disk
+            for shard in shards:
+                if shard in self.holders:
+                    self.holders[shard].add(key)
         self.generation = 0
         self.total = schedule.total_steps(self.rows, spec.batch_size, spec.epochs or None, spec.max_steps or None)
         self.privacy = JobPrivacy.of(spec)  # None: exact training
@@ -291,10 +295,6 @@ class DataParallelRun(JobRun):
         super().__init__(coordinator, job, spec)
         self._live: list[S.NodeRef] = list(spec.nodes)
         self.owner = {s: s for s in self.shard_ids}  # shard -> the node computing its rows
-        for key, shards in coordinator.spares.pop(job, {}).items():  # spares the replicas kept on disk
-            for shard in shards:
-                if shard in self.holders:
-                    self.holders[shard].add(key)
 
     async def begin(self) -> None:
         """A resumed job without the nodes that did not answer: dropped as if they had died now."""

@@ -382,10 +382,10 @@ class TrainingService:
             await asyncio.to_thread(worker.load_state, shared, a.optimizer_step)
         return {"loaded": len(a.names)}
 
-    async def release(self, a: S.JobArgs, _tensors) -> dict:
+    async def release(self, a: S.ReleaseArgs, _tensors) -> dict:
         worker = self.workers.pop(a.job, None)
         if worker is not None:
-            worker.close()
+            worker.close(keep_spares=a.keep_spares)
         return {"released": worker is not None}
 
     async def stop(self) -> None:

@@ -6,8 +6,9 @@ spare is read only if this node takes its shard over; until then it costs disk, 
 node keeps as many as the job asks without running short of RAM. Spares are written atomically (a
 temporary file renamed; room checked first: a full disk refuses the copy with ``no_space`` and
 keeps what was there) under ``<home>/jobs/<job>/spares/`` and removed when the job releases its
-replica (done, failed, or idle for 15 minutes); a daemon that stops, or a job prepared again to
-resume, keeps them, so a resumed job can go on without a node that is gone for good.
+replica done or failed, or idle for 15 minutes; an interrupted job's release, a daemon that stops
+and a job prepared again to resume keep them, so a resumed job can go on without a node that is gone
+for good (data parallelism) or move its stage elsewhere (pipelines).
 """
 
 from __future__ import annotations

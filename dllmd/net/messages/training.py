@@ -67,6 +67,8 @@ class JobSpec:
     # Spare copies of each shard's rows, on disk on the owner's next ring members (data parallelism) or
     # the next replicas' first stages (hybrid): the job survives that many nodes lost at once.
     shard_copies: int = bounded(2, lo=1, hi=16)
+    # Nodes a resume moved the job's stages away from (--replace): their checkpoint signatures still count.
+    retired: list[NodeRef] = bounded([], max_len=256)
     # federated: rounds of local training on every client's own data (``nodes``; the first coordinates)
     rounds: int = bounded(0, lo=0, hi=10_000_000)
     local_steps: int = bounded(1, lo=1, hi=1_000_000)  # each client's AdamW steps per round
@@ -172,6 +174,12 @@ class RingArgs:
     generation: int = bounded(lo=0, hi=2**62)
     rank: int = bounded(lo=0, hi=255)
     members: list[NodeRef] = bounded(max_len=256)  # address = the member's ring endpoint
+
+
+@dataclass
+class ReleaseArgs:
+    job: str = bounded(max_len=64)
+    keep_spares: bool = False  # an interrupted job may resume: its spare shard copies stay on disk
 
 
 @dataclass
@@ -402,9 +410,17 @@ class JobArgs:
 
 
 @dataclass
+class Replacement:
+    """A stage moved at resume: the node that held it (its key) and the node that takes it over."""
+    old: str = bounded(max_len=64)
+    new: NodeRef
+
+
+@dataclass
 class ResumeArgs:
     job: str = bounded(max_len=64)
     nodes: list[NodeRef] = bounded([], max_len=256)  # current addresses (a restarted node may have moved)
+    replace: list[Replacement] = bounded([], max_len=256)  # pipeline and hybrid jobs: stages moved to other nodes
 
 
 @dataclass
@@ -608,7 +624,7 @@ TRAIN_RESET = Op("train.reset", JobArgs, dict)
 TRAIN_PROBE = Op("train.probe", ProbeArgs, Probed)
 TRAIN_STATE = Op("train.state", StateArgs, dict)
 TRAIN_LOAD_STATE = Op("train.load_state", LoadStateArgs, dict)
-TRAIN_RELEASE = Op("train.release", JobArgs, dict)
+TRAIN_RELEASE = Op("train.release", ReleaseArgs, dict)
 TRAIN_EVALUATE = Op("train.evaluate", EvaluateArgs, Evaluated)
 TRAIN_STAGE_EVALUATE = Op("train.stage_evaluate", EvaluateArgs, Evaluated)
 TRAIN_INNER = Op("train.inner", InnerStepArgs, InnerStepped)

@@ -120,10 +120,11 @@ class StageOps:
                 collective.close()
             raise
         worker.shards.directory = self.service.spares_directory(a.job)
+        held = await asyncio.to_thread(worker.shards.adopt)
         if shard is not None:
             worker.shards[self.service.identity.public_key] = shard
         self.service.workers[a.job] = worker
-        return {"ring_port": ports[0], "tied_port": ports[1] if tied else 0,
+        return {"ring_port": ports[0], "tied_port": ports[1] if tied else 0, "spares": held,
                 "rows": int(shard.tokens.shape[0]) if shard else 0, "seq_len": seq_len, "device": str(device),
                 "params": sum(p.numel() for p in worker.params.values()), "memory_needed": need}
 

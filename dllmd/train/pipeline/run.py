@@ -38,7 +38,10 @@ class PipelineRun(JobRun):
         self.replicas = [spec.nodes[r * self.stages:(r + 1) * self.stages] for r in range(spec.replicas)]
         self.alive = list(range(spec.replicas))  # replica numbers still in the job
         replica_of = {n.public_key: r for r, nodes in enumerate(self.replicas) for n in nodes}
-        self.owner = {s: replica_of[s] for s in self.shard_ids}  # shard -> the replica computing its rows
+        # shard -> the replica computing its rows: its node's, or (a node a resume moved away from) the
+        # replica of a node keeping a spare of it.
+        self.owner = {s: replica_of.get(s, next((replica_of[k] for k in sorted(self.holders[s]) if k in replica_of), 0))
+                      for s in self.shard_ids}
 
     @property
     def live(self) -> list[S.NodeRef]:
