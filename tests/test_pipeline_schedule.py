@@ -202,3 +202,26 @@ def test_links_take_messages_in_any_order_only_from_the_right_neighbour_of_this_
 
     asyncio.run(scenario())
 
+
+
+def test_a_reset_ends_a_flush_that_waits_on_a_dead_neighbour():
+    """A send to a neighbour that died is never acknowledged: the reset must end the stage's wait for
+    it at once (the coordinator drops a stage whose step outlives the reset), not its send timeout."""
+    import asyncio
+
+    import torch
+
+    from dllmd.net.messages.training import NodeRef
+    from dllmd.train.pipeline.links import LinkError, PipeLinks
+
+    async def scenario():
+        links = PipeLinks("job", lambda *_: asyncio.sleep(3600))  # never answered
+        links.form(1, NodeRef("a", "tcp://a:1", "key-a"), NodeRef("c", "tcp://c:1", "key-c"))
+        links.send("activation", 0, 0, [torch.ones(1, 2, 4), torch.zeros(1, 2, dtype=torch.int64)])
+        flushing = asyncio.ensure_future(links.flush())
+        await asyncio.sleep(0.01)
+        links.fail_pending(LinkError("reset"))
+        with pytest.raises(LinkError, match="did not take"):
+            await asyncio.wait_for(flushing, 2)
+
+    asyncio.run(scenario())

@@ -155,8 +155,11 @@ def test_a_killed_stage_interrupts_the_job_and_resume_ends_where_an_uninterrupte
     assert stage_lost["message"].startswith("stage 1 (local-2, layers 3-4)")
     # local-2 stays down: stage 1 moves to local-3, which loads its part of step 4 from the coordinator's
     # copy (signed by local-2, still trusted as a retired node of the job).
-    resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--replace", "local-2=local-3", "--follow", "--json",
-                          timeout=300))
+    try:
+        resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--replace", "local-2=local-3", "--follow", "--json",
+                              timeout=300))
+    finally:
+        _restart(cluster, "local-2")  # back, disarmed, for the tests after
     assert resumed["state"] == "done" and resumed["step"] == steps, resumed["events"][-6:]
     assert any(e["kind"] == "resumed" and e["message"] == "from step 4" for e in resumed["events"])
     moved = next(e for e in resumed["events"] if e["kind"] == "stage_moved")
@@ -165,7 +168,6 @@ def test_a_killed_stage_interrupts_the_job_and_resume_ends_where_an_uninterrupte
     a = _export(straight["job"], "straight", tmp_path / "a")
     b = _export(job, "resumed", tmp_path / "b")
     assert _max_diff(a, b) == 0
-    _restart(cluster, "local-2")  # back, disarmed, for the tests after
 
 
 def test_a_killed_replica_of_a_hybrid_job_is_dropped_and_the_job_finishes(cluster, tmp_path):

@@ -264,8 +264,7 @@ class Coordinator:
         moved = {n.public_key: n.address for n in a.nodes}
         for node in spec.nodes:
             node.address = moved.get(node.public_key, node.address)
-        if a.replace:
-            self._replace_nodes(a.job, spec, a.replace)
+        moves = self._replace_nodes(a.job, spec, a.replace) if a.replace else []
         latest = self.checkpoints(a.job).latest()
         nodes = spec.nodes
         if spec.parallelism == "data":
@@ -274,19 +273,23 @@ class Coordinator:
             nodes = [n for n, ok in zip(spec.nodes, alive) if ok]
             self.absent[a.job] = [n for n, ok in zip(spec.nodes, alive) if not ok]
         await self._prepare(a.job, spec, nodes)
+        if moves:  # saved once every node, the new ones too, took its part
+            self.store.update_spec(a.job, to_wire(spec))
+            for message in moves:
+                self.store.event(a.job, "stage_moved", message)
         self.store.rewind(a.job, latest or 0)
         self.store.event(a.job, "resumed", f"from step {latest or 0}")
         self._start(a.job, spec, resume_from=latest)
         return S.Resumed(a.job, "running", latest or 0)
 
-    def _replace_nodes(self, job: str, spec: S.JobSpec, replace: list[S.Replacement]) -> None:
-        """Move stages of a pipeline or hybrid job onto other nodes (the same layers: each new node loads
-        its stage's checkpoint part from the coordinator's copy). The spec is saved with the moved-away
-        nodes as ``retired``: the parts they signed stay trusted."""
+    def _replace_nodes(self, job: str, spec: S.JobSpec, replace: list[S.Replacement]) -> list[str]:
+        """Move stages of a pipeline or hybrid job onto other nodes in ``spec`` (the same layers: each new
+        node loads its stage's checkpoint part from the coordinator's copy), the moved-away nodes kept as
+        ``retired``: the parts they signed stay trusted. What moved, said for the job's events."""
         if spec.parallelism not in ("model", "hybrid"):
             raise JobError("--replace moves pipeline stages; a data-parallel job resumes without the nodes that "
                            "are gone (their shards come from spares)")
-        keys = [n.public_key for n in spec.nodes]
+        keys, moves = [n.public_key for n in spec.nodes], []
         for r in replace:
             if r.old not in keys:
                 raise JobError(f"{r.old[:16]}... is not a node of job {job}")
@@ -302,9 +305,9 @@ class Coordinator:
             spec.nodes[index] = r.new
             keys[index] = r.new.public_key
             stage = spec.stages[index % len(spec.stages)]
-            self.store.event(job, "stage_moved", f"stage {index % len(spec.stages)} (layers {stage.start}-"
-                                                 f"{stage.end - 1}) moved from {old.name} to {r.new.name}")
-        self.store.update_spec(job, to_wire(spec))
+            moves.append(f"stage {index % len(spec.stages)} (layers {stage.start}-{stage.end - 1}) moved from "
+                         f"{old.name} to {r.new.name}")
+        return moves
 
     async def _metrics(self, a: S.MetricsArgs, _tensors) -> S.Metrics:
         """Up to ``limit`` rows after ``after_step``, as many as fit one reply's header (``more``: ask again)."""

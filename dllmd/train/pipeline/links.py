@@ -94,11 +94,16 @@ class PipeLinks:
         self._sends.append(asyncio.ensure_future(self._send(node, args, tensors)))
 
     async def flush(self) -> None:
-        """Wait until every message sent so far was acknowledged; the first failure is raised."""
-        sends, self._sends = self._sends, []
+        """Wait until every message sent so far was acknowledged; the first failure is raised. The sends
+        stay listed while awaited, so that a reset (:meth:`fail_pending`) cancels them rather than
+        leaving this wait to a dead neighbour's send timeout."""
+        sends = list(self._sends)
         if not sends:
             return
-        results = await asyncio.gather(*sends, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*sends, return_exceptions=True)
+        finally:
+            self._sends = [t for t in self._sends if t not in sends]
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             raise LinkError(f"a neighbour did not take a pipeline message: {failed}") from None
