@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dllmctl.bench.shard import stdlib_source
+from dllmctl.bench.train import node_shards
 from dllmctl.cluster import local as local_cluster
 from dllmctl.cluster.registry import NodeEntry, Registry
 from dllmctl.data.sharding import ShardRequest, shard_and_push
@@ -96,7 +97,7 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int = 4, steps: int 
             shown: dict = {}
             for kind, at in plan:
                 progress(f"step {at}: {kind}")
-                shown = _wait_step(user, directory, registry, job, at)
+                shown = _wait_step(user, directory, job, at)
                 if shown["state"] != "running":
                     break
                 node = entries[0].name if kind == "coordinator" else workers.pop(rng.randrange(len(workers)))
@@ -110,16 +111,16 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int = 4, steps: int 
                 else:
                     pid = next(n.pid for n in local_cluster.load_state(directory) if n.name == node)
                     os.kill(pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
-                after = _wait_step(user, directory, registry, job, fault.struck_at_step + 1)
+                after = _wait_step(user, directory, job, fault.struck_at_step + 1)
                 if after["step"] > fault.struck_at_step:
                     fault.recovered_s = round(time.monotonic() - struck_at, 1)
                 if kind == "stop":
                     os.kill(pid, signal.SIGKILL)  # dropped (or the job is stuck): it is not coming back
             progress("finishing")
-            shown = _wait_done(user, directory, registry, job)
+            shown = _wait_done(user, directory, job)
             seconds = time.monotonic() - began
             weights = _final_weights(homes[entries[0].name], job, shown.get("step", -1))
-            shards = _shards(homes, entries)
+            shards = node_shards(started, "chaos")
         finally:
             local_cluster.down(directory, registry)
     report = {"model": model, "nodes": nodes, "steps": steps, "seed": seed, "job_state": shown.get("state"),
@@ -150,7 +151,7 @@ def _show(user: Identity, directory: Path, job: str) -> dict:
     return asyncio.run(job_call(user, _coordinator(directory), S.JOBS_SHOW, {"job": job}))
 
 
-def _wait_step(user: Identity, directory: Path, registry: Registry, job: str, step: int) -> dict:
+def _wait_step(user: Identity, directory: Path, job: str, step: int) -> dict:
     """The job once it reached ``step`` (or ended)."""
     deadline = time.monotonic() + FAULT_TIMEOUT_S
     while True:
@@ -160,7 +161,7 @@ def _wait_step(user: Identity, directory: Path, registry: Registry, job: str, st
         time.sleep(POLL_S)
 
 
-def _wait_done(user: Identity, directory: Path, registry: Registry, job: str) -> dict:
+def _wait_done(user: Identity, directory: Path, job: str) -> dict:
     deadline = time.monotonic() + FAULT_TIMEOUT_S * 2
     while (shown := _show(user, directory, job))["state"] in ("queued", "running") and time.monotonic() < deadline:
         time.sleep(POLL_S)
@@ -183,16 +184,3 @@ def _final_weights(home: Path, job: str, step: int) -> dict | None:
 
     path = home / "jobs" / job / "checkpoints" / f"step-{step:06d}" / "model.safetensors"
     return load_file(str(path)) if path.exists() else None
-
-
-def _shards(homes: dict[str, Path], entries: list[NodeEntry]) -> dict:
-    from dllmd.data.shards import read_shard
-    from dllmd.train.worker import ShardRows
-
-    shards = {}
-    for entry in entries:
-        path = homes[entry.name] / "datasets" / "chaos" / "shard.safetensors"
-        if path.exists():
-            tokens, meta = read_shard(path)
-            shards[entry.public_key] = ShardRows(tokens, int(meta["tokens"]))
-    return shards

@@ -73,10 +73,7 @@ def run(user: Identity, model: str, model_dir: Path, nodes: int, steps: int, bat
             job = asyncio.run(submit(user, entries, model_dir, spec))["job"]
             metrics = wait_done(user, entries[0], job)
             rss = {n.name: peak_rss(n.pid) for n in started}  # the daemons' high-water marks, still running
-            shards = {}
-            for node in started:
-                tokens, meta = read_shard(Path(node.home) / "datasets" / "bench" / "shard.safetensors")
-                shards[node.public_key] = ShardRows(tokens, int(meta["tokens"]))
+            shards = node_shards(started, "bench")
         finally:
             local_cluster.down(Path(tmp), registry)
     local: list[dict] = []
@@ -138,6 +135,17 @@ def _pipeline_figures(model_dir: Path, spec: S.JobSpec, timed: list[dict], local
                             "training_state_bytes": one_state},
             "per_stage": stages, "state_ratio_target": target,
             "meets_state_target": all(st["ratio_to_one_process"] <= target for st in stages)}
+
+
+def node_shards(nodes: list[local_cluster.LocalNode], dataset: str) -> dict[str, ShardRows]:
+    """Every temporary node's shard of ``dataset``, read from its home: the one-process baseline's data."""
+    shards = {}
+    for node in nodes:
+        path = Path(node.home) / "datasets" / dataset / "shard.safetensors"
+        if path.exists():
+            tokens, meta = read_shard(path)
+            shards[node.public_key] = ShardRows(tokens, int(meta["tokens"]))
+    return shards
 
 
 def peak_rss(pid: int | str = "self") -> int | None:

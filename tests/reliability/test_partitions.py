@@ -200,7 +200,7 @@ def test_a_link_cut_between_two_training_workers_drops_one_and_the_job_ends_with
     dataset = shard_and_push(user, entries, ShardRequest(uri=str(_corpus(root / "repo")), model="tiny",
                                                          model_dir=model_dir, strategy="random", name="three",
                                                          seq_len=32))
-    steps, batch, micro, lr = 12, 6, 2, 1e-4
+    steps, batch, micro, lr = 40, 6, 2, 1e-4  # enough that the poll below sees step 3 before the end
     spec = job_spec("tiny", dataset, entries, batch_size=batch, micro_batch_size=micro, epochs=0, max_steps=steps,
                     lr=lr, checkpoint_every=0)
     job = asyncio.run(submit(user, entries, model_dir, spec))["job"]
