@@ -204,6 +204,10 @@ class NodeConfig:
     memory_budget_bytes: int = 0  # 0: derive from available RAM/VRAM at start
     # Share of that budget the prompt-prefix cache may hold (only what sessions leave unreserved); 0: off.
     prefix_cache_percent: int = 25
+    # How long a tensor-parallel member spins for a partial sum before it sleeps in poll (0: never
+    # spins). A sleeping thread's wake-up costs more than the transfer (docs/inference.md "Tensor
+    # parallelism"); spinning yields the CPU to any other runnable thread, and stops after this long.
+    tensor_spin_us: int = 500
     ring_port: int = 0  # the training ring's socket, on the listen host; 0: a free port per job
     allow_plaintext_ring: bool = False  # trusted links only: lets a job ask for an unencrypted ring
     bench_operations: bool = False  # serve the benchmark-only operations (ring.*, dllmctl bench allreduce)
@@ -256,6 +260,8 @@ class NodeConfig:
             metrics_address(self.metrics_listen, self.metrics_allow_remote)
         if self.prefix_cache_percent > 100:
             raise ConfigError(f"prefix_cache_percent must be between 0 and 100, got {self.prefix_cache_percent}")
+        if self.tensor_spin_us > 1_000_000:
+            raise ConfigError(f"tensor_spin_us must be at most 1000000 (a second), got {self.tensor_spin_us}")
         if self.ring_port > 65535:
             raise ConfigError(f"ring_port must be a TCP port (0-65535), got {self.ring_port}")
         if self.max_header_bytes < 1024 or self.max_message_bytes < self.max_header_bytes:

@@ -115,7 +115,8 @@ class Daemon:
         budget = self._kv_budget()
         self.inference = InferenceService(
             peers, self.keys, budget, own_key=self.identity.public_key,
-            group_channel=lambda: GroupChannel(ctx, self.identity, group_host, self.config.max_message_bytes),
+            group_channel=lambda: GroupChannel(self.identity, group_host, self.config.max_message_bytes,
+                                               self.config.tensor_spin_us / 1e6),
             memory_cap=MemoryCap(self.config.limits.memory),
             prefix_cache_bytes=budget * self.config.prefix_cache_percent // 100, metrics=self.metrics)
         self.links = PeerLinks(peers, self.keys, self.identity.public_key)

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from dllmctl.bench.rawzmq import raw_exchange_ms
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.inference.session import DistributedSession
 from dllmd.net.pool import ConnectionPool
@@ -129,51 +130,6 @@ def _reduction_report(start: dict[str, dict], before: dict[str, dict], after: di
             "bytes_sent_per_token": int(count / tokens * hidden_bytes * (end["size"] - 1)),
         }
     return members
-
-
-def raw_exchange_ms(payload_bytes: int, rounds: int = 2000) -> float:
-    """What a reduction's exchange costs with nothing of dllm around it: two threads, each sending the
-    other ``payload_bytes`` over CURVE-encrypted PUSH/PULL on loopback and waiting for the other's, as a
-    group of two does per reduction. Median of ``rounds``, in ms."""
-    import threading
-
-    import zmq
-
-    ctx = zmq.Context()
-    keys = [zmq.curve_keypair() for _ in range(2)]
-    inboxes, outboxes = [], []
-    for public, secret in keys:
-        inbox = ctx.socket(zmq.PULL)
-        inbox.curve_server, inbox.curve_secretkey, inbox.curve_publickey = True, secret, public
-        port = inbox.bind_to_random_port("tcp://127.0.0.1")
-        inboxes.append((inbox, port))
-    for i in range(2):
-        out = ctx.socket(zmq.PUSH)
-        public, secret = keys[i]
-        out.curve_secretkey, out.curve_publickey, out.curve_serverkey = secret, public, keys[1 - i][0]
-        out.connect(f"tcp://127.0.0.1:{inboxes[1 - i][1]}")
-        outboxes.append(out)
-    payload = bytes(payload_bytes)
-    times: list[float] = []
-
-    def side(i: int) -> None:
-        inbox, out = inboxes[i][0], outboxes[i]
-        for _ in range(rounds + 100):
-            started = time.perf_counter()
-            out.send(payload, copy=True)
-            inbox.recv()
-            if i == 0:
-                times.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=side, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for sock in [*outboxes, *(s for s, _ in inboxes)]:
-        sock.close(linger=0)
-    ctx.term()
-    return _median([t * 1000 for t in times[100:]])
 
 
 async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int,

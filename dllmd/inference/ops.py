@@ -123,7 +123,7 @@ class InferenceService:
         for loaded in self.spans.values():
             self._stop_following(loaded)
         # At most one pass is in flight (bounded by the group timeout); group sockets must be closed
-        # after it, or the zmq context cannot terminate.
+        # after it.
         self.compute.shutdown(wait=True, cancel_futures=True)
         for loaded in self.spans.values():
             if loaded.group is not None:

@@ -11,10 +11,12 @@ same steps.
 The reductions are latency-bound (a few KiB per token), so they use the simplest exchange: every member
 sends its partial to every other one and adds all of them up in rank order. Every member adds the same
 bytes in the same order, so all end with bitwise identical sums and the next layer sees the same input
-everywhere. The sockets are synchronous and used only by the thread that computes (no event-loop
-wake-up between a matmul and its reduction); like every other socket of the node they are
-CURVE-encrypted, ZAP admits only authorized keys, and each message is checked to come from the member
-whose rank it claims (``User-Id`` is the sender's authenticated key).
+everywhere. Each pair of members shares one direct link (:mod:`dllmd.net.bulk.direct`): the thread that
+computes seals and writes its partial, and reads and opens the others', with no event loop and no I/O
+thread between a matmul and its reduction (each would cost a wake-up, and on a home machine a wake-up
+costs more than the transfer). The links are opened by the bulk handshake (Noise KK over both node
+keys, fresh keys per link): the higher rank dials, the lower one's listener admits only members of
+the group it has taken its place in, so every message is known to come from the member of its rank.
 
 Messages are tagged with the leader's command number (``seq``) and the reduction's index within it. A
 member that cannot go on with a pass (an error, a member silent past the timeout) tells every other
@@ -24,7 +26,9 @@ recognised by their number and dropped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import struct
 import threading
 import time
@@ -35,11 +39,13 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 import torch
-import zmq
 
+from dllmd.net.bulk.connect import HANDSHAKE_TIMEOUT_S, LinkListener, dial_blocking, split_endpoint
+from dllmd.net.bulk.direct import DirectLink, LinkBroken, LinkTimeout
+from dllmd.net.bulk.handshake import Hello, LinkKeys, Mode
+from dllmd.net.bulk.link import BulkLinkCode, BulkLinkError
 from dllmd.net.codec import DEFAULT_BLOCK, CodecError, HopCodec, pack_partial, unpack_partial
-from dllmd.net.identity import Identity, curve_public_z85
-from dllmd.net.transport import ZAP_DOMAIN
+from dllmd.net.identity import Identity
 from dllmd.net.wire import ITEMSIZE
 
 log = logging.getLogger("dllmd.tensor")
@@ -48,6 +54,7 @@ TAG = struct.Struct("!BQI")  # kind, command number, index within the command
 PASS, OPEN, CLOSE, ACK, PARTIAL, GATHER, ABORT = range(1, 8)
 REDUCE_TIMEOUT_S = 5.0  # a member silent this long mid-pass is taken for dead
 POLL_MS = 200  # how often an idle follower checks whether it should stop
+DIAL_RETRY_S = 0.05  # a member dialling one that has not taken its place in the group yet
 
 
 class GroupError(RuntimeError):
@@ -107,59 +114,48 @@ def _tensor(header: dict, data: bytes) -> torch.Tensor:
 
 
 class GroupChannel:
-    """One member's sockets: a bound PULL that every other member sends to, and a PUSH to each of them.
-    Used by one thread at a time (the compute thread of the leader, the follow thread of a follower)."""
+    """One member's links to the others: one direct link (:mod:`dllmd.net.bulk.direct`) per other member,
+    dialled by the higher rank, accepted by the lower one on this member's listener. Used by one thread
+    at a time (the compute thread of the leader, the follow thread of a follower); the listener runs
+    the handshakes on the event loop it was made on."""
 
-    def __init__(self, ctx: zmq.Context, identity: Identity, host: str, max_message_bytes: int):
-        self.ctx, self.identity = ctx, identity
-        self.max_message_bytes = max_message_bytes
-        inbox = ctx.socket(zmq.PULL)
-        self._options(inbox)
-        inbox.curve_server = True
-        inbox.curve_secretkey, inbox.curve_publickey = identity.curve_secret, identity.curve_public
-        inbox.zap_domain = ZAP_DOMAIN.encode()
-        inbox.bind(f"tcp://{host}:*")
-        self.inbox = inbox
-        self.port = int(inbox.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+    def __init__(self, identity: Identity, host: str, max_message_bytes: int, spin_s: float = 0.0):
+        self.identity = identity
+        self.max_message_bytes, self.spin_s = max_message_bytes, spin_s
+        self._loop = asyncio.get_running_loop()
+        self._listener = LinkListener(identity, host, 0, self._admit, self._adopt, wrap=self._wrap)
+        self.port = self._listener.port
         self.rank = 0
         self.members: list[GroupMember] = []
-        self._outbox: dict[int, zmq.Socket] = {}
-        self._ranks: dict[str, int] = {}  # sender's public key -> rank
+        self._ranks: dict[str, int] = {}  # a member's public key -> its rank
+        self._links: dict[int, DirectLink] = {}
         self._queues: dict[int, deque[list[bytes]]] = {}
-        self._poller = zmq.Poller()
-        self._poller.register(inbox, zmq.POLLIN)
-
-    def _options(self, sock: zmq.Socket) -> None:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        sock.setsockopt(zmq.SNDHWM, 0)  # the exchange is lock-step: what is queued is bounded by the pass
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 4000)
+        self._arrived = threading.Condition()  # the loop adopts accepted links; the channel's thread waits
+        self._closed = False
 
     def connect(self, rank: int, members: Sequence[GroupMember]) -> None:
-        """Link to every other member (replacing an earlier group's links)."""
-        for sock in self._outbox.values():
-            sock.close(linger=0)
-        self.rank, self.members = rank, list(members)
-        self._outbox, self._queues = {}, {r: deque() for r in range(len(members))}
-        self._ranks = {m.public_key: r for r, m in enumerate(members)}
-        for r, member in enumerate(members):
-            if r == rank:
-                continue
-            sock = self.ctx.socket(zmq.PUSH)
-            self._options(sock)
-            sock.curve_secretkey, sock.curve_publickey = self.identity.curve_secret, self.identity.curve_public
-            sock.curve_serverkey = curve_public_z85(member.public_key)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.connect(member.endpoint)
-            self._outbox[r] = sock
+        """Take this member's place in the group (the links are made on first use)."""
+        with self._arrived:
+            for link in self._links.values():
+                link.close()
+            self.rank, self.members = rank, list(members)
+            self._links, self._queues = {}, {r: deque() for r in range(len(members))}
+            self._ranks = {m.public_key: r for r, m in enumerate(members)}
 
     def close(self) -> None:
-        for sock in self._outbox.values():
-            sock.close(linger=0)
-        self._outbox = {}
-        self.inbox.close(linger=0)
+        with self._arrived:
+            self._closed = True
+            for link in self._links.values():
+                link.close()
+            self._links = {}
+            self._arrived.notify_all()
+        if _running_loop() is self._loop:
+            self._listener.close()
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._listener.close)
+        except RuntimeError:  # the loop is gone, and its listener with it
+            pass
 
     @property
     def size(self) -> int:
@@ -168,33 +164,97 @@ class GroupChannel:
     def others(self) -> list[int]:
         return [r for r in range(self.size) if r != self.rank]
 
+    # --- links ---------------------------------------------------------------------------------------
+
+    def _admit(self, hello: Hello) -> bool:
+        """Only a member of the group, of a higher rank, to this listener (the port is the generation)."""
+        rank = self._ranks.get(hello.initiator_key)
+        return (not self._closed and rank is not None and rank > self.rank and hello.generation == self.port
+                and hello.mode == Mode.AEAD)
+
+    def _wrap(self, sock: socket.socket, keys: LinkKeys | None, peer: str) -> DirectLink:
+        return DirectLink(sock, keys, peer, self.max_message_bytes, self.spin_s)
+
+    def _adopt(self, hello: Hello, link: DirectLink) -> None:
+        with self._arrived:
+            rank = self._ranks.get(hello.initiator_key)
+            if self._closed or rank is None or rank in self._links:
+                link.close()  # the group changed meanwhile, or a second link from one member
+                return
+            self._links[rank] = link
+            self._arrived.notify_all()
+
+    def _link(self, rank: int, deadline: float) -> DirectLink:
+        """The link to ``rank``: dialled now if it is lower, else waited for (until ``deadline``)."""
+        link = self._links.get(rank)
+        if link is not None:
+            return link
+        member = self.members[rank]
+        if rank > self.rank:
+            with self._arrived:
+                while rank not in self._links and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise GroupError(f"member {rank} ({member.endpoint}) did not link to this member", rank)
+                    self._arrived.wait(left)
+                if self._closed:
+                    raise GroupError("this member left the group", fatal=True)
+                return self._links[rank]
+        while True:
+            try:
+                sock, keys = dial_blocking(self.identity, member.endpoint, member.public_key, _port_of(member.endpoint),
+                                           timeout_s=max(0.1, min(HANDSHAKE_TIMEOUT_S, deadline - time.monotonic())))
+                break
+            except BulkLinkError as exc:
+                if exc.code == BulkLinkCode.PEER_MISMATCH:
+                    raise GroupError(f"member {rank} at {member.endpoint}: {exc}", rank, fatal=True) from None
+                if time.monotonic() + DIAL_RETRY_S >= deadline:  # it may not have taken its place yet
+                    raise GroupError(f"cannot link to member {rank}: {exc}", rank) from None
+                time.sleep(DIAL_RETRY_S)
+        link = DirectLink(sock, keys, member.public_key, self.max_message_bytes, self.spin_s)
+        with self._arrived:
+            if self._closed:
+                link.close()
+                raise GroupError("this member left the group", fatal=True)
+            self._links[rank] = link
+        return link
+
+    def _lost(self, rank: int, exc: Exception) -> GroupError:
+        return GroupError(f"member {rank} ({self.members[rank].endpoint}) is unreachable: {exc}", rank, fatal=True)
+
+    # --- messages ------------------------------------------------------------------------------------
+
     def send(self, rank: int, kind: int, seq: int, index: int, *payload: bytes | memoryview) -> None:
-        self._outbox[rank].send_multipart([TAG.pack(kind, seq, index), *payload], copy=True)
+        link = self._link(rank, time.monotonic() + REDUCE_TIMEOUT_S)
+        try:
+            link.send([TAG.pack(kind, seq, index), *payload], REDUCE_TIMEOUT_S)
+        except LinkBroken as exc:
+            raise self._lost(rank, exc) from None
 
     def send_all(self, kind: int, seq: int, index: int, *payload: bytes | memoryview) -> None:
         for rank in self.others():
             self.send(rank, kind, seq, index, *payload)
 
-    def _pull(self, timeout_s: float) -> bool:
-        """Move what has arrived into the per-sender queues; False when nothing came in ``timeout_s``."""
-        pulled = False
-        while True:
+    def tell_linked(self, kind: int, seq: int, index: int, *payload: bytes) -> None:
+        """Send to every member already linked, ignoring any that is not (an abort, on the way out)."""
+        for rank, link in list(self._links.items()):
             try:
-                frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                # Poll only once the inbox is empty: a partial that is already here costs no wake-up.
-                if pulled or not self._poller.poll(int(timeout_s * 1000)):
-                    return pulled
-                continue
-            pulled = True
-            try:
-                sender = self._ranks.get(frames[0].get("User-Id"))
-            except zmq.ZMQError:
-                sender = None
-            if sender is None or sender == self.rank or len(frames) < 1 or len(frames[0].bytes) != TAG.size:
-                log.warning("dropped a tensor-group message from a key outside this group")
-                continue
-            self._queues[sender].append([f.bytes for f in frames])
+                link.send([TAG.pack(kind, seq, index), *payload], 1.0)
+            except (LinkBroken, ValueError):
+                pass
+
+    def _pull(self, rank: int, timeout_s: float) -> None:
+        """Move the next message from ``rank`` into its queue, if one arrives within ``timeout_s``."""
+        link = self._link(rank, time.monotonic() + max(timeout_s, REDUCE_TIMEOUT_S))
+        try:
+            frames = link.receive(timeout_s)
+        except LinkTimeout:
+            return
+        except LinkBroken as exc:
+            raise self._lost(rank, exc) from None
+        if not frames or len(frames[0]) != TAG.size:
+            raise GroupError(f"member {rank} sent a message without a tag", rank, fatal=True)
+        self._queues[rank].append(frames)
 
     def receive(self, rank: int, seq: int, index: int, kinds: tuple[int, ...],
                 timeout_s: float = REDUCE_TIMEOUT_S) -> list[bytes]:
@@ -221,13 +281,19 @@ class GroupChannel:
             if left <= 0:
                 raise GroupError(f"member {rank} ({self.members[rank].endpoint}) did not answer within "
                                  f"{timeout_s:g}s", rank, fatal=True)
-            self._pull(left)
+            self._pull(rank, left)
 
     def wait_any(self, rank: int, timeout_s: float) -> bool:
-        """Whether a message from ``rank`` is waiting (after up to ``timeout_s`` of waiting for one)."""
+        """Whether a message from ``rank`` is waiting (after up to ``timeout_s`` of waiting for one). A
+        member not linked yet, or gone, is waited for as one that says nothing."""
         if self._queues[rank]:
             return True
-        self._pull(timeout_s)
+        started = time.monotonic()
+        try:
+            self._pull(rank, timeout_s)
+        except GroupError:
+            time.sleep(max(0.0, timeout_s - (time.monotonic() - started)))
+            return False
         return bool(self._queues[rank])
 
     def peek_tag(self, rank: int) -> tuple[int, int, int]:
@@ -235,6 +301,17 @@ class GroupChannel:
 
     def drop_next(self, rank: int) -> None:
         self._queues[rank].popleft()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _port_of(endpoint: str) -> int:
+    return split_endpoint(endpoint)[1]
 
 
 class TensorGroup:
@@ -269,37 +346,39 @@ class TensorGroup:
         started = time.perf_counter()
         index = self._index
         self._index += 1
-        local = partial.detach().to("cpu").contiguous()
-        mine = local.view(-1).view(torch.uint8).numpy() if local.numel() else np.empty(0, np.uint8)
-        self.channel.send_all(PARTIAL, self.seq, index, memoryview(mine))
-        parts: list[np.ndarray] = []
+        # Every torch or numpy call here costs microseconds between two matmuls that evict the caches,
+        # sixty times a token: the fewest that do the job (one view of the partial, one copy, adds).
+        local = partial if partial.device.type == "cpu" else partial.detach().cpu()
+        if local.dtype == torch.bfloat16:  # numpy has no bfloat16: carried as its 16-bit words
+            local = local.contiguous().view(torch.int16)
+        mine = local.detach().contiguous().numpy()
+        self.channel.send_all(PARTIAL, self.seq, index, mine)
         waited = 0.0
-        dtype = local.view(-1).numpy().dtype if local.dtype != torch.bfloat16 else None
+        total = None
         for rank in range(self.size):
             if rank == self.rank:
-                parts.append(mine)
-                continue
-            before = time.perf_counter()
-            (data,) = self.channel.receive(rank, self.seq, index, (PARTIAL,))
-            waited += time.perf_counter() - before
-            if len(data) != mine.nbytes:
-                raise GroupError(f"member {rank}'s partial is {len(data)} bytes, not {mine.nbytes}: the members "
-                                 f"disagree on the pass", rank)
-            parts.append(np.frombuffer(data, dtype=np.uint8))
-        if dtype is None:  # numpy has no bfloat16: add in torch (the same rank order)
-            total = torch.frombuffer(bytearray(parts[0]), dtype=local.dtype)
-            for part in parts[1:]:
-                total += torch.frombuffer(bytearray(part), dtype=local.dtype)
-        else:
-            # Added in rank order on every member, elementwise IEEE: bitwise the same sum everywhere.
-            acc = parts[0].view(dtype).copy()
-            for part in parts[1:]:
-                np.add(acc, part.view(dtype), out=acc)
-            total = torch.from_numpy(acc)
+                part = mine
+            else:
+                before = time.perf_counter()
+                (data,) = self.channel.receive(rank, self.seq, index, (PARTIAL,))
+                waited += time.perf_counter() - before
+                if len(data) != mine.nbytes:
+                    raise GroupError(f"member {rank}'s partial is {len(data)} bytes, not {mine.nbytes}: the members "
+                                     f"disagree on the pass", rank)
+                part = np.frombuffer(data, dtype=mine.dtype).reshape(mine.shape)
+            if total is None:
+                total = torch.from_numpy(part.copy())
+            elif partial.dtype == torch.bfloat16:
+                total = (total.view(torch.bfloat16) + torch.from_numpy(part.copy()).view(torch.bfloat16)).view(torch.int16)
+            else:
+                # Added in rank order on every member, elementwise IEEE: bitwise the same sum everywhere.
+                np.add(total.numpy(), part, out=total.numpy())
         self.reductions += 1
         self.reduce_s += time.perf_counter() - started
         self.wait_s += waited
-        return total.reshape(local.shape).to(partial.device)
+        if partial.dtype == torch.bfloat16:
+            total = total.view(torch.bfloat16)
+        return total if partial.device.type == "cpu" else total.to(partial.device)
 
     def _reduce_encoded(self, partial: torch.Tensor) -> torch.Tensor:
         """The reduction with partials sent in ``self.hops``' encoding (fp16, blockwise int8): every member
@@ -330,10 +409,7 @@ class TensorGroup:
 
     def abort(self, why: str) -> None:
         """Tell every other member this command is given up (they stop at their next wait for it)."""
-        try:
-            self.channel.send_all(ABORT, self.seq, self._index, why.encode()[:1000])
-        except zmq.ZMQError:
-            pass
+        self.channel.tell_linked(ABORT, self.seq, self._index, why.encode()[:1000])
 
     # --- the leader ---------------------------------------------------------------------------------
 

@@ -12,13 +12,14 @@ one REPLY). At most ``MAX_HANDSHAKES`` run at once: more connections are closed 
 from __future__ import annotations
 
 import asyncio
+from contextlib import contextmanager
 import logging
 import socket
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from dllmd.net.bulk.handshake import CONFIRM_BYTES, HELLO, REPLY, Hello, HandshakeRefused, Initiator, Mode, \
-    Responder, parse_hello
+from dllmd.net.bulk.handshake import CONFIRM_BYTES, HELLO, REPLY, Hello, HandshakeRefused, Initiator, LinkKeys, \
+    Mode, Responder, parse_hello
 from dllmd.net.bulk.link import BulkLink, BulkLinkCode, BulkLinkError
 from dllmd.net.identity import Identity
 
@@ -56,6 +57,18 @@ async def _read_exactly(sock: socket.socket, size: int, deadline: float) -> byte
     return bytes(data)
 
 
+@contextmanager
+def _dialling(endpoint: str):
+    """A dial's failures as BulkLinkError: PEER_MISMATCH when another node answered, else REFUSED."""
+    try:
+        yield
+    except HandshakeRefused as exc:
+        code = BulkLinkCode.PEER_MISMATCH if exc.mismatch else BulkLinkCode.REFUSED
+        raise BulkLinkError(code, f"{endpoint}: {exc}") from None
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        raise BulkLinkError(BulkLinkCode.REFUSED, f"{endpoint}: {exc or type(exc).__name__}") from None
+
+
 async def dial(identity: Identity, endpoint: str, responder_key: str, generation: int, mode: Mode) -> BulkLink:
     """Connect to ``responder_key``'s listener at ``endpoint`` and authenticate both ends. Raises
     ``BulkLinkError``: ``REFUSED`` (closed, refused, timed out: the responder may not have joined the
@@ -65,23 +78,47 @@ async def dial(identity: Identity, endpoint: str, responder_key: str, generation
     host, port = split_endpoint(endpoint)
     sock = None
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, _, proto, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM, proto)
-        sock.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(sock, address), HANDSHAKE_TIMEOUT_S)
-        initiator = Initiator(identity, responder_key, generation, mode)
-        await loop.sock_sendall(sock, initiator.hello())
-        confirm, keys = initiator.finish(await _read_exactly(sock, REPLY.size, deadline))
-        await loop.sock_sendall(sock, confirm)
-        link = BulkLink(sock, keys if mode == Mode.AEAD else None, responder_key)
-        sock = None
-        return link
-    except HandshakeRefused as exc:
-        code = BulkLinkCode.PEER_MISMATCH if exc.mismatch else BulkLinkCode.REFUSED
-        raise BulkLinkError(code, f"{endpoint}: {exc}") from None
-    except (OSError, TimeoutError, ConnectionError) as exc:
-        raise BulkLinkError(BulkLinkCode.REFUSED, f"{endpoint}: {exc or type(exc).__name__}") from None
+        with _dialling(endpoint):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, _, proto, _, address = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, address), HANDSHAKE_TIMEOUT_S)
+            initiator = Initiator(identity, responder_key, generation, mode)
+            await loop.sock_sendall(sock, initiator.hello())
+            confirm, keys = initiator.finish(await _read_exactly(sock, REPLY.size, deadline))
+            await loop.sock_sendall(sock, confirm)
+            link = BulkLink(sock, keys if mode == Mode.AEAD else None, responder_key)
+            sock = None
+            return link
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def dial_blocking(identity: Identity, endpoint: str, responder_key: str, generation: int,
+                  timeout_s: float = HANDSHAKE_TIMEOUT_S) -> tuple[socket.socket, LinkKeys]:
+    """``dial``'s handshake (AEAD mode) from a thread of its own, for a link the caller's thread
+    drives itself (:class:`dllmd.net.bulk.direct.DirectLink`): the connected socket and its keys.
+    Raises BulkLinkError as ``dial`` does."""
+    host, port = split_endpoint(endpoint)
+    sock = None
+    try:
+        with _dialling(endpoint):
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+            sock.settimeout(timeout_s)
+            initiator = Initiator(identity, responder_key, generation, Mode.AEAD)
+            sock.sendall(initiator.hello())
+            reply = bytearray()
+            while len(reply) < REPLY.size:
+                chunk = sock.recv(REPLY.size - len(reply))
+                if not chunk:
+                    raise ConnectionError("the connection was closed during the handshake")
+                reply += chunk
+            confirm, keys = initiator.finish(bytes(reply))
+            sock.sendall(confirm)
+            dialed, sock = sock, None
+            return dialed, keys
     finally:
         if sock is not None:
             sock.close()
@@ -92,11 +129,13 @@ class LinkListener:
 
     ``admit(hello)`` says whether that node may open a link of that generation and mode now (it
     runs before anything is sent back); ``adopt(hello, link)`` takes the established link (it may
-    close it, if the ring changed meanwhile)."""
+    close it, if the ring changed meanwhile). ``wrap(socket, keys, peer_key)`` makes the link of an
+    accepted connection (keys None in plaintext mode): a threaded :class:`BulkLink` unless told otherwise."""
 
     def __init__(self, identity: Identity, host: str, port: int, admit: Callable[[Hello], bool],
-                 adopt: Callable[[Hello, BulkLink], None]):
-        self.identity, self._admit, self._adopt = identity, admit, adopt
+                 adopt: Callable[[Hello, Any], None],
+                 wrap: Callable[[socket.socket, LinkKeys | None, str], Any] | None = None):
+        self.identity, self._admit, self._adopt, self._wrap = identity, admit, adopt, wrap
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
         self._sock.setblocking(False)
@@ -150,4 +189,5 @@ class LinkListener:
         finally:
             if not adopted:  # refused, or the listener closed meanwhile
                 conn.close()
-        self._adopt(hello, BulkLink(conn, keys if hello.mode == Mode.AEAD else None, hello.initiator_key))
+        wrap = self._wrap or BulkLink
+        self._adopt(hello, wrap(conn, keys if hello.mode == Mode.AEAD else None, hello.initiator_key))
