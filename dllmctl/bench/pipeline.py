@@ -125,9 +125,10 @@ async def _link_delay_ms(user: Identity, nodes: list[NodeEntry], proxied: list[N
 
 
 def wan(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int, prompt: list[int], new_tokens: int,
-        delay_ms: float) -> dict:
+        delay_ms: float, parallelism: str = "pipeline") -> dict:
     """Every message of the session crosses one delayed link: the client and each stage reach a
-    node only through that node's proxy."""
+    node only through that node's proxy. (A tensor-parallel group's own reductions do not: its
+    members sit on one fast link by design, and their links were made when the group formed.)"""
     proxies = {n.name: _proxy_for(n, delay_ms / 1000) for n in nodes}
     try:
         proxied = [NodeEntry(n.name, proxies[n.name].address, n.public_key) for n in nodes]
@@ -135,9 +136,10 @@ def wan(user: Identity, nodes: list[NodeEntry], model: str, num_layers: int, pro
         async def run() -> Generation:
             async with ConnectionPool(user) as pool:
                 find = lambda: live_stages(user, proxied, model)  # noqa: E731
-                await generate_with_failover(pool, find, model, num_layers, prompt, 2, set(), SamplingParams())
+                await generate_with_failover(pool, find, model, num_layers, prompt, 2, set(), SamplingParams(),
+                                             parallelism=parallelism)
                 return await generate_with_failover(pool, find, model, num_layers, prompt, new_tokens, set(),
-                                                    SamplingParams())
+                                                    SamplingParams(), parallelism=parallelism)
 
         result = asyncio.run(run())
         link_ms = asyncio.run(_link_delay_ms(user, nodes, proxied))

@@ -135,7 +135,8 @@ def infer(
                 report["sessions"] = pipeline_bench.sessions_sweep(user, nodes, model, num_layers, tokenizer, counts,
                                                                    new_tokens, parallelism)
             if wan_delay_ms is not None:
-                report["wan"] = pipeline_bench.wan(user, nodes, model, num_layers, prompt, new_tokens, wan_delay_ms)
+                report["wan"] = pipeline_bench.wan(user, nodes, model, num_layers, prompt, new_tokens, wan_delay_ms,
+                                                   parallelism)
             if failover_runs:
                 report["failover"] = pipeline_bench.failover(user, registry, local_cluster.resolve_dir(cluster), directory, model,
                                                               num_layers, prompt, failover_runs)
