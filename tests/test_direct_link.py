@@ -46,9 +46,8 @@ def test_a_timeout_leaves_the_link_usable_and_a_closed_peer_breaks_it():
     left, right, _ = _pair()
     with pytest.raises(LinkTimeout):
         right.receive(0.05)
-    assert not right.ready(0.01)
     left.send([b"late"], 5)
-    assert right.ready(2) and right.receive(1) == [b"late"]
+    assert right.receive(2) == [b"late"]
     left.close()
     with pytest.raises(LinkBroken, match="closed by the peer"):
         right.receive(2)

@@ -245,7 +245,7 @@ class GroupChannel:
 
     def _pull(self, rank: int, timeout_s: float) -> None:
         """Move the next message from ``rank`` into its queue, if one arrives within ``timeout_s``."""
-        link = self._link(rank, time.monotonic() + max(timeout_s, REDUCE_TIMEOUT_S))
+        link = self._link(rank, time.monotonic() + timeout_s)
         try:
             frames = link.receive(timeout_s)
         except LinkTimeout:

@@ -140,21 +140,6 @@ class DirectLink:
             if not self._fill(deadline):
                 raise LinkTimeout(f"no message from {self.peer[:16]} within {timeout_s:g}s")
 
-    def ready(self, timeout_s: float) -> bool:
-        """Whether a whole message is waiting (after up to ``timeout_s`` of waiting for one)."""
-        if self.broken:
-            raise LinkBroken(f"the link to {self.peer[:16]}: {self.broken}")
-        deadline = time.monotonic() + timeout_s
-        while not self._complete():
-            if not self._fill(deadline):
-                return False
-        return True
-
-    def _complete(self) -> bool:
-        if len(self._buffer) < LENGTH.size:
-            return False
-        return len(self._buffer) >= LENGTH.size + LENGTH.unpack_from(self._buffer)[0]
-
     def _fill(self, deadline: float) -> bool:
         """Read what the kernel holds (waiting until ``deadline`` for something); False on timeout."""
         spin_until = time.perf_counter() + self.spin_s
