@@ -65,7 +65,7 @@ def test_json_shape():
     assert doc == {"model": "smol", "replicas": 1,
                    "spans": [{"node": "a", "start": 0, "end": 30, "embed": True, "head": True,
                               "bytes": span_bytes(SMOL, 0, 30),
-                              "expected_ms": expected_ms(SMOL, layout.spans[0], 100.0)}]}
+                              "expected_ms": float(f"{expected_ms(SMOL, layout.spans[0], 100.0):.4g}")}]}
     assert doc["spans"][0]["expected_ms"] > 0
 
 

@@ -1,5 +1,6 @@
 """``dllmctl rebalance`` through real daemons: a node joins (the second replica is filled), a node
-leaves (its layers go to a survivor), and greedy generation gives the same tokens throughout."""
+leaves (its layers go to a survivor), and greedy generation gives the same tokens throughout; with
+``--throughput`` (plan, deploy, rebalance) nodes that hold the whole model become replicas."""
 
 from __future__ import annotations
 
@@ -51,6 +52,45 @@ def test_rebalance_after_a_join_and_a_leave(cluster3, tmp_path):  # noqa: F811
 
     done = run_cli("dllmctl", "rebalance", "tiny", "--replicas", "3")
     assert done.returncode == 1 and "3 replicas need at least 3 nodes" in done.stderr, done.stderr
+
+
+def _holders(doc, layers):
+    """How many nodes hold each layer."""
+    held = [0] * layers
+    for s in doc["spans"]:
+        for layer in range(s["start"], s["end"]):
+            held[layer] += 1
+    return held
+
+
+def test_throughput_plans_make_a_replica_of_each_node_that_holds_the_model(cluster3, tmp_path):  # noqa: F811
+    _ok("model", "import", str(make_tiny_model("llama", tmp_path / "src")), "--name", "tiny", "--json")
+    plan = _ok("plan", "tiny", "--throughput", "--json")
+    # Every node holds the whole tiny model: three replicas beat one chain of three (a tie in compute,
+    # and a replica serves a session without a hop).
+    n = max(s["end"] for s in plan["spans"])
+    assert plan["replicas"] == 3 and _spans(plan) == [(f"local-{i}", 0, n) for i in (1, 2, 3)]
+    assert set(plan["throughput"]) == {"modelled_tokens_per_second", "bound_tokens_per_second", "fraction_of_bound"}
+    assert "3 chain(s)" in _ok("plan", "tiny", "--throughput")
+    refused = run_cli("dllmctl", "plan", "tiny", "--throughput", "--parallelism", "tensor")
+    assert refused.returncode == 1 and "--throughput plans pipeline chains" in refused.stderr
+
+    # Deploy on two of the nodes, then let the third join: the rebalancer adds it as a replica.
+    home = json.loads(run_cli("dllmd", "id", "--home", str(cluster3 / "local-3"), "--json").stdout)
+    address = next(r["address"] for r in _ok("nodes", "list", "--json") if r["name"] == "local-3")
+    _ok("nodes", "remove", "local-3")
+    deployed = _ok("deploy", "tiny", "--throughput", "--json")
+    assert sorted((r["node"], r["start"], r["end"]) for r in deployed) == [("local-1", 0, n), ("local-2", 0, n)]
+    tokens = _ok(*PROMPT)["token_ids"]
+    _ok("nodes", "add", address, "--key", home["public_key"], "--name", "local-3", "--json")
+    # Two replicas hold 2/3 of what three nodes allow; the fewest moves past 90% put local-3 to work
+    # (taking layers off one replica, or holding all of them).
+    joined = _ok("rebalance", "tiny", "--throughput", "--apply", "--json")
+    assert {"node": "local-3", "from": None} in [{k: m[k] for k in ("node", "from")} for m in joined["moves"]]
+    assert joined["throughput"]["fraction_of_bound"] >= 0.9 and joined["how"]
+    assert min(_holders(joined, n)) >= 2 and "local-3" in {r["node"] for r in joined["deployed"]}
+    assert _ok(*PROMPT)["token_ids"] == tokens
+    assert _ok("rebalance", "tiny", "--throughput", "--json")["moves"] == []  # applied: nothing left to do
 
 
 # --- the glue between live rows and the planner (pure) ---------------------------------------------

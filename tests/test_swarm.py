@@ -67,8 +67,17 @@ def test_partition_cuts_where_more_chains_pay():
 
 
 def test_swarm_plan_leaves_out_a_node_that_would_be_the_slowest_stage():
-    layout = plan_swarm(SMOL, [node("a"), node("b"), node("c"), node("slow", gflops=1.0)])
+    # 300 MB each: no node holds the model alone, so the slow one could only be a stage of a chain
+    layout = plan_swarm(SMOL, [node("a", 300), node("b", 300), node("c", 300), node("slow", 300, gflops=1.0)])
     assert "slow" not in {s.node for s in layout.spans}
+    assert_complete_chains(layout, SMOL)
+
+
+def test_nodes_that_hold_the_whole_model_are_replicas_of_their_own():
+    # a chain of two equal nodes runs as fast as two replicas; the tie goes to the replicas
+    layout = plan_swarm(SMOL, [node("a"), node("b"), node("c")])
+    assert layout.replicas == 3 and sorted((s.node, s.start, s.end) for s in layout.spans) == [
+        ("a", 0, 30), ("b", 0, 30), ("c", 0, 30)]
     assert_complete_chains(layout, SMOL)
 
 

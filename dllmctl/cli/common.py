@@ -28,6 +28,10 @@ err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NodesOpt = Annotated[Optional[str], typer.Option("--nodes", help="Comma-separated node names (default: all registered).")]
 ReplicasOpt = Annotated[int, typer.Option(min=1, max=16, help="Hold every layer on this many nodes.")]
+ThroughputOpt = Annotated[bool, typer.Option("--throughput", help=(
+    "Plan for aggregate tokens/s: as many replica chains as raise it (at least --replicas), each of nodes that "
+    "suit one another, nodes that would slow a chain left idle. Default: exactly --replicas chains over every "
+    "node."))]
 LayoutOpt = Annotated[str, typer.Option("--parallelism", help=(
     "pipeline: each node holds whole layers; tensor: a tensor-parallel group (--tp members) holds a slice of "
     "every layer on each member; hybrid: a chain of such groups."))]
@@ -188,6 +192,14 @@ def print_layout(doc: dict) -> None:
                          f"{t['vocab_lo']}-{t['vocab_hi'] - 1}" if t["vocab_hi"] else ""] if t else [""] * 5)
         table.add_row(*row)
     out.print(table)
+    if "throughput" in doc:
+        print_throughput(doc["replicas"], doc["throughput"])
+
+
+def print_throughput(chains: int, estimate: dict, how: str = "") -> None:
+    """A throughput plan's footer: its chains and its modelled rate's share of the bound."""
+    out.print(f"{chains} chain(s), modelled at {estimate['fraction_of_bound'] or 0:.0%} of the tokens/s the nodes' "
+              f"total compute allows" + (f" ({how})" if how else ""))
 
 
 def print_deployed(reports: list[dict]) -> None:

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, PrivateLayersOpt, PrivateOpt, ReplicasOpt, TpOpt, fail,
+from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, PrivateLayersOpt, PrivateOpt, ReplicasOpt, ThroughputOpt,
+                                TpOpt, fail,
                                 load_registry, load_user,
                                 local_model, out, print_deployed, print_json, select_nodes)
 
@@ -22,6 +23,7 @@ def deploy_command(
     dtype: DtypeOpt = "",
     private: PrivateOpt = False,
     private_layers: PrivateLayersOpt = 1,
+    throughput: ThroughputOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Send each node the tensors of its span (encrypted, resumable) and load them; tensor-parallel
@@ -50,7 +52,7 @@ def deploy_command(
                 check_covers(layout.groups(), tensor_shape(directory, manifest))
         else:
             layout = asyncio.run(plan_for(user, registry.select(None), directory, manifest, parallelism, tp, replicas,
-                                          private_layers if private else 0))
+                                          private_layers if private else 0, throughput))
     except PlanError as exc:
         fail(str(exc) if plan is None else f"{plan}: {exc}")
     spans = layout.spans

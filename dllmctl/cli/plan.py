@@ -8,15 +8,17 @@ import typer
 from rich.table import Table
 
 from dllmctl.cli.common import (DtypeOpt, JsonOpt, LayoutOpt, NodesOpt, PrivateLayersOpt, PrivateOpt, ReplicasOpt,
-                                TpOpt, fail, human_bytes,
-                                layers_text, load_user, local_model, out, print_json, print_layout, select_nodes)
+                                ThroughputOpt, TpOpt, fail, human_bytes,
+                                layers_text, load_user, local_model, out, print_json, print_layout, print_throughput,
+                                select_nodes)
 
 ModelArg = Annotated[str, typer.Argument(help="Model name in the local store.")]
 
 
 def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt = 1,
                  parallelism: LayoutOpt = "pipeline", tp: TpOpt = None, private: PrivateOpt = False,
-                 private_layers: PrivateLayersOpt = 1, as_json: JsonOpt = False) -> None:
+                 private_layers: PrivateLayersOpt = 1, throughput: ThroughputOpt = False,
+                 as_json: JsonOpt = False) -> None:
     """Layer spans per node (or tensor-parallel groups and each member's slice), sized by free memory
     and measured throughput, with each part's expected compute per token. With --private the nodes
     split layers K.. only: this machine holds the embeddings, the first K layers and the head."""
@@ -28,7 +30,7 @@ def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt 
     directory, manifest = local_model(model)
     try:
         layout = asyncio.run(plan_for(load_user(), select_nodes(nodes), directory, manifest, parallelism, tp, replicas,
-                                      private_layers if private else 0))
+                                      private_layers if private else 0, throughput))
     except PlanError as exc:
         fail(str(exc))
     if as_json:
@@ -40,7 +42,11 @@ def plan_command(model: ModelArg, nodes: NodesOpt = None, replicas: ReplicasOpt 
 def rebalance_command(
     model: ModelArg,
     replicas: Annotated[Optional[int], typer.Option(
-        min=1, max=16, help="Hold every layer on this many nodes (default: as many as hold its layers now).")] = None,
+        min=1, max=16, help="Hold every layer on this many nodes (default: as many as hold its layers now; with "
+                            "--throughput, at least this many chains, default 1).")] = None,
+    throughput: Annotated[bool, typer.Option("--throughput", help=(
+        "The layout of most aggregate tokens/s among those that move at most twice the fewest layers a layout "
+        "keeping 90% of the bound must move (nodes that would slow a chain left idle).")) ] = False,
     apply: Annotated[bool, typer.Option("--apply", help="Deploy the new spans and unload the dropped ones.")] = False,
     dtype: DtypeOpt = "",
     as_json: JsonOpt = False,
@@ -58,7 +64,7 @@ def rebalance_command(
     user, entries = load_user(), select_nodes(None)
     directory, manifest = local_model(model)
     try:
-        live = asyncio.run(rebalance_on_live_nodes(user, entries, manifest, replicas))
+        live = asyncio.run(rebalance_on_live_nodes(user, entries, manifest, replicas, throughput))
     except PlanError as exc:
         fail(str(exc))
     result = live.result
@@ -95,6 +101,8 @@ def _show(result, applied: bool) -> None:
         if m.after is None:
             table.add_row(m.node, "-", _layers(m.before), "", "", "", "")
     out.print(table)
+    if result.layout.throughput is not None:
+        print_throughput(result.layout.replicas, result.layout.throughput.to_json(), result.how)
     if not result.changed:
         out.print("nothing to change: every layer is held as asked")
     elif applied:

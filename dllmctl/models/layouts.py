@@ -18,10 +18,13 @@ from dllmctl.models.deploy import Progress, deploy, deploy_span, undeploy
 from dllmctl.placement.capacity import (capacities_for, capped_note, current_replicas, live_spans, node_capacities,
                                         unload_first)
 from dllmctl.placement.groups import plan_groups
-from dllmctl.placement.layout import Layout, ModelShape, PlanError, Span
+from dllmctl.placement.churn import TARGET_FRACTION, fewest_moves, rebalance_swarm
+from dllmctl.placement.layout import Layout, ModelShape, NodeCapacity, PlanError, Span, ThroughputEstimate
 from dllmctl.placement.planner import plan_layout, plan_private_layout
-from dllmctl.placement.tensor import TensorShape
 from dllmctl.placement.rebalance import Rebalance, plan_rebalance
+from dllmctl.placement.swarm import plan_swarm
+from dllmctl.placement.tensor import TensorShape
+from dllmctl.placement.throughput import layout_throughput, throughput_bound
 
 
 def _refusal_note(rows: list[dict]) -> str:
@@ -35,9 +38,12 @@ def _no_node_up() -> PlanError:
 
 
 async def plan_on_live_nodes(user: Identity, entries: list[NodeEntry], manifest: Manifest, replicas: int,
-                             private_layers: int = 0) -> Layout:
+                             private_layers: int = 0, throughput: bool = False) -> Layout:
     """Contiguous spans of the model over those of ``entries`` that are up; PlanError if they cannot hold it.
-    ``private_layers`` K > 0: layers K.. only, the client holding the rest (private mode)."""
+    ``private_layers`` K > 0: layers K.. only, the client holding the rest (private mode). ``throughput``:
+    as many chains as raise the aggregate tokens/s (at least ``replicas``), nodes that would slow a
+    chain left idle (:func:`~dllmctl.placement.swarm.plan_swarm`), instead of exactly ``replicas``
+    chains over every node."""
     rows = await query_nodes(user, entries)
     capacities = node_capacities(rows)
     if not capacities:
@@ -46,6 +52,8 @@ async def plan_on_live_nodes(user: Identity, entries: list[NodeEntry], manifest:
         shape = ModelShape.from_manifest(manifest)
         if private_layers:
             return plan_private_layout(shape, capacities, private_layers, replicas=replicas)
+        if throughput:
+            return with_throughput(plan_swarm(shape, capacities, min_replicas=replicas), shape, capacities)
         return plan_layout(shape, capacities, replicas=replicas)
     except PlanError as exc:
         raise PlanError(str(exc) + _refusal_note(rows)) from None
@@ -104,9 +112,11 @@ class LiveRebalance:
 
 
 async def rebalance_on_live_nodes(user: Identity, entries: list[NodeEntry], manifest: Manifest,
-                                  replicas: int | None) -> LiveRebalance:
+                                  replicas: int | None, throughput: bool = False) -> LiveRebalance:
     """A layout over the live nodes that moves as few layers as possible from what they serve now
-    (``replicas``: default as many as hold the model's layers now)."""
+    (``replicas``: default as many as hold the model's layers now). ``throughput``: the layout of most
+    routed tokens/s among those that move at most twice the fewest layers a layout keeping 90% of the
+    bound must move (:func:`~dllmctl.placement.churn.rebalance_swarm`; ``replicas``: at least, default 1)."""
     shape = ModelShape.from_manifest(manifest)
     rows = await query_nodes(user, entries)
     capacities = capacities_for(rows, manifest.name)
@@ -114,10 +124,41 @@ async def rebalance_on_live_nodes(user: Identity, entries: list[NodeEntry], mani
         raise _no_node_up()
     current = live_spans(shape, rows, manifest.name)
     try:
-        result = plan_rebalance(shape, capacities, current, replicas or current_replicas(shape, current))
+        if throughput:
+            result = rebalance_throughput(shape, capacities, current, replicas or 1)
+            with_throughput(result.layout, shape, capacities)
+        else:
+            result = plan_rebalance(shape, capacities, current, replicas or current_replicas(shape, current))
     except PlanError as exc:
         raise PlanError(str(exc) + _refusal_note(rows)) from None
     return LiveRebalance(result, rows)
+
+
+def rebalance_throughput(shape: ModelShape, capacities: list[NodeCapacity], current: list[Span],
+                         min_replicas: int) -> Rebalance:
+    """:func:`~dllmctl.placement.churn.rebalance_swarm` within twice :func:`~dllmctl.placement.churn.fewest_moves`;
+    where that keeps the layout below 90% of the bound, the budget doubles until a layout reaches it
+    (or the whole model's layers on every node are allowed). ``fewest_moves`` is a lower bound: over a
+    few nodes, each able to hold much of the model, the fewest moves that really reach 90% can be
+    several times it (a node joining two replicas must take layers off one of them)."""
+    budget = 2 * fewest_moves(shape, capacities, current)
+    most = shape.num_layers * max(len(capacities), 1)
+    gflops = {c.name: c.gflops for c in capacities}
+    bound = throughput_bound(shape, capacities)
+    while True:
+        result = rebalance_swarm(shape, capacities, current, min_replicas=min_replicas, budget=budget)
+        if budget >= most or layout_throughput(shape, result.layout.spans, gflops) >= TARGET_FRACTION * bound:
+            return result
+        budget = min(most, max(2 * budget, 1))
+
+
+def with_throughput(layout: Layout, shape: ModelShape, capacities: list[NodeCapacity]) -> Layout:
+    """``layout`` with its routed decode throughput and the bound no layout beats (what ``plan --json``
+    shows for a throughput plan), both in the planner's modelled tokens/s."""
+    gflops = {c.name: c.gflops for c in capacities}
+    layout.throughput = ThroughputEstimate(layout_throughput(shape, layout.spans, gflops),
+                                           throughput_bound(shape, capacities))
+    return layout
 
 
 def changed_spans(result: Rebalance) -> list[Span]:
@@ -146,13 +187,16 @@ async def apply_rebalance(user: Identity, entries: dict[str, NodeEntry], model_d
 
 
 async def plan_for(user, entries, directory, manifest, parallelism: str, tp: int | None, replicas: int,
-                   private_layers: int = 0):
+                   private_layers: int = 0, throughput: bool = False):
     """The layout ``plan`` shows and ``deploy`` (and ``infer --deploy``) deploys, for ``--parallelism`` and ``--tp``
-    (``private_layers`` K: a private-mode layout of layers K.. without embeddings or head)."""
+    (``private_layers`` K: a private-mode layout of layers K.. without embeddings or head; ``throughput``:
+    see :func:`plan_on_live_nodes`)."""
+    if throughput and (parallelism != "pipeline" or private_layers):
+        raise PlanError("--throughput plans pipeline chains (--parallelism pipeline, not private)")
     if parallelism in ("pipeline", "model"):
         if tp not in (None, 1):
             raise PlanError("--tp applies to --parallelism tensor or hybrid")
-        return await plan_on_live_nodes(user, entries, manifest, replicas, private_layers)
+        return await plan_on_live_nodes(user, entries, manifest, replicas, private_layers, throughput)
     if private_layers:
         raise PlanError("a private layout is a pipeline of spans (--parallelism pipeline)")
     if parallelism not in ("tensor", "hybrid"):

@@ -133,11 +133,14 @@ def _absorptions(model: ModelShape, nodes: list[NodeCapacity], spans: list[Span]
 
 def _lagging(model: ModelShape, complete: list[Chain], speeds: dict[str, float]) -> list[tuple[int, str]]:
     """(chain index, its slowest node) for chains whose slowest stage is unique, the most lagging first
-    (slowest over next slowest stage time)."""
+    (slowest over next slowest stage time; a chain of one node, a replica, lags most: splitting it in
+    two is what an idle node can do for it)."""
     lagging = []
     for index, chain in enumerate(complete):
         times = sorted(((stage_seconds(model, r, speeds[node]), node) for node, r in chain.items()), reverse=True)
-        if len(times) >= 2 and times[0][0] > times[1][0]:
+        if len(times) == 1:
+            lagging.append((math.inf, index, times[0][1]))
+        elif times[0][0] > times[1][0]:
             lagging.append((times[0][0] / times[1][0], index, times[0][1]))
     return [(index, slow) for _, index, slow in sorted(lagging, reverse=True)]
 

@@ -86,6 +86,22 @@ class Span:
         return self.tensor_slice is None or self.tensor_slice.rank == 0
 
 
+@dataclass(frozen=True)
+class ThroughputEstimate:
+    """A layout's decode tokens/s when every stage runs full pipelines (the routed maximum flow over its
+    spans) and the most any layout of the same nodes could reach (their total GFLOP/s over one token's
+    FLOPs), both from the planner's compute model (:mod:`dllmctl.placement.throughput`)."""
+
+    tokens_per_second: float
+    bound_tokens_per_second: float
+
+    def to_json(self) -> dict:
+        bound = self.bound_tokens_per_second
+        return {"modelled_tokens_per_second": round(self.tokens_per_second, 3),
+                "bound_tokens_per_second": round(bound, 3),
+                "fraction_of_bound": round(self.tokens_per_second / bound, 4) if bound > 0 else None}
+
+
 @dataclass
 class Layout:
     model: str
@@ -95,6 +111,8 @@ class Layout:
     # Private mode: the client holds the embeddings, layers [0, K) and the head; the spans cover the rest.
     private_layers: int = 0
     """Node -> modelled compute of its span per decode token (what the planner balanced), where known."""
+    throughput: "ThroughputEstimate | None" = None
+    """The layout's modelled aggregate decode rate against the bound, where the planner aimed at it."""
 
     def to_json(self) -> dict:
         """``{"model", "replicas", "spans": [{"node", "start", "end", "embed", "head", "bytes"[, "tensor_slice"]
@@ -103,11 +121,13 @@ class Layout:
         for s in self.spans:
             doc = span_json(s)
             if s.node in self.expected_ms:
-                doc["expected_ms"] = self.expected_ms[s.node]
+                doc["expected_ms"] = float(f"{self.expected_ms[s.node]:.4g}")  # a model's figure: 4 digits say it
             spans.append(doc)
         doc = {"model": self.model, "replicas": self.replicas, "spans": spans}
         if self.private_layers:
             doc["private_layers"] = self.private_layers
+        if self.throughput is not None:
+            doc["throughput"] = self.throughput.to_json()
         return doc
 
     @classmethod

@@ -141,7 +141,7 @@ def expected_ms(model: ModelShape, span: Span, gflops: float, share: float = 1.0
     layer_bytes = sum(model.layer_bytes[span.start:span.end]) * LAYER_TIME_PER_BYTE_VS_HEAD
     head = (model.embed_bytes if model.tied else model.head_bytes) if span.head else 0
     weights = (layer_bytes + head) * share / 4
-    return round(2 * weights / (gflops * 1e9) * 1000, 3) if gflops > 0 else float("inf")
+    return 2 * weights / (gflops * 1e9) * 1000 if gflops > 0 else float("inf")
 
 
 def _arrange(model: ModelShape, members: list[NodeCapacity], budgets: dict[str, int]) -> list[NodeCapacity]:

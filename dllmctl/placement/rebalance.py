@@ -63,10 +63,16 @@ class Rebalance:
         return bool(self.moves)
 
     def to_json(self) -> dict:
-        """``{"model", "replicas", "moved_layers", "spans": [as plan_layout's], "moves": [{"node", "from", "to"}]}``."""
+        """``{"model", "replicas", "moved_layers", "spans": [as plan_layout's], "moves": [{"node", "from", "to"}]}``,
+        with ``throughput`` (as :meth:`Layout.to_json`) and ``how`` where the swarm rebalancer chose it."""
         plan = self.layout.to_json()
-        return {"model": plan["model"], "replicas": plan["replicas"], "moved_layers": self.moved_layers,
-                "spans": plan["spans"], "moves": [move.to_json() for move in self.moves]}
+        doc = {"model": plan["model"], "replicas": plan["replicas"], "moved_layers": self.moved_layers,
+               "spans": plan["spans"], "moves": [move.to_json() for move in self.moves]}
+        if "throughput" in plan:
+            doc["throughput"] = plan["throughput"]
+        if self.how:
+            doc["how"] = self.how
+        return doc
 
 
 def plan_rebalance(model: ModelShape, nodes: list[NodeCapacity], current: list[Span], replicas: int = 1,

@@ -36,6 +36,7 @@ from dllmctl.placement.planner import (DEFAULT_RESERVE_FRACTION, capacity, check
 # Sort keys tried: speed / memory**e. Measured over 1000 drawn nodes (docs/inference.md): 0.85 scores
 # best on most draws, 0.5 where memory and speed go together, 1.0 on a few; each try costs ~0.1 s.
 MEMORY_EXPONENTS = (0.5, 0.85, 1.0)
+TIE_BONUS = 1e-9  # of the best chain's rate, per chain: breaks ties between partitions only
 
 
 def plan_swarm(model: ModelShape, nodes: list[NodeCapacity], min_replicas: int = 1,
@@ -77,8 +78,12 @@ def end_slots(model: ModelShape) -> int:
 
 
 def slots(model: ModelShape, budget: int) -> int:
-    """How many layers a node may hold in the middle of a chain (each as heavy as the heaviest)."""
-    return capacity(model, budget, False, "middle")
+    """Layer slots of memory a node offers a chain (each as heavy as the heaviest layer), up to what one
+    chain can use: its layers and head (:func:`layers_needed`) plus :func:`end_slots`, so that a node
+    with room for the whole model can be a chain of its own (a replica) where that pays."""
+    heaviest = max(model.layer_bytes)
+    cap = layers_needed(model) + end_slots(model)
+    return cap if heaviest == 0 else min(cap, budget // heaviest)
 
 
 def form_chains(model: ModelShape, nodes: list[NodeCapacity], budgets: dict[str, int],
@@ -109,10 +114,12 @@ def partition(order: Sequence[NodeCapacity], room: Sequence[int], need: int, end
     between runs are left out), with at least ``min_chains`` runs where the nodes allow. A bonus per
     chain, found by bisection, buys more chains where the best partition has too few."""
     rates = window_rates([n.gflops for n in order], room, need, ends)
-    total, runs = _best_runs(rates, 0.0)
+    top = max((r for row in rates for r in row), default=0.0)
+    # Where more chains tie with fewer, more: a replica serves one session without a hop, a longer
+    # chain reaches its rate only with many sessions in flight.
+    total, runs = _best_runs(rates, TIE_BONUS * top)
     if len(runs) >= min_chains:
         return total, runs
-    top = max((r for row in rates for r in row), default=0.0)
     most = _best_runs(rates, top * len(order) + 1.0)[1]  # a bonus this large maximizes the count
     if len(most) < min_chains:
         return _rate_sum(rates, most), most
