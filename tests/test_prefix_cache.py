@@ -183,6 +183,32 @@ def test_a_prompt_longer_than_the_cache_keeps_its_longest_prefix():
     assert len(found) == 2 and torch.equal(found[1].layers[0][0], second_block)
 
 
+def test_blocks_are_stored_as_they_complete_and_never_after_a_reload():
+    from dllmd.inference.prefix_cache import BlockRecorder, SessionPrefix
+
+    cache = PrefixCache(1 << 20)
+    hashes = [_digest(i) for i in range(3)]
+    keys = torch.randn(1, 1, 3 * PREFIX_BLOCK_TOKENS, 16)
+    record = BlockRecorder(cache, SessionPrefix("m", "a", hashes, [], 0, True), [0, 1], 0)
+    # A block is stored once every layer of the span has it, not held back until the prompt's last.
+    record(0, keys[:, :, :PREFIX_BLOCK_TOKENS], keys[:, :, :PREFIX_BLOCK_TOKENS])
+    assert cache.held("m") == (0, 0)
+    record(1, keys[:, :, :PREFIX_BLOCK_TOKENS], keys[:, :, :PREFIX_BLOCK_TOKENS])
+    assert cache.held("m")[1] == 1 and len(cache.lookup("m", "a", hashes)) == 1
+
+    # A session opened before the model's span was reloaded records into nothing: its pass may still
+    # run on the old span, and its blocks would answer the new span's sessions.
+    span = type("Span", (), {"layer_types": {0: "full_attention"}})()
+    old = cache.open_session(span, "m", "a", hashes, 3 * PREFIX_BLOCK_TOKENS)
+    cache.drop_model("m")
+    late = BlockRecorder(cache, old, [0], 0)
+    late(0, keys, keys)
+    assert cache.held("m") == (0, 0)
+    fresh = BlockRecorder(cache, cache.open_session(span, "m", "a", hashes, 3 * PREFIX_BLOCK_TOKENS), [0], 0)
+    fresh(0, keys, keys)
+    assert cache.held("m")[1] == 3
+
+
 def test_the_share_of_the_budget_is_a_percentage():
     from dllmd.config import ConfigError, NodeConfig
 

@@ -16,8 +16,9 @@ history) prefills only the rest.
   cache from that many blocks (:meth:`SpanCache.restore`: concatenated copies, never the blocks
   themselves, so the session cannot change them).
 - **Misses.** The session's own steps add the blocks it computes past its start: its cache
-  records every layer's new keys/values, cut into blocks, stored once the prompt's last block is
-  complete in every layer of the span. Recording happens as keys are appended, before a
+  records every layer's new keys/values, cut into blocks, each stored as soon as every layer of
+  the span has it (so at most one block per session waits outside the cache's accounting).
+  Recording happens as keys are appended, before a
   sliding-window layer trims them, so sliding layers are cached exactly too (at restore they keep
   only their window).
 - **Memory.** The cached tensors' bytes are counted. The cache holds at most its limit (a fraction
@@ -27,6 +28,9 @@ history) prefills only the rest.
   before its head (which other prompts may share, and without which the tail never hits), and a
   session never evicts the rest of its own prefix to store a deeper block: a cache too small for a
   whole prompt keeps its longest prefix.
+- **Reloads.** Blocks belong to the span that computed them: a reload or unload drops the model's
+  blocks and starts a new *epoch* of it; a session records the epoch it opened in, and a pass of
+  the old span still queued on the compute thread cannot store into the new one.
 - **Not cached:** tensor-parallel groups (every member would have to hit the same blocks); the
   leader reports no cached tokens, so the session prefills everything.
 """
@@ -67,6 +71,7 @@ class SessionPrefix:
     cached_tokens: int  # what the stage told the client it may skip
     layered: bool  # False for a span without layers: there is nothing to cache, any prefix "hits"
     begun: bool = False
+    epoch: int = 0  # of the model's span when the session opened (:meth:`PrefixCache.drop_model`)
 
 
 class PrefixCache:
@@ -78,6 +83,7 @@ class PrefixCache:
         self._room = room  # what sessions leave unreserved of the node's KV budget
         self._blocks: OrderedDict[BlockKey, CachedBlock] = OrderedDict()
         self._bytes = 0
+        self._epochs: dict[str, int] = {}  # model -> how many times its blocks were dropped
         self._lock = threading.Lock()
 
     @property
@@ -110,11 +116,15 @@ class PrefixCache:
             self._touch(model, client, hashes[:len(found)])
             return found
 
-    def store(self, model: str, client: str, hashes: list[bytes], blocks: dict[int, CachedBlock]) -> None:
+    def store(self, model: str, client: str, hashes: list[bytes], blocks: dict[int, CachedBlock],
+              epoch: int = 0) -> bool:
         """Add a session's new ``blocks`` (by index) of the prefix ``hashes`` names, head first, while
         room can be made without evicting the rest of this prefix (a block is worth nothing without
-        the blocks before it); then touch the prefix."""
+        the blocks before it); then touch the prefix. Nothing is stored, and False returned, when
+        ``epoch`` is not the model's (its span was reloaded since the session opened)."""
         with self._lock:
+            if epoch != self._epochs.get(model, 0):
+                return False
             own = {(model, client, digest) for digest in hashes}
             budget = self.budget()
             for index, digest in enumerate(hashes[:max(blocks, default=-1) + 1]):
@@ -126,6 +136,7 @@ class PrefixCache:
                 self._blocks[key] = blocks[index]
                 self._bytes += blocks[index].nbytes
             self._touch(model, client, hashes)
+            return True
 
     def shrink(self) -> None:
         """Evict until the cache fits its budget again (after a session reserved memory)."""
@@ -151,8 +162,10 @@ class PrefixCache:
         return True
 
     def drop_model(self, model: str) -> None:
-        """Forget ``model``'s blocks: its span was replaced or unloaded, they no longer match it."""
+        """Forget ``model``'s blocks: its span was replaced or unloaded, they no longer match it. Stores
+        of sessions opened before are refused from now on (a new epoch)."""
         with self._lock:
+            self._epochs[model] = self._epochs.get(model, 0) + 1
             for key in [k for k in self._blocks if k[0] == model]:
                 self._bytes -= self._blocks.pop(key).nbytes
 
@@ -166,9 +179,12 @@ class PrefixCache:
         if not hashes or not self.enabled or not usable:
             return None
         layered = bool(span.layer_types)
+        with self._lock:
+            epoch = self._epochs.get(model, 0)
         held = self.lookup(model, client, hashes) if layered else []
         cached_blocks = len(held) if layered else len(hashes)
-        return SessionPrefix(model, client, list(hashes), held, cached_blocks * PREFIX_BLOCK_TOKENS, layered)
+        return SessionPrefix(model, client, list(hashes), held, cached_blocks * PREFIX_BLOCK_TOKENS, layered,
+                             epoch=epoch)
 
     def begin(self, prefix: SessionPrefix, cache: SpanCache, start: int) -> int:
         """At a session's first step, starting at ``start``: build its cache from that many cached
@@ -198,9 +214,9 @@ def check_hashes(hashes: list[bytes], prompt_tokens: int) -> None:
 
 @dataclass
 class BlockRecorder:
-    """Watches a session's cache: cuts each layer's appended keys/values into blocks, and stores them
-    once every layer of the span has the prompt's last block (:meth:`PrefixCache.store`: a cache too
-    small for the whole prompt keeps its longest prefix)."""
+    """Watches a session's cache: cuts each layer's appended keys/values into blocks, and stores each
+    block once every layer of the span has it (:meth:`PrefixCache.store`: a cache too small for the
+    whole prompt keeps its longest prefix; a block after one that did not fit is not stored)."""
 
     cache: PrefixCache
     prefix: SessionPrefix
@@ -209,7 +225,6 @@ class BlockRecorder:
     _next: dict[int, int] = field(default_factory=dict)  # layer -> the next block it fills
     _tail: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # positions short of a block
     _pending: dict[int, LayerKV] = field(default_factory=dict)  # block -> the layers that have it so far
-    _complete: dict[int, CachedBlock] = field(default_factory=dict)
 
     def __call__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         block = self._next.get(layer, self.first_block)
@@ -234,7 +249,8 @@ class BlockRecorder:
         if len(layers) < len(self.layers):
             return
         del self._pending[block]
-        self._complete[block] = CachedBlock(layers, sum(k.nbytes + v.nbytes for k, v in layers.values()))
-        if block == len(self.prefix.hashes) - 1:  # blocks complete in order: this was the last
-            self.cache.store(self.prefix.model, self.prefix.client, self.prefix.hashes, self._complete)
-            self._complete = {}
+        # Blocks complete in order, so the ones before this were offered already (stored, or found
+        # no room: then this one is not stored either, a block being worth nothing without them).
+        done = CachedBlock(layers, sum(k.nbytes + v.nbytes for k, v in layers.values()))
+        self.cache.store(self.prefix.model, self.prefix.client, self.prefix.hashes[:block + 1], {block: done},
+                         self.prefix.epoch)
