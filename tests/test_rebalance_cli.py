@@ -84,7 +84,7 @@ def test_throughput_plans_make_a_replica_of_each_node_that_holds_the_model(clust
     tokens = _ok(*PROMPT)["token_ids"]
     _ok("nodes", "add", address, "--key", home["public_key"], "--name", "local-3", "--json")
     # Two replicas hold 2/3 of what three nodes allow; the fewest moves past 90% put local-3 to work
-    # (taking layers off one replica, or holding all of them).
+    # (taking layers off one replica).
     joined = _ok("rebalance", "tiny", "--throughput", "--apply", "--json")
     assert {"node": "local-3", "from": None} in [{k: m[k] for k in ("node", "from")} for m in joined["moves"]]
     assert joined["throughput"]["fraction_of_bound"] >= 0.9 and joined["how"]

@@ -38,6 +38,8 @@ def deploy_command(
 
     user, registry = load_user(), load_registry()
     directory, manifest = local_model(model)
+    if plan is not None and throughput:
+        fail("--throughput plans a layout; --plan deploys one from a file: use one or the other")
     try:
         if plan is not None:
             try:

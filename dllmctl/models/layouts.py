@@ -137,17 +137,25 @@ async def rebalance_on_live_nodes(user: Identity, entries: list[NodeEntry], mani
 def rebalance_throughput(shape: ModelShape, capacities: list[NodeCapacity], current: list[Span],
                          min_replicas: int) -> Rebalance:
     """:func:`~dllmctl.placement.churn.rebalance_swarm` within twice :func:`~dllmctl.placement.churn.fewest_moves`;
-    where that keeps the layout below 90% of the bound, the budget doubles until a layout reaches it
-    (or the whole model's layers on every node are allowed). ``fewest_moves`` is a lower bound: over a
-    few nodes, each able to hold much of the model, the fewest moves that really reach 90% can be
-    several times it (a node joining two replicas must take layers off one of them)."""
+    where that keeps the layout below 90% of the bound, the budget doubles while that buys a better
+    layout, until one reaches 90% (or the whole model's layers on every node are allowed).
+    ``fewest_moves`` is a lower bound: over a few nodes, each able to hold much of the model, the
+    fewest moves that really reach 90% can be several times it (a node joining two replicas must take
+    layers off one of them). The candidates change the layout locally, so a layout far from the
+    swarm planner's (one planned by ``plan_layout``) is re-planned with ``plan --throughput`` and
+    ``deploy``, not rebalanced into it."""
     budget = 2 * fewest_moves(shape, capacities, current)
     most = shape.num_layers * max(len(capacities), 1)
     gflops = {c.name: c.gflops for c in capacities}
-    bound = throughput_bound(shape, capacities)
+    target = TARGET_FRACTION * throughput_bound(shape, capacities)
+    result, rate = None, -1.0
     while True:
-        result = rebalance_swarm(shape, capacities, current, min_replicas=min_replicas, budget=budget)
-        if budget >= most or layout_throughput(shape, result.layout.spans, gflops) >= TARGET_FRACTION * bound:
+        tried = rebalance_swarm(shape, capacities, current, min_replicas=min_replicas, budget=budget)
+        tried_rate = layout_throughput(shape, tried.layout.spans, gflops)
+        if result is not None and tried_rate <= rate + 1e-9:
+            return result  # a larger budget bought nothing: the candidates are spent
+        result, rate = tried, tried_rate
+        if budget >= most or rate >= target:
             return result
         budget = min(most, max(2 * budget, 1))
 

@@ -17,7 +17,7 @@ history) prefills only the rest.
   themselves, so the session cannot change them).
 - **Misses.** The session's own steps add the blocks it computes past its start: its cache
   records every layer's new keys/values, cut into blocks, each stored as soon as every layer of
-  the span has it (so at most one block per session waits outside the cache's accounting).
+  the span has it (so at most one step's blocks wait outside the cache's accounting).
   Recording happens as keys are appended, before a
   sliding-window layer trims them, so sliding layers are cached exactly too (at restore they keep
   only their window).
@@ -116,15 +116,11 @@ class PrefixCache:
             self._touch(model, client, hashes[:len(found)])
             return found
 
-    def store(self, model: str, client: str, hashes: list[bytes], blocks: dict[int, CachedBlock],
-              epoch: int = 0) -> bool:
-        """Add a session's new ``blocks`` (by index) of the prefix ``hashes`` names, head first, while
-        room can be made without evicting the rest of this prefix (a block is worth nothing without
-        the blocks before it); then touch the prefix. Nothing is stored, and False returned, when
-        ``epoch`` is not the model's (its span was reloaded since the session opened)."""
+    def store(self, model: str, client: str, hashes: list[bytes], blocks: dict[int, CachedBlock]) -> None:
+        """Add ``blocks`` (by index) of the prefix ``hashes`` names, head first, while room can be made
+        without evicting the rest of this prefix (a block is worth nothing without the blocks before
+        it); then touch the prefix. (A session's recorder adds its blocks one by one: :meth:`extend`.)"""
         with self._lock:
-            if epoch != self._epochs.get(model, 0):
-                return False
             own = {(model, client, digest) for digest in hashes}
             budget = self.budget()
             for index, digest in enumerate(hashes[:max(blocks, default=-1) + 1]):
@@ -136,6 +132,27 @@ class PrefixCache:
                 self._blocks[key] = blocks[index]
                 self._bytes += blocks[index].nbytes
             self._touch(model, client, hashes)
+
+    def extend(self, prefix: SessionPrefix, index: int, block: CachedBlock, own: set[BlockKey]) -> bool:
+        """Add block ``index`` of ``prefix`` as a session completes it, in order: only where the block
+        before it is held (a block is worth nothing without it), never by evicting a block of ``own``
+        (the prefix's keys), and only in the epoch the session opened in. O(1) but the eviction, so
+        a long prompt's blocks cost no more one by one than at once; the whole prefix is touched
+        (deepest first) with its last block. Returns whether the block is held now."""
+        model, client, hashes = prefix.model, prefix.client, prefix.hashes
+        with self._lock:
+            if prefix.epoch != self._epochs.get(model, 0):
+                return False
+            if index and (model, client, hashes[index - 1]) not in self._blocks:
+                return False
+            key = (model, client, hashes[index])
+            if key not in self._blocks:  # else another session stored it first
+                if not self._make_room(block.nbytes, self.budget(), own):
+                    return False
+                self._blocks[key] = block
+                self._bytes += block.nbytes
+            if index == len(hashes) - 1:
+                self._touch(model, client, hashes)
             return True
 
     def shrink(self) -> None:
@@ -215,7 +232,7 @@ def check_hashes(hashes: list[bytes], prompt_tokens: int) -> None:
 @dataclass
 class BlockRecorder:
     """Watches a session's cache: cuts each layer's appended keys/values into blocks, and stores each
-    block once every layer of the span has it (:meth:`PrefixCache.store`: a cache too small for the
+    block once every layer of the span has it (:meth:`PrefixCache.extend`: a cache too small for the
     whole prompt keeps its longest prefix; a block after one that did not fit is not stored)."""
 
     cache: PrefixCache
@@ -225,6 +242,7 @@ class BlockRecorder:
     _next: dict[int, int] = field(default_factory=dict)  # layer -> the next block it fills
     _tail: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # positions short of a block
     _pending: dict[int, LayerKV] = field(default_factory=dict)  # block -> the layers that have it so far
+    _own: set[BlockKey] | None = None  # the prefix's keys, built once
 
     def __call__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         block = self._next.get(layer, self.first_block)
@@ -250,7 +268,8 @@ class BlockRecorder:
             return
         del self._pending[block]
         # Blocks complete in order, so the ones before this were offered already (stored, or found
-        # no room: then this one is not stored either, a block being worth nothing without them).
-        done = CachedBlock(layers, sum(k.nbytes + v.nbytes for k, v in layers.values()))
-        self.cache.store(self.prefix.model, self.prefix.client, self.prefix.hashes[:block + 1], {block: done},
-                         self.prefix.epoch)
+        # no room: then this one is not stored either).
+        if self._own is None:
+            self._own = {(self.prefix.model, self.prefix.client, digest) for digest in self.prefix.hashes}
+        self.cache.extend(self.prefix, block, CachedBlock(layers, sum(k.nbytes + v.nbytes for k, v in layers.values())),
+                          self._own)
