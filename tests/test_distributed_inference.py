@@ -235,6 +235,62 @@ def test_bad_input_gets_clear_errors_and_nodes_keep_serving(cluster):
     assert _generate(cluster, route, name, [1, 2, 3], new_tokens=3).token_ids  # still serving
 
 
+def test_a_stage_that_holds_the_whole_model_feeds_its_tokens_back(cluster):
+    name, source = _import(cluster, "qwen3")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    n = model.config.num_hidden_layers
+    route = _deploy(cluster, name, _splits(n)[0])
+    node = route[0].node
+    prompt = [(i * 37 + 11) % 300 + 5 for i in range(9)]
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 9:].tolist()
+
+    async def generate(feed_back: bool, stop_ids=()):
+        async with ConnectionPool(cluster["user"]) as pool, \
+                DistributedSession(pool, route, name, SamplingParams(), prompt_tokens=len(prompt), max_new_tokens=8,
+                                   logits="last", feed_back=feed_back, stop_ids=stop_ids) as session:
+            assert session.feed_back == feed_back
+            return await session.generate(prompt, 8, set(stop_ids))
+
+    async def tokens_run() -> int:
+        async with RpcClient(cluster["user"], node.address, node.public_key) as client:
+            info, _ = await client.call("info")
+        return next(s["tokens"] for s in info["serving"] if s["model"] == name)
+
+    sent = asyncio.run(generate(False))
+    fed = asyncio.run(generate(True))
+    assert fed.token_ids == sent.token_ids == want
+    for a, b in zip(fed.logits, sent.logits):  # the same passes, whoever sends the next step
+        assert (a - b).abs().max().item() < 1e-5
+    # A stop id ends the generation at the stage too: it runs no step past it.
+    before = asyncio.run(tokens_run())
+    stopped = asyncio.run(generate(True, stop_ids=[want[2]]))
+    assert stopped.token_ids == want[:3]
+    assert asyncio.run(tokens_run()) - before == len(prompt) + 2  # the prompt, then the first two tokens fed back
+
+    async def refused():
+        async with RpcClient(cluster["user"], node.address, node.public_key) as client:
+            base = {"session": "feedback123", "model": name, "start": 0, "end": n, **RESERVE}
+            for args, needle in (({"stop_ids": [1]}, "apply to a session opened with feed_back_until"),
+                                 ({"feed_back_until": 4, "stop_ids": [10**6]}, "stop_ids must be token ids"),
+                                 ({"feed_back_until": 4, "private": True}, "")):
+                with pytest.raises(RemoteError) as exc:
+                    await client.call("session.open", {**base, **args})
+                assert exc.value.code == "bad_args" and needle in exc.value.message
+
+    asyncio.run(refused())
+    part = _deploy(cluster, name, _splits(n)[1])  # a stage without the head cannot sample what it feeds
+    async def refused_on_a_part():
+        first = part[0].node
+        async with RpcClient(cluster["user"], first.address, first.public_key) as client:
+            with pytest.raises(RemoteError) as exc:
+                await client.call("session.open", {"session": "feedback456", "model": name, "start": 0, "end": 2,
+                                                   **RESERVE, "feed_back_until": 4, "next_address": part[1].node.address,
+                                                   "next_public_key": part[1].node.public_key})
+            assert exc.value.code == "bad_args" and "holds the whole model" in exc.value.message
+
+    asyncio.run(refused_on_a_part())
+
+
 def test_tampered_file_is_refused_on_deploy(cluster):
     name, source = _import(cluster, "phi3")
     tampered = cluster["store"].root / "tampered-phi3"

@@ -138,21 +138,24 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
     route = choose_route(await live_stages(user, nodes, model), num_layers, model, parallelism=parallelism)
     async with ConnectionPool(user) as pool:
         async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
-                                      max_new_tokens=2, parallelism=parallelism, hops=hops) as warm:
+                                      max_new_tokens=2, parallelism=parallelism, hops=hops, feed_back=True) as warm:
             await warm.generate(prompt_ids, 2, set())
         start = await _group_counters(user, nodes, model)
         async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
-                                      max_new_tokens=1, parallelism=parallelism, hops=hops) as prefill:
+                                      max_new_tokens=1, parallelism=parallelism, hops=hops, feed_back=True) as prefill:
             await prefill.generate(prompt_ids, 1, set())  # what the prefill alone adds to the counters
         before = await _group_counters(user, nodes, model)
         async with DistributedSession(pool, route, model, SamplingParams(), prompt_tokens=len(prompt_ids),
-                                      max_new_tokens=new_tokens, parallelism=parallelism, hops=hops) as session:
+                                      max_new_tokens=new_tokens, parallelism=parallelism, hops=hops,
+                                      feed_back=True) as session:
             result = await session.generate(prompt_ids, new_tokens, set())
         after = await _group_counters(user, nodes, model)
     decode = result.step_seconds[1:]
     compute = [sum(ms) for ms in result.stage_compute_ms[1:]]
     overhead = [s * 1000 - c for s, c in zip(decode, compute)]
-    messages = len(route) + 1  # N stages: N + 1 messages per token
+    # N stages: N + 1 messages per token; a stage that holds the whole model feeds its tokens back
+    # itself, and only the token's way out to the client remains (off the next token's path).
+    messages = 1 if session.feed_back else len(route) + 1
     groups = _reduction_report(start, before, after, len(decode), hidden_bytes) if after else {}
     return {
         "parallelism": parallelism,
@@ -160,6 +163,7 @@ async def distributed_generate(user: Identity, nodes: list[NodeEntry], model: st
         "route": [{"node": s.node.name, "start": s.span.start, "end": s.span.end,
                    "members": s.span.tensor_slice.size if s.span.tensor_slice else 1} for s in route],
         "reductions": groups,
+        "fed_back": session.feed_back,
         "tokens_per_second": round(len(decode) / sum(decode), 3),
         "time_to_first_token_ms": round(result.first_token_s * 1000, 2),
         "per_token_ms": _median([s * 1000 for s in decode]),

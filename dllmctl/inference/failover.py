@@ -113,7 +113,8 @@ async def generate_with_failover(pool: ConnectionPool, find_stages: StageFinder,
                                           max_new_tokens=max_new_tokens - done, logits=logits,
                                           parallelism=parallelism, hops=hops, prefix=prefix,
                                           private=private, relays=relays,
-                                          history=list(prompt_ids) + result.token_ids, replayed=done) as session:
+                                          history=list(prompt_ids) + result.token_ids, replayed=done,
+                                          feed_back=True, stop_ids=sorted(stop_ids)) as session:
                 tokens_before = len(result.token_ids)
 
                 def token_arrived(token: int) -> None:

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from dllmd.net.client import BadReply, CallError, CallTimeout, RemoteError, ReplyStream, RpcClient
-from dllmd.net.messages.inference import (MAX_STEP_TOKENS, SESSION_CLOSE, SESSION_FORWARD, SESSION_KEEPALIVE,
+from dllmd.net.messages.inference import (MAX_STEP_TOKENS, MAX_STOP_IDS, SESSION_CLOSE, SESSION_FORWARD, SESSION_KEEPALIVE,
                                           SESSION_OPEN, Opened, OpenArgs, SamplingParams, SessionArgs)
 from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
@@ -92,7 +92,8 @@ class DistributedSession:
                  prompt_tokens: int, max_new_tokens: int, logits: str = "none", ttl_s: float = SESSION_LEASE_S,
                  parallelism: str = "pipeline", hops: HopCodec = HopCodec(), prefix: Sequence[bytes] = (),
                  private: PrivateEnds | None = None, relays: Sequence[NodeEntry] = (),
-                 history: Sequence[int] = (), replayed: int = 0):
+                 history: Sequence[int] = (), replayed: int = 0, feed_back: bool = False,
+                 stop_ids: Sequence[int] = ()):
         """``prompt_tokens`` and ``max_new_tokens`` bound the positions the session will hold: every
         stage reserves its KV cache for them when the session opens (and refuses it if they do not fit).
         ``prefix``: the chain hashes of the prompt's blocks (:mod:`dllmctl.inference.prefix`), so the
@@ -103,7 +104,11 @@ class DistributedSession:
         ``relays``: every request to every stage goes through these relay nodes, sealed in one layer per
         relay (:mod:`dllmctl.inference.relay`): the stages see the last relay's key, not this client's.
         ``history``: with penalties, the session's tokens so far (the prompt, then the ``replayed`` tokens an
-        earlier session generated), handed to whoever samples: the last stage at the open, or this client."""
+        earlier session generated), handed to whoever samples: the last stage at the open, or this client.
+        ``feed_back``: for a session that runs one :meth:`generate`, on a route of one stage that holds the
+        whole model (one node, or one tensor-parallel group), the stage feeds each token back as the next
+        step itself and this client only reads them: no round trip per token. ``stop_ids`` (at most 64)
+        end it there as they end :meth:`generate`; a stop string ends it when the client closes."""
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         self.pool, self.route, self.model = pool, route, model
@@ -126,12 +131,18 @@ class DistributedSession:
         if penalized(sampling) and len(self.history) != prompt_tokens:
             raise ValueError("a session with penalties needs its tokens so far: history = the prompt_tokens ids")
         self.replayed = replayed if self.history else 0
+        self.first_step = replayed  # generate() numbers this session's steps from here
         # A private client samples, so it keeps the history the last stage would.
         self.token_history = (TokenHistory.of(self.history[:len(self.history) - self.replayed],
                                               self.history[len(self.history) - self.replayed:])
                               if private and self.history else None)
         if private and self.prefix:
             raise ValueError("a private session cannot use the prefix cache: the client's layers would miss it")
+        # Only where the one stage embeds and samples (a private client samples itself).
+        self.feed_back = (feed_back and len(route) == 1 and not private and route[0].span.start == 0
+                          and len(stop_ids) <= MAX_STOP_IDS)
+        self.stop_ids = sorted(set(stop_ids)) if self.feed_back else []
+        self._fed_from = -1  # the step after which the stage feeds itself: it sends what comes next
 
     async def __aenter__(self) -> "DistributedSession":
         try:
@@ -161,7 +172,8 @@ class DistributedSession:
                         next_address=nxt.address if nxt else "", next_public_key=nxt.public_key if nxt else "",
                         sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
                         batching=self.parallelism != "model", activations=self.hops.encoding,
-                        activation_block=self.hops.block, prefix=self.prefix, private=self.private is not None)
+                        activation_block=self.hops.block, prefix=self.prefix, private=self.private is not None,
+                        feed_back_until=self.first_step + self.max_new_tokens if self.feed_back else 0, stop_ids=self.stop_ids)
         tensors = []
         if nxt is None and self.history and not self.private:  # the stage that samples
             args.replayed = self.replayed
@@ -215,7 +227,11 @@ class DistributedSession:
 
     async def step(self, token_ids: list[int], step: int) -> tuple[dict, list[torch.Tensor]]:
         """Run ``token_ids`` through every stage; return the last stage's report (``token``, per-stage
-        ``compute_ms``, ``batch`` and ``hop_bytes``) and the logits it sent (one tensor per chunk)."""
+        ``compute_ms``, ``batch`` and ``hop_bytes``) and the logits it sent (one tensor per chunk).
+        A step the stage feeds itself (``feed_back``, after the first) is only read."""
+        if self.feed_back and 0 <= self._fed_from < step:
+            self.position += len(token_ids)
+            return await self._step_reply(step, STEP_TIMEOUT_S)
         chunks = prompt_chunks(token_ids, self.parallelism)
         first = self.clients[0]
         for n, chunk in enumerate(chunks):
@@ -229,10 +245,18 @@ class DistributedSession:
             except CallError as exc:
                 raise self._failure(0, exc) from exc
             self.position += len(chunk)
-        timeout = STEP_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(token_ids)
+        if self.feed_back:
+            self._fed_from = step
+        return await self._step_reply(step, STEP_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(token_ids))
+
+    async def _step_reply(self, step: int, timeout: float) -> tuple[dict, list[torch.Tensor]]:
+        """The last stage's report of ``step`` and the logits that came with it."""
         logits: list[torch.Tensor] = []
         while True:
             reply = await self._next_from_last(timeout)
+            if reply.result.get("step") != step:
+                raise StageFailure(f"the last stage sent step {reply.result.get('step')!r} where {step} was due",
+                                   [self.route[-1].node.name])
             if self.private:
                 step_logits = self._private_logits(reply)
                 chunk_logits = [step_logits] if self.logits != "none" else []

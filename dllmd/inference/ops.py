@@ -357,6 +357,7 @@ class InferenceService:
         if a.private:
             private.check_private_open(span, a)
         private.check_next_hop(span, a)
+        _check_feed_back(span, a)
         if a.next_address:
             self._check_next_hop(a.next_address, a.next_public_key)
         positions = a.prompt_tokens + a.max_new_tokens
@@ -385,7 +386,8 @@ class InferenceService:
         next_hop = NextHop(a.next_address, a.next_public_key) if a.next_address else None
         session = Session(a.session, a.model, span.new_cache(), call.responder, next_hop, a.sampling, a.logits,
                           a.ttl_s, positions=positions, reserved_bytes=reserve, batching=a.batching, hops=hops,
-                          prefix=prefix, owner=call.caller.public_key, private=a.private, history=history)
+                          prefix=prefix, owner=call.caller.public_key, private=a.private, history=history,
+                          feed_back_until=a.feed_back_until, stop_ids=frozenset(a.stop_ids))
         try:
             self.sessions.add(session)
         except NoRoom as exc:
@@ -616,6 +618,32 @@ class InferenceService:
             self._end(session, ErrorCode.BAD_ARGS, f"sampling failed: {exc}")
             return
         session.stream.send({"step": item.step, "token": token, **trace}, logits)
+        if (item.step + 1 < session.feed_back_until and token not in session.stop_ids
+                and session.queued_position < session.positions):  # never past what it reserved
+            self._feed_back(session, item.step + 1, token)
+
+    def _feed_back(self, session: Session, step: int, token: int) -> None:
+        """Queue ``token`` as the session's next step, as if its client had sent it (``feed_back_until``)."""
+        span = self.spans[session.model].span
+        item = M.StepItem(session=session.id, step=step, start=session.queued_position)
+        try:
+            self.scheduler.add(admit(span, session, item, torch.tensor([[token]], dtype=torch.int64)))
+        except HandlerError as exc:  # admit's checks hold by construction: a bug, reported to the client
+            self._end(session, exc.code, exc.message)
+
+
+def _check_feed_back(span: LayerSpan, a: M.OpenArgs) -> None:
+    """A session may be fed back only where the stage both embeds and samples: the whole model, no next
+    hop, not private (there the client samples)."""
+    if a.stop_ids and not a.feed_back_until:
+        raise HandlerError(ErrorCode.BAD_ARGS, "stop_ids apply to a session opened with feed_back_until")
+    if not a.feed_back_until:
+        return
+    if not (span.embed and span.head) or a.next_address or a.private:
+        raise HandlerError(ErrorCode.BAD_ARGS, "feed_back_until needs a stage that holds the whole model (embeddings "
+                                               "and head, no next hop) and samples (not private)")
+    if any(not 0 <= t < span.vocab_size for t in a.stop_ids):
+        raise HandlerError(ErrorCode.BAD_ARGS, f"stop_ids must be token ids in [0, {span.vocab_size})")
 
 
 def pass_spec(batch: list[PendingStep], head: bool) -> PassSpec:

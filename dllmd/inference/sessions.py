@@ -65,6 +65,8 @@ class Session:
     owner: str = ""  # the key that opened it: only it (or a peer stage feeding it) may step or close it
     private: bool = False  # hidden states in and out only (dllmd/inference/private.py)
     history: TokenHistory | None = None  # what the penalties look at (the stage that samples, penalties only)
+    feed_back_until: int = 0  # the stage feeds each sampled token back as the next step, up to this step
+    stop_ids: frozenset[int] = frozenset()  # ... and not after one of these
 
     def reachable_by(self, caller) -> bool:
         """Whether ``caller`` may step or close this session: its opener, or one of this node's peers (the

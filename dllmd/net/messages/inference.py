@@ -16,6 +16,7 @@ PREFIX_BLOCK_TOKENS = 16
 PREFIX_HASH_BYTES = 16
 # Hashes one session.open may carry (32768 tokens): they must fit a message header.
 MAX_PREFIX_BLOCKS = 2048
+MAX_STOP_IDS = 64  # token ids that end a generation fed back at the stage (eos, end of turn, ...)
 
 
 @dataclass
@@ -63,6 +64,13 @@ class OpenArgs:
     # one int64 tensor [prompt_tokens]: the prompt, then the ``replayed`` tokens an earlier session of the
     # same generation produced (a failover's replay), which the additive penalties count as generated.
     replayed: int = bounded(0, lo=0, hi=MAX_POSITIONS)
+    # A stage that holds the whole model (embeddings and head, no next hop, not private) may generate
+    # by itself: it feeds each token it samples back as the session's next step, up to step
+    # ``feed_back_until - 1``, and stops after a token of ``stop_ids``. The client then only reads the
+    # tokens (and closes the session to stop it early): no round trip per token. 0: the client sends
+    # every step.
+    feed_back_until: int = bounded(0, lo=0, hi=MAX_POSITIONS)
+    stop_ids: list[int] = bounded([], max_len=MAX_STOP_IDS)
 
 
 @dataclass
