@@ -208,6 +208,15 @@ def test_blocks_are_stored_as_they_complete_and_never_after_a_reload():
     fresh(0, keys, keys)
     assert cache.held("m")[1] == 3
 
+    # A tail that finds no room leaves the part that fit touched deepest first, as a whole prefix is:
+    # another prompt's block then evicts its tail, not its head.
+    block_bytes = 2 * keys[:, :, :PREFIX_BLOCK_TOKENS].nbytes
+    small = PrefixCache(2 * block_bytes)
+    BlockRecorder(small, SessionPrefix("m", "a", hashes, [], 0, True), [0], 0)(0, keys, keys)
+    assert _cached(small, 0, 1, 2) == [True, True, False]
+    small.store("m", "b", [_digest(9)], {0: CachedBlock({0: (keys[:, :, :16], keys[:, :, :16])}, block_bytes)})
+    assert _cached(small, 0, 1) == [True, False]
+
 
 def test_the_share_of_the_budget_is_a_percentage():
     from dllmd.config import ConfigError, NodeConfig

@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 
 from dllmd.net.client import BadReply, CallError, CallTimeout, RemoteError, ReplyStream, RpcClient
-from dllmd.net.messages.inference import (MAX_STEP_TOKENS, MAX_STOP_IDS, SESSION_CLOSE, SESSION_FORWARD, SESSION_KEEPALIVE,
-                                          SESSION_OPEN, Opened, OpenArgs, SamplingParams, SessionArgs)
+from dllmd.net.messages.inference import (MAX_STEP_TOKENS, MAX_STOP_IDS, SESSION_CLOSE, SESSION_FORWARD,
+                                          SESSION_KEEPALIVE, SESSION_OPEN, Opened, OpenArgs, SamplingParams,
+                                          SessionArgs)
 from dllmd.net.codec import HopCodec
 from dllmd.net.pool import ConnectionPool
 from dllmd.net.schema import parse_reply, to_wire
@@ -173,7 +174,8 @@ class DistributedSession:
                         sampling=self.sampling, logits=self.logits, ttl_s=self.ttl_s,
                         batching=self.parallelism != "model", activations=self.hops.encoding,
                         activation_block=self.hops.block, prefix=self.prefix, private=self.private is not None,
-                        feed_back_until=self.first_step + self.max_new_tokens if self.feed_back else 0, stop_ids=self.stop_ids)
+                        feed_back_until=self.first_step + self.max_new_tokens if self.feed_back else 0,
+                        stop_ids=self.stop_ids)
         tensors = []
         if nxt is None and self.history and not self.private:  # the stage that samples
             args.replayed = self.replayed

@@ -137,8 +137,9 @@ class PrefixCache:
         """Add block ``index`` of ``prefix`` as a session completes it, in order: only where the block
         before it is held (a block is worth nothing without it), never by evicting a block of ``own``
         (the prefix's keys), and only in the epoch the session opened in. O(1) but the eviction, so
-        a long prompt's blocks cost no more one by one than at once; the whole prefix is touched
-        (deepest first) with its last block. Returns whether the block is held now."""
+        a long prompt's blocks cost no more one by one than at once; the prefix held is touched
+        (deepest first) with its last block, or with the first that finds no room. Returns whether
+        the block is held now."""
         model, client, hashes = prefix.model, prefix.client, prefix.hashes
         with self._lock:
             if prefix.epoch != self._epochs.get(model, 0):
@@ -148,6 +149,9 @@ class PrefixCache:
             key = (model, client, hashes[index])
             if key not in self._blocks:  # else another session stored it first
                 if not self._make_room(block.nbytes, self.budget(), own):
+                    # The prompt's tail does not fit: what is held of it ends touched head last, as a
+                    # whole prefix would (later blocks stop at the check above, so this runs once).
+                    self._touch(model, client, hashes[:index])
                     return False
                 self._blocks[key] = block
                 self._bytes += block.nbytes
