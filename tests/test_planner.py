@@ -126,6 +126,22 @@ def test_tensor_groups_split_every_dimension_by_speed():
     assert fast.bytes > slow.bytes and all(s.start == 0 and s.end == 30 for s in layout.spans)
 
 
+def test_each_part_of_a_layer_is_split_by_speed_unless_memory_forbids():
+    """Attention, the MLP and the head each end in a reduction that waits for the slowest member, so each
+    is split by speed alone; the byte-balanced split is what a member too small for its extra head gets."""
+    from dllmctl.placement.groups import plan_groups
+
+    def parts(layout):
+        return [(s.tensor_slice.kv_hi - s.tensor_slice.kv_lo, s.tensor_slice.mlp_hi - s.tensor_slice.mlp_lo,
+                 s.tensor_slice.vocab_hi - s.tensor_slice.vocab_lo, s.bytes) for s in layout.spans]
+
+    roomy = parts(plan_groups(SMOL, _smol_shape(), [node("a", 400), node("b", 400)], tp=2, stages=1))
+    assert [p[:3] for p in roomy] == [(2, 768, 24576), (1, 768, 24576)]  # 3 KV heads: one member has two
+    tight = parts(plan_groups(SMOL, _smol_shape(), [node("a", 330), node("b", 330)], tp=2, stages=1))
+    assert [p[:2] for p in tight] == [(2, 704), (1, 832)] and tight[0][3] < roomy[0][3]
+    assert abs(tight[0][3] - tight[1][3]) < 0.01 * tight[0][3]  # each member holds half the bytes
+
+
 def test_hybrid_chains_groups_and_groups_nearest_nodes():
     from dllmctl.placement.groups import plan_groups
 

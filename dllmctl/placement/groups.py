@@ -115,12 +115,20 @@ def _plan_chain(model: ModelShape, shape: TensorShape, groups: list[list[NodeCap
     for stage, held in enumerate(chain.spans):
         members = groups[int(held.node)]
         name = f"r{replica}s{stage}" if len(chain.spans) > 1 else f"r{replica}"
-        slices = split_span(shape, held.layers, [m.gflops for m in members], name, embed=held.embed, head=held.head)
-        for member, tensor_slice in zip(members, slices):
-            size = member_bytes(shape, held.layers, tensor_slice, held.embed, held.head, model.tied)
-            if size > budgets[member.name]:
-                raise PlanError(f"{member.name}'s slice of layers [{held.start}, {held.end}) needs "
-                                f"{size / 2**20:.1f} MiB, more than its {budgets[member.name] / 2**20:.1f} MiB usable")
+        # Each part split by speed (the fastest passes); where a member's memory cannot take the extra head
+        # that rounding gave it, every member's bytes held to its share instead.
+        for even_bytes in (False, True):
+            slices = split_span(shape, held.layers, [m.gflops for m in members], name, embed=held.embed,
+                                head=held.head, even_bytes=even_bytes)
+            sizes = [member_bytes(shape, held.layers, s, held.embed, held.head, model.tied) for s in slices]
+            over = [(m, size) for m, size in zip(members, sizes) if size > budgets[m.name]]
+            if not over:
+                break
+        if over:
+            member, size = over[0]
+            raise PlanError(f"{member.name}'s slice of layers [{held.start}, {held.end}) needs "
+                            f"{size / 2**20:.1f} MiB, more than its {budgets[member.name] / 2**20:.1f} MiB usable")
+        for member, tensor_slice, size in zip(members, slices, sizes):
             spans.append(Span(member.name, held.start, held.end, held.embed, held.head, size, tensor_slice))
     return spans
 

@@ -1,10 +1,15 @@
 """How a tensor-parallel group divides one span: each member's KV heads, MLP columns and vocabulary rows.
 
-Decode is bound by reading weights, so a member's time per token is its weight bytes over its speed.
-Slices are sized so that every member's bytes are proportional to its weight (its measured throughput,
-capped by what its memory can hold): KV heads first (whole heads: a head's queries, keys, values and
-its columns of the output projection stay together), then the MLP in blocks of columns and the
-vocabulary in blocks of rows, which even out what the heads' granularity could not. Pure.
+Decode is bound by reading weights, so a member's time for a part of a layer is its bytes of that part
+over its speed. Every part ends in a reduction that waits for the slowest member (attention, the MLP,
+the head's gather), so a pass takes the sum of each part's slowest member, and each part is split in
+proportion to the members' weights (their measured throughput) by itself: KV heads (whole heads: a
+head's queries, keys, values and its columns of the output projection stay together), MLP columns in
+blocks, vocabulary rows in blocks. Evening out the heads' granularity with the MLP instead (the
+lighter attention member takes more columns) balances each member's bytes but makes it wait in both
+parts (SmolLM2's 3 KV heads on 2 equal members: 48.0-49.3 ms per token that way, 47.1-47.8 with each
+part split by itself, docs/tensor.md). That byte-balanced split (``even_bytes``) remains for a member
+whose memory, not its speed, bounds its share: it holds no more than its share of the bytes. Pure.
 """
 
 from __future__ import annotations
@@ -98,8 +103,10 @@ def member_bytes(shape: TensorShape, layers: int, s: TensorSlice, embed: bool, h
 
 
 def split_span(shape: TensorShape, layers: int, weights: Sequence[float], group: str, embed: bool = False,
-               head: bool = False) -> list[TensorSlice]:
-    """Slices of a span of ``layers`` layers for members of the given relative ``weights`` (in rank order).
+               head: bool = False, even_bytes: bool = False) -> list[TensorSlice]:
+    """Slices of a span of ``layers`` layers for members of the given relative ``weights`` (in rank order):
+    each part (heads, MLP columns, vocabulary rows) in proportion to the weights, or, with ``even_bytes``,
+    the columns and rows sized so that every member's bytes in all are (module docstring).
 
     Raises :class:`PlanError` naming the member counts that work when the model's KV heads cannot give
     every member at least one."""
@@ -118,8 +125,20 @@ def split_span(shape: TensorShape, layers: int, weights: Sequence[float], group:
     vocab_block = block_size(shape.vocab, members)
     uses_vocab = embed or head
     vocab_rows = apportion(shape.vocab // vocab_block, share, minimum=1) if uses_vocab else [0] * members
-    # What each member should hold in all, less what its heads and vocabulary rows already give it: the MLP
-    # columns make up the difference (decode reads every byte once, so bytes stand in for time).
+    mlp_blocks = apportion(shape.intermediate // mlp_block, share, minimum=1)
+    if even_bytes:
+        mlp_blocks, vocab_rows = _even_bytes(shape, layers, share, heads, mlp_block, vocab_block, head, vocab_rows)
+    vocab_bounds = _bounds(vocab_rows, vocab_block)  # block_size divides the vocabulary: no remainder
+    return [TensorSlice(group=group, rank=rank, size=members, kv_lo=kv[0], kv_hi=kv[1], mlp_lo=mlp[0],
+                        mlp_hi=mlp[1], vocab_lo=vocab[0], vocab_hi=vocab[1])
+            for rank, (kv, mlp, vocab) in enumerate(zip(_bounds(heads), _bounds(mlp_blocks, mlp_block),
+                                                        vocab_bounds))]
+
+
+def _even_bytes(shape: TensorShape, layers: int, share: list[float], heads: list[int], mlp_block: int,
+                vocab_block: int, head: bool, vocab_rows: list[int]) -> tuple[list[int], list[int]]:
+    """MLP blocks (and, with the head, vocabulary rows) that make each member's bytes in all its share:
+    what each member should hold, less what its heads and rows already give it."""
     head_tables = 1 if head else 0
     total = layers * (shape.kv_heads * shape.kv_head_bytes + shape.intermediate * shape.mlp_column_bytes)
     total += head_tables * shape.vocab * shape.vocab_row_bytes
@@ -132,11 +151,7 @@ def split_span(shape: TensorShape, layers: int, weights: Sequence[float], group:
                       for h, m in zip(heads, mlp_blocks)]
         room = [max(total * p - f, 0.0) for p, f in zip(share, layer_part)]
         vocab_rows = apportion(shape.vocab // vocab_block, room if sum(room) > 0 else share, minimum=1)
-    vocab_bounds = _bounds(vocab_rows, vocab_block)  # block_size divides the vocabulary: no remainder
-    return [TensorSlice(group=group, rank=rank, size=members, kv_lo=kv[0], kv_hi=kv[1], mlp_lo=mlp[0],
-                        mlp_hi=mlp[1], vocab_lo=vocab[0], vocab_hi=vocab[1])
-            for rank, (kv, mlp, vocab) in enumerate(zip(_bounds(heads), _bounds(mlp_blocks, mlp_block),
-                                                        vocab_bounds))]
+    return mlp_blocks, vocab_rows
 
 
 def check_covers(groups: dict[str, list], shape: TensorShape) -> None:
