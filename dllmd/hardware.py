@@ -1,7 +1,9 @@
-"""What this machine has: cores, memory, GPUs, disk, and a measured matmul rate.
+"""What this machine has: cores, memory, GPUs, disk, and its measured speed.
 
 The planner sizes layer spans by free memory and weights them by measured throughput, so the
-rate is measured (once, then cached in the home) rather than guessed from a model number.
+rates are measured (once, then cached in the home) rather than guessed from a model number: a matmul
+rate (what prefill and big batches run at) and the rate at which a one-row matmul streams weights
+from memory (what a decode token runs at: it reads every weight once and does two FLOPs per weight).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
@@ -20,6 +23,10 @@ from dllmd.storage import atomic_write
 
 CACHE_FILE = "hardware.json"
 MATMUL_SIZE = 1024
+# The stream probe's weights: larger than a desktop CPU's last-level cache, so the one-row matmuls read
+# them from memory as a decode pass reads a model's layers; in matrices of 16 MiB, a layer's order.
+STREAM_PROBE_BYTES = 256 << 20
+STREAM_MATRIX = 2048
 
 # The GPUs node.toml's [limits] lets this process use, as the owner numbers them (None: all of them).
 _allowed_gpus: list[int] | None = None
@@ -117,7 +124,7 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def measure_matmul_gflops(device: torch.device, seconds: float = 0.3) -> float:
+def measure_matmul_gflops(device: torch.device, seconds: float = 0.2) -> float:
     """fp32 GEMM rate of ``device`` in GFLOP/s (a warm-up, then as many products as fit in ``seconds``)."""
     n = MATMUL_SIZE
     a = torch.randn(n, n, device=device)
@@ -136,26 +143,57 @@ def measure_matmul_gflops(device: torch.device, seconds: float = 0.3) -> float:
     return round(2 * n**3 * count / elapsed / 1e9, 1)
 
 
-def cached_gflops(home: Path, threads: int = 0) -> float:
-    """The matmul rate for this machine, measured on first use and cached in the home. The cache
-    is keyed by what changes the figure (device, torch version, core count, and the thread cap of
-    node.toml's [limits] where there is one)."""
+def measure_stream_gbps(device: torch.device, seconds: float = 0.15) -> float:
+    """GB/s of fp32 weights that one-row matmuls (a decode step's shape) read on ``device``: the rate
+    that bounds a decode token, which reads every weight once (a warm-up pass, then as many as fit)."""
+    n = STREAM_MATRIX
+    count = max(1, STREAM_PROBE_BYTES // (n * n * 4))
+    weights = [torch.ones(n, n, device=device) for _ in range(count)]  # ones: allocated at memset speed
+    row = torch.ones(1, n, device=device)
+    for w in weights:
+        torch.nn.functional.linear(row, w)
+    _sync(device)
+    passes, start = 0, time.perf_counter()
+    while True:
+        for w in weights:
+            torch.nn.functional.linear(row, w)
+        passes += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    return round(passes * count * n * n * 4 / elapsed / 1e9, 2)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """This machine's measured rates (see the module docstring)."""
+
+    matmul_gflops: float
+    stream_gbps: float
+
+
+def cached_speed(home: Path, threads: int = 0) -> Speed:
+    """The rates for this machine, measured on first use and cached in the home. The cache is keyed
+    by what changes them (device, torch version, core count, and the thread cap of node.toml's
+    [limits] where there is one); a cache from before the stream rate was measured is measured again."""
     device = best_device()
     key = f"{device.type}:{torch.cuda.get_device_name(0) if device.type == 'cuda' else platform.processor()}:" \
           f"{torch.__version__}:{os.cpu_count()}" + (f":threads={threads}" if threads else "")
     path = home / CACHE_FILE
     try:
         cached = json.loads(path.read_text())
-        if cached.get("key") == key and isinstance(cached.get("matmul_gflops"), (int, float)):
-            return float(cached["matmul_gflops"])
-    except (FileNotFoundError, ValueError):
+        rates = [cached.get("matmul_gflops"), cached.get("stream_gbps")]
+        if cached.get("key") == key and all(isinstance(r, (int, float)) and r > 0 for r in rates):
+            return Speed(float(rates[0]), float(rates[1]))
+    except (FileNotFoundError, ValueError, AttributeError):
         pass
-    gflops = measure_matmul_gflops(device)
-    atomic_write(path, json.dumps({"key": key, "matmul_gflops": gflops}).encode())
-    return gflops
+    speed = Speed(measure_matmul_gflops(device), measure_stream_gbps(device))
+    atomic_write(path, json.dumps({"key": key, **asdict(speed)}).encode())
+    return speed
 
 
-def snapshot(home: Path, gflops: float) -> dict:
+def snapshot(home: Path, speed: Speed) -> dict:
     """A fresh description of the machine for ``info`` (memory and disk are read each time)."""
     mem = psutil.virtual_memory()
     return {
@@ -166,6 +204,7 @@ def snapshot(home: Path, gflops: float) -> dict:
         "gpus": gpus(),
         "device": best_device().type,
         "disk_free": shutil.disk_usage(home).free,
-        "matmul_gflops": gflops,
+        "matmul_gflops": speed.matmul_gflops,
+        "stream_gbps": speed.stream_gbps,
         "torch": torch.__version__,
     }

@@ -63,7 +63,7 @@ class Daemon:
                              max_tensor_bytes=self.config.max_message_bytes)
         self.started_at = time.time()
         self.endpoint = ""
-        self.gflops = 0.0
+        self.speed = hardware.Speed(0.0, 0.0)
         self.metrics = NodeMetrics()
         self.inference: InferenceService | None = None  # built in run(), as is the training service
         self.training: TrainingService | None = None
@@ -90,7 +90,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        self.gflops = await asyncio.to_thread(hardware.cached_gflops, self.home, self.config.limits.threads)
+        self.speed = await asyncio.to_thread(hardware.cached_speed, self.home, self.config.limits.threads)
         ctx = zmq.Context()
         auth = KeyTableAuthenticator(ctx, self.keys)
         auth.start()
@@ -248,7 +248,7 @@ class Daemon:
         return {}, call.tensors
 
     async def _info(self, call: Call) -> M.Info:
-        snapshot = await asyncio.to_thread(hardware.snapshot, self.home, self.gflops)
+        snapshot = await asyncio.to_thread(hardware.snapshot, self.home, self.speed)
         limits = self.config.limits
         return M.Info(
             node_id=self.identity.node_id, name=self.config.name, public_key=self.identity.public_key,

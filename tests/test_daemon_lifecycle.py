@@ -60,8 +60,10 @@ def test_info_reports_identity_role_and_hardware(daemon_factory, user):
     hw = info["hardware"]
     assert hw["cpu_cores"] >= 1 and 0 < hw["ram_available"] <= hw["ram_total"] and hw["disk_free"] > 0
     assert hw["matmul_gflops"] > 0 and isinstance(hw["gpus"], list)
+    # A one-row matmul reads its weights from memory: far fewer FLOPs per second than a square product.
+    assert 0 < hw["stream_gbps"] / 2 < hw["matmul_gflops"]
     cached = json.loads((daemon.home / "hardware.json").read_text())
-    assert cached["matmul_gflops"] == hw["matmul_gflops"]
+    assert (cached["matmul_gflops"], cached["stream_gbps"]) == (hw["matmul_gflops"], hw["stream_gbps"])
 
 
 def test_sigterm_stops_cleanly_and_systemd_is_told(tmp_path):

@@ -165,3 +165,16 @@ def test_group_layouts_refuse_what_cannot_be_met():
         plan_groups(SMOL, _smol_shape(), nodes, tp=3, replicas=2, stages=1)
     with pytest.raises(PlanError, match="MiB"):
         plan_groups(SMOL, _smol_shape(), [node("a", 100), node("b", 100)], tp=2, stages=1)
+
+
+def test_nodes_are_weighed_by_the_rate_they_decode_at():
+    """A decode token reads each fp32 weight once for two FLOPs: the stream rate bounds it, not the
+    matmul rate, unless the node computes slower than it reads; nodes that predate the stream rate
+    are weighed by their matmul rate."""
+    from dllmctl.placement.capacity import decode_gflops
+
+    assert decode_gflops({"matmul_gflops": 300.0, "stream_gbps": 30.0}) == 15.0
+    assert decode_gflops({"matmul_gflops": 10.0, "stream_gbps": 100.0}) == 10.0
+    assert decode_gflops({"matmul_gflops": 300.0}) == 300.0
+    layout = plan_layout(SMOL, [node("a", 4000, decode_gflops({"matmul_gflops": 300.0, "stream_gbps": 30.0}))])
+    assert 17 < layout.expected_ms["a"] < 40  # 527 MB of weights at 30 GB/s, plus the layers' overhead

@@ -149,6 +149,8 @@ def hardware_summary(hw: dict | None) -> str:
     for gpu in hw.get("gpus", []):
         parts.append(f"{gpu['name']} {human_bytes(gpu['memory_free'])}/{human_bytes(gpu['memory_total'])}")
     parts.append(f"{hw['matmul_gflops']:.0f} GFLOP/s")
+    if hw.get("stream_gbps"):
+        parts.append(f"{hw['stream_gbps']:.0f} GB/s streamed")
     return ", ".join(parts)
 
 

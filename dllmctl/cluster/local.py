@@ -109,17 +109,26 @@ def _prepare_home(home: Path, name: str, bench: bool = False, settings: dict | N
 
 
 def _share_hardware_measurement(homes: list[Path], progress: Callable[[str], None]) -> None:
-    """Daemons on one machine share its hardware: measure its matmul rate once, here, and give every
-    home the same figure. Measured by each daemon at once they would contend for the cores and
-    report different rates, and the planner would split the layers unevenly for no reason."""
+    """Daemons on one machine share its hardware: measure its rates once, here, on the threads each
+    daemon gets, and give every home the same figures. Measured by each daemon at once they would
+    contend for the cores and report different rates, and the planner would split the layers unevenly
+    for no reason."""
+    import torch
+
     from dllmd import hardware
 
-    if all((home / hardware.CACHE_FILE).exists() for home in homes):
-        return
-    progress("measuring this machine")
-    hardware.cached_gflops(homes[0])
+    progress("measuring this machine")  # at once if homes[0] holds a current measurement
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads_per_daemon(len(homes)))  # each daemon's share of the cores: its speed
+    try:
+        hardware.cached_speed(homes[0])
+    finally:
+        torch.set_num_threads(threads)
+    measured = (homes[0] / hardware.CACHE_FILE).read_bytes()
     for home in homes[1:]:
-        shutil.copyfile(homes[0] / hardware.CACHE_FILE, home / hardware.CACHE_FILE)
+        path = home / hardware.CACHE_FILE
+        if not path.exists() or path.read_bytes() != measured:  # none yet, or one from an older dllmd
+            shutil.copyfile(homes[0] / hardware.CACHE_FILE, path)
 
 
 def _spawn(home: Path, threads: int, verbose: bool = False) -> subprocess.Popen:

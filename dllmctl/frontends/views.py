@@ -67,12 +67,13 @@ def models_of(rows: list[dict]) -> list[dict]:
 
 
 async def performance_view(user: Identity, nodes: list[NodeEntry], recent_inference: list[dict]) -> dict:
-    """Measured figures only: per node its matmul GFLOP/s (measured at start), this client's ping
+    """Measured figures only: per node its matmul GFLOP/s and weight stream GB/s (measured at start), this client's ping
     round trip, and per served span its decode pass time, passes and tokens; the generations this
     process ran; the latest step of recent training jobs."""
     rows = await query_nodes(user, nodes, NODE_TIMEOUT_S)
     node_figures = [{"name": r["name"], "status": r["status"], "latency_ms": r["latency_ms"],
                      "matmul_gflops": (r.get("hardware") or {}).get("matmul_gflops"),
+                     "stream_gbps": (r.get("hardware") or {}).get("stream_gbps"),
                      "spans": [{k: s.get(k) for k in SPAN_FIGURES} for s in r["serving"]]} for r in rows]
     rates = [g["tokens_per_second"] for g in recent_inference if g.get("tokens_per_second")]
     inference = {"source": "generations run through this MCP server process (newest last)",
@@ -90,6 +91,7 @@ async def performance_view(user: Identity, nodes: list[NodeEntry], recent_infere
             "unreachable": unreachable,
             "fields": {"latency_ms": "one ping round trip from this client, just now",
                        "matmul_gflops": "the node's own matmul benchmark (dllmd measures it once per machine)",
+                       "stream_gbps": "GB/s of weights a one-row matmul reads there (measured with it): the decode bound",
                        "step_ms": "the span's recent decode pass time (moving average), what routing weighs",
                        "busy_s": "compute seconds the span has spent since it was loaded",
                        "tokens_per_s": "training tokens per second of the job's latest step"}}

@@ -7,6 +7,7 @@ from dllmd.net.messages.tensor import TensorSlice
 from dllmd.net.schema import parse_args
 from dllmctl.cluster.live import query_nodes
 from dllmctl.cluster.registry import NodeEntry
+from dllmctl.placement.capacity import decode_gflops
 from dllmctl.placement.layout import Span
 from dllmctl.placement.routing import Stage
 
@@ -20,7 +21,7 @@ async def live_stages(user: Identity, nodes: list[NodeEntry], model: str, timeou
     for row in await query_nodes(user, nodes, timeout):
         if row["status"] != "up":
             continue
-        gflops = float((row.get("hardware") or {}).get("matmul_gflops") or 0.0)
+        gflops = decode_gflops(row.get("hardware") or {})
         for span in row["serving"]:
             if span.get("model") == model:
                 tensor_slice = parse_args(TensorSlice, span["tensor_slice"]) if span.get("tensor_slice") else None

@@ -18,8 +18,8 @@ from dllmctl.cluster.registry import NodeEntry
 from dllmctl.placement.layout import Span
 
 HOP_MS = 1.0  # fixed cost of one more stage (a message, a wake-up): fewer hops win a tie
-UNMEASURED_MS_PER_LAYER = 2.0  # a span that has not run yet: guess from its size and the node's speed
-REFERENCE_GFLOPS = 50.0
+UNMEASURED_MS_PER_LAYER = 2.0  # a span not run yet, its size unknown: per layer at REFERENCE_GFLOPS
+REFERENCE_GFLOPS = 15.0  # a decode rate (placement.capacity.decode_gflops) of one CPU core
 
 
 class RouteError(RuntimeError):
@@ -36,12 +36,14 @@ class Stage:
     step_ms: float = 0.0  # measured compute of one decode pass (0: not measured yet)
     sessions: int = 0  # sessions open on this span now
     queued: int = 0  # steps waiting at this node
-    gflops: float = 0.0
+    gflops: float = 0.0  # its decode rate (placement.capacity.decode_gflops)
 
     @property
     def expected_step_ms(self) -> float:
         if self.step_ms > 0:
             return self.step_ms
+        if self.gflops > 0 and self.span.bytes > 0:  # not run yet: two FLOPs per fp32 weight at the decode rate
+            return 2 * (self.span.bytes / 4) / (self.gflops * 1e9) * 1000
         speed = self.gflops / REFERENCE_GFLOPS if self.gflops > 0 else 1.0
         return UNMEASURED_MS_PER_LAYER * max(self.span.layers, 1) / speed
 

@@ -37,6 +37,7 @@ class Hardware:
     matmul_gflops: float  # measured once per machine (dllmd.hardware)
     torch: str
     gpus: list[Gpu] = field(default_factory=list)
+    stream_gbps: float = 0.0  # weight bytes a one-row matmul reads per second (0: a node that predates it)
 
 
 @dataclass
