@@ -134,6 +134,9 @@ def test_tensor_parallel_through_the_cli(cluster3, tmp_path):
     rows = _ok(run_cli("dllmctl", "nodes", "list", "--json"))
     members = sorted(s["tensor_slice"]["rank"] for r in rows for s in r["serving"] if s.get("tensor_slice"))
     assert members == [0, 1]
+    other = run_cli("dllmctl", "bench", "infer", "-m", "tp", "--parallelism", "tensor", "--tp", "3")
+    said = " ".join(other.stderr.split())  # the benchmark runs what is deployed: another group size is refused
+    assert other.returncode != 0 and "groups have 2 members" in said and "--parallelism tensor --tp 3" in said
     # The third node is free, but a hybrid layout needs two groups: refused, the tensor layout untouched.
     hybrid = run_cli("dllmctl", "deploy", "tp", "--parallelism", "hybrid", "--tp", "2")
     assert hybrid.returncode != 0 and "already serve tp" in " ".join(hybrid.stderr.split())

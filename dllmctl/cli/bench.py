@@ -81,6 +81,8 @@ def infer(
     parallelism: Annotated[str, typer.Option(help=(
         "pipeline, model, tensor or hybrid: the deployed layout to run through (tensor and hybrid also report "
         "each member's reductions against a raw zmq exchange of the same bytes)."))] = "pipeline",
+    tp: Annotated[Optional[int], typer.Option(
+        "--tp", min=1, max=64, help="With tensor or hybrid: the group size the deployed layout must have.")] = None,
     wan_delay_ms: Annotated[Optional[float], typer.Option(
         min=0.0, max=1000.0, help="Run one session with every link behind a delay proxy (one way, ms).")] = None,
     failover_runs: Annotated[int, typer.Option(
@@ -123,6 +125,8 @@ def infer(
     directory, _ = local_model(model)
     num_layers = _json.loads((directory / "config.json").read_text())["num_hidden_layers"]
     nodes = registry.select(None)
+    if tp is not None:
+        _check_group_size(user, nodes, model, parallelism, tp)
     report: dict = {"model": model}
     try:
         with err.status("benchmarking..."):
@@ -165,6 +169,23 @@ def infer(
         f = report["failover"]
         out.print(f"failover: {f['identical_runs']}/{f['runs']} runs identical to the fault-free output; stall "
                   f"(kill to next token) median {f['stall_ms_median']:.0f} ms, max {f['stall_ms_max']:.0f} ms")
+
+
+def _check_group_size(user, nodes, model: str, parallelism: str, tp: int) -> None:
+    """Refuse --tp N unless the deployed layout's groups have N members: the benchmark runs what is
+    deployed, and a figure for another group size than asked would be misread."""
+    import asyncio
+
+    from dllmctl.inference.stages import live_stages
+
+    if parallelism not in ("tensor", "hybrid"):
+        fail("--tp needs --parallelism tensor or hybrid")
+    sizes = sorted({s.span.tensor_slice.size for s in asyncio.run(live_stages(user, nodes, model))
+                    if s.span.tensor_slice is not None})
+    if tp not in sizes:
+        have = f"its groups have {', '.join(map(str, sizes))} members" if sizes else "no tensor-parallel group serves it"
+        fail(f"{model} has no deployed group of {tp} ({have}); 'dllmctl deploy {model} --parallelism "
+             f"{parallelism} --tp {tp}' deploys one")
 
 
 def _print_prefix(p: dict) -> None:
