@@ -162,6 +162,9 @@ def measure_stream_gbps(device: torch.device, seconds: float = 0.15) -> float:
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             break
+    del weights
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # else the probe's 256 MiB stay cached and the GPU reports that much less free
     return round(passes * count * n * n * 4 / elapsed / 1e9, 2)
 
 
@@ -173,13 +176,14 @@ class Speed:
     stream_gbps: float
 
 
-def cached_speed(home: Path, threads: int = 0) -> Speed:
-    """The rates for this machine, measured on first use and cached in the home. The cache is keyed
-    by what changes them (device, torch version, core count, and the thread cap of node.toml's
-    [limits] where there is one); a cache from before the stream rate was measured is measured again."""
+def cached_speed(home: Path) -> Speed:
+    """The rates for this machine on this process's torch threads, measured on first use and cached in
+    the home. The cache is keyed by what changes them (device, torch version, core count, the threads
+    torch computes on: node.toml's [limits] cap, or a local cluster's share of the cores); a cache from
+    before the stream rate was measured is measured again."""
     device = best_device()
     key = f"{device.type}:{torch.cuda.get_device_name(0) if device.type == 'cuda' else platform.processor()}:" \
-          f"{torch.__version__}:{os.cpu_count()}" + (f":threads={threads}" if threads else "")
+          f"{torch.__version__}:{os.cpu_count()}:threads={torch.get_num_threads()}"
     path = home / CACHE_FILE
     try:
         cached = json.loads(path.read_text())

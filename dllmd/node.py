@@ -90,7 +90,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        self.speed = await asyncio.to_thread(hardware.cached_speed, self.home, self.config.limits.threads)
+        self.speed = await asyncio.to_thread(hardware.cached_speed, self.home)
         ctx = zmq.Context()
         auth = KeyTableAuthenticator(ctx, self.keys)
         auth.start()

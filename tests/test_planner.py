@@ -169,12 +169,20 @@ def test_group_layouts_refuse_what_cannot_be_met():
 
 def test_nodes_are_weighed_by_the_rate_they_decode_at():
     """A decode token reads each fp32 weight once for two FLOPs: the stream rate bounds it, not the
-    matmul rate, unless the node computes slower than it reads; nodes that predate the stream rate
-    are weighed by their matmul rate."""
-    from dllmctl.placement.capacity import decode_gflops
+    matmul rate, unless the node computes slower than it reads. A node that predates the stream rate
+    is scaled as the others scale (a half-upgraded cluster must not plan its old half 20x faster);
+    training weighs the matmul rate."""
+    from dllmctl.placement.capacity import decode_gflops, decode_rates, node_capacities
 
     assert decode_gflops({"matmul_gflops": 300.0, "stream_gbps": 30.0}) == 15.0
     assert decode_gflops({"matmul_gflops": 10.0, "stream_gbps": 100.0}) == 10.0
-    assert decode_gflops({"matmul_gflops": 300.0}) == 300.0
+
+    def row(name, **hardware):
+        return {"name": name, "status": "up", "hardware": {"gpus": [], "ram_available": 1 << 30, **hardware}}
+
+    rows = [row("new", matmul_gflops=300.0, stream_gbps=30.0), row("old", matmul_gflops=600.0)]
+    assert decode_rates(rows) == {"new": 15.0, "old": 30.0}
+    assert decode_rates(rows[1:]) == {"old": 600.0}  # nobody measures streaming: the matmul rate
+    assert {c.name: c.gflops for c in node_capacities(rows, rate="matmul")} == {"new": 300.0, "old": 600.0}
     layout = plan_layout(SMOL, [node("a", 4000, decode_gflops({"matmul_gflops": 300.0, "stream_gbps": 30.0}))])
     assert 17 < layout.expected_ms["a"] < 40  # 527 MB of weights at 30 GB/s, plus the layers' overhead

@@ -172,7 +172,7 @@ def infer(
 
 
 def _check_group_size(user, nodes, model: str, parallelism: str, tp: int) -> None:
-    """Refuse --tp N unless the deployed layout's groups have N members: the benchmark runs what is
+    """Refuse --tp N unless every deployed group has N members: the benchmark runs what is
     deployed, and a figure for another group size than asked would be misread."""
     import asyncio
 
@@ -182,8 +182,9 @@ def _check_group_size(user, nodes, model: str, parallelism: str, tp: int) -> Non
         fail("--tp needs --parallelism tensor or hybrid")
     sizes = sorted({s.span.tensor_slice.size for s in asyncio.run(live_stages(user, nodes, model))
                     if s.span.tensor_slice is not None})
-    if tp not in sizes:
-        have = f"its groups have {', '.join(map(str, sizes))} members" if sizes else "no tensor-parallel group serves it"
+    if sizes != [tp]:
+        have = (f"its groups have {' and '.join(map(str, sizes))} members" if sizes else
+                "no linked tensor-parallel group serves it; one just deployed may still be linking")
         fail(f"{model} has no deployed group of {tp} ({have}); 'dllmctl deploy {model} --parallelism "
              f"{parallelism} --tp {tp}' deploys one")
 

@@ -7,7 +7,7 @@ from dllmd.net.messages.tensor import TensorSlice
 from dllmd.net.schema import parse_args
 from dllmctl.cluster.live import query_nodes
 from dllmctl.cluster.registry import NodeEntry
-from dllmctl.placement.capacity import decode_gflops
+from dllmctl.placement.capacity import decode_rates
 from dllmctl.placement.layout import Span
 from dllmctl.placement.routing import Stage
 
@@ -18,10 +18,10 @@ async def live_stages(user: Identity, nodes: list[NodeEntry], model: str, timeou
     for as long as it has every member."""
     by_name = {n.name: n for n in nodes}
     stages = []
-    for row in await query_nodes(user, nodes, timeout):
-        if row["status"] != "up":
-            continue
-        gflops = decode_gflops(row.get("hardware") or {})
+    rows = [row for row in await query_nodes(user, nodes, timeout) if row["status"] == "up"]
+    speeds = decode_rates(rows)
+    for row in rows:
+        gflops = speeds[row["name"]]
         for span in row["serving"]:
             if span.get("model") == model:
                 tensor_slice = parse_args(TensorSlice, span["tensor_slice"]) if span.get("tensor_slice") else None

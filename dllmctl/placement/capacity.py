@@ -15,10 +15,14 @@ from dllmctl.placement.planner import DEFAULT_RESERVE_FRACTION
 from dllmctl.placement.rebalance import Rebalance
 
 
-def node_capacities(rows: list[dict]) -> list[NodeCapacity]:
-    """What each live node can offer (:func:`offered_memory`) at its measured decode speed."""
-    return [NodeCapacity(name=row["name"], free_memory_bytes=offered_memory(row), gflops=decode_gflops(row["hardware"]))
-            for row in rows if row["status"] == "up"]
+def node_capacities(rows: list[dict], rate: str = "decode") -> list[NodeCapacity]:
+    """What each live node can offer (:func:`offered_memory`) at its measured speed: its decode rate
+    (:func:`decode_rates`, what inference spans are weighed by) or, with ``rate="matmul"``, its matmul
+    rate (what training's micro-batches, big products, run at)."""
+    up = [row for row in rows if row["status"] == "up"]
+    speeds = decode_rates(up) if rate == "decode" else {r["name"]: _matmul(r.get("hardware") or {}) for r in up}
+    return [NodeCapacity(name=row["name"], free_memory_bytes=offered_memory(row), gflops=speeds[row["name"]])
+            for row in up]
 
 
 def decode_gflops(hardware: dict) -> float:
@@ -26,10 +30,24 @@ def decode_gflops(hardware: dict) -> float:
     decode token reads each weight once for two FLOPs, so its fp32 weights stream at ``stream_gbps``
     bound it to half that in GFLOP/s, far below the matmul rate of big products (SmolLM2 on one 2-core
     node: 341 GFLOP/s matmul, 29 GB/s streamed, so 14.5 GFLOP/s; modelled 24 ms a token against 35-37
-    measured, where the matmul rate alone said 1 ms). Nodes that predate the stream rate: the matmul rate."""
-    matmul = float(hardware.get("matmul_gflops") or 0.0)
-    stream = float(hardware.get("stream_gbps") or 0.0)
-    return min(matmul, stream / 2) if stream > 0 and matmul > 0 else matmul
+    measured, where the matmul rate alone said 1 ms). A node that predates the stream rate: 0."""
+    matmul, stream = _matmul(hardware), float(hardware.get("stream_gbps") or 0.0)
+    return min(matmul, stream / 2) if stream > 0 and matmul > 0 else 0.0
+
+
+def decode_rates(rows: list[dict]) -> dict[str, float]:
+    """Each node's decode rate by name. A node that predates the stream rate is given its matmul rate
+    scaled as the nodes that measure both scale (their median), so a cluster half upgraded is not
+    planned as if the old half were ~20x faster; with no such node, every node's matmul rate."""
+    rates = {row["name"]: decode_gflops(row.get("hardware") or {}) for row in rows}
+    matmul = {row["name"]: _matmul(row.get("hardware") or {}) for row in rows}
+    ratios = sorted(rates[n] / matmul[n] for n in rates if rates[n] > 0)
+    scale = ratios[len(ratios) // 2] if ratios else 1.0
+    return {n: rates[n] if rates[n] > 0 else matmul[n] * scale for n in rates}
+
+
+def _matmul(hardware: dict) -> float:
+    return float(hardware.get("matmul_gflops") or 0.0)
 
 
 def offered_memory(row: dict) -> int:

@@ -2,8 +2,9 @@
 each member's slice. Pure.
 
 A group acts as one stage whose speed is the sum of its members' and whose memory is what its most
-loaded member allows: slices are sized by throughput (:mod:`.tensor`), so a member holds its share of
-the group's bytes. Groups are formed from nodes close to each other (round trips measured by the
+loaded member allows: slices are sized by throughput (:mod:`.tensor`), so a member holds about
+its share of the group's bytes (more by the rounding of whole heads; where its memory cannot
+take that, the byte-balanced split, which holds it to its share). Groups are formed from nodes close to each other (round trips measured by the
 nodes themselves, ``peers.ping``, where they are known: the fastest nodes whose neighbours are within
 a LAN round trip), and the pipeline planner then gives each group its layers as it would a node, so
 the links between stages may be slower.
@@ -135,8 +136,8 @@ def _plan_chain(model: ModelShape, shape: TensorShape, groups: list[list[NodeCap
 
 def _group_memory(members: list[NodeCapacity], budgets: dict[str, int], reserve_fraction: float) -> int:
     """The free memory a group offers as one stage: members hold shares of its bytes in proportion to
-    their speed, so the member with the least room per share sets the bound (before the planner's
-    own reserve, which it applies again)."""
+    their speed (at most, with the byte-balanced split), so the member with the least room per share
+    sets the bound (before the planner's own reserve, which it applies again)."""
     total = sum(m.gflops for m in members)
     room = min(budgets[m.name] * total / m.gflops for m in members)
     return int(room / (1 - reserve_fraction))

@@ -98,7 +98,7 @@ async def plan_pipeline(user: Identity, nodes: list[NodeEntry], model_dir: Path,
                 raise PlanError(f"--stage-layers gives {len(stage_layers)} stages, the job has {stages}")
             spans = stages_from_counts(stage_layers, manifest.num_layers)
         else:
-            capacity = {c.name: c for c in node_capacities(await query_nodes(user, nodes))}
+            capacity = {c.name: c for c in node_capacities(await query_nodes(user, nodes), rate="matmul")}
             down = [n.name for n in nodes if n.name not in capacity]
             if down:
                 raise TrainError(f"node(s) {', '.join(down)} did not answer: nothing was started")
