@@ -56,7 +56,6 @@ def infer_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text through the distributed model; tokens stream as they come."""
-    import asyncio
 
     from dllmctl.inference.generation import CLUSTER_ERRORS, GenerationError, GenerationRequest, prepare, run
 
@@ -83,12 +82,12 @@ def infer_command(
 
     try:
         try:
-            result = asyncio.run(run(user, registry.select(None), prepared, on_text=show))
+            result = _interruptible(run(user, registry.select(None), prepared, on_text=show))
         except RouteError:
             if not (deploy and parallelism in ("tensor", "hybrid")):
                 raise
             _deploy_layout(user, registry.select(None), model, parallelism, tp, as_json)
-            result = asyncio.run(run(user, registry.select(None), prepared, on_text=show))
+            result = _interruptible(run(user, registry.select(None), prepared, on_text=show))
     except CLUSTER_ERRORS as exc:
         fail(str(exc))
     generation = result.generation
@@ -129,3 +128,38 @@ def _deploy_layout(user, entries, model: str, parallelism: str, tp, quiet: bool)
             asyncio.run(deploy(user, by_name, directory, layout.spans, lambda node, n: progress.advance(tasks[node], n)))
         except CallError as exc:
             fail(f"deploying the {parallelism} layout failed: {exc}")
+
+
+def _interruptible(work):
+    """``asyncio.run(work)``, where Ctrl+C cancels it until it ends and then raises KeyboardInterrupt.
+    asyncio.run cancels once, and Python 3.11's wait_for loses a cancellation that lands as its inner
+    call completes: a generation then ran to its end, Ctrl+C ignored (seen under load in CI)."""
+    import asyncio
+    import signal
+
+    interrupted = []
+
+    async def main():
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+        def cancel() -> None:
+            if not task.done():
+                task.cancel()
+                loop.call_later(0.5, cancel)  # once more, in case that cancellation was lost
+
+        def on_sigint() -> None:
+            interrupted.append(True)
+            cancel()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await work
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
