@@ -140,8 +140,13 @@ def expected_ms(model: ModelShape, span: Span, gflops: float, share: float = 1.0
     of each layer a tensor-parallel member computes)."""
     layer_bytes = sum(model.layer_bytes[span.start:span.end]) * LAYER_TIME_PER_BYTE_VS_HEAD
     head = (model.embed_bytes if model.tied else model.head_bytes) if span.head else 0
-    weights = (layer_bytes + head) * share / 4
-    return 2 * weights / (gflops * 1e9) * 1000 if gflops > 0 else float("inf")
+    return decode_ms((layer_bytes + head) * share, gflops)
+
+
+def decode_ms(weight_bytes: float, gflops: float) -> float:
+    """Milliseconds to decode one token through ``weight_bytes`` of fp32 weights (two FLOPs per
+    weight) at ``gflops``."""
+    return 2 * (weight_bytes / 4) / (gflops * 1e9) * 1000 if gflops > 0 else float("inf")
 
 
 def _arrange(model: ModelShape, members: list[NodeCapacity], budgets: dict[str, int]) -> list[NodeCapacity]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from dllmctl.cluster.registry import NodeEntry
 from dllmctl.placement.layout import Span
+from dllmctl.placement.planner import decode_ms
 
 HOP_MS = 1.0  # fixed cost of one more stage (a message, a wake-up): fewer hops win a tie
 UNMEASURED_MS_PER_LAYER = 2.0  # a span not run yet, its size unknown: per layer at REFERENCE_GFLOPS
@@ -43,7 +44,7 @@ class Stage:
         if self.step_ms > 0:
             return self.step_ms
         if self.gflops > 0 and self.span.bytes > 0:  # not run yet: two FLOPs per fp32 weight at the decode rate
-            return 2 * (self.span.bytes / 4) / (self.gflops * 1e9) * 1000
+            return decode_ms(self.span.bytes, self.gflops)
         speed = self.gflops / REFERENCE_GFLOPS if self.gflops > 0 else 1.0
         return UNMEASURED_MS_PER_LAYER * max(self.span.layers, 1) / speed
 
