@@ -9,6 +9,7 @@ layer 0, which this node may not have.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -31,6 +32,17 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 EMBED_TENSOR = "model.embed_tokens.weight"
 HEAD_TENSOR = "lm_head.weight"
+
+
+def _cache_keyword(function: Callable) -> str:
+    """The name under which ``function`` takes the KV cache. transformers 5.x renamed ``past_key_values``
+    to ``cache`` and keeps the old name working through a wrapper that builds and files a deprecation
+    warning on every call: thirty layers a token, between matmuls. Older 5.x releases know only the old
+    name (a ``cache=`` there would vanish into ``**kwargs``), so the signature decides."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+MASK_CACHE_KEYWORD = _cache_keyword(create_causal_mask)
 
 
 class SpanLoadError(ValueError):
@@ -158,6 +170,8 @@ class LayerSpan(nn.Module):
         self._check_materialized()
 
         self.layer_types = {i: self.adapter.layer_type(self.config, i) for i in range(start, end)}
+        first_layer = next(iter(self.parts.layers.values()), None)
+        self._cache_kw = _cache_keyword(type(first_layer).forward) if first_layer is not None else "cache"
         self._first_layer_of_type: dict[str, int] = {}
         for index, layer_type in self.layer_types.items():
             self._first_layer_of_type.setdefault(layer_type, index)
@@ -309,7 +323,7 @@ class LayerSpan(nn.Module):
                     for index, layer in zip(self.layer_indices, self.parts.layers.values()):
                         # No masks: one new token sees every key its session's cache keeps.
                         hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
-                                       position_embeddings=rotary[self.layer_types[index]], past_key_values=batch_cache)
+                                       position_embeddings=rotary[self.layer_types[index]], **{self._cache_kw: batch_cache})
         _advance(caches, [1] * len(caches))
         if not self.head:
             return hidden
@@ -356,7 +370,7 @@ class LayerSpan(nn.Module):
                         layer_type = self.layer_types[index]
                         hidden = layer(hidden, attention_mask=PackedMasks([m[layer_type] for m in masks]),
                                        position_ids=packed_positions, position_embeddings=rotary[layer_type],
-                                       past_key_values=packed_cache)
+                                       **{self._cache_kw: packed_cache})
         _advance(caches, lengths)
         outputs = list(hidden.split(lengths, dim=1))
         if not self.head:
@@ -410,7 +424,7 @@ class LayerSpan(nn.Module):
         for index, layer in zip(self.layer_indices, self.parts.layers.values()):
             layer_type = self.layer_types[index]
             hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
-                           position_embeddings=rotary[layer_type], past_key_values=cache)
+                           position_embeddings=rotary[layer_type], **{self._cache_kw: cache})
         return hidden
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -433,7 +447,8 @@ class LayerSpan(nn.Module):
             make_mask = create_sliding_window_causal_mask if layer_type == SLIDING_ATTENTION else create_causal_mask
             # layer_idx points the helper at this span's own layers; by default it would look at layer 0.
             masks[layer_type] = make_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                          past_key_values=cache, position_ids=position_ids, layer_idx=first_index)
+                                          position_ids=position_ids, layer_idx=first_index,
+                                          **{MASK_CACHE_KEYWORD: cache})
         return masks
 
     def _logits(self, hidden: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
