@@ -79,8 +79,9 @@ def _generate(cluster, name: str, model, prompt: list[int], parallelism: str, lo
     return asyncio.run(run())
 
 
-def _check_exact(model, prompt: list[int], got, label: str, repetition_penalty: float = 1.0) -> None:
-    want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+def _check_exact(model, prompt: list[int], got, label: str, repetition_penalty: float = 1.0,
+                 new_tokens: int = NEW_TOKENS) -> None:
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           do_sample=False, repetition_penalty=repetition_penalty)[0, len(prompt):].tolist()
     assert got.token_ids == want, label
     if got.logits:
@@ -223,6 +224,9 @@ def test_a_member_killed_mid_generation_fails_over_to_the_replica_group(cluster)
     partner = {nodes[0]: nodes[1], nodes[2]: nodes[3]}
     registry, user, daemons = cluster["registry"], cluster["user"], cluster["root"] / "daemons"
     prompt = PROMPTS["long"]
+    # The leader feeds its tokens back itself, so it runs ahead of the client: the run must be long
+    # enough that the kill, at the client's third token, lands while the group still has tokens to make.
+    new_tokens = 48
 
     def generate(sampling, kill_at=None):
         result, killed = Generation(prompt_tokens=len(prompt)), []
@@ -236,7 +240,7 @@ def test_a_member_killed_mid_generation_fails_over_to_the_replica_group(cluster)
         async def run():
             async with ConnectionPool(user) as pool:
                 await generate_with_failover(pool, lambda: live_stages(user, list(registry.nodes.values()), name),
-                                             name, n, prompt, NEW_TOKENS, set(), sampling, parallelism="tensor",
+                                             name, n, prompt, new_tokens, set(), sampling, parallelism="tensor",
                                              on_token=on_token, result=result)
 
         asyncio.run(run())
@@ -244,7 +248,7 @@ def test_a_member_killed_mid_generation_fails_over_to_the_replica_group(cluster)
 
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
     expected = {"greedy": generate(SamplingParams())[0].token_ids, "seeded": generate(seeded)[0].token_ids}
-    _check_exact(model, prompt, generate(SamplingParams())[0], "fault-free greedy")
+    _check_exact(model, prompt, generate(SamplingParams())[0], "fault-free greedy", new_tokens=new_tokens)
     for kind, sampling in (("greedy", SamplingParams()), ("seeded", seeded)):
         result, killed = generate(sampling, kill_at=3)
         assert killed and result.token_ids == expected[kind], kind

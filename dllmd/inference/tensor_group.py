@@ -225,15 +225,20 @@ class GroupChannel:
     # --- messages ------------------------------------------------------------------------------------
 
     def send(self, rank: int, kind: int, seq: int, index: int, *payload: bytes | memoryview) -> None:
-        link = self._link(rank, time.monotonic() + REDUCE_TIMEOUT_S)
-        try:
-            link.send([TAG.pack(kind, seq, index), *payload], REDUCE_TIMEOUT_S)
-        except LinkBroken as exc:
-            raise self._lost(rank, exc) from None
+        self._send(rank, [TAG.pack(kind, seq, index), *payload])
 
     def send_all(self, kind: int, seq: int, index: int, *payload: bytes | memoryview) -> None:
-        for rank in self.others():
-            self.send(rank, kind, seq, index, *payload)
+        frames = [TAG.pack(kind, seq, index), *payload]
+        for rank in range(self.size):
+            if rank != self.rank:
+                self._send(rank, frames)
+
+    def _send(self, rank: int, frames: list) -> None:
+        link = self._links.get(rank) or self._link(rank, time.monotonic() + REDUCE_TIMEOUT_S)
+        try:
+            link.send(frames, REDUCE_TIMEOUT_S)
+        except LinkBroken as exc:
+            raise self._lost(rank, exc) from None
 
     def tell_linked(self, kind: int, seq: int, index: int, *payload: bytes) -> None:
         """Send to every member already linked, ignoring any that is not (an abort, on the way out)."""
@@ -245,7 +250,7 @@ class GroupChannel:
 
     def _pull(self, rank: int, timeout_s: float) -> None:
         """Move the next message from ``rank`` into its queue, if one arrives within ``timeout_s``."""
-        link = self._link(rank, time.monotonic() + timeout_s)
+        link = self._links.get(rank) or self._link(rank, time.monotonic() + timeout_s)
         try:
             frames = link.receive(timeout_s)
         except LinkTimeout:
@@ -354,30 +359,32 @@ class TensorGroup:
         mine = local.detach().contiguous().numpy()
         self.channel.send_all(PARTIAL, self.seq, index, mine)
         waited = 0.0
-        total = None
+        parts = []
         for rank in range(self.size):
             if rank == self.rank:
-                part = mine
-            else:
-                before = time.perf_counter()
-                (data,) = self.channel.receive(rank, self.seq, index, (PARTIAL,))
-                waited += time.perf_counter() - before
-                if len(data) != mine.nbytes:
-                    raise GroupError(f"member {rank}'s partial is {len(data)} bytes, not {mine.nbytes}: the members "
-                                     f"disagree on the pass", rank)
-                part = np.frombuffer(data, dtype=mine.dtype).reshape(mine.shape)
-            if total is None:
-                total = torch.from_numpy(part.copy())
-            elif partial.dtype == torch.bfloat16:
-                total = (total.view(torch.bfloat16) + torch.from_numpy(part.copy()).view(torch.bfloat16)).view(torch.int16)
-            else:
-                # Added in rank order on every member, elementwise IEEE: bitwise the same sum everywhere.
+                parts.append(mine)
+                continue
+            before = time.perf_counter()
+            (data,) = self.channel.receive(rank, self.seq, index, (PARTIAL,))
+            waited += time.perf_counter() - before
+            if len(data) != mine.nbytes:
+                raise GroupError(f"member {rank}'s partial is {len(data)} bytes, not {mine.nbytes}: the members "
+                                 f"disagree on the pass", rank)
+            parts.append(np.frombuffer(data, dtype=mine.dtype).reshape(mine.shape))
+        if partial.dtype == torch.bfloat16:
+            words = [torch.from_numpy(part.copy()).view(torch.bfloat16) for part in parts]
+            total = words[0]
+            for word in words[1:]:
+                total = total + word
+        else:
+            # Added in rank order on every member, elementwise IEEE: bitwise the same sum everywhere. The
+            # first add makes the sum's own array; a lone member's is a copy of its partial.
+            total = torch.from_numpy(np.add(parts[0], parts[1]) if len(parts) > 1 else parts[0].copy())
+            for part in parts[2:]:
                 np.add(total.numpy(), part, out=total.numpy())
         self.reductions += 1
         self.reduce_s += time.perf_counter() - started
         self.wait_s += waited
-        if partial.dtype == torch.bfloat16:
-            total = total.view(torch.bfloat16)
         return total if partial.device.type == "cpu" else total.to(partial.device)
 
     def _reduce_encoded(self, partial: torch.Tensor) -> torch.Tensor:

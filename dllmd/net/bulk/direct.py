@@ -44,6 +44,17 @@ MAX_FRAMES = 64
 READ_CHUNK = 1 << 16
 
 
+_FRAME_HEADERS: dict[int, struct.Struct] = {}
+
+
+def _frame_header(count: int) -> struct.Struct:
+    """The body's header for ``count`` frames (the count, then each frame's length), compiled once."""
+    header = _FRAME_HEADERS.get(count)
+    if header is None:
+        header = _FRAME_HEADERS[count] = struct.Struct(f"!H{count}I")
+    return header
+
+
 class LinkBroken(RuntimeError):
     """The link cannot carry another message: closed by either end, failed authentication, or broke."""
 
@@ -93,8 +104,8 @@ class DirectLink:
             raise LinkBroken(f"the link to {self.peer[:16]}: {self.broken}")
         if len(frames) > MAX_FRAMES:
             raise ValueError(f"a message of {len(frames)} frames; at most {MAX_FRAMES}")
-        lengths = struct.pack(f"!H{len(frames)}I", len(frames), *(memoryview(f).nbytes for f in frames))
-        body = b"".join([lengths, *frames])
+        header = _frame_header(len(frames))
+        body = b"".join([header.pack(len(frames), *[memoryview(f).nbytes for f in frames]), *frames])
         length = len(body) + GCM_TAG_BYTES
         if length > self.max_message_bytes:
             raise ValueError(f"a message of {length} bytes; the link carries at most {self.max_message_bytes}")
@@ -176,12 +187,15 @@ class DirectLink:
         end = LENGTH.size + length
         if len(self._buffer) < end:
             return None
-        prefix, sealed = bytes(self._buffer[:LENGTH.size]), bytes(self._buffer[LENGTH.size:end])
+        # Opened in place (no copies of the sealed bytes), then dropped from the buffer.
+        with memoryview(self._buffer) as view:
+            try:
+                body = self._open.decrypt(self._nonce(1, self._received), view[LENGTH.size:end], view[:LENGTH.size])
+            except InvalidTag:
+                body = None
+        if body is None:
+            raise self._fail("a message failed authentication (tampered, replayed or reordered)")
         del self._buffer[:end]
-        try:
-            body = self._open.decrypt(self._nonce(1, self._received), sealed, prefix)
-        except InvalidTag:
-            raise self._fail("a message failed authentication (tampered, replayed or reordered)") from None
         self._received += 1
         return self._frames(body)
 
