@@ -118,9 +118,9 @@ def test_data_parallel_equals_single_process_and_exports(cluster3, tmp_path):  #
 
 def test_resume_ends_where_an_uninterrupted_run_ends(cluster3, tmp_path):  # noqa: F811
     _setup(cluster3, tmp_path)
-    steps = 60  # past an epoch boundary (~28 steps); the failpoint, not the length, puts the kill mid-job
+    steps = 36  # past an epoch boundary (~28 steps); the failpoint, not the length, puts the kill mid-job
     common = ("--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "2", "--lr", str(LR),
-              "--checkpoint-every", "20", "--json")
+              "--checkpoint-every", "12", "--json")
     straight = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "two", "--nodes", "local-1,local-2", *common,
                            timeout=300))
     # The coordinator dies as it starts step 30, as a power cut would stop it: armed, not raced.
@@ -142,7 +142,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(cluster3, tmp_path):  # noq
     resumed = _ok(run_cli("dllmctl", "jobs", "resume", job, "--follow", "--json", timeout=300))
     assert resumed["state"] == "done" and resumed["step"] == steps
     kinds = [e["kind"] for e in resumed["events"]]
-    assert any(e["kind"] == "resumed" and e["message"] == "from step 20" for e in resumed["events"])
+    assert any(e["kind"] == "resumed" and e["message"] == "from step 24" for e in resumed["events"])
     assert "resumed_without" in kinds and "shard_moved" in kinds
     assert sorted(resumed["last_metrics"]["nodes"]) == ["local-1"]
     a = _export(straight["job"], "straight", tmp_path / "a")

@@ -310,15 +310,16 @@ def node_files(manifest: Manifest, spec: S.JobSpec, index: int) -> list[str]:
 async def ask_all(user: Identity, nodes: list[NodeEntry], op: Op, args: dict) -> list[tuple[NodeEntry, dict | Exception]]:
     """``op`` on every node at once (a node that is down is given up on after a ping); the checked
     replies as maps, or the error each node gave."""
-    async def one(node: NodeEntry):
-        async with RpcClient(user, node.address, node.public_key) as client:
-            try:
-                await client.invoke(PING, timeout=FIND_TIMEOUT_S)
-                return node, await _typed_call(client, op, args, 60.0)
-            except CallError as exc:
-                return node, exc
+    return list(await asyncio.gather(*(_ask(user, n, op, args) for n in nodes)))
 
-    return list(await asyncio.gather(*(one(n) for n in nodes)))
+
+async def _ask(user: Identity, node: NodeEntry, op: Op, args: dict) -> tuple[NodeEntry, dict | Exception]:
+    async with RpcClient(user, node.address, node.public_key) as client:
+        try:
+            await client.invoke(PING, timeout=FIND_TIMEOUT_S)
+            return node, await _typed_call(client, op, args, 60.0)
+        except CallError as exc:
+            return node, exc
 
 
 async def list_jobs(user: Identity, nodes: list[NodeEntry]) -> tuple[list[dict], list[str]]:
@@ -333,9 +334,18 @@ async def list_jobs(user: Identity, nodes: list[NodeEntry]) -> tuple[list[dict],
 
 
 async def find_coordinator(user: Identity, nodes: list[NodeEntry], job: str) -> NodeEntry:
-    for node, result in await ask_all(user, nodes, S.JOBS_SHOW, {"job": job}):
-        if not isinstance(result, Exception):
-            return node
+    """The node that knows ``job``: the first to say so. One node coordinates a job, so a node that is
+    down (given up on only after a ping's timeout) holds up the answer only when no other knows it."""
+    asks = [asyncio.ensure_future(_ask(user, n, S.JOBS_SHOW, {"job": job})) for n in nodes]
+    try:
+        for answered in asyncio.as_completed(asks):
+            node, result = await answered
+            if not isinstance(result, Exception):
+                return node
+    finally:
+        for ask in asks:
+            ask.cancel()
+        await asyncio.gather(*asks, return_exceptions=True)
     raise TrainError(f"no reachable node coordinates job {job!r}; see 'dllmctl jobs list'")
 
 
