@@ -257,7 +257,7 @@ def test_stragglers_are_left_out_and_bad_jobs_refused(cluster3, tmp_path):  # no
     os.kill(pid, 15)
     _wait_exited(pid)
     _ok(run_cli("dllmctl", "cluster", "restart", "local-3", "--dir", str(cluster3), "--json",
-                env={"DLLMD_FAILPOINTS": "fed.train@1=sleep:60"}))
+                env={"DLLMD_FAILPOINTS": "fed.train@1=sleep:35"}))
     job = _ok(_train("--rounds", "3", "--round-timeout", "20", "--min-clients", "2"))
     assert job["state"] == "done", job
     metrics = _ok(run_cli("dllmctl", "metrics", job["job"], "--json"))
