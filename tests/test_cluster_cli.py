@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import psutil
 
+from dllmctl.cluster import local
 from tests.conftest import run_cli
 
 
@@ -43,6 +45,19 @@ def test_three_local_daemons_up_listed_with_hardware_and_down(user_env, tmp_path
         pids = [s["pid"] for s in status]
         assert all(s["running"] and s["status"] == "up" for s in status)
         assert pids == [n["pid"] for n in started]
+
+        # The wall clock steps an hour (NTP, a VM resumed): psutil's start times move with it, and
+        # the daemons must still read as ours and running.
+        state = cluster_dir / local.STATE_FILE
+        recorded = json.loads(state.read_text())
+        for node in recorded["nodes"]:
+            node["create_time"] += 3600
+        state.write_text(json.dumps(recorded))
+        status = _json(run_cli("dllmctl", "cluster", "status", "--dir", str(cluster_dir), "--json", env=env))
+        assert all(s["running"] for s in status)
+        # A pid that another program now holds is not ours.
+        stranger = local.LocalNode("x", started[0]["home"], os.getpid(), 0.0, "", "")
+        assert stranger.process() is None
 
         # Every daemon trusts the others as peers.
         keys = _json(run_cli("dllmd", "keys", "--home", started[0]["home"], "--json", env=env))

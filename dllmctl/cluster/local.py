@@ -42,19 +42,33 @@ class LocalNode:
     name: str
     home: str
     pid: int
-    create_time: float
+    create_time: float  # for the record only: see process()
     address: str
     public_key: str
 
     def process(self) -> psutil.Process | None:
-        """Our daemon process, or None if it is gone (a reused pid does not count)."""
+        """Our daemon process, or None if it is gone (a reused pid does not count).
+
+        The pid is ours while it runs ``dllmd start --home <our home>``: no other process can, since a
+        home's lock admits one daemon. Comparing start times instead breaks when the wall clock is
+        stepped (psutil adds the boot time, which moves with the clock): a live daemon read as gone."""
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+            command = proc.cmdline()
+            if proc.status() != psutil.STATUS_ZOMBIE and _is_daemon_of(command, self.home):
                 return proc
         except psutil.Error:
             pass
         return None
+
+
+def _is_daemon_of(command: list[str], home: str) -> bool:
+    """Whether ``command`` is the one ``_spawn`` starts for ``home``."""
+    try:
+        at = command.index("--home")
+    except ValueError:
+        return False
+    return command[at - 3:at] == ["-m", "dllmd", "start"] and command[at + 1:at + 2] == [home]
 
 
 def default_dir() -> Path:
