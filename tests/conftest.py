@@ -47,6 +47,26 @@ class RunningDaemon:
         return self.proc.returncode
 
 
+INTERNAL_ERROR = "ERROR dllmd.server: operation failed"  # what the server logs for an exception no handler expected
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A daemon handler that raised something it did not mean to is a bug, even where the caller got
+    a structured error and the test passed: every daemon log of the run is read for one."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        return
+    found = [log for log in factory.getbasetemp().rglob("dllmd.log")
+             if INTERNAL_ERROR in log.read_text(errors="replace")]
+    if found:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for log in found:
+            text = log.read_text(errors="replace")
+            at = text.index(INTERNAL_ERROR)
+            reporter.write_line(f"internal error in a daemon's handler, {log}:\n{text[at:at + 3000]}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def make_home(home: Path, name: str, listen: str = "tcp://127.0.0.1:0", **config) -> Identity:
     """A node home with a fresh identity; ``config``: node.toml settings beyond name and listen."""
     home.mkdir(parents=True)

@@ -155,7 +155,7 @@ class RelayService:
             raise HandlerError(ErrorCode.BAD_ARGS, "a relayed request is one-way exactly when its relay.deliver is")
         responder = SealedResponder(call.responder, request.id, reply_key, request.oneway)
         await self.server.serve_as(call.caller, request, responder)
-        return DEFERRED if not call.responder.oneway else None
+        return DEFERRED
 
     def _open(self, blob: bytes, cls):
         try:

@@ -276,7 +276,7 @@ class RpcServer:
 
     @staticmethod
     def _finish(responder: Responder, outcome: Any) -> None:
-        if outcome is DEFERRED:
+        if outcome is DEFERRED or responder.closed:  # closed from the start: a one-way request, no reply
             return
         result, tensors = outcome if isinstance(outcome, tuple) else (outcome, [])
         responder.send(result if isinstance(result, dict) else to_wire(result), tensors, more=False)
