@@ -253,4 +253,6 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    from dllmd.process_exit import run_and_exit
+
+    run_and_exit(app)

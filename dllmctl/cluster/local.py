@@ -220,8 +220,7 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
                                    address, identity.public_key))
             progress(f"{name} ready on {address}")
     except BaseException:
-        for proc in procs:
-            _terminate(proc.pid)
+        _terminate(*(proc.pid for proc in procs))
         raise
     _save_state(directory, nodes)
     if remember:
@@ -235,28 +234,30 @@ def up(count: int, directory: Path, user: Identity, registry: Registry,
     return nodes
 
 
-def _terminate(pid: int, timeout: float = 10.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        psutil.Process(pid).wait(timeout)
-    except psutil.TimeoutExpired:
-        os.kill(pid, signal.SIGKILL)
-    except psutil.Error:
-        pass
+def _terminate(*pids: int, timeout: float = 10.0) -> None:
+    """SIGTERM every one at once (each stops cleanly in parallel), then SIGKILL what is left after ``timeout``."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def down(directory: Path, registry: Registry) -> list[str]:
     """Stop the daemons this directory's cluster started and unregister them; returns their names."""
     nodes = load_state(directory)
-    stopped = []
+    running = [node for node in nodes if node.process() is not None]
+    _terminate(*(node.pid for node in running))
+    stopped = [node.name for node in running]
     for node in nodes:
-        proc = node.process()
-        if proc is not None:
-            _terminate(node.pid)
-            stopped.append(node.name)
         entry = registry.nodes.get(node.name)
         if entry is not None and entry.public_key == node.public_key:
             registry.remove(node.name)

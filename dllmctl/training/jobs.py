@@ -190,10 +190,8 @@ def eval_options(fraction: float | None, dataset: str | None, every: int | None,
     """The :class:`JobSpec` fields of held-out rows (``--eval-fraction`` or ``--eval-data``, ``--eval-every``),
     checked: a fraction in (0, 0.5], a dataset that exists here (a federated one lives with its clients)
     and was tokenized for ``model``, evaluation every K >= 1 steps of held-out data."""
-    from dllmd.train.heldout import MAX_FRACTION
-
-    if fraction is not None and not 0 < fraction <= MAX_FRACTION:
-        raise TrainError(f"--eval-fraction must be in (0, {MAX_FRACTION}], not {fraction:g}")
+    if fraction is not None and not 0 < fraction <= S.EVAL_FRACTION_MAX:
+        raise TrainError(f"--eval-fraction must be in (0, {S.EVAL_FRACTION_MAX}], not {fraction:g}")
     if fraction is not None and dataset:
         raise TrainError("give --eval-fraction or --eval-data, not both")
     if every is not None and (every < 1 or not (fraction or dataset or heldout)):

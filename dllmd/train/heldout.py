@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from dllmd.inference.perplexity import heldout_nll
-from dllmd.net.messages.training import JobSpec
+from dllmd.net.messages.training import EVAL_FRACTION_MAX, JobSpec
 from dllmd.train import schedule
 from dllmd.train.model import autocast, summed_cross_entropy
 
 HELDOUT_STREAM = 0x686F6C64  # keeps the split's draw apart from the shuffles drawn from the same seed
-MAX_FRACTION = 0.5
+MAX_FRACTION = EVAL_FRACTION_MAX
 
 
 @dataclass(frozen=True)

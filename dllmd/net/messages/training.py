@@ -12,6 +12,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam")  # federated: how the coordinator 
 BACKENDS = ("zmq", "torch")
 SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules (dllmd.train.pipeline.schedule)
 PIPE_KINDS = ("activation", "gradient", "evaluation")  # across a stage boundary: forward, backward, forward only
+EVAL_FRACTION_MAX = 0.5  # of a dataset's rows a job may hold out (dllmd.train.heldout)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class JobSpec:
     # Held-out rows (dllmd.train.heldout): a seeded fraction of every shard, never trained on, or every row
     # of another sharded dataset (its shards, on the job's nodes); scored every eval_every steps (0: at
     # every checkpoint) and at the end: the metrics' eval_loss, eval_perplexity, eval_accuracy.
-    eval_fraction: float = bounded(0.0, lo=0.0, hi=1.0)  # 0: none; the coordinator refuses more than 0.5
+    eval_fraction: float = bounded(0.0, lo=0.0, hi=1.0)  # 0: none; the coordinator refuses more than EVAL_FRACTION_MAX
     eval_dataset: str = bounded("", max_len=128)
     eval_shards: list[ShardRef] = bounded([], max_len=256)
     eval_every: int = bounded(0, lo=0, hi=100_000_000)
