@@ -197,6 +197,17 @@ def cli_user_cluster(root: Path, count: int, *up_options: str) -> Iterator[Path]
             run_cli("dllmctl", "cluster", "down", "--dir", str(root / "c"))
 
 
+def restart_stopped(cluster: Path) -> None:
+    """Start again every node of a CLI-made local cluster that is not running (one a test killed or hung),
+    so that a module's shared cluster is whole for its next test."""
+    status = run_cli("dllmctl", "cluster", "status", "--dir", str(cluster), "--json")
+    assert status.returncode == 0, status.stderr
+    for node in json.loads(status.stdout):
+        if not node["running"]:
+            done = run_cli("dllmctl", "cluster", "restart", node["name"], "--dir", str(cluster), "--json")
+            assert done.returncode == 0, done.stderr
+
+
 def assert_coordinator_refuses(cluster: Path, cases) -> None:
     """Jobs sent straight to the coordinator of a CLI-made local cluster (``cluster up --dir``), skipping
     dllmctl's checks: each ``(JobSpec fields, words)`` of ``cases`` is refused with bad_args and its words."""

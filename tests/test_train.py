@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,8 +21,8 @@ from dllmd.data.shards import read_shard
 from dllmd.train.local import train_locally
 from dllmd.train.optim import OptimConfig
 from dllmd.train.worker import ShardRows
-from tests.conftest import run_cli
-from tests.test_cli_inference import _ok, cluster3  # noqa: F401  (fixture)
+from tests.conftest import cli_user_cluster, restart_stopped, run_cli
+from tests.test_cli_inference import _ok
 from tests.tiny_models import make_tiny_model
 
 STEPS, BATCH, MICRO, LR = 4, 6, 2, 1e-4  # a usual fine-tuning rate
@@ -43,9 +44,25 @@ def import_and_shard(root: Path, datasets: dict[str, str]) -> None:
                     "--nodes", nodes, "--name", name, "--json"))
 
 
-def _setup(cluster: Path, tmp_path: Path) -> dict[str, str]:
-    """Import a tiny model, shard the corpus onto 2 and onto 3 nodes; node name -> public key."""
-    import_and_shard(tmp_path, {"two": "local-1,local-2", "three": "local-1,local-2,local-3"})
+@pytest.fixture(scope="module")
+def cluster3(tmp_path_factory):
+    """Three local daemons, the tiny model imported and the corpus sharded onto 2 and onto 3 of them,
+    shared by the module's tests (each names its exports and jobs apart)."""
+    root = tmp_path_factory.mktemp("train")
+    with cli_user_cluster(root, 3) as directory:
+        import_and_shard(root, {"two": "local-1,local-2", "three": "local-1,local-2,local-3"})
+        yield directory
+
+
+@pytest.fixture(autouse=True)
+def every_node_running(cluster3):
+    """A test that kills or hangs nodes leaves the next one a whole cluster: what it left down starts again."""
+    yield
+    restart_stopped(cluster3)
+
+
+def _keys(cluster: Path) -> dict[str, str]:
+    """Node name -> public key."""
     state = json.loads((cluster / "cluster.json").read_text())["nodes"]
     return {n["name"]: n["public_key"] for n in state}
 
@@ -84,8 +101,8 @@ def _export(job: str, name: str, directory: Path) -> dict:
     return load_file(str(directory / "model.safetensors"))
 
 
-def test_data_parallel_equals_single_process_and_exports(cluster3, tmp_path):  # noqa: F811
-    keys = _setup(cluster3, tmp_path)
+def test_data_parallel_equals_single_process_and_exports(cluster3, tmp_path):
+    keys = _keys(cluster3)
     store_dir = Path(os.environ["DLLM_DATA_DIR"]) / "models" / "tiny"
     for dataset, nodes, backend in (("two", "local-1,local-2", "torch"), ("two", "local-1,local-2", "zmq"),
                                     ("three", "local-1,local-2,local-3", "zmq")):
@@ -116,8 +133,7 @@ def test_data_parallel_equals_single_process_and_exports(cluster3, tmp_path):  #
     assert answer["token_ids"] == want
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(cluster3, tmp_path):  # noqa: F811
-    _setup(cluster3, tmp_path)
+def test_resume_ends_where_an_uninterrupted_run_ends(cluster3, tmp_path):
     steps = 36  # past an epoch boundary (~28 steps); the failpoint, not the length, puts the kill mid-job
     common = ("--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "2", "--lr", str(LR),
               "--checkpoint-every", "12", "--json")
@@ -185,10 +201,10 @@ def _wait_finished(job: str, timeout: float = 600) -> dict:
     return shown
 
 
-def test_two_nodes_killed_at_once_mid_job_are_survived(cluster3, tmp_path):  # noqa: F811
+def test_two_nodes_killed_at_once_mid_job_are_survived(cluster3, tmp_path):
     """local-2 and local-3, ring neighbours, die as they start step 5: local-1 holds spare copies of
     both their shards (--shard-copies 2 by default, on disk) and finishes the job alone."""
-    keys = _setup(cluster3, tmp_path)
+    keys = _keys(cluster3)
     steps = 30  # past an epoch boundary (~19 steps); the failpoint, not the length, puts the kill mid-job
     lost = [_restart(cluster3, name, failpoints="train.step@5=exit") for name in ("local-2", "local-3")]
     started = _ok(run_cli("dllmctl", "train", "-m", "tiny", "-d", "three", "--nodes", "local-1,local-2,local-3",
@@ -218,7 +234,7 @@ def test_two_nodes_killed_at_once_mid_job_are_survived(cluster3, tmp_path):  # n
     _restart(cluster3, "local-2")
 
 
-def test_hung_nodes_are_dropped_within_the_step_deadline_and_the_job_goes_on(cluster3, tmp_path):  # noqa: F811
+def test_hung_nodes_are_dropped_within_the_step_deadline_and_the_job_goes_on(cluster3, tmp_path):
     """As they start step 3, local-3 stops (as SIGSTOP stops a process: alive, connected, answering
     nothing) and local-2's compute thread sleeps for ten minutes (its daemon answers pings: a stuck
     GPU, a deadlocked thread). The others wait in the ring until the coordinator's step deadline (3x
@@ -226,7 +242,7 @@ def test_hung_nodes_are_dropped_within_the_step_deadline_and_the_job_goes_on(clu
     does not end after the reset: both are dropped and local-1 finishes the job from its spares."""
     from dllmd.train.run import HUNG_MIN_S, RESET_GRACE_MIN_S
 
-    keys = _setup(cluster3, tmp_path)
+    keys = _keys(cluster3)
     steps = 8
     stuck = _restart(cluster3, "local-2", failpoints="train.compute@3=sleep:600")
     hung = _restart(cluster3, "local-3", failpoints="train.step@3=stop")
@@ -256,8 +272,8 @@ def test_hung_nodes_are_dropped_within_the_step_deadline_and_the_job_goes_on(clu
     _restart(cluster3, "local-2")
 
 
-def test_bad_jobs_are_refused_before_anything_starts(cluster3, tmp_path):  # noqa: F811
-    _setup(cluster3, tmp_path)
+def test_bad_jobs_are_refused_before_anything_starts(cluster3):
+    jobs_before = _ok(run_cli("dllmctl", "jobs", "list", "--json"))
     for args, needle in (
             (["-d", "ghost"], "no dataset"),
             (["-d", "two", "--parallelism", "federated"], "a federated job needs --nodes"),
@@ -272,4 +288,4 @@ def test_bad_jobs_are_refused_before_anything_starts(cluster3, tmp_path):  # noq
         done = run_cli("dllmctl", "train", "-m", "tiny", "--max-steps", "2", *args)
         message = " ".join(done.stderr.split())
         assert done.returncode != 0 and needle in message and "Traceback" not in done.stderr, (args, message)
-    assert _ok(run_cli("dllmctl", "jobs", "list", "--json")) == []
+    assert _ok(run_cli("dllmctl", "jobs", "list", "--json")) == jobs_before

@@ -28,8 +28,8 @@ from dllmd.train.federated.simulate import simulate_rounds
 from dllmd.train.federated.weights import layout_digest
 from dllmd.train.privacy.accountant import PrivacyAccountant
 from dllmd.train.worker import ShardRows
-from tests.conftest import run_cli
-from tests.test_cli_inference import _ok, cluster3  # noqa: F401  (fixture)
+from tests.conftest import cli_user_cluster, restart_stopped, run_cli
+from tests.test_cli_inference import _ok
 from tests.test_train import _corpus, _max_diff, _pid, _wait_exited
 from tests.test_train_dp import _stored_spec
 from tests.tiny_models import make_tiny_model
@@ -60,14 +60,26 @@ def _federate(cluster: Path, tap_dir: Path, failpoints: dict[str, str] | None = 
         _ok(run_cli("dllmctl", "cluster", "restart", name, "--dir", str(cluster), "--json", env=env))
 
 
-def _setup(cluster: Path, tmp_path: Path) -> dict[str, ShardRows]:
-    _ok(run_cli("dllmctl", "model", "import", str(make_tiny_model("llama", tmp_path / "src")), "--name", "tiny",
-                "--json"))
-    corpus = _corpus(tmp_path / "repo")
-    for name in ("fed", "closed"):
-        _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--strategy", "random", "--seq-len", "32",
-                    "--nodes", "local-1,local-2,local-3", "--name", name, "--json"))
-    return _shards_of(cluster)
+@pytest.fixture(scope="module")
+def cluster3(tmp_path_factory):
+    """Three local daemons, the tiny model imported and the corpus sharded onto all three as "fed" and
+    "closed", shared by the module's tests; each test federates the organizations' nodes itself."""
+    root = tmp_path_factory.mktemp("federated")
+    with cli_user_cluster(root, 3) as directory:
+        _ok(run_cli("dllmctl", "model", "import", str(make_tiny_model("llama", root / "src")), "--name", "tiny",
+                    "--json"))
+        corpus = _corpus(root / "repo")
+        for name in ("fed", "closed"):
+            _ok(run_cli("dllmctl", "shard-data", str(corpus), "-m", "tiny", "--strategy", "random", "--seq-len",
+                        "32", "--nodes", "local-1,local-2,local-3", "--name", name, "--json"))
+        yield directory
+
+
+@pytest.fixture(autouse=True)
+def every_node_running(request):
+    yield
+    if "cluster3" in request.fixturenames:
+        restart_stopped(request.getfixturevalue("cluster3"))
 
 
 def _shards_of(cluster: Path) -> dict[str, ShardRows]:
@@ -103,8 +115,8 @@ def _no_rows_sent(tap_file: Path, shard: ShardRows) -> int:
     return count
 
 
-def test_federated_rounds_equal_the_simulation_and_send_no_rows(cluster3, tmp_path):  # noqa: F811
-    shards = _setup(cluster3, tmp_path)
+def test_federated_rounds_equal_the_simulation_and_send_no_rows(cluster3, tmp_path):
+    shards = _shards_of(cluster3)
     _federate(cluster3, tmp_path)
     job = _ok(_train("--rounds", "3", "--local-steps", "2", "--clients-per-round", "2", "--strategy", "fedavgm",
                      "--proximal-mu", "0.01", "--checkpoint-every", "2"))
@@ -146,8 +158,8 @@ def test_federated_rounds_equal_the_simulation_and_send_no_rows(cluster3, tmp_pa
     assert all(j["dataset"] != "closed" for j in _ok(run_cli("dllmctl", "jobs", "list", "--json")))
 
 
-def test_federation_role_reaches_only_federated_rounds_and_a_job_resumes(cluster3, tmp_path):  # noqa: F811
-    shards = _setup(cluster3, tmp_path)
+def test_federation_role_reaches_only_federated_rounds_and_a_job_resumes(cluster3, tmp_path):
+    shards = _shards_of(cluster3)
     _federate(cluster3, tmp_path)
     nodes = _nodes(cluster3)
     coordinator = Identity.load(cluster3 / "local-1" / "identity")
@@ -225,8 +237,7 @@ def test_federation_role_reaches_only_federated_rounds_and_a_job_resumes(cluster
     assert _max_diff(load_file(str(tmp_path / "r" / "model.safetensors")), reference) <= 1e-5
 
 
-def test_stragglers_are_left_out_and_bad_jobs_refused(cluster3, tmp_path):  # noqa: F811
-    _setup(cluster3, tmp_path)
+def test_stragglers_are_left_out_and_bad_jobs_refused(cluster3, tmp_path):
     for args, message in ((("--rounds", "2", "--clients-per-round", "5"), "between 1 and"),
                           (("--rounds", "2", "--min-clients", "3", "--clients-per-round", "2"), "--min-clients"),
                           (("--strategy", "fedsgd", "--rounds", "1"), "--strategy"),
@@ -276,8 +287,8 @@ def _restart(cluster: Path, name: str, failpoints: str = "") -> None:
                 env={"DLLMD_FAILPOINTS": failpoints} if failpoints else None))
 
 
-def test_secure_aggregation_sums_recovers_a_death_after_masking_and_fails_cleanly(cluster3, tmp_path):  # noqa: F811
-    shards = _setup(cluster3, tmp_path)
+def test_secure_aggregation_sums_recovers_a_death_after_masking_and_fails_cleanly(cluster3, tmp_path):
+    shards = _shards_of(cluster3)
     # local-3 (another organization's node) dies when asked to unmask round 1: after its masked update left.
     _federate(cluster3, tmp_path, failpoints={"local-3": "fed.unmask@1=exit"})
     secure = ("--secure-aggregation", "--update-clip", "1.0", "--local-steps", "2")
