@@ -33,10 +33,10 @@ def run_and_exit(command: Callable[[], object]) -> NoReturn:
         status = _status(exc.code)
     if sys.gettrace() or sys.getprofile():
         sys.exit(0)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # CPython's own forked children leave this way too (multiprocessing)
+    # The interpreter's own first two steps of an exit (CPython): threading's exit hooks (which wake
+    # idle executor workers) and the join of every non-daemon thread; then the atexit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
