@@ -24,15 +24,14 @@ from typing import NoReturn
 
 def run_and_exit(command: Callable[[], object]) -> NoReturn:
     """Run ``command`` (a typer app), then leave with its status as described above."""
+    if sys.gettrace() or sys.getprofile():  # a profiler, debugger or coverage reports at the usual exit
+        command()
+        sys.exit(0)
     try:
         command()
         status = 0
     except SystemExit as exc:
-        if sys.gettrace() or sys.getprofile():
-            raise
         status = _status(exc.code)
-    if sys.gettrace() or sys.getprofile():
-        sys.exit(0)
     # The interpreter's own first two steps of an exit (CPython): threading's exit hooks (which wake
     # idle executor workers) and the join of every non-daemon thread; then the atexit handlers.
     threading._shutdown()

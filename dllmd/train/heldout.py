@@ -32,7 +32,6 @@ from dllmd.train import schedule
 from dllmd.train.model import autocast, summed_cross_entropy
 
 HELDOUT_STREAM = 0x686F6C64  # keeps the split's draw apart from the shuffles drawn from the same seed
-MAX_FRACTION = EVAL_FRACTION_MAX
 
 
 @dataclass(frozen=True)
@@ -161,8 +160,8 @@ def held_rows(spec: JobSpec, heldout: HeldOut, shard_ids: list[str],
 
 def refusal(spec: JobSpec, config: dict) -> str | None:
     """Why ``spec``'s held-out data cannot be scored with a model of ``config``, or None."""
-    if not 0 <= spec.eval_fraction <= MAX_FRACTION:
-        return f"--eval-fraction must be in (0, {MAX_FRACTION}], not {spec.eval_fraction:g}"
+    if not 0 <= spec.eval_fraction <= EVAL_FRACTION_MAX:
+        return f"--eval-fraction must be in (0, {EVAL_FRACTION_MAX}], not {spec.eval_fraction:g}"
     if spec.eval_fraction and spec.eval_dataset:
         return "give --eval-fraction or --eval-data, not both"
     if spec.eval_every and not (spec.eval_fraction or spec.eval_dataset or spec.eval_tokens):
