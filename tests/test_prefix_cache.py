@@ -38,6 +38,11 @@ TOLERANCE = 1e-4
 KEY = bytes(32)
 
 
+def whole_blocks(tokens: int) -> int:
+    """The tokens of ``tokens``' whole blocks: what a prompt's first ``tokens`` can be cached as."""
+    return tokens // PREFIX_BLOCK_TOKENS * PREFIX_BLOCK_TOKENS
+
+
 def _prompt(length: int, seed: int) -> list[int]:
     return [(i * 37 + seed * 101 + 11) % 300 + 5 for i in range(length)]
 
@@ -93,15 +98,15 @@ def test_a_session_started_from_cached_blocks_continues_exactly_and_leaves_them_
     spans = build_chain(config, source, [0, 2, config.num_hidden_layers])
     cache = PrefixCache(1 << 24)
     first_prompt = _prompt(45, 1)
-    second_prompt = first_prompt[:40] + [9, 8, 7]  # shares two whole blocks, far longer than the windows
+    second_prompt = first_prompt[:40] + [9, 8, 7]  # shares whole blocks, far longer than the windows
     start, tokens, logits = _run_chain(spans, cache, first_prompt)
     assert start == 0
     _check_exact(model, first_prompt, tokens, logits)
     frozen = {key: {i: (k.clone(), v.clone()) for i, (k, v) in block.layers.items()}
               for key, block in cache._blocks.items()}
-    assert len(frozen) == 2 * len(spans)  # two whole blocks of the prompt, at each span
+    assert len(frozen) == 45 // PREFIX_BLOCK_TOKENS * len(spans)  # the prompt's whole blocks, at each span
     start, tokens, logits = _run_chain(spans, cache, second_prompt)
-    assert start == 2 * PREFIX_BLOCK_TOKENS
+    assert start == 40 // PREFIX_BLOCK_TOKENS * PREFIX_BLOCK_TOKENS
     _check_exact(model, second_prompt, tokens, logits)
     for key, layers in frozen.items():  # copy on use: the second session never wrote into them
         for i, (k, v) in layers.items():
@@ -170,7 +175,7 @@ def test_a_prefix_loses_its_tail_before_its_head():
 def test_a_prompt_longer_than_the_cache_keeps_its_longest_prefix():
     from dllmd.inference.prefix_cache import BlockRecorder, SessionPrefix
 
-    block_bytes = 2 * 16 * PREFIX_BLOCK_TOKENS * 4  # keys and values [1, 1, 16, 4] fp32, one layer
+    block_bytes = 2 * 16 * PREFIX_BLOCK_TOKENS * 4  # keys and values [1, 1, block, 16] fp32, one layer
     cache = PrefixCache(2 * block_bytes)
     hashes = [_digest(i) for i in range(3)]
     prefix = SessionPrefix("m", "a", hashes, [], 0, True)
@@ -214,7 +219,7 @@ def test_blocks_are_stored_as_they_complete_and_never_after_a_reload():
     small = PrefixCache(2 * block_bytes)
     BlockRecorder(small, SessionPrefix("m", "a", hashes, [], 0, True), [0], 0)(0, keys, keys)
     assert _cached(small, 0, 1, 2) == [True, True, False]
-    small.store("m", "b", [_digest(9)], {0: CachedBlock({0: (keys[:, :, :16], keys[:, :, :16])}, block_bytes)})
+    small.store("m", "b", [_digest(9)], {0: CachedBlock({0: (keys[:, :, :PREFIX_BLOCK_TOKENS], keys[:, :, :PREFIX_BLOCK_TOKENS])}, block_bytes)})
     assert _cached(small, 0, 1) == [True, False]
 
 
@@ -231,10 +236,12 @@ def test_block_names_are_chained_and_keyed_by_the_client():
     prompt = _prompt(50, 3)
     hashes = prefix_hashes(prompt, KEY)
     assert len(hashes) == 50 // PREFIX_BLOCK_TOKENS and all(len(h) == 16 for h in hashes)
-    assert prefix_hashes(prompt[:40], KEY) == hashes[:2]  # a block's name covers the whole prefix before it
+    assert prefix_hashes(prompt[:40], KEY) == hashes[:40 // PREFIX_BLOCK_TOKENS]  # a name covers the prefix before it
     assert prefix_hashes([0] + prompt[1:], KEY)[1] != hashes[1]
     assert prefix_hashes(prompt, bytes([1]) * 32)[0] != hashes[0]
-    assert usable_cached_tokens([48, 32, 48], 50) == 32 and usable_cached_tokens([48], 48) == 32
+    block = PREFIX_BLOCK_TOKENS
+    assert usable_cached_tokens([3 * block, 2 * block, 3 * block], 3 * block + 2) == 2 * block
+    assert usable_cached_tokens([3 * block], 3 * block) == 2 * block  # the last token always runs
     assert usable_cached_tokens([], 50) == 0
 
 
@@ -294,23 +301,23 @@ def test_hits_generate_exactly_what_misses_generate(cluster, family):
     name, source = _import(cluster, family)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     route = _deploy(cluster, name, model.config.num_hidden_layers)
-    system = _prompt(40, 7)  # shared by both prompts: two whole blocks, longer than mistral's window
+    system = _prompt(40, 7)  # shared by both prompts: whole blocks, longer than mistral's window
     first, reported = _generate(cluster, route, name, system + [21, 22, 23, 24, 25])
     assert first.cached_tokens == 0 and reported == [0, 0, 0]
     second, reported = _generate(cluster, route, name, system + [31, 32, 33])
-    assert second.cached_tokens == 32 and reported == [32, 32, 32]
+    assert second.cached_tokens == whole_blocks(40) and reported == [whole_blocks(40)] * 3
     _check_exact(model, system + [21, 22, 23, 24, 25], first.token_ids, first.logits)
     _check_exact(model, system + [31, 32, 33], second.token_ids, second.logits)
     # The same prompt again: every whole block but the one holding its last token.
     again, reported = _generate(cluster, route, name, system + [31, 32, 33])
-    assert again.cached_tokens == 32 and again.token_ids == second.token_ids
+    assert again.cached_tokens == whole_blocks(40) and again.token_ids == second.token_ids
 
 
 def test_the_cache_stays_within_its_budget_under_many_sessions(cluster):
     name, _ = _import(cluster, "llama")
     route = _deploy(cluster, name, 5)
     limit = BUDGET * PERCENT // 100
-    prompts = [_prompt(40, 100 + i) for i in range(12)]  # 2 blocks each; the middle stage holds ~8
+    prompts = [_prompt(40, 100 + i) for i in range(12)]  # the middle stage holds ~3 of them
     for prompt in prompts:
         _generate(cluster, route, name, prompt, new_tokens=2)
         for row, span in _serving(cluster, name):
@@ -319,7 +326,7 @@ def test_the_cache_stays_within_its_budget_under_many_sessions(cluster):
     assert middle["prefix_cache_bytes"] > limit * 3 // 4  # full, not emptied
     _, newest = _generate(cluster, route, name, prompts[-1], new_tokens=2)
     _, oldest = _generate(cluster, route, name, prompts[0], new_tokens=2)
-    assert newest[1] == 32 and oldest[1] == 0  # the least recently used went first
+    assert newest[1] == whole_blocks(40) and oldest[1] == 0  # the least recently used went first
 
 
 def test_another_client_never_hits_a_clients_blocks(cluster):
@@ -341,7 +348,7 @@ def test_another_client_never_hits_a_clients_blocks(cluster):
     assert reported == [0, 0, 0] and theirs.token_ids == mine.token_ids
     # ... while the first client's next session starts from them.
     _, reported = _generate(cluster, route, name, prompt)
-    assert reported == [32, 32, 32]
+    assert reported == [whole_blocks(40)] * 3
 
 
 def test_hostile_prefix_lists_get_clear_errors_and_the_daemons_keep_serving(cluster):
@@ -354,7 +361,7 @@ def test_hostile_prefix_lists_get_clear_errors_and_the_daemons_keep_serving(clus
         async with RpcClient(cluster["user"], last.address, last.public_key) as client:
             for n, (prefix, code) in enumerate((([b"x" * 15], "bad_args"),  # not a hash
                                                 (["text" * 4], "bad_args"),  # not binary
-                                                ([b"x" * 16] * 5, "bad_args"),  # 80 tokens > the 64-token prompt
+                                                ([b"x" * 16] * (64 // PREFIX_BLOCK_TOKENS + 1), "bad_args"),  # > the 64-token prompt
                                                 ([b"x" * 16] * (MAX_PREFIX_BLOCKS + 1), "bad_args"))):
                 with pytest.raises(RemoteError) as exc:
                     await client.call("session.open", {**base, "session": f"hostile{n:03d}", "prefix": prefix},
@@ -375,7 +382,7 @@ def test_hostile_prefix_lists_get_clear_errors_and_the_daemons_keep_serving(clus
     asyncio.run(scenario())
     first, _ = _generate(cluster, route, name, _prompt(40, 11), new_tokens=3)
     again, reported = _generate(cluster, route, name, _prompt(40, 11), new_tokens=3)
-    assert reported == [32, 32, 32] and again.token_ids == first.token_ids
+    assert reported == [whole_blocks(40)] * 3 and again.token_ids == first.token_ids
 
 
 def test_infer_reports_time_to_first_token_and_cached_tokens(cluster, monkeypatch):

@@ -36,8 +36,9 @@ QUESTIONS = ("Can you fix my radio by Friday?", "How much does a new bicycle cha
 
 
 def shared_system_prompt(tokenizer, tokens: int, tag: str) -> str:
-    """A system prompt of at least ``tokens`` tokens, starting with ``tag``."""
-    text, i = f"Conversation {tag}.", 0
+    """A system prompt of at least ``tokens`` tokens, starting with ``tag`` (first: the chat template's
+    few tokens before it are all that a new prompt's first block may share with an earlier one's)."""
+    text, i = f"{tag}: a conversation.", 0
     while len(tokenizer(text)["input_ids"]) < tokens:
         text += " " + RULES[i % len(RULES)]
         i += 1

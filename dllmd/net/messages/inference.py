@@ -11,11 +11,14 @@ MAX_BATCH = 64  # sessions per batched decode pass (and steps per session.forwar
 MAX_POSITIONS = 1_048_576  # prompt + generated tokens one session may reserve
 MAX_STEP_TOKENS = 4096  # tokens per step: a longer prompt is sent in chunks
 # The prefix cache matches prompts in whole blocks of this many tokens, each named by a chain hash
-# (block i's hash covers blocks 0..i, so one key stands for the whole prefix up to it).
-PREFIX_BLOCK_TOKENS = 16
+# (block i's hash covers blocks 0..i, so one key stands for the whole prefix up to it). Small, because
+# a second request runs its tail from the last whole shared block: 16-token blocks left SmolLM2 25
+# tokens to run after a 218-token shared prefix, 8-token blocks leave 16 (docs/inference.md).
+PREFIX_BLOCK_TOKENS = 8
 PREFIX_HASH_BYTES = 16
-# Hashes one session.open may carry (32768 tokens): they must fit a message header.
-MAX_PREFIX_BLOCKS = 2048
+# Hashes one session.open may carry (24576 tokens): they must fit a message header (18 bytes each
+# in msgpack, 64 KiB per header by default).
+MAX_PREFIX_BLOCKS = 3072
 MAX_STOP_IDS = 64  # token ids that end a generation fed back at the stage (eos, end of turn, ...)
 
 
